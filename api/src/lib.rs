@@ -1,0 +1,243 @@
+//! JSON types of the pagemesh coordinator API.
+//!
+//! Three programs read these documents: the coordinator serves them, nodes register and
+//! discover through them, and tools (xtask, tests, later the console) display them. They are
+//! defined once, here, so that the three cannot drift.
+//!
+//! | route | body | answer |
+//! |---|---|---|
+//! | `POST /clusters` | [`CreateCluster`] | [`Cluster`] (201) |
+//! | `GET /clusters/{name}` | | [`Cluster`] |
+//! | `POST /nodes/{node_id}/endpoint` | [`RegisterEndpoint`] | [`NodeInfo`] (200, or 201 when new) |
+//! | `GET /endpoints` | | `Vec<`[`Endpoint`]`>` |
+//! | `GET /nodes` | | `Vec<`[`NodeInfo`]`>` |
+//! | `POST /vms` | [`CreateVm`] | [`Vm`] (201) |
+//! | `GET /vms/{vm_id}` | | [`Vm`] |
+//! | `GET /vms` | | `Vec<`[`Vm`]`>` |
+//!
+//! Every error is an [`ApiError`] body with a non-2xx status.
+//!
+//! [`placement`] holds the page-placement arithmetic that the coordinator validates, memory
+//! nodes load by, and compute nodes build their page directory from.
+
+pub mod placement;
+
+use serde::{Deserialize, Serialize};
+
+pub use placement::{PageRange, Placement, PlacementError};
+
+/// A node's identifier within a cluster.
+pub type NodeId = u32;
+/// A VM's identifier, assigned by the coordinator.
+pub type VmId = u32;
+
+/// Bytes in one guest page.
+pub const PAGE_SIZE: usize = 4096;
+
+/// What a node does in the cluster.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs vCPUs; fetches the pages its guests fault on.
+    Compute,
+    /// Holds pages for other nodes and serves them.
+    Memory,
+    /// Both of the above.
+    Both,
+}
+
+impl Role {
+    /// Whether this node holds pages for others.
+    pub fn serves_memory(self) -> bool {
+        matches!(self, Role::Memory | Role::Both)
+    }
+
+    /// Whether this node runs guests.
+    pub fn computes(self) -> bool {
+        matches!(self, Role::Compute | Role::Both)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Compute => "compute",
+            Role::Memory => "memory",
+            Role::Both => "both",
+        })
+    }
+}
+
+/// How a node's page server is reached.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// The binary page protocol over TCP (`docs/protocol.md`).
+    Tcp,
+    /// RDMA (not available yet).
+    Rdma,
+}
+
+/// `POST /clusters`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CreateCluster {
+    /// Cluster name, unique on this coordinator.
+    pub name: String,
+    /// Number of nodes the cluster is planned for.
+    pub nodes: u32,
+    /// Total memory the cluster is planned for, in MiB.
+    pub memory_mb: u64,
+}
+
+/// A cluster as the coordinator knows it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// Cluster name.
+    pub name: String,
+    /// Number of nodes the cluster is planned for.
+    pub nodes: u32,
+    /// Total memory the cluster is planned for, in MiB.
+    pub memory_mb: u64,
+    /// Nodes registered in this cluster so far.
+    pub registered: Vec<NodeId>,
+}
+
+/// `POST /nodes/{node_id}/endpoint`: a node announces where its page server listens.
+///
+/// Registering the same node again with the same transport and address is accepted (a node
+/// restarting); a different endpoint for a node id that is already registered is a conflict
+/// (409) unless `replace` is set.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RegisterEndpoint {
+    /// Transport of the page server.
+    pub transport: TransportKind,
+    /// `host:port` of the page server.
+    pub address: String,
+    /// The node's role.
+    pub role: Role,
+    /// Bytes of guest memory this node offers to hold (memory role), 0 otherwise.
+    #[serde(default)]
+    pub capacity_bytes: u64,
+    /// Cluster to join; it must exist. `None` joins no named cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Replace an existing, different endpoint for this node id.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// `GET /endpoints` element: how to reach one node's page server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Node id.
+    pub node_id: NodeId,
+    /// Transport of the page server.
+    pub transport: TransportKind,
+    /// `host:port` of the page server.
+    pub address: String,
+}
+
+/// `GET /nodes` element.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Node id.
+    pub node_id: NodeId,
+    /// The node's role.
+    pub role: Role,
+    /// Bytes of guest memory the node offers to hold.
+    pub capacity_bytes: u64,
+    /// Cluster the node joined, if any.
+    pub cluster: Option<String>,
+    /// Its page server.
+    pub endpoint: Endpoint,
+    /// Milliseconds since the Unix epoch of the last registration.
+    pub registered_at_ms: u64,
+}
+
+/// Where a VM's pages come from when memory nodes load them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum Content {
+    /// Nothing is loaded: every page starts never-written and is zero-filled on first touch.
+    #[default]
+    Zero,
+    /// Each page carries a deterministic pattern derived from its index and `seed`
+    /// (tests and the demo; the guest's `verify` workload checks it).
+    Pattern {
+        /// Mixed into every word so pages of different VMs differ.
+        seed: u64,
+    },
+    /// A guest memory image: page `i` is the 4 KiB at offset `i * 4096` of the file. The path
+    /// must be readable by every memory node holding pages of the VM; a short file leaves the
+    /// remaining pages never-written.
+    Image {
+        /// Absolute path of the image on the memory nodes.
+        path: String,
+    },
+}
+
+/// The placement policy requested for a new VM.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", tag = "policy")]
+pub enum PlacementRequest {
+    /// Round-robin over `nodes` (all memory nodes when empty), `granule_pages` pages at a time.
+    Interleave {
+        /// Memory nodes to spread over; empty means every registered memory-role node.
+        #[serde(default)]
+        nodes: Vec<NodeId>,
+        /// Consecutive pages placed on one node before moving to the next (default 1).
+        #[serde(default = "one")]
+        granule_pages: u32,
+    },
+    /// Contiguous runs of pages assigned to one node each; together they must cover the VM.
+    Ranges {
+        /// The runs, in any order.
+        ranges: Vec<PageRange>,
+    },
+    /// Contiguous shares proportional to each memory node's registered capacity.
+    Weighted {
+        /// Memory nodes to spread over; empty means every registered memory-role node.
+        #[serde(default)]
+        nodes: Vec<NodeId>,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `POST /vms`: define a VM and place its pages.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CreateVm {
+    /// The node that runs the VM's vCPUs.
+    pub compute_node: NodeId,
+    /// Guest RAM in bytes; a multiple of 4096.
+    pub mem_bytes: u64,
+    /// How to spread pages over memory nodes.
+    pub placement: PlacementRequest,
+    /// What the memory nodes load.
+    #[serde(default)]
+    pub content: Content,
+}
+
+/// A VM as the coordinator knows it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Vm {
+    /// Id assigned by the coordinator.
+    pub id: VmId,
+    /// The node that runs the VM's vCPUs.
+    pub compute_node: NodeId,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Resolved placement: who initially holds each page.
+    pub placement: Placement,
+    /// What the memory nodes load.
+    pub content: Content,
+}
+
+/// The body of every error answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    /// What went wrong and, where it helps, what to do.
+    pub error: String,
+}

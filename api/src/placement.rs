@@ -1,0 +1,385 @@
+//! Page placement: which memory node initially holds each page of a VM.
+//!
+//! A placement is compact (a few words, whatever the VM's size) and answers
+//! [`Placement::owner`] in O(1) for `interleave` and O(log ranges) for `ranges`. The
+//! coordinator resolves a [`crate::PlacementRequest`] into one; memory nodes load the pages
+//! [`Placement::pages_of`] gives them; compute nodes seed their page directory from
+//! [`Placement::owner`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+/// A run of `pages` pages starting at `start`, all held by `node`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRange {
+    /// First page index.
+    pub start: u64,
+    /// Number of pages.
+    pub pages: u64,
+    /// Node holding them.
+    pub node: NodeId,
+}
+
+/// Why a placement cannot be built.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum PlacementError {
+    /// No memory node to place pages on.
+    #[error("no memory nodes to place pages on; start a node with --role memory first")]
+    NoNodes,
+    /// A VM must have at least one page.
+    #[error("a VM needs at least one page of memory")]
+    NoPages,
+    /// Interleave granule of zero.
+    #[error("granule_pages must be at least 1")]
+    ZeroGranule,
+    /// A node id appears twice in an interleave list.
+    #[error("node {0} is listed twice")]
+    DuplicateNode(NodeId),
+    /// The ranges leave a gap or overlap.
+    #[error("ranges must cover pages 0..{pages} exactly once; page {page} is {problem}")]
+    BadCover {
+        /// Total pages of the VM.
+        pages: u64,
+        /// First page where the cover breaks.
+        page: u64,
+        /// "not covered" or "covered twice".
+        problem: &'static str,
+    },
+    /// Weighted placement over nodes that offer no capacity.
+    #[error("the memory nodes offer no capacity to weigh by")]
+    NoCapacity,
+}
+
+/// A resolved placement of a VM's pages.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", tag = "policy")]
+pub enum Placement {
+    /// Page `p` is held by `nodes[(p / granule_pages) % nodes.len()]`.
+    Interleave {
+        /// Memory nodes, in round-robin order.
+        nodes: Vec<NodeId>,
+        /// Consecutive pages on one node.
+        granule_pages: u32,
+        /// Pages of the VM.
+        pages: u64,
+    },
+    /// Sorted, contiguous runs covering `0..pages`.
+    Ranges {
+        /// The runs, sorted by `start`.
+        ranges: Vec<PageRange>,
+    },
+}
+
+impl Placement {
+    /// Round-robin placement.
+    pub fn interleave(
+        nodes: Vec<NodeId>,
+        granule_pages: u32,
+        pages: u64,
+    ) -> Result<Self, PlacementError> {
+        if nodes.is_empty() {
+            return Err(PlacementError::NoNodes);
+        }
+        if pages == 0 {
+            return Err(PlacementError::NoPages);
+        }
+        if granule_pages == 0 {
+            return Err(PlacementError::ZeroGranule);
+        }
+        let mut seen = nodes.clone();
+        seen.sort_unstable();
+        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+            return Err(PlacementError::DuplicateNode(w[0]));
+        }
+        Ok(Placement::Interleave {
+            nodes,
+            granule_pages,
+            pages,
+        })
+    }
+
+    /// Placement by explicit ranges, which must cover `0..pages` exactly once. Adjacent runs
+    /// on the same node are merged.
+    pub fn ranges(mut ranges: Vec<PageRange>, pages: u64) -> Result<Self, PlacementError> {
+        if pages == 0 {
+            return Err(PlacementError::NoPages);
+        }
+        ranges.retain(|r| r.pages > 0);
+        ranges.sort_by_key(|r| r.start);
+        let mut next = 0u64;
+        let mut merged: Vec<PageRange> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            if r.start != next {
+                let (page, problem) = if r.start > next {
+                    (next, "not covered")
+                } else {
+                    (r.start, "covered twice")
+                };
+                return Err(PlacementError::BadCover {
+                    pages,
+                    page,
+                    problem,
+                });
+            }
+            next = r.start.saturating_add(r.pages);
+            match merged.last_mut() {
+                Some(last) if last.node == r.node => last.pages += r.pages,
+                _ => merged.push(r),
+            }
+        }
+        if next != pages {
+            let (page, problem) = if next < pages {
+                (next, "not covered")
+            } else {
+                (pages, "covered twice")
+            };
+            return Err(PlacementError::BadCover {
+                pages,
+                page,
+                problem: if next > pages {
+                    "beyond the end"
+                } else {
+                    problem
+                },
+            });
+        }
+        Ok(Placement::Ranges { ranges: merged })
+    }
+
+    /// Contiguous shares proportional to capacity, in the order given.
+    pub fn weighted(nodes: &[(NodeId, u64)], pages: u64) -> Result<Self, PlacementError> {
+        if nodes.is_empty() {
+            return Err(PlacementError::NoNodes);
+        }
+        let total: u128 = nodes.iter().map(|&(_, c)| u128::from(c)).sum();
+        if total == 0 {
+            return Err(PlacementError::NoCapacity);
+        }
+        let mut ranges = Vec::with_capacity(nodes.len());
+        let mut start = 0u64;
+        let mut acc: u128 = 0;
+        for (i, &(node, cap)) in nodes.iter().enumerate() {
+            acc += u128::from(cap);
+            let end = if i + 1 == nodes.len() {
+                pages
+            } else {
+                // acc <= total, so the quotient is at most `pages` and fits in u64.
+                u64::try_from(u128::from(pages) * acc / total).unwrap_or(pages)
+            };
+            ranges.push(PageRange {
+                start,
+                pages: end - start,
+                node,
+            });
+            start = end;
+        }
+        Self::ranges(ranges, pages)
+    }
+
+    /// Pages of the VM.
+    pub fn pages(&self) -> u64 {
+        match self {
+            Placement::Interleave { pages, .. } => *pages,
+            Placement::Ranges { ranges } => ranges.last().map_or(0, |r| r.start + r.pages),
+        }
+    }
+
+    /// The node initially holding `page`, or `None` past the end.
+    pub fn owner(&self, page: u64) -> Option<NodeId> {
+        match self {
+            Placement::Interleave {
+                nodes,
+                granule_pages,
+                pages,
+            } => {
+                if page >= *pages {
+                    return None;
+                }
+                let slot = (page / u64::from(*granule_pages)) % nodes.len() as u64;
+                // slot < nodes.len(), which is a usize.
+                Some(nodes[usize::try_from(slot).ok()?])
+            }
+            Placement::Ranges { ranges } => {
+                let i = ranges.partition_point(|r| r.start + r.pages <= page);
+                ranges.get(i).filter(|r| r.start <= page).map(|r| r.node)
+            }
+        }
+    }
+
+    /// Every node that holds pages, without repetition.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        let mut out: Vec<NodeId> = match self {
+            Placement::Interleave { nodes, .. } => nodes.clone(),
+            Placement::Ranges { ranges } => ranges.iter().map(|r| r.node).collect(),
+        };
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|n| seen.insert(*n));
+        out
+    }
+
+    /// The pages `node` initially holds, in increasing order.
+    pub fn pages_of(&self, node: NodeId) -> Box<dyn Iterator<Item = u64> + '_> {
+        match self {
+            Placement::Interleave {
+                nodes,
+                granule_pages,
+                pages,
+            } => {
+                let Some(slot) = nodes.iter().position(|&n| n == node) else {
+                    return Box::new(std::iter::empty());
+                };
+                let g = u64::from(*granule_pages);
+                let stride = g * nodes.len() as u64;
+                let first = slot as u64 * g;
+                let pages = *pages;
+                Box::new(
+                    (first..pages)
+                        .step_by(usize::try_from(stride).unwrap_or(usize::MAX))
+                        .flat_map(move |s| s..(s + g).min(pages)),
+                )
+            }
+            Placement::Ranges { ranges } => Box::new(
+                ranges
+                    .iter()
+                    .filter(move |r| r.node == node)
+                    .flat_map(|r| r.start..r.start + r.pages),
+            ),
+        }
+    }
+
+    /// How many pages `node` initially holds.
+    pub fn count_of(&self, node: NodeId) -> u64 {
+        match self {
+            Placement::Interleave {
+                nodes,
+                granule_pages,
+                pages,
+            } => {
+                let Some(slot) = nodes.iter().position(|&n| n == node) else {
+                    return 0;
+                };
+                let g = u64::from(*granule_pages);
+                let stride = g * nodes.len() as u64;
+                let full = pages / stride;
+                let rest = pages % stride;
+                let first = slot as u64 * g;
+                full * g + rest.saturating_sub(first).min(g)
+            }
+            Placement::Ranges { ranges } => ranges
+                .iter()
+                .filter(|r| r.node == node)
+                .map(|r| r.pages)
+                .sum(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn node_list() -> impl Strategy<Value = Vec<NodeId>> {
+        proptest::collection::hash_set(0u32..50, 1..6).prop_map(|s| s.into_iter().collect())
+    }
+
+    proptest! {
+        #[test]
+        fn interleave_partitions_pages(nodes in node_list(), g in 1u32..9, pages in 1u64..3000) {
+            let p = Placement::interleave(nodes.clone(), g, pages).unwrap();
+            let mut seen = vec![0u32; usize::try_from(pages).unwrap()];
+            for &n in &nodes {
+                let mine: Vec<u64> = p.pages_of(n).collect();
+                prop_assert_eq!(mine.len() as u64, p.count_of(n));
+                prop_assert!(mine.windows(2).all(|w| w[0] < w[1]));
+                for pg in mine {
+                    prop_assert_eq!(p.owner(pg), Some(n));
+                    seen[usize::try_from(pg).unwrap()] += 1;
+                }
+            }
+            prop_assert!(seen.iter().all(|&c| c == 1));
+            prop_assert_eq!(p.owner(pages), None);
+        }
+
+        #[test]
+        fn weighted_partitions_pages(caps in proptest::collection::vec(0u64..1000, 1..5), pages in 1u64..5000) {
+            let nodes: Vec<(NodeId, u64)> = caps.iter().enumerate().map(|(i, &c)| (i as u32 + 1, c)).collect();
+            let total: u64 = caps.iter().sum();
+            let placed = Placement::weighted(&nodes, pages);
+            if total == 0 {
+                prop_assert_eq!(placed, Err(PlacementError::NoCapacity));
+                return Ok(());
+            }
+            let p = placed.unwrap();
+            prop_assert_eq!(p.pages(), pages);
+            let counted: u64 = nodes.iter().map(|&(n, _)| p.count_of(n)).sum();
+            prop_assert_eq!(counted, pages);
+            for pg in 0..pages {
+                let o = p.owner(pg).unwrap();
+                prop_assert!(p.pages_of(o).any(|x| x == pg));
+            }
+        }
+
+        #[test]
+        fn ranges_accept_exact_covers_only(cuts in proptest::collection::btree_set(1u64..500, 0..6), pages in 500u64..600, shift in 0u64..3) {
+            let mut bounds: Vec<u64> = std::iter::once(0).chain(cuts).chain(std::iter::once(pages)).collect();
+            bounds.dedup();
+            let mut ranges: Vec<PageRange> = bounds.windows(2).enumerate()
+                .map(|(i, w)| PageRange { start: w[0], pages: w[1] - w[0], node: (i % 3) as u32 })
+                .collect();
+            let good = Placement::ranges(ranges.clone(), pages).unwrap();
+            for pg in 0..pages {
+                prop_assert!(good.owner(pg).is_some());
+            }
+            prop_assert_eq!(good.owner(pages), None);
+            if shift > 0 {
+                ranges[0].start += shift;
+                prop_assert!(Placement::ranges(ranges, pages).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert_eq!(
+            Placement::interleave(vec![], 1, 10),
+            Err(PlacementError::NoNodes)
+        );
+        assert_eq!(
+            Placement::interleave(vec![1, 1], 1, 10),
+            Err(PlacementError::DuplicateNode(1))
+        );
+        assert_eq!(
+            Placement::interleave(vec![1], 0, 10),
+            Err(PlacementError::ZeroGranule)
+        );
+        let overlap = vec![
+            PageRange {
+                start: 0,
+                pages: 6,
+                node: 1,
+            },
+            PageRange {
+                start: 5,
+                pages: 5,
+                node: 2,
+            },
+        ];
+        assert!(matches!(
+            Placement::ranges(overlap, 10),
+            Err(PlacementError::BadCover { page: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn serde_shape_is_stable() {
+        let p = Placement::interleave(vec![1, 2], 1, 4).unwrap();
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(
+            json,
+            r#"{"policy":"interleave","nodes":[1,2],"granule_pages":1,"pages":4}"#
+        );
+    }
+}
