@@ -1,0 +1,211 @@
+//! The pager: serves a guest's page faults from the page directory.
+//!
+//! [`start_pager`] registers guest RAM with a userfaultfd and spawns the fault [`handler`]
+//! thread; [`Pager`] is the handle to stop it and read its [`stats`].
+
+pub mod directory;
+mod handler;
+pub mod stats;
+pub mod uffd;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
+
+pub use directory::{DirectoryError, PageDirectory, PageOwner};
+pub use stats::{PagerStats, StatsSnapshot};
+
+use crate::transport::{TransportError, TransportManager};
+
+/// Errors of the pager.
+#[derive(thiserror::Error, Debug)]
+pub enum PagerError {
+    /// Creating or registering the userfaultfd failed.
+    #[error("cannot set up userfaultfd")]
+    Uffd(#[from] uffd::UffdError),
+    /// Reading fault events failed.
+    #[error("cannot read userfaultfd events")]
+    Read(#[source] std::io::Error),
+    /// A fault outside the directory.
+    #[error("fault outside guest memory")]
+    Directory(#[source] DirectoryError),
+    /// Fetching a page from its owner failed.
+    #[error("cannot fetch page {page} from node {node}")]
+    Fetch {
+        /// Guest page.
+        page: u64,
+        /// Owner node.
+        node: NodeId,
+        /// Cause.
+        #[source]
+        source: TransportError,
+    },
+    /// Installing a page failed.
+    #[error("cannot install page {page}")]
+    Install {
+        /// Guest page.
+        page: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Spawning the handler thread failed.
+    #[error("cannot start the fault handler thread")]
+    Spawn(#[source] std::io::Error),
+    /// The handler thread panicked.
+    #[error("the fault handler thread panicked")]
+    Panicked,
+}
+
+/// What [`start_pager`] needs.
+pub struct PagerConfig {
+    /// The VM whose pages are served.
+    pub vm: VmId,
+    /// Host address of guest RAM (page aligned).
+    pub base: *mut u8,
+    /// Bytes of guest RAM (a multiple of 4096).
+    pub len: usize,
+    /// Owner of every page; `len / 4096` entries.
+    pub directory: Arc<PageDirectory>,
+    /// Connections to the nodes holding pages.
+    pub transport: TransportManager,
+    /// Pin the handler thread to this CPU (same CPU as the vCPU is fastest here).
+    pub cpu: Option<usize>,
+    /// Called once, from the handler thread, if it stops on an error (e.g. to kick the vCPU).
+    pub on_failure: Box<dyn Fn() + Send>,
+}
+
+/// A running pager.
+pub struct Pager {
+    stats: Arc<PagerStats>,
+    directory: Arc<PageDirectory>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), PagerError>>>,
+    pthread: libc::pthread_t,
+    failure: Arc<Mutex<Option<String>>>,
+    /// Keeps the userfaultfd (and thus the registration) alive as long as the pager.
+    _uffd: Arc<uffd::Uffd>,
+}
+
+// SAFETY (for the raw pointer in PagerConfig): the config only carries the address to the
+// handler thread, which never dereferences it (it is used as the registered range's base).
+unsafe impl Send for PagerConfig {}
+
+/// Registers guest RAM with userfaultfd and starts serving its faults.
+///
+/// Every page of `[base, base + len)` must be unpopulated: pages already present never
+/// fault, so they would never be fetched.
+pub fn start_pager(config: PagerConfig) -> Result<Pager, PagerError> {
+    debug_assert_eq!(config.base as usize % PAGE_SIZE, 0);
+    debug_assert_eq!(config.len as u64, config.directory.len() * PAGE_SIZE as u64);
+    let uffd = Arc::new(uffd::Uffd::new()?);
+    uffd.register_missing(config.base as u64, config.len as u64)?;
+    let stats = Arc::new(PagerStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let failure = Arc::new(Mutex::new(None));
+    let handler = handler::Handler {
+        uffd: uffd.clone(),
+        base: config.base as u64,
+        vm: config.vm,
+        directory: config.directory.clone(),
+        stats: stats.clone(),
+        transport: config.transport,
+        stop: stop.clone(),
+    };
+    let on_failure = config.on_failure;
+    let cpu = config.cpu;
+    let failure_slot = failure.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("pager-vm{}", config.vm))
+        .spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            let _ = tx.send(unsafe { libc::pthread_self() });
+            if let Some(cpu) = cpu {
+                pin_to_cpu(cpu);
+            }
+            let result = handler.run();
+            if let Err(e) = &result {
+                let mut chain = e.to_string();
+                let mut src = std::error::Error::source(e);
+                while let Some(s) = src {
+                    chain.push_str(": ");
+                    chain.push_str(&s.to_string());
+                    src = s.source();
+                }
+                tracing::error!("pager stopped: {chain}");
+                *failure_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(chain);
+                on_failure();
+            }
+            result
+        })
+        .map_err(PagerError::Spawn)?;
+    let pthread = rx.recv().map_err(|_| PagerError::Panicked)?;
+    Ok(Pager {
+        stats,
+        directory: config.directory,
+        stop,
+        thread: Some(thread),
+        pthread,
+        failure,
+        _uffd: uffd,
+    })
+}
+
+impl Pager {
+    /// The pager's statistics.
+    pub fn stats(&self) -> &Arc<PagerStats> {
+        &self.stats
+    }
+
+    /// The page directory.
+    pub fn directory(&self) -> &Arc<PageDirectory> {
+        &self.directory
+    }
+
+    /// The error that stopped the handler, with its causes, if it stopped on one.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Stops the handler thread and returns how it ended.
+    pub fn stop(mut self) -> Result<(), PagerError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), PagerError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        self.stop.store(true, Ordering::Release);
+        while !thread.is_finished() {
+            crate::vm::vcpu::kick(self.pthread);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        thread.join().map_err(|_| PagerError::Panicked)?
+    }
+}
+
+impl Drop for Pager {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Pins the calling thread to `cpu`; failure only costs speed, so it is logged.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is reduced modulo the set size, so the bit index is in range.
+    unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
+    // SAFETY: pid 0 means the calling thread; `set` is a valid cpu_set_t.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        tracing::warn!(
+            "cannot pin thread to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! The fault handler: one thread that reads userfaultfd events and resolves them.
+//!
+//! The hot path, per fault: a blocking `read` of one event, a directory lookup, for a remote
+//! page one request/response on an already-connected blocking socket straight into a
+//! preallocated buffer, one `UFFDIO_COPY`, a directory store and two counter updates. No
+//! async runtime, no allocation, no lock but the (uncontended) histogram's.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
+
+use super::PagerError;
+use super::directory::{PageDirectory, PageOwner};
+use super::stats::{FaultKind, PagerStats};
+use super::uffd::{Installed, Uffd};
+use crate::transport::TransportManager;
+
+/// Everything the handler thread owns.
+pub(crate) struct Handler {
+    pub(crate) uffd: Arc<Uffd>,
+    pub(crate) base: u64,
+    pub(crate) vm: VmId,
+    pub(crate) directory: Arc<PageDirectory>,
+    pub(crate) stats: Arc<PagerStats>,
+    pub(crate) transport: TransportManager,
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
+/// A page-aligned, page-sized buffer (the fetch target and the zero page).
+#[repr(C, align(4096))]
+struct PageBuf([u8; PAGE_SIZE]);
+
+impl Handler {
+    /// Serves faults until `stop` is set (and the thread is kicked) or a fault cannot be
+    /// served.
+    pub(crate) fn run(mut self) -> Result<(), PagerError> {
+        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
+        let zero = Box::new(PageBuf([0; PAGE_SIZE]));
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let fault = match self.uffd.read_fault() {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(PagerError::Read(e)),
+            };
+            let start = Instant::now();
+            let addr = fault.address & !(PAGE_SIZE as u64 - 1);
+            let page = (addr - self.base) / PAGE_SIZE as u64;
+            let owner = self
+                .directory
+                .owner(page)
+                .map_err(PagerError::Directory)?;
+            let (kind, installed) = match owner {
+                PageOwner::Remote(node) => {
+                    if let Err(e) = self.fetch_remote_page(page, node, &mut buf.0) {
+                        self.stats.record_error();
+                        return Err(e);
+                    }
+                    // SAFETY: `buf` is one readable page; `addr` is a page-aligned address
+                    // inside the registered range (it came from a fault on it).
+                    let r = unsafe { self.uffd.copy(addr, buf.0.as_ptr(), PAGE_SIZE as u64) };
+                    (FaultKind::Remote, r)
+                }
+                PageOwner::Zero => {
+                    // SAFETY: as above, with the zero page as the source. UFFDIO_COPY of
+                    // zeros rather than UFFDIO_ZEROPAGE: the guest usually writes next, and
+                    // a copied page takes the write without a second (COW) fault.
+                    let r = unsafe { self.uffd.copy(addr, zero.0.as_ptr(), PAGE_SIZE as u64) };
+                    (FaultKind::LocalZero, r)
+                }
+                PageOwner::Local => (FaultKind::Spurious, self.uffd.wake(addr, 4096).map(|()| Installed::AlreadyPresent)),
+            };
+            match installed {
+                Ok(Installed::Done) => {
+                    if kind == FaultKind::Remote || kind == FaultKind::LocalZero {
+                        // Ownership already moved for remote pages in fetch_remote_page.
+                        let _ = self.directory.claim(page);
+                    }
+                    let bytes = if kind == FaultKind::Remote { PAGE_SIZE as u64 } else { 0 };
+                    self.stats.record(kind, start.elapsed(), bytes);
+                }
+                Ok(Installed::AlreadyPresent) => {
+                    let _ = self.directory.claim(page);
+                    self.stats.record(FaultKind::Spurious, start.elapsed(), 0);
+                }
+                Err(e) => {
+                    self.stats.record_error();
+                    return Err(PagerError::Install { page, source: e });
+                }
+            }
+        }
+    }
+
+    /// Fetches `page` from `node` into `dst`, claiming it: from here on this node owns it.
+    ///
+    /// Kept out of line under a stable name so that a uprobe can time transfers.
+    #[inline(never)]
+    fn fetch_remote_page(
+        &mut self,
+        page: u64,
+        node: NodeId,
+        dst: &mut [u8],
+    ) -> Result<(), PagerError> {
+        self.transport
+            .fetch_page(self.vm, page, node, dst)
+            .map_err(|source| PagerError::Fetch { page, node, source })?;
+        let _ = self.directory.claim(page);
+        Ok(())
+    }
+}

@@ -1,0 +1,355 @@
+//! Minimal userfaultfd wrappers: create, register MISSING, read events, COPY, ZEROPAGE, WAKE.
+//!
+//! Written against the kernel ABI (`include/uapi/linux/userfaultfd.h`) rather than the
+//! `userfaultfd` crate: that crate needs libclang at build time, and reports `EAGAIN` from
+//! `UFFDIO_COPY` as a partial copy of `-11` bytes. Here both `EEXIST` and `EAGAIN` are
+//! explicit outcomes.
+//!
+//! Kernel-mode faults must be delivered: KVM touches guest memory from the kernel
+//! (`get_user_pages` on the vCPU thread), and a "user-mode only" userfaultfd makes `KVM_RUN`
+//! fail with `EFAULT` at the first fault. We therefore create the descriptor through
+//! `/dev/userfaultfd` (which needs no `vm.unprivileged_userfaultfd`) without
+//! `UFFD_USER_MODE_ONLY`, falling back to the syscall.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+const UFFDIO: u64 = 0xAA;
+const UFFD_API: u64 = 0xAA;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// Set in a page-fault event's flags when the access was a write.
+pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
+/// Request the faulting thread id in events (used by the eBPF probes later).
+const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+
+const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr
+}
+const IOC_WRITE: u64 = 1;
+const IOC_READ: u64 = 2;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// `struct uffd_msg`, page-fault view.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct UffdMsg {
+    event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    flags: u64,
+    address: u64,
+    ptid: u32,
+    pad: u32,
+}
+
+const _: () = assert!(size_of::<UffdioApi>() == 24);
+const _: () = assert!(size_of::<UffdioRange>() == 16);
+const _: () = assert!(size_of::<UffdioRegister>() == 32);
+const _: () = assert!(size_of::<UffdioCopy>() == 40);
+const _: () = assert!(size_of::<UffdioZeropage>() == 32);
+const _: () = assert!(size_of::<UffdMsg>() == 32);
+
+const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, 0x3F, size_of::<UffdioApi>());
+const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, 0x00, size_of::<UffdioRegister>());
+const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
+const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, 0x03, size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, 0x04, size_of::<UffdioZeropage>());
+/// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`: `_IO(0xAA, 0x00)`.
+const USERFAULTFD_IOC_NEW: u64 = UFFDIO << 8;
+
+const _: () = assert!(UFFDIO_API == 0xC018_AA3F);
+const _: () = assert!(UFFDIO_REGISTER == 0xC020_AA00);
+const _: () = assert!(UFFDIO_COPY == 0xC028_AA03);
+const _: () = assert!(UFFDIO_ZEROPAGE == 0xC020_AA04);
+const _: () = assert!(UFFDIO_WAKE == 0x8010_AA02);
+
+/// Errors setting up a userfaultfd.
+#[derive(thiserror::Error, Debug)]
+pub enum UffdError {
+    /// Neither `/dev/userfaultfd` nor the syscall gave a descriptor.
+    #[error("cannot create a userfaultfd (needs root or CAP_SYS_PTRACE, or access to /dev/userfaultfd)")]
+    Create(#[source] io::Error),
+    /// The API handshake failed.
+    #[error("the kernel refused the userfaultfd API handshake")]
+    Api(#[source] io::Error),
+    /// Registering the range failed.
+    #[error("cannot register {len} bytes at {start:#x} with userfaultfd")]
+    Register {
+        /// Start address.
+        start: u64,
+        /// Length.
+        len: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What a page install ioctl did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Installed {
+    /// The page is now mapped and the faulting threads are woken.
+    Done,
+    /// The page was already present (another path installed it); waiters were woken.
+    AlreadyPresent,
+}
+
+/// A page fault event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// Faulting address (not page aligned).
+    pub address: u64,
+    /// `UFFD_PAGEFAULT_FLAG_*`.
+    pub flags: u64,
+    /// Faulting thread id.
+    pub tid: u32,
+}
+
+/// An owned userfaultfd.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+}
+
+impl Uffd {
+    /// Creates a blocking userfaultfd that also receives kernel-mode faults.
+    pub fn new() -> Result<Self, UffdError> {
+        let fd = match OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+            Ok(dev) => {
+                // SAFETY: USERFAULTFD_IOC_NEW takes an int of O_* flags and returns a new
+                // descriptor or -1; `dev` is a valid open descriptor.
+                let rc = unsafe {
+                    libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, libc::O_CLOEXEC)
+                };
+                if rc < 0 {
+                    return Err(UffdError::Create(io::Error::last_os_error()));
+                }
+                rc
+            }
+            Err(_) => {
+                // SAFETY: the userfaultfd syscall takes flags and returns a descriptor or -1.
+                let rc = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+                if rc < 0 {
+                    return Err(UffdError::Create(io::Error::last_os_error()));
+                }
+                rc as i32
+            }
+        };
+        // SAFETY: `fd` was just returned by the kernel and is owned by no one else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: UFFD_FEATURE_THREAD_ID,
+            ioctls: 0,
+        };
+        ioctl(fd.as_fd(), UFFDIO_API, &mut api).map_err(UffdError::Api)?;
+        Ok(Self { fd })
+    }
+
+    /// Registers `[start, start + len)` for missing-page faults.
+    pub fn register_missing(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        ioctl(self.fd.as_fd(), UFFDIO_REGISTER, &mut reg).map_err(|source| {
+            UffdError::Register { start, len, source }
+        })
+    }
+
+    /// Blocks until a page fault arrives. Returns `Ok(None)` for events that are not page
+    /// faults and `Err` with `ErrorKind::Interrupted` when a signal interrupted the wait.
+    pub fn read_fault(&self) -> io::Result<Option<Fault>> {
+        let mut msg = UffdMsg::default();
+        // SAFETY: reads at most size_of::<UffdMsg>() bytes into `msg`, a plain-data struct
+        // with the kernel's uffd_msg layout (checked above).
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&raw mut msg).cast(),
+                size_of::<UffdMsg>(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n as usize != size_of::<UffdMsg>() {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short uffd read"));
+        }
+        if msg.event != UFFD_EVENT_PAGEFAULT {
+            return Ok(None);
+        }
+        Ok(Some(Fault {
+            address: msg.address,
+            flags: msg.flags,
+            tid: msg.ptid,
+        }))
+    }
+
+    /// Copies `len` bytes from `src` to the registered address `dst` and wakes the faulting
+    /// threads. Retries on `EAGAIN` (the mapping was changing) from where the kernel stopped.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes; `dst..dst+len` must lie in a range
+    /// registered with this descriptor, page aligned.
+    pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64) -> io::Result<Installed> {
+        let mut done = 0u64;
+        loop {
+            let mut arg = UffdioCopy {
+                dst: dst + done,
+                src: src as u64 + done,
+                len: len - done,
+                mode: 0,
+                copy: 0,
+            };
+            match ioctl(self.fd.as_fd(), UFFDIO_COPY, &mut arg) {
+                Ok(()) => return Ok(Installed::Done),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    // Someone else mapped (part of) the range; make sure nobody stays
+                    // asleep on it.
+                    self.wake(dst, len)?;
+                    return Ok(Installed::AlreadyPresent);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    if arg.copy > 0 {
+                        done += arg.copy as u64;
+                    }
+                    if done >= len {
+                        return Ok(Installed::Done);
+                    }
+                    std::thread::yield_now();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Maps zero pages over `[dst, dst + len)` and wakes the faulting threads.
+    pub fn zeropage(&self, dst: u64, len: u64) -> io::Result<Installed> {
+        loop {
+            let mut arg = UffdioZeropage {
+                range: UffdioRange { start: dst, len },
+                mode: 0,
+                zeropage: 0,
+            };
+            match ioctl(self.fd.as_fd(), UFFDIO_ZEROPAGE, &mut arg) {
+                Ok(()) => return Ok(Installed::Done),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    self.wake(dst, len)?;
+                    return Ok(Installed::AlreadyPresent);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Wakes threads waiting on faults in `[start, start + len)`.
+    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut range = UffdioRange { start, len };
+        ioctl(self.fd.as_fd(), UFFDIO_WAKE, &mut range)
+    }
+}
+
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Issues a userfaultfd ioctl whose argument is `*arg`.
+fn ioctl<T>(fd: BorrowedFd<'_>, request: u64, arg: &mut T) -> io::Result<()> {
+    // SAFETY: every request used here takes a pointer to the matching repr(C) struct, whose
+    // size is encoded in the request number and checked at compile time above.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, std::ptr::from_mut(arg)) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real userfaultfd over a real anonymous mapping: a thread touching it blocks until
+    /// we copy the page in.
+    #[test]
+    fn copy_resolves_a_fault_and_eexist_is_reported() {
+        let len = 4 * 4096;
+        // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let uffd = Uffd::new().unwrap();
+        uffd.register_missing(base as u64, len as u64).unwrap();
+        let addr = base as u64 + 4096;
+        let reader = std::thread::spawn(move || {
+            // SAFETY: the address is inside the live mapping; the read blocks until the
+            // page is installed.
+            unsafe { std::ptr::read_volatile((addr + 8) as *const u64) }
+        });
+        let fault = uffd.read_fault().unwrap().unwrap();
+        assert_eq!(fault.address & !4095, addr);
+        let page = [0x5au8; 4096];
+        // SAFETY: `page` is 4096 readable bytes; `addr` is a registered, aligned page.
+        let r = unsafe { uffd.copy(addr, page.as_ptr(), 4096) }.unwrap();
+        assert_eq!(r, Installed::Done);
+        assert_eq!(reader.join().unwrap(), 0x5a5a_5a5a_5a5a_5a5a);
+        // SAFETY: as above.
+        let again = unsafe { uffd.copy(addr, page.as_ptr(), 4096) }.unwrap();
+        assert_eq!(again, Installed::AlreadyPresent);
+        assert_eq!(uffd.zeropage(addr, 4096).unwrap(), Installed::AlreadyPresent);
+        // SAFETY: unmapping the mapping created above; nothing references it any more.
+        unsafe { libc::munmap(base, len) };
+    }
+}

@@ -1,0 +1,67 @@
+//! A real KVM guest on userfaultfd-served memory, pages from an in-process source.
+
+use std::sync::Arc;
+
+use pagemesh_api::Placement;
+use pagemesh_node::compute::{Backing, RunOptions, run_guest};
+use pagemesh_node::pager::PageDirectory;
+use pagemesh_node::transport::TransportManager;
+use pagemesh_node::transport::local::LocalSource;
+use pagemesh_node::vm::Workload;
+
+const PAGES: u64 = 4096;
+
+fn pager_backing(seed: u64) -> Backing {
+    let placement = Placement::interleave(vec![1, 2], 1, PAGES).unwrap();
+    let directory = Arc::new(PageDirectory::from_placement(&placement).unwrap());
+    let mut transport = TransportManager::new(0, pagemesh_node::transport::DEFAULT_TIMEOUT);
+    transport.add_source(Box::new(LocalSource::with_pattern(1, 9, PAGES, seed)));
+    transport.add_source(Box::new(LocalSource::with_pattern(2, 9, PAGES, seed)));
+    Backing::Pager {
+        directory,
+        transport,
+    }
+}
+
+fn opts(workload: &str, access: &str, seed: Option<u64>) -> RunOptions {
+    RunOptions {
+        vm: 9,
+        mem_bytes: PAGES * 4096,
+        workload: Workload::parse(workload, access, 0, PAGES, PAGES).unwrap(),
+        seed,
+        cpu: None,
+    }
+}
+
+#[test]
+fn verify_sees_every_page_from_its_owner() {
+    let out = run_guest(&opts("verify", "read", Some(77)), pager_backing(77), |_| {}).unwrap();
+    assert_eq!(out.result.pages_done, PAGES);
+    assert_eq!(out.result.bad_pages, 0, "{:?}", out.result);
+    assert!(out.ok(), "{out:?}");
+    assert_eq!(out.stats.remote, PAGES);
+    assert_eq!(out.stats.local_zero, 0);
+}
+
+#[test]
+fn verify_catches_the_wrong_pattern() {
+    let out = run_guest(&opts("verify", "read", Some(1)), pager_backing(2), |_| {}).unwrap();
+    assert_eq!(out.result.bad_pages, PAGES);
+    assert_eq!(out.result.first_bad_page, Some(0));
+    assert!(!out.ok());
+}
+
+#[test]
+fn random_rmw_checksums_and_zero_pages_stay_local() {
+    let out = run_guest(&opts("random", "rmw", Some(5)), pager_backing(5), |_| {}).unwrap();
+    assert!(out.ok(), "{out:?}");
+    let zero = Backing::Pager {
+        directory: Arc::new(PageDirectory::new(PAGES)),
+        transport: TransportManager::new(0, pagemesh_node::transport::DEFAULT_TIMEOUT),
+    };
+    let out = run_guest(&opts("stride:16", "write", None), zero, |_| {}).unwrap();
+    assert!(out.ok(), "{out:?}");
+    assert_eq!(out.stats.local_zero, PAGES);
+    assert_eq!(out.stats.remote, 0);
+    assert_eq!(out.stats.remote_miss_ratio, 0.0);
+}
