@@ -1,1 +1,111 @@
-fn main() {}
+//! `pagemesh-coordinator`: parses the command line, opens the store, and serves
+//! [`pagemesh_coordinator::app`] until Ctrl-C or SIGTERM.
+
+#![forbid(unsafe_code)]
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+use pagemesh_coordinator::{AppState, EmbeddedStore};
+
+/// The pagemesh coordinator: keeps the clusters, the node endpoints and the VMs, decides which
+/// memory node holds each page of a VM, and serves all of it as JSON over HTTP.
+///
+/// Once listening it prints `pagemesh-coordinator listening on http://ADDR` on stdout. Logs go
+/// to stderr. Ctrl-C or SIGTERM stops it after the requests in flight.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// Address to serve the HTTP API on, as host:port. Port 0 picks a free port; the line
+    /// printed at start shows which.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
+    listen: String,
+
+    /// Keep the state in this JSON file, so that it survives a restart: loaded at start
+    /// (created if missing), rewritten atomically after every change. Without it, the state
+    /// lives in memory only.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+
+    /// What to log on stderr: a level (error, warn, info, debug, trace) or tracing filter
+    /// directives such as `info,pagemesh_coordinator=debug`.
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pagemesh-coordinator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // The parse error's message already ends with its source, so it is not chained.
+    let filter = EnvFilter::try_new(&cli.log_level)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level {:?}: {e}", cli.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let store = match &cli.state {
+        Some(path) => EmbeddedStore::open(path)?,
+        None => EmbeddedStore::in_memory(),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(&cli.listen, store))
+}
+
+async fn serve(listen: &str, store: EmbeddedStore) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    let state_file = store.path().map(|p| p.display().to_string());
+    tracing::info!(%addr, state_file = state_file.as_deref().unwrap_or("none (in memory)"), "serving");
+    // Scripts and tests wait for this line, so it must not sit in a buffer.
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "pagemesh-coordinator listening on http://{addr}")
+        .and_then(|()| stdout.flush())
+        .context("cannot write to stdout")?;
+    drop(stdout);
+
+    let shutdown = shutdown_signal()?;
+    pagemesh_coordinator::serve(listener, AppState::new(store), shutdown)
+        .await
+        .context("serving failed")?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// Completes at the first Ctrl-C (SIGINT) or SIGTERM. The handlers are installed before it
+/// returns, so a signal that arrives before the server starts is not lost.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        tracing::info!(signal = name, "shutting down");
+    })
+}

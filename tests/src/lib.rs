@@ -1,1 +1,328 @@
-//! placeholder
+//! A harness that starts real pagemesh processes on loopback: a coordinator, memory nodes
+//! and compute-node runs. Used by the end-to-end tests and by `cargo xtask run/bench`.
+//!
+//! Every process writes stdout and stderr to files in a run folder; processes announce their
+//! addresses on stdout, which the harness waits for. Dropping a [`Proc`] kills it.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Where the binaries are.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    /// `pagemesh-node`.
+    pub node: PathBuf,
+    /// `pagemesh-coordinator`.
+    pub coordinator: PathBuf,
+}
+
+impl Bins {
+    /// Binaries in `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            node: dir.join("pagemesh-node"),
+            coordinator: dir.join("pagemesh-coordinator"),
+        }
+    }
+
+    /// The binaries next to the running test executable (`target/<profile>/`), or in
+    /// `$PAGEMESH_BIN_DIR`. Fails with advice when they have not been built.
+    pub fn for_tests() -> anyhow::Result<Self> {
+        let dir = match std::env::var_os("PAGEMESH_BIN_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => {
+                let exe = std::env::current_exe()?;
+                // target/<profile>/deps/<test> -> target/<profile>
+                exe.parent()
+                    .and_then(Path::parent)
+                    .context("test executable has no parent directory")?
+                    .to_path_buf()
+            }
+        };
+        let bins = Self::in_dir(&dir);
+        for b in [&bins.node, &bins.coordinator] {
+            if !b.exists() {
+                bail!(
+                    "{} is not built; run `cargo build --workspace --bins` first \
+                     (cargo xtask test does)",
+                    b.display()
+                );
+            }
+        }
+        Ok(bins)
+    }
+}
+
+/// A child process with its output in files; killed when dropped.
+pub struct Proc {
+    /// Short name (`coordinator`, `node1`).
+    pub name: String,
+    child: Option<Child>,
+    /// File holding its stdout.
+    pub stdout: PathBuf,
+    /// File holding its stderr.
+    pub stderr: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout/stderr going to `<dir>/<name>.out` and `.log`.
+    pub fn spawn(name: &str, dir: &Path, cmd: &mut Command) -> anyhow::Result<Self> {
+        let stdout = dir.join(format!("{name}.out"));
+        let stderr = dir.join(format!("{name}.log"));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout)?)
+            .stderr(File::create(&stderr)?)
+            .spawn()
+            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            stdout,
+            stderr,
+        })
+    }
+
+    /// OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits until stdout has a line containing `needle`; returns that line.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_owned());
+            }
+            if let Some(status) = self.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before printing '{needle}'; its log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not print '{needle}' within {timeout:?}; its log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The last lines of its stderr.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Its stdout so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Exit status, if it has exited.
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("{} was already reaped", self.name),
+        }
+    }
+
+    /// Waits for it to exit, killing it after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                bail!("{} did not exit within {timeout:?}; killed it", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal`.
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            let pid = i32::try_from(c.id()).unwrap_or(0);
+            if pid > 0 {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(pid, signal) };
+            }
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; returns the exit status.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        self.wait(Duration::from_secs(5))
+    }
+
+    /// Kills it at once.
+    pub fn kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// A running coordinator.
+pub struct Coordinator {
+    /// The process.
+    pub proc: Proc,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Coordinator {
+    /// Starts a coordinator on an ephemeral loopback port.
+    pub fn start(bins: &Bins, dir: &Path) -> anyhow::Result<Self> {
+        let mut proc = Proc::spawn(
+            "coordinator",
+            dir,
+            Command::new(&bins.coordinator).args(["--listen", "127.0.0.1:0"]),
+        )?;
+        let line = proc.wait_for_line("listening on ", Duration::from_secs(20))?;
+        let url = line
+            .split("listening on ")
+            .nth(1)
+            .context("no address in the coordinator's announcement")?
+            .trim()
+            .to_owned();
+        Ok(Self { proc, url })
+    }
+}
+
+/// A running memory node.
+pub struct MemoryNode {
+    /// The process.
+    pub proc: Proc,
+    /// Node id.
+    pub id: u32,
+    /// Its page server address.
+    pub addr: String,
+}
+
+impl MemoryNode {
+    /// Starts memory node `id` offering `capacity` (e.g. `512MiB`).
+    pub fn start(
+        bins: &Bins,
+        dir: &Path,
+        coordinator: &str,
+        id: u32,
+        capacity: &str,
+    ) -> anyhow::Result<Self> {
+        let mut proc = Proc::spawn(
+            &format!("node{id}"),
+            dir,
+            Command::new(&bins.node)
+                .args(["--role", "memory", "--listen", "127.0.0.1:0"])
+                .args(["--id", &id.to_string(), "--coordinator", coordinator])
+                .args(["--capacity", capacity]),
+        )?;
+        let line = proc.wait_for_line("serving pages on ", Duration::from_secs(30))?;
+        let addr = line
+            .split("serving pages on ")
+            .nth(1)
+            .context("no address in the node's announcement")?
+            .trim()
+            .to_owned();
+        Ok(Self { proc, id, addr })
+    }
+}
+
+/// A coordinator and memory nodes, in a run folder.
+pub struct Cluster {
+    /// Run folder with every process's output.
+    pub dir: PathBuf,
+    /// The binaries.
+    pub bins: Bins,
+    /// The coordinator.
+    pub coordinator: Coordinator,
+    /// The memory nodes.
+    pub memory: Vec<MemoryNode>,
+    runs: u32,
+}
+
+impl Cluster {
+    /// Starts a coordinator and memory nodes `ids`, each offering `capacity`.
+    pub fn start(bins: Bins, dir: PathBuf, ids: &[u32], capacity: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let coordinator = Coordinator::start(&bins, &dir)?;
+        let memory = ids
+            .iter()
+            .map(|&id| MemoryNode::start(&bins, &dir, &coordinator.url, id, capacity))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            dir,
+            bins,
+            coordinator,
+            memory,
+            runs: 0,
+        })
+    }
+
+    /// Starts a compute node (id 0) with `args` added, not waiting for it.
+    pub fn spawn_compute(&mut self, args: &[&str]) -> anyhow::Result<(Proc, PathBuf)> {
+        self.runs += 1;
+        let name = format!("compute-run{}", self.runs);
+        let json = self.dir.join(format!("{name}.json"));
+        let proc = Proc::spawn(
+            &name,
+            &self.dir,
+            Command::new(&self.bins.node)
+                .args(["--role", "compute", "--id", "0", "--listen", "127.0.0.1:0", "--replace"])
+                .args(["--coordinator", &self.coordinator.url])
+                .arg("--json")
+                .arg(&json)
+                .args(args),
+        )?;
+        Ok((proc, json))
+    }
+
+    /// Runs a compute node to completion and returns its exit status and JSON summary
+    /// (`null` when it wrote none).
+    pub fn run_compute(
+        &mut self,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<(ExitStatus, serde_json::Value, Proc)> {
+        let (mut proc, json) = self.spawn_compute(args)?;
+        let status = proc.wait(timeout)?;
+        let summary = match std::fs::read_to_string(&json) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", json.display()))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        Ok((status, summary, proc))
+    }
+}
+
+/// A fresh folder under the system temp dir for one test's processes.
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pagemesh-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir is writable");
+    dir
+}

@@ -1,1 +1,72 @@
-fn main() {}
+//! `cargo xtask`: set-up, local cluster, benchmarks and the test suite.
+//!
+//! | command | what it does |
+//! |---|---|
+//! | `setup` | installs what the project needs (apt packages), idempotently |
+//! | `run` | builds, starts a coordinator and three nodes on loopback, runs guests, prints a summary |
+//! | `bench` | the fault-latency benchmark |
+//! | `test` | the whole suite (what CI runs) |
+
+mod bench;
+mod run;
+mod setup;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "pagemesh developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what pagemesh needs to build and run (apt packages); safe to repeat.
+    Setup,
+    /// Build, start a local cluster (coordinator, two memory nodes, one compute node) and
+    /// run the verify and random read-modify-write guests on remote memory.
+    Run(run::RunArgs),
+    /// Measure fault latency: local demand-zero, userfaultfd from a local buffer, remote
+    /// sequential and remote random.
+    Bench(bench::BenchArgs),
+    /// Run the whole test suite: formatting, lints, unit and end-to-end tests.
+    Test(TestArgs),
+}
+
+#[derive(clap::Args)]
+struct TestArgs {
+    /// Skip `cargo fmt --check` and `cargo clippy`.
+    #[arg(long)]
+    no_lint: bool,
+    /// Extra arguments passed to `cargo test`.
+    #[arg(last = true)]
+    cargo_args: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::setup(),
+        Command::Run(args) => run::run(args),
+        Command::Bench(args) => bench::bench(args),
+        Command::Test(args) => test(args),
+    }
+}
+
+fn test(args: TestArgs) -> anyhow::Result<()> {
+    setup::setup()?;
+    let root = setup::project_root();
+    if !args.no_lint {
+        setup::cargo(&root, &["fmt", "--all", "--check"])?;
+        setup::cargo(
+            &root,
+            &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+        )?;
+    }
+    // End-to-end tests start the real binaries: build them first, in the same profile.
+    setup::cargo(&root, &["build", "--workspace", "--bins"])?;
+    let mut test_args = vec!["test", "--workspace"];
+    test_args.extend(args.cargo_args.iter().map(String::as_str));
+    setup::cargo(&root, &test_args)
+}

@@ -1,0 +1,112 @@
+//! [`AppError`]: every way a request fails, and the [`ApiError`] answer each one becomes.
+
+use std::error::Error;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use pagemesh_api::ApiError;
+
+use crate::registry::RegistryError;
+use crate::store::StoreError;
+
+/// Why a request failed. Answers with its status and an [`ApiError`] body; internal failures
+/// are logged in full and answered with a generic message.
+#[derive(thiserror::Error, Debug)]
+pub enum AppError {
+    /// The request breaks a rule of the registry.
+    #[error(transparent)]
+    Refused(#[from] RegistryError),
+    /// The body is not the JSON the route expects.
+    #[error(transparent)]
+    Json(#[from] JsonRejection),
+    /// A path parameter does not parse (`/vms/abc`).
+    #[error(transparent)]
+    Path(#[from] PathRejection),
+    /// No route has this path.
+    #[error("no route for {method} {path}")]
+    NoRoute {
+        /// Request method.
+        method: Method,
+        /// Request path.
+        path: String,
+    },
+    /// The route exists but not with this method.
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed {
+        /// Request method.
+        method: Method,
+        /// Request path.
+        path: String,
+    },
+    /// The store failed; the client cannot fix this.
+    #[error("the store failed")]
+    Store(#[source] StoreError),
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Refused(e) => AppError::Refused(e),
+            e => AppError::Store(e),
+        }
+    }
+}
+
+impl AppError {
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AppError::Refused(e) => match e {
+                RegistryError::UnknownCluster(_)
+                | RegistryError::UnknownNode(_)
+                | RegistryError::UnknownVm(_) => StatusCode::NOT_FOUND,
+                RegistryError::ClusterExists { .. } | RegistryError::EndpointConflict { .. } => {
+                    StatusCode::CONFLICT
+                }
+                RegistryError::VmIdsExhausted => StatusCode::SERVICE_UNAVAILABLE,
+                RegistryError::BadClusterName(_)
+                | RegistryError::BadAddress { .. }
+                | RegistryError::NotMemoryNode { .. }
+                | RegistryError::NotComputeNode { .. }
+                | RegistryError::BadMemSize(_)
+                | RegistryError::RelativeImage(_)
+                | RegistryError::Placement(_) => StatusCode::BAD_REQUEST,
+            },
+            // axum answers 415 here; this API keeps every body problem a 400 or 422.
+            AppError::Json(JsonRejection::MissingJsonContentType(_)) => StatusCode::BAD_REQUEST,
+            AppError::Json(e) => e.status(),
+            AppError::Path(e) => e.status(),
+            AppError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            AppError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            AppError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let error = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %chain(&self), "request failed");
+            "internal error; the coordinator's log has the details".to_owned()
+        } else {
+            tracing::debug!(%status, error = %self, "request refused");
+            self.to_string()
+        };
+        (status, axum::Json(ApiError { error })).into_response()
+    }
+}
+
+/// `e` and its sources, joined by ": ".
+fn chain(e: &dyn Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}

@@ -1,0 +1,640 @@
+//! What the coordinator knows (clusters, nodes, VMs) and the rules for changing it.
+//!
+//! [`Registry`] is plain data, and every operation is a function of the registry and the
+//! request alone (the clock is an argument), so a store can apply one under a lock, or inside
+//! a transaction it retries, and tests need no server. Its serialized form is the state file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use pagemesh_api::{
+    Cluster, Content, CreateCluster, CreateVm, NodeId, NodeInfo, PAGE_SIZE, Placement,
+    PlacementError, PlacementRequest, RegisterEndpoint, Role, TransportKind, Vm, VmId,
+};
+
+/// [`PAGE_SIZE`] for arithmetic on byte counts.
+const PAGE_BYTES: u64 = PAGE_SIZE as u64;
+
+/// Why the registry refused a request. Every variant is the client's doing.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum RegistryError {
+    /// No cluster of that name.
+    #[error("unknown cluster '{0}'")]
+    UnknownCluster(String),
+    /// A cluster name that cannot appear in a URL path as is.
+    #[error("cluster name {0:?} is not valid; use 1 to 63 letters, digits, '-', '_' or '.'")]
+    BadClusterName(String),
+    /// The cluster exists with other parameters.
+    #[error(
+        "cluster '{name}' already exists with nodes={nodes} and memory_mb={memory_mb}; \
+         pick another name"
+    )]
+    ClusterExists {
+        /// Cluster name.
+        name: String,
+        /// Its planned node count.
+        nodes: u32,
+        /// Its planned memory.
+        memory_mb: u64,
+    },
+    /// An endpoint address that is not `host:port`.
+    #[error("address {address:?} is not host:port: {reason}")]
+    BadAddress {
+        /// The address as given.
+        address: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The node id is taken by a node at another endpoint.
+    #[error(
+        "node {node} is already registered at {existing}; stop that node, or register with \
+         \"replace\": true to take its place"
+    )]
+    EndpointConflict {
+        /// Node id.
+        node: NodeId,
+        /// The registered endpoint, as `transport://address`.
+        existing: String,
+    },
+    /// No node with that id has registered.
+    #[error("unknown node {0}")]
+    UnknownNode(NodeId),
+    /// Pages placed on a node that holds none.
+    #[error("node {node} has role {role} and holds no pages; place pages on memory nodes")]
+    NotMemoryNode {
+        /// Node id.
+        node: NodeId,
+        /// Its role.
+        role: Role,
+    },
+    /// A VM run by a node that runs none.
+    #[error("node {node} has role {role} and runs no guests; pick a compute node")]
+    NotComputeNode {
+        /// Node id.
+        node: NodeId,
+        /// Its role.
+        role: Role,
+    },
+    /// Guest memory that is not whole pages.
+    #[error("mem_bytes must be a non-zero multiple of {PAGE_SIZE}, got {0}")]
+    BadMemSize(u64),
+    /// An image path the memory nodes would resolve against their own working directory.
+    #[error("image path {0:?} must be absolute")]
+    RelativeImage(String),
+    /// The placement cannot be built.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    /// No VM with that id.
+    #[error("unknown VM {0}")]
+    UnknownVm(VmId),
+    /// Ids are never reused, and all 2^32 - 1 have been given out.
+    #[error("no VM ids left")]
+    VmIdsExhausted,
+}
+
+/// A record written by a create-or-update operation, and whether it is new.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored<T> {
+    /// The record as now stored.
+    pub value: T,
+    /// `true` when the record did not exist before.
+    pub created: bool,
+}
+
+/// Everything the coordinator knows.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(into = "StateFile", try_from = "StateFile")]
+pub(crate) struct Registry {
+    clusters: BTreeMap<String, Cluster>,
+    nodes: BTreeMap<NodeId, NodeInfo>,
+    vms: BTreeMap<VmId, Vm>,
+    /// The last VM id given out (0: none yet). Ids are not reused after a delete, so a
+    /// stale id held by a node or a script never names another VM.
+    last_vm_id: VmId,
+}
+
+impl Registry {
+    /// Creates a cluster; creating it again with the same parameters is not an error.
+    pub(crate) fn create_cluster(
+        &mut self,
+        req: CreateCluster,
+    ) -> Result<Stored<Cluster>, RegistryError> {
+        check_cluster_name(&req.name)?;
+        if let Some(existing) = self.clusters.get(&req.name) {
+            if existing.nodes != req.nodes || existing.memory_mb != req.memory_mb {
+                return Err(RegistryError::ClusterExists {
+                    name: existing.name.clone(),
+                    nodes: existing.nodes,
+                    memory_mb: existing.memory_mb,
+                });
+            }
+            return Ok(Stored {
+                value: existing.clone(),
+                created: false,
+            });
+        }
+        let cluster = Cluster {
+            name: req.name,
+            nodes: req.nodes,
+            memory_mb: req.memory_mb,
+            registered: Vec::new(),
+        };
+        self.clusters.insert(cluster.name.clone(), cluster.clone());
+        Ok(Stored {
+            value: cluster,
+            created: true,
+        })
+    }
+
+    /// The cluster named `name`.
+    pub(crate) fn cluster(&self, name: &str) -> Result<&Cluster, RegistryError> {
+        self.clusters
+            .get(name)
+            .ok_or_else(|| RegistryError::UnknownCluster(name.to_owned()))
+    }
+
+    /// Records where node `id`'s page server listens, at `now_ms` (Unix epoch).
+    ///
+    /// The same endpoint again is a node restarting: its role, capacity, cluster and time are
+    /// refreshed. Another endpoint for a registered id is refused unless `req.replace`.
+    pub(crate) fn register(
+        &mut self,
+        id: NodeId,
+        req: RegisterEndpoint,
+        now_ms: u64,
+    ) -> Result<Stored<NodeInfo>, RegistryError> {
+        check_address(&req.address)?;
+        if let Some(name) = &req.cluster {
+            self.cluster(name)?;
+        }
+        let previous = self.nodes.get(&id);
+        if let Some(old) = previous {
+            let same =
+                old.endpoint.transport == req.transport && old.endpoint.address == req.address;
+            if !same && !req.replace {
+                return Err(RegistryError::EndpointConflict {
+                    node: id,
+                    existing: format!(
+                        "{}://{}",
+                        scheme(old.endpoint.transport),
+                        old.endpoint.address
+                    ),
+                });
+            }
+        }
+        let created = previous.is_none();
+        if let Some(name) = previous.and_then(|old| old.cluster.as_ref())
+            && let Some(cluster) = self.clusters.get_mut(name)
+        {
+            cluster.registered.retain(|&n| n != id);
+        }
+        if let Some(cluster) = req.cluster.as_ref().and_then(|n| self.clusters.get_mut(n)) {
+            // Kept sorted so that `GET /clusters/{name}` reads the same on every coordinator.
+            if let Err(at) = cluster.registered.binary_search(&id) {
+                cluster.registered.insert(at, id);
+            }
+        }
+        let info = NodeInfo {
+            node_id: id,
+            role: req.role,
+            capacity_bytes: req.capacity_bytes,
+            cluster: req.cluster,
+            endpoint: pagemesh_api::Endpoint {
+                node_id: id,
+                transport: req.transport,
+                address: req.address,
+            },
+            registered_at_ms: now_ms,
+        };
+        self.nodes.insert(id, info.clone());
+        Ok(Stored {
+            value: info,
+            created,
+        })
+    }
+
+    /// Every registered node, sorted by id.
+    pub(crate) fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes.values()
+    }
+
+    /// Node `id`.
+    pub(crate) fn node(&self, id: NodeId) -> Result<&NodeInfo, RegistryError> {
+        self.nodes.get(&id).ok_or(RegistryError::UnknownNode(id))
+    }
+
+    /// Defines a VM, resolving its placement over the registered memory nodes.
+    pub(crate) fn create_vm(&mut self, req: CreateVm) -> Result<Vm, RegistryError> {
+        if req.mem_bytes == 0 || !req.mem_bytes.is_multiple_of(PAGE_BYTES) {
+            return Err(RegistryError::BadMemSize(req.mem_bytes));
+        }
+        let pages = req.mem_bytes / PAGE_BYTES;
+        let compute = self.node(req.compute_node)?;
+        if !compute.role.computes() {
+            return Err(RegistryError::NotComputeNode {
+                node: compute.node_id,
+                role: compute.role,
+            });
+        }
+        if let Content::Image { path } = &req.content
+            && !path.starts_with('/')
+        {
+            return Err(RegistryError::RelativeImage(path.clone()));
+        }
+        let placement = self.place(req.placement, pages)?;
+        self.warn_if_short(&placement, req.mem_bytes);
+        let id = self
+            .last_vm_id
+            .checked_add(1)
+            .ok_or(RegistryError::VmIdsExhausted)?;
+        self.last_vm_id = id;
+        let vm = Vm {
+            id,
+            compute_node: req.compute_node,
+            mem_bytes: req.mem_bytes,
+            placement,
+            content: req.content,
+        };
+        self.vms.insert(id, vm.clone());
+        Ok(vm)
+    }
+
+    /// Resolves a placement request for a VM of `pages` pages.
+    fn place(&self, req: PlacementRequest, pages: u64) -> Result<Placement, RegistryError> {
+        match req {
+            PlacementRequest::Interleave {
+                nodes,
+                granule_pages,
+            } => {
+                let nodes = self.memory_nodes(nodes)?;
+                let ids = nodes.iter().map(|n| n.node_id).collect();
+                Ok(Placement::interleave(ids, granule_pages, pages)?)
+            }
+            PlacementRequest::Weighted { nodes } => {
+                let weights: Vec<(NodeId, u64)> = self
+                    .memory_nodes(nodes)?
+                    .iter()
+                    .map(|n| (n.node_id, n.capacity_bytes))
+                    .collect();
+                Ok(Placement::weighted(&weights, pages)?)
+            }
+            PlacementRequest::Ranges { ranges } => {
+                for range in &ranges {
+                    self.memory_node(range.node)?;
+                }
+                Ok(Placement::ranges(ranges, pages)?)
+            }
+        }
+    }
+
+    /// The memory nodes `ids`, in that order, or every registered memory node by id when
+    /// `ids` is empty.
+    fn memory_nodes(&self, ids: Vec<NodeId>) -> Result<Vec<&NodeInfo>, RegistryError> {
+        if ids.is_empty() {
+            return Ok(self.nodes().filter(|n| n.role.serves_memory()).collect());
+        }
+        let mut seen = BTreeSet::new();
+        ids.into_iter()
+            .map(|id| {
+                if !seen.insert(id) {
+                    return Err(PlacementError::DuplicateNode(id).into());
+                }
+                self.memory_node(id)
+            })
+            .collect()
+    }
+
+    /// Node `id`, which must hold pages.
+    fn memory_node(&self, id: NodeId) -> Result<&NodeInfo, RegistryError> {
+        let node = self.node(id)?;
+        if !node.role.serves_memory() {
+            return Err(RegistryError::NotMemoryNode {
+                node: id,
+                role: node.role,
+            });
+        }
+        Ok(node)
+    }
+
+    /// Logs a warning when the nodes of `placement` together offer less than `mem_bytes`.
+    ///
+    /// Only a warning: capacities are what nodes announced, memory nodes enforce their own
+    /// limit when they load pages, and the demo runs with capacity left at 0.
+    fn warn_if_short(&self, placement: &Placement, mem_bytes: u64) {
+        let nodes = placement.nodes();
+        let offered: u64 = nodes
+            .iter()
+            .filter_map(|id| self.nodes.get(id))
+            .map(|n| n.capacity_bytes)
+            .fold(0, u64::saturating_add);
+        if offered < mem_bytes {
+            tracing::warn!(
+                ?nodes,
+                offered_bytes = offered,
+                mem_bytes,
+                "the memory nodes of this VM offer less capacity than its memory"
+            );
+        }
+    }
+
+    /// VM `id`.
+    pub(crate) fn vm(&self, id: VmId) -> Result<&Vm, RegistryError> {
+        self.vms.get(&id).ok_or(RegistryError::UnknownVm(id))
+    }
+
+    /// Every VM, sorted by id.
+    pub(crate) fn vms(&self) -> impl Iterator<Item = &Vm> {
+        self.vms.values()
+    }
+
+    /// Forgets VM `id`.
+    pub(crate) fn delete_vm(&mut self, id: VmId) -> Result<Vm, RegistryError> {
+        self.vms.remove(&id).ok_or(RegistryError::UnknownVm(id))
+    }
+}
+
+/// Cluster names appear in URL paths, so they are kept to characters that need no escaping.
+fn check_cluster_name(name: &str) -> Result<(), RegistryError> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::BadClusterName(name.to_owned()))
+    }
+}
+
+/// Accepts what a peer can connect to: `ip:port`, `[ipv6]:port` or `hostname:port`, with a
+/// non-zero port.
+fn check_address(address: &str) -> Result<(), RegistryError> {
+    let bad = |reason| RegistryError::BadAddress {
+        address: address.to_owned(),
+        reason,
+    };
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return match addr.port() {
+            0 => Err(bad("port 0 cannot be connected to")),
+            _ => Ok(()),
+        };
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(bad("the port is missing"));
+    };
+    match port.parse::<u16>() {
+        Ok(0) => return Err(bad("port 0 cannot be connected to")),
+        Ok(_) => {}
+        Err(_) => return Err(bad("the port must be a number from 1 to 65535")),
+    }
+    // An IP address that failed to parse with its port is malformed (or IPv6 without
+    // brackets), so only host names remain: RFC 1123 labels.
+    let is_label = |label: &str| {
+        (1..=63).contains(&label.len())
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    // A numeric last label would make "300.1.1.1" a host name.
+    let numeric = host
+        .rsplit('.')
+        .next()
+        .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()));
+    if host.len() <= 253 && host.split('.').all(is_label) && !numeric {
+        Ok(())
+    } else {
+        Err(bad(
+            "the host must be an IP address, [IPv6] address or host name",
+        ))
+    }
+}
+
+/// The URL scheme naming a transport, for messages.
+fn scheme(transport: TransportKind) -> &'static str {
+    match transport {
+        TransportKind::Tcp => "tcp",
+        TransportKind::Rdma => "rdma",
+    }
+}
+
+/// The state file: the registry as lists, which read better than maps keyed by their own ids.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    /// Bumped when the layout changes incompatibly.
+    format: u32,
+    last_vm_id: VmId,
+    clusters: Vec<Cluster>,
+    nodes: Vec<NodeInfo>,
+    vms: Vec<Vm>,
+}
+
+/// The only [`StateFile::format`] this coordinator reads and writes.
+const STATE_FORMAT: u32 = 1;
+
+impl From<Registry> for StateFile {
+    fn from(r: Registry) -> Self {
+        StateFile {
+            format: STATE_FORMAT,
+            last_vm_id: r.last_vm_id,
+            clusters: r.clusters.into_values().collect(),
+            nodes: r.nodes.into_values().collect(),
+            vms: r.vms.into_values().collect(),
+        }
+    }
+}
+
+impl TryFrom<StateFile> for Registry {
+    type Error = String;
+
+    fn try_from(f: StateFile) -> Result<Self, String> {
+        if f.format != STATE_FORMAT {
+            return Err(format!(
+                "format {} is not the supported format {STATE_FORMAT}",
+                f.format
+            ));
+        }
+        let mut r = Registry {
+            last_vm_id: f.last_vm_id,
+            ..Registry::default()
+        };
+        for c in f.clusters {
+            if let Some(c) = r.clusters.insert(c.name.clone(), c) {
+                return Err(format!("cluster '{}' appears twice", c.name));
+            }
+        }
+        for n in f.nodes {
+            if n.endpoint.node_id != n.node_id {
+                return Err(format!(
+                    "node {} has the endpoint of another node",
+                    n.node_id
+                ));
+            }
+            if let Some(n) = r.nodes.insert(n.node_id, n) {
+                return Err(format!("node {} appears twice", n.node_id));
+            }
+        }
+        for vm in f.vms {
+            if vm.id == 0 || vm.id > r.last_vm_id {
+                return Err(format!(
+                    "VM {} was never given out (last_vm_id is {})",
+                    vm.id, r.last_vm_id
+                ));
+            }
+            if let Some(vm) = r.vms.insert(vm.id, vm) {
+                return Err(format!("VM {} appears twice", vm.id));
+            }
+        }
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pagemesh_api::PageRange;
+
+    use super::*;
+
+    fn endpoint(address: &str, role: Role, capacity_bytes: u64) -> RegisterEndpoint {
+        RegisterEndpoint {
+            transport: TransportKind::Tcp,
+            address: address.to_owned(),
+            role,
+            capacity_bytes,
+            cluster: None,
+            replace: false,
+        }
+    }
+
+    #[test]
+    fn addresses() {
+        for good in [
+            "127.0.0.1:7000",
+            "[::1]:7000",
+            "node-a:1",
+            "node-a.example.com:65535",
+            "localhost:7001",
+        ] {
+            assert_eq!(check_address(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:0",
+            "127.0.0.1:70000",
+            "::1:7000",
+            ":7000",
+            "host name:7000",
+            "-host:7000",
+            "a..b:7000",
+            "300.1.1.1:7000",
+            "http://x:7000",
+        ] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cluster_names() {
+        assert_eq!(check_cluster_name("demo-1_a.b"), Ok(()));
+        for bad in ["", "a/b", "a b", "é", &"x".repeat(64)] {
+            assert!(check_cluster_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reregistering_moves_a_node_between_clusters() {
+        let mut r = Registry::default();
+        for name in ["a", "b"] {
+            let req = CreateCluster {
+                name: name.to_owned(),
+                nodes: 2,
+                memory_mb: 64,
+            };
+            r.create_cluster(req).unwrap();
+        }
+        let mut req = endpoint("127.0.0.1:7001", Role::Memory, 0);
+        req.cluster = Some("a".to_owned());
+        r.register(1, req.clone(), 1).unwrap();
+        assert_eq!(r.cluster("a").unwrap().registered, [1]);
+        req.cluster = Some("b".to_owned());
+        r.register(1, req, 2).unwrap();
+        assert_eq!(r.cluster("a").unwrap().registered, [] as [NodeId; 0]);
+        assert_eq!(r.cluster("b").unwrap().registered, [1]);
+    }
+
+    #[test]
+    fn placement_uses_memory_nodes_in_id_order_and_their_capacity() {
+        let mut r = Registry::default();
+        r.register(3, endpoint("h:3", Role::Memory, 3 << 20), 0)
+            .unwrap();
+        r.register(1, endpoint("h:1", Role::Both, 1 << 20), 0)
+            .unwrap();
+        r.register(2, endpoint("h:2", Role::Compute, 0), 0).unwrap();
+        let interleave = r
+            .place(
+                PlacementRequest::Interleave {
+                    nodes: vec![],
+                    granule_pages: 2,
+                },
+                8,
+            )
+            .unwrap();
+        assert_eq!(interleave, Placement::interleave(vec![1, 3], 2, 8).unwrap());
+        let weighted = r
+            .place(PlacementRequest::Weighted { nodes: vec![] }, 8)
+            .unwrap();
+        assert_eq!(weighted.count_of(1), 2);
+        assert_eq!(weighted.count_of(3), 6);
+        let ranges = PlacementRequest::Ranges {
+            ranges: vec![PageRange {
+                start: 0,
+                pages: 8,
+                node: 2,
+            }],
+        };
+        assert_eq!(
+            r.place(ranges, 8),
+            Err(RegistryError::NotMemoryNode {
+                node: 2,
+                role: Role::Compute
+            })
+        );
+        let twice = PlacementRequest::Weighted { nodes: vec![1, 1] };
+        assert_eq!(
+            r.place(twice, 8),
+            Err(PlacementError::DuplicateNode(1).into())
+        );
+    }
+
+    #[test]
+    fn state_file_round_trip_and_checks() {
+        let mut r = Registry::default();
+        r.register(1, endpoint("h:1", Role::Both, 0), 5).unwrap();
+        let vm = CreateVm {
+            compute_node: 1,
+            mem_bytes: 8192,
+            placement: PlacementRequest::Interleave {
+                nodes: vec![],
+                granule_pages: 1,
+            },
+            content: Content::Zero,
+        };
+        r.create_vm(vm).unwrap();
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Registry>(&json).unwrap(), r);
+
+        let stale = json.replace(r#""last_vm_id":1"#, r#""last_vm_id":0"#);
+        let err = serde_json::from_str::<Registry>(&stale).unwrap_err();
+        assert!(
+            err.to_string().contains("VM 1 was never given out"),
+            "{err}"
+        );
+        let future = json.replace(r#""format":1"#, r#""format":2"#);
+        assert!(serde_json::from_str::<Registry>(&future).is_err());
+    }
+}

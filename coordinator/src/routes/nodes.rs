@@ -1,0 +1,206 @@
+//! `/nodes` and `/endpoints`: where each node's page server listens, and what the node does.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+
+use pagemesh_api::{Endpoint, NodeId, NodeInfo, RegisterEndpoint};
+
+use super::created_or_ok;
+use crate::AppState;
+use crate::error::AppError;
+use crate::extract::{AppJson, AppPath};
+
+/// `POST /nodes/{node_id}/endpoint`: 201 for a new node, 200 for a known one.
+pub(crate) async fn register(
+    State(state): State<AppState>,
+    AppPath(id): AppPath<NodeId>,
+    AppJson(req): AppJson<RegisterEndpoint>,
+) -> Result<(StatusCode, AppJson<NodeInfo>), AppError> {
+    let stored = state.store.register_endpoint(id, req, now_ms())?;
+    let node = stored.value;
+    tracing::info!(
+        node = node.node_id,
+        role = %node.role,
+        transport = ?node.endpoint.transport,
+        address = %node.endpoint.address,
+        capacity_bytes = node.capacity_bytes,
+        cluster = node.cluster.as_deref().unwrap_or("-"),
+        new = stored.created,
+        "registered node endpoint"
+    );
+    Ok((created_or_ok(stored.created), AppJson(node)))
+}
+
+/// `GET /nodes`, sorted by id.
+pub(crate) async fn list(
+    State(state): State<AppState>,
+) -> Result<AppJson<Vec<NodeInfo>>, AppError> {
+    Ok(AppJson(state.store.nodes()?))
+}
+
+/// `GET /nodes/{node_id}`.
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    AppPath(id): AppPath<NodeId>,
+) -> Result<AppJson<NodeInfo>, AppError> {
+    Ok(AppJson(state.store.node(id)?))
+}
+
+/// `GET /endpoints`, sorted by node id.
+pub(crate) async fn endpoints(
+    State(state): State<AppState>,
+) -> Result<AppJson<Vec<Endpoint>>, AppError> {
+    let nodes = state.store.nodes()?;
+    Ok(AppJson(nodes.into_iter().map(|n| n.endpoint).collect()))
+}
+
+/// Milliseconds since the Unix epoch; 0 if the clock is before it.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use serde_json::json;
+
+    use pagemesh_api::{Cluster, Endpoint, NodeInfo, Role, TransportKind};
+
+    use crate::tests::{api_error, call, parse, register, test_app};
+
+    #[tokio::test]
+    async fn register_new_then_same_endpoint_refreshes() {
+        let app = test_app();
+        let body = json!({"transport": "tcp", "address": "127.0.0.1:7001", "role": "memory"});
+        let (status, reply) = call(&app, "POST", "/nodes/1/endpoint", Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let first: NodeInfo = parse(&reply);
+        assert_eq!(first.node_id, 1);
+        assert_eq!(first.role, Role::Memory);
+        assert_eq!(first.capacity_bytes, 0);
+        assert_eq!(
+            first.endpoint,
+            Endpoint {
+                node_id: 1,
+                transport: TransportKind::Tcp,
+                address: "127.0.0.1:7001".into(),
+            }
+        );
+        assert!(first.registered_at_ms > 0);
+
+        let again = json!({
+            "transport": "tcp", "address": "127.0.0.1:7001", "role": "both",
+            "capacity_bytes": 4096,
+        });
+        let (status, reply) = call(&app, "POST", "/nodes/1/endpoint", Some(again)).await;
+        assert_eq!(status, StatusCode::OK);
+        let second: NodeInfo = parse(&reply);
+        assert_eq!(second.role, Role::Both);
+        assert_eq!(second.capacity_bytes, 4096);
+        assert!(second.registered_at_ms >= first.registered_at_ms);
+
+        let (status, reply) = call(&app, "GET", "/nodes/1", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(parse::<NodeInfo>(&reply), second);
+    }
+
+    #[tokio::test]
+    async fn conflicting_endpoint_needs_replace() {
+        let app = test_app();
+        register(&app, 2, "memory", 0).await;
+        let other = json!({"transport": "tcp", "address": "10.0.0.9:7002", "role": "memory"});
+        let (status, reply) = call(&app, "POST", "/nodes/2/endpoint", Some(other)).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(
+            api_error(&reply),
+            "node 2 is already registered at tcp://127.0.0.1:7002; stop that node, or register \
+             with \"replace\": true to take its place"
+        );
+
+        let replace = json!({
+            "transport": "tcp", "address": "10.0.0.9:7002", "role": "memory", "replace": true,
+        });
+        let (status, reply) = call(&app, "POST", "/nodes/2/endpoint", Some(replace)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(parse::<NodeInfo>(&reply).endpoint.address, "10.0.0.9:7002");
+    }
+
+    #[tokio::test]
+    async fn cluster_must_exist_and_lists_its_nodes() {
+        let app = test_app();
+        let body = json!({
+            "transport": "tcp", "address": "127.0.0.1:7001", "role": "memory", "cluster": "c",
+        });
+        let (status, reply) = call(&app, "POST", "/nodes/1/endpoint", Some(body.clone())).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(api_error(&reply), "unknown cluster 'c'");
+        let (_, reply) = call(&app, "GET", "/nodes", None).await;
+        assert_eq!(parse::<Vec<NodeInfo>>(&reply), []);
+
+        let cluster = json!({"name": "c", "nodes": 2, "memory_mb": 64});
+        call(&app, "POST", "/clusters", Some(cluster)).await;
+        let (status, reply) = call(&app, "POST", "/nodes/1/endpoint", Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(parse::<NodeInfo>(&reply).cluster.as_deref(), Some("c"));
+        let (_, reply) = call(&app, "GET", "/clusters/c", None).await;
+        assert_eq!(parse::<Cluster>(&reply).registered, [1]);
+    }
+
+    #[tokio::test]
+    async fn bad_addresses_are_refused() {
+        let app = test_app();
+        for (address, reason) in [
+            ("127.0.0.1", "the port is missing"),
+            ("127.0.0.1:x", "the port must be a number from 1 to 65535"),
+            ("127.0.0.1:0", "port 0 cannot be connected to"),
+            (
+                "no such host:1",
+                "the host must be an IP address, [IPv6] address or host name",
+            ),
+        ] {
+            let body = json!({"transport": "tcp", "address": address, "role": "memory"});
+            let (status, reply) = call(&app, "POST", "/nodes/1/endpoint", Some(body)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{address}");
+            assert_eq!(
+                api_error(&reply),
+                format!("address {address:?} is not host:port: {reason}")
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn lists_are_sorted_and_unknown_nodes_are_404() {
+        let app = test_app();
+        for id in [3, 1, 2] {
+            register(&app, id, "memory", 0).await;
+        }
+        let (status, reply) = call(&app, "GET", "/nodes", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let ids: Vec<u32> = parse::<Vec<NodeInfo>>(&reply)
+            .iter()
+            .map(|n| n.node_id)
+            .collect();
+        assert_eq!(ids, [1, 2, 3]);
+
+        let (status, reply) = call(&app, "GET", "/endpoints", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let endpoints: Vec<Endpoint> = parse(&reply);
+        let addresses: Vec<&str> = endpoints.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(
+            addresses,
+            ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+        );
+
+        let (status, reply) = call(&app, "GET", "/nodes/9", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(api_error(&reply), "unknown node 9");
+
+        let (status, reply) = call(&app, "GET", "/nodes/minus-one", None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(api_error(&reply).contains("Cannot parse"), "{reply}");
+    }
+}

@@ -1,0 +1,96 @@
+//! Where the registry lives: the [`Store`] seam and its implementations.
+//!
+//! The seam is at the level of whole operations ("register this endpoint"), not of keys, so
+//! that each operation is atomic in every store: the embedded store applies it under a lock,
+//! an etcd store will apply it in a transaction.
+
+mod embedded;
+
+use std::io;
+use std::path::PathBuf;
+
+use pagemesh_api::{
+    Cluster, CreateCluster, CreateVm, NodeId, NodeInfo, RegisterEndpoint, Vm, VmId,
+};
+
+pub use embedded::EmbeddedStore;
+
+use crate::registry::{RegistryError, Stored};
+
+/// Why a store operation failed.
+#[derive(thiserror::Error, Debug)]
+pub enum StoreError {
+    /// The request breaks a rule of the registry; nothing changed.
+    #[error(transparent)]
+    Refused(#[from] RegistryError),
+    /// The state file exists but cannot be read.
+    #[error("cannot read state file {}", path.display())]
+    Read {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The state file is not coordinator state.
+    #[error(
+        "state file {} is not valid coordinator state; repair it or move it away",
+        path.display()
+    )]
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// What the parser found.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The state file cannot be written; the change was not made.
+    #[error("cannot write state file {}", path.display())]
+    Write {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Keeps the coordinator's records. Each method is one atomic operation.
+///
+/// The methods are synchronous because the only store today answers from memory (and writes a
+/// small file). The etcd store will need them async; they will then return boxed futures, so
+/// that `AppState` can keep holding a `dyn Store`.
+pub trait Store: Send + Sync {
+    /// Creates a cluster, or returns the existing one when its parameters are the same.
+    fn create_cluster(&self, req: CreateCluster) -> Result<Stored<Cluster>, StoreError>;
+
+    /// The cluster named `name`.
+    fn cluster(&self, name: &str) -> Result<Cluster, StoreError>;
+
+    /// Records node `id`'s endpoint, registered at `now_ms` (milliseconds since the Unix
+    /// epoch); see [`pagemesh_api::RegisterEndpoint`] for when this is a conflict.
+    fn register_endpoint(
+        &self,
+        id: NodeId,
+        req: RegisterEndpoint,
+        now_ms: u64,
+    ) -> Result<Stored<NodeInfo>, StoreError>;
+
+    /// Every registered node, sorted by id.
+    fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
+
+    /// Node `id`.
+    fn node(&self, id: NodeId) -> Result<NodeInfo, StoreError>;
+
+    /// Defines a VM with the next id and places its pages.
+    fn create_vm(&self, req: CreateVm) -> Result<Vm, StoreError>;
+
+    /// VM `id`.
+    fn vm(&self, id: VmId) -> Result<Vm, StoreError>;
+
+    /// Every VM, sorted by id.
+    fn vms(&self) -> Result<Vec<Vm>, StoreError>;
+
+    /// Forgets VM `id` and returns what it was. Its id is not given out again.
+    fn delete_vm(&self, id: VmId) -> Result<Vm, StoreError>;
+}

@@ -1,0 +1,918 @@
+//! The page server of a memory node: its [`PageStore`] behind the page protocol
+//! ([`crate::transport::protocol`], `docs/protocol.md`).
+//!
+//! [`serve`] takes an already-bound listener, so that tests bind `127.0.0.1:0`, and a
+//! [`ShutdownSignal`]. It runs an accept loop on its own thread and one thread per
+//! connection with blocking I/O; each connection owns one buffer that holds any frame
+//! ([`MAX_FRAME_LEN`]), reads requests into it and builds the reply in place, so a Fetch
+//! copies its pages once (store → buffer) and leaves in one write.
+//!
+//! # Bad input
+//!
+//! Nothing a client sends can stop the server or disturb another connection:
+//!
+//! - a request that breaks the framing (bad magic, another version, a bad payload length)
+//!   gets an error reply (`BadRequest`, or `Unsupported` for a version) and its connection
+//!   is closed, since its frame boundaries can no longer be trusted;
+//! - a well-framed request the server cannot act on (unknown op, bad count, reserved bits)
+//!   gets an error reply, its payload is skipped and the connection stays open;
+//! - a frame cut short by the client closing is dropped with the connection;
+//! - a valid request that cannot be granted (unknown VM, page not held, no room) gets an
+//!   error reply and the connection stays open.
+
+pub mod store;
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use pagemesh_api::{NodeId, PAGE_SIZE, Vm, VmId};
+use tracing::{debug, warn};
+
+pub use store::{PageStore, StoreError};
+
+use crate::transport::protocol::{
+    Direction, FrameError, HEADER_LEN, Header, MAX_FRAME_LEN, Op, Status, encode_error,
+};
+
+/// How the server finds a VM's definition when a client asks it to load it (in the node:
+/// ask the coordinator). The error is a message for the client.
+pub type VmLookup = Box<dyn Fn(VmId) -> Result<Vm, String> + Send + Sync>;
+
+/// How often the accept loop looks at the shutdown signal when no client is connecting.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
+
+/// Errors starting the page server.
+#[derive(thiserror::Error, Debug)]
+pub enum ServerError {
+    /// The listener could not be set up.
+    #[error("cannot set up the page server's listener")]
+    Listener(#[source] io::Error),
+    /// A thread could not be started.
+    #[error("cannot start the page server's accept thread")]
+    Spawn(#[source] io::Error),
+}
+
+/// Everything the page server's threads share.
+pub struct ServerContext {
+    /// This node's id, announced in Hello replies and used to pick its share of a VM.
+    pub node_id: NodeId,
+    /// The pages this node holds.
+    pub store: PageStore,
+    /// Finds a VM's definition for Load.
+    pub vm_lookup: VmLookup,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    pages_served: AtomicU64,
+    pages_claimed: AtomicU64,
+    pages_written_back: AtomicU64,
+    bad_frames: AtomicU64,
+    connections: AtomicU64,
+    open_connections: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of a server's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Pages sent in Fetch and Read replies.
+    pub pages_served: u64,
+    /// Pages sent in Fetch replies (and so freed here).
+    pub pages_claimed: u64,
+    /// Pages received in WriteBack requests.
+    pub pages_written_back: u64,
+    /// Requests that broke the framing rules, including frames cut short.
+    pub bad_frames: u64,
+    /// Connections accepted since start.
+    pub connections: u64,
+    /// Connections open now.
+    pub open_connections: u64,
+}
+
+impl ServerContext {
+    /// A context for node `node_id` serving `store`.
+    pub fn new(
+        node_id: NodeId,
+        store: PageStore,
+        vm_lookup: impl Fn(VmId) -> Result<Vm, String> + Send + Sync + 'static,
+    ) -> Self {
+        ServerContext {
+            node_id,
+            store,
+            vm_lookup: Box::new(vm_lookup),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Pages sent in Fetch and Read replies.
+    pub fn pages_served(&self) -> u64 {
+        self.counters.pages_served.load(Ordering::Relaxed)
+    }
+
+    /// Pages sent in Fetch replies, and so freed here.
+    pub fn pages_claimed(&self) -> u64 {
+        self.counters.pages_claimed.load(Ordering::Relaxed)
+    }
+
+    /// Pages received in WriteBack requests.
+    pub fn pages_written_back(&self) -> u64 {
+        self.counters.pages_written_back.load(Ordering::Relaxed)
+    }
+
+    /// Requests that broke the framing rules, including frames cut short.
+    pub fn bad_frames(&self) -> u64 {
+        self.counters.bad_frames.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted since start.
+    pub fn connections(&self) -> u64 {
+        self.counters.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> u64 {
+        self.counters.open_connections.load(Ordering::Relaxed)
+    }
+
+    /// All counters at once (each read on its own; they may be a moment apart).
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            pages_served: self.pages_served(),
+            pages_claimed: self.pages_claimed(),
+            pages_written_back: self.pages_written_back(),
+            bad_frames: self.bad_frames(),
+            connections: self.connections(),
+            open_connections: self.open_connections(),
+        }
+    }
+
+    /// Looks `vm` up and loads this node's share of it.
+    fn load(&self, vm: VmId) -> Result<u64, Refusal> {
+        let spec = (self.vm_lookup)(vm).map_err(|message| Refusal::Lookup { vm, message })?;
+        if spec.id != vm {
+            return Err(Refusal::Lookup {
+                vm,
+                message: format!("the lookup returned VM {}", spec.id),
+            });
+        }
+        Ok(self.store.load(&spec, self.node_id)?)
+    }
+}
+
+impl fmt::Debug for ServerContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerContext")
+            .field("node_id", &self.node_id)
+            .field("store", &self.store)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Tells a running server to stop. Cloning shares the signal.
+#[derive(Clone, Debug, Default)]
+pub struct ShutdownSignal(Arc<AtomicBool>);
+
+impl ShutdownSignal {
+    /// A signal not yet triggered.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the server to stop: it stops accepting within [`SHUTDOWN_POLL`], closes every
+    /// connection (a request being served finishes first) and its thread ends.
+    pub fn trigger(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`ShutdownSignal::trigger`] was called.
+    pub fn is_triggered(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves `listener` until `shutdown` is triggered. Returns the accept thread's handle,
+/// which ends once every connection thread has ended: join it after triggering.
+pub fn serve(
+    listener: TcpListener,
+    ctx: Arc<ServerContext>,
+    shutdown: ShutdownSignal,
+) -> Result<JoinHandle<()>, ServerError> {
+    // Non-blocking, so that an accept after poll() said "ready" cannot block if the client
+    // gave up in between.
+    listener
+        .set_nonblocking(true)
+        .map_err(ServerError::Listener)?;
+    thread::Builder::new()
+        .name("page-accept".into())
+        .spawn(move || accept_loop(&listener, &ctx, &shutdown))
+        .map_err(ServerError::Spawn)
+}
+
+/// Open connections, so that shutdown can close them under their threads' feet.
+type Registry = Arc<Mutex<HashMap<u64, TcpStream>>>;
+
+fn accept_loop(listener: &TcpListener, ctx: &Arc<ServerContext>, shutdown: &ShutdownSignal) {
+    let local = listener.local_addr().ok();
+    debug!(?local, "page server listening");
+    let registry: Registry = Arc::default();
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut next_id = 0u64;
+    while !shutdown.is_triggered() {
+        match wait_readable(listener.as_fd(), SHUTDOWN_POLL) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                warn!(error = %e, "page server cannot wait for connections");
+                thread::sleep(SHUTDOWN_POLL);
+                continue;
+            }
+        }
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::Interrupted
+                        | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                // Out of file descriptors, most likely: back off instead of spinning.
+                warn!(error = %e, "page server cannot accept a connection");
+                thread::sleep(SHUTDOWN_POLL);
+                continue;
+            }
+        };
+        // Reap the threads of closed connections.
+        for done in threads.extract_if(.., |t| t.is_finished()) {
+            let _ = done.join();
+        }
+        next_id += 1;
+        match start_connection(stream, peer, next_id, ctx, &registry) {
+            Ok(handle) => threads.push(handle),
+            Err(e) => warn!(%peer, error = %e, "cannot start a connection thread"),
+        }
+    }
+    debug!(?local, open = threads.len(), "page server stopping");
+    for (_, stream) in registry
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain()
+    {
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+    for handle in threads {
+        let _ = handle.join();
+    }
+}
+
+fn start_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    ctx: &Arc<ServerContext>,
+    registry: &Registry,
+) -> io::Result<JoinHandle<()>> {
+    stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
+    let handle = stream.try_clone()?;
+    registry
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(id, handle);
+    let ctx = Arc::clone(ctx);
+    let registry_for_thread = Arc::clone(registry);
+    let spawned = thread::Builder::new()
+        .name(format!("page-conn-{id}"))
+        .spawn(move || {
+            serve_connection(stream, peer, &ctx);
+            registry_for_thread
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        });
+    if spawned.is_err() {
+        registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+    spawned
+}
+
+/// Waits up to `timeout` for `fd` to become readable (for a listener: a connection to
+/// accept). `Ok(false)` on timeout or signal.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pollfd` is one valid, exclusively borrowed pollfd for the whole call, and its
+    // descriptor stays open because `fd` borrows it.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
+    if ready < 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(err)
+        };
+    }
+    Ok(ready > 0)
+}
+
+/// Why a connection ended.
+enum End {
+    /// The client closed between frames.
+    Closed,
+    /// The client closed in the middle of a frame.
+    Truncated { got: usize, wanted: usize },
+    /// Reading or writing failed (including the shutdown closing the socket).
+    Io(io::Error),
+    /// The client broke the framing; it was told why.
+    Framing(FrameError),
+}
+
+fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &ServerContext) {
+    Counters::add(&ctx.counters.connections, 1);
+    Counters::add(&ctx.counters.open_connections, 1);
+    debug!(%peer, "page connection opened");
+    let mut buf = vec![0u8; MAX_FRAME_LEN].into_boxed_slice();
+    let end = loop {
+        if let Err(end) = serve_request(&mut stream, &mut buf, peer, ctx) {
+            break end;
+        }
+    };
+    match end {
+        End::Closed => debug!(%peer, "page connection closed by the client"),
+        End::Truncated { got, wanted } => {
+            Counters::add(&ctx.counters.bad_frames, 1);
+            warn!(%peer, got, wanted, "client closed in the middle of a frame");
+        }
+        End::Io(e) => debug!(%peer, error = %e, "page connection failed"),
+        End::Framing(e) => debug!(%peer, error = %e, "page connection closed after a bad frame"),
+    }
+    ctx.counters.open_connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Reads one request and answers it.
+fn serve_request(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    peer: SocketAddr,
+    ctx: &ServerContext,
+) -> Result<(), End> {
+    let mut head = [0u8; HEADER_LEN];
+    read_frame_part(stream, &mut head, true)?;
+    let request: Header = zerocopy::transmute!(head);
+    let len = match request.validate(Direction::Request) {
+        Ok(len) => len,
+        Err(e) => return refuse_frame(stream, buf, peer, ctx, &request, e),
+    };
+    read_frame_part(stream, &mut buf[HEADER_LEN..len], false)?;
+    let reply_len = dispatch(ctx, &request, buf, peer);
+    stream.write_all(&buf[..reply_len]).map_err(End::Io)
+}
+
+/// Answers a request that broke the rules, then skips its payload or ends the connection.
+fn refuse_frame(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    peer: SocketAddr,
+    ctx: &ServerContext,
+    request: &Header,
+    err: FrameError,
+) -> Result<(), End> {
+    Counters::add(&ctx.counters.bad_frames, 1);
+    warn!(%peer, error = %err, "malformed page request");
+    let status = match err {
+        FrameError::BadVersion(_) | FrameError::UnknownOp(_) => Status::Unsupported,
+        _ => Status::BadRequest,
+    };
+    // Past bad magic nothing in the header means anything; otherwise echo what we can.
+    let (op, request_id) = match err {
+        FrameError::BadMagic => (0, 0),
+        _ => (request.op_byte(), request.request_id()),
+    };
+    let n = encode_error(buf, op, request_id, status, format_args!("{err}"));
+    stream.write_all(&buf[..n]).map_err(End::Io)?;
+    if err.is_fatal() {
+        return Err(End::Framing(err));
+    }
+    // Non-fatal errors are only reported once payload_len is known to be within the limit.
+    let skip = request.frame_len().min(buf.len());
+    read_frame_part(stream, &mut buf[HEADER_LEN..skip], false)
+}
+
+/// Fills `dst` from the stream. An end of stream before the first byte of a frame
+/// (`at_frame_start`) is a clean close; anywhere else it is a truncated frame.
+fn read_frame_part(stream: &mut TcpStream, dst: &mut [u8], at_frame_start: bool) -> Result<(), End> {
+    let mut got = 0;
+    while got < dst.len() {
+        match stream.read(&mut dst[got..]) {
+            Ok(0) if got == 0 && at_frame_start => return Err(End::Closed),
+            Ok(0) => {
+                let base = if at_frame_start { 0 } else { HEADER_LEN };
+                return Err(End::Truncated {
+                    got: base + got,
+                    wanted: base + dst.len(),
+                });
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(End::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Why a valid request was refused.
+#[derive(thiserror::Error, Debug)]
+enum Refusal {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot look up VM {vm}: {message}")]
+    Lookup { vm: VmId, message: String },
+}
+
+impl Refusal {
+    fn status(&self) -> Status {
+        match self {
+            Refusal::Store(e) => match e {
+                StoreError::UnknownVm(_) => Status::UnknownVm,
+                StoreError::NotHeld { .. } => Status::NotHeld,
+                StoreError::NoCapacity { .. } => Status::NoCapacity,
+                StoreError::BadRunLength(_) | StoreError::OutOfRange { .. } => Status::BadRequest,
+                StoreError::Image { .. } => Status::LoadFailed,
+            },
+            Refusal::Lookup { .. } => Status::LoadFailed,
+        }
+    }
+}
+
+/// Prints an error and its sources, `: `-separated (the client sees only this message).
+struct Chain<'a>(&'a dyn Error);
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// Carries out a valid request whose payload is in `buf[HEADER_LEN..]`, and writes the
+/// reply into `buf`; returns the reply's length.
+fn dispatch(ctx: &ServerContext, request: &Header, buf: &mut [u8], peer: SocketAddr) -> usize {
+    let vm = request.vm();
+    let page = request.page();
+    // validate() bounded count by MAX_RUN_PAGES, so the run fits the buffer and a u32.
+    let run_bytes = request.count().saturating_mul(PAGE_SIZE as u32);
+    let run = run_bytes as usize;
+    let ok = request.reply(Status::Ok);
+    let (head, body) = buf.split_at_mut(HEADER_LEN);
+    let result: Result<Header, Refusal> = match request.op() {
+        Ok(Op::Hello) => {
+            debug!(%peer, client = page, "page client said hello");
+            Ok(ok.with_page(ctx.node_id.into()))
+        }
+        Ok(Op::Fetch) => ctx.store.take(vm, page, &mut body[..run]).map(|()| {
+            let pages = u64::from(request.count());
+            Counters::add(&ctx.counters.pages_served, pages);
+            Counters::add(&ctx.counters.pages_claimed, pages);
+            ok.with_payload_len(run_bytes)
+        })
+        .map_err(Refusal::from),
+        Ok(Op::Read) => ctx
+            .store
+            .read(vm, page, &mut body[..run])
+            .map(|()| {
+                Counters::add(&ctx.counters.pages_served, u64::from(request.count()));
+                ok.with_payload_len(run_bytes)
+            })
+            .map_err(Refusal::from),
+        Ok(Op::WriteBack) => ctx
+            .store
+            .put(vm, page, &body[..run])
+            .map(|()| {
+                Counters::add(&ctx.counters.pages_written_back, u64::from(request.count()));
+                ok
+            })
+            .map_err(Refusal::from),
+        Ok(Op::Load) => ctx.load(vm).map(|held| {
+            debug!(%peer, vm, held, "loaded VM pages");
+            ok.with_page(held)
+        }),
+        Ok(Op::Held) => ctx.store.held(vm).map(|n| ok.with_page(n)).map_err(Refusal::from),
+        Ok(Op::Release) => ctx
+            .store
+            .release(vm)
+            .map(|n| {
+                debug!(%peer, vm, dropped = n, "released VM pages");
+                ok.with_page(n)
+            })
+            .map_err(Refusal::from),
+        // validate() accepted the op, so this cannot happen; answer rather than panic.
+        Err(e) => {
+            let status = Status::Unsupported;
+            return encode_error(buf, request.op_byte(), request.request_id(), status, format_args!("{e}"));
+        }
+    };
+    match result {
+        Ok(reply) => {
+            head.copy_from_slice(&reply.to_bytes());
+            reply.frame_len()
+        }
+        Err(refusal) => {
+            debug!(%peer, vm, error = %refusal, "page request refused");
+            encode_error(
+                buf,
+                request.op_byte(),
+                request.request_id(),
+                refusal.status(),
+                format_args!("{}", Chain(&refusal)),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pagemesh_api::{Content, PageRange, Placement};
+    use zerocopy::IntoBytes;
+
+    use super::*;
+    use crate::pattern;
+    use crate::transport::protocol::{self, MAX_MESSAGE_LEN};
+    use crate::transport::tcp::TcpPeer;
+    use crate::transport::{PageSource, TransportError};
+
+    const ME: NodeId = 2;
+    const CLIENT: NodeId = 1;
+    const SEED: u64 = 0x5EED;
+
+    /// VM 7: 64 pages, 0..32 on this node (2), 32..64 on node 3.
+    fn vm7() -> Vm {
+        let placement = Placement::ranges(
+            vec![
+                PageRange {
+                    start: 0,
+                    pages: 32,
+                    node: ME,
+                },
+                PageRange {
+                    start: 32,
+                    pages: 32,
+                    node: 3,
+                },
+            ],
+            64,
+        )
+        .unwrap();
+        Vm {
+            id: 7,
+            compute_node: CLIENT,
+            mem_bytes: 64 * PAGE_SIZE as u64,
+            placement,
+            content: Content::Pattern { seed: SEED },
+        }
+    }
+
+    struct Running {
+        addr: String,
+        ctx: Arc<ServerContext>,
+        shutdown: ShutdownSignal,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl Running {
+        fn start(capacity: u32) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let ctx = Arc::new(ServerContext::new(ME, PageStore::new(capacity), |vm| {
+                if vm == 7 {
+                    Ok(vm7())
+                } else {
+                    Err(format!("the coordinator knows no VM {vm}"))
+                }
+            }));
+            let shutdown = ShutdownSignal::new();
+            let thread = serve(listener, Arc::clone(&ctx), shutdown.clone()).unwrap();
+            Running {
+                addr,
+                ctx,
+                shutdown,
+                thread: Some(thread),
+            }
+        }
+
+        fn peer(&self) -> TcpPeer {
+            TcpPeer::connect(CLIENT, ME, &self.addr, Duration::from_secs(5)).unwrap()
+        }
+
+        fn stop(&mut self) {
+            self.shutdown.trigger();
+            if let Some(t) = self.thread.take() {
+                t.join().unwrap();
+            }
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    fn assert_pattern(first: u64, pages: &[u8]) {
+        for (p, page) in (first..).zip(pages.chunks_exact(PAGE_SIZE)) {
+            assert_eq!(pattern::first_mismatch(SEED, p, page), None, "page {p}");
+        }
+    }
+
+    fn remote_status(r: Result<impl fmt::Debug, TransportError>) -> (Status, String) {
+        match r {
+            Err(TransportError::Remote {
+                node: ME,
+                status,
+                message,
+            }) => (status, message),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fetch_claims_pattern_pages() {
+        let server = Running::start(100);
+        let mut peer = server.peer();
+        assert_eq!(peer.load(7).unwrap(), 32);
+        let mut run = vec![0u8; 4 * PAGE_SIZE];
+        peer.fetch(7, 10, &mut run).unwrap();
+        assert_pattern(10, &run);
+        assert_eq!(peer.held(7).unwrap(), 28);
+        // Claimed pages are gone: fetching again is refused and claims nothing.
+        let (status, message) = remote_status(peer.fetch(7, 12, &mut run));
+        assert_eq!(status, Status::NotHeld);
+        assert!(message.contains("page 12 of VM 7"), "{message}");
+        assert_eq!(peer.held(7).unwrap(), 28);
+        // A run with one page missing is all-or-nothing.
+        let (status, _) = remote_status(peer.fetch(7, 8, &mut run));
+        assert_eq!(status, Status::NotHeld);
+        assert_eq!(peer.held(7).unwrap(), 28);
+        // The largest run.
+        let mut all = vec![0u8; protocol::MAX_RUN_PAGES as usize * PAGE_SIZE];
+        let (status, _) = remote_status(peer.fetch(7, 0, &mut all));
+        assert_eq!(status, Status::BadRequest, "256 pages reach past the VM's 64");
+        assert_eq!(peer.release(7).unwrap(), 28);
+        assert_eq!(server.ctx.pages_claimed(), 4);
+        assert_eq!(server.ctx.pages_served(), 4);
+        assert_eq!(server.ctx.store.total_held(), 0);
+    }
+
+    #[test]
+    fn read_keeps_pages_and_write_back_replaces_them() {
+        let server = Running::start(100);
+        let mut peer = server.peer();
+        peer.load(7).unwrap();
+        let mut run = vec![0u8; 2 * PAGE_SIZE];
+        for _ in 0..2 {
+            peer.read(7, 30, &mut run).unwrap();
+            assert_pattern(30, &run);
+        }
+        assert_eq!(peer.held(7).unwrap(), 32);
+
+        // Write back over held pages and onto pages this node never held.
+        let mut written = vec![0u8; 3 * PAGE_SIZE];
+        for (i, b) in written.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        peer.write_back(7, 31, &written).unwrap();
+        assert_eq!(peer.held(7).unwrap(), 34);
+        let mut back = vec![0u8; 3 * PAGE_SIZE];
+        peer.read(7, 31, &mut back).unwrap();
+        assert_eq!(back, written);
+        peer.fetch(7, 31, &mut back).unwrap();
+        assert_eq!(back, written);
+        assert_eq!(peer.held(7).unwrap(), 31);
+        assert_eq!(server.ctx.pages_written_back(), 3);
+        assert_eq!(server.ctx.pages_served(), 4 + 3 + 3);
+    }
+
+    #[test]
+    fn refusals_keep_the_connection_open() {
+        let server = Running::start(40);
+        let mut peer = server.peer();
+        let mut page = vec![0u8; PAGE_SIZE];
+        assert_eq!(remote_status(peer.fetch(9, 0, &mut page)).0, Status::UnknownVm);
+        assert_eq!(remote_status(peer.held(9)).0, Status::UnknownVm);
+        assert_eq!(remote_status(peer.write_back(9, 0, &page)).0, Status::UnknownVm);
+        let (status, message) = remote_status(peer.load(9));
+        assert_eq!(status, Status::LoadFailed);
+        assert!(message.contains("knows no VM 9"), "{message}");
+        peer.load(7).unwrap();
+        // 40 pages of room, 32 used: 9 more do not fit.
+        let nine = vec![1u8; 9 * PAGE_SIZE];
+        let (status, message) = remote_status(peer.write_back(7, 40, &nine));
+        assert_eq!(status, Status::NoCapacity);
+        assert!(message.contains("9 more pages"), "{message}");
+        assert!(!peer.is_poisoned());
+        peer.read(7, 0, &mut page).unwrap();
+        assert_pattern(0, &page);
+        assert_eq!(server.ctx.bad_frames(), 0);
+    }
+
+    /// Writes `bytes` on a fresh connection and returns everything the server sends until
+    /// it closes, or `None` if it is still open after `wait`.
+    fn raw_exchange(addr: &str, bytes: &[u8], close_after: bool) -> Option<Vec<u8>> {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(bytes).unwrap();
+        if close_after {
+            s.shutdown(Shutdown::Write).unwrap();
+        }
+        let mut out = Vec::new();
+        match s.read_to_end(&mut out) {
+            Ok(_) => Some(out),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Some(out),
+            Err(e) => panic!("the server neither answered nor closed: {e}"),
+        }
+    }
+
+    fn error_reply(bytes: &[u8]) -> (Header, String) {
+        let (h, msg) = protocol::parse(bytes, Direction::Response).unwrap();
+        assert!(msg.len() <= MAX_MESSAGE_LEN);
+        (h, String::from_utf8(msg.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn bad_input_never_disturbs_other_connections() {
+        let server = Running::start(100);
+        let mut good = server.peer();
+        good.load(7).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut next = 0u64;
+        let mut check_good = |good: &mut TcpPeer| {
+            good.read(7, next % 32, &mut page).unwrap();
+            assert_pattern(next % 32, &page);
+            next += 1;
+        };
+        check_good(&mut good);
+
+        // Random garbage of header size and more: BadRequest, request id 0, then closed.
+        let mut garbage = [0u8; 300];
+        for (i, b) in garbage.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(97).wrapping_add(13);
+        }
+        let out = raw_exchange(&server.addr, &garbage, false).unwrap();
+        let (h, msg) = error_reply(&out);
+        assert_eq!(h.status(), Ok(Status::BadRequest));
+        assert_eq!(h.request_id(), 0);
+        assert!(msg.contains("magic"), "{msg}");
+        assert_eq!(out.len(), h.frame_len(), "one reply, then close");
+        check_good(&mut good);
+
+        // A valid header with the wrong magic.
+        let mut wrong = Header::request(Op::Held, 5, 7, 0, 0).to_bytes();
+        wrong[..4].copy_from_slice(b"HTTP");
+        let (h, _) = error_reply(&raw_exchange(&server.addr, &wrong, false).unwrap());
+        assert_eq!(h.status(), Ok(Status::BadRequest));
+        check_good(&mut good);
+
+        // Another version: Unsupported, echoing the request id, then closed.
+        let mut v2 = Header::request(Op::Held, 6, 7, 0, 0).to_bytes();
+        v2[4] = 2;
+        let (h, msg) = error_reply(&raw_exchange(&server.addr, &v2, false).unwrap());
+        assert_eq!((h.status(), h.request_id()), (Ok(Status::Unsupported), 6));
+        assert!(msg.contains("version 2"), "{msg}");
+        check_good(&mut good);
+
+        // A truncated frame, then close: nothing to answer.
+        let fetch = Header::request(Op::WriteBack, 7, 7, 0, 2);
+        let mut cut = fetch.to_bytes().to_vec();
+        cut.extend_from_slice(&[0u8; 5000]);
+        assert_eq!(raw_exchange(&server.addr, &cut, true).unwrap(), Vec::<u8>::new());
+        assert_eq!(raw_exchange(&server.addr, &cut[..20], true).unwrap(), Vec::<u8>::new());
+        check_good(&mut good);
+
+        // An oversized payload length: refused before anything is read, then closed.
+        let huge = Header::request(Op::WriteBack, 8, 7, 0, 1).with_payload_len(u32::MAX);
+        let (h, msg) = error_reply(&raw_exchange(&server.addr, huge.as_bytes(), false).unwrap());
+        assert_eq!((h.status(), h.request_id()), (Ok(Status::BadRequest), 8));
+        assert!(msg.contains("limit"), "{msg}");
+        check_good(&mut good);
+
+        // A payload length that does not match the count: refused, then closed.
+        let mismatch = Header::request(Op::Fetch, 9, 7, 0, 1).with_payload_len(4096);
+        let mut frame = mismatch.to_bytes().to_vec();
+        frame.extend_from_slice(&[0u8; 4096]);
+        let (h, _) = error_reply(&raw_exchange(&server.addr, &frame, false).unwrap());
+        assert_eq!((h.status(), h.request_id()), (Ok(Status::BadRequest), 9));
+        check_good(&mut good);
+
+        assert_eq!(server.ctx.bad_frames(), 7);
+        assert_eq!(server.ctx.store.held(7).unwrap(), 32);
+    }
+
+    #[test]
+    fn an_unknown_op_is_refused_and_skipped() {
+        let server = Running::start(100);
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Op 99 with a 10-byte payload, then a zero-count Fetch, then a valid Hello.
+        let mut unknown = Header::request(Op::Held, 1, 7, 0, 0)
+            .with_payload_len(10)
+            .to_bytes();
+        unknown[5] = 99;
+        let zero = Header::request(Op::Fetch, 2, 7, 0, 0);
+        let hello = Header::request(Op::Hello, 3, 0, u64::from(CLIENT), 0);
+        let mut out = unknown.to_vec();
+        out.extend_from_slice(&[0xEE; 10]);
+        out.extend_from_slice(zero.as_bytes());
+        out.extend_from_slice(hello.as_bytes());
+        s.write_all(&out).unwrap();
+
+        let mut buf = vec![0u8; 4096];
+        let mut have = 0;
+        let mut replies = Vec::new();
+        while replies.len() < 3 {
+            let n = s.read(&mut buf[have..]).unwrap();
+            assert_ne!(n, 0, "the server closed the connection");
+            have += n;
+            while let Ok(len) = protocol::check(&buf[..have], Direction::Response) {
+                replies.push(Header::peek(&buf).unwrap());
+                buf.copy_within(len..have, 0);
+                have -= len;
+            }
+        }
+        assert_eq!((replies[0].op_byte(), replies[0].status()), (99, Ok(Status::Unsupported)));
+        assert_eq!((replies[1].request_id(), replies[1].status()), (2, Ok(Status::BadRequest)));
+        assert_eq!((replies[2].request_id(), replies[2].status()), (3, Ok(Status::Ok)));
+        assert_eq!(replies[2].page(), u64::from(ME));
+        assert_eq!(server.ctx.bad_frames(), 2);
+    }
+
+    #[test]
+    fn shutdown_closes_connections_and_joins() {
+        let mut server = Running::start(100);
+        let mut idle = server.peer();
+        let mut busy = server.peer();
+        busy.load(7).unwrap();
+        assert_eq!(server.ctx.open_connections(), 2);
+        server.stop();
+        assert_eq!(server.ctx.open_connections(), 0);
+        assert_eq!(server.ctx.connections(), 2);
+        assert!(idle.held(7).is_err());
+        assert!(busy.held(7).is_err());
+        assert!(TcpPeer::connect(CLIENT, ME, &server.addr, Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn many_clients_fetch_disjoint_pages() {
+        let server = Running::start(100);
+        server.peer().load(7).unwrap();
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let mut peer = server.peer();
+                thread::spawn(move || {
+                    let mut page = vec![0u8; PAGE_SIZE];
+                    for p in (t * 8)..(t * 8 + 8) {
+                        peer.fetch(7, p, &mut page).unwrap();
+                        assert_pattern(p, &page);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(server.ctx.store.held(7).unwrap(), 0);
+        assert_eq!(server.ctx.pages_claimed(), 32);
+    }
+}

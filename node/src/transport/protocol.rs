@@ -1,0 +1,913 @@
+//! The binary page protocol, version 1.
+//!
+//! A compute node's pager talks to each memory node over one TCP connection. Every frame,
+//! request or reply, is a 40-byte little-endian [`Header`] followed by `payload_len` bytes of
+//! payload. A connection carries one request at a time: the client sends a request and reads
+//! its reply before sending the next (the server answers in order, so pipelining also works).
+//!
+//! ```text
+//! compute node (TcpPeer)                                memory node (PageServer)
+//!        |                                                       |
+//!        |-- Hello page=<compute id> --------------------------->|
+//!        |<------------------------------ Ok page=<memory id> ---|
+//!        |-- Load vm=7 ----------------------------------------->| vm_lookup(7), then
+//!        |<------------------------------ Ok page=<held> --------| load its share of VM 7
+//!        |-- Fetch vm=7 page=12 count=4 ------------------------>| copy out, then free
+//!        |<------------------------------ Ok + 4 * 4096 bytes ---| pages 12..16
+//!        |-- Fetch vm=7 page=12 count=1 ------------------------>|
+//!        |<------------------ NotHeld + "page 12 of VM 7 ..." ---| (already claimed)
+//!        |-- WriteBack vm=7 page=12 count=1 + 4096 bytes ------->| holds page 12 again
+//!        |<------------------------------ Ok --------------------|
+//!        |-- Held vm=7 ----------------------------------------->|
+//!        |<------------------------------ Ok page=<held> --------|
+//!        |-- Release vm=7 -------------------------------------->| drop every page of VM 7
+//!        |<------------------------------ Ok page=<dropped> -----|
+//! ```
+//!
+//! Decoding is two steps, as in mini-redis: [`check`] tells whether a buffer starts with a
+//! whole, valid frame (and how long it is) without copying anything, with
+//! [`FrameError::Incomplete`] as the "need more bytes" state; [`parse`] then hands out the
+//! header and a borrowed payload. Encoding writes into a caller's buffer and never allocates.
+//! `docs/protocol.md` is the prose version of this module; keep the two in step.
+
+use std::fmt;
+
+use pagemesh_api::{PAGE_SIZE, VmId};
+use zerocopy::byteorder::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// The first four bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"PGMS";
+/// The protocol version this module speaks.
+pub const VERSION: u8 = 1;
+/// Bytes in a [`Header`].
+pub const HEADER_LEN: usize = 40;
+/// Most pages one Fetch, Read or WriteBack may carry.
+pub const MAX_RUN_PAGES: u32 = 256;
+/// Most payload bytes of any frame (a full run of pages, 1 MiB).
+pub const MAX_RUN_BYTES: usize = MAX_RUN_PAGES as usize * PAGE_SIZE;
+/// Most bytes of the message an error reply carries.
+pub const MAX_MESSAGE_LEN: usize = 1024;
+/// Most bytes of any frame, header included: the size of a buffer that holds any frame.
+pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_RUN_BYTES;
+
+/// [`PAGE_SIZE`] as a `u32` (4096 fits).
+const PAGE_BYTES: u32 = PAGE_SIZE as u32;
+
+/// The fixed 40-byte header of every frame, as it is on the wire (little-endian, no padding).
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 4 | `magic` = `b"PGMS"` |
+/// | 4 | 1 | `version` = 1 |
+/// | 5 | 1 | `op` ([`Op`]) |
+/// | 6 | 2 | `status` ([`Status`], 0 in requests) |
+/// | 8 | 8 | `request_id` |
+/// | 16 | 4 | `vm` |
+/// | 20 | 4 | `count` (pages of the run) |
+/// | 24 | 8 | `page` (first page of the run, or a node id / page count, see [`Op`]) |
+/// | 32 | 4 | `payload_len` |
+/// | 36 | 4 | `reserved` = 0 |
+///
+/// Fields are private so that a header can only be built by the constructors below; a header
+/// read from the network is only meaningful after [`Header::validate`] (which [`check`] and
+/// [`parse`] run).
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    magic: [u8; 4],
+    version: u8,
+    op: u8,
+    status: U16,
+    request_id: U64,
+    vm: U32,
+    count: U32,
+    page: U64,
+    payload_len: U32,
+    reserved: U32,
+}
+
+const _: () = assert!(size_of::<Header>() == HEADER_LEN);
+
+/// What a request asks for. A reply carries the op of its request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Op {
+    /// Introduction: request `page` = the client's node id; reply `page` = the server's.
+    Hello = 1,
+    /// Claim `count` pages from `page` on: the reply carries them and the server frees them.
+    Fetch = 2,
+    /// Like [`Op::Fetch`], but the server keeps its copy.
+    Read = 3,
+    /// Hand `count` pages from `page` on to the server (payload `count * 4096` bytes), which
+    /// holds them from then on, replacing any copy it had. The reply has no payload.
+    WriteBack = 4,
+    /// Load the server's share of VM `vm`; reply `page` = pages it then holds for `vm`.
+    Load = 5,
+    /// Reply `page` = pages held for VM `vm`.
+    Held = 6,
+    /// Drop every page of VM `vm`; reply `page` = pages dropped.
+    Release = 7,
+}
+
+impl Op {
+    /// Every op, in code order.
+    pub const ALL: [Op; 7] = [
+        Op::Hello,
+        Op::Fetch,
+        Op::Read,
+        Op::WriteBack,
+        Op::Load,
+        Op::Held,
+        Op::Release,
+    ];
+
+    /// Whether the op names a run of pages with `page` and `count`.
+    pub fn carries_run(self) -> bool {
+        matches!(self, Op::Fetch | Op::Read | Op::WriteBack)
+    }
+
+    /// The op's name as the docs spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Hello => "Hello",
+            Op::Fetch => "Fetch",
+            Op::Read => "Read",
+            Op::WriteBack => "WriteBack",
+            Op::Load => "Load",
+            Op::Held => "Held",
+            Op::Release => "Release",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl From<Op> for u8 {
+    fn from(op: Op) -> u8 {
+        op as u8
+    }
+}
+
+impl TryFrom<u8> for Op {
+    type Error = FrameError;
+
+    fn try_from(value: u8) -> Result<Self, FrameError> {
+        Op::ALL
+            .into_iter()
+            .find(|&op| op as u8 == value)
+            .ok_or(FrameError::UnknownOp(value))
+    }
+}
+
+/// The outcome a reply reports. Every status but [`Status::Ok`] comes with a UTF-8 message
+/// payload of at most [`MAX_MESSAGE_LEN`] bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Status {
+    /// Done; the reply carries what the op promises.
+    Ok = 0,
+    /// The request broke the framing rules or a limit.
+    BadRequest = 1,
+    /// The server has not loaded this VM.
+    UnknownVm = 2,
+    /// A page of the run is not held by the server.
+    NotHeld = 3,
+    /// The server has no room for the pages.
+    NoCapacity = 4,
+    /// Loading the VM's pages failed.
+    LoadFailed = 5,
+    /// Unknown op or protocol version.
+    Unsupported = 6,
+}
+
+impl Status {
+    /// Every status, in code order.
+    pub const ALL: [Status; 7] = [
+        Status::Ok,
+        Status::BadRequest,
+        Status::UnknownVm,
+        Status::NotHeld,
+        Status::NoCapacity,
+        Status::LoadFailed,
+        Status::Unsupported,
+    ];
+}
+
+impl From<Status> for u16 {
+    fn from(status: Status) -> u16 {
+        status as u16
+    }
+}
+
+impl TryFrom<u16> for Status {
+    type Error = FrameError;
+
+    fn try_from(value: u16) -> Result<Self, FrameError> {
+        Status::ALL
+            .into_iter()
+            .find(|&s| s as u16 == value)
+            .ok_or(FrameError::UnknownStatus(value))
+    }
+}
+
+/// Which way a frame travels; requests and replies follow different length rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Client to server.
+    Request,
+    /// Server to client.
+    Response,
+}
+
+/// Why bytes are not (yet) a valid frame.
+///
+/// [`FrameError::Incomplete`] is a state, not a failure: read more and check again. Every
+/// other variant is a protocol violation; [`FrameError::is_fatal`] tells which of them leave
+/// the frame boundaries unknown, so that the connection cannot be used any further.
+#[derive(thiserror::Error, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// Not enough bytes yet for the whole frame.
+    #[error("frame is incomplete")]
+    Incomplete,
+    /// The frame does not start with `PGMS`.
+    #[error("bad magic; the peer does not speak the pagemesh page protocol")]
+    BadMagic,
+    /// A protocol version this node does not speak.
+    #[error("protocol version {0} is not supported; this node speaks version 1")]
+    BadVersion(u8),
+    /// An op code this node does not know.
+    #[error("unknown op {0}")]
+    UnknownOp(u8),
+    /// A status code this node does not know.
+    #[error("unknown status {0}")]
+    UnknownStatus(u16),
+    /// A request with a non-zero status field.
+    #[error("request carries status {0}; requests must carry 0")]
+    StatusInRequest(u16),
+    /// The reserved field is not zero.
+    #[error("reserved field is {0:#x}; it must be 0")]
+    NonZeroReserved(u32),
+    /// A run of zero pages or of more than [`MAX_RUN_PAGES`].
+    #[error("{op} of {count} pages; a run must have 1 to 256 pages")]
+    BadCount {
+        /// The op of the frame.
+        op: Op,
+        /// The count it carried.
+        count: u32,
+    },
+    /// A payload length the op and status do not allow.
+    #[error("{op} frame with a payload of {len} bytes; it must have {expected}")]
+    BadLength {
+        /// The op of the frame.
+        op: Op,
+        /// The payload length it carried.
+        len: u32,
+        /// The only length allowed.
+        expected: u32,
+    },
+    /// An error reply with a message over [`MAX_MESSAGE_LEN`] bytes.
+    #[error("error message of {0} bytes; it must be at most 1024")]
+    MessageTooLong(u32),
+    /// A payload over [`MAX_RUN_BYTES`].
+    #[error("payload of {0} bytes is over the 1 MiB limit")]
+    TooLarge(u32),
+}
+
+impl FrameError {
+    /// Whether the error leaves the end of the frame unknown (or the peer speaking another
+    /// protocol), so that the connection must be closed rather than skipped past.
+    pub fn is_fatal(self) -> bool {
+        matches!(
+            self,
+            FrameError::BadMagic
+                | FrameError::BadVersion(_)
+                | FrameError::BadLength { .. }
+                | FrameError::MessageTooLong(_)
+                | FrameError::TooLarge(_)
+        )
+    }
+}
+
+impl Header {
+    fn raw(op: u8, request_id: u64, status: Status, vm: VmId, page: u64, count: u32) -> Self {
+        Header {
+            magic: MAGIC,
+            version: VERSION,
+            op,
+            status: U16::new(status.into()),
+            request_id: U64::new(request_id),
+            vm: U32::new(vm),
+            count: U32::new(count),
+            page: U64::new(page),
+            payload_len: U32::new(0),
+            reserved: U32::new(0),
+        }
+    }
+
+    /// A request. Its payload length follows from the op: `count * 4096` for
+    /// [`Op::WriteBack`], 0 otherwise. For ops without a run pass `count` 0 (and `page` 0,
+    /// except the client's node id for [`Op::Hello`]).
+    pub fn request(op: Op, request_id: u64, vm: VmId, page: u64, count: u32) -> Self {
+        let mut h = Header::raw(op.into(), request_id, Status::Ok, vm, page, count);
+        if op == Op::WriteBack {
+            h.payload_len = U32::new(count.saturating_mul(PAGE_BYTES));
+        }
+        h
+    }
+
+    /// The reply to this request with `status`: the same op byte (even an unknown one),
+    /// request id, VM, page and count, and no payload. Chain [`Header::with_page`] and
+    /// [`Header::with_payload_len`] to fill in what the op returns.
+    pub fn reply(&self, status: Status) -> Self {
+        Header::raw(
+            self.op,
+            self.request_id(),
+            status,
+            self.vm(),
+            self.page(),
+            self.count(),
+        )
+    }
+
+    /// An error reply to a request whose header cannot be trusted (bad magic): op byte and
+    /// request id as given, everything else 0.
+    pub fn error_reply(op: u8, request_id: u64, status: Status) -> Self {
+        Header::raw(op, request_id, status, 0, 0, 0)
+    }
+
+    /// This header with `page` replaced.
+    #[must_use]
+    pub fn with_page(mut self, page: u64) -> Self {
+        self.page = U64::new(page);
+        self
+    }
+
+    /// This header with `payload_len` replaced.
+    #[must_use]
+    pub fn with_payload_len(mut self, len: u32) -> Self {
+        self.payload_len = U32::new(len);
+        self
+    }
+
+    /// The first [`HEADER_LEN`] bytes of `buf` as a header, without any validation (for
+    /// replying to a malformed request); `None` if `buf` is shorter.
+    pub fn peek(buf: &[u8]) -> Option<Self> {
+        Header::read_from_prefix(buf).ok().map(|(h, _)| h)
+    }
+
+    /// The magic bytes.
+    pub fn magic(&self) -> [u8; 4] {
+        self.magic
+    }
+
+    /// The protocol version byte.
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// The op, if known.
+    pub fn op(&self) -> Result<Op, FrameError> {
+        Op::try_from(self.op)
+    }
+
+    /// The raw op byte.
+    pub fn op_byte(&self) -> u8 {
+        self.op
+    }
+
+    /// The status, if known.
+    pub fn status(&self) -> Result<Status, FrameError> {
+        Status::try_from(self.status.get())
+    }
+
+    /// The raw status code.
+    pub fn status_code(&self) -> u16 {
+        self.status.get()
+    }
+
+    /// The request id, echoed by the reply.
+    pub fn request_id(&self) -> u64 {
+        self.request_id.get()
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> VmId {
+        self.vm.get()
+    }
+
+    /// Pages of the run.
+    pub fn count(&self) -> u32 {
+        self.count.get()
+    }
+
+    /// First page of the run, or the value the op returns (see [`Op`]).
+    pub fn page(&self) -> u64 {
+        self.page.get()
+    }
+
+    /// Bytes of payload after the header.
+    pub fn payload_len(&self) -> u32 {
+        self.payload_len.get()
+    }
+
+    /// The reserved field (0 in valid frames).
+    pub fn reserved(&self) -> u32 {
+        self.reserved.get()
+    }
+
+    /// Bytes of the whole frame, header included.
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + self.payload_len() as usize
+    }
+
+    /// The header's bytes, ready to send.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        out.copy_from_slice(self.as_bytes());
+        out
+    }
+
+    /// Writes the header into the first [`HEADER_LEN`] bytes of `dst`; `None` if `dst` is
+    /// shorter.
+    pub fn encode(&self, dst: &mut [u8]) -> Option<usize> {
+        self.write_to_prefix(dst).ok().map(|()| HEADER_LEN)
+    }
+
+    /// Checks every field against the rules of `dir` and returns the frame's total length.
+    ///
+    /// Checks run in this order, so that the first error is the most telling one and every
+    /// non-fatal error leaves `payload_len` trustworthy (at most [`MAX_RUN_BYTES`]): magic,
+    /// version, payload size limit, reserved, status, op, count, payload length. An error
+    /// reply's op byte is not checked: a server echoes ops it does not know with
+    /// [`Status::Unsupported`].
+    pub fn validate(&self, dir: Direction) -> Result<usize, FrameError> {
+        if self.magic != MAGIC {
+            return Err(FrameError::BadMagic);
+        }
+        if self.version != VERSION {
+            return Err(FrameError::BadVersion(self.version));
+        }
+        let len = self.payload_len();
+        if len as usize > MAX_RUN_BYTES {
+            return Err(FrameError::TooLarge(len));
+        }
+        if self.reserved() != 0 {
+            return Err(FrameError::NonZeroReserved(self.reserved()));
+        }
+        let expected = match dir {
+            Direction::Request => {
+                if self.status_code() != 0 {
+                    return Err(FrameError::StatusInRequest(self.status_code()));
+                }
+                let op = self.op()?;
+                match op {
+                    Op::Fetch | Op::Read => (op, self.run_pages(op).map(|_| 0)?),
+                    Op::WriteBack => (op, self.run_pages(op)? * PAGE_BYTES),
+                    _ => (op, 0),
+                }
+            }
+            Direction::Response => {
+                if self.status()? != Status::Ok {
+                    if len as usize > MAX_MESSAGE_LEN {
+                        return Err(FrameError::MessageTooLong(len));
+                    }
+                    return Ok(self.frame_len());
+                }
+                let op = self.op()?;
+                match op {
+                    Op::Fetch | Op::Read => (op, self.run_pages(op)? * PAGE_BYTES),
+                    _ => (op, 0),
+                }
+            }
+        };
+        let (op, expected) = expected;
+        if len != expected {
+            return Err(FrameError::BadLength { op, len, expected });
+        }
+        Ok(self.frame_len())
+    }
+
+    /// `count`, if it is a valid run length for `op`.
+    fn run_pages(&self, op: Op) -> Result<u32, FrameError> {
+        let count = self.count();
+        if (1..=MAX_RUN_PAGES).contains(&count) {
+            Ok(count)
+        } else {
+            Err(FrameError::BadCount { op, count })
+        }
+    }
+}
+
+impl fmt::Debug for Header {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Header")
+            .field("magic", &self.magic)
+            .field("version", &self.version)
+            .field("op", &self.op)
+            .field("status", &self.status_code())
+            .field("request_id", &self.request_id())
+            .field("vm", &self.vm())
+            .field("count", &self.count())
+            .field("page", &self.page())
+            .field("payload_len", &self.payload_len())
+            .field("reserved", &self.reserved())
+            .finish()
+    }
+}
+
+/// Whether `buf` starts with a whole valid frame travelling in `dir`; if so, its length.
+///
+/// Bad magic and version are reported as soon as their bytes are in, before the header is
+/// complete; every other field is judged once the 40 header bytes are in, before the payload
+/// is. So [`FrameError::Incomplete`] after a whole header means the header is valid and
+/// `payload_len` more bytes are due ([`Header::frame_len`]). Never reads past the frame and
+/// never panics.
+pub fn check(buf: &[u8], dir: Direction) -> Result<usize, FrameError> {
+    let seen = buf.len().min(MAGIC.len());
+    if buf[..seen] != MAGIC[..seen] {
+        return Err(FrameError::BadMagic);
+    }
+    if let Some(&version) = buf.get(MAGIC.len())
+        && version != VERSION
+    {
+        return Err(FrameError::BadVersion(version));
+    }
+    let Some(header) = Header::peek(buf) else {
+        return Err(FrameError::Incomplete);
+    };
+    let len = header.validate(dir)?;
+    if buf.len() < len {
+        return Err(FrameError::Incomplete);
+    }
+    Ok(len)
+}
+
+/// The header and payload of the frame `buf` starts with (see [`check`]); bytes after the
+/// frame are left alone.
+pub fn parse(buf: &[u8], dir: Direction) -> Result<(Header, &[u8]), FrameError> {
+    let len = check(buf, dir)?;
+    let header = Header::peek(buf).ok_or(FrameError::Incomplete)?;
+    Ok((header, &buf[HEADER_LEN..len]))
+}
+
+/// Writes `header` and `payload` into `dst`; returns the frame length, or `None` if `dst` is
+/// too short or `payload.len()` is not the header's `payload_len`.
+pub fn encode_frame(header: &Header, payload: &[u8], dst: &mut [u8]) -> Option<usize> {
+    let len = header.frame_len();
+    if payload.len() != header.payload_len() as usize || dst.len() < len {
+        return None;
+    }
+    header.encode(dst)?;
+    dst[HEADER_LEN..len].copy_from_slice(payload);
+    Some(len)
+}
+
+/// Writes an error reply (header with `op`, `request_id` and `status`, then `message`) into
+/// `dst` without allocating; returns the frame length.
+///
+/// The message is cut to [`MAX_MESSAGE_LEN`] bytes (and to the room in `dst`) on a character
+/// boundary, so it stays valid UTF-8.
+///
+/// # Panics
+///
+/// If `dst` is shorter than [`HEADER_LEN`].
+pub fn encode_error(
+    dst: &mut [u8],
+    op: u8,
+    request_id: u64,
+    status: Status,
+    message: fmt::Arguments<'_>,
+) -> usize {
+    debug_assert_ne!(status, Status::Ok, "an error reply needs an error status");
+    let (head, body) = dst.split_at_mut(HEADER_LEN);
+    let room = body.len().min(MAX_MESSAGE_LEN);
+    let mut writer = TruncatingWriter {
+        buf: &mut body[..room],
+        len: 0,
+        full: false,
+    };
+    // The writer never fails; a message that does not fit is cut, which is what we want.
+    let _ = fmt::write(&mut writer, message);
+    let len = writer.len;
+    // len <= MAX_MESSAGE_LEN, which fits in u32.
+    let header = Header::error_reply(op, request_id, status).with_payload_len(len as u32);
+    head.copy_from_slice(header.as_bytes());
+    HEADER_LEN + len
+}
+
+/// A `fmt::Write` into a fixed slice that keeps the longest prefix that fits, cut on a
+/// character boundary, and drops everything after the first cut.
+struct TruncatingWriter<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+    full: bool,
+}
+
+impl fmt::Write for TruncatingWriter<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.full {
+            return Ok(());
+        }
+        let room = self.buf.len() - self.len;
+        let mut take = s.len().min(room);
+        while !s.is_char_boundary(take) {
+            take -= 1;
+        }
+        self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.len += take;
+        self.full = take < s.len();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A valid frame and the header and payload it was built from.
+    #[derive(Debug, Clone)]
+    struct Built {
+        dir: Direction,
+        header: Header,
+        payload: Vec<u8>,
+        bytes: Vec<u8>,
+    }
+
+    fn build(dir: Direction, header: Header, payload: Vec<u8>) -> Built {
+        let mut bytes = vec![0u8; header.frame_len()];
+        assert_eq!(
+            encode_frame(&header, &payload, &mut bytes),
+            Some(bytes.len())
+        );
+        Built {
+            dir,
+            header,
+            payload,
+            bytes,
+        }
+    }
+
+    fn any_op() -> impl Strategy<Value = Op> {
+        proptest::sample::select(Op::ALL.to_vec())
+    }
+
+    /// Requests of every op. Runs are kept short so that prefix and corruption sweeps stay
+    /// fast; the 256-page limit has its own unit test.
+    fn request() -> impl Strategy<Value = Built> {
+        (any_op(), any::<u64>(), any::<u32>(), any::<u64>(), 1u32..=4, any::<u8>()).prop_map(
+            |(op, id, vm, page, count, fill)| {
+                let count = if op.carries_run() { count } else { 0 };
+                let h = Header::request(op, id, vm, page, count);
+                let payload = vec![fill; h.payload_len() as usize];
+                build(Direction::Request, h, payload)
+            },
+        )
+    }
+
+    fn ok_response() -> impl Strategy<Value = Built> {
+        (request(), any::<u64>(), any::<u8>()).prop_map(|(req, page, fill)| {
+            let op = req.header.op().unwrap();
+            let mut h = req.header.reply(Status::Ok);
+            let mut len = 0;
+            match op {
+                Op::Fetch | Op::Read => len = req.header.count() * PAGE_BYTES,
+                Op::Fetch | Op::Read | Op::WriteBack => {}
+                _ => h = h.with_page(page),
+            }
+            let h = h.with_payload_len(len);
+            build(Direction::Response, h, vec![fill; len as usize])
+        })
+    }
+
+    fn error_response() -> impl Strategy<Value = Built> {
+        (
+            any::<u8>(),
+            any::<u64>(),
+            proptest::sample::select(Status::ALL[1..].to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..=MAX_MESSAGE_LEN),
+        )
+            .prop_map(|(op, id, status, msg)| {
+                let h = Header::error_reply(op, id, status).with_payload_len(msg.len() as u32);
+                build(Direction::Response, h, msg)
+            })
+    }
+
+    /// Frames whose every length is determined by their header.
+    fn strict_frame() -> impl Strategy<Value = Built> {
+        prop_oneof![request(), ok_response()]
+    }
+
+    fn any_frame() -> impl Strategy<Value = Built> {
+        prop_oneof![request(), ok_response(), error_response()]
+    }
+
+    proptest! {
+        #[test]
+        fn valid_frames_round_trip(f in any_frame(), trailing in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut bytes = f.bytes.clone();
+            bytes.extend_from_slice(&trailing);
+            prop_assert_eq!(check(&bytes, f.dir), Ok(f.bytes.len()));
+            let (header, payload) = parse(&bytes, f.dir).unwrap();
+            prop_assert_eq!(header, f.header);
+            prop_assert_eq!(payload, &f.payload[..]);
+        }
+
+        #[test]
+        fn every_strict_prefix_is_incomplete(f in any_frame()) {
+            for end in 0..f.bytes.len() {
+                prop_assert_eq!(check(&f.bytes[..end], f.dir), Err(FrameError::Incomplete), "prefix {}", end);
+            }
+        }
+
+        #[test]
+        fn corrupting_fixed_fields_is_an_error(f in strict_frame()) {
+            // magic, version, payload_len, reserved: any change is detected.
+            for at in (0..5).chain(32..40) {
+                for flip in 1..=255u8 {
+                    let mut bytes = f.bytes.clone();
+                    bytes[at] ^= flip;
+                    let got = check(&bytes, f.dir);
+                    prop_assert!(
+                        matches!(got, Err(e) if e != FrameError::Incomplete),
+                        "byte {} ^ {:#x}: {:?}", at, flip, got
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn corrupting_the_op_is_an_error_or_reads_as_that_op(f in strict_frame()) {
+            for flip in 1..=255u8 {
+                let mut bytes = f.bytes.clone();
+                bytes[5] ^= flip;
+                match check(&bytes, f.dir) {
+                    Ok(_) => {
+                        // Undetectable only when another op has the same shape (Fetch and
+                        // Read requests); then the frame reads as exactly that op.
+                        let (h, _) = parse(&bytes, f.dir).unwrap();
+                        prop_assert_eq!(h.op_byte(), bytes[5]);
+                        prop_assert!(h.op().is_ok());
+                    }
+                    Err(e) => prop_assert_ne!(e, FrameError::Incomplete),
+                }
+            }
+        }
+
+        #[test]
+        fn error_replies_survive_any_single_corruption(f in error_response(), at in 0usize..HEADER_LEN, flip in 1..=255u8) {
+            let mut bytes = f.bytes.clone();
+            bytes[at] ^= flip;
+            let got = check(&bytes, f.dir);
+            if at < 5 || at >= 36 {
+                prop_assert!(matches!(got, Err(e) if e != FrameError::Incomplete), "{:?}", got);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128), mut header in proptest::array::uniform32(any::<u8>())) {
+            for dir in [Direction::Request, Direction::Response] {
+                let _ = check(&bytes, dir);
+                let _ = parse(&bytes, dir);
+                // And with a valid magic and version, so that the later checks run too.
+                let mut framed = bytes.clone();
+                header[..4].copy_from_slice(&MAGIC);
+                header[4] = VERSION;
+                framed.splice(0..0, header.iter().copied());
+                if let Ok((h, payload)) = parse(&framed, dir) {
+                    prop_assert_eq!(payload.len(), h.payload_len() as usize);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn header_layout_is_as_documented() {
+        let h = Header::request(Op::WriteBack, 0x0102_0304_0506_0708, 9, 0x1122, 2);
+        let b = h.to_bytes();
+        assert_eq!(&b[0..4], b"PGMS");
+        assert_eq!(b[4], 1);
+        assert_eq!(b[5], 4);
+        assert_eq!(&b[6..8], &[0, 0]);
+        assert_eq!(&b[8..16], &0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(&b[16..20], &9u32.to_le_bytes());
+        assert_eq!(&b[20..24], &2u32.to_le_bytes());
+        assert_eq!(&b[24..32], &0x1122u64.to_le_bytes());
+        assert_eq!(&b[32..36], &8192u32.to_le_bytes());
+        assert_eq!(&b[36..40], &[0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn run_limits() {
+        let req = |op, count| Header::request(op, 1, 1, 0, count);
+        for op in [Op::Fetch, Op::Read, Op::WriteBack] {
+            assert_eq!(
+                req(op, 0).validate(Direction::Request),
+                Err(FrameError::BadCount { op, count: 0 })
+            );
+            assert!(req(op, MAX_RUN_PAGES).validate(Direction::Request).is_ok());
+        }
+        assert_eq!(
+            req(Op::Fetch, MAX_RUN_PAGES + 1).validate(Direction::Request),
+            Err(FrameError::BadCount {
+                op: Op::Fetch,
+                count: 257
+            })
+        );
+        // A WriteBack of 257 pages is caught by its size before its count.
+        assert_eq!(
+            req(Op::WriteBack, MAX_RUN_PAGES + 1).validate(Direction::Request),
+            Err(FrameError::TooLarge(257 * 4096))
+        );
+        let fetch = req(Op::Fetch, 3);
+        assert_eq!(
+            fetch.with_payload_len(1).validate(Direction::Request),
+            Err(FrameError::BadLength {
+                op: Op::Fetch,
+                len: 1,
+                expected: 0
+            })
+        );
+        let ok = fetch.reply(Status::Ok);
+        assert_eq!(
+            ok.validate(Direction::Response),
+            Err(FrameError::BadLength {
+                op: Op::Fetch,
+                len: 0,
+                expected: 3 * 4096
+            })
+        );
+        assert!(
+            ok.with_payload_len(3 * 4096)
+                .validate(Direction::Response)
+                .is_ok()
+        );
+        let err = fetch.reply(Status::NotHeld);
+        assert!(err.with_payload_len(1024).validate(Direction::Response).is_ok());
+        assert_eq!(
+            err.with_payload_len(1025).validate(Direction::Response),
+            Err(FrameError::MessageTooLong(1025))
+        );
+        let huge = Header::request(Op::Held, 1, 1, 0, 0).with_payload_len(u32::MAX);
+        assert_eq!(
+            check(&huge.to_bytes(), Direction::Request),
+            Err(FrameError::TooLarge(u32::MAX))
+        );
+    }
+
+    #[test]
+    fn requests_must_not_carry_a_status() {
+        let reply = Header::request(Op::Held, 1, 1, 0, 0).reply(Status::NotHeld);
+        assert_eq!(
+            reply.validate(Direction::Request),
+            Err(FrameError::StatusInRequest(3))
+        );
+    }
+
+    #[test]
+    fn bad_magic_and_version_are_seen_early() {
+        assert_eq!(check(b"PX", Direction::Request), Err(FrameError::BadMagic));
+        assert_eq!(check(b"GET / HTTP/1.1", Direction::Request), Err(FrameError::BadMagic));
+        assert_eq!(check(b"PGMS\x02", Direction::Request), Err(FrameError::BadVersion(2)));
+        assert_eq!(check(b"PGMS\x01", Direction::Request), Err(FrameError::Incomplete));
+        assert_eq!(check(b"", Direction::Response), Err(FrameError::Incomplete));
+    }
+
+    #[test]
+    fn unknown_ops_and_statuses() {
+        let mut b = Header::request(Op::Held, 1, 1, 0, 0).to_bytes();
+        b[5] = 0;
+        assert_eq!(check(&b, Direction::Request), Err(FrameError::UnknownOp(0)));
+        b[5] = 8;
+        assert_eq!(check(&b, Direction::Request), Err(FrameError::UnknownOp(8)));
+        // An error reply may echo an op the server does not know.
+        let mut msg = [0u8; HEADER_LEN + 8];
+        let len = encode_error(&mut msg, 200, 5, Status::Unsupported, format_args!("nope"));
+        assert_eq!(check(&msg[..len], Direction::Response), Ok(HEADER_LEN + 4));
+        // But a status it does not know is malformed.
+        b[5] = Op::Held as u8;
+        b[6] = 7;
+        assert_eq!(check(&b, Direction::Response), Err(FrameError::UnknownStatus(7)));
+        assert!(!FrameError::UnknownOp(8).is_fatal());
+        assert!(FrameError::BadMagic.is_fatal());
+    }
+
+    #[test]
+    fn error_messages_are_cut_on_a_char_boundary() {
+        let mut buf = vec![0u8; MAX_FRAME_LEN];
+        let long = "é".repeat(1000); // 2000 bytes
+        let len = encode_error(&mut buf, 2, 9, Status::NotHeld, format_args!("x{long}y"));
+        let (h, msg) = parse(&buf[..len], Direction::Response).unwrap();
+        assert_eq!(h.status(), Ok(Status::NotHeld));
+        assert_eq!(h.request_id(), 9);
+        assert!(msg.len() <= MAX_MESSAGE_LEN && msg.len() >= MAX_MESSAGE_LEN - 1);
+        let text = std::str::from_utf8(msg).unwrap();
+        assert!(text.starts_with("xé") && !text.ends_with('y'));
+    }
+}

@@ -1,0 +1,531 @@
+//! [`TcpPeer`]: the page protocol over one blocking TCP connection to a peer's page server.
+//!
+//! The fetch path makes no heap allocation: the request header is encoded on the stack and
+//! sent with one `write`, the reply header is read into a stack array, and the pages are read
+//! straight into the caller's buffer. Only error paths allocate (the peer's message).
+//!
+//! Every read and write has a timeout (5 s by default, [`TcpOptions`]) so that a dead peer
+//! turns into an error instead of hanging the pager; [`PageSource::load`], which may read a
+//! whole image on the peer, waits longer.
+//!
+//! # Poisoning
+//!
+//! After an I/O error, a close, a malformed reply or a reply out of turn the byte stream can
+//! no longer be trusted (a late reply may still be on its way), so the connection is
+//! *poisoned*: every later call fails at once with an error of the same kind, without
+//! touching the socket, until [`TcpPeer::reconnect`] dials again. Reconnecting is left to
+//! the caller because a request that failed mid-way may or may not have taken effect on the
+//! peer (a Fetch whose reply was lost has already freed its pages there), which only the
+//! caller can reason about. A refusal ([`TransportError::Remote`]) leaves the connection
+//! healthy.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
+use zerocopy::IntoBytes;
+
+use super::protocol::{
+    self, Direction, FrameError, HEADER_LEN, Header, MAX_MESSAGE_LEN, MAX_RUN_PAGES, Op, Status,
+};
+use super::{PageSource, TransportError};
+
+/// Default read and write timeout of a connection.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time allowed for a peer to answer [`Op::Load`].
+pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default time allowed to establish a connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Timeouts of a [`TcpPeer`]. All must be non-zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpOptions {
+    /// Time allowed to establish the connection (per resolved address).
+    pub connect_timeout: Duration,
+    /// Read and write timeout of every request but Load.
+    pub io_timeout: Duration,
+    /// Time allowed for the peer to answer a Load.
+    pub load_timeout: Duration,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            io_timeout: DEFAULT_IO_TIMEOUT,
+            load_timeout: DEFAULT_LOAD_TIMEOUT,
+        }
+    }
+}
+
+/// A connection to one peer's page server, speaking [`protocol`] over TCP.
+#[derive(Debug)]
+pub struct TcpPeer {
+    local: NodeId,
+    peer: NodeId,
+    addr: String,
+    options: TcpOptions,
+    stream: TcpStream,
+    next_id: u64,
+    poison: Option<Poison>,
+}
+
+/// Why a connection is unusable, kept to fail later calls with the same kind of error.
+#[derive(Clone, Copy, Debug)]
+enum Poison {
+    Io(io::ErrorKind),
+    Closed,
+    Malformed(FrameError),
+    Unexpected(&'static str),
+}
+
+impl Poison {
+    /// The poison an error leaves, if it leaves one.
+    fn of(err: &TransportError) -> Option<Poison> {
+        match err {
+            TransportError::Io { source, .. } => Some(Poison::Io(source.kind())),
+            TransportError::Closed { .. } => Some(Poison::Closed),
+            TransportError::Malformed { source, .. } => Some(Poison::Malformed(*source)),
+            TransportError::Unexpected { what, .. } => Some(Poison::Unexpected(what)),
+            _ => None,
+        }
+    }
+
+    fn to_error(self, node: NodeId) -> TransportError {
+        match self {
+            Poison::Io(kind) => TransportError::Io {
+                node,
+                source: io::Error::new(kind, "the connection failed earlier; reconnect"),
+            },
+            Poison::Closed => TransportError::Closed { node },
+            Poison::Malformed(source) => TransportError::Malformed { node, source },
+            Poison::Unexpected(what) => TransportError::Unexpected { node, what },
+        }
+    }
+}
+
+impl TcpPeer {
+    /// Connects to `peer`'s page server at `addr` (`host:port`) within `timeout`, with the
+    /// default I/O timeouts, and introduces `local_node` to it.
+    ///
+    /// Fails with [`TransportError::Unexpected`] if the server there is not node `peer`.
+    pub fn connect(
+        local_node: NodeId,
+        peer: NodeId,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<Self, TransportError> {
+        let options = TcpOptions {
+            connect_timeout: timeout,
+            ..TcpOptions::default()
+        };
+        Self::connect_with(local_node, peer, addr, options)
+    }
+
+    /// [`TcpPeer::connect`] with every timeout given.
+    pub fn connect_with(
+        local_node: NodeId,
+        peer: NodeId,
+        addr: &str,
+        options: TcpOptions,
+    ) -> Result<Self, TransportError> {
+        let stream = dial(peer, addr, &options)?;
+        let mut me = TcpPeer {
+            local: local_node,
+            peer,
+            addr: addr.to_owned(),
+            options,
+            stream,
+            next_id: 1,
+            poison: None,
+        };
+        me.hello()?;
+        Ok(me)
+    }
+
+    /// Drops the connection and dials the peer again (same address and options), clearing
+    /// any poison. Request ids keep increasing across reconnections.
+    pub fn reconnect(&mut self) -> Result<(), TransportError> {
+        self.stream = dial(self.peer, &self.addr, &self.options)?;
+        self.poison = None;
+        self.hello()
+    }
+
+    /// Whether an earlier error left the connection unusable (see the module docs).
+    pub fn is_poisoned(&self) -> bool {
+        self.poison.is_some()
+    }
+
+    /// The address this peer was dialled at.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The node id this side introduces itself with.
+    pub fn local_node(&self) -> NodeId {
+        self.local
+    }
+
+    fn hello(&mut self) -> Result<(), TransportError> {
+        let reply = self.exchange(Op::Hello, 0, u64::from(self.local), 0, &[], &mut [])?;
+        if reply.page() != u64::from(self.peer) {
+            // The stream is fine, but it leads to the wrong node: never use it.
+            self.poison = Some(Poison::Unexpected("the server there is another node"));
+            return Err(TransportError::Unexpected {
+                node: self.peer,
+                what: "the server there is another node",
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends one request and reads its reply; the reply's payload goes into `into`, whose
+    /// length must be the payload an OK reply carries. Poisons the connection on errors that
+    /// leave the stream out of step.
+    fn exchange(
+        &mut self,
+        op: Op,
+        vm: VmId,
+        page: u64,
+        count: u32,
+        out: &[u8],
+        into: &mut [u8],
+    ) -> Result<Header, TransportError> {
+        if let Some(poison) = self.poison {
+            return Err(poison.to_error(self.peer));
+        }
+        let request_id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let request = Header::request(op, request_id, vm, page, count);
+        debug_assert_eq!(request.payload_len() as usize, out.len());
+        let result = self.round_trip(&request, out, into);
+        if let Err(err) = &result
+            && let Some(poison) = Poison::of(err)
+        {
+            self.poison = Some(poison);
+        }
+        result
+    }
+
+    fn round_trip(
+        &mut self,
+        request: &Header,
+        out: &[u8],
+        into: &mut [u8],
+    ) -> Result<Header, TransportError> {
+        let node = self.peer;
+        let io_error = |source: io::Error| match source.kind() {
+            io::ErrorKind::UnexpectedEof => TransportError::Closed { node },
+            _ => TransportError::Io { node, source },
+        };
+        let sent = if out.is_empty() {
+            self.stream.write_all(request.as_bytes())
+        } else {
+            write_all_vectored(
+                &mut self.stream,
+                &mut [IoSlice::new(request.as_bytes()), IoSlice::new(out)],
+            )
+        };
+        sent.map_err(io_error)?;
+
+        let mut head = [0u8; HEADER_LEN];
+        self.stream.read_exact(&mut head).map_err(io_error)?;
+        match protocol::check(&head, Direction::Response) {
+            Ok(_) | Err(FrameError::Incomplete) => {}
+            Err(source) => return Err(TransportError::Malformed { node, source }),
+        }
+        let reply: Header = zerocopy::transmute!(head);
+        if reply.op_byte() != request.op_byte() {
+            return Err(TransportError::Unexpected {
+                node,
+                what: "the reply is for another op",
+            });
+        }
+        if reply.request_id() != request.request_id() {
+            return Err(TransportError::Unexpected {
+                node,
+                what: "the reply is for another request",
+            });
+        }
+        let len = reply.payload_len() as usize;
+        match reply.status() {
+            Ok(Status::Ok) => {
+                if len != into.len() {
+                    return Err(TransportError::Unexpected {
+                        node,
+                        what: "the reply carries a payload of the wrong size",
+                    });
+                }
+                self.stream.read_exact(into).map_err(io_error)?;
+                Ok(reply)
+            }
+            Ok(status) => {
+                // check() bounded the message by MAX_MESSAGE_LEN.
+                let mut message = [0u8; MAX_MESSAGE_LEN];
+                let message = &mut message[..len.min(MAX_MESSAGE_LEN)];
+                self.stream.read_exact(message).map_err(io_error)?;
+                Err(TransportError::Remote {
+                    node,
+                    status,
+                    message: String::from_utf8_lossy(message).into_owned(),
+                })
+            }
+            Err(source) => Err(TransportError::Malformed { node, source }),
+        }
+    }
+}
+
+/// Connects to the first address `addr` resolves to that answers, and sets the socket up.
+fn dial(peer: NodeId, addr: &str, options: &TcpOptions) -> Result<TcpStream, TransportError> {
+    let failed = |source: io::Error| TransportError::Connect {
+        node: peer,
+        addr: addr.to_owned(),
+        source,
+    };
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");
+    for sock in addr.to_socket_addrs().map_err(failed)? {
+        match TcpStream::connect_timeout(&sock, options.connect_timeout) {
+            Ok(stream) => {
+                stream.set_nodelay(true).map_err(failed)?;
+                stream
+                    .set_read_timeout(Some(options.io_timeout))
+                    .map_err(failed)?;
+                stream
+                    .set_write_timeout(Some(options.io_timeout))
+                    .map_err(failed)?;
+                return Ok(stream);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(failed(last))
+}
+
+/// Pages in a run of `len` bytes, if `len` is a valid run length.
+fn run_pages(len: usize) -> Result<u32, TransportError> {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(TransportError::InvalidPageSize(len));
+    }
+    let pages = len / PAGE_SIZE;
+    match u32::try_from(pages) {
+        Ok(p) if p <= MAX_RUN_PAGES => Ok(p),
+        _ => Err(TransportError::RunTooLong(pages)),
+    }
+}
+
+/// `write_all` over several buffers, so that a header and its payload leave in one system
+/// call when the socket takes them (std's `write_all_vectored` is unstable).
+pub(crate) fn write_all_vectored(
+    w: &mut impl Write,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl PageSource for TcpPeer {
+    fn peer(&self) -> NodeId {
+        self.peer
+    }
+
+    fn fetch(&mut self, vm: VmId, page: u64, dst: &mut [u8]) -> Result<(), TransportError> {
+        let count = run_pages(dst.len())?;
+        self.exchange(Op::Fetch, vm, page, count, &[], dst)
+            .map(drop)
+    }
+
+    fn read(&mut self, vm: VmId, page: u64, dst: &mut [u8]) -> Result<(), TransportError> {
+        let count = run_pages(dst.len())?;
+        self.exchange(Op::Read, vm, page, count, &[], dst).map(drop)
+    }
+
+    fn write_back(&mut self, vm: VmId, page: u64, src: &[u8]) -> Result<(), TransportError> {
+        let count = run_pages(src.len())?;
+        self.exchange(Op::WriteBack, vm, page, count, src, &mut [])
+            .map(drop)
+    }
+
+    fn load(&mut self, vm: VmId) -> Result<u64, TransportError> {
+        if let Some(poison) = self.poison {
+            return Err(poison.to_error(self.peer));
+        }
+        let node = self.peer;
+        let set = |stream: &TcpStream, t| {
+            stream
+                .set_read_timeout(Some(t))
+                .map_err(|source| TransportError::Io { node, source })
+        };
+        if let Err(e) = set(&self.stream, self.options.load_timeout) {
+            self.poison = Poison::of(&e);
+            return Err(e);
+        }
+        let reply = self.exchange(Op::Load, vm, 0, 0, &[], &mut []);
+        if let Err(e) = set(&self.stream, self.options.io_timeout) {
+            self.poison = Poison::of(&e);
+            return Err(e);
+        }
+        reply.map(|h| h.page())
+    }
+
+    fn held(&mut self, vm: VmId) -> Result<u64, TransportError> {
+        self.exchange(Op::Held, vm, 0, 0, &[], &mut [])
+            .map(|h| h.page())
+    }
+
+    fn release(&mut self, vm: VmId) -> Result<u64, TransportError> {
+        self.exchange(Op::Release, vm, 0, 0, &[], &mut [])
+            .map(|h| h.page())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::thread;
+
+    use super::*;
+    use crate::transport::protocol::{MAX_FRAME_LEN, encode_error};
+
+    /// A one-connection fake server: answers Hello as node `id`, then runs `script` on
+    /// each later request header.
+    fn fake_server(
+        id: NodeId,
+        script: impl Fn(&Header, &mut TcpStream) + Send + 'static,
+    ) -> (String, thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handle = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = [0u8; HEADER_LEN];
+            s.read_exact(&mut head).unwrap();
+            let hello = Header::peek(&head).unwrap();
+            s.write_all(hello.reply(Status::Ok).with_page(id.into()).as_bytes())
+                .unwrap();
+            while s.read_exact(&mut head).is_ok() {
+                let h = Header::peek(&head).unwrap();
+                script(&h, &mut s);
+            }
+        });
+        (addr, handle)
+    }
+
+    #[test]
+    fn rejects_runs_before_sending() {
+        let (addr, server) = fake_server(2, |_, _| panic!("nothing should be sent"));
+        let mut peer = TcpPeer::connect(1, 2, &addr, Duration::from_secs(2)).unwrap();
+        let mut small = [0u8; 100];
+        assert!(matches!(
+            peer.fetch(1, 0, &mut small),
+            Err(TransportError::InvalidPageSize(100))
+        ));
+        assert!(matches!(
+            peer.read(1, 0, &mut []),
+            Err(TransportError::InvalidPageSize(0))
+        ));
+        let big = vec![0u8; (MAX_RUN_PAGES as usize + 1) * PAGE_SIZE];
+        assert!(matches!(
+            peer.write_back(1, 0, &big),
+            Err(TransportError::RunTooLong(257))
+        ));
+        assert!(!peer.is_poisoned());
+        drop(peer);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn wrong_node_is_unexpected() {
+        let (addr, server) = fake_server(9, |_, _| {});
+        let err = TcpPeer::connect(1, 2, &addr, Duration::from_secs(2)).unwrap_err();
+        assert!(matches!(err, TransportError::Unexpected { node: 2, .. }), "{err}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn connect_failure_names_the_address() {
+        // Bind then drop to get a port nobody listens on.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let err = TcpPeer::connect(1, 2, &addr, Duration::from_secs(2)).unwrap_err();
+        assert!(matches!(err, TransportError::Connect { node: 2, .. }));
+        assert!(err.to_string().contains(&addr));
+    }
+
+    #[test]
+    fn remote_refusal_keeps_the_connection_and_garbage_poisons_it() {
+        let (addr, server) = fake_server(2, |h, s| {
+            if h.op() == Ok(Op::Held) {
+                let mut buf = vec![0u8; MAX_FRAME_LEN];
+                let n = encode_error(
+                    &mut buf,
+                    h.op_byte(),
+                    h.request_id(),
+                    Status::UnknownVm,
+                    format_args!("VM {} is not loaded", h.vm()),
+                );
+                s.write_all(&buf[..n]).unwrap();
+            } else {
+                s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n.............")
+                    .unwrap();
+            }
+        });
+        let mut peer = TcpPeer::connect(1, 2, &addr, Duration::from_secs(2)).unwrap();
+        for _ in 0..2 {
+            match peer.held(5) {
+                Err(TransportError::Remote {
+                    node: 2,
+                    status: Status::UnknownVm,
+                    message,
+                }) => assert_eq!(message, "VM 5 is not loaded"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(!peer.is_poisoned());
+        let mut page = vec![0u8; PAGE_SIZE];
+        assert!(matches!(
+            peer.fetch(5, 0, &mut page),
+            Err(TransportError::Malformed {
+                source: FrameError::BadMagic,
+                ..
+            })
+        ));
+        assert!(peer.is_poisoned());
+        // Fails fast, with the same kind of error, without a round trip.
+        assert!(matches!(
+            peer.held(5),
+            Err(TransportError::Malformed {
+                source: FrameError::BadMagic,
+                ..
+            })
+        ));
+        drop(peer);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_silent_peer_times_out() {
+        // Reads requests and never answers.
+        let (addr, server) = fake_server(2, |_, _| {});
+        let options = TcpOptions {
+            io_timeout: Duration::from_millis(100),
+            ..TcpOptions::default()
+        };
+        let mut peer = TcpPeer::connect_with(1, 2, &addr, options).unwrap();
+        let err = peer.held(1).unwrap_err();
+        assert!(matches!(err, TransportError::Io { node: 2, .. }), "{err}");
+        assert!(peer.is_poisoned());
+        drop(peer);
+        server.join().unwrap();
+    }
+}

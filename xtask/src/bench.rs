@@ -1,0 +1,158 @@
+//! `cargo xtask bench`: fault latency, from the kernel's demand-zero floor to remote
+//! random faults over TCP.
+//!
+//! Every case runs the same guest code (the built-in workload guest) in a fresh
+//! `pagemesh-node` process, one VM per run. µs/page is guest wall time divided by pages;
+//! the fault percentiles are the pager's own (event read → page installed). Each figure is
+//! the median over runs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use pagemesh_tests::Cluster;
+use serde_json::{Value, json};
+
+use crate::run::{build, run_dir};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Short run: 16 MiB and 3 runs per case (for a smoke test, not for quoting).
+    #[arg(long)]
+    quick: bool,
+    /// Guest memory touched per run.
+    #[arg(long, default_value = "64MiB")]
+    mem: String,
+    /// Runs per case.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Pin the vCPU and its fault handler to this CPU.
+    #[arg(long, value_name = "CPU")]
+    pin_cpu: Option<usize>,
+    /// Only the cases whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+    /// Write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+struct Case {
+    name: &'static str,
+    args: &'static [&'static str],
+    remote: bool,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "local-demand-zero",
+        args: &["--backing", "demand-zero", "--workload", "random", "--access", "read"],
+        remote: false,
+    },
+    Case {
+        name: "uffd-local",
+        args: &["--backing", "uffd-local", "--workload", "random", "--access", "read"],
+        remote: false,
+    },
+    Case {
+        name: "remote-seq",
+        args: &["--workload", "seq", "--access", "read"],
+        remote: true,
+    },
+    Case {
+        name: "remote-random",
+        args: &["--workload", "random", "--access", "read"],
+        remote: true,
+    },
+];
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    crate::setup::setup()?;
+    let (mem, runs) = if args.quick {
+        ("16MiB".to_owned(), 3)
+    } else {
+        (args.mem.clone(), args.runs.max(1))
+    };
+    let bins = build(false)?;
+    let dir = run_dir("bench");
+    eprintln!("xtask: bench folder {}", dir.display());
+    let mut cluster = Cluster::start(bins, dir.clone(), &[1], "2GiB")?;
+    let pin = args.pin_cpu.map(|c| c.to_string());
+
+    let mut results = Vec::new();
+    println!(
+        "{:<18} {:>8} {:>5} {:>10} {:>9} {:>9} {:>9}",
+        "case", "pages", "runs", "µs/page", "p50 µs", "p90 µs", "p99 µs"
+    );
+    for case in CASES {
+        if args.only.as_deref().is_some_and(|o| !case.name.contains(o)) {
+            continue;
+        }
+        let mut per_run: Vec<Value> = Vec::new();
+        for _ in 0..runs {
+            let mut a: Vec<&str> = vec!["--mem", &mem];
+            a.extend_from_slice(case.args);
+            if case.remote {
+                a.extend_from_slice(&["--placement", "interleave", "--content", "pattern"]);
+            }
+            if let Some(p) = &pin {
+                a.extend_from_slice(&["--pin-cpu", p]);
+            }
+            let (status, summary, proc) = cluster.run_compute(&a, Duration::from_secs(600))?;
+            if !status.success() || summary["ok"] != json!(true) {
+                bail!(
+                    "{} run failed ({status}); its log:\n{}",
+                    case.name,
+                    proc.log_tail()
+                );
+            }
+            per_run.push(summary);
+        }
+        let get = |k: &str| median(per_run.iter().map(|s| s[k].as_f64().unwrap_or(0.0)).collect());
+        let pages = per_run[0]["result"]["pages_done"].as_u64().unwrap_or(0);
+        let row = json!({
+            "name": case.name,
+            "pages": pages,
+            "runs": runs,
+            "us_per_page": get("us_per_page"),
+            "fault_p50_us": get("fault_p50_us"),
+            "fault_p90_us": get("fault_p90_us"),
+            "fault_p99_us": get("fault_p99_us"),
+            "us_per_page_each_run": per_run.iter().map(|s| s["us_per_page"].clone()).collect::<Vec<_>>(),
+        });
+        println!(
+            "{:<18} {:>8} {:>5} {:>10.2} {:>9.1} {:>9.1} {:>9.1}",
+            case.name,
+            pages,
+            runs,
+            get("us_per_page"),
+            get("fault_p50_us"),
+            get("fault_p90_us"),
+            get("fault_p99_us")
+        );
+        results.push(row);
+    }
+    for m in &mut cluster.memory {
+        m.proc.stop()?;
+    }
+    cluster.coordinator.proc.stop()?;
+    let out = json!({ "cases": results, "mem": mem, "pin_cpu": args.pin_cpu });
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&out)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}

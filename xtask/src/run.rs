@@ -1,0 +1,162 @@
+//! `cargo xtask run`: a local cluster with a guest on remote memory.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use pagemesh_tests::{Bins, Cluster};
+use serde_json::{Value, json};
+
+use crate::setup;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Print the summary and exit (the console does not exist yet, so this is also what
+    /// happens without the flag).
+    #[arg(long)]
+    headless: bool,
+    /// Write the summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Guest memory, interleaved over the two memory nodes.
+    #[arg(long, default_value = "256MiB")]
+    mem: String,
+    /// Build and run the debug binaries instead of release.
+    #[arg(long)]
+    debug: bool,
+}
+
+/// Builds the binaries in the chosen profile and returns where they are.
+pub fn build(debug: bool) -> anyhow::Result<Bins> {
+    let root = setup::project_root();
+    let mut args = vec!["build", "-p", "pagemesh-node", "-p", "pagemesh-coordinator"];
+    if !debug {
+        args.push("--release");
+    }
+    setup::cargo(&root, &args)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(Bins::in_dir(&target.join(if debug { "debug" } else { "release" })))
+}
+
+/// A new folder under `.pagemesh/runs/`.
+pub fn run_dir(kind: &str) -> PathBuf {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    setup::project_root()
+        .join(".pagemesh")
+        .join(kind)
+        .join(format!("{secs}-{}", std::process::id()))
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_f64()
+        .unwrap_or(0.0)
+}
+
+fn u(v: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_u64()
+        .unwrap_or(0)
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    setup::setup()?;
+    let bins = build(args.debug)?;
+    let dir = run_dir("runs");
+    eprintln!("xtask: run folder {}", dir.display());
+    let mut cluster = Cluster::start(bins, dir.clone(), &[1, 2], "1GiB")?;
+    eprintln!(
+        "xtask: coordinator at {}, memory nodes {} and {}",
+        cluster.coordinator.url, cluster.memory[0].addr, cluster.memory[1].addr
+    );
+    if !args.headless {
+        eprintln!("xtask: the live console is not built yet; printing the summary instead");
+    }
+
+    let mut runs = Vec::new();
+    for (name, extra) in [
+        ("verify", vec!["--workload", "verify"]),
+        ("random-rmw", vec!["--workload", "random", "--access", "rmw"]),
+    ] {
+        let mut a = vec!["--mem", args.mem.as_str(), "--placement", "interleave"];
+        a.extend(extra);
+        eprintln!("xtask: running {name} on freshly loaded remote memory");
+        let (status, summary, proc) = cluster.run_compute(&a, Duration::from_secs(600))?;
+        if summary.is_null() {
+            anyhow::bail!(
+                "the {name} run wrote no summary ({status}); its log:\n{}",
+                proc.log_tail()
+            );
+        }
+        print!("{}", proc.output());
+        runs.push((name, status.success(), summary));
+    }
+
+    let remote: u64 = runs.iter().map(|(_, _, s)| u(s, &["faults", "remote"])).sum();
+    let local: u64 = runs
+        .iter()
+        .map(|(_, _, s)| u(s, &["faults", "local_zero"]))
+        .sum();
+    let verify = &runs[0].2;
+    let ok = runs.iter().all(|(_, ok, s)| *ok && s["ok"] == json!(true));
+    let summary = json!({
+        "nodes": 3,
+        "guest_pages": u(verify, &["guest_pages"]),
+        "faults": {"remote": remote, "local_zero": local},
+        "remote_miss_ratio": if remote + local == 0 { 0.0 } else { remote as f64 / (remote + local) as f64 },
+        // The larger of the two runs' percentiles.
+        "fault_p50_us": runs.iter().map(|(_, _, s)| f(s, &["fault_p50_us"])).fold(0.0, f64::max),
+        "fault_p99_us": runs.iter().map(|(_, _, s)| f(s, &["fault_p99_us"])).fold(0.0, f64::max),
+        "verify": {
+            "pages_checked": u(verify, &["result", "pages_done"]),
+            "bad_pages": u(verify, &["result", "bad_pages"]),
+        },
+        "runs": runs.iter().map(|(n, _, s)| json!({"name": n, "summary": s})).collect::<Vec<_>>(),
+        "run_dir": dir.display().to_string(),
+        "ok": ok,
+    });
+
+    println!();
+    println!("pagemesh local cluster: coordinator + 2 memory nodes + 1 compute node");
+    println!("  guest pages          {}", summary["guest_pages"]);
+    println!("  faults served remote {remote}  (local zero-fill {local})");
+    println!("  remote-miss ratio    {:.3}", f(&summary, &["remote_miss_ratio"]));
+    println!(
+        "  fault latency        p50 {:.1} µs  p99 {:.1} µs",
+        f(&summary, &["fault_p50_us"]),
+        f(&summary, &["fault_p99_us"])
+    );
+    for (name, _, s) in &runs {
+        println!(
+            "  {name:<12} {:.1} µs/page, {} pages, ok={}",
+            f(s, &["us_per_page"]),
+            u(s, &["result", "pages_done"]),
+            s["ok"]
+        );
+    }
+    println!(
+        "  verification         {} pages checked, {} bad",
+        summary["verify"]["pages_checked"], summary["verify"]["bad_pages"]
+    );
+    println!("  logs                 {}", dir.display());
+    println!("  result               {}", if ok { "OK" } else { "FAILED" });
+
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    for m in &mut cluster.memory {
+        m.proc.stop()?;
+    }
+    cluster.coordinator.proc.stop()?;
+    if !ok {
+        anyhow::bail!("the run failed; see the logs in {}", dir.display());
+    }
+    Ok(())
+}

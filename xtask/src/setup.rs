@@ -1,0 +1,69 @@
+//! `cargo xtask setup`: make this machine able to build and run pagemesh, idempotently.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// Debian packages and the command each provides (checked before installing).
+const PACKAGES: &[(&str, &str)] = &[
+    // `as` and `objcopy` assemble the built-in test guest (node/build.rs).
+    ("binutils", "objcopy"),
+];
+
+/// The workspace root.
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs missing packages; checks the devices pagemesh needs.
+pub fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, cmd)| !have(cmd))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {}", missing.join(" "));
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    for dev in ["/dev/kvm", "/dev/userfaultfd"] {
+        if !Path::new(dev).exists() {
+            eprintln!(
+                "xtask: warning: {dev} is missing; guests cannot run on this machine \
+                 (see docs/operations.md)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs `cargo` with `args` in `root`.
+pub fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    run(Command::new(cargo).current_dir(root).args(args))
+}
