@@ -8,7 +8,7 @@ use pagemesh_api::VmId;
 
 use crate::pager::{self, PageDirectory, PagerConfig, PagerError, StatsSnapshot};
 use crate::transport::TransportManager;
-use crate::vm::guest::WorkloadResult;
+use crate::vm::guest::{Initial, WorkloadResult};
 use crate::vm::vcpu::{self, Machine, VcpuError};
 use crate::vm::{GuestLayout, Workload};
 
@@ -79,8 +79,8 @@ pub struct RunOptions {
     pub mem_bytes: u64,
     /// What the guest does.
     pub workload: Workload,
-    /// Pattern seed the memory was loaded with, if it holds the pattern.
-    pub seed: Option<u64>,
+    /// What guest RAM holds before the run.
+    pub initial: Initial,
     /// Pin the vCPU and the fault handler to this CPU.
     pub cpu: Option<usize>,
 }
@@ -100,7 +100,7 @@ pub fn run_guest(
     }
     let layout = GuestLayout::new(opts.mem_bytes)?;
     let mut machine = Machine::new(layout)?;
-    machine.prepare(&opts.workload, opts.seed.unwrap_or(0))?;
+    machine.prepare(&opts.workload, opts.initial.seed())?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let pager = match backing {
@@ -162,6 +162,6 @@ pub fn run_guest(
         result,
         stats,
         elapsed,
-        expected_checksum: opts.workload.expected_checksum(opts.seed),
+        expected_checksum: opts.workload.expected_checksum(opts.initial),
     })
 }

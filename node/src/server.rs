@@ -373,7 +373,9 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &ServerContext
         End::Io(e) => debug!(%peer, error = %e, "page connection failed"),
         End::Framing(e) => debug!(%peer, error = %e, "page connection closed after a bad frame"),
     }
-    ctx.counters.open_connections.fetch_sub(1, Ordering::Relaxed);
+    ctx.counters
+        .open_connections
+        .fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Reads one request and answers it.
@@ -427,7 +429,11 @@ fn refuse_frame(
 
 /// Fills `dst` from the stream. An end of stream before the first byte of a frame
 /// (`at_frame_start`) is a clean close; anywhere else it is a truncated frame.
-fn read_frame_part(stream: &mut TcpStream, dst: &mut [u8], at_frame_start: bool) -> Result<(), End> {
+fn read_frame_part(
+    stream: &mut TcpStream,
+    dst: &mut [u8],
+    at_frame_start: bool,
+) -> Result<(), End> {
     let mut got = 0;
     while got < dst.len() {
         match stream.read(&mut dst[got..]) {
@@ -501,13 +507,16 @@ fn dispatch(ctx: &ServerContext, request: &Header, buf: &mut [u8], peer: SocketA
             debug!(%peer, client = page, "page client said hello");
             Ok(ok.with_page(ctx.node_id.into()))
         }
-        Ok(Op::Fetch) => ctx.store.take(vm, page, &mut body[..run]).map(|()| {
-            let pages = u64::from(request.count());
-            Counters::add(&ctx.counters.pages_served, pages);
-            Counters::add(&ctx.counters.pages_claimed, pages);
-            ok.with_payload_len(run_bytes)
-        })
-        .map_err(Refusal::from),
+        Ok(Op::Fetch) => ctx
+            .store
+            .take(vm, page, &mut body[..run])
+            .map(|()| {
+                let pages = u64::from(request.count());
+                Counters::add(&ctx.counters.pages_served, pages);
+                Counters::add(&ctx.counters.pages_claimed, pages);
+                ok.with_payload_len(run_bytes)
+            })
+            .map_err(Refusal::from),
         Ok(Op::Read) => ctx
             .store
             .read(vm, page, &mut body[..run])
@@ -528,7 +537,11 @@ fn dispatch(ctx: &ServerContext, request: &Header, buf: &mut [u8], peer: SocketA
             debug!(%peer, vm, held, "loaded VM pages");
             ok.with_page(held)
         }),
-        Ok(Op::Held) => ctx.store.held(vm).map(|n| ok.with_page(n)).map_err(Refusal::from),
+        Ok(Op::Held) => ctx
+            .store
+            .held(vm)
+            .map(|n| ok.with_page(n))
+            .map_err(Refusal::from),
         Ok(Op::Release) => ctx
             .store
             .release(vm)
@@ -540,7 +553,13 @@ fn dispatch(ctx: &ServerContext, request: &Header, buf: &mut [u8], peer: SocketA
         // validate() accepted the op, so this cannot happen; answer rather than panic.
         Err(e) => {
             let status = Status::Unsupported;
-            return encode_error(buf, request.op_byte(), request.request_id(), status, format_args!("{e}"));
+            return encode_error(
+                buf,
+                request.op_byte(),
+                request.request_id(),
+                status,
+                format_args!("{e}"),
+            );
         }
     };
     match result {
@@ -689,7 +708,11 @@ mod tests {
         // The largest run.
         let mut all = vec![0u8; protocol::MAX_RUN_PAGES as usize * PAGE_SIZE];
         let (status, _) = remote_status(peer.fetch(7, 0, &mut all));
-        assert_eq!(status, Status::BadRequest, "256 pages reach past the VM's 64");
+        assert_eq!(
+            status,
+            Status::BadRequest,
+            "256 pages reach past the VM's 64"
+        );
         assert_eq!(peer.release(7).unwrap(), 28);
         assert_eq!(server.ctx.pages_claimed(), 4);
         assert_eq!(server.ctx.pages_served(), 4);
@@ -730,9 +753,15 @@ mod tests {
         let server = Running::start(40);
         let mut peer = server.peer();
         let mut page = vec![0u8; PAGE_SIZE];
-        assert_eq!(remote_status(peer.fetch(9, 0, &mut page)).0, Status::UnknownVm);
+        assert_eq!(
+            remote_status(peer.fetch(9, 0, &mut page)).0,
+            Status::UnknownVm
+        );
         assert_eq!(remote_status(peer.held(9)).0, Status::UnknownVm);
-        assert_eq!(remote_status(peer.write_back(9, 0, &page)).0, Status::UnknownVm);
+        assert_eq!(
+            remote_status(peer.write_back(9, 0, &page)).0,
+            Status::UnknownVm
+        );
         let (status, message) = remote_status(peer.load(9));
         assert_eq!(status, Status::LoadFailed);
         assert!(message.contains("knows no VM 9"), "{message}");
@@ -817,8 +846,14 @@ mod tests {
         let fetch = Header::request(Op::WriteBack, 7, 7, 0, 2);
         let mut cut = fetch.to_bytes().to_vec();
         cut.extend_from_slice(&[0u8; 5000]);
-        assert_eq!(raw_exchange(&server.addr, &cut, true).unwrap(), Vec::<u8>::new());
-        assert_eq!(raw_exchange(&server.addr, &cut[..20], true).unwrap(), Vec::<u8>::new());
+        assert_eq!(
+            raw_exchange(&server.addr, &cut, true).unwrap(),
+            Vec::<u8>::new()
+        );
+        assert_eq!(
+            raw_exchange(&server.addr, &cut[..20], true).unwrap(),
+            Vec::<u8>::new()
+        );
         check_good(&mut good);
 
         // An oversized payload length: refused before anything is read, then closed.
@@ -871,9 +906,18 @@ mod tests {
                 have -= len;
             }
         }
-        assert_eq!((replies[0].op_byte(), replies[0].status()), (99, Ok(Status::Unsupported)));
-        assert_eq!((replies[1].request_id(), replies[1].status()), (2, Ok(Status::BadRequest)));
-        assert_eq!((replies[2].request_id(), replies[2].status()), (3, Ok(Status::Ok)));
+        assert_eq!(
+            (replies[0].op_byte(), replies[0].status()),
+            (99, Ok(Status::Unsupported))
+        );
+        assert_eq!(
+            (replies[1].request_id(), replies[1].status()),
+            (2, Ok(Status::BadRequest))
+        );
+        assert_eq!(
+            (replies[2].request_id(), replies[2].status()),
+            (3, Ok(Status::Ok))
+        );
         assert_eq!(replies[2].page(), u64::from(ME));
         assert_eq!(server.ctx.bad_frames(), 2);
     }

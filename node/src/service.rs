@@ -24,7 +24,7 @@ use crate::server::{self, PageStore, ServerContext, ShutdownSignal};
 use crate::transport::local::LocalSource;
 use crate::transport::{TransportError, TransportManager};
 use crate::vm::Workload;
-use crate::vm::guest::WorkloadError;
+use crate::vm::guest::{Initial, WorkloadError};
 
 /// Errors of a node run.
 #[derive(thiserror::Error, Debug)]
@@ -187,6 +187,20 @@ fn default_seed() -> u64 {
         | 1
 }
 
+fn guest_mem(settings: &Settings, default: u64) -> Result<u64, NodeError> {
+    let mem = settings.mem.unwrap_or(default);
+    if mem == 0 || mem % PAGE_SIZE as u64 != 0 || mem > crate::vm::memory::MAX_RAM {
+        return Err(ConfigError::Invalid {
+            what: "--mem",
+            why: format!(
+                "guest memory must be a non-zero multiple of 4 KiB and at most 63 GiB, got {mem} bytes"
+            ),
+        }
+        .into());
+    }
+    Ok(mem)
+}
+
 fn workload(settings: &Settings, ram_pages: u64) -> Result<Workload, NodeError> {
     let (first, pages) = match &settings.range {
         None => (0, ram_pages),
@@ -304,7 +318,7 @@ fn run_compute(
     settings: &Settings,
     coordinator: &CoordinatorClient,
 ) -> Result<bool, NodeError> {
-    let mem = settings.mem.unwrap_or(256 << 20);
+    let mem = guest_mem(settings, 256 << 20)?;
     let pages = mem / PAGE_SIZE as u64;
     let content = content(settings)?;
     let workload = workload(settings, pages)?;
@@ -368,21 +382,23 @@ fn run_compute(
             dir
         }
     };
-    let held_before = held(&mut control, &vm)?;
-    let seed = match content {
-        Content::Pattern { seed } => Some(seed),
-        Content::Zero => Some(0).filter(|_| false),
-        Content::Image { .. } => None,
+    // With zero content nothing was loaded, so there is nothing to count or release.
+    let loaded = !matches!(content, Content::Zero);
+    let held_before = if loaded {
+        held(&mut control, &vm)?
+    } else {
+        BTreeMap::new()
+    };
+    let initial = match content {
+        Content::Pattern { seed } => Initial::Pattern(seed),
+        Content::Zero => Initial::Zero,
+        Content::Image { .. } => Initial::Unknown,
     };
     let opts = RunOptions {
         vm: vm.id,
         mem_bytes: mem,
         workload,
-        seed: if matches!(content, Content::Zero) {
-            None
-        } else {
-            seed
-        },
+        initial,
         cpu: settings.pin_cpu,
     };
     tracing::info!("running {workload} on VM {}", vm.id);
@@ -401,8 +417,12 @@ fn run_compute(
             return Err(e.into());
         }
     };
-    let held_after = held(&mut control, &vm)?;
-    if !settings.keep_vm {
+    let held_after = if loaded {
+        held(&mut control, &vm)?
+    } else {
+        BTreeMap::new()
+    };
+    if loaded && !settings.keep_vm {
         for &n in &wanted {
             if let Err(e) = control.peer(n).and_then(|p| p.release(vm.id)) {
                 tracing::warn!("node {n} could not release VM {}: {}", vm.id, error_chain(&e));
@@ -413,12 +433,12 @@ fn run_compute(
 }
 
 fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<bool, NodeError> {
-    let mem = settings.mem.unwrap_or(64 << 20);
+    let mem = guest_mem(settings, 64 << 20)?;
     let pages = mem / PAGE_SIZE as u64;
     let workload = workload(settings, pages)?;
     let seed = settings.seed.unwrap_or_else(default_seed);
-    let (backing, seed) = match backing {
-        BackingArg::DemandZero => (Backing::DemandZero, None),
+    let (backing, initial) = match backing {
+        BackingArg::DemandZero => (Backing::DemandZero, Initial::Zero),
         BackingArg::UffdLocal | BackingArg::Remote => {
             let mut transport = TransportManager::new(id, crate::transport::DEFAULT_TIMEOUT);
             transport.add_source(Box::new(LocalSource::with_pattern(1, 0, pages, seed)));
@@ -431,7 +451,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
                     directory: Arc::new(directory),
                     transport,
                 },
-                Some(seed),
+                Initial::Pattern(seed),
             )
         }
     };
@@ -439,7 +459,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
         vm: 0,
         mem_bytes: mem,
         workload,
-        seed,
+        initial,
         cpu: settings.pin_cpu,
     };
     let outcome = run_guest(&opts, backing, |_| {})?;

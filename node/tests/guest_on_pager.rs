@@ -8,6 +8,7 @@ use pagemesh_node::pager::PageDirectory;
 use pagemesh_node::transport::TransportManager;
 use pagemesh_node::transport::local::LocalSource;
 use pagemesh_node::vm::Workload;
+use pagemesh_node::vm::guest::Initial;
 
 const PAGES: u64 = 4096;
 
@@ -23,19 +24,19 @@ fn pager_backing(seed: u64) -> Backing {
     }
 }
 
-fn opts(workload: &str, access: &str, seed: Option<u64>) -> RunOptions {
+fn opts(workload: &str, access: &str, initial: Initial) -> RunOptions {
     RunOptions {
         vm: 9,
         mem_bytes: PAGES * 4096,
         workload: Workload::parse(workload, access, 0, PAGES, PAGES).unwrap(),
-        seed,
+        initial,
         cpu: None,
     }
 }
 
 #[test]
 fn verify_sees_every_page_from_its_owner() {
-    let out = run_guest(&opts("verify", "read", Some(77)), pager_backing(77), |_| {}).unwrap();
+    let out = run_guest(&opts("verify", "read", Initial::Pattern(77)), pager_backing(77), |_| {}).unwrap();
     assert_eq!(out.result.pages_done, PAGES);
     assert_eq!(out.result.bad_pages, 0, "{:?}", out.result);
     assert!(out.ok(), "{out:?}");
@@ -45,7 +46,7 @@ fn verify_sees_every_page_from_its_owner() {
 
 #[test]
 fn verify_catches_the_wrong_pattern() {
-    let out = run_guest(&opts("verify", "read", Some(1)), pager_backing(2), |_| {}).unwrap();
+    let out = run_guest(&opts("verify", "read", Initial::Pattern(1)), pager_backing(2), |_| {}).unwrap();
     assert_eq!(out.result.bad_pages, PAGES);
     assert_eq!(out.result.first_bad_page, Some(0));
     assert!(!out.ok());
@@ -53,13 +54,13 @@ fn verify_catches_the_wrong_pattern() {
 
 #[test]
 fn random_rmw_checksums_and_zero_pages_stay_local() {
-    let out = run_guest(&opts("random", "rmw", Some(5)), pager_backing(5), |_| {}).unwrap();
+    let out = run_guest(&opts("random", "rmw", Initial::Pattern(5)), pager_backing(5), |_| {}).unwrap();
     assert!(out.ok(), "{out:?}");
     let zero = Backing::Pager {
         directory: Arc::new(PageDirectory::new(PAGES)),
         transport: TransportManager::new(0, pagemesh_node::transport::DEFAULT_TIMEOUT),
     };
-    let out = run_guest(&opts("stride:16", "write", None), zero, |_| {}).unwrap();
+    let out = run_guest(&opts("stride:16", "write", Initial::Zero), zero, |_| {}).unwrap();
     assert!(out.ok(), "{out:?}");
     assert_eq!(out.stats.local_zero, PAGES);
     assert_eq!(out.stats.remote, 0);

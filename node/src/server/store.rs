@@ -149,7 +149,7 @@ impl Slab {
         }
         let slot = self.high_water;
         debug_assert!(slot < self.capacity, "slab allocation past capacity");
-        if slot as usize % CHUNK_PAGES == 0 {
+        if (slot as usize).is_multiple_of(CHUNK_PAGES) {
             self.chunks
                 .push(vec![[0u8; PAGE_SIZE]; CHUNK_PAGES].into_boxed_slice());
         }
@@ -279,10 +279,7 @@ impl PageStore {
         let needed = if limit >= total {
             vm.placement.count_of(me)
         } else {
-            vm.placement
-                .pages_of(me)
-                .take_while(|&p| p < limit)
-                .count() as u64
+            vm.placement.pages_of(me).take_while(|&p| p < limit).count() as u64
         };
 
         // Check, drop the old pages, reserve.
@@ -563,10 +560,8 @@ mod tests {
 
     impl TempFile {
         fn new(name: &str, bytes: &[u8]) -> Self {
-            let path = std::env::temp_dir().join(format!(
-                "pagemesh-store-{}-{name}",
-                std::process::id()
-            ));
+            let path =
+                std::env::temp_dir().join(format!("pagemesh-store-{}-{name}", std::process::id()));
             std::fs::write(&path, bytes).unwrap();
             TempFile(path)
         }
@@ -668,20 +663,37 @@ mod tests {
             path: file.0.to_string_lossy().into_owned(),
         };
         // Node 1 holds 0, 2, 4, 6; page 6 is past the end of the image.
-        assert_eq!(store.load(&vm(4, placement.clone(), content.clone()), 1).unwrap(), 3);
+        assert_eq!(
+            store
+                .load(&vm(4, placement.clone(), content.clone()), 1)
+                .unwrap(),
+            3
+        );
         // Node 2 holds 1, 3, 5 (partial), 7 (past the end).
         let store2 = PageStore::new(100);
         assert_eq!(store2.load(&vm(4, placement, content), 2).unwrap(), 3);
         let mut page = page_of(0);
-        for (s, p) in [(&store, 0u64), (&store2, 1), (&store, 2), (&store2, 3), (&store, 4)] {
+        for (s, p) in [
+            (&store, 0u64),
+            (&store2, 1),
+            (&store, 2),
+            (&store2, 3),
+            (&store, 4),
+        ] {
             s.read(4, p, &mut page).unwrap();
             assert_eq!(page, page_of(p as u8 + 1), "page {p}");
         }
         store2.read(4, 5, &mut page).unwrap();
         assert!(page[..PAGE_SIZE / 2].iter().all(|&b| b == 0xAB));
         assert!(page[PAGE_SIZE / 2..].iter().all(|&b| b == 0));
-        assert!(matches!(store.read(4, 6, &mut page), Err(StoreError::NotHeld { page: 6, .. })));
-        assert!(matches!(store2.read(4, 7, &mut page), Err(StoreError::NotHeld { page: 7, .. })));
+        assert!(matches!(
+            store.read(4, 6, &mut page),
+            Err(StoreError::NotHeld { page: 6, .. })
+        ));
+        assert!(matches!(
+            store2.read(4, 7, &mut page),
+            Err(StoreError::NotHeld { page: 7, .. })
+        ));
     }
 
     #[test]
@@ -696,7 +708,10 @@ mod tests {
         let content = Content::Image {
             path: file.0.to_string_lossy().into_owned(),
         };
-        assert_eq!(store.load(&vm(1, all_on(3, pages), content), 3).unwrap(), pages);
+        assert_eq!(
+            store.load(&vm(1, all_on(3, pages), content), 3).unwrap(),
+            pages
+        );
         let mut page = page_of(0);
         for p in 0..pages {
             store.read(1, p, &mut page).unwrap();
@@ -722,19 +737,45 @@ mod tests {
         let store = PageStore::new(10);
         store.load(&vm(1, all_on(1, 4), Content::Zero), 1).unwrap();
         let mut odd = [0u8; 100];
-        assert!(matches!(store.take(1, 0, &mut odd), Err(StoreError::BadRunLength(100))));
-        assert!(matches!(store.put(1, 0, &[]), Err(StoreError::BadRunLength(0))));
-        assert!(matches!(store.take(2, 0, &mut page_of(0)), Err(StoreError::UnknownVm(2))));
+        assert!(matches!(
+            store.take(1, 0, &mut odd),
+            Err(StoreError::BadRunLength(100))
+        ));
+        assert!(matches!(
+            store.put(1, 0, &[]),
+            Err(StoreError::BadRunLength(0))
+        ));
+        assert!(matches!(
+            store.take(2, 0, &mut page_of(0)),
+            Err(StoreError::UnknownVm(2))
+        ));
     }
 
     /// One step of the model-based test.
     #[derive(Debug, Clone)]
     enum Step {
-        Put { vm: VmId, first: u64, count: u64, fill: u8 },
-        Take { vm: VmId, first: u64, count: u64 },
-        Read { vm: VmId, first: u64, count: u64 },
-        Release { vm: VmId },
-        Load { vm: VmId },
+        Put {
+            vm: VmId,
+            first: u64,
+            count: u64,
+            fill: u8,
+        },
+        Take {
+            vm: VmId,
+            first: u64,
+            count: u64,
+        },
+        Read {
+            vm: VmId,
+            first: u64,
+            count: u64,
+        },
+        Release {
+            vm: VmId,
+        },
+        Load {
+            vm: VmId,
+        },
     }
 
     const VM_PAGES: u64 = 24;
@@ -799,14 +840,14 @@ mod tests {
                         match model.get_mut(&vm) {
                             None => prop_assert!(matches!(got, Err(StoreError::UnknownVm(_)))),
                             Some(_) if first + count > VM_PAGES => {
-                                prop_assert!(matches!(got, Err(StoreError::OutOfRange { .. })));
+                                prop_assert!(matches!(got, Err(StoreError::OutOfRange { .. })), "{:?}", got);
                             }
                             Some(pages) => {
                                 let missing = (first..first + count).find(|p| !pages.contains_key(p));
                                 if let Some(missing) = missing {
                                     prop_assert!(matches!(got, Err(StoreError::NotHeld { page, .. }) if page == missing), "{:?}", got);
                                 } else {
-                                    prop_assert!(got.is_ok());
+                                    prop_assert!(got.is_ok(), "{:?}", got);
                                     for (p, chunk) in (first..).zip(dst.chunks_exact(PAGE_SIZE)) {
                                         let fill = pages[&p];
                                         prop_assert!(chunk.iter().all(|&b| b == fill));

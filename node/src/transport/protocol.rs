@@ -661,14 +661,20 @@ mod tests {
     /// Requests of every op. Runs are kept short so that prefix and corruption sweeps stay
     /// fast; the 256-page limit has its own unit test.
     fn request() -> impl Strategy<Value = Built> {
-        (any_op(), any::<u64>(), any::<u32>(), any::<u64>(), 1u32..=4, any::<u8>()).prop_map(
-            |(op, id, vm, page, count, fill)| {
+        (
+            any_op(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u64>(),
+            1u32..=4,
+            any::<u8>(),
+        )
+            .prop_map(|(op, id, vm, page, count, fill)| {
                 let count = if op.carries_run() { count } else { 0 };
                 let h = Header::request(op, id, vm, page, count);
                 let payload = vec![fill; h.payload_len() as usize];
                 build(Direction::Request, h, payload)
-            },
-        )
+            })
     }
 
     fn ok_response() -> impl Strategy<Value = Built> {
@@ -678,7 +684,7 @@ mod tests {
             let mut len = 0;
             match op {
                 Op::Fetch | Op::Read => len = req.header.count() * PAGE_BYTES,
-                Op::Fetch | Op::Read | Op::WriteBack => {}
+                Op::WriteBack => {}
                 _ => h = h.with_page(page),
             }
             let h = h.with_payload_len(len);
@@ -765,7 +771,7 @@ mod tests {
             let mut bytes = f.bytes.clone();
             bytes[at] ^= flip;
             let got = check(&bytes, f.dir);
-            if at < 5 || at >= 36 {
+            if !(5..36).contains(&at) {
                 prop_assert!(matches!(got, Err(e) if e != FrameError::Incomplete), "{:?}", got);
             }
         }
@@ -849,7 +855,11 @@ mod tests {
                 .is_ok()
         );
         let err = fetch.reply(Status::NotHeld);
-        assert!(err.with_payload_len(1024).validate(Direction::Response).is_ok());
+        assert!(
+            err.with_payload_len(1024)
+                .validate(Direction::Response)
+                .is_ok()
+        );
         assert_eq!(
             err.with_payload_len(1025).validate(Direction::Response),
             Err(FrameError::MessageTooLong(1025))
@@ -873,9 +883,18 @@ mod tests {
     #[test]
     fn bad_magic_and_version_are_seen_early() {
         assert_eq!(check(b"PX", Direction::Request), Err(FrameError::BadMagic));
-        assert_eq!(check(b"GET / HTTP/1.1", Direction::Request), Err(FrameError::BadMagic));
-        assert_eq!(check(b"PGMS\x02", Direction::Request), Err(FrameError::BadVersion(2)));
-        assert_eq!(check(b"PGMS\x01", Direction::Request), Err(FrameError::Incomplete));
+        assert_eq!(
+            check(b"GET / HTTP/1.1", Direction::Request),
+            Err(FrameError::BadMagic)
+        );
+        assert_eq!(
+            check(b"PGMS\x02", Direction::Request),
+            Err(FrameError::BadVersion(2))
+        );
+        assert_eq!(
+            check(b"PGMS\x01", Direction::Request),
+            Err(FrameError::Incomplete)
+        );
         assert_eq!(check(b"", Direction::Response), Err(FrameError::Incomplete));
     }
 
@@ -893,7 +912,10 @@ mod tests {
         // But a status it does not know is malformed.
         b[5] = Op::Held as u8;
         b[6] = 7;
-        assert_eq!(check(&b, Direction::Response), Err(FrameError::UnknownStatus(7)));
+        assert_eq!(
+            check(&b, Direction::Response),
+            Err(FrameError::UnknownStatus(7))
+        );
         assert!(!FrameError::UnknownOp(8).is_fatal());
         assert!(FrameError::BadMagic.is_fatal());
     }

@@ -445,7 +445,10 @@ mod tests {
     fn wrong_node_is_unexpected() {
         let (addr, server) = fake_server(9, |_, _| {});
         let err = TcpPeer::connect(1, 2, &addr, Duration::from_secs(2)).unwrap_err();
-        assert!(matches!(err, TransportError::Unexpected { node: 2, .. }), "{err}");
+        assert!(
+            matches!(err, TransportError::Unexpected { node: 2, .. }),
+            "{err}"
+        );
         server.join().unwrap();
     }
 

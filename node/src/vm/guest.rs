@@ -197,20 +197,40 @@ impl Workload {
         })
     }
 
-    /// The checksum a correct run produces on memory holding `content` before the run.
+    /// The checksum a correct run produces on memory holding `initial` before the run.
     /// `None` when it cannot be known in advance (an image of unknown bytes).
-    pub fn expected_checksum(&self, seed: Option<u64>) -> Option<u64> {
+    pub fn expected_checksum(&self, initial: Initial) -> Option<u64> {
         let range = self.first_page..self.first_page + self.pages;
-        match self.access {
-            Access::Write => Some(
+        match (self.access, initial) {
+            (Access::Write, _) => Some(
                 (0..self.pages).fold(0u64, |acc, p| acc.wrapping_add(p | (1 << 63))),
             ),
-            Access::Read | Access::Rmw | Access::Verify => match seed {
-                Some(seed) => Some(
-                    range.fold(0u64, |acc, p| acc.wrapping_add(pattern::first_word(seed, p))),
-                ),
-                None => None,
-            },
+            (_, Initial::Pattern(seed)) => Some(
+                range.fold(0u64, |acc, p| acc.wrapping_add(pattern::first_word(seed, p))),
+            ),
+            (_, Initial::Zero) => Some(0),
+            (_, Initial::Unknown) => None,
+        }
+    }
+}
+
+/// What guest RAM holds before a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Initial {
+    /// The test pattern with this seed.
+    Pattern(u64),
+    /// Zeros.
+    Zero,
+    /// Bytes not known in advance (an image).
+    Unknown,
+}
+
+impl Initial {
+    /// The seed the guest checks against (0 when there is no pattern).
+    pub fn seed(self) -> u64 {
+        match self {
+            Initial::Pattern(s) => s,
+            Initial::Zero | Initial::Unknown => 0,
         }
     }
 }

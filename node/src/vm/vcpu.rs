@@ -266,7 +266,7 @@ mod tests {
             first_page: 0,
             pages: 777,
         }
-        .expected_checksum(None);
+        .expected_checksum(crate::vm::guest::Initial::Zero);
         assert_eq!(Some(w.checksum), expect);
     }
 

@@ -1,0 +1,49 @@
+//! A memory node dies in the middle of a run: the compute node stops the guest with an
+//! error naming the node and the page, and does not hang.
+
+use std::time::{Duration, Instant};
+
+use pagemesh_tests::{Bins, Cluster, test_dir};
+use serde_json::json;
+
+#[test]
+fn killing_a_memory_node_mid_run_stops_the_guest_with_a_clear_error() {
+    let bins = Bins::for_tests().unwrap();
+    let mut c = Cluster::start(bins, test_dir("node-failure"), &[1, 2], "1GiB").unwrap();
+    // Big enough that the run is still going when node 2 dies.
+    let (mut compute, json_path) = c
+        .spawn_compute(&["--mem", "512MiB", "--workload", "verify", "--log", "debug"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = std::fs::read_to_string(&compute.stderr).unwrap_or_default();
+        if log.contains("guest: 8192 pages done") {
+            break;
+        }
+        assert!(
+            compute.try_wait().unwrap().is_none(),
+            "compute node ended early:\n{}",
+            compute.log_tail()
+        );
+        assert!(Instant::now() < deadline, "the guest never got going");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.memory[1].proc.kill();
+    let killed = Instant::now();
+    let status = compute.wait(Duration::from_secs(60)).unwrap();
+    assert!(!status.success());
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "took {:?} to notice",
+        killed.elapsed()
+    );
+    let log = std::fs::read_to_string(&compute.stderr).unwrap();
+    assert!(log.contains("from node 2"), "{log}");
+    assert!(log.contains("cannot fetch page"), "{log}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();
+    assert_eq!(summary["ok"], json!(false));
+    assert!(summary["error"].as_str().unwrap().contains("node 2"));
+    // The surviving memory node is unharmed.
+    assert!(c.memory[0].proc.try_wait().unwrap().is_none());
+}

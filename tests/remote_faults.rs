@@ -1,0 +1,125 @@
+//! A guest whose memory lives on two other node processes: real coordinator, real memory
+//! nodes, real KVM guest and userfaultfd, real sockets.
+
+use std::time::Duration;
+
+use pagemesh_tests::{Bins, Cluster, test_dir};
+use serde_json::{Value, json};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn cluster(name: &str) -> Cluster {
+    let bins = Bins::for_tests().expect("binaries are built");
+    Cluster::start(bins, test_dir(name), &[1, 2], "512MiB").expect("cluster starts")
+}
+
+fn held(summary: &Value, key: &str, node: &str) -> u64 {
+    summary[key][node].as_u64().unwrap_or(u64::MAX)
+}
+
+#[test]
+fn guest_verifies_64mib_living_on_two_memory_nodes() {
+    let mut c = cluster("verify");
+    let (status, s, proc) = c
+        .run_compute(&["--mem", "64MiB", "--workload", "verify"], RUN_TIMEOUT)
+        .unwrap();
+    assert!(status.success(), "{status}: {}", proc.log_tail());
+    assert_eq!(s["ok"], json!(true), "{s:#}");
+    assert_eq!(s["result"]["pages_done"], json!(16384));
+    assert_eq!(s["result"]["bad_pages"], json!(0));
+    assert_eq!(s["result"]["first_bad_page"], Value::Null);
+    // Every page lived on a memory node: every fault was remote.
+    assert_eq!(s["faults"]["remote"], json!(16384), "{s:#}");
+    assert_eq!(s["faults"]["local_zero"], json!(0));
+    assert_eq!(s["remote_miss_ratio"], json!(1.0));
+    assert!(s["fault_p50_us"].as_f64().unwrap() > 0.0);
+    // Interleaved: half on each node, all claimed by the run.
+    assert_eq!(held(&s, "held_before", "1"), 8192);
+    assert_eq!(held(&s, "held_before", "2"), 8192);
+    assert_eq!(held(&s, "held_after", "1"), 0);
+    assert_eq!(held(&s, "held_after", "2"), 0);
+}
+
+#[test]
+fn each_page_is_fetched_once_and_freed_by_its_holder() {
+    let mut c = cluster("claim");
+    // Touch the first 16 MiB of a 64 MiB VM, read-modify-write in a stride order, and keep
+    // the VM so the memory nodes' counts can be read afterwards.
+    let (status, s, proc) = c
+        .run_compute(
+            &[
+                "--mem", "64MiB", "--workload", "stride:7", "--access", "rmw", "--range",
+                "0:16MiB", "--keep-vm",
+            ],
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    assert!(status.success(), "{status}: {}", proc.log_tail());
+    assert_eq!(s["ok"], json!(true), "{s:#}");
+    assert_eq!(s["faults"]["remote"], json!(4096), "one fetch per touched page: {s:#}");
+    assert_eq!(s["faults"]["spurious"], json!(0));
+    assert_eq!(held(&s, "held_after", "1"), 8192 - 2048);
+    assert_eq!(held(&s, "held_after", "2"), 8192 - 2048);
+}
+
+#[test]
+fn never_written_pages_are_zero_filled_without_the_network() {
+    let mut c = cluster("zero");
+    let (status, s, proc) = c
+        .run_compute(
+            &[
+                "--mem", "32MiB", "--content", "zero", "--placement", "ranges", "--workload",
+                "random", "--access", "write",
+            ],
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    assert!(status.success(), "{status}: {}", proc.log_tail());
+    assert_eq!(s["ok"], json!(true), "{s:#}");
+    assert_eq!(s["faults"]["remote"], json!(0));
+    assert_eq!(s["faults"]["local_zero"], json!(8192));
+    assert_eq!(s["bytes_fetched"], json!(0));
+    assert_eq!(s["remote_miss_ratio"], json!(0.0));
+}
+
+#[test]
+fn a_memory_image_is_split_over_the_memory_nodes() {
+    let mut c = cluster("image");
+    // 8 MiB image of the pattern with seed 42, guest of 16 MiB: the second half was never
+    // written and reads as zero, locally.
+    let image = c.dir.join("guest.img");
+    let mut bytes = vec![0u8; 8 << 20];
+    for (p, page) in bytes.chunks_exact_mut(4096).enumerate() {
+        pagemesh_node::pattern::fill_page(42, p as u64, page);
+    }
+    std::fs::write(&image, &bytes).unwrap();
+    let (status, s, proc) = c
+        .run_compute(
+            &[
+                "--mem", "16MiB", "--image", image.to_str().unwrap(), "--placement",
+                "weighted", "--workload", "seq", "--access", "read", "--range", "0:8MiB",
+                "--keep-vm",
+            ],
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    assert!(status.success(), "{status}: {}", proc.log_tail());
+    assert_eq!(s["faults"]["remote"], json!(2048), "{s:#}");
+    // The checksum of the pattern's first words proves the bytes came from the image.
+    let expected = (0..2048u64).fold(0u64, |a, p| {
+        a.wrapping_add(pagemesh_node::pattern::first_word(42, p))
+    });
+    assert_eq!(s["result"]["checksum"], json!(expected));
+    let (status, s, proc) = c
+        .run_compute(
+            &[
+                "--mem", "16MiB", "--image", image.to_str().unwrap(), "--workload", "seq",
+                "--access", "read", "--range", "8MiB:8MiB",
+            ],
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    assert!(status.success(), "{status}: {}", proc.log_tail());
+    assert_eq!(s["faults"]["local_zero"], json!(2048), "{s:#}");
+    assert_eq!(s["result"]["checksum"], json!(0));
+}
