@@ -10,14 +10,14 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use pagemesh_api::{
-    Cluster, Content, CreateCluster, CreateVm, NodeId, NodeInfo, PAGE_SIZE, Placement,
+    Cluster, Content, CreateCluster, CreateVm, Endpoint, NodeId, NodeInfo, PAGE_SIZE, Placement,
     PlacementError, PlacementRequest, RegisterEndpoint, Role, TransportKind, Vm, VmId,
 };
 
 /// [`PAGE_SIZE`] for arithmetic on byte counts.
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 
-/// Why the registry refused a request. Every variant is the client's doing.
+/// Why the registry refused a request; the registry is unchanged.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum RegistryError {
     /// No cluster of that name.
@@ -191,7 +191,7 @@ impl Registry {
             cluster.registered.retain(|&n| n != id);
         }
         if let Some(cluster) = req.cluster.as_ref().and_then(|n| self.clusters.get_mut(n)) {
-            // Kept sorted so that `GET /clusters/{name}` reads the same on every coordinator.
+            // Kept sorted, like every list the API answers with.
             if let Err(at) = cluster.registered.binary_search(&id) {
                 cluster.registered.insert(at, id);
             }
@@ -201,7 +201,7 @@ impl Registry {
             role: req.role,
             capacity_bytes: req.capacity_bytes,
             cluster: req.cluster,
-            endpoint: pagemesh_api::Endpoint {
+            endpoint: Endpoint {
                 node_id: id,
                 transport: req.transport,
                 address: req.address,

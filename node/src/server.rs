@@ -194,7 +194,7 @@ impl ShutdownSignal {
         Self::default()
     }
 
-    /// Asks the server to stop: it stops accepting within [`SHUTDOWN_POLL`], closes every
+    /// Asks the server to stop: it stops accepting within 50 ms, closes every
     /// connection (a request being served finishes first) and its thread ends.
     pub fn trigger(&self) {
         self.0.store(true, Ordering::SeqCst);

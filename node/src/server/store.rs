@@ -63,7 +63,9 @@ pub enum StoreError {
     #[error("a run must be a non-zero multiple of 4096 bytes, got {0}")]
     BadRunLength(usize),
     /// A run that reaches past the VM's last page.
-    #[error("pages {first}..{first}+{count} are outside VM {vm}, which has {pages} pages")]
+    #[error(
+        "a run of {count} pages from page {first} reaches past the end of VM {vm} ({pages} pages)"
+    )]
     OutOfRange {
         /// The VM.
         vm: VmId,

@@ -1,0 +1,28 @@
+//! Feeds arbitrary bytes to the page protocol's decoder, both ways round: `check` and
+//! `parse` must never panic, must agree, and must only accept frames that lie inside the
+//! input and whose every strict prefix is incomplete.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use pagemesh_node::transport::protocol::{Direction, FrameError, HEADER_LEN, check, parse};
+
+fuzz_target!(|data: &[u8]| {
+    for dir in [Direction::Request, Direction::Response] {
+        let checked = check(data, dir);
+        match (checked, parse(data, dir)) {
+            (Ok(len), Ok((header, payload))) => {
+                assert!(len <= data.len());
+                assert_eq!(len, HEADER_LEN + payload.len());
+                assert_eq!(header.frame_len(), len);
+                assert_eq!(header.validate(dir), Ok(len));
+                for end in [0, HEADER_LEN - 1, len / 2, len - 1] {
+                    let end = end.min(len - 1);
+                    assert_eq!(check(&data[..end], dir), Err(FrameError::Incomplete));
+                }
+            }
+            (Err(a), Err(b)) => assert_eq!(a, b),
+            (a, b) => panic!("check and parse disagree: {a:?} vs {:?}", b.map(|(h, _)| h)),
+        }
+    }
+});
