@@ -49,7 +49,10 @@ fn garbage_frames_do_not_disturb_well_behaved_peers() {
 
     // The node still serves a whole guest.
     let (status, s, proc) = c
-        .run_compute(&["--mem", "16MiB", "--workload", "verify"], Duration::from_secs(300))
+        .run_compute(
+            &["--mem", "16MiB", "--workload", "verify"],
+            Duration::from_secs(300),
+        )
         .unwrap();
     assert!(status.success(), "{status}: {}", proc.log_tail());
     assert_eq!(s["ok"], json!(true));
@@ -108,14 +111,23 @@ fn a_node_without_its_coordinator_retries_then_fails_naming_the_url() {
         "node",
         &dir,
         Command::new(&bins.node).args([
-            "--id", "1", "--role", "memory", "--coordinator", &url,
-            "--coordinator-attempts", "3",
+            "--id",
+            "1",
+            "--role",
+            "memory",
+            "--coordinator",
+            &url,
+            "--coordinator-attempts",
+            "3",
         ]),
     )
     .unwrap();
     let status = p.wait(Duration::from_secs(30)).unwrap();
     assert!(!status.success());
-    assert!(start.elapsed() >= Duration::from_millis(500), "it retried with backoff");
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "it retried with backoff"
+    );
     let log = std::fs::read_to_string(&p.stderr).unwrap();
     assert!(log.contains(&url), "{log}");
     assert!(log.contains("cannot reach the coordinator"), "{log}");
@@ -129,15 +141,47 @@ fn bad_settings_are_explained() {
     for (args, needle) in [
         (vec!["--id", "0", "--mem", "12parsecs"], "unknown size unit"),
         (vec!["--role", "memory"], "--id is required"),
-        (vec!["--id", "0", "--role", "compute", "--backing", "uffd-local", "--workload", "zigzag"], "unknown workload 'zigzag'"),
-        (vec!["--id", "0", "--role", "compute", "--backing", "uffd-local", "--mem", "1000", "--workload", "seq"], "multiple of 4 KiB"),
-        (vec!["--id", "1", "--config", "/nonexistent.toml"], "cannot read config file"),
+        (
+            vec![
+                "--id",
+                "0",
+                "--role",
+                "compute",
+                "--backing",
+                "uffd-local",
+                "--workload",
+                "zigzag",
+            ],
+            "unknown workload 'zigzag'",
+        ),
+        (
+            vec![
+                "--id",
+                "0",
+                "--role",
+                "compute",
+                "--backing",
+                "uffd-local",
+                "--mem",
+                "1000",
+                "--workload",
+                "seq",
+            ],
+            "multiple of 4 KiB",
+        ),
+        (
+            vec!["--id", "1", "--config", "/nonexistent.toml"],
+            "cannot read config file",
+        ),
     ] {
         let mut p = Proc::spawn("node", &dir, Command::new(&bins.node).args(&args)).unwrap();
         let status = p.wait(Duration::from_secs(30)).unwrap();
         assert!(!status.success(), "{args:?} should fail");
         let log = std::fs::read_to_string(&p.stderr).unwrap();
-        assert!(log.contains(needle), "{args:?}: expected '{needle}' in:\n{log}");
+        assert!(
+            log.contains(needle),
+            "{args:?}: expected '{needle}' in:\n{log}"
+        );
         assert!(!log.contains("panicked"), "{log}");
     }
 }

@@ -48,15 +48,26 @@ fn each_page_is_fetched_once_and_freed_by_its_holder() {
     let (status, s, proc) = c
         .run_compute(
             &[
-                "--mem", "64MiB", "--workload", "stride:7", "--access", "rmw", "--range",
-                "0:16MiB", "--keep-vm",
+                "--mem",
+                "64MiB",
+                "--workload",
+                "stride:7",
+                "--access",
+                "rmw",
+                "--range",
+                "0:16MiB",
+                "--keep-vm",
             ],
             RUN_TIMEOUT,
         )
         .unwrap();
     assert!(status.success(), "{status}: {}", proc.log_tail());
     assert_eq!(s["ok"], json!(true), "{s:#}");
-    assert_eq!(s["faults"]["remote"], json!(4096), "one fetch per touched page: {s:#}");
+    assert_eq!(
+        s["faults"]["remote"],
+        json!(4096),
+        "one fetch per touched page: {s:#}"
+    );
     assert_eq!(s["faults"]["spurious"], json!(0));
     assert_eq!(held(&s, "held_after", "1"), 8192 - 2048);
     assert_eq!(held(&s, "held_after", "2"), 8192 - 2048);
@@ -68,8 +79,16 @@ fn never_written_pages_are_zero_filled_without_the_network() {
     let (status, s, proc) = c
         .run_compute(
             &[
-                "--mem", "32MiB", "--content", "zero", "--placement", "ranges", "--workload",
-                "random", "--access", "write",
+                "--mem",
+                "32MiB",
+                "--content",
+                "zero",
+                "--placement",
+                "ranges",
+                "--workload",
+                "random",
+                "--access",
+                "write",
             ],
             RUN_TIMEOUT,
         )
@@ -96,8 +115,18 @@ fn a_memory_image_is_split_over_the_memory_nodes() {
     let (status, s, proc) = c
         .run_compute(
             &[
-                "--mem", "16MiB", "--image", image.to_str().unwrap(), "--placement",
-                "weighted", "--workload", "seq", "--access", "read", "--range", "0:8MiB",
+                "--mem",
+                "16MiB",
+                "--image",
+                image.to_str().unwrap(),
+                "--placement",
+                "weighted",
+                "--workload",
+                "seq",
+                "--access",
+                "read",
+                "--range",
+                "0:8MiB",
                 "--keep-vm",
             ],
             RUN_TIMEOUT,
@@ -113,8 +142,16 @@ fn a_memory_image_is_split_over_the_memory_nodes() {
     let (status, s, proc) = c
         .run_compute(
             &[
-                "--mem", "16MiB", "--image", image.to_str().unwrap(), "--workload", "seq",
-                "--access", "read", "--range", "8MiB:8MiB",
+                "--mem",
+                "16MiB",
+                "--image",
+                image.to_str().unwrap(),
+                "--workload",
+                "seq",
+                "--access",
+                "read",
+                "--range",
+                "8MiB:8MiB",
             ],
             RUN_TIMEOUT,
         )

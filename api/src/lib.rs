@@ -11,9 +11,12 @@
 //! | `POST /nodes/{node_id}/endpoint` | [`RegisterEndpoint`] | [`NodeInfo`] (200, or 201 when new) |
 //! | `GET /endpoints` | | `Vec<`[`Endpoint`]`>` |
 //! | `GET /nodes` | | `Vec<`[`NodeInfo`]`>` |
+//! | `GET /nodes/{node_id}` | | [`NodeInfo`] |
 //! | `POST /vms` | [`CreateVm`] | [`Vm`] (201) |
 //! | `GET /vms/{vm_id}` | | [`Vm`] |
 //! | `GET /vms` | | `Vec<`[`Vm`]`>` |
+//! | `DELETE /vms/{vm_id}` | | 204 |
+//! | `GET /healthz` | | `ok` |
 //!
 //! Every error is an [`ApiError`] body with a non-2xx status.
 //!

@@ -93,7 +93,9 @@ pub fn run_guest(
     progress: impl FnMut(u64),
 ) -> Result<RunOutcome, ComputeError> {
     vcpu::kick_handler_installed().map_err(|e| {
-        ComputeError::Vcpu(VcpuError::Exit(format!("cannot install signal handler: {e}")))
+        ComputeError::Vcpu(VcpuError::Exit(format!(
+            "cannot install signal handler: {e}"
+        )))
     })?;
     if let Some(cpu) = opts.cpu {
         pager::pin_to_cpu(cpu);

@@ -226,9 +226,30 @@ impl Settings {
         };
         let mut file = Self::from_file(&path)?;
         merge!(
-            self, file, id, coordinator, listen, advertise, role, capacity, cluster,
-            coordinator_attempts, peer_timeout, mem, placement, memory_nodes, content, image,
-            seed, workload, access, range, pin_cpu, backing, json, log
+            self,
+            file,
+            id,
+            coordinator,
+            listen,
+            advertise,
+            role,
+            capacity,
+            cluster,
+            coordinator_attempts,
+            peer_timeout,
+            mem,
+            placement,
+            memory_nodes,
+            content,
+            image,
+            seed,
+            workload,
+            access,
+            range,
+            pin_cpu,
+            backing,
+            json,
+            log
         );
         self.keep_vm |= file.keep_vm;
         self.replace |= file.replace;

@@ -14,9 +14,7 @@
 
 use std::time::Duration;
 
-use pagemesh_api::{
-    ApiError, CreateVm, Endpoint, NodeId, NodeInfo, RegisterEndpoint, Vm, VmId,
-};
+use pagemesh_api::{ApiError, CreateVm, Endpoint, NodeId, NodeInfo, RegisterEndpoint, Vm, VmId};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -26,7 +24,9 @@ use crate::transport::{TransportError, TransportManager};
 #[derive(thiserror::Error, Debug)]
 pub enum CoordinatorError {
     /// No answer after every retry.
-    #[error("cannot reach the coordinator at {url} after {attempts} attempts; is pagemesh-coordinator running there?")]
+    #[error(
+        "cannot reach the coordinator at {url} after {attempts} attempts; is pagemesh-coordinator running there?"
+    )]
     Unreachable {
         /// The URL.
         url: String,
@@ -161,7 +161,11 @@ impl CoordinatorClient {
         node_id: NodeId,
         registration: &RegisterEndpoint,
     ) -> Result<NodeInfo, CoordinatorError> {
-        self.call("POST", &format!("/nodes/{node_id}/endpoint"), Some(registration))
+        self.call(
+            "POST",
+            &format!("/nodes/{node_id}/endpoint"),
+            Some(registration),
+        )
     }
 
     /// `GET /endpoints`.

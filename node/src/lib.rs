@@ -7,12 +7,12 @@
 //! | [`transport`] | the page protocol, the [`transport::PageSource`] seam, TCP |
 //! | [`server`] | the page server and page store of a memory node |
 
+pub mod compute;
+pub mod config;
+pub mod coordinator;
+pub mod pager;
 pub mod pattern;
 pub mod server;
+pub mod service;
 pub mod transport;
 pub mod vm;
-pub mod pager;
-pub mod compute;
-pub mod coordinator;
-pub mod config;
-pub mod service;

@@ -89,10 +89,6 @@ pub struct Pager {
     _uffd: Arc<uffd::Uffd>,
 }
 
-// SAFETY (for the raw pointer in PagerConfig): the config only carries the address to the
-// handler thread, which never dereferences it (it is used as the registered range's base).
-unsafe impl Send for PagerConfig {}
-
 /// Registers guest RAM with userfaultfd and starts serving its faults.
 ///
 /// Every page of `[base, base + len)` must be unpopulated: pages already present never
@@ -167,7 +163,10 @@ impl Pager {
 
     /// The error that stopped the handler, with its causes, if it stopped on one.
     pub fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Stops the handler thread and returns how it ended.

@@ -95,28 +95,24 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         .coordinator
         .clone()
         .ok_or(ConfigError::Missing("--coordinator"))?;
-    let coordinator = CoordinatorClient::new(
-        &coordinator_url,
-        settings.coordinator_attempts.unwrap_or(5),
-    );
+    let coordinator =
+        CoordinatorClient::new(&coordinator_url, settings.coordinator_attempts.unwrap_or(5));
 
     let capacity = if role.serves_memory() {
         settings.capacity.unwrap_or(1 << 30)
     } else {
         0
     };
-    let capacity_pages = u32::try_from(capacity / PAGE_SIZE as u64).map_err(|_| {
-        ConfigError::Invalid {
+    let capacity_pages =
+        u32::try_from(capacity / PAGE_SIZE as u64).map_err(|_| ConfigError::Invalid {
             what: "--capacity",
             why: "at most 16 TiB".into(),
-        }
-    })?;
+        })?;
     let listen = settings
         .listen
         .clone()
         .unwrap_or_else(|| "127.0.0.1:0".to_owned());
-    let listener =
-        TcpListener::bind(&listen).map_err(|e| NodeError::Listen(listen.clone(), e))?;
+    let listener = TcpListener::bind(&listen).map_err(|e| NodeError::Listen(listen.clone(), e))?;
     let bound = listener
         .local_addr()
         .map_err(|e| NodeError::Listen(listen.clone(), e))?;
@@ -189,7 +185,7 @@ fn default_seed() -> u64 {
 
 fn guest_mem(settings: &Settings, default: u64) -> Result<u64, NodeError> {
     let mem = settings.mem.unwrap_or(default);
-    if mem == 0 || mem % PAGE_SIZE as u64 != 0 || mem > crate::vm::memory::MAX_RAM {
+    if mem == 0 || !mem.is_multiple_of(PAGE_SIZE as u64) || mem > crate::vm::memory::MAX_RAM {
         return Err(ConfigError::Invalid {
             what: "--mem",
             why: format!(
@@ -257,46 +253,45 @@ fn placement_request(
     pages: u64,
 ) -> Result<PlacementRequest, NodeError> {
     let nodes = settings.memory_nodes.clone().unwrap_or_default();
-    Ok(match settings.placement.unwrap_or(PlacementArg::Interleave) {
-        PlacementArg::Interleave => PlacementRequest::Interleave {
-            nodes,
-            granule_pages: 1,
+    Ok(
+        match settings.placement.unwrap_or(PlacementArg::Interleave) {
+            PlacementArg::Interleave => PlacementRequest::Interleave {
+                nodes,
+                granule_pages: 1,
+            },
+            PlacementArg::Weighted => PlacementRequest::Weighted { nodes },
+            PlacementArg::Ranges => {
+                let nodes = if nodes.is_empty() {
+                    coordinator
+                        .nodes()?
+                        .into_iter()
+                        .filter(|n| n.role.serves_memory())
+                        .map(|n| n.node_id)
+                        .collect()
+                } else {
+                    nodes
+                };
+                let k = nodes.len().max(1) as u64;
+                let ranges = nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &node)| {
+                        let i = i as u64;
+                        let start = pages * i / k;
+                        PageRange {
+                            start,
+                            pages: pages * (i + 1) / k - start,
+                            node,
+                        }
+                    })
+                    .collect();
+                PlacementRequest::Ranges { ranges }
+            }
         },
-        PlacementArg::Weighted => PlacementRequest::Weighted { nodes },
-        PlacementArg::Ranges => {
-            let nodes = if nodes.is_empty() {
-                coordinator
-                    .nodes()?
-                    .into_iter()
-                    .filter(|n| n.role.serves_memory())
-                    .map(|n| n.node_id)
-                    .collect()
-            } else {
-                nodes
-            };
-            let k = nodes.len().max(1) as u64;
-            let ranges = nodes
-                .iter()
-                .enumerate()
-                .map(|(i, &node)| {
-                    let i = i as u64;
-                    let start = pages * i / k;
-                    PageRange {
-                        start,
-                        pages: pages * (i + 1) / k - start,
-                        node,
-                    }
-                })
-                .collect();
-            PlacementRequest::Ranges { ranges }
-        }
-    })
+    )
 }
 
-fn held(
-    control: &mut TransportManager,
-    vm: &Vm,
-) -> Result<BTreeMap<NodeId, u64>, NodeError> {
+fn held(control: &mut TransportManager, vm: &Vm) -> Result<BTreeMap<NodeId, u64>, NodeError> {
     let mut out = BTreeMap::new();
     for n in vm.placement.nodes() {
         let count = control
@@ -366,8 +361,8 @@ fn run_compute(
                     })?;
                 tracing::info!("node {n} loaded {loaded} pages of VM {}", vm.id);
             }
-            let dir = PageDirectory::from_placement(&vm.placement)
-                .map_err(|e| ConfigError::Invalid {
+            let dir =
+                PageDirectory::from_placement(&vm.placement).map_err(|e| ConfigError::Invalid {
                     what: "placement",
                     why: e.to_string(),
                 })?;
@@ -425,7 +420,11 @@ fn run_compute(
     if loaded && !settings.keep_vm {
         for &n in &wanted {
             if let Err(e) = control.peer(n).and_then(|p| p.release(vm.id)) {
-                tracing::warn!("node {n} could not release VM {}: {}", vm.id, error_chain(&e));
+                tracing::warn!(
+                    "node {n} could not release VM {}: {}",
+                    vm.id,
+                    error_chain(&e)
+                );
             }
         }
     }
@@ -463,7 +462,14 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
         cpu: settings.pin_cpu,
     };
     let outcome = run_guest(&opts, backing, |_| {})?;
-    report(settings, id, None, &outcome, &BTreeMap::new(), &BTreeMap::new())
+    report(
+        settings,
+        id,
+        None,
+        &outcome,
+        &BTreeMap::new(),
+        &BTreeMap::new(),
+    )
 }
 
 fn write_failure(
@@ -547,8 +553,11 @@ fn report(
             "held_after": held_after,
             "ok": ok,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
-            .map_err(|e| NodeError::Summary(path.display().to_string(), e))?;
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+        )
+        .map_err(|e| NodeError::Summary(path.display().to_string(), e))?;
     }
     Ok(ok)
 }

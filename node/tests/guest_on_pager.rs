@@ -36,7 +36,12 @@ fn opts(workload: &str, access: &str, initial: Initial) -> RunOptions {
 
 #[test]
 fn verify_sees_every_page_from_its_owner() {
-    let out = run_guest(&opts("verify", "read", Initial::Pattern(77)), pager_backing(77), |_| {}).unwrap();
+    let out = run_guest(
+        &opts("verify", "read", Initial::Pattern(77)),
+        pager_backing(77),
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(out.result.pages_done, PAGES);
     assert_eq!(out.result.bad_pages, 0, "{:?}", out.result);
     assert!(out.ok(), "{out:?}");
@@ -46,7 +51,12 @@ fn verify_sees_every_page_from_its_owner() {
 
 #[test]
 fn verify_catches_the_wrong_pattern() {
-    let out = run_guest(&opts("verify", "read", Initial::Pattern(1)), pager_backing(2), |_| {}).unwrap();
+    let out = run_guest(
+        &opts("verify", "read", Initial::Pattern(1)),
+        pager_backing(2),
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(out.result.bad_pages, PAGES);
     assert_eq!(out.result.first_bad_page, Some(0));
     assert!(!out.ok());
@@ -54,7 +64,12 @@ fn verify_catches_the_wrong_pattern() {
 
 #[test]
 fn random_rmw_checksums_and_zero_pages_stay_local() {
-    let out = run_guest(&opts("random", "rmw", Initial::Pattern(5)), pager_backing(5), |_| {}).unwrap();
+    let out = run_guest(
+        &opts("random", "rmw", Initial::Pattern(5)),
+        pager_backing(5),
+        |_| {},
+    )
+    .unwrap();
     assert!(out.ok(), "{out:?}");
     let zero = Backing::Pager {
         directory: Arc::new(PageDirectory::new(PAGES)),

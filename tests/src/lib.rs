@@ -292,7 +292,15 @@ impl Cluster {
             &name,
             &self.dir,
             Command::new(&self.bins.node)
-                .args(["--role", "compute", "--id", "0", "--listen", "127.0.0.1:0", "--replace"])
+                .args([
+                    "--role",
+                    "compute",
+                    "--id",
+                    "0",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--replace",
+                ])
                 .args(["--coordinator", &self.coordinator.url])
                 .arg("--json")
                 .arg(&json)

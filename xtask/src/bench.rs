@@ -46,12 +46,26 @@ struct Case {
 const CASES: &[Case] = &[
     Case {
         name: "local-demand-zero",
-        args: &["--backing", "demand-zero", "--workload", "random", "--access", "read"],
+        args: &[
+            "--backing",
+            "demand-zero",
+            "--workload",
+            "random",
+            "--access",
+            "read",
+        ],
         remote: false,
     },
     Case {
         name: "uffd-local",
-        args: &["--backing", "uffd-local", "--workload", "random", "--access", "read"],
+        args: &[
+            "--backing",
+            "uffd-local",
+            "--workload",
+            "random",
+            "--access",
+            "read",
+        ],
         remote: false,
     },
     Case {
@@ -121,7 +135,14 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             }
             per_run.push(summary);
         }
-        let get = |k: &str| median(per_run.iter().map(|s| s[k].as_f64().unwrap_or(0.0)).collect());
+        let get = |k: &str| {
+            median(
+                per_run
+                    .iter()
+                    .map(|s| s[k].as_f64().unwrap_or(0.0))
+                    .collect(),
+            )
+        };
         let pages = per_run[0]["result"]["pages_done"].as_u64().unwrap_or(0);
         let row = json!({
             "name": case.name,

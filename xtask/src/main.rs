@@ -61,7 +61,14 @@ fn test(args: TestArgs) -> anyhow::Result<()> {
         setup::cargo(&root, &["fmt", "--all", "--check"])?;
         setup::cargo(
             &root,
-            &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
         )?;
     }
     // End-to-end tests start the real binaries: build them first, in the same profile.

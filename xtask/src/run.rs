@@ -37,7 +37,11 @@ pub fn build(debug: bool) -> anyhow::Result<Bins> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    Ok(Bins::in_dir(&target.join(if debug { "debug" } else { "release" })))
+    Ok(Bins::in_dir(&target.join(if debug {
+        "debug"
+    } else {
+        "release"
+    })))
 }
 
 /// A new folder under `.pagemesh/runs/`.
@@ -52,17 +56,11 @@ pub fn run_dir(kind: &str) -> PathBuf {
 }
 
 fn f(v: &Value, path: &[&str]) -> f64 {
-    path.iter()
-        .fold(v, |v, k| &v[*k])
-        .as_f64()
-        .unwrap_or(0.0)
+    path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0)
 }
 
 fn u(v: &Value, path: &[&str]) -> u64 {
-    path.iter()
-        .fold(v, |v, k| &v[*k])
-        .as_u64()
-        .unwrap_or(0)
+    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -82,7 +80,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for (name, extra) in [
         ("verify", vec!["--workload", "verify"]),
-        ("random-rmw", vec!["--workload", "random", "--access", "rmw"]),
+        (
+            "random-rmw",
+            vec!["--workload", "random", "--access", "rmw"],
+        ),
     ] {
         let mut a = vec!["--mem", args.mem.as_str(), "--placement", "interleave"];
         a.extend(extra);
@@ -98,7 +99,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         runs.push((name, status.success(), summary));
     }
 
-    let remote: u64 = runs.iter().map(|(_, _, s)| u(s, &["faults", "remote"])).sum();
+    let remote: u64 = runs
+        .iter()
+        .map(|(_, _, s)| u(s, &["faults", "remote"]))
+        .sum();
     let local: u64 = runs
         .iter()
         .map(|(_, _, s)| u(s, &["faults", "local_zero"]))
@@ -126,7 +130,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     println!("pagemesh local cluster: coordinator + 2 memory nodes + 1 compute node");
     println!("  guest pages          {}", summary["guest_pages"]);
     println!("  faults served remote {remote}  (local zero-fill {local})");
-    println!("  remote-miss ratio    {:.3}", f(&summary, &["remote_miss_ratio"]));
+    println!(
+        "  remote-miss ratio    {:.3}",
+        f(&summary, &["remote_miss_ratio"])
+    );
     println!(
         "  fault latency        p50 {:.1} µs  p99 {:.1} µs",
         f(&summary, &["fault_p50_us"]),
@@ -145,7 +152,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         summary["verify"]["pages_checked"], summary["verify"]["bad_pages"]
     );
     println!("  logs                 {}", dir.display());
-    println!("  result               {}", if ok { "OK" } else { "FAILED" });
+    println!(
+        "  result               {}",
+        if ok { "OK" } else { "FAILED" }
+    );
 
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")

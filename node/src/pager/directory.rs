@@ -142,7 +142,9 @@ impl PageDirectory {
     /// Marks `page` resident here and returns its previous owner.
     #[inline]
     pub fn claim(&self, page: u64) -> Result<PageOwner, DirectoryError> {
-        let prev = self.entry(page)?.swap(PageOwner::Local.encode(), Ordering::AcqRel);
+        let prev = self
+            .entry(page)?
+            .swap(PageOwner::Local.encode(), Ordering::AcqRel);
         Ok(PageOwner::decode(prev))
     }
 
@@ -183,7 +185,10 @@ mod tests {
         assert_eq!(d.owner(9), Ok(PageOwner::Zero));
         assert_eq!(
             d.owner(10),
-            Err(DirectoryError::OutOfRange { page: 10, pages: 10 })
+            Err(DirectoryError::OutOfRange {
+                page: 10,
+                pages: 10
+            })
         );
     }
 

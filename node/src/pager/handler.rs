@@ -52,10 +52,7 @@ impl Handler {
             let start = Instant::now();
             let addr = fault.address & !(PAGE_SIZE as u64 - 1);
             let page = (addr - self.base) / PAGE_SIZE as u64;
-            let owner = self
-                .directory
-                .owner(page)
-                .map_err(PagerError::Directory)?;
+            let owner = self.directory.owner(page).map_err(PagerError::Directory)?;
             let (kind, installed) = match owner {
                 PageOwner::Remote(node) => {
                     if let Err(e) = self.fetch_remote_page(page, node, &mut buf.0) {
@@ -74,7 +71,12 @@ impl Handler {
                     let r = unsafe { self.uffd.copy(addr, zero.0.as_ptr(), PAGE_SIZE as u64) };
                     (FaultKind::LocalZero, r)
                 }
-                PageOwner::Local => (FaultKind::Spurious, self.uffd.wake(addr, 4096).map(|()| Installed::AlreadyPresent)),
+                PageOwner::Local => (
+                    FaultKind::Spurious,
+                    self.uffd
+                        .wake(addr, 4096)
+                        .map(|()| Installed::AlreadyPresent),
+                ),
             };
             match installed {
                 Ok(Installed::Done) => {
@@ -82,7 +84,11 @@ impl Handler {
                         // Ownership already moved for remote pages in fetch_remote_page.
                         let _ = self.directory.claim(page);
                     }
-                    let bytes = if kind == FaultKind::Remote { PAGE_SIZE as u64 } else { 0 };
+                    let bytes = if kind == FaultKind::Remote {
+                        PAGE_SIZE as u64
+                    } else {
+                        0
+                    };
                     self.stats.record(kind, start.elapsed(), bytes);
                 }
                 Ok(Installed::AlreadyPresent) => {

@@ -131,7 +131,11 @@ impl PagerStats {
     pub fn remote_miss_ratio(&self) -> f64 {
         let r = self.remote_faults();
         let total = r + self.local_faults();
-        if total == 0 { 0.0 } else { r as f64 / total as f64 }
+        if total == 0 {
+            0.0
+        } else {
+            r as f64 / total as f64
+        }
     }
 
     /// Median fault latency.
@@ -158,7 +162,11 @@ impl PagerStats {
             fault_p50_us: us(&lat, 0.5),
             fault_p90_us: us(&lat, 0.9),
             fault_p99_us: us(&lat, 0.99),
-            fault_max_us: if lat.is_empty() { 0.0 } else { lat.max() as f64 / 1000.0 },
+            fault_max_us: if lat.is_empty() {
+                0.0
+            } else {
+                lat.max() as f64 / 1000.0
+            },
             remote_p50_us: us(&rlat, 0.5),
             remote_p99_us: us(&rlat, 0.99),
         }
@@ -202,8 +210,16 @@ mod tests {
             s.record(FaultKind::Remote, Duration::from_micros(i), 4096);
         }
         let snap = s.snapshot();
-        assert!((snap.fault_p50_us - 50.0).abs() < 0.1, "{}", snap.fault_p50_us);
-        assert!((snap.fault_p99_us - 99.0).abs() < 0.1, "{}", snap.fault_p99_us);
+        assert!(
+            (snap.fault_p50_us - 50.0).abs() < 0.1,
+            "{}",
+            snap.fault_p50_us
+        );
+        assert!(
+            (snap.fault_p99_us - 99.0).abs() < 0.1,
+            "{}",
+            snap.fault_p99_us
+        );
         assert!((snap.fault_max_us - 100.0).abs() < 0.1);
         let median = s.median_latency().as_nanos();
         assert!((49_900..=50_100).contains(&median), "{median}");

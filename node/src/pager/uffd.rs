@@ -106,7 +106,9 @@ const _: () = assert!(UFFDIO_WAKE == 0x8010_AA02);
 #[derive(thiserror::Error, Debug)]
 pub enum UffdError {
     /// Neither `/dev/userfaultfd` nor the syscall gave a descriptor.
-    #[error("cannot create a userfaultfd (needs root or CAP_SYS_PTRACE, or access to /dev/userfaultfd)")]
+    #[error(
+        "cannot create a userfaultfd (needs root or CAP_SYS_PTRACE, or access to /dev/userfaultfd)"
+    )]
     Create(#[source] io::Error),
     /// The API handshake failed.
     #[error("the kernel refused the userfaultfd API handshake")]
@@ -153,7 +155,11 @@ pub struct Uffd {
 impl Uffd {
     /// Creates a blocking userfaultfd that also receives kernel-mode faults.
     pub fn new() -> Result<Self, UffdError> {
-        let fd = match OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+        let fd = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/userfaultfd")
+        {
             Ok(dev) => {
                 // SAFETY: USERFAULTFD_IOC_NEW takes an int of O_* flags and returns a new
                 // descriptor or -1; `dev` is a valid open descriptor.
@@ -192,8 +198,10 @@ impl Uffd {
             mode: UFFDIO_REGISTER_MODE_MISSING,
             ioctls: 0,
         };
-        ioctl(self.fd.as_fd(), UFFDIO_REGISTER, &mut reg).map_err(|source| {
-            UffdError::Register { start, len, source }
+        ioctl(self.fd.as_fd(), UFFDIO_REGISTER, &mut reg).map_err(|source| UffdError::Register {
+            start,
+            len,
+            source,
         })
     }
 
@@ -214,7 +222,10 @@ impl Uffd {
             return Err(io::Error::last_os_error());
         }
         if n as usize != size_of::<UffdMsg>() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short uffd read"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "short uffd read",
+            ));
         }
         if msg.event != UFFD_EVENT_PAGEFAULT {
             return Ok(None);
@@ -348,7 +359,10 @@ mod tests {
         // SAFETY: as above.
         let again = unsafe { uffd.copy(addr, page.as_ptr(), 4096) }.unwrap();
         assert_eq!(again, Installed::AlreadyPresent);
-        assert_eq!(uffd.zeropage(addr, 4096).unwrap(), Installed::AlreadyPresent);
+        assert_eq!(
+            uffd.zeropage(addr, 4096).unwrap(),
+            Installed::AlreadyPresent
+        );
         // SAFETY: unmapping the mapping created above; nothing references it any more.
         unsafe { libc::munmap(base, len) };
     }

@@ -29,8 +29,13 @@ impl LocalSource {
         }
     }
 
-    fn range(&self, vm: VmId, page: u64, len: usize) -> Result<std::ops::Range<usize>, TransportError> {
-        if len == 0 || len % PAGE_SIZE != 0 {
+    fn range(
+        &self,
+        vm: VmId,
+        page: u64,
+        len: usize,
+    ) -> Result<std::ops::Range<usize>, TransportError> {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(TransportError::InvalidPageSize(len));
         }
         if vm != self.vm {

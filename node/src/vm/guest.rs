@@ -164,7 +164,12 @@ impl fmt::Display for Workload {
                 write!(f, " {a}")?;
             }
         }
-        write!(f, " over pages {}..{}", self.first_page, self.first_page + self.pages)
+        write!(
+            f,
+            " over pages {}..{}",
+            self.first_page,
+            self.first_page + self.pages
+        )
     }
 }
 
@@ -182,7 +187,11 @@ impl Workload {
         } else {
             (workload.parse()?, access.parse()?)
         };
-        if pages == 0 || first_page.checked_add(pages).is_none_or(|end| end > ram_pages) {
+        if pages == 0
+            || first_page
+                .checked_add(pages)
+                .is_none_or(|end| end > ram_pages)
+        {
             return Err(WorkloadError::BadRange {
                 first: first_page,
                 pages,
@@ -202,12 +211,12 @@ impl Workload {
     pub fn expected_checksum(&self, initial: Initial) -> Option<u64> {
         let range = self.first_page..self.first_page + self.pages;
         match (self.access, initial) {
-            (Access::Write, _) => Some(
-                (0..self.pages).fold(0u64, |acc, p| acc.wrapping_add(p | (1 << 63))),
-            ),
-            (_, Initial::Pattern(seed)) => Some(
-                range.fold(0u64, |acc, p| acc.wrapping_add(pattern::first_word(seed, p))),
-            ),
+            (Access::Write, _) => {
+                Some((0..self.pages).fold(0u64, |acc, p| acc.wrapping_add(p | (1 << 63))))
+            }
+            (_, Initial::Pattern(seed)) => Some(range.fold(0u64, |acc, p| {
+                acc.wrapping_add(pattern::first_word(seed, p))
+            })),
             (_, Initial::Zero) => Some(0),
             (_, Initial::Unknown) => None,
         }
@@ -370,7 +379,10 @@ pub fn install(
 }
 
 /// Reads the guest's result block after it reported done.
-pub fn read_result(mem: &GuestMemoryMmap, workload: &Workload) -> Result<WorkloadResult, GuestError> {
+pub fn read_result(
+    mem: &GuestMemoryMmap,
+    workload: &Workload,
+) -> Result<WorkloadResult, GuestError> {
     let p: Params = mem
         .read_obj(GuestAddress(PARAMS_ADDR))
         .map_err(GuestError::Write)?;

@@ -46,7 +46,7 @@ pub struct GuestLayout {
 impl GuestLayout {
     /// Maps a system region and `ram_size` bytes of RAM.
     pub fn new(ram_size: u64) -> Result<Self, MemoryError> {
-        if ram_size == 0 || ram_size % PAGE_SIZE as u64 != 0 || ram_size > MAX_RAM {
+        if ram_size == 0 || !ram_size.is_multiple_of(PAGE_SIZE as u64) || ram_size > MAX_RAM {
             return Err(MemoryError::BadSize(ram_size));
         }
         let ram_len = usize::try_from(ram_size).map_err(|_| MemoryError::BadSize(ram_size))?;

@@ -46,7 +46,9 @@ impl Machine {
     /// Creates a VM over `layout` with one vCPU.
     pub fn new(layout: GuestLayout) -> Result<Self, VcpuError> {
         let kvm = Kvm::new().map_err(VcpuError::OpenKvm)?;
-        let vm = kvm.create_vm().map_err(|e| VcpuError::Kvm("CREATE_VM", e))?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VcpuError::Kvm("CREATE_VM", e))?;
         let regions = [
             (SYSTEM_BASE, SYSTEM_SIZE, layout.system_host_addr()),
             (RAM_BASE, layout.ram_size, layout.ram_host_addr()),
@@ -249,7 +251,10 @@ mod tests {
         m.prepare(&w, 0).unwrap();
         let stop = AtomicBool::new(false);
         let r = m.run(&w, &stop, |_| {}).unwrap();
-        assert_eq!(r.pages_done, pages, "{order:?} {access:?} must visit every page");
+        assert_eq!(
+            r.pages_done, pages,
+            "{order:?} {access:?} must visit every page"
+        );
         r
     }
 
