@@ -20,10 +20,13 @@
 //!
 //! Every error is an [`ApiError`] body with a non-2xx status.
 //!
+//! [`stats`] is the JSON of a node's `GET /stats`.
+//!
 //! [`placement`] holds the page-placement arithmetic that the coordinator validates, memory
 //! nodes load by, and compute nodes build their page directory from.
 
 pub mod placement;
+pub mod stats;
 
 use serde::{Deserialize, Serialize};
 

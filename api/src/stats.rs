@@ -1,0 +1,153 @@
+//! `GET /stats` of a node's admin endpoint: one JSON snapshot of everything the node
+//! measures. The console and tools read it; the node writes it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{NodeId, Role, VmId};
+
+/// A node's statistics.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct NodeStats {
+    /// Node id.
+    pub node_id: NodeId,
+    /// Role (`None` only in default values).
+    pub role: Option<Role>,
+    /// Seconds since the node started.
+    pub uptime_s: f64,
+    /// The page server (every node runs one; compute-only nodes hold nothing).
+    pub server: ServerStats,
+    /// The pager of the VM this node runs, if any.
+    pub pager: Option<PagerStats>,
+    /// Kernel-side figures from the eBPF probes, when they are loaded.
+    pub ebpf: Option<EbpfStats>,
+}
+
+/// A latency distribution.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Histogram {
+    /// Samples.
+    pub count: u64,
+    /// Median, µs.
+    pub p50_us: f64,
+    /// 90th percentile, µs.
+    pub p90_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Largest sample, µs.
+    pub max_us: f64,
+    /// Sum of all samples, µs (for averages and Prometheus `_sum`).
+    pub sum_us: f64,
+    /// Cumulative buckets: samples at most `le_us` µs, increasing `le_us`; the last bucket
+    /// holds every sample.
+    pub buckets: Vec<Bucket>,
+}
+
+/// One cumulative histogram bucket.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
+pub struct Bucket {
+    /// Upper bound, µs.
+    pub le_us: f64,
+    /// Samples at most `le_us`.
+    pub count: u64,
+}
+
+/// The page server's counters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ServerStats {
+    /// Pages held now, all VMs.
+    pub pages_held: u64,
+    /// Pages this node can hold.
+    pub capacity_pages: u64,
+    /// Pages sent in Fetch and Read replies.
+    pub pages_served: u64,
+    /// Pages sent in Fetch replies (and freed here).
+    pub pages_claimed: u64,
+    /// Pages received in WriteBack requests.
+    pub pages_written_back: u64,
+    /// Requests that broke the framing rules.
+    pub bad_frames: u64,
+    /// Connections accepted since start.
+    pub connections: u64,
+    /// Connections open now.
+    pub open_connections: u64,
+}
+
+/// The pager of one VM.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct PagerStats {
+    /// The VM.
+    pub vm: VmId,
+    /// Pages of guest RAM.
+    pub guest_pages: u64,
+    /// Whether the guest is still running.
+    pub running: bool,
+    /// Pages the guest has reported done.
+    pub guest_pages_done: u64,
+    /// Faults served by fetching from another node.
+    pub faults_remote: u64,
+    /// Faults served by zero-filling locally.
+    pub faults_local_zero: u64,
+    /// Faults on pages already present.
+    pub faults_spurious: u64,
+    /// Faults that could not be served.
+    pub fault_errors: u64,
+    /// remote / (remote + local zero-fill).
+    pub remote_miss_ratio: f64,
+    /// Bytes fetched from other nodes.
+    pub bytes_fetched: u64,
+    /// Fault service time (event read to page installed), all faults.
+    pub fault_latency: Histogram,
+    /// Transfer time per peer (request sent to last byte received).
+    pub peers: Vec<PeerStats>,
+    /// Guest memory as a coarse map of heat and owners.
+    pub heat: Heat,
+}
+
+/// Transfers from one peer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct PeerStats {
+    /// The peer.
+    pub node_id: NodeId,
+    /// Pages fetched from it.
+    pub pages: u64,
+    /// Transfer time.
+    pub transfer: Histogram,
+}
+
+/// Guest memory downsampled into `cells.len()` equal regions of `pages_per_cell` pages
+/// (the last may be shorter).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Heat {
+    /// Pages per cell.
+    pub pages_per_cell: u64,
+    /// The cells, in guest-physical order.
+    pub cells: Vec<HeatCell>,
+}
+
+/// One region of guest memory.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct HeatCell {
+    /// Faults taken on pages of this region since the VM started.
+    pub faults: u64,
+    /// Pages resident on the compute node.
+    pub local: u64,
+    /// Pages never written (no owner).
+    pub zero: u64,
+    /// The node holding most of the region's non-resident pages, if any.
+    pub owner: Option<NodeId>,
+    /// Pages held by other nodes.
+    pub remote: u64,
+}
+
+/// Kernel-side figures from the eBPF probes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct EbpfStats {
+    /// vCPU stalls measured (faults entering the MMU and resolved).
+    pub faults: u64,
+    /// vCPU stall per fault.
+    pub stall: Histogram,
+    /// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` time.
+    pub install: Histogram,
+    /// Transfer time per peer.
+    pub transfer: Vec<PeerStats>,
+}
