@@ -33,14 +33,14 @@ fn garbage_frames_do_not_disturb_well_behaved_peers() {
     let addr = c.memory[0].addr.clone();
     // A half-sent frame held open for the whole test.
     let mut stalled = TcpStream::connect(&addr).unwrap();
-    stalled.write_all(b"PGMS\x01").unwrap();
+    stalled.write_all(b"PGMS\x02").unwrap();
 
     let answer = poke(&addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(
         answer.is_empty() || answer.starts_with(b"PGMS"),
         "the server answers garbage with an error frame or closes"
     );
-    let mut oversized = Vec::from(&b"PGMS\x01\x04\x00\x00"[..]);
+    let mut oversized = Vec::from(&b"PGMS\x02\x04\x00\x00"[..]);
     oversized.extend_from_slice(&[0u8; 24]);
     oversized.extend_from_slice(&u32::MAX.to_le_bytes());
     oversized.extend_from_slice(&[0u8; 4]);
@@ -69,7 +69,7 @@ fn garbage_frames_do_not_disturb_well_behaved_peers() {
 fn unknown_vm_and_unheld_pages_are_refused_with_a_reason() {
     let c = cluster("unknown-vm");
     let m = &c.memory[0];
-    let mut peer = TcpPeer::connect(9, m.id, &m.addr, Duration::from_secs(5)).unwrap();
+    let mut peer = TcpPeer::connect(9, "", m.id, &m.addr, Duration::from_secs(5)).unwrap();
     let mut page = vec![0u8; 4096];
     match peer.fetch(999, 0, &mut page) {
         Err(TransportError::Remote {
@@ -92,7 +92,7 @@ fn unknown_vm_and_unheld_pages_are_refused_with_a_reason() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     // Talking to node 1 while believing it is node 2 is caught at hello.
-    assert!(TcpPeer::connect(9, 2, &m.addr, Duration::from_secs(5)).is_err());
+    assert!(TcpPeer::connect(9, "", 2, &m.addr, Duration::from_secs(5)).is_err());
 }
 
 #[test]

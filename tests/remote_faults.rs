@@ -160,3 +160,51 @@ fn a_memory_image_is_split_over_the_memory_nodes() {
     assert_eq!(s["faults"]["local_zero"], json!(2048), "{s:#}");
     assert_eq!(s["result"]["checksum"], json!(0));
 }
+
+#[test]
+fn the_admin_endpoint_reports_the_run_and_the_coordinator_lists_it() {
+    let mut c = cluster("admin");
+    let (mut compute, json_path) = c
+        .spawn_compute(&["--mem", "16MiB", "--workload", "random", "--access", "read", "--hold"])
+        .unwrap();
+    let admin = compute.admin_url(Duration::from_secs(30)).unwrap();
+    // The summary is written when the guest is done; the node then holds.
+    let deadline = std::time::Instant::now() + RUN_TIMEOUT;
+    while !json_path.exists() {
+        assert!(std::time::Instant::now() < deadline, "the run never finished");
+        assert!(compute.try_wait().unwrap().is_none(), "{}", compute.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stats = pagemesh_tests::http_json(&format!("{admin}/stats?cells=64")).unwrap();
+    let pager = &stats["pager"];
+    assert_eq!(pager["faults_remote"], json!(4096), "{stats:#}");
+    assert_eq!(pager["running"], json!(false));
+    assert_eq!(pager["guest_pages_done"], json!(4096));
+    assert_eq!(pager["fault_latency"]["count"], json!(4096));
+    let peers = pager["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2, "transfers from both memory nodes: {stats:#}");
+    assert_eq!(peers[0]["pages"].as_u64().unwrap() + peers[1]["pages"].as_u64().unwrap(), 4096);
+    let cells = pager["heat"]["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 64);
+    let faults: u64 = cells.iter().map(|c| c["faults"].as_u64().unwrap()).sum();
+    assert_eq!(faults, 4096, "every page faulted once");
+    assert!(cells.iter().all(|c| c["local"] == json!(64)));
+
+    let metrics = pagemesh_tests::http_get(&format!("{admin}/metrics")).unwrap();
+    assert!(
+        metrics.contains("pagemesh_faults_total{node=\"0\",kind=\"remote\",vm=\"1\"} 4096"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pagemesh_fault_duration_seconds_count{node=\"0\",vm=\"1\"} 4096"));
+    let memory = pagemesh_tests::http_json(&format!("{}/stats", c.memory[0].admin)).unwrap();
+    assert_eq!(memory["server"]["pages_claimed"], json!(2048), "{memory:#}");
+    assert_eq!(pagemesh_tests::http_get(&format!("{admin}/healthz")).unwrap(), "ok");
+
+    let nodes = pagemesh_tests::http_json(&format!("{}/nodes", c.coordinator.url)).unwrap();
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert!(nodes.iter().all(|n| n["admin"].is_string()), "{nodes:?}");
+
+    let status = compute.stop().unwrap();
+    assert!(status.success(), "a held node exits 0 on SIGTERM");
+}

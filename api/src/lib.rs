@@ -130,6 +130,9 @@ pub struct RegisterEndpoint {
     /// Replace an existing, different endpoint for this node id.
     #[serde(default)]
     pub replace: bool,
+    /// `host:port` of the node's admin HTTP endpoint (`/stats`, `/metrics`), if it has one.
+    #[serde(default)]
+    pub admin: Option<String>,
 }
 
 /// `GET /endpoints` element: how to reach one node's page server.
@@ -158,6 +161,9 @@ pub struct NodeInfo {
     pub endpoint: Endpoint,
     /// Milliseconds since the Unix epoch of the last registration.
     pub registered_at_ms: u64,
+    /// `host:port` of the node's admin HTTP endpoint, if it has one.
+    #[serde(default)]
+    pub admin: Option<String>,
 }
 
 /// Where a VM's pages come from when memory nodes load them.

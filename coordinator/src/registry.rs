@@ -166,6 +166,9 @@ impl Registry {
         now_ms: u64,
     ) -> Result<Stored<NodeInfo>, RegistryError> {
         check_address(&req.address)?;
+        if let Some(admin) = &req.admin {
+            check_address(admin)?;
+        }
         if let Some(name) = &req.cluster {
             self.cluster(name)?;
         }
@@ -207,6 +210,7 @@ impl Registry {
                 address: req.address,
             },
             registered_at_ms: now_ms,
+            admin: req.admin,
         };
         self.nodes.insert(id, info.clone());
         Ok(Stored {
@@ -501,6 +505,7 @@ mod tests {
 
     fn endpoint(address: &str, role: Role, capacity_bytes: u64) -> RegisterEndpoint {
         RegisterEndpoint {
+            admin: None,
             transport: TransportKind::Tcp,
             address: address.to_owned(),
             role,

@@ -1,11 +1,12 @@
 //! Running a guest workload on pager-served memory: what a compute node does with a VM.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pagemesh_api::VmId;
 
+use crate::admin::LiveRun;
 use crate::pager::{self, PageDirectory, PagerConfig, PagerError, StatsSnapshot};
 use crate::transport::TransportManager;
 use crate::vm::guest::{Initial, WorkloadResult};
@@ -86,11 +87,13 @@ pub struct RunOptions {
 }
 
 /// Creates the VM, starts the pager (for [`Backing::Pager`]) and runs the workload to the end.
-/// `progress` sees pages done as the guest reports them.
+/// `progress` sees pages done as the guest reports them; `observe` receives the live
+/// counters once the pager runs (for the admin endpoint).
 pub fn run_guest(
     opts: &RunOptions,
     backing: Backing,
-    progress: impl FnMut(u64),
+    mut progress: impl FnMut(u64),
+    observe: impl FnOnce(LiveRun),
 ) -> Result<RunOutcome, ComputeError> {
     vcpu::kick_handler_installed().map_err(|e| {
         ComputeError::Vcpu(VcpuError::Exit(format!(
@@ -142,9 +145,25 @@ pub fn run_guest(
         }
     };
 
+    let pages_done = Arc::new(AtomicU64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    if let Some(p) = &pager {
+        observe(LiveRun {
+            vm: opts.vm,
+            guest_pages: p.directory().len(),
+            stats: p.stats().clone(),
+            directory: p.directory().clone(),
+            pages_done: pages_done.clone(),
+            running: running.clone(),
+        });
+    }
     let start = Instant::now();
-    let result = machine.run(&opts.workload, &stop, progress);
+    let result = machine.run(&opts.workload, &stop, |done| {
+        pages_done.store(done, Ordering::Relaxed);
+        progress(done);
+    });
     let elapsed = start.elapsed();
+    running.store(false, Ordering::Relaxed);
     drop(stop);
     let mut stats = StatsSnapshot::default();
     let mut failure = None;

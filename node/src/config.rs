@@ -186,6 +186,17 @@ pub struct Settings {
     #[arg(long, value_enum)]
     pub backing: Option<BackingArg>,
 
+    /// Address of the admin HTTP endpoint (`/stats`, `/metrics`, `/healthz`), or `off`
+    /// [default: 127.0.0.1:0, an ephemeral port, registered with the coordinator].
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+
+    /// Compute role: after the guest finishes, keep the node (and its admin endpoint) up
+    /// until Ctrl-C or SIGTERM, so that its final figures can still be read.
+    #[arg(long)]
+    #[serde(default)]
+    pub hold: bool,
+
     /// Take over the registration of a node with the same id registered at another address
     /// (a node restarted on a new port). Without it such a registration is refused.
     #[arg(long)]
@@ -253,6 +264,7 @@ impl Settings {
         );
         self.keep_vm |= file.keep_vm;
         self.replace |= file.replace;
+        self.hold |= file.hold;
         Ok(self)
     }
 

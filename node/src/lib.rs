@@ -6,13 +6,24 @@
 //! | [`pattern`] | the deterministic page pattern loaded by memory nodes and checked by guests |
 //! | [`transport`] | the page protocol, the [`transport::PageSource`] seam, TCP |
 //! | [`server`] | the page server and page store of a memory node |
+//! | [`vm`] | the KVM VM, its memory and the built-in workload guest |
+//! | [`pager`] | userfaultfd, the page directory, the fault handler, stats |
+//! | [`compute`] | running a guest on pager-served memory |
+//! | [`coordinator`] | the coordinator client (register, discover, VMs) |
+//! | [`config`] | flags and the TOML config file |
+//! | [`service`] | what a node process does, role by role |
+//! | [`admin`] | the admin HTTP endpoint: `/stats`, `/metrics`, `/healthz` |
+//! | [`metrics`] | Prometheus text exposition |
 
 pub mod compute;
 pub mod config;
 pub mod coordinator;
+pub mod ebpf;
 pub mod pager;
 pub mod pattern;
 pub mod server;
 pub mod service;
 pub mod transport;
 pub mod vm;
+pub mod admin;
+pub mod metrics;

@@ -14,11 +14,16 @@
 //! - a request that breaks the framing (bad magic, another version, a bad payload length)
 //!   gets an error reply (`BadRequest`, or `Unsupported` for a version) and its connection
 //!   is closed, since its frame boundaries can no longer be trusted;
-//! - a well-framed request the server cannot act on (unknown op, bad count, reserved bits)
-//!   gets an error reply, its payload is skipped and the connection stays open;
+//! - a well-framed request the server cannot act on (unknown op, bad count) gets an error
+//!   reply, its payload is skipped and the connection stays open;
+//! - a request whose payload fails its checksum gets an error reply (`BadRequest`) and is
+//!   not acted on (a WriteBack stores nothing); the frame's end was known, so the connection
+//!   stays open;
 //! - a frame cut short by the client closing is dropped with the connection;
-//! - a valid request that cannot be granted (unknown VM, page not held, no room) gets an
-//!   error reply and the connection stays open.
+//! - a valid request that cannot be granted (unknown VM, page not held, no room, a Hello
+//!   from another cluster) gets an error reply and the connection stays open.
+//!
+//! Every reply carries the CRC32C of its payload, computed in place over the buffer.
 
 pub mod store;
 
@@ -39,7 +44,8 @@ use tracing::{debug, warn};
 pub use store::{PageStore, StoreError};
 
 use crate::transport::protocol::{
-    Direction, FrameError, HEADER_LEN, Header, MAX_FRAME_LEN, Op, Status, encode_error,
+    Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_FRAME_LEN, Op, Status,
+    encode_error,
 };
 
 /// How the server finds a VM's definition when a client asks it to load it (in the node:
@@ -58,6 +64,9 @@ pub enum ServerError {
     /// A thread could not be started.
     #[error("cannot start the page server's accept thread")]
     Spawn(#[source] io::Error),
+    /// The cluster name does not fit a Hello reply.
+    #[error("cluster name of {0} bytes is over the page protocol's limit of 64")]
+    ClusterTooLong(usize),
 }
 
 /// Everything the page server's threads share.
@@ -68,6 +77,9 @@ pub struct ServerContext {
     pub store: PageStore,
     /// Finds a VM's definition for Load.
     pub vm_lookup: VmLookup,
+    /// This node's cluster (`""`: none), announced in Hello replies; a Hello from another
+    /// cluster is refused.
+    cluster: String,
     counters: Counters,
 }
 
@@ -105,7 +117,7 @@ pub struct ServerStats {
 }
 
 impl ServerContext {
-    /// A context for node `node_id` serving `store`.
+    /// A context for node `node_id`, of no cluster, serving `store`.
     pub fn new(
         node_id: NodeId,
         store: PageStore,
@@ -115,8 +127,24 @@ impl ServerContext {
             node_id,
             store,
             vm_lookup: Box::new(vm_lookup),
+            cluster: String::new(),
             counters: Counters::default(),
         }
+    }
+
+    /// This context for a node of `cluster` (`""`: none). Fails if the name is over
+    /// [`MAX_CLUSTER_LEN`] bytes.
+    pub fn with_cluster(mut self, cluster: String) -> Result<Self, ServerError> {
+        if cluster.len() > MAX_CLUSTER_LEN {
+            return Err(ServerError::ClusterTooLong(cluster.len()));
+        }
+        self.cluster = cluster;
+        Ok(self)
+    }
+
+    /// This node's cluster (`""`: none).
+    pub fn cluster(&self) -> &str {
+        &self.cluster
     }
 
     /// Pages sent in Fetch and Read replies.
@@ -172,12 +200,27 @@ impl ServerContext {
         }
         Ok(self.store.load(&spec, self.node_id)?)
     }
+
+    /// Judges the cluster name of a client's Hello: accepted if either side has none or both
+    /// have the same.
+    fn hello(&self, theirs: &[u8]) -> Result<(), Refusal> {
+        let theirs = std::str::from_utf8(theirs).map_err(|_| Refusal::ClusterNotUtf8)?;
+        if !theirs.is_empty() && !self.cluster.is_empty() && theirs != self.cluster {
+            return Err(Refusal::WrongCluster {
+                node: self.node_id,
+                ours: self.cluster.clone(),
+                theirs: theirs.to_owned(),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Debug for ServerContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerContext")
             .field("node_id", &self.node_id)
+            .field("cluster", &self.cluster)
             .field("store", &self.store)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
@@ -390,14 +433,29 @@ fn serve_request(
     let request: Header = zerocopy::transmute!(head);
     let len = match request.validate(Direction::Request) {
         Ok(len) => len,
-        Err(e) => return refuse_frame(stream, buf, peer, ctx, &request, e),
+        Err(e) => {
+            refuse_frame(stream, buf, peer, ctx, &request, e)?;
+            if e.is_fatal() {
+                return Err(End::Framing(e));
+            }
+            // Non-fatal errors are only reported once payload_len is known to be within the
+            // limit.
+            let skip = request.frame_len().min(buf.len());
+            return read_frame_part(stream, &mut buf[HEADER_LEN..skip], false);
+        }
     };
     read_frame_part(stream, &mut buf[HEADER_LEN..len], false)?;
+    // The whole frame is in, so the next one starts right after it: a damaged payload is
+    // refused without acting on it, and the connection kept.
+    if let Err(e) = request.verify_checksum(&buf[HEADER_LEN..len]) {
+        return refuse_frame(stream, buf, peer, ctx, &request, e);
+    }
     let reply_len = dispatch(ctx, &request, buf, peer);
     stream.write_all(&buf[..reply_len]).map_err(End::Io)
 }
 
-/// Answers a request that broke the rules, then skips its payload or ends the connection.
+/// Answers a request that broke the rules (the caller then skips its payload or ends the
+/// connection).
 fn refuse_frame(
     stream: &mut TcpStream,
     buf: &mut [u8],
@@ -418,13 +476,7 @@ fn refuse_frame(
         _ => (request.op_byte(), request.request_id()),
     };
     let n = encode_error(buf, op, request_id, status, format_args!("{err}"));
-    stream.write_all(&buf[..n]).map_err(End::Io)?;
-    if err.is_fatal() {
-        return Err(End::Framing(err));
-    }
-    // Non-fatal errors are only reported once payload_len is known to be within the limit.
-    let skip = request.frame_len().min(buf.len());
-    read_frame_part(stream, &mut buf[HEADER_LEN..skip], false)
+    stream.write_all(&buf[..n]).map_err(End::Io)
 }
 
 /// Fills `dst` from the stream. An end of stream before the first byte of a frame
@@ -460,6 +512,14 @@ enum Refusal {
     Store(#[from] StoreError),
     #[error("cannot look up VM {vm}: {message}")]
     Lookup { vm: VmId, message: String },
+    #[error("the cluster name is not UTF-8")]
+    ClusterNotUtf8,
+    #[error("node {node} is in cluster '{ours}', not '{theirs}'")]
+    WrongCluster {
+        node: NodeId,
+        ours: String,
+        theirs: String,
+    },
 }
 
 impl Refusal {
@@ -473,6 +533,8 @@ impl Refusal {
                 StoreError::Image { .. } => Status::LoadFailed,
             },
             Refusal::Lookup { .. } => Status::LoadFailed,
+            Refusal::ClusterNotUtf8 => Status::BadRequest,
+            Refusal::WrongCluster { .. } => Status::WrongCluster,
         }
     }
 }
@@ -492,8 +554,8 @@ impl fmt::Display for Chain<'_> {
     }
 }
 
-/// Carries out a valid request whose payload is in `buf[HEADER_LEN..]`, and writes the
-/// reply into `buf`; returns the reply's length.
+/// Carries out a valid request whose payload is in `buf[HEADER_LEN..]` (its checksum
+/// verified), and writes the reply into `buf`; returns the reply's length.
 fn dispatch(ctx: &ServerContext, request: &Header, buf: &mut [u8], peer: SocketAddr) -> usize {
     let vm = request.vm();
     let page = request.page();
@@ -504,8 +566,15 @@ fn dispatch(ctx: &ServerContext, request: &Header, buf: &mut [u8], peer: SocketA
     let (head, body) = buf.split_at_mut(HEADER_LEN);
     let result: Result<Header, Refusal> = match request.op() {
         Ok(Op::Hello) => {
-            debug!(%peer, client = page, "page client said hello");
-            Ok(ok.with_page(ctx.node_id.into()))
+            let theirs = &body[..request.payload_len() as usize];
+            debug!(%peer, client = page, cluster = %String::from_utf8_lossy(theirs), "page client said hello");
+            ctx.hello(theirs).map(|()| {
+                let ours = ctx.cluster.as_bytes();
+                body[..ours.len()].copy_from_slice(ours);
+                // with_cluster() bounded the name by MAX_CLUSTER_LEN.
+                ok.with_page(ctx.node_id.into())
+                    .with_payload_len(ours.len() as u32)
+            })
         }
         Ok(Op::Fetch) => ctx
             .store
@@ -564,6 +633,7 @@ fn dispatch(ctx: &ServerContext, request: &Header, buf: &mut [u8], peer: SocketA
     };
     match result {
         Ok(reply) => {
+            let reply = reply.with_checksum(&body[..reply.payload_len() as usize]);
             head.copy_from_slice(&reply.to_bytes());
             reply.frame_len()
         }
@@ -596,6 +666,8 @@ mod tests {
     const ME: NodeId = 2;
     const CLIENT: NodeId = 1;
     const SEED: u64 = 0x5EED;
+    /// The cluster of the servers and clients of these tests, unless a test says otherwise.
+    const CLUSTER: &str = "lab";
 
     /// VM 7: 64 pages, 0..32 on this node (2), 32..64 on node 3.
     fn vm7() -> Vm {
@@ -633,15 +705,20 @@ mod tests {
 
     impl Running {
         fn start(capacity: u32) -> Self {
+            Self::start_in(CLUSTER, capacity)
+        }
+
+        fn start_in(cluster: &str, capacity: u32) -> Self {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap().to_string();
-            let ctx = Arc::new(ServerContext::new(ME, PageStore::new(capacity), |vm| {
+            let ctx = ServerContext::new(ME, PageStore::new(capacity), |vm| {
                 if vm == 7 {
                     Ok(vm7())
                 } else {
                     Err(format!("the coordinator knows no VM {vm}"))
                 }
-            }));
+            });
+            let ctx = Arc::new(ctx.with_cluster(cluster.to_owned()).unwrap());
             let shutdown = ShutdownSignal::new();
             let thread = serve(listener, Arc::clone(&ctx), shutdown.clone()).unwrap();
             Running {
@@ -653,7 +730,11 @@ mod tests {
         }
 
         fn peer(&self) -> TcpPeer {
-            TcpPeer::connect(CLIENT, ME, &self.addr, Duration::from_secs(5)).unwrap()
+            self.connect(CLUSTER).unwrap()
+        }
+
+        fn connect(&self, cluster: &str) -> Result<TcpPeer, TransportError> {
+            TcpPeer::connect(CLIENT, cluster, ME, &self.addr, Duration::from_secs(5))
         }
 
         fn stop(&mut self) {
@@ -834,12 +915,12 @@ mod tests {
         assert_eq!(h.status(), Ok(Status::BadRequest));
         check_good(&mut good);
 
-        // Another version: Unsupported, echoing the request id, then closed.
-        let mut v2 = Header::request(Op::Held, 6, 7, 0, 0).to_bytes();
-        v2[4] = 2;
-        let (h, msg) = error_reply(&raw_exchange(&server.addr, &v2, false).unwrap());
+        // A version 1 client: Unsupported, echoing the request id, then closed.
+        let mut v1 = Header::request(Op::Held, 6, 7, 0, 0).to_bytes();
+        v1[4] = 1;
+        let (h, msg) = error_reply(&raw_exchange(&server.addr, &v1, false).unwrap());
         assert_eq!((h.status(), h.request_id()), (Ok(Status::Unsupported), 6));
-        assert!(msg.contains("version 2"), "{msg}");
+        assert!(msg.contains("version 1"), "{msg}");
         check_good(&mut good);
 
         // A truncated frame, then close: nothing to answer.
@@ -873,6 +954,131 @@ mod tests {
 
         assert_eq!(server.ctx.bad_frames(), 7);
         assert_eq!(server.ctx.store.held(7).unwrap(), 32);
+    }
+
+    /// Sends each frame on one connection and reads one reply per frame; panics if the
+    /// server closes first.
+    fn replies_on_one_connection(addr: &str, frames: &[Vec<u8>]) -> Vec<(Header, Vec<u8>)> {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut replies = Vec::new();
+        for frame in frames {
+            s.write_all(frame).unwrap();
+            let mut head = [0u8; HEADER_LEN];
+            s.read_exact(&mut head).unwrap();
+            let h = Header::peek(&head).unwrap();
+            let mut payload = vec![0u8; h.payload_len() as usize];
+            s.read_exact(&mut payload).unwrap();
+            let mut whole = head.to_vec();
+            whole.extend_from_slice(&payload);
+            assert_eq!(
+                protocol::check(&whole, Direction::Response),
+                Ok(whole.len())
+            );
+            replies.push((h, payload));
+        }
+        replies
+    }
+
+    /// A frame of `header` and `payload`, checksum included.
+    fn frame(header: Header, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; header.frame_len()];
+        protocol::encode_frame(&header, payload, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_write_back_with_a_bad_checksum_stores_nothing() {
+        let server = Running::start(100);
+        let mut peer = server.peer();
+        peer.load(7).unwrap();
+        let pages = [0xC3u8; 2 * PAGE_SIZE];
+        // Over held pages (0, 1) and onto pages not held (40, 41); one bit of the payload
+        // flipped after the checksum was computed.
+        let mut frames = Vec::new();
+        for (id, first) in [(1, 0), (2, 40)] {
+            let mut f = frame(Header::request(Op::WriteBack, id, 7, first, 2), &pages);
+            f[HEADER_LEN + PAGE_SIZE + 17] ^= 0x04;
+            frames.push(f);
+        }
+        // And a good checksum with the payload intact but the checksum field damaged.
+        let mut f = frame(Header::request(Op::WriteBack, 3, 7, 40, 2), &pages);
+        f[38] ^= 0x80;
+        frames.push(f);
+        // The connection is still usable: the next request is answered.
+        frames.push(frame(Header::request(Op::Held, 4, 7, 0, 0), &[]));
+        let replies = replies_on_one_connection(&server.addr, &frames);
+        for (h, msg) in &replies[..3] {
+            let msg = std::str::from_utf8(msg).unwrap();
+            assert_eq!(h.status(), Ok(Status::BadRequest), "{msg}");
+            assert_eq!(h.op(), Ok(Op::WriteBack));
+            assert!(msg.starts_with("payload checksum mismatch"), "{msg}");
+        }
+        assert_eq!(
+            replies
+                .iter()
+                .map(|(h, _)| h.request_id())
+                .collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(replies[3].0.status(), Ok(Status::Ok));
+        assert_eq!(replies[3].0.page(), 32, "nothing was stored");
+        assert_eq!(server.ctx.pages_written_back(), 0);
+        assert_eq!(server.ctx.bad_frames(), 3);
+        let mut back = vec![0u8; 2 * PAGE_SIZE];
+        peer.read(7, 0, &mut back).unwrap();
+        assert_pattern(0, &back);
+        assert_eq!(peer.held(7).unwrap(), 32);
+    }
+
+    #[test]
+    fn a_hello_from_another_cluster_is_refused() {
+        let server = Running::start_in("a", 100);
+        let err = server.connect("b").unwrap_err();
+        let (status, message) = remote_status(Err::<(), _>(err));
+        assert_eq!(status, Status::WrongCluster);
+        assert_eq!(message, "node 2 is in cluster 'a', not 'b'");
+
+        // The same cluster, or none on either side, is accepted.
+        let (status, _) = remote_status(server.connect("a").unwrap().held(7));
+        assert_eq!(status, Status::UnknownVm, "a usable connection");
+        server.connect("").unwrap();
+        let open = Running::start_in("", 100);
+        open.connect("b").unwrap();
+        open.connect("").unwrap();
+
+        // On the wire: the reply carries the server's name; a refusal keeps the connection,
+        // a name that is not UTF-8 is a bad request, and one over 64 bytes closes it.
+        let hello = |id, cluster: &[u8]| {
+            let h = Header::request(Op::Hello, id, 0, u64::from(CLIENT), 0)
+                .with_payload_len(cluster.len() as u32);
+            frame(h, cluster)
+        };
+        let replies = replies_on_one_connection(
+            &server.addr,
+            &[
+                hello(1, b"b"),
+                hello(2, b"\xff\xfe"),
+                hello(3, b"a"),
+                hello(4, b""),
+            ],
+        );
+        assert_eq!(replies[0].0.status(), Ok(Status::WrongCluster));
+        assert_eq!(replies[1].0.status(), Ok(Status::BadRequest));
+        assert_eq!(replies[1].1, b"the cluster name is not UTF-8");
+        for (h, payload) in &replies[2..] {
+            assert_eq!((h.status(), h.page()), (Ok(Status::Ok), u64::from(ME)));
+            assert_eq!(payload, b"a");
+        }
+        let long = hello(5, &[b'x'; 65]);
+        let (h, msg) = error_reply(&raw_exchange(&server.addr, &long, false).unwrap());
+        assert_eq!(h.status(), Ok(Status::BadRequest));
+        assert!(msg.contains("at most 64"), "{msg}");
+        assert_eq!(server.ctx.bad_frames(), 1);
+
+        let long = ServerContext::new(ME, PageStore::new(1), |_| Err(String::new()))
+            .with_cluster("x".repeat(65));
+        assert!(matches!(long, Err(ServerError::ClusterTooLong(65))));
     }
 
     #[test]
@@ -934,7 +1140,7 @@ mod tests {
         assert_eq!(server.ctx.connections(), 2);
         assert!(idle.held(7).is_err());
         assert!(busy.held(7).is_err());
-        assert!(TcpPeer::connect(CLIENT, ME, &server.addr, Duration::from_secs(1)).is_err());
+        assert!(server.connect(CLUSTER).is_err());
     }
 
     #[test]

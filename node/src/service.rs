@@ -15,6 +15,7 @@ use pagemesh_api::{
     TransportKind, Vm,
 };
 
+use crate::admin::{self, AdminState};
 use crate::compute::{Backing, ComputeError, RunOptions, RunOutcome, run_guest};
 use crate::config::{BackingArg, ConfigError, PlacementArg, RoleArg, Settings, parse_size};
 use crate::coordinator::{CoordinatorClient, CoordinatorError};
@@ -63,6 +64,9 @@ pub enum NodeError {
     /// Writing the summary failed.
     #[error("cannot write the summary to {0}")]
     Summary(String, #[source] std::io::Error),
+    /// The admin endpoint could not start.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// Waiting for a stop signal failed.
     #[error("cannot wait for signals")]
     Signals(#[source] std::io::Error),
@@ -89,7 +93,7 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         // Benchmark floors: no cluster at all.
         return run_local(id, &settings, backing);
     }
-    let _signals = block_stop_signals().map_err(NodeError::Signals)?;
+    let signals = block_stop_signals().map_err(NodeError::Signals)?;
 
     let coordinator_url = settings
         .coordinator
@@ -122,13 +126,22 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         .unwrap_or_else(|| bound.to_string());
 
     let lookup_client = coordinator.clone();
-    let ctx = Arc::new(ServerContext::new(
-        id,
-        PageStore::new(capacity_pages),
-        move |vm| lookup_client.vm(vm).map_err(|e| error_chain(&e)),
-    ));
+    let ctx = ServerContext::new(id, PageStore::new(capacity_pages), move |vm| {
+        lookup_client.vm(vm).map_err(|e| error_chain(&e))
+    });
+    let ctx = Arc::new(ctx.with_cluster(settings.cluster.clone().unwrap_or_default())?);
     let shutdown = ShutdownSignal::new();
     let server_thread = server::serve(listener, ctx.clone(), shutdown.clone())?;
+
+    let admin_state = Arc::new(AdminState::new(id, role, ctx.clone()));
+    let admin_addr = match settings.admin.as_deref().unwrap_or("127.0.0.1:0") {
+        "off" | "none" => None,
+        addr => {
+            let bound = admin::start(addr, admin_state.clone())?;
+            tracing::info!("admin endpoint on http://{bound} (/stats, /metrics, /healthz)");
+            Some(bound.to_string())
+        }
+    };
 
     let info = coordinator.register_with_coordinator(
         id,
@@ -139,6 +152,7 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
             capacity_bytes: capacity,
             cluster: settings.cluster.clone(),
             replace: settings.replace,
+            admin: admin_addr.clone(),
         },
     )?;
     tracing::info!(
@@ -146,19 +160,22 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         coordinator.url()
     );
     println!("pagemesh-node {id} ({role}) serving pages on {advertise}");
+    if let Some(a) = &admin_addr {
+        println!("pagemesh-node {id} admin on http://{a}");
+    }
     let _ = std::io::Write::flush(&mut std::io::stdout());
     debug_assert_eq!(info.node_id, id);
 
     let ok = if role.computes() && settings.workload.is_some() {
-        let ok = run_compute(id, &settings, &coordinator);
-        if role.serves_memory() {
-            tracing::info!("run finished; serving pages until stopped");
-            wait_for_stop_signal(&_signals)?;
+        let ok = run_compute(id, &settings, &coordinator, &admin_state);
+        if role.serves_memory() || settings.hold {
+            tracing::info!("run finished; staying up until stopped (Ctrl-C or SIGTERM)");
+            wait_for_stop_signal(&signals)?;
         }
         ok?
     } else {
         tracing::info!("serving pages until stopped (Ctrl-C or SIGTERM)");
-        wait_for_stop_signal(&_signals)?;
+        wait_for_stop_signal(&signals)?;
         true
     };
     shutdown.trigger();
@@ -312,6 +329,7 @@ fn run_compute(
     id: NodeId,
     settings: &Settings,
     coordinator: &CoordinatorClient,
+    admin: &AdminState,
 ) -> Result<bool, NodeError> {
     let mem = guest_mem(settings, 256 << 20)?;
     let pages = mem / PAGE_SIZE as u64;
@@ -331,9 +349,11 @@ fn run_compute(
     );
     let timeout = Duration::from_secs_f64(settings.peer_timeout.unwrap_or(5.0).max(0.001));
     let wanted = vm.placement.nodes();
-    let mut transport = TransportManager::new(id, timeout);
+    let mut transport = TransportManager::new(id, timeout)
+        .with_cluster(settings.cluster.clone().unwrap_or_default());
     coordinator.discover_and_connect_peers(id, &mut transport, Some(&wanted))?;
-    let mut control = TransportManager::new(id, timeout);
+    let mut control = TransportManager::new(id, timeout)
+        .with_cluster(settings.cluster.clone().unwrap_or_default());
     coordinator.discover_and_connect_peers(id, &mut control, Some(&wanted))?;
     for n in &wanted {
         if !control.peer_ids().contains(n) {
@@ -404,6 +424,7 @@ fn run_compute(
             transport,
         },
         |done| tracing::debug!("guest: {done} pages done"),
+        |live| *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(live),
     );
     let outcome = match outcome {
         Ok(o) => o,
@@ -461,7 +482,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
         initial,
         cpu: settings.pin_cpu,
     };
-    let outcome = run_guest(&opts, backing, |_| {})?;
+    let outcome = run_guest(&opts, backing, |_| {}, |_| {})?;
     report(
         settings,
         id,

@@ -58,6 +58,19 @@ pub enum TransportError {
         /// What did not match.
         what: &'static str,
     },
+    /// The peer's Hello reply names a cluster other than this node's.
+    #[error("node {node} is in cluster '{theirs}', not '{ours}'")]
+    WrongCluster {
+        /// Peer node.
+        node: NodeId,
+        /// This node's cluster.
+        ours: String,
+        /// The peer's.
+        theirs: String,
+    },
+    /// A cluster name too long for the Hello ([`protocol::MAX_CLUSTER_LEN`]).
+    #[error("cluster name of {0} bytes is over the page protocol's limit of 64")]
+    ClusterTooLong(usize),
     /// A page of the wrong size was handed over.
     #[error("invalid page size: expected 4096, got {0}")]
     InvalidPageSize(usize),
@@ -123,22 +136,34 @@ pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// One connection per peer node; what the pager fetches through.
 pub struct TransportManager {
     local: NodeId,
+    cluster: String,
     timeout: std::time::Duration,
     peers: std::collections::HashMap<NodeId, Box<dyn PageSource>>,
 }
 
 impl TransportManager {
-    /// A manager for node `local` with no peers yet.
+    /// A manager for node `local`, of no cluster, with no peers yet.
     pub fn new(local: NodeId, timeout: std::time::Duration) -> Self {
         Self {
             local,
+            cluster: String::new(),
             timeout,
             peers: std::collections::HashMap::new(),
         }
     }
 
+    /// This manager for a node of `cluster` (`""`: none): its connections introduce it as
+    /// such and refuse peers of another cluster.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: String) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
     /// Connects to `peer_id` at `endpoint` (TCP; RDMA endpoints are refused until the RDMA
-    /// transport exists) and keeps the connection, replacing an older one.
+    /// transport exists) and keeps the connection, replacing an older one. A peer of another
+    /// cluster is refused ([`TransportError::WrongCluster`], or [`TransportError::Remote`]
+    /// when the peer refuses first).
     pub fn connect_peer(
         &mut self,
         peer_id: NodeId,
@@ -147,6 +172,7 @@ impl TransportManager {
         let source: Box<dyn PageSource> = match endpoint.transport {
             pagemesh_api::TransportKind::Tcp => Box::new(tcp::TcpPeer::connect(
                 self.local,
+                &self.cluster,
                 peer_id,
                 &endpoint.address,
                 self.timeout,

@@ -36,12 +36,20 @@ fn opts(workload: &str, access: &str, initial: Initial) -> RunOptions {
 
 #[test]
 fn verify_sees_every_page_from_its_owner() {
+    let mut live = None;
     let out = run_guest(
         &opts("verify", "read", Initial::Pattern(77)),
         pager_backing(77),
         |_| {},
+        |run| live = Some(run),
     )
     .unwrap();
+    let live = live.expect("the pager's live counters were handed out");
+    assert_eq!(live.pages_done.load(std::sync::atomic::Ordering::Relaxed), PAGES);
+    assert!(!live.running.load(std::sync::atomic::Ordering::Relaxed));
+    // Every page was faulted on exactly once and is resident now.
+    assert!((0..PAGES).all(|p| live.directory.heat(p) == Ok(1)));
+    assert_eq!(live.directory.counts(), (0, PAGES, 0));
     assert_eq!(out.result.pages_done, PAGES);
     assert_eq!(out.result.bad_pages, 0, "{:?}", out.result);
     assert!(out.ok(), "{out:?}");
@@ -54,6 +62,7 @@ fn verify_catches_the_wrong_pattern() {
     let out = run_guest(
         &opts("verify", "read", Initial::Pattern(1)),
         pager_backing(2),
+        |_| {},
         |_| {},
     )
     .unwrap();
@@ -68,6 +77,7 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
         &opts("random", "rmw", Initial::Pattern(5)),
         pager_backing(5),
         |_| {},
+        |_| {},
     )
     .unwrap();
     assert!(out.ok(), "{out:?}");
@@ -75,7 +85,7 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
         directory: Arc::new(PageDirectory::new(PAGES)),
         transport: TransportManager::new(0, pagemesh_node::transport::DEFAULT_TIMEOUT),
     };
-    let out = run_guest(&opts("stride:16", "write", Initial::Zero), zero, |_| {}).unwrap();
+    let out = run_guest(&opts("stride:16", "write", Initial::Zero), zero, |_| {}, |_| {}).unwrap();
     assert!(out.ok(), "{out:?}");
     assert_eq!(out.stats.local_zero, PAGES);
     assert_eq!(out.stats.remote, 0);

@@ -118,6 +118,17 @@ impl Proc {
         }
     }
 
+    /// The admin endpoint's URL (`http://host:port`), once the node has announced it.
+    pub fn admin_url(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        let line = self.wait_for_line(" admin on ", timeout)?;
+        Ok(line
+            .split(" admin on ")
+            .nth(1)
+            .context("no address in the admin announcement")?
+            .trim()
+            .to_owned())
+    }
+
     /// The last lines of its stderr.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
@@ -222,6 +233,8 @@ pub struct MemoryNode {
     pub id: u32,
     /// Its page server address.
     pub addr: String,
+    /// Its admin endpoint, `http://host:port`.
+    pub admin: String,
 }
 
 impl MemoryNode {
@@ -248,7 +261,13 @@ impl MemoryNode {
             .context("no address in the node's announcement")?
             .trim()
             .to_owned();
-        Ok(Self { proc, id, addr })
+        let admin = proc.admin_url(Duration::from_secs(5))?;
+        Ok(Self {
+            proc,
+            id,
+            addr,
+            admin,
+        })
     }
 }
 
@@ -325,6 +344,19 @@ impl Cluster {
         };
         Ok((status, summary, proc))
     }
+}
+
+/// `GET url` as text; an error for non-2xx answers.
+pub fn http_get(url: &str) -> anyhow::Result<String> {
+    let mut r = ureq::get(url)
+        .call()
+        .with_context(|| format!("GET {url}"))?;
+    Ok(r.body_mut().read_to_string()?)
+}
+
+/// `GET url` as JSON.
+pub fn http_json(url: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(&http_get(url)?)?)
 }
 
 /// A fresh folder under the system temp dir for one test's processes.

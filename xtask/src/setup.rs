@@ -9,6 +9,10 @@ use anyhow::{Context, bail};
 const PACKAGES: &[(&str, &str)] = &[
     // `as` and `objcopy` assemble the built-in test guest (node/build.rs).
     ("binutils", "objcopy"),
+    // The end-to-end tests scrape a live node with a real Prometheus server.
+    ("prometheus", "prometheus"),
+    // The console's end-to-end test drives it in a real terminal.
+    ("tmux", "tmux"),
 ];
 
 /// The workspace root.

@@ -168,6 +168,7 @@ mod tests {
 
     fn memory_node(address: &str) -> RegisterEndpoint {
         RegisterEndpoint {
+            admin: None,
             transport: TransportKind::Tcp,
             address: address.to_owned(),
             role: Role::Memory,

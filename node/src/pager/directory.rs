@@ -6,11 +6,12 @@
 //! ```text
 //!  31 30 29          24 23                        0
 //! +-----+--------------+--------------------------+
-//! |state|   reserved   |         node id          |
+//! |state|     heat     |         node id          |
 //! +-----+--------------+--------------------------+
 //! state: 0 = Zero     never written anywhere: zero-filled locally on first touch
 //!        1 = Local    resident in this node's guest memory
 //!        2 = Remote   held by `node id`; fetched (and claimed) on first touch
+//! heat:  faults served on this page, saturating at 63 (the console's heat map)
 //! ```
 //!
 //! Node ids are therefore limited to 24 bits ([`MAX_NODE_ID`]).
@@ -23,6 +24,10 @@ use pagemesh_api::{NodeId, Placement};
 pub const MAX_NODE_ID: NodeId = (1 << 24) - 1;
 
 const STATE_SHIFT: u32 = 30;
+const HEAT_SHIFT: u32 = 24;
+/// Largest heat an entry records.
+pub const MAX_HEAT: u32 = 63;
+const HEAT_MASK: u32 = MAX_HEAT << HEAT_SHIFT;
 const ZERO: u32 = 0;
 const LOCAL: u32 = 1;
 const REMOTE: u32 = 2;
@@ -128,24 +133,51 @@ impl PageDirectory {
             .map(|e| PageOwner::decode(e.load(Ordering::Acquire)))
     }
 
-    /// Records `owner` for `page`.
+    /// Records `owner` for `page`, keeping its heat.
     pub fn set_owner(&self, page: u64, owner: PageOwner) -> Result<(), DirectoryError> {
         if let PageOwner::Remote(n) = owner
             && n > MAX_NODE_ID
         {
             return Err(DirectoryError::NodeIdTooLarge(n));
         }
-        self.entry(page)?.store(owner.encode(), Ordering::Release);
+        let raw = owner.encode();
+        let _ = self
+            .entry(page)?
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(raw | (v & HEAT_MASK))
+            });
         Ok(())
     }
 
-    /// Marks `page` resident here and returns its previous owner.
+    /// Marks `page` resident here after a fault served on it, counting the fault in its
+    /// heat, and returns its previous owner.
     #[inline]
     pub fn claim(&self, page: u64) -> Result<PageOwner, DirectoryError> {
+        let local = PageOwner::Local.encode();
         let prev = self
             .entry(page)?
-            .swap(PageOwner::Local.encode(), Ordering::AcqRel);
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                let heat = ((v & HEAT_MASK) >> HEAT_SHIFT)
+                    .saturating_add(1)
+                    .min(MAX_HEAT);
+                Some(local | (heat << HEAT_SHIFT))
+            })
+            .unwrap_or_else(|v| v);
         Ok(PageOwner::decode(prev))
+    }
+
+    /// Faults served on `page` (saturating at [`MAX_HEAT`]).
+    pub fn heat(&self, page: u64) -> Result<u32, DirectoryError> {
+        self.entry(page)
+            .map(|e| (e.load(Ordering::Relaxed) & HEAT_MASK) >> HEAT_SHIFT)
+    }
+
+    /// Owner and heat of every page, in order.
+    pub fn scan(&self) -> impl Iterator<Item = (PageOwner, u32)> + '_ {
+        self.entries.iter().map(|e| {
+            let v = e.load(Ordering::Relaxed);
+            (PageOwner::decode(v), (v & HEAT_MASK) >> HEAT_SHIFT)
+        })
     }
 
     /// Pages per owner kind: (zero, local, remote).
@@ -200,6 +232,15 @@ mod tests {
         assert_eq!(d.owner(2), Ok(PageOwner::Local));
         assert_eq!(d.claim(2), Ok(PageOwner::Local));
         assert_eq!(d.counts(), (3, 1, 0));
+        assert_eq!(d.heat(2), Ok(2));
+        assert_eq!(d.heat(1), Ok(0));
+        d.set_owner(2, PageOwner::Remote(3)).unwrap();
+        assert_eq!(d.heat(2), Ok(2), "eviction keeps the heat");
+        for _ in 0..100 {
+            d.claim(2).unwrap();
+        }
+        assert_eq!(d.heat(2), Ok(MAX_HEAT));
+        assert_eq!(d.owner(2), Ok(PageOwner::Local));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 
+
 use super::PagerError;
 use super::directory::{PageDirectory, PageOwner};
 use super::stats::{FaultKind, PagerStats};
@@ -53,12 +54,15 @@ impl Handler {
             let addr = fault.address & !(PAGE_SIZE as u64 - 1);
             let page = (addr - self.base) / PAGE_SIZE as u64;
             let owner = self.directory.owner(page).map_err(PagerError::Directory)?;
+            let mut transfer = None;
             let (kind, installed) = match owner {
                 PageOwner::Remote(node) => {
+                    let t = Instant::now();
                     if let Err(e) = self.fetch_remote_page(page, node, &mut buf.0) {
                         self.stats.record_error();
                         return Err(e);
                     }
+                    transfer = Some((node, t.elapsed()));
                     // SAFETY: `buf` is one readable page; `addr` is a page-aligned address
                     // inside the registered range (it came from a fault on it).
                     let r = unsafe { self.uffd.copy(addr, buf.0.as_ptr(), PAGE_SIZE as u64) };
@@ -79,21 +83,16 @@ impl Handler {
                 ),
             };
             match installed {
-                Ok(Installed::Done) => {
-                    if kind == FaultKind::Remote || kind == FaultKind::LocalZero {
-                        // Ownership already moved for remote pages in fetch_remote_page.
-                        let _ = self.directory.claim(page);
-                    }
-                    let bytes = if kind == FaultKind::Remote {
-                        PAGE_SIZE as u64
-                    } else {
-                        0
-                    };
-                    self.stats.record(kind, start.elapsed(), bytes);
-                }
-                Ok(Installed::AlreadyPresent) => {
+                Ok(Installed::Done) if kind != FaultKind::Spurious => {
+                    // The page is ours now (a fetched page was freed by its holder).
                     let _ = self.directory.claim(page);
-                    self.stats.record(FaultKind::Spurious, start.elapsed(), 0);
+                    self.stats.record(kind, start.elapsed(), transfer);
+                }
+                Ok(_) => {
+                    // Already present: another path installed it. It is resident, so the
+                    // directory must say so; no fault was served, so no heat.
+                    let _ = self.directory.set_owner(page, PageOwner::Local);
+                    self.stats.record(FaultKind::Spurious, start.elapsed(), None);
                 }
                 Err(e) => {
                     self.stats.record_error();
@@ -103,7 +102,8 @@ impl Handler {
         }
     }
 
-    /// Fetches `page` from `node` into `dst`, claiming it: from here on this node owns it.
+    /// Fetches `page` from `node` into `dst`, claiming it: the holder frees it, and once
+    /// installed it is recorded as ours.
     ///
     /// Kept out of line under a stable name so that a uprobe can time transfers.
     #[inline(never)]
@@ -115,8 +115,6 @@ impl Handler {
     ) -> Result<(), PagerError> {
         self.transport
             .fetch_page(self.vm, page, node, dst)
-            .map_err(|source| PagerError::Fetch { page, node, source })?;
-        let _ = self.directory.claim(page);
-        Ok(())
+            .map_err(|source| PagerError::Fetch { page, node, source })
     }
 }

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use pagemesh_api::stats as api;
+use pagemesh_api::{NodeId, PAGE_SIZE};
 
 /// Counters and histograms of one pager, shared between its handler and readers.
 #[derive(Debug)]
@@ -20,8 +22,16 @@ pub struct PagerStats {
     spurious: AtomicU64,
     bytes_fetched: AtomicU64,
     errors: AtomicU64,
-    latency: Mutex<Histogram<u64>>,
-    remote_latency: Mutex<Histogram<u64>>,
+    /// One lock for every histogram: the handler takes it once per fault.
+    hists: Mutex<Hists>,
+}
+
+#[derive(Debug, Clone)]
+struct Hists {
+    all: Histogram<u64>,
+    remote: Histogram<u64>,
+    /// Transfer time per peer; a handful of peers, so a linear scan.
+    peers: Vec<(NodeId, Histogram<u64>)>,
 }
 
 /// The kind of a served fault.
@@ -77,8 +87,11 @@ impl Default for PagerStats {
             spurious: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            latency: Mutex::new(histogram()),
-            remote_latency: Mutex::new(histogram()),
+            hists: Mutex::new(Hists {
+                all: histogram(),
+                remote: histogram(),
+                peers: Vec::new(),
+            }),
         }
     }
 }
@@ -91,16 +104,54 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
     }
 }
 
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Upper bounds (µs) of the buckets exported to `/stats` and `/metrics`.
+pub const BUCKETS_US: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 75.0, 100.0, 150.0, 200.0,
+    300.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 100000.0,
+];
+
+/// Converts an HDR histogram of nanoseconds to the API's form.
+pub fn to_api(h: &Histogram<u64>) -> api::Histogram {
+    let mut buckets: Vec<api::Bucket> = BUCKETS_US
+        .iter()
+        .map(|&le_us| api::Bucket {
+            le_us,
+            count: if h.is_empty() {
+                0
+            } else {
+                h.count_between(0, (le_us * 1000.0) as u64)
+            },
+        })
+        .collect();
+    buckets.push(api::Bucket {
+        le_us: f64::INFINITY,
+        count: h.len(),
+    });
+    api::Histogram {
+        count: h.len(),
+        p50_us: us(h, 0.5),
+        p90_us: us(h, 0.9),
+        p99_us: us(h, 0.99),
+        max_us: if h.is_empty() { 0.0 } else { h.max() as f64 / 1000.0 },
+        sum_us: h.mean() * h.len() as f64 / 1000.0,
+        buckets,
+    }
+}
+
 impl PagerStats {
-    /// Records one served fault.
+    /// Records one served fault; `transfer` is the peer and the time its fetch took.
     #[inline]
-    pub fn record(&self, kind: FaultKind, latency: Duration, bytes: u64) {
-        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX).max(1);
+    pub fn record(&self, kind: FaultKind, latency: Duration, transfer: Option<(NodeId, Duration)>) {
+        let latency = ns(latency);
         match kind {
             FaultKind::Remote => {
                 self.remote.fetch_add(1, Ordering::Relaxed);
-                self.bytes_fetched.fetch_add(bytes, Ordering::Relaxed);
-                lock(&self.remote_latency).saturating_record(ns);
+                self.bytes_fetched
+                    .fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
             }
             FaultKind::LocalZero => {
                 self.local_zero.fetch_add(1, Ordering::Relaxed);
@@ -109,7 +160,22 @@ impl PagerStats {
                 self.spurious.fetch_add(1, Ordering::Relaxed);
             }
         }
-        lock(&self.latency).saturating_record(ns);
+        let mut h = lock(&self.hists);
+        h.all.saturating_record(latency);
+        if kind == FaultKind::Remote {
+            h.remote.saturating_record(latency);
+        }
+        if let Some((node, t)) = transfer {
+            let i = match h.peers.iter().position(|(n, _)| *n == node) {
+                Some(i) => i,
+                None => {
+                    // Once per peer, not per fault.
+                    h.peers.push((node, histogram()));
+                    h.peers.len() - 1
+                }
+            };
+            h.peers[i].1.saturating_record(ns(t));
+        }
     }
 
     /// Records a fault that could not be served.
@@ -131,27 +197,22 @@ impl PagerStats {
     pub fn remote_miss_ratio(&self) -> f64 {
         let r = self.remote_faults();
         let total = r + self.local_faults();
-        if total == 0 {
-            0.0
-        } else {
-            r as f64 / total as f64
-        }
+        if total == 0 { 0.0 } else { r as f64 / total as f64 }
     }
 
     /// Median fault latency.
     pub fn median_latency(&self) -> Duration {
-        Duration::from_nanos(lock(&self.latency).value_at_quantile(0.5))
+        Duration::from_nanos(lock(&self.hists).all.value_at_quantile(0.5))
     }
 
     /// 99th-percentile fault latency.
     pub fn p99_latency(&self) -> Duration {
-        Duration::from_nanos(lock(&self.latency).value_at_quantile(0.99))
+        Duration::from_nanos(lock(&self.hists).all.value_at_quantile(0.99))
     }
 
     /// Copies everything out.
     pub fn snapshot(&self) -> StatsSnapshot {
-        let lat = lock(&self.latency).clone();
-        let rlat = lock(&self.remote_latency).clone();
+        let h = lock(&self.hists).clone();
         StatsSnapshot {
             remote: self.remote_faults(),
             local_zero: self.local_faults(),
@@ -159,22 +220,45 @@ impl PagerStats {
             bytes_fetched: self.bytes_fetched.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             remote_miss_ratio: self.remote_miss_ratio(),
-            fault_p50_us: us(&lat, 0.5),
-            fault_p90_us: us(&lat, 0.9),
-            fault_p99_us: us(&lat, 0.99),
-            fault_max_us: if lat.is_empty() {
-                0.0
-            } else {
-                lat.max() as f64 / 1000.0
-            },
-            remote_p50_us: us(&rlat, 0.5),
-            remote_p99_us: us(&rlat, 0.99),
+            fault_p50_us: us(&h.all, 0.5),
+            fault_p90_us: us(&h.all, 0.9),
+            fault_p99_us: us(&h.all, 0.99),
+            fault_max_us: if h.all.is_empty() { 0.0 } else { h.all.max() as f64 / 1000.0 },
+            remote_p50_us: us(&h.remote, 0.5),
+            remote_p99_us: us(&h.remote, 0.99),
         }
+    }
+
+    /// The fault-latency histogram and per-peer transfer histograms, in the API's form.
+    pub fn histograms(&self) -> (api::Histogram, Vec<api::PeerStats>) {
+        let h = lock(&self.hists).clone();
+        let mut peers: Vec<api::PeerStats> = h
+            .peers
+            .iter()
+            .map(|(node, hist)| api::PeerStats {
+                node_id: *node,
+                pages: hist.len(),
+                transfer: to_api(hist),
+            })
+            .collect();
+        peers.sort_by_key(|p| p.node_id);
+        (to_api(&h.all), peers)
+    }
+
+    /// Counts in the API's form (histograms and heat are filled by the caller).
+    pub fn counters(&self) -> (u64, u64, u64, u64, u64) {
+        (
+            self.remote_faults(),
+            self.local_faults(),
+            self.spurious.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+            self.bytes_fetched.load(Ordering::Relaxed),
+        )
     }
 }
 
-fn lock(m: &Mutex<Histogram<u64>>) -> std::sync::MutexGuard<'_, Histogram<u64>> {
-    // A panic while holding the lock leaves a histogram that is still valid data.
+fn lock(m: &Mutex<Hists>) -> std::sync::MutexGuard<'_, Hists> {
+    // A panic while holding the lock leaves histograms that are still valid data.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -193,21 +277,32 @@ mod tests {
     fn test_pager_stats_remote_miss_ratio() {
         let s = PagerStats::default();
         for _ in 0..3 {
-            s.record(FaultKind::Remote, Duration::from_micros(50), 4096);
+            s.record(FaultKind::Remote, Duration::from_micros(50), Some((1, Duration::from_micros(20))));
         }
-        s.record(FaultKind::LocalZero, Duration::from_micros(10), 0);
-        s.record(FaultKind::Spurious, Duration::from_micros(1), 0);
+        s.record(FaultKind::LocalZero, Duration::from_micros(10), None);
+        s.record(FaultKind::Spurious, Duration::from_micros(1), None);
         assert_eq!(s.remote_miss_ratio(), 0.75);
         let snap = s.snapshot();
         assert_eq!((snap.remote, snap.local_zero, snap.spurious), (3, 1, 1));
         assert_eq!(snap.bytes_fetched, 3 * 4096);
+        let (all, peers) = s.histograms();
+        assert_eq!(all.count, 5);
+        assert_eq!(all.buckets.last().unwrap().count, 5);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].node_id, 1);
+        assert_eq!(peers[0].pages, 3);
+        assert!((peers[0].transfer.p50_us - 20.0).abs() < 0.1);
+        // Buckets are cumulative.
+        assert!(all.buckets.windows(2).all(|w| w[0].count <= w[1].count));
+        let le_10 = all.buckets.iter().find(|b| b.le_us == 10.0).unwrap();
+        assert_eq!(le_10.count, 2, "the 1 µs and 10 µs faults");
     }
 
     #[test]
     fn test_pager_stats_percentiles() {
         let s = PagerStats::default();
         for i in 1..=100u64 {
-            s.record(FaultKind::Remote, Duration::from_micros(i), 4096);
+            s.record(FaultKind::Remote, Duration::from_micros(i), None);
         }
         let snap = s.snapshot();
         assert!(

@@ -1,15 +1,16 @@
-//! The binary page protocol, version 1.
+//! The binary page protocol, version 2.
 //!
 //! A compute node's pager talks to each memory node over one TCP connection. Every frame,
 //! request or reply, is a 40-byte little-endian [`Header`] followed by `payload_len` bytes of
-//! payload. A connection carries one request at a time: the client sends a request and reads
-//! its reply before sending the next (the server answers in order, so pipelining also works).
+//! payload, whose CRC32C the header carries ([`checksum`]). A connection carries one request
+//! at a time: the client sends a request and reads its reply before sending the next (the
+//! server answers in order, so pipelining also works).
 //!
 //! ```text
 //! compute node (TcpPeer)                                memory node (PageServer)
 //!        |                                                       |
-//!        |-- Hello page=<compute id> --------------------------->|
-//!        |<------------------------------ Ok page=<memory id> ---|
+//!        |-- Hello page=<compute id> + "<cluster>" ------------->| same cluster, or
+//!        |<----------------- Ok page=<memory id> + "<cluster>" --| either has none
 //!        |-- Load vm=7 ----------------------------------------->| vm_lookup(7), then
 //!        |<------------------------------ Ok page=<held> --------| load its share of VM 7
 //!        |-- Fetch vm=7 page=12 count=4 ------------------------>| copy out, then free
@@ -27,8 +28,11 @@
 //! Decoding is two steps, as in mini-redis: [`check`] tells whether a buffer starts with a
 //! whole, valid frame (and how long it is) without copying anything, with
 //! [`FrameError::Incomplete`] as the "need more bytes" state; [`parse`] then hands out the
-//! header and a borrowed payload. Encoding writes into a caller's buffer and never allocates.
-//! `docs/protocol.md` is the prose version of this module; keep the two in step.
+//! header and a borrowed payload. A receiver that reads the header and the payload apart (the
+//! server, [`TcpPeer`](super::tcp::TcpPeer)) runs [`Header::validate`] on the header and
+//! [`Header::verify_checksum`] on the payload before using it. Encoding writes into a
+//! caller's buffer and never allocates. `docs/protocol.md` is the prose version of this
+//! module; keep the two in step.
 
 use std::fmt;
 
@@ -38,8 +42,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"PGMS";
-/// The protocol version this module speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this module speaks. Version 1 had no checksum and no cluster name.
+pub const VERSION: u8 = 2;
 /// Bytes in a [`Header`].
 pub const HEADER_LEN: usize = 40;
 /// Most pages one Fetch, Read or WriteBack may carry.
@@ -48,6 +52,8 @@ pub const MAX_RUN_PAGES: u32 = 256;
 pub const MAX_RUN_BYTES: usize = MAX_RUN_PAGES as usize * PAGE_SIZE;
 /// Most bytes of the message an error reply carries.
 pub const MAX_MESSAGE_LEN: usize = 1024;
+/// Most bytes of the cluster name a Hello request or its OK reply carries.
+pub const MAX_CLUSTER_LEN: usize = 64;
 /// Most bytes of any frame, header included: the size of a buffer that holds any frame.
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_RUN_BYTES;
 
@@ -59,7 +65,7 @@ const PAGE_BYTES: u32 = PAGE_SIZE as u32;
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 4 | `magic` = `b"PGMS"` |
-/// | 4 | 1 | `version` = 1 |
+/// | 4 | 1 | `version` = 2 |
 /// | 5 | 1 | `op` ([`Op`]) |
 /// | 6 | 2 | `status` ([`Status`], 0 in requests) |
 /// | 8 | 8 | `request_id` |
@@ -67,11 +73,11 @@ const PAGE_BYTES: u32 = PAGE_SIZE as u32;
 /// | 20 | 4 | `count` (pages of the run) |
 /// | 24 | 8 | `page` (first page of the run, or a node id / page count, see [`Op`]) |
 /// | 32 | 4 | `payload_len` |
-/// | 36 | 4 | `reserved` = 0 |
+/// | 36 | 4 | `crc32c` = [`checksum`] of the payload (0 when there is none) |
 ///
 /// Fields are private so that a header can only be built by the constructors below; a header
-/// read from the network is only meaningful after [`Header::validate`] (which [`check`] and
-/// [`parse`] run).
+/// read from the network is only meaningful after [`Header::validate`], and its payload only
+/// after [`Header::verify_checksum`] (both of which [`check`] and [`parse`] run).
 #[repr(C)]
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -84,7 +90,7 @@ pub struct Header {
     count: U32,
     page: U64,
     payload_len: U32,
-    reserved: U32,
+    crc32c: U32,
 }
 
 const _: () = assert!(size_of::<Header>() == HEADER_LEN);
@@ -93,7 +99,10 @@ const _: () = assert!(size_of::<Header>() == HEADER_LEN);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Op {
-    /// Introduction: request `page` = the client's node id; reply `page` = the server's.
+    /// Introduction: request `page` = the client's node id, payload = its cluster name; reply
+    /// `page` = the server's node id, payload = its cluster name. Names are UTF-8 of at most
+    /// [`MAX_CLUSTER_LEN`] bytes, empty for none; the server refuses a client of another
+    /// cluster ([`Status::WrongCluster`]).
     Hello = 1,
     /// Claim `count` pages from `page` on: the reply carries them and the server frees them.
     Fetch = 2,
@@ -183,11 +192,13 @@ pub enum Status {
     LoadFailed = 5,
     /// Unknown op or protocol version.
     Unsupported = 6,
+    /// A Hello from a node of another cluster.
+    WrongCluster = 7,
 }
 
 impl Status {
     /// Every status, in code order.
-    pub const ALL: [Status; 7] = [
+    pub const ALL: [Status; 8] = [
         Status::Ok,
         Status::BadRequest,
         Status::UnknownVm,
@@ -195,6 +206,7 @@ impl Status {
         Status::NoCapacity,
         Status::LoadFailed,
         Status::Unsupported,
+        Status::WrongCluster,
     ];
 }
 
@@ -229,6 +241,7 @@ pub enum Direction {
 /// [`FrameError::Incomplete`] is a state, not a failure: read more and check again. Every
 /// other variant is a protocol violation; [`FrameError::is_fatal`] tells which of them leave
 /// the frame boundaries unknown, so that the connection cannot be used any further.
+/// [`FrameError::BadChecksum`] is the only one found in the payload rather than the header.
 #[derive(thiserror::Error, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrameError {
     /// Not enough bytes yet for the whole frame.
@@ -238,7 +251,7 @@ pub enum FrameError {
     #[error("bad magic; the peer does not speak the pagemesh page protocol")]
     BadMagic,
     /// A protocol version this node does not speak.
-    #[error("protocol version {0} is not supported; this node speaks version 1")]
+    #[error("protocol version {0} is not supported; this node speaks version {VERSION}")]
     BadVersion(u8),
     /// An op code this node does not know.
     #[error("unknown op {0}")]
@@ -249,9 +262,6 @@ pub enum FrameError {
     /// A request with a non-zero status field.
     #[error("request carries status {0}; requests must carry 0")]
     StatusInRequest(u16),
-    /// The reserved field is not zero.
-    #[error("reserved field is {0:#x}; it must be 0")]
-    NonZeroReserved(u32),
     /// A run of zero pages or of more than [`MAX_RUN_PAGES`].
     #[error("{op} of {count} pages; a run must have 1 to 256 pages")]
     BadCount {
@@ -273,6 +283,20 @@ pub enum FrameError {
     /// An error reply with a message over [`MAX_MESSAGE_LEN`] bytes.
     #[error("error message of {0} bytes; it must be at most 1024")]
     MessageTooLong(u32),
+    /// A Hello (request or OK reply) with a cluster name over [`MAX_CLUSTER_LEN`] bytes.
+    #[error("Hello with a cluster name of {0} bytes; it must be at most 64")]
+    ClusterTooLong(u32),
+    /// The payload is not the one the header's `crc32c` was computed over: it was damaged on
+    /// the way, or the sender computed it wrongly.
+    #[error(
+        "payload checksum mismatch: the header says {expected:#010x}, the payload has {actual:#010x}"
+    )]
+    BadChecksum {
+        /// The header's `crc32c`.
+        expected: u32,
+        /// The [`checksum`] of the payload received.
+        actual: u32,
+    },
     /// A payload over [`MAX_RUN_BYTES`].
     #[error("payload of {0} bytes is over the 1 MiB limit")]
     TooLarge(u32),
@@ -280,7 +304,8 @@ pub enum FrameError {
 
 impl FrameError {
     /// Whether the error leaves the end of the frame unknown (or the peer speaking another
-    /// protocol), so that the connection must be closed rather than skipped past.
+    /// protocol), so that the connection must be closed rather than skipped past. A bad
+    /// checksum is not fatal: the header, and so the frame's end, was valid.
     pub fn is_fatal(self) -> bool {
         matches!(
             self,
@@ -288,6 +313,7 @@ impl FrameError {
                 | FrameError::BadVersion(_)
                 | FrameError::BadLength { .. }
                 | FrameError::MessageTooLong(_)
+                | FrameError::ClusterTooLong(_)
                 | FrameError::TooLarge(_)
         )
     }
@@ -305,13 +331,15 @@ impl Header {
             count: U32::new(count),
             page: U64::new(page),
             payload_len: U32::new(0),
-            reserved: U32::new(0),
+            crc32c: U32::new(0),
         }
     }
 
     /// A request. Its payload length follows from the op: `count * 4096` for
-    /// [`Op::WriteBack`], 0 otherwise. For ops without a run pass `count` 0 (and `page` 0,
-    /// except the client's node id for [`Op::Hello`]).
+    /// [`Op::WriteBack`], 0 otherwise (give a Hello's cluster name its length with
+    /// [`Header::with_payload_len`]). For ops without a run pass `count` 0 (and `page` 0,
+    /// except the client's node id for [`Op::Hello`]). The checksum is 0 until
+    /// [`Header::with_checksum`] (or [`encode_frame`]) sets it.
     pub fn request(op: Op, request_id: u64, vm: VmId, page: u64, count: u32) -> Self {
         let mut h = Header::raw(op.into(), request_id, Status::Ok, vm, page, count);
         if op == Op::WriteBack {
@@ -321,8 +349,9 @@ impl Header {
     }
 
     /// The reply to this request with `status`: the same op byte (even an unknown one),
-    /// request id, VM, page and count, and no payload. Chain [`Header::with_page`] and
-    /// [`Header::with_payload_len`] to fill in what the op returns.
+    /// request id, VM, page and count, and no payload. Chain [`Header::with_page`],
+    /// [`Header::with_payload_len`] and [`Header::with_checksum`] to fill in what the op
+    /// returns.
     pub fn reply(&self, status: Status) -> Self {
         Header::raw(
             self.op,
@@ -351,6 +380,14 @@ impl Header {
     #[must_use]
     pub fn with_payload_len(mut self, len: u32) -> Self {
         self.payload_len = U32::new(len);
+        self
+    }
+
+    /// This header with `crc32c` set to the [`checksum`] of `payload`, the payload it is sent
+    /// with.
+    #[must_use]
+    pub fn with_checksum(mut self, payload: &[u8]) -> Self {
+        self.crc32c = U32::new(checksum(payload));
         self
     }
 
@@ -415,9 +452,9 @@ impl Header {
         self.payload_len.get()
     }
 
-    /// The reserved field (0 in valid frames).
-    pub fn reserved(&self) -> u32 {
-        self.reserved.get()
+    /// The CRC32C of the payload, as the sender computed it (see [`checksum`]).
+    pub fn crc32c(&self) -> u32 {
+        self.crc32c.get()
     }
 
     /// Bytes of the whole frame, header included.
@@ -442,9 +479,9 @@ impl Header {
     ///
     /// Checks run in this order, so that the first error is the most telling one and every
     /// non-fatal error leaves `payload_len` trustworthy (at most [`MAX_RUN_BYTES`]): magic,
-    /// version, payload size limit, reserved, status, op, count, payload length. An error
-    /// reply's op byte is not checked: a server echoes ops it does not know with
-    /// [`Status::Unsupported`].
+    /// version, payload size limit, status, op, count, payload length. An error reply's op
+    /// byte is not checked: a server echoes ops it does not know with [`Status::Unsupported`].
+    /// The `crc32c` field can only be judged with the payload: [`Header::verify_checksum`].
     pub fn validate(&self, dir: Direction) -> Result<usize, FrameError> {
         if self.magic != MAGIC {
             return Err(FrameError::BadMagic);
@@ -456,9 +493,6 @@ impl Header {
         if len as usize > MAX_RUN_BYTES {
             return Err(FrameError::TooLarge(len));
         }
-        if self.reserved() != 0 {
-            return Err(FrameError::NonZeroReserved(self.reserved()));
-        }
         let expected = match dir {
             Direction::Request => {
                 if self.status_code() != 0 {
@@ -466,6 +500,7 @@ impl Header {
                 }
                 let op = self.op()?;
                 match op {
+                    Op::Hello => return self.hello_len(),
                     Op::Fetch | Op::Read => (op, self.run_pages(op).map(|_| 0)?),
                     Op::WriteBack => (op, self.run_pages(op)? * PAGE_BYTES),
                     _ => (op, 0),
@@ -480,6 +515,7 @@ impl Header {
                 }
                 let op = self.op()?;
                 match op {
+                    Op::Hello => return self.hello_len(),
                     Op::Fetch | Op::Read => (op, self.run_pages(op)? * PAGE_BYTES),
                     _ => (op, 0),
                 }
@@ -488,6 +524,30 @@ impl Header {
         let (op, expected) = expected;
         if len != expected {
             return Err(FrameError::BadLength { op, len, expected });
+        }
+        Ok(self.frame_len())
+    }
+
+    /// Checks the payload against the header's `crc32c`: `Ok` if `payload` is what the sender
+    /// computed it over. Run it on every payload before using it; it reads the payload once
+    /// and never allocates.
+    pub fn verify_checksum(&self, payload: &[u8]) -> Result<(), FrameError> {
+        let actual = checksum(payload);
+        if actual == self.crc32c() {
+            Ok(())
+        } else {
+            Err(FrameError::BadChecksum {
+                expected: self.crc32c(),
+                actual,
+            })
+        }
+    }
+
+    /// The frame length of a Hello (request or OK reply), whose payload is a cluster name.
+    fn hello_len(&self) -> Result<usize, FrameError> {
+        let len = self.payload_len();
+        if len as usize > MAX_CLUSTER_LEN {
+            return Err(FrameError::ClusterTooLong(len));
         }
         Ok(self.frame_len())
     }
@@ -515,18 +575,30 @@ impl fmt::Debug for Header {
             .field("count", &self.count())
             .field("page", &self.page())
             .field("payload_len", &self.payload_len())
-            .field("reserved", &self.reserved())
+            .field("crc32c", &format_args!("{:#010x}", self.crc32c()))
             .finish()
     }
+}
+
+/// The CRC32C of a payload: CRC-32C (Castagnoli; reflected polynomial `0x82F63B78`, initial
+/// value and final XOR `0xFFFFFFFF`, as in iSCSI and ext4), so `b"123456789"` gives
+/// `0xE3069283`. An empty payload gives 0, which is also what that definition yields.
+///
+/// Uses the CPU's CRC32C instruction when it has one (SSE4.2, ARMv8 CRC).
+pub fn checksum(payload: &[u8]) -> u32 {
+    if payload.is_empty() {
+        return 0;
+    }
+    crc32c::crc32c(payload)
 }
 
 /// Whether `buf` starts with a whole valid frame travelling in `dir`; if so, its length.
 ///
 /// Bad magic and version are reported as soon as their bytes are in, before the header is
-/// complete; every other field is judged once the 40 header bytes are in, before the payload
-/// is. So [`FrameError::Incomplete`] after a whole header means the header is valid and
-/// `payload_len` more bytes are due ([`Header::frame_len`]). Never reads past the frame and
-/// never panics.
+/// complete; every other header field is judged once the 40 header bytes are in, before the
+/// payload is; the checksum once the whole payload is in. So [`FrameError::Incomplete`] after
+/// a whole header means the header is valid and `payload_len` more bytes are due
+/// ([`Header::frame_len`]). Never reads past the frame and never panics.
 pub fn check(buf: &[u8], dir: Direction) -> Result<usize, FrameError> {
     let seen = buf.len().min(MAGIC.len());
     if buf[..seen] != MAGIC[..seen] {
@@ -544,6 +616,7 @@ pub fn check(buf: &[u8], dir: Direction) -> Result<usize, FrameError> {
     if buf.len() < len {
         return Err(FrameError::Incomplete);
     }
+    header.verify_checksum(&buf[HEADER_LEN..len])?;
     Ok(len)
 }
 
@@ -555,14 +628,15 @@ pub fn parse(buf: &[u8], dir: Direction) -> Result<(Header, &[u8]), FrameError> 
     Ok((header, &buf[HEADER_LEN..len]))
 }
 
-/// Writes `header` and `payload` into `dst`; returns the frame length, or `None` if `dst` is
-/// too short or `payload.len()` is not the header's `payload_len`.
+/// Writes `header`, with its checksum set to that of `payload`, and `payload` into `dst`;
+/// returns the frame length, or `None` if `dst` is too short or `payload.len()` is not the
+/// header's `payload_len`.
 pub fn encode_frame(header: &Header, payload: &[u8], dst: &mut [u8]) -> Option<usize> {
     let len = header.frame_len();
     if payload.len() != header.payload_len() as usize || dst.len() < len {
         return None;
     }
-    header.encode(dst)?;
+    header.with_checksum(payload).encode(dst)?;
     dst[HEADER_LEN..len].copy_from_slice(payload);
     Some(len)
 }
@@ -595,7 +669,9 @@ pub fn encode_error(
     let _ = fmt::write(&mut writer, message);
     let len = writer.len;
     // len <= MAX_MESSAGE_LEN, which fits in u32.
-    let header = Header::error_reply(op, request_id, status).with_payload_len(len as u32);
+    let header = Header::error_reply(op, request_id, status)
+        .with_payload_len(len as u32)
+        .with_checksum(&body[..len]);
     head.copy_from_slice(header.as_bytes());
     HEADER_LEN + len
 }
@@ -640,6 +716,7 @@ mod tests {
         bytes: Vec<u8>,
     }
 
+    /// Encodes `header` (whose checksum [`encode_frame`] fills in) and `payload`.
     fn build(dir: Direction, header: Header, payload: Vec<u8>) -> Built {
         let mut bytes = vec![0u8; header.frame_len()];
         assert_eq!(
@@ -648,10 +725,30 @@ mod tests {
         );
         Built {
             dir,
-            header,
+            header: header.with_checksum(&payload),
             payload,
             bytes,
         }
+    }
+
+    /// `len` bytes that vary with `seed` (cheaper than drawing every byte from proptest).
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                // splitmix64
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)) as u8
+            })
+            .collect()
+    }
+
+    /// A cluster name of 0 to 64 bytes (any bytes: framing does not look at them).
+    fn cluster() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..=MAX_CLUSTER_LEN)
     }
 
     fn any_op() -> impl Strategy<Value = Op> {
@@ -667,28 +764,41 @@ mod tests {
             any::<u32>(),
             any::<u64>(),
             1u32..=4,
-            any::<u8>(),
+            any::<u64>(),
+            cluster(),
         )
-            .prop_map(|(op, id, vm, page, count, fill)| {
+            .prop_map(|(op, id, vm, page, count, seed, cluster)| {
                 let count = if op.carries_run() { count } else { 0 };
-                let h = Header::request(op, id, vm, page, count);
-                let payload = vec![fill; h.payload_len() as usize];
+                let mut h = Header::request(op, id, vm, page, count);
+                if op == Op::Hello {
+                    h = h.with_payload_len(cluster.len() as u32);
+                }
+                let payload = match op {
+                    Op::Hello => cluster,
+                    _ => noise(seed, h.payload_len() as usize),
+                };
                 build(Direction::Request, h, payload)
             })
     }
 
     fn ok_response() -> impl Strategy<Value = Built> {
-        (request(), any::<u64>(), any::<u8>()).prop_map(|(req, page, fill)| {
+        (request(), any::<u64>(), any::<u64>(), cluster()).prop_map(|(req, page, seed, cluster)| {
             let op = req.header.op().unwrap();
             let mut h = req.header.reply(Status::Ok);
-            let mut len = 0;
+            let mut payload = Vec::new();
             match op {
-                Op::Fetch | Op::Read => len = req.header.count() * PAGE_BYTES,
+                Op::Fetch | Op::Read => {
+                    payload = noise(seed, req.header.count() as usize * PAGE_SIZE);
+                }
                 Op::WriteBack => {}
+                Op::Hello => {
+                    h = h.with_page(page);
+                    payload = cluster;
+                }
                 _ => h = h.with_page(page),
             }
-            let h = h.with_payload_len(len);
-            build(Direction::Response, h, vec![fill; len as usize])
+            let h = h.with_payload_len(payload.len() as u32);
+            build(Direction::Response, h, payload)
         })
     }
 
@@ -705,9 +815,12 @@ mod tests {
             })
     }
 
-    /// Frames whose every length is determined by their header.
+    /// Frames whose every length is determined by their header (not Hello's, whose payload
+    /// may be shorter than its limit).
     fn strict_frame() -> impl Strategy<Value = Built> {
-        prop_oneof![request(), ok_response()]
+        prop_oneof![request(), ok_response()].prop_filter("a Hello's length is not fixed", |f| {
+            f.header.op() != Ok(Op::Hello)
+        })
     }
 
     fn any_frame() -> impl Strategy<Value = Built> {
@@ -723,6 +836,28 @@ mod tests {
             let (header, payload) = parse(&bytes, f.dir).unwrap();
             prop_assert_eq!(header, f.header);
             prop_assert_eq!(payload, &f.payload[..]);
+            prop_assert_eq!(header.crc32c(), checksum(&f.payload));
+            prop_assert_eq!(header.verify_checksum(payload), Ok(()));
+            // Re-encoding what was parsed gives the same bytes.
+            let mut again = vec![0u8; f.bytes.len()];
+            prop_assert_eq!(encode_frame(&header, payload, &mut again), Some(f.bytes.len()));
+            prop_assert_eq!(again, f.bytes);
+        }
+
+        #[test]
+        fn any_corruption_of_the_checksum_or_payload_is_detected(
+            f in any_frame(),
+            at in any::<proptest::sample::Index>(),
+            flip in 1..=255u8,
+        ) {
+            // One of the 4 checksum bytes or one of the payload's.
+            let i = at.index(4 + f.payload.len());
+            let pos = if i < 4 { 36 + i } else { HEADER_LEN + i - 4 };
+            let mut bytes = f.bytes.clone();
+            bytes[pos] ^= flip;
+            let got = check(&bytes, f.dir);
+            prop_assert!(matches!(got, Err(FrameError::BadChecksum { .. })), "byte {} ^ {:#x}: {:?}", pos, flip, got);
+            prop_assert!(!got.unwrap_err().is_fatal());
         }
 
         #[test]
@@ -734,8 +869,8 @@ mod tests {
 
         #[test]
         fn corrupting_fixed_fields_is_an_error(f in strict_frame()) {
-            // magic, version, payload_len, reserved: any change is detected.
-            for at in (0..5).chain(32..40) {
+            // magic, version, payload_len: any change is detected (crc32c: see below).
+            for at in (0..5).chain(32..36) {
                 for flip in 1..=255u8 {
                     let mut bytes = f.bytes.clone();
                     bytes[at] ^= flip;
@@ -794,11 +929,98 @@ mod tests {
     }
 
     #[test]
+    fn every_single_byte_corruption_of_a_short_payload_is_detected() {
+        // Exhaustively, where that is cheap: every byte of the checksum and of a full-length
+        // cluster name or a short message, XORed with every non-zero value.
+        let cluster = [0xA5u8; MAX_CLUSTER_LEN];
+        let hello = Header::request(Op::Hello, 1, 0, 3, 0).with_payload_len(64);
+        let message = b"page 12 of VM 7 is not held here".repeat(3);
+        let error =
+            Header::error_reply(2, 9, Status::NotHeld).with_payload_len(message.len() as u32);
+        for (dir, header, payload) in [
+            (Direction::Request, hello, &cluster[..]),
+            (Direction::Response, error, &message[..]),
+        ] {
+            let mut frame = vec![0u8; header.frame_len()];
+            encode_frame(&header, payload, &mut frame).unwrap();
+            assert_eq!(check(&frame, dir), Ok(frame.len()));
+            for pos in (36..40).chain(HEADER_LEN..frame.len()) {
+                for flip in 1..=255u8 {
+                    frame[pos] ^= flip;
+                    assert!(
+                        matches!(check(&frame, dir), Err(FrameError::BadChecksum { .. })),
+                        "byte {pos} ^ {flip:#x}"
+                    );
+                    frame[pos] ^= flip;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn checksum_is_crc32c() {
+        assert_eq!(checksum(b""), 0);
+        assert_eq!(checksum(b"123456789"), 0xE306_9283);
+        // RFC 3720 B.4: 32 bytes of zeros, and of 0xFF.
+        assert_eq!(checksum(&[0u8; 32]), 0x8A91_36AA);
+        assert_eq!(checksum(&[0xFFu8; 32]), 0x62A8_AB43);
+        let h = Header::request(Op::Held, 1, 1, 0, 0);
+        assert_eq!(h.with_checksum(&[]).crc32c(), 0);
+        assert_eq!(
+            h.verify_checksum(b"x"),
+            Err(FrameError::BadChecksum {
+                expected: 0,
+                actual: checksum(b"x")
+            })
+        );
+        // A frame with no payload must carry 0.
+        let mut b = h.to_bytes();
+        b[36] = 1;
+        assert_eq!(
+            check(&b, Direction::Request),
+            Err(FrameError::BadChecksum {
+                expected: 1,
+                actual: 0
+            })
+        );
+        assert!(
+            FrameError::BadChecksum {
+                expected: 1,
+                actual: 0
+            }
+            .to_string()
+            .starts_with("payload checksum mismatch")
+        );
+    }
+
+    #[test]
+    fn hello_carries_a_cluster_name_of_at_most_64_bytes() {
+        for dir in [Direction::Request, Direction::Response] {
+            let hello = Header::request(Op::Hello, 1, 0, 3, 0);
+            let hello = match dir {
+                Direction::Request => hello,
+                Direction::Response => hello.reply(Status::Ok).with_page(4),
+            };
+            for len in [0, 1, 64] {
+                assert_eq!(
+                    hello.with_payload_len(len).validate(dir),
+                    Ok(HEADER_LEN + len as usize)
+                );
+            }
+            let long = hello.with_payload_len(65).validate(dir);
+            assert_eq!(long, Err(FrameError::ClusterTooLong(65)));
+            assert!(long.unwrap_err().is_fatal());
+        }
+    }
+
+    #[test]
     fn header_layout_is_as_documented() {
-        let h = Header::request(Op::WriteBack, 0x0102_0304_0506_0708, 9, 0x1122, 2);
+        let payload = [7u8; 8192];
+        let h = Header::request(Op::WriteBack, 0x0102_0304_0506_0708, 9, 0x1122, 2)
+            .with_checksum(&payload);
         let b = h.to_bytes();
         assert_eq!(&b[0..4], b"PGMS");
-        assert_eq!(b[4], 1);
+        assert_eq!(b[4], 2);
         assert_eq!(b[5], 4);
         assert_eq!(&b[6..8], &[0, 0]);
         assert_eq!(&b[8..16], &0x0102_0304_0506_0708u64.to_le_bytes());
@@ -806,7 +1028,7 @@ mod tests {
         assert_eq!(&b[20..24], &2u32.to_le_bytes());
         assert_eq!(&b[24..32], &0x1122u64.to_le_bytes());
         assert_eq!(&b[32..36], &8192u32.to_le_bytes());
-        assert_eq!(&b[36..40], &[0, 0, 0, 0]);
+        assert_eq!(&b[36..40], &checksum(&payload).to_le_bytes());
     }
 
     #[test]
@@ -887,12 +1109,16 @@ mod tests {
             check(b"GET / HTTP/1.1", Direction::Request),
             Err(FrameError::BadMagic)
         );
+        // A version 1 peer is refused from its fifth byte on.
+        let v1 = check(b"PGMS\x01", Direction::Request);
+        assert_eq!(v1, Err(FrameError::BadVersion(1)));
+        assert!(v1.unwrap_err().is_fatal());
         assert_eq!(
-            check(b"PGMS\x02", Direction::Request),
-            Err(FrameError::BadVersion(2))
+            v1.unwrap_err().to_string(),
+            "protocol version 1 is not supported; this node speaks version 2"
         );
         assert_eq!(
-            check(b"PGMS\x01", Direction::Request),
+            check(b"PGMS\x02", Direction::Request),
             Err(FrameError::Incomplete)
         );
         assert_eq!(check(b"", Direction::Response), Err(FrameError::Incomplete));
@@ -911,10 +1137,10 @@ mod tests {
         assert_eq!(check(&msg[..len], Direction::Response), Ok(HEADER_LEN + 4));
         // But a status it does not know is malformed.
         b[5] = Op::Held as u8;
-        b[6] = 7;
+        b[6] = 8;
         assert_eq!(
             check(&b, Direction::Response),
-            Err(FrameError::UnknownStatus(7))
+            Err(FrameError::UnknownStatus(8))
         );
         assert!(!FrameError::UnknownOp(8).is_fatal());
         assert!(FrameError::BadMagic.is_fatal());

@@ -2,7 +2,11 @@
 //!
 //! The fetch path makes no heap allocation: the request header is encoded on the stack and
 //! sent with one `write`, the reply header is read into a stack array, and the pages are read
-//! straight into the caller's buffer. Only error paths allocate (the peer's message).
+//! straight into the caller's buffer, whose CRC32C is then checked in place. Only error paths
+//! allocate (the peer's message).
+//!
+//! Connecting sends a Hello with this node's id and cluster name, and checks the answer: the
+//! server must be the node asked for, and in the same cluster unless either side has none.
 //!
 //! Every read and write has a timeout (5 s by default, [`TcpOptions`]) so that a dead peer
 //! turns into an error instead of hanging the pager; [`PageSource::load`], which may read a
@@ -10,14 +14,16 @@
 //!
 //! # Poisoning
 //!
-//! After an I/O error, a close, a malformed reply or a reply out of turn the byte stream can
-//! no longer be trusted (a late reply may still be on its way), so the connection is
-//! *poisoned*: every later call fails at once with an error of the same kind, without
-//! touching the socket, until [`TcpPeer::reconnect`] dials again. Reconnecting is left to
-//! the caller because a request that failed mid-way may or may not have taken effect on the
-//! peer (a Fetch whose reply was lost has already freed its pages there), which only the
-//! caller can reason about. A refusal ([`TransportError::Remote`]) leaves the connection
-//! healthy.
+//! After an I/O error, a close, a malformed reply (a payload failing its checksum included) or
+//! a reply out of turn the byte stream can no longer be trusted (a late reply may still be on
+//! its way), so the connection is *poisoned*: every later call fails at once with an error of
+//! the same kind, without touching the socket, until [`TcpPeer::reconnect`] dials again. So is
+//! a connection whose Hello failed (another node, another cluster, a refusal), since it leads
+//! to a server this node must not use. Reconnecting is left to the caller because a request
+//! that failed mid-way may or may not have taken effect on the peer (a Fetch whose reply was
+//! lost or damaged has already freed its pages there), which only the caller can reason
+//! about. A refusal ([`TransportError::Remote`]) of any request but Hello leaves the
+//! connection healthy.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -27,7 +33,8 @@ use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 use zerocopy::IntoBytes;
 
 use super::protocol::{
-    self, Direction, FrameError, HEADER_LEN, Header, MAX_MESSAGE_LEN, MAX_RUN_PAGES, Op, Status,
+    self, Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_MESSAGE_LEN,
+    MAX_RUN_PAGES, Op, Status,
 };
 use super::{PageSource, TransportError};
 
@@ -63,6 +70,7 @@ impl Default for TcpOptions {
 #[derive(Debug)]
 pub struct TcpPeer {
     local: NodeId,
+    cluster: String,
     peer: NodeId,
     addr: String,
     options: TcpOptions,
@@ -72,46 +80,93 @@ pub struct TcpPeer {
 }
 
 /// Why a connection is unusable, kept to fail later calls with the same kind of error.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Poison {
     Io(io::ErrorKind),
     Closed,
     Malformed(FrameError),
     Unexpected(&'static str),
+    /// The server refused the Hello.
+    Refused {
+        status: Status,
+        message: String,
+    },
+    /// The server is in another cluster.
+    WrongCluster {
+        ours: String,
+        theirs: String,
+    },
 }
 
 impl Poison {
-    /// The poison an error leaves, if it leaves one.
+    /// The poison an error leaves, if it leaves one. A refusal does not, except of a Hello
+    /// ([`Poison::of_hello`]).
     fn of(err: &TransportError) -> Option<Poison> {
         match err {
             TransportError::Io { source, .. } => Some(Poison::Io(source.kind())),
             TransportError::Closed { .. } => Some(Poison::Closed),
             TransportError::Malformed { source, .. } => Some(Poison::Malformed(*source)),
             TransportError::Unexpected { what, .. } => Some(Poison::Unexpected(what)),
+            TransportError::WrongCluster { ours, theirs, .. } => Some(Poison::WrongCluster {
+                ours: ours.clone(),
+                theirs: theirs.clone(),
+            }),
             _ => None,
         }
     }
 
-    fn to_error(self, node: NodeId) -> TransportError {
+    /// The poison a failed Hello leaves: every failure does, since the connection was never
+    /// introduced.
+    fn of_hello(err: &TransportError) -> Poison {
+        match err {
+            TransportError::Remote {
+                status, message, ..
+            } => Poison::Refused {
+                status: *status,
+                message: message.clone(),
+            },
+            other => Poison::of(other).unwrap_or(Poison::Unexpected("the hello failed")),
+        }
+    }
+
+    fn to_error(&self, node: NodeId) -> TransportError {
         match self {
             Poison::Io(kind) => TransportError::Io {
                 node,
-                source: io::Error::new(kind, "the connection failed earlier; reconnect"),
+                source: io::Error::new(*kind, "the connection failed earlier; reconnect"),
             },
             Poison::Closed => TransportError::Closed { node },
-            Poison::Malformed(source) => TransportError::Malformed { node, source },
+            Poison::Malformed(source) => TransportError::Malformed {
+                node,
+                source: *source,
+            },
             Poison::Unexpected(what) => TransportError::Unexpected { node, what },
+            Poison::Refused { status, message } => TransportError::Remote {
+                node,
+                status: *status,
+                message: message.clone(),
+            },
+            Poison::WrongCluster { ours, theirs } => TransportError::WrongCluster {
+                node,
+                ours: ours.clone(),
+                theirs: theirs.clone(),
+            },
         }
     }
 }
 
 impl TcpPeer {
     /// Connects to `peer`'s page server at `addr` (`host:port`) within `timeout`, with the
-    /// default I/O timeouts, and introduces `local_node` to it.
+    /// default I/O timeouts, and introduces `local_node` of `cluster` to it (`""`: no
+    /// cluster).
     ///
-    /// Fails with [`TransportError::Unexpected`] if the server there is not node `peer`.
+    /// Fails with [`TransportError::Unexpected`] if the server there is not node `peer`, with
+    /// [`TransportError::WrongCluster`] if it says it is in a cluster other than `cluster`
+    /// (when both have one), and with [`TransportError::Remote`] if it refuses the Hello
+    /// ([`Status::WrongCluster`] when it finds the clusters differ).
     pub fn connect(
         local_node: NodeId,
+        cluster: &str,
         peer: NodeId,
         addr: &str,
         timeout: Duration,
@@ -120,19 +175,24 @@ impl TcpPeer {
             connect_timeout: timeout,
             ..TcpOptions::default()
         };
-        Self::connect_with(local_node, peer, addr, options)
+        Self::connect_with(local_node, cluster, peer, addr, options)
     }
 
     /// [`TcpPeer::connect`] with every timeout given.
     pub fn connect_with(
         local_node: NodeId,
+        cluster: &str,
         peer: NodeId,
         addr: &str,
         options: TcpOptions,
     ) -> Result<Self, TransportError> {
+        if cluster.len() > MAX_CLUSTER_LEN {
+            return Err(TransportError::ClusterTooLong(cluster.len()));
+        }
         let stream = dial(peer, addr, &options)?;
         let mut me = TcpPeer {
             local: local_node,
+            cluster: cluster.to_owned(),
             peer,
             addr: addr.to_owned(),
             options,
@@ -167,22 +227,60 @@ impl TcpPeer {
         self.local
     }
 
+    /// The cluster name this side introduces itself with (`""`: none).
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// Introduces this node and checks who answers. Any failure poisons the connection: the
+    /// stream may be fine, but it leads to a server this node must not use.
     fn hello(&mut self) -> Result<(), TransportError> {
-        let reply = self.exchange(Op::Hello, 0, u64::from(self.local), 0, &[], &mut [])?;
-        if reply.page() != u64::from(self.peer) {
-            // The stream is fine, but it leads to the wrong node: never use it.
-            self.poison = Some(Poison::Unexpected("the server there is another node"));
+        let result = self.try_hello();
+        if let Err(e) = &result {
+            self.poison = Some(Poison::of_hello(e));
+        }
+        result
+    }
+
+    fn try_hello(&mut self) -> Result<(), TransportError> {
+        let node = self.peer;
+        // One allocation per connection, so that `exchange` can borrow `self` mutably.
+        let ours = self.cluster.clone();
+        let mut theirs = [0u8; MAX_CLUSTER_LEN];
+        let reply = self.exchange(
+            Op::Hello,
+            0,
+            u64::from(self.local),
+            0,
+            ours.as_bytes(),
+            &mut theirs,
+        )?;
+        if reply.page() != u64::from(node) {
             return Err(TransportError::Unexpected {
-                node: self.peer,
+                node,
                 what: "the server there is another node",
+            });
+        }
+        // exchange() checked that the payload fits `theirs`.
+        let Ok(theirs) = std::str::from_utf8(&theirs[..reply.payload_len() as usize]) else {
+            return Err(TransportError::Unexpected {
+                node,
+                what: "the server's cluster name is not UTF-8",
+            });
+        };
+        if !ours.is_empty() && !theirs.is_empty() && theirs != ours {
+            return Err(TransportError::WrongCluster {
+                node,
+                ours,
+                theirs: theirs.to_owned(),
             });
         }
         Ok(())
     }
 
-    /// Sends one request and reads its reply; the reply's payload goes into `into`, whose
-    /// length must be the payload an OK reply carries. Poisons the connection on errors that
-    /// leave the stream out of step.
+    /// Sends one request with payload `out` and reads its reply; the reply's payload goes into
+    /// `into`, whose length must be the payload an OK reply carries (for Hello: at most).
+    /// Poisons the connection on errors that leave the stream out of step.
     fn exchange(
         &mut self,
         op: Op,
@@ -192,13 +290,18 @@ impl TcpPeer {
         out: &[u8],
         into: &mut [u8],
     ) -> Result<Header, TransportError> {
-        if let Some(poison) = self.poison {
+        if let Some(poison) = &self.poison {
             return Err(poison.to_error(self.peer));
         }
         let request_id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        let request = Header::request(op, request_id, vm, page, count);
+        let mut request = Header::request(op, request_id, vm, page, count);
+        if op == Op::Hello {
+            // The cluster name, at most MAX_CLUSTER_LEN bytes (checked by connect_with).
+            request = request.with_payload_len(out.len() as u32);
+        }
         debug_assert_eq!(request.payload_len() as usize, out.len());
+        let request = request.with_checksum(out);
         let result = self.round_trip(&request, out, into);
         if let Err(err) = &result
             && let Some(poison) = Poison::of(err)
@@ -249,15 +352,24 @@ impl TcpPeer {
             });
         }
         let len = reply.payload_len() as usize;
+        let malformed = |source| TransportError::Malformed { node, source };
         match reply.status() {
             Ok(Status::Ok) => {
-                if len != into.len() {
+                // A Hello's cluster name may be shorter than `into`; pages fill it exactly.
+                let fits = if request.op() == Ok(Op::Hello) {
+                    len <= into.len()
+                } else {
+                    len == into.len()
+                };
+                if !fits {
                     return Err(TransportError::Unexpected {
                         node,
                         what: "the reply carries a payload of the wrong size",
                     });
                 }
-                self.stream.read_exact(into).map_err(io_error)?;
+                let payload = &mut into[..len];
+                self.stream.read_exact(payload).map_err(io_error)?;
+                reply.verify_checksum(payload).map_err(malformed)?;
                 Ok(reply)
             }
             Ok(status) => {
@@ -265,13 +377,14 @@ impl TcpPeer {
                 let mut message = [0u8; MAX_MESSAGE_LEN];
                 let message = &mut message[..len.min(MAX_MESSAGE_LEN)];
                 self.stream.read_exact(message).map_err(io_error)?;
+                reply.verify_checksum(message).map_err(malformed)?;
                 Err(TransportError::Remote {
                     node,
                     status,
                     message: String::from_utf8_lossy(message).into_owned(),
                 })
             }
-            Err(source) => Err(TransportError::Malformed { node, source }),
+            Err(source) => Err(malformed(source)),
         }
     }
 }
@@ -355,7 +468,7 @@ impl PageSource for TcpPeer {
     }
 
     fn load(&mut self, vm: VmId) -> Result<u64, TransportError> {
-        if let Some(poison) = self.poison {
+        if let Some(poison) = &self.poison {
             return Err(poison.to_error(self.peer));
         }
         let node = self.peer;
@@ -389,16 +502,18 @@ impl PageSource for TcpPeer {
 
 #[cfg(test)]
 mod tests {
+    use std::error::Error;
     use std::net::TcpListener;
     use std::thread;
 
     use super::*;
-    use crate::transport::protocol::{MAX_FRAME_LEN, encode_error};
+    use crate::transport::protocol::{MAX_FRAME_LEN, encode_error, encode_frame};
 
-    /// A one-connection fake server: answers Hello as node `id`, then runs `script` on
-    /// each later request header.
+    /// A one-connection fake server: answers Hello as node `id` of `cluster`, then runs
+    /// `script` on each later request header (the script reads the payload, if any).
     fn fake_server(
         id: NodeId,
+        cluster: &'static str,
         script: impl Fn(&Header, &mut TcpStream) + Send + 'static,
     ) -> (String, thread::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -408,8 +523,16 @@ mod tests {
             let mut head = [0u8; HEADER_LEN];
             s.read_exact(&mut head).unwrap();
             let hello = Header::peek(&head).unwrap();
-            s.write_all(hello.reply(Status::Ok).with_page(id.into()).as_bytes())
-                .unwrap();
+            let mut theirs = vec![0u8; hello.payload_len() as usize];
+            s.read_exact(&mut theirs).unwrap();
+            assert_eq!(hello.verify_checksum(&theirs), Ok(()));
+            let reply = hello
+                .reply(Status::Ok)
+                .with_page(id.into())
+                .with_payload_len(cluster.len() as u32);
+            let mut frame = vec![0u8; reply.frame_len()];
+            encode_frame(&reply, cluster.as_bytes(), &mut frame).unwrap();
+            s.write_all(&frame).unwrap();
             while s.read_exact(&mut head).is_ok() {
                 let h = Header::peek(&head).unwrap();
                 script(&h, &mut s);
@@ -418,10 +541,14 @@ mod tests {
         (addr, handle)
     }
 
+    fn connect(cluster: &str, peer: NodeId, addr: &str) -> Result<TcpPeer, TransportError> {
+        TcpPeer::connect(1, cluster, peer, addr, Duration::from_secs(2))
+    }
+
     #[test]
     fn rejects_runs_before_sending() {
-        let (addr, server) = fake_server(2, |_, _| panic!("nothing should be sent"));
-        let mut peer = TcpPeer::connect(1, 2, &addr, Duration::from_secs(2)).unwrap();
+        let (addr, server) = fake_server(2, "", |_, _| panic!("nothing should be sent"));
+        let mut peer = connect("", 2, &addr).unwrap();
         let mut small = [0u8; 100];
         assert!(matches!(
             peer.fetch(1, 0, &mut small),
@@ -443,13 +570,104 @@ mod tests {
 
     #[test]
     fn wrong_node_is_unexpected() {
-        let (addr, server) = fake_server(9, |_, _| {});
-        let err = TcpPeer::connect(1, 2, &addr, Duration::from_secs(2)).unwrap_err();
+        let (addr, server) = fake_server(9, "", |_, _| {});
+        let err = connect("", 2, &addr).unwrap_err();
         assert!(
             matches!(err, TransportError::Unexpected { node: 2, .. }),
             "{err}"
         );
         server.join().unwrap();
+    }
+
+    #[test]
+    fn a_server_of_another_cluster_is_refused() {
+        let (addr, server) = fake_server(2, "b", |_, _| {});
+        let err = connect("a", 2, &addr).unwrap_err();
+        assert_eq!(err.to_string(), "node 2 is in cluster 'b', not 'a'");
+        assert!(matches!(
+            err,
+            TransportError::WrongCluster { node: 2, ref ours, ref theirs } if ours == "a" && theirs == "b"
+        ));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn the_same_cluster_or_none_is_accepted() {
+        for (ours, theirs) in [("a", "a"), ("", "b"), ("a", ""), ("", "")] {
+            let (addr, server) = fake_server(2, theirs, |h, s| {
+                s.write_all(h.reply(Status::Ok).with_page(3).as_bytes())
+                    .unwrap();
+            });
+            let mut peer = connect(ours, 2, &addr).unwrap();
+            assert_eq!(peer.cluster(), ours);
+            assert_eq!(peer.held(1).unwrap(), 3, "{ours:?} with {theirs:?}");
+            drop(peer);
+            server.join().unwrap();
+        }
+        let long = "x".repeat(MAX_CLUSTER_LEN + 1);
+        let err = connect(&long, 2, "127.0.0.1:1").unwrap_err();
+        assert!(matches!(err, TransportError::ClusterTooLong(65)), "{err}");
+    }
+
+    /// Answers Reads with a page, anything else with an error reply, and damages one byte of
+    /// the payload after computing its checksum.
+    fn damaged_replies(h: &Header, s: &mut TcpStream) {
+        let mut buf = vec![0u8; MAX_FRAME_LEN];
+        let n = if h.op() == Ok(Op::Read) {
+            let page = [0x5Au8; PAGE_SIZE];
+            let reply = h.reply(Status::Ok).with_payload_len(PAGE_SIZE as u32);
+            encode_frame(&reply, &page, &mut buf).unwrap()
+        } else {
+            encode_error(
+                &mut buf,
+                h.op_byte(),
+                h.request_id(),
+                Status::UnknownVm,
+                format_args!("VM {} is not loaded", h.vm()),
+            )
+        };
+        buf[HEADER_LEN + 1] ^= 0x10;
+        let _ = s.write_all(&buf[..n]);
+    }
+
+    #[test]
+    fn a_corrupted_reply_payload_is_malformed_and_poisons() {
+        for op in [Op::Read, Op::Held] {
+            let (addr, server) = fake_server(2, "", damaged_replies);
+            let mut peer = connect("", 2, &addr).unwrap();
+            let mut page = vec![0u8; PAGE_SIZE];
+            let err = match op {
+                Op::Read => peer.read(5, 0, &mut page).unwrap_err(),
+                _ => peer.held(5).map(drop).unwrap_err(),
+            };
+            assert!(
+                matches!(
+                    err,
+                    TransportError::Malformed {
+                        node: 2,
+                        source: FrameError::BadChecksum { expected, actual }
+                    } if expected != actual
+                ),
+                "{op}: {err:?}"
+            );
+            assert!(
+                err.source()
+                    .unwrap()
+                    .to_string()
+                    .starts_with("payload checksum mismatch")
+            );
+            assert!(peer.is_poisoned());
+            // Later calls fail at once with the same kind of error.
+            assert!(matches!(
+                peer.read(5, 0, &mut page),
+                Err(TransportError::Malformed {
+                    source: FrameError::BadChecksum { .. },
+                    ..
+                })
+            ));
+            drop(peer);
+            server.join().unwrap();
+        }
     }
 
     #[test]
@@ -460,14 +678,14 @@ mod tests {
             .local_addr()
             .unwrap()
             .to_string();
-        let err = TcpPeer::connect(1, 2, &addr, Duration::from_secs(2)).unwrap_err();
+        let err = connect("", 2, &addr).unwrap_err();
         assert!(matches!(err, TransportError::Connect { node: 2, .. }));
         assert!(err.to_string().contains(&addr));
     }
 
     #[test]
     fn remote_refusal_keeps_the_connection_and_garbage_poisons_it() {
-        let (addr, server) = fake_server(2, |h, s| {
+        let (addr, server) = fake_server(2, "", |h, s| {
             if h.op() == Ok(Op::Held) {
                 let mut buf = vec![0u8; MAX_FRAME_LEN];
                 let n = encode_error(
@@ -483,7 +701,7 @@ mod tests {
                     .unwrap();
             }
         });
-        let mut peer = TcpPeer::connect(1, 2, &addr, Duration::from_secs(2)).unwrap();
+        let mut peer = connect("", 2, &addr).unwrap();
         for _ in 0..2 {
             match peer.held(5) {
                 Err(TransportError::Remote {
@@ -519,12 +737,12 @@ mod tests {
     #[test]
     fn a_silent_peer_times_out() {
         // Reads requests and never answers.
-        let (addr, server) = fake_server(2, |_, _| {});
+        let (addr, server) = fake_server(2, "", |_, _| {});
         let options = TcpOptions {
             io_timeout: Duration::from_millis(100),
             ..TcpOptions::default()
         };
-        let mut peer = TcpPeer::connect_with(1, 2, &addr, options).unwrap();
+        let mut peer = TcpPeer::connect_with(1, "", 2, &addr, options).unwrap();
         let err = peer.held(1).unwrap_err();
         assert!(matches!(err, TransportError::Io { node: 2, .. }), "{err}");
         assert!(peer.is_poisoned());
