@@ -83,7 +83,11 @@ fn build_probes(out: &Path) {
         );
     }
     let object = out.join("pagemesh-node-ebpf");
-    assert!(object.exists(), "aya-build produced no {}", object.display());
+    assert!(
+        object.exists(),
+        "aya-build produced no {}",
+        object.display()
+    );
     println!("cargo::rustc-cfg=pagemesh_ebpf");
 }
 

@@ -165,14 +165,29 @@ fn a_memory_image_is_split_over_the_memory_nodes() {
 fn the_admin_endpoint_reports_the_run_and_the_coordinator_lists_it() {
     let mut c = cluster("admin");
     let (mut compute, json_path) = c
-        .spawn_compute(&["--mem", "16MiB", "--workload", "random", "--access", "read", "--hold"])
+        .spawn_compute(&[
+            "--mem",
+            "16MiB",
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--hold",
+        ])
         .unwrap();
     let admin = compute.admin_url(Duration::from_secs(30)).unwrap();
     // The summary is written when the guest is done; the node then holds.
     let deadline = std::time::Instant::now() + RUN_TIMEOUT;
     while !json_path.exists() {
-        assert!(std::time::Instant::now() < deadline, "the run never finished");
-        assert!(compute.try_wait().unwrap().is_none(), "{}", compute.log_tail());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never finished"
+        );
+        assert!(
+            compute.try_wait().unwrap().is_none(),
+            "{}",
+            compute.log_tail()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let stats = pagemesh_tests::http_json(&format!("{admin}/stats?cells=64")).unwrap();
@@ -182,8 +197,15 @@ fn the_admin_endpoint_reports_the_run_and_the_coordinator_lists_it() {
     assert_eq!(pager["guest_pages_done"], json!(4096));
     assert_eq!(pager["fault_latency"]["count"], json!(4096));
     let peers = pager["peers"].as_array().unwrap();
-    assert_eq!(peers.len(), 2, "transfers from both memory nodes: {stats:#}");
-    assert_eq!(peers[0]["pages"].as_u64().unwrap() + peers[1]["pages"].as_u64().unwrap(), 4096);
+    assert_eq!(
+        peers.len(),
+        2,
+        "transfers from both memory nodes: {stats:#}"
+    );
+    assert_eq!(
+        peers[0]["pages"].as_u64().unwrap() + peers[1]["pages"].as_u64().unwrap(),
+        4096
+    );
     let cells = pager["heat"]["cells"].as_array().unwrap();
     assert_eq!(cells.len(), 64);
     let faults: u64 = cells.iter().map(|c| c["faults"].as_u64().unwrap()).sum();
@@ -198,7 +220,10 @@ fn the_admin_endpoint_reports_the_run_and_the_coordinator_lists_it() {
     assert!(metrics.contains("pagemesh_fault_duration_seconds_count{node=\"0\",vm=\"1\"} 4096"));
     let memory = pagemesh_tests::http_json(&format!("{}/stats", c.memory[0].admin)).unwrap();
     assert_eq!(memory["server"]["pages_claimed"], json!(2048), "{memory:#}");
-    assert_eq!(pagemesh_tests::http_get(&format!("{admin}/healthz")).unwrap(), "ok");
+    assert_eq!(
+        pagemesh_tests::http_get(&format!("{admin}/healthz")).unwrap(),
+        "ok"
+    );
 
     let nodes = pagemesh_tests::http_json(&format!("{}/nodes", c.coordinator.url)).unwrap();
     let nodes = nodes.as_array().unwrap();

@@ -15,15 +15,15 @@
 //! | [`admin`] | the admin HTTP endpoint: `/stats`, `/metrics`, `/healthz` |
 //! | [`metrics`] | Prometheus text exposition |
 
+pub mod admin;
 pub mod compute;
 pub mod config;
 pub mod coordinator;
 pub mod ebpf;
+pub mod metrics;
 pub mod pager;
 pub mod pattern;
 pub mod server;
 pub mod service;
 pub mod transport;
 pub mod vm;
-pub mod admin;
-pub mod metrics;

@@ -45,7 +45,10 @@ fn verify_sees_every_page_from_its_owner() {
     )
     .unwrap();
     let live = live.expect("the pager's live counters were handed out");
-    assert_eq!(live.pages_done.load(std::sync::atomic::Ordering::Relaxed), PAGES);
+    assert_eq!(
+        live.pages_done.load(std::sync::atomic::Ordering::Relaxed),
+        PAGES
+    );
     assert!(!live.running.load(std::sync::atomic::Ordering::Relaxed));
     // Every page was faulted on exactly once and is resident now.
     assert!((0..PAGES).all(|p| live.directory.heat(p) == Ok(1)));
@@ -85,7 +88,13 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
         directory: Arc::new(PageDirectory::new(PAGES)),
         transport: TransportManager::new(0, pagemesh_node::transport::DEFAULT_TIMEOUT),
     };
-    let out = run_guest(&opts("stride:16", "write", Initial::Zero), zero, |_| {}, |_| {}).unwrap();
+    let out = run_guest(
+        &opts("stride:16", "write", Initial::Zero),
+        zero,
+        |_| {},
+        |_| {},
+    )
+    .unwrap();
     assert!(out.ok(), "{out:?}");
     assert_eq!(out.stats.local_zero, PAGES);
     assert_eq!(out.stats.remote, 0);

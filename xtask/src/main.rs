@@ -2,12 +2,14 @@
 //!
 //! | command | what it does |
 //! |---|---|
-//! | `setup` | installs what the project needs (apt packages), idempotently |
+//! | `setup` | installs what the project needs (apt packages, the eBPF toolchain), idempotently |
+//! | `build-ebpf` | builds the eBPF probe object on its own (the node's build embeds it anyway) |
 //! | `run` | builds, starts a coordinator and three nodes on loopback, runs guests, prints a summary |
 //! | `bench` | the fault-latency benchmark |
 //! | `test` | the whole suite (what CI runs) |
 
 mod bench;
+mod ebpf;
 mod run;
 mod setup;
 
@@ -22,8 +24,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what pagemesh needs to build and run (apt packages); safe to repeat.
+    /// Install what pagemesh needs to build and run (apt packages, the eBPF toolchain);
+    /// safe to repeat.
     Setup,
+    /// Build the eBPF probes (`node-ebpf`) for the BPF target and print the object's path.
+    /// The node's build (node/build.rs) builds and embeds them by itself once `setup` has
+    /// installed the toolchain; this is for inspecting the object.
+    BuildEbpf,
     /// Build, start a local cluster (coordinator, two memory nodes, one compute node) and
     /// run the verify and random read-modify-write guests on remote memory.
     Run(run::RunArgs),
@@ -48,6 +55,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Setup => setup::setup(),
+        Command::BuildEbpf => ebpf::build_ebpf(),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args),
         Command::Test(args) => test(args),

@@ -1,4 +1,5 @@
-//! `cargo xtask setup`: make this machine able to build and run pagemesh, idempotently.
+//! `cargo xtask setup`: make this machine able to build and run pagemesh, idempotently
+//! (apt packages, the devices, and the eBPF toolchain of [`crate::ebpf`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,13 +39,11 @@ pub fn setup() -> anyhow::Result<()> {
         .map(|(pkg, _)| *pkg)
         .collect();
     if !missing.is_empty() {
-        eprintln!("xtask: installing {}", missing.join(" "));
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        apt_install(&missing)?;
     }
+    // The eBPF probes' toolchain (nightly rust-src, LLVM 22, bpf-linker): without it the
+    // node builds but embeds no probes.
+    crate::ebpf::install_toolchain()?;
     for dev in ["/dev/kvm", "/dev/userfaultfd"] {
         if !Path::new(dev).exists() {
             eprintln!(
@@ -54,6 +53,16 @@ pub fn setup() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Installs Debian packages (after refreshing the package lists).
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    eprintln!("xtask: installing {}", packages.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// Runs a command, failing with its name if it fails.

@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 
-
 use super::PagerError;
 use super::directory::{PageDirectory, PageOwner};
 use super::stats::{FaultKind, PagerStats};
@@ -92,7 +91,8 @@ impl Handler {
                     // Already present: another path installed it. It is resident, so the
                     // directory must say so; no fault was served, so no heat.
                     let _ = self.directory.set_owner(page, PageOwner::Local);
-                    self.stats.record(FaultKind::Spurious, start.elapsed(), None);
+                    self.stats
+                        .record(FaultKind::Spurious, start.elapsed(), None);
                 }
                 Err(e) => {
                     self.stats.record_error();

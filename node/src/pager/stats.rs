@@ -136,7 +136,11 @@ pub fn to_api(h: &Histogram<u64>) -> api::Histogram {
         p50_us: us(h, 0.5),
         p90_us: us(h, 0.9),
         p99_us: us(h, 0.99),
-        max_us: if h.is_empty() { 0.0 } else { h.max() as f64 / 1000.0 },
+        max_us: if h.is_empty() {
+            0.0
+        } else {
+            h.max() as f64 / 1000.0
+        },
         sum_us: h.mean() * h.len() as f64 / 1000.0,
         buckets,
     }
@@ -197,7 +201,11 @@ impl PagerStats {
     pub fn remote_miss_ratio(&self) -> f64 {
         let r = self.remote_faults();
         let total = r + self.local_faults();
-        if total == 0 { 0.0 } else { r as f64 / total as f64 }
+        if total == 0 {
+            0.0
+        } else {
+            r as f64 / total as f64
+        }
     }
 
     /// Median fault latency.
@@ -223,7 +231,11 @@ impl PagerStats {
             fault_p50_us: us(&h.all, 0.5),
             fault_p90_us: us(&h.all, 0.9),
             fault_p99_us: us(&h.all, 0.99),
-            fault_max_us: if h.all.is_empty() { 0.0 } else { h.all.max() as f64 / 1000.0 },
+            fault_max_us: if h.all.is_empty() {
+                0.0
+            } else {
+                h.all.max() as f64 / 1000.0
+            },
             remote_p50_us: us(&h.remote, 0.5),
             remote_p99_us: us(&h.remote, 0.99),
         }
@@ -277,7 +289,11 @@ mod tests {
     fn test_pager_stats_remote_miss_ratio() {
         let s = PagerStats::default();
         for _ in 0..3 {
-            s.record(FaultKind::Remote, Duration::from_micros(50), Some((1, Duration::from_micros(20))));
+            s.record(
+                FaultKind::Remote,
+                Duration::from_micros(50),
+                Some((1, Duration::from_micros(20))),
+            );
         }
         s.record(FaultKind::LocalZero, Duration::from_micros(10), None);
         s.record(FaultKind::Spurious, Duration::from_micros(1), None);
