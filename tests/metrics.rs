@@ -1,0 +1,129 @@
+//! A real Prometheus server scrapes a live node and answers queries about it.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pagemesh_tests::{Bins, Cluster, Proc, http_get, http_json, test_dir};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The value of the first sample of an instant query, once Prometheus has one.
+fn query(prom: &str, q: &str, deadline: Instant) -> f64 {
+    let url = format!("{prom}/api/v1/query?query={}", urlencode(q));
+    loop {
+        if let Ok(v) = http_json(&url)
+            && let Some(value) = v["data"]["result"][0]["value"][1].as_str()
+        {
+            return value.parse().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never had a sample for {q}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn prometheus_scrapes_fault_counters_and_histograms_from_a_live_node() {
+    let bins = Bins::for_tests().unwrap();
+    let dir = test_dir("prometheus");
+    let mut c = Cluster::start(bins, dir.clone(), &[1, 2], "256MiB").unwrap();
+    let (mut compute, json_path) = c
+        .spawn_compute(&[
+            "--mem",
+            "16MiB",
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--hold",
+        ])
+        .unwrap();
+    let admin = compute.admin_url(Duration::from_secs(30)).unwrap();
+    let target = admin.trim_start_matches("http://").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !json_path.exists() {
+        assert!(Instant::now() < deadline, "the run never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pagemesh\n    \
+             static_configs:\n      - targets: [\"{target}\", \"{}\"]\n",
+            c.memory[0].admin.trim_start_matches("http://")
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut prom = Proc::spawn(
+        "prometheus",
+        &dir,
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}")),
+    )
+    .expect("prometheus is installed (cargo xtask setup installs it)");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(&format!("{url}/-/ready")).is_err() {
+        assert!(
+            prom.try_wait().unwrap().is_none(),
+            "prometheus exited: {}",
+            prom.log_tail()
+        );
+        assert!(Instant::now() < deadline, "prometheus never became ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let remote = query(
+        &url,
+        r#"pagemesh_faults_total{kind="remote",node="0"}"#,
+        deadline,
+    );
+    assert_eq!(remote, 4096.0);
+    let count = query(
+        &url,
+        r#"pagemesh_fault_duration_seconds_count{node="0"}"#,
+        deadline,
+    );
+    assert_eq!(count, 4096.0);
+    let p99 = query(
+        &url,
+        r#"histogram_quantile(0.99, pagemesh_fault_duration_seconds_bucket{node="0"})"#,
+        deadline,
+    );
+    assert!(p99 > 0.0 && p99 < 1.0, "p99 {p99} s");
+    let claimed = query(
+        &url,
+        r#"pagemesh_pages_served_total{node="1",claimed="true"}"#,
+        deadline,
+    );
+    assert_eq!(claimed, 2048.0);
+
+    prom.stop().unwrap();
+    assert!(compute.stop().unwrap().success());
+}
