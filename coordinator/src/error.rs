@@ -69,6 +69,7 @@ impl AppError {
                 RegistryError::BadClusterName(_)
                 | RegistryError::BadAddress { .. }
                 | RegistryError::NotMemoryNode { .. }
+                | RegistryError::OtherCluster { .. }
                 | RegistryError::NotComputeNode { .. }
                 | RegistryError::BadMemSize(_)
                 | RegistryError::RelativeImage(_)

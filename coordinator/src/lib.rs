@@ -223,6 +223,10 @@ mod tests {
             "transport": "tcp", "address": "127.0.0.1:7001", "role": "both", "cluster": "demo",
         });
         call(&app1, "POST", "/nodes/1/endpoint", Some(node)).await;
+        let memory = json!({
+            "transport": "tcp", "address": "127.0.0.1:7002", "role": "memory", "cluster": "demo",
+        });
+        call(&app1, "POST", "/nodes/2/endpoint", Some(memory)).await;
         let vm =
             json!({"compute_node": 1, "mem_bytes": 8192, "placement": {"policy": "interleave"}});
         let (status, _) = call(&app1, "POST", "/vms", Some(vm.clone())).await;
@@ -238,7 +242,7 @@ mod tests {
             )
         };
         let before = snapshot(app1.clone()).await;
-        assert_eq!(before.0.registered, [1]);
+        assert_eq!(before.0.registered, [1, 2]);
         drop(app1);
 
         let app2 = app(AppState::new(EmbeddedStore::open(&path).unwrap()));

@@ -69,6 +69,16 @@ pub enum RegistryError {
         /// Its role.
         role: Role,
     },
+    /// Pages placed on a node of another cluster than the compute node's.
+    #[error("node {node} is in {theirs}, the compute node in {ours}; place pages within one cluster")]
+    OtherCluster {
+        /// Node id.
+        node: NodeId,
+        /// Its cluster, described.
+        theirs: String,
+        /// The compute node's cluster, described.
+        ours: String,
+    },
     /// A VM run by a node that runs none.
     #[error("node {node} has role {role} and runs no guests; pick a compute node")]
     NotComputeNode {
@@ -247,7 +257,11 @@ impl Registry {
         {
             return Err(RegistryError::RelativeImage(path.clone()));
         }
-        let placement = self.place(req.placement, pages)?;
+        let scope = Scope {
+            cluster: compute.cluster.clone(),
+            compute: compute.node_id,
+        };
+        let placement = self.place(req.placement, pages, &scope)?;
         self.warn_if_short(&placement, req.mem_bytes);
         let id = self
             .last_vm_id
@@ -265,20 +279,25 @@ impl Registry {
         Ok(vm)
     }
 
-    /// Resolves a placement request for a VM of `pages` pages.
-    fn place(&self, req: PlacementRequest, pages: u64) -> Result<Placement, RegistryError> {
+    /// Resolves a placement request for a VM of `pages` pages run by `scope.compute`.
+    fn place(
+        &self,
+        req: PlacementRequest,
+        pages: u64,
+        scope: &Scope,
+    ) -> Result<Placement, RegistryError> {
         match req {
             PlacementRequest::Interleave {
                 nodes,
                 granule_pages,
             } => {
-                let nodes = self.memory_nodes(nodes)?;
+                let nodes = self.memory_nodes(nodes, scope)?;
                 let ids = nodes.iter().map(|n| n.node_id).collect();
                 Ok(Placement::interleave(ids, granule_pages, pages)?)
             }
             PlacementRequest::Weighted { nodes } => {
                 let weights: Vec<(NodeId, u64)> = self
-                    .memory_nodes(nodes)?
+                    .memory_nodes(nodes, scope)?
                     .iter()
                     .map(|n| (n.node_id, n.capacity_bytes))
                     .collect();
@@ -286,18 +305,27 @@ impl Registry {
             }
             PlacementRequest::Ranges { ranges } => {
                 for range in &ranges {
-                    self.memory_node(range.node)?;
+                    scope.check(self.memory_node(range.node)?)?;
                 }
                 Ok(Placement::ranges(ranges, pages)?)
             }
         }
     }
 
-    /// The memory nodes `ids`, in that order, or every registered memory node by id when
-    /// `ids` is empty.
-    fn memory_nodes(&self, ids: Vec<NodeId>) -> Result<Vec<&NodeInfo>, RegistryError> {
+    /// The memory nodes `ids`, in that order, or, when `ids` is empty, every registered
+    /// memory node of the compute node's cluster but the compute node itself, by id.
+    fn memory_nodes(
+        &self,
+        ids: Vec<NodeId>,
+        scope: &Scope,
+    ) -> Result<Vec<&NodeInfo>, RegistryError> {
         if ids.is_empty() {
-            return Ok(self.nodes().filter(|n| n.role.serves_memory()).collect());
+            return Ok(self
+                .nodes()
+                .filter(|n| {
+                    n.role.serves_memory() && n.cluster == scope.cluster && n.node_id != scope.compute
+                })
+                .collect());
         }
         let mut seen = BTreeSet::new();
         ids.into_iter()
@@ -305,12 +333,14 @@ impl Registry {
                 if !seen.insert(id) {
                     return Err(PlacementError::DuplicateNode(id).into());
                 }
-                self.memory_node(id)
+                scope.check(self.memory_node(id)?)
             })
             .collect()
     }
 
     /// Node `id`, which must hold pages.
+    ///
+    /// (Cluster membership is checked by [`Scope::check`].)
     fn memory_node(&self, id: NodeId) -> Result<&NodeInfo, RegistryError> {
         let node = self.node(id)?;
         if !node.role.serves_memory() {
@@ -497,6 +527,29 @@ impl TryFrom<StateFile> for Registry {
     }
 }
 
+/// Where a VM's pages may go: memory nodes of the compute node's cluster.
+struct Scope {
+    cluster: Option<String>,
+    compute: NodeId,
+}
+
+impl Scope {
+    fn check<'a>(&self, node: &'a NodeInfo) -> Result<&'a NodeInfo, RegistryError> {
+        if node.cluster == self.cluster {
+            return Ok(node);
+        }
+        let describe = |c: &Option<String>| match c {
+            Some(name) => format!("cluster '{name}'"),
+            None => "no cluster".to_owned(),
+        };
+        Err(RegistryError::OtherCluster {
+            node: node.node_id,
+            theirs: describe(&node.cluster),
+            ours: describe(&self.cluster),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use pagemesh_api::PageRange;
@@ -587,11 +640,12 @@ mod tests {
                     granule_pages: 2,
                 },
                 8,
+                &COMPUTE_2,
             )
             .unwrap();
         assert_eq!(interleave, Placement::interleave(vec![1, 3], 2, 8).unwrap());
         let weighted = r
-            .place(PlacementRequest::Weighted { nodes: vec![] }, 8)
+            .place(PlacementRequest::Weighted { nodes: vec![] }, 8, &COMPUTE_2)
             .unwrap();
         assert_eq!(weighted.count_of(1), 2);
         assert_eq!(weighted.count_of(3), 6);
@@ -603,7 +657,7 @@ mod tests {
             }],
         };
         assert_eq!(
-            r.place(ranges, 8),
+            r.place(ranges, 8, &COMPUTE_2),
             Err(RegistryError::NotMemoryNode {
                 node: 2,
                 role: Role::Compute
@@ -611,8 +665,57 @@ mod tests {
         );
         let twice = PlacementRequest::Weighted { nodes: vec![1, 1] };
         assert_eq!(
-            r.place(twice, 8),
+            r.place(twice, 8, &COMPUTE_2),
             Err(PlacementError::DuplicateNode(1).into())
+        );
+    }
+
+    const COMPUTE_2: Scope = Scope {
+        cluster: None,
+        compute: 2,
+    };
+
+    #[test]
+    fn placement_stays_within_the_compute_nodes_cluster() {
+        let mut r = Registry::default();
+        for name in ["a", "b"] {
+            r.create_cluster(CreateCluster {
+                name: name.into(),
+                nodes: 3,
+                memory_mb: 1024,
+            })
+            .unwrap();
+        }
+        let mut join = |id: NodeId, role: Role, cluster: &str| {
+            let mut e = endpoint(&format!("h:{}", id + 1), role, 1 << 20);
+            e.cluster = Some(cluster.into());
+            r.register(id, e, 0).unwrap();
+        };
+        join(1, Role::Memory, "a");
+        join(2, Role::Memory, "b");
+        join(3, Role::Both, "a");
+        join(4, Role::Memory, "a");
+        let in_a = Scope {
+            cluster: Some("a".into()),
+            compute: 3,
+        };
+        let p = r
+            .place(
+                PlacementRequest::Interleave {
+                    nodes: vec![],
+                    granule_pages: 1,
+                },
+                8,
+                &in_a,
+            )
+            .unwrap();
+        assert_eq!(p.nodes(), vec![1, 4], "not node 2 (cluster b), not itself");
+        let err = r
+            .place(PlacementRequest::Weighted { nodes: vec![1, 2] }, 8, &in_a)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node 2 is in cluster 'b', the compute node in cluster 'a'; place pages within one cluster"
         );
     }
 
@@ -620,6 +723,7 @@ mod tests {
     fn state_file_round_trip_and_checks() {
         let mut r = Registry::default();
         r.register(1, endpoint("h:1", Role::Both, 0), 5).unwrap();
+        r.register(2, endpoint("h:2", Role::Memory, 0), 5).unwrap();
         let vm = CreateVm {
             compute_node: 1,
             mem_bytes: 8192,
