@@ -10,12 +10,14 @@
 //! | `error` | [`AppError`] and the status and [`pagemesh_api::ApiError`] body of each failure |
 //! | `registry` | the records and the rules for changing them ([`RegistryError`], [`Stored`]) |
 //! | `store` | the [`Store`] seam; [`EmbeddedStore`] keeps the registry in memory and, optionally, a JSON file |
+//! | [`otlp`] | OpenTelemetry metrics export (OTLP/HTTP) and the request-duration middleware |
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod error;
 mod extract;
+pub mod otlp;
 mod registry;
 mod routes;
 mod store;
@@ -30,10 +32,11 @@ pub use error::AppError;
 pub use registry::{RegistryError, Stored};
 pub use store::{EmbeddedStore, Store, StoreError};
 
-/// What every handler shares: the store.
+/// What every handler shares: the store, and the request figures [`otlp`] exports.
 #[derive(Clone)]
 pub struct AppState {
     store: Arc<dyn Store>,
+    requests: Arc<otlp::RequestMetrics>,
 }
 
 impl AppState {
@@ -41,6 +44,7 @@ impl AppState {
     pub fn new(store: impl Store + 'static) -> Self {
         AppState {
             store: Arc::new(store),
+            requests: Arc::default(),
         }
     }
 
@@ -68,6 +72,10 @@ pub fn app(state: AppState) -> Router {
         )
         .fallback(routes::no_route)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.requests.clone(),
+            otlp::track,
+        ))
         .with_state(state)
 }
 

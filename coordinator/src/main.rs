@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
+use pagemesh_coordinator::otlp::{self, OtlpConfig};
 use pagemesh_coordinator::{AppState, EmbeddedStore};
 
 /// The pagemesh coordinator: keeps the clusters, the node endpoints and the VMs, decides which
@@ -38,6 +39,15 @@ struct Cli {
     /// directives such as `info,pagemesh_coordinator=debug`.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log_level: String,
+
+    /// Export metrics over OTLP/HTTP (protobuf) to this collector URL (`/v1/metrics` is
+    /// appended), or `off` [default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export].
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+
+    /// Seconds between OTLP exports [default: $OTEL_METRIC_EXPORT_INTERVAL ms, or 10].
+    #[arg(long, value_name = "SECS")]
+    otlp_interval: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -61,6 +71,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
+    let otlp_config =
+        OtlpConfig::resolve(cli.otlp_endpoint.as_deref(), cli.otlp_interval, |key| {
+            std::env::var(key).ok()
+        })?;
     let store = match &cli.state {
         Some(path) => EmbeddedStore::open(path)?,
         None => EmbeddedStore::in_memory(),
@@ -69,10 +83,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(serve(&cli.listen, store))
+        .block_on(serve(&cli.listen, store, otlp_config))
 }
 
-async fn serve(listen: &str, store: EmbeddedStore) -> anyhow::Result<()> {
+async fn serve(
+    listen: &str,
+    store: EmbeddedStore,
+    otlp_config: Option<OtlpConfig>,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -89,9 +107,12 @@ async fn serve(listen: &str, store: EmbeddedStore) -> anyhow::Result<()> {
     drop(stdout);
 
     let shutdown = shutdown_signal()?;
-    pagemesh_coordinator::serve(listener, AppState::new(store), shutdown)
-        .await
-        .context("serving failed")?;
+    let state = AppState::new(store);
+    let exporter = otlp_config.and_then(|c| otlp::start(c, state.clone(), addr.to_string()));
+    let served = pagemesh_coordinator::serve(listener, state, shutdown).await;
+    // The last export is a blocking POST: off the runtime's workers.
+    let _ = tokio::task::spawn_blocking(move || drop(exporter)).await;
+    served.context("serving failed")?;
     tracing::info!("shut down");
     Ok(())
 }

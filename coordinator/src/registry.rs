@@ -70,7 +70,9 @@ pub enum RegistryError {
         role: Role,
     },
     /// Pages placed on a node of another cluster than the compute node's.
-    #[error("node {node} is in {theirs}, the compute node in {ours}; place pages within one cluster")]
+    #[error(
+        "node {node} is in {theirs}, the compute node in {ours}; place pages within one cluster"
+    )]
     OtherCluster {
         /// Node id.
         node: NodeId,
@@ -323,7 +325,9 @@ impl Registry {
             return Ok(self
                 .nodes()
                 .filter(|n| {
-                    n.role.serves_memory() && n.cluster == scope.cluster && n.node_id != scope.compute
+                    n.role.serves_memory()
+                        && n.cluster == scope.cluster
+                        && n.node_id != scope.compute
                 })
                 .collect());
         }

@@ -191,6 +191,15 @@ pub struct Settings {
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
 
+    /// Export metrics over OTLP/HTTP (protobuf) to this collector URL (`/v1/metrics` is
+    /// appended), or `off` [default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export].
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Seconds between OTLP exports [default: $OTEL_METRIC_EXPORT_INTERVAL ms, or 10].
+    #[arg(long, value_name = "SECS")]
+    pub otlp_interval: Option<f64>,
+
     /// Compute role: after the guest finishes, keep the node (and its admin endpoint) up
     /// until Ctrl-C or SIGTERM, so that its final figures can still be read.
     #[arg(long)]
@@ -202,6 +211,31 @@ pub struct Settings {
     #[arg(long)]
     #[serde(default)]
     pub replace: bool,
+
+    /// Compute role: boot this Linux kernel (a bzImage, or an ELF vmlinux) instead of running
+    /// a built-in workload. Its memory is placed on the memory nodes like any guest's.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+
+    /// Compute role, with --kernel: initial ramdisk (an uncompressed cpio is fastest).
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+
+    /// Compute role, with --kernel: kernel command line [default: a serial console and the
+    /// settings that get a stock kernel furthest under software-assisted KVM; see
+    /// docs/linux-guest.md].
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+
+    /// Compute role, with --kernel: vCPUs (1 so far).
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
+
+    /// Compute role, with --kernel: copy the guest's serial console to stdout (it always
+    /// goes to the log).
+    #[arg(long)]
+    #[serde(default)]
+    pub console: bool,
 
     /// Compute role: write the run summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -259,12 +293,20 @@ impl Settings {
             range,
             pin_cpu,
             backing,
+            otlp_endpoint,
+            otlp_interval,
             json,
-            log
+            log,
+            admin,
+            kernel,
+            initrd,
+            cmdline,
+            vcpus
         );
         self.keep_vm |= file.keep_vm;
         self.replace |= file.replace;
         self.hold |= file.hold;
+        self.console |= file.console;
         Ok(self)
     }
 

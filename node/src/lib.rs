@@ -9,11 +9,13 @@
 //! | [`vm`] | the KVM VM, its memory and the built-in workload guest |
 //! | [`pager`] | userfaultfd, the page directory, the fault handler, stats |
 //! | [`compute`] | running a guest on pager-served memory |
+//! | [`linux_guest`] | booting a Linux kernel on pager-served memory |
 //! | [`coordinator`] | the coordinator client (register, discover, VMs) |
 //! | [`config`] | flags and the TOML config file |
 //! | [`service`] | what a node process does, role by role |
 //! | [`admin`] | the admin HTTP endpoint: `/stats`, `/metrics`, `/healthz` |
 //! | [`metrics`] | Prometheus text exposition |
+//! | [`otlp`] | OpenTelemetry metrics export (OTLP/HTTP) of the same figures |
 
 pub mod admin;
 pub mod compute;
@@ -21,9 +23,11 @@ pub mod config;
 pub mod coordinator;
 pub mod ebpf;
 pub mod metrics;
+pub mod otlp;
 pub mod pager;
 pub mod pattern;
 pub mod server;
 pub mod service;
 pub mod transport;
 pub mod vm;
+pub mod linux_guest;

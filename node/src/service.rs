@@ -58,6 +58,9 @@ pub enum NodeError {
         #[source]
         source: TransportError,
     },
+    /// The Linux guest's VM failed.
+    #[error("the Linux guest failed")]
+    Linux(#[from] crate::vm::vcpu::VcpuError),
     /// The guest run failed.
     #[error("guest run failed")]
     Compute(#[from] ComputeError),
@@ -82,7 +85,7 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         }
         .into());
     }
-    let role = settings.role.unwrap_or(if settings.workload.is_some() {
+    let role = settings.role.unwrap_or(if settings.workload.is_some() || settings.kernel.is_some() {
         RoleArg::Compute
     } else {
         RoleArg::Memory
@@ -134,6 +137,8 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     let server_thread = server::serve(listener, ctx.clone(), shutdown.clone())?;
 
     let admin_state = Arc::new(AdminState::new(id, role, ctx.clone()));
+    // Exports over OTLP when asked to; the last export goes out when `_otlp` is dropped.
+    let _otlp = crate::otlp::start(&settings, admin_state.clone())?;
     let admin_addr = match settings.admin.as_deref().unwrap_or("127.0.0.1:0") {
         "off" | "none" => None,
         addr => {
@@ -166,7 +171,9 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     let _ = std::io::Write::flush(&mut std::io::stdout());
     debug_assert_eq!(info.node_id, id);
 
-    let ok = if role.computes() && settings.workload.is_some() {
+    let ok = if role.computes() && settings.kernel.is_some() {
+        crate::linux_guest::run_linux(id, &settings, &coordinator, &admin_state, &signals)?
+    } else if role.computes() && settings.workload.is_some() {
         let ok = run_compute(id, &settings, &coordinator, &admin_state);
         if role.serves_memory() || settings.hold {
             tracing::info!("run finished; staying up until stopped (Ctrl-C or SIGTERM)");
@@ -200,7 +207,7 @@ fn default_seed() -> u64 {
         | 1
 }
 
-fn guest_mem(settings: &Settings, default: u64) -> Result<u64, NodeError> {
+pub(crate) fn guest_mem(settings: &Settings, default: u64) -> Result<u64, NodeError> {
     let mem = settings.mem.unwrap_or(default);
     if mem == 0 || !mem.is_multiple_of(PAGE_SIZE as u64) || mem > crate::vm::memory::MAX_RAM {
         return Err(ConfigError::Invalid {
@@ -264,7 +271,7 @@ fn content(settings: &Settings) -> Result<Content, NodeError> {
     }
 }
 
-fn placement_request(
+pub(crate) fn placement_request(
     settings: &Settings,
     coordinator: &CoordinatorClient,
     pages: u64,
@@ -308,7 +315,7 @@ fn placement_request(
     )
 }
 
-fn held(control: &mut TransportManager, vm: &Vm) -> Result<BTreeMap<NodeId, u64>, NodeError> {
+pub(crate) fn held(control: &mut TransportManager, vm: &Vm) -> Result<BTreeMap<NodeId, u64>, NodeError> {
     let mut out = BTreeMap::new();
     for n in vm.placement.nodes() {
         let count = control
@@ -606,6 +613,8 @@ fn block_stop_signals() -> std::io::Result<StopSignals> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        // SIGUSR2: "the guest has finished", sent by the vCPU thread to the main thread.
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if rc != 0 {
             return Err(std::io::Error::from_raw_os_error(rc));
@@ -614,13 +623,24 @@ fn block_stop_signals() -> std::io::Result<StopSignals> {
     }
 }
 
-fn wait_for_stop_signal(signals: &StopSignals) -> Result<(), NodeError> {
+/// Waits for SIGINT or SIGTERM.
+pub(crate) fn wait_for_stop_signal(signals: &StopSignals) -> Result<(), NodeError> {
+    loop {
+        let sig = wait_signal(signals)?;
+        if sig != libc::SIGUSR2 {
+            tracing::info!("signal {sig} received; shutting down");
+            return Ok(());
+        }
+    }
+}
+
+/// Waits for any of the blocked signals (SIGINT, SIGTERM, or SIGUSR2 from the vCPU thread).
+pub(crate) fn wait_signal(signals: &StopSignals) -> Result<i32, NodeError> {
     let mut sig = 0;
     // SAFETY: sigwait on a set of signals this thread has blocked.
     let rc = unsafe { libc::sigwait(&signals.0, &mut sig) };
     if rc != 0 {
         return Err(NodeError::Signals(std::io::Error::from_raw_os_error(rc)));
     }
-    tracing::info!("signal {sig} received; shutting down");
-    Ok(())
+    Ok(sig)
 }

@@ -10,6 +10,7 @@
 
 mod bench;
 mod ebpf;
+mod guest;
 mod run;
 mod setup;
 
@@ -54,7 +55,7 @@ struct TestArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Setup => setup::setup(),
+        Command::Setup => setup::setup().and_then(|()| guest::ensure().map(|_| ())),
         Command::BuildEbpf => ebpf::build_ebpf(),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args),
@@ -64,6 +65,8 @@ fn main() -> anyhow::Result<()> {
 
 fn test(args: TestArgs) -> anyhow::Result<()> {
     setup::setup()?;
+    // The Linux boot test needs the guest kernel and initramfs.
+    let guest = guest::ensure()?;
     let root = setup::project_root();
     if !args.no_lint {
         setup::cargo(&root, &["fmt", "--all", "--check"])?;
@@ -83,5 +86,12 @@ fn test(args: TestArgs) -> anyhow::Result<()> {
     setup::cargo(&root, &["build", "--workspace", "--bins"])?;
     let mut test_args = vec!["test", "--workspace"];
     test_args.extend(args.cargo_args.iter().map(String::as_str));
-    setup::cargo(&root, &test_args)
+    setup::cargo_with_env(
+        &root,
+        &test_args,
+        &[
+            ("PAGEMESH_GUEST_KERNEL", guest.kernel.as_os_str()),
+            ("PAGEMESH_GUEST_INITRD", guest.initrd.as_os_str()),
+        ],
+    )
 }
