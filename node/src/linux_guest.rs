@@ -21,7 +21,9 @@ use crate::admin::{AdminState, LiveRun};
 use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::pager::{self, PageDirectory, PagerConfig};
-use crate::service::{NodeError, StopSignals, error_chain, guest_mem, held, placement_request, wait_signal};
+use crate::service::{
+    NodeError, StopSignals, error_chain, guest_mem, held, placement_request, wait_signal_for,
+};
 use crate::transport::TransportManager;
 use crate::vm::boot;
 use crate::vm::linux::{LinuxExit, LinuxMachine, MAX_LINUX_RAM};
@@ -166,8 +168,10 @@ pub fn run_linux(
     });
 
     let started = Instant::now();
+    let sample = Arc::new(AtomicBool::new(false));
     let vcpu = {
         let stop = stop.clone();
+        let sample = sample.clone();
         let vcpu_thread = vcpu_thread.clone();
         let pin = settings.pin_cpu;
         std::thread::Builder::new()
@@ -179,7 +183,7 @@ pub fn run_linux(
                 if let Some(cpu) = pin {
                     pager::pin_to_cpu(cpu);
                 }
-                let r = machine.run(&stop);
+                let r = machine.run(&stop, &sample);
                 let fixups = machine.fixups;
                 // Wake the main thread, which waits for signals.
                 // SAFETY: pthread_kill on the main thread, which outlives this one.
@@ -190,7 +194,14 @@ pub fn run_linux(
     };
     tracing::info!("VM {} booting {}", vm.id, kernel.display());
     let signalled = loop {
-        let sig = wait_signal(signals)?;
+        // Every 10 s without news, log where the guest is.
+        let Some(sig) = wait_signal_for(signals, Duration::from_secs(10))? else {
+            sample.store(true, Ordering::Release);
+            if let Some(t) = *vcpu_thread.lock().unwrap_or_else(|p| p.into_inner()) {
+                vcpu::kick(t);
+            }
+            continue;
+        };
         if sig != libc::SIGUSR2 {
             tracing::info!("signal {sig} received; stopping the guest");
             break true;

@@ -634,6 +634,27 @@ pub(crate) fn wait_for_stop_signal(signals: &StopSignals) -> Result<(), NodeErro
     }
 }
 
+/// Like [`wait_signal`], giving up after `timeout` (`None`).
+pub(crate) fn wait_signal_for(
+    signals: &StopSignals,
+    timeout: std::time::Duration,
+) -> Result<Option<i32>, NodeError> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: sigtimedwait on a set of signals this thread has blocked; no siginfo wanted.
+    let sig = unsafe { libc::sigtimedwait(&signals.0, std::ptr::null_mut(), &ts) };
+    if sig >= 0 {
+        return Ok(Some(sig));
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+        _ => Err(NodeError::Signals(e)),
+    }
+}
+
 /// Waits for any of the blocked signals (SIGINT, SIGTERM, or SIGUSR2 from the vCPU thread).
 pub(crate) fn wait_signal(signals: &StopSignals) -> Result<i32, NodeError> {
     let mut sig = 0;

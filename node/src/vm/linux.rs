@@ -141,10 +141,14 @@ impl LinuxMachine {
     }
 
     /// Runs until the guest resets, triple-faults, or `stop` is set and the thread kicked.
-    pub fn run(&mut self, stop: &AtomicBool) -> Result<LinuxExit, VcpuError> {
+    /// When `sample` is set and the thread kicked, logs where the guest is (boot progress).
+    pub fn run(&mut self, stop: &AtomicBool, sample: &AtomicBool) -> Result<LinuxExit, VcpuError> {
         loop {
             if stop.load(Ordering::Acquire) {
                 return Ok(LinuxExit::Stopped);
+            }
+            if sample.swap(false, Ordering::AcqRel) {
+                self.log_position();
             }
             let exit = match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
@@ -179,6 +183,20 @@ impl LinuxMachine {
                 Some(_) => self.fix_up()?,
             }
         }
+    }
+
+    fn log_position(&self) {
+        let (Ok(regs), Ok(sregs)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) else {
+            return;
+        };
+        let lines = self.console.lock().map_or(0, |l| l.count);
+        tracing::info!(
+            "guest at rip {:#x} (cpl {}, cr3 {:#x}, rflags {:#x}); {lines} console lines so far",
+            regs.rip,
+            sregs.cs.dpl,
+            sregs.cr3,
+            regs.rflags
+        );
     }
 
     /// The emulator gave up on the instruction at rip: handle the few that kernels use.
