@@ -24,6 +24,15 @@ pub struct RunArgs {
     /// Build and run the debug binaries instead of release.
     #[arg(long)]
     debug: bool,
+    /// Which guest runs: `builtin` (the verify and random read-modify-write workloads) or
+    /// `linux` (Debian's cloud kernel with a busybox initramfs, fetched by `cargo xtask
+    /// setup`; its serial console is shown until it powers off, or Ctrl-C).
+    #[arg(long, default_value = "builtin", value_parser = ["builtin", "linux"])]
+    guest: String,
+    /// With `--guest linux --headless`: stop the guest once its console shows this line
+    /// (the boot gets no further than `Memory:` on hosts without hardware virtualization).
+    #[arg(long, default_value = "pagemesh-init: pattern")]
+    until: String,
 }
 
 /// Builds the binaries in the chosen profile and returns where they are.
@@ -65,6 +74,9 @@ fn u(v: &Value, path: &[&str]) -> u64 {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     setup::setup()?;
+    if args.guest == "linux" {
+        return run_linux(&args);
+    }
     let bins = build(args.debug)?;
     let dir = run_dir("runs");
     eprintln!("xtask: run folder {}", dir.display());
@@ -167,6 +179,75 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     cluster.coordinator.proc.stop()?;
     if !ok {
         anyhow::bail!("the run failed; see the logs in {}", dir.display());
+    }
+    Ok(())
+}
+
+/// `--guest linux`: boot the kernel on the cluster and show its console.
+fn run_linux(args: &RunArgs) -> anyhow::Result<()> {
+    let guest = crate::guest::ensure()?;
+    let bins = build(args.debug)?;
+    let dir = run_dir("runs");
+    eprintln!("xtask: run folder {}", dir.display());
+    let mut cluster = Cluster::start(bins, dir.clone(), &[1, 2], "1GiB")?;
+    let (mut compute, json) = cluster.spawn_compute(&[
+        "--mem",
+        &args.mem,
+        "--kernel",
+        &guest.kernel.display().to_string(),
+        "--initrd",
+        &guest.initrd.display().to_string(),
+        "--console",
+    ])?;
+    eprintln!(
+        "xtask: booting {} on a 2-memory-node cluster; the console follows (Ctrl-C stops it).\n\
+         xtask: on hosts without hardware virtualization the kernel's own code is emulated: \
+         expect the first lines after about two minutes (docs/linux-guest.md)",
+        guest.kernel.display()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(1800);
+    let mut shown = 0;
+    let finished = loop {
+        let out = compute.output();
+        let lines: Vec<&str> = out.lines().collect();
+        for l in &lines[shown..] {
+            println!("{l}");
+        }
+        shown = lines.len();
+        if let Some(status) = compute.try_wait()? {
+            break Some(status);
+        }
+        if args.headless && lines.iter().any(|l| l.contains(&args.until)) {
+            break None;
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let status = match finished {
+        Some(s) => s,
+        None => compute.stop()?,
+    };
+    let out = compute.output();
+    for l in out.lines().skip(shown) {
+        println!("{l}");
+    }
+    let summary: Value = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    for m in &mut cluster.memory {
+        m.proc.stop()?;
+    }
+    cluster.coordinator.proc.stop()?;
+    println!("  logs                 {}", dir.display());
+    if !status.success() {
+        anyhow::bail!("the compute node failed ({status}); see {}", dir.display());
     }
     Ok(())
 }
