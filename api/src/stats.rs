@@ -45,7 +45,8 @@ pub struct Histogram {
 /// One cumulative histogram bucket.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
 pub struct Bucket {
-    /// Upper bound, µs.
+    /// Upper bound, µs; `null` in JSON for the last, unbounded bucket (JSON has no infinity).
+    #[serde(deserialize_with = "null_is_infinite")]
     pub le_us: f64,
     /// Samples at most `le_us`.
     pub count: u64,
@@ -150,4 +151,28 @@ pub struct EbpfStats {
     pub install: Histogram,
     /// Transfer time per peer.
     pub transfer: Vec<PeerStats>,
+}
+
+fn null_is_infinite<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unbounded_bucket_survives_json() {
+        let h = Histogram {
+            count: 3,
+            buckets: vec![
+                Bucket { le_us: 10.0, count: 1 },
+                Bucket { le_us: f64::INFINITY, count: 3 },
+            ],
+            ..Histogram::default()
+        };
+        let json = serde_json::to_string(&h).unwrap();
+        assert!(json.contains(r#"{"le_us":null,"count":3}"#), "{json}");
+        assert_eq!(serde_json::from_str::<Histogram>(&json).unwrap(), h);
+    }
 }

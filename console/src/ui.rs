@@ -1,0 +1,379 @@
+//! Drawing: one file per view, a file for the latency-histogram widget, and the
+//! number formats every view shares. Nothing here changes [`App`]; everything here is
+//! tested against fixed stats with `TestBackend` and `insta` (snapshots in `src/snapshots/`).
+
+pub(crate) mod cluster;
+pub(crate) mod heat;
+pub(crate) mod help;
+pub(crate) mod histogram;
+pub(crate) mod latency;
+pub(crate) mod log;
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Paragraph, Tabs};
+
+use crate::app::{App, Link, View};
+
+/// Draws the whole console.
+pub(crate) fn render(app: &App, frame: &mut Frame) {
+    let [top, body, bottom] = areas(frame.area());
+    header(app, frame, top);
+    match app.view {
+        View::Cluster => cluster::render(app, frame, body),
+        View::Heat => heat::render(app, frame, body),
+        View::Latency => latency::render(app, frame, body),
+        View::Log => log::render(app, frame, body),
+    }
+    footer(app, frame, bottom);
+    if app.help {
+        help::render(frame, body);
+    }
+}
+
+/// Tab bar, view, key hints.
+fn areas(area: Rect) -> [Rect; 3] {
+    Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Fill(1),
+        Constraint::Length(1),
+    ])
+    .areas(area)
+}
+
+/// The area a view gets on a terminal of `size`.
+pub(crate) fn body_area(size: Rect) -> Rect {
+    areas(size)[1]
+}
+
+fn header(app: &App, frame: &mut Frame, area: Rect) {
+    let up = app.nodes.values().filter(|n| n.is_up()).count();
+    let (dot, colour) = match app.link {
+        Link::Up => ("●", Color::Green),
+        Link::Down(_) => ("●", Color::Red),
+        Link::Waiting => ("○", Color::Yellow),
+    };
+    let status = Line::from(vec![
+        Span::styled(dot, Style::new().fg(colour)),
+        Span::raw(format!(
+            " {} · {} nodes, {up} up ",
+            app.coordinator,
+            app.nodes.len()
+        )),
+    ]);
+    let width = u16::try_from(status.width()).unwrap_or(u16::MAX);
+    let [tabs, right] =
+        Layout::horizontal([Constraint::Fill(1), Constraint::Length(width)]).areas(area);
+    let titles = View::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, v)| format!("{} {}", i + 1, v.title()));
+    frame.render_widget(
+        Tabs::new(titles)
+            .select(app.view.index())
+            .style(Style::new().fg(Color::Gray))
+            .highlight_style(
+                Style::new()
+                    .fg(Color::Black)
+                    .bg(Color::Cyan)
+                    .add_modifier(Modifier::BOLD),
+            ),
+        tabs,
+    );
+    frame.render_widget(Paragraph::new(status), right);
+}
+
+fn footer(app: &App, frame: &mut Frame, area: Rect) {
+    let keys = match app.view {
+        View::Cluster => "↑↓ select node",
+        View::Heat => "↑↓ PgUp PgDn scroll · ←→ guest · +/- zoom",
+        View::Latency => "←→ guest",
+        View::Log => "↑↓ PgUp PgDn scroll · End newest",
+    };
+    frame.render_widget(
+        Paragraph::new(format!(" {keys} · Tab 1-4 views · ? help · q quit"))
+            .style(Style::new().fg(Color::DarkGray)),
+        area,
+    );
+}
+
+/// `12.3µs`, `4.56ms`, `1.20s`.
+pub(crate) fn micros(us: f64) -> String {
+    if !us.is_finite() || us < 0.0 {
+        "-".into()
+    } else if us < 10.0 {
+        format!("{us:.2}µs")
+    } else if us < 1000.0 {
+        format!("{us:.1}µs")
+    } else if us < 1_000_000.0 {
+        format!("{:.2}ms", us / 1000.0)
+    } else {
+        format!("{:.2}s", us / 1_000_000.0)
+    }
+}
+
+/// `100.0%` for 1.0.
+pub(crate) fn percent(ratio: f64) -> String {
+    if ratio.is_finite() {
+        format!("{:.1}%", ratio * 100.0)
+    } else {
+        "-".into()
+    }
+}
+
+/// A per-second rate: `0`, `3.5`, `1234`, `12.3k`, `4.56M`.
+pub(crate) fn per_second(rate: f64) -> String {
+    if !rate.is_finite() || rate < 0.0 {
+        "-".into()
+    } else if rate == 0.0 {
+        "0".into()
+    } else if rate < 10.0 {
+        format!("{rate:.1}")
+    } else if rate < 10_000.0 {
+        format!("{rate:.0}")
+    } else if rate < 10_000_000.0 {
+        format!("{:.1}k", rate / 1000.0)
+    } else {
+        format!("{:.2}M", rate / 1_000_000.0)
+    }
+}
+
+/// Bytes: `0 B`, `512 KiB`, `23.4 MiB`.
+pub(crate) fn bytes(n: u64) -> String {
+    let short = size(n);
+    match short.strip_suffix(|c: char| c.is_ascii_alphabetic()) {
+        Some(number) => format!("{number} {}iB", &short[number.len()..]),
+        None => format!("{short} B"),
+    }
+}
+
+/// Binary size, short: `0`, `512K`, `12.5M`, `1G`.
+pub(crate) fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{value:.1}");
+    let text = text.strip_suffix(".0").unwrap_or(&text);
+    format!("{text}{}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use insta::assert_snapshot;
+    use pagemesh_api::stats::NodeStats;
+    use ratatui::Terminal;
+    use ratatui::backend::TestBackend;
+    use ratatui::crossterm::event::{KeyCode, KeyEvent};
+
+    use super::*;
+    use crate::event::{Event, Update};
+    use crate::poll::PollError;
+    use crate::testdata;
+
+    const W: u16 = 100;
+    const H: u16 = 30;
+
+    fn draw(app: &App) -> Terminal<TestBackend> {
+        let mut terminal = Terminal::new(TestBackend::new(app.size.width, app.size.height))
+            .expect("test terminal");
+        terminal.draw(|f| app.render(f)).expect("draw");
+        terminal
+    }
+
+    fn key(app: &mut App, code: KeyCode) {
+        app.handle(Event::Key(KeyEvent::from(code)));
+    }
+
+    fn text(terminal: &Terminal<TestBackend>) -> String {
+        terminal.backend().to_string()
+    }
+
+    #[test]
+    fn cluster_view() {
+        let app = testdata::app(W, H, None);
+        assert_snapshot!(draw(&app).backend());
+    }
+
+    #[test]
+    fn cluster_view_with_a_node_down() {
+        let mut app = testdata::app(W, H, None);
+        app.handle(Event::Update(Update::Stats {
+            at: Duration::from_millis(4100),
+            node: 2,
+            result: Err(PollError::Status {
+                url: "http://127.0.0.1:9102/stats".into(),
+                status: 503,
+            }),
+        }));
+        let t = draw(&app);
+        assert!(text(&t).contains("down"));
+        assert_snapshot!(t.backend());
+    }
+
+    #[test]
+    fn a_node_the_coordinator_drops_is_down() {
+        let mut app = testdata::app(W, H, None);
+        let mut nodes = testdata::nodes();
+        nodes.retain(|n| n.node_id != 1);
+        app.handle(Event::Update(Update::Nodes {
+            at: Duration::from_millis(4200),
+            result: Ok(nodes),
+        }));
+        assert_eq!(app.nodes()[&1].state(), "down");
+        let out = cluster::text(&app);
+        let row = out
+            .lines()
+            .find(|l| l.starts_with("1 "))
+            .expect("row of node 1");
+        assert!(row.contains(" down "), "{out}");
+        assert!(app.log().iter().any(|e| e.text.starts_with("node 1 left")));
+    }
+
+    #[test]
+    fn heat_view() {
+        let mut app = testdata::app(W, H, None);
+        key(&mut app, KeyCode::Char('2'));
+        assert_snapshot!(draw(&app).backend());
+    }
+
+    #[test]
+    fn heat_view_zoomed_out_and_in() {
+        // 20 rows: 14 for the grid.
+        let mut app = testdata::app(W, 20, None);
+        key(&mut app, KeyCode::Tab);
+        key(&mut app, KeyCode::Char('-'));
+        key(&mut app, KeyCode::Char('-'));
+        assert_snapshot!("heat_view_zoomed_out", draw(&app).backend());
+        // From 1:4 to 8 columns a cell: 11 cells a row, 24 rows.
+        for _ in 0..5 {
+            key(&mut app, KeyCode::Char('+'));
+        }
+        for _ in 0..3 {
+            key(&mut app, KeyCode::Down);
+        }
+        assert_eq!(app.heat.scroll, 3);
+        assert_snapshot!("heat_view_zoomed_in_scrolled", draw(&app).backend());
+        key(&mut app, KeyCode::End);
+        assert_eq!(app.heat.scroll, 10, "scrolling stops at the last row");
+        key(&mut app, KeyCode::Home);
+        assert_eq!(app.heat.scroll, 0);
+    }
+
+    #[test]
+    fn latency_view_without_ebpf() {
+        let mut app = testdata::app(W, H, None);
+        key(&mut app, KeyCode::Char('3'));
+        let t = draw(&app);
+        assert!(text(&t).contains("eBPF probes not loaded"));
+        assert_snapshot!(t.backend());
+    }
+
+    #[test]
+    fn latency_view_with_ebpf() {
+        let ebpf = testdata::ebpf();
+        let mut app = testdata::app(W, H, Some(ebpf));
+        key(&mut app, KeyCode::Char('3'));
+        assert_snapshot!(draw(&app).backend());
+    }
+
+    #[test]
+    fn log_view() {
+        let mut app = testdata::app(W, H, None);
+        app.handle(Event::Update(Update::Stats {
+            at: Duration::from_millis(4100),
+            node: 2,
+            result: Err(PollError::Status {
+                url: "http://127.0.0.1:9102/stats".into(),
+                status: 503,
+            }),
+        }));
+        key(&mut app, KeyCode::Char('4'));
+        assert_snapshot!(draw(&app).backend());
+    }
+
+    #[test]
+    fn help_overlay() {
+        let mut app = testdata::app(W, H, None);
+        key(&mut app, KeyCode::Char('?'));
+        assert_snapshot!(draw(&app).backend());
+        key(&mut app, KeyCode::Char('?'));
+        assert!(!app.help);
+    }
+
+    #[test]
+    fn every_view_draws_before_any_data_and_on_tiny_terminals() {
+        for (w, h) in [(W, H), (20, 6), (1, 1), (0, 0)] {
+            let mut app = App::new("http://127.0.0.1:7070", w, h);
+            for code in ['1', '2', '3', '4', '?'] {
+                key(&mut app, KeyCode::Char(code));
+                draw(&app);
+            }
+            let mut app = testdata::app(w, h, Some(testdata::ebpf()));
+            for code in ['1', '2', '3', '4', '?', '-', '+', '+', '+', '+'] {
+                key(&mut app, KeyCode::Char(code));
+                key(&mut app, KeyCode::PageDown);
+                draw(&app);
+            }
+        }
+    }
+
+    #[test]
+    fn empty_console() {
+        let app = App::new("http://127.0.0.1:7070", 60, 8);
+        assert_snapshot!(draw(&app).backend());
+    }
+
+    #[test]
+    fn once_text() {
+        let app = testdata::app(W, H, None);
+        assert_snapshot!(cluster::text(&app));
+    }
+
+    #[test]
+    fn stats_without_a_pager_or_heat_show_placeholders() {
+        let mut app = testdata::app(W, H, None);
+        app.handle(Event::Update(Update::Stats {
+            at: Duration::from_millis(4100),
+            node: 0,
+            result: Ok(Box::new(NodeStats {
+                node_id: 0,
+                ..NodeStats::default()
+            })),
+        }));
+        key(&mut app, KeyCode::Char('2'));
+        assert!(text(&draw(&app)).contains("No node runs a guest"));
+        key(&mut app, KeyCode::Char('3'));
+        assert!(text(&draw(&app)).contains("No node runs a guest"));
+    }
+
+    #[test]
+    fn formats() {
+        assert_eq!(micros(3.456), "3.46µs");
+        assert_eq!(micros(45.67), "45.7µs");
+        assert_eq!(micros(1234.0), "1.23ms");
+        assert_eq!(micros(2_500_000.0), "2.50s");
+        assert_eq!(micros(f64::NAN), "-");
+        assert_eq!(percent(1.0), "100.0%");
+        assert_eq!(percent(0.123), "12.3%");
+        assert_eq!(per_second(0.0), "0");
+        assert_eq!(per_second(3.25), "3.2");
+        assert_eq!(per_second(1234.4), "1234");
+        assert_eq!(per_second(12_345.0), "12.3k");
+        assert_eq!(per_second(45_600_000.0), "45.60M");
+        assert_eq!(size(0), "0");
+        assert_eq!(size(512 << 10), "512K");
+        assert_eq!(size(12 << 20 | 512 << 10), "12.5M");
+        assert_eq!(size(1 << 30), "1G");
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1000), "1000 B");
+        assert_eq!(bytes(6000 * 4096), "23.4 MiB");
+    }
+}
