@@ -11,8 +11,7 @@ use crate::setup;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Print the summary and exit (the console does not exist yet, so this is also what
-    /// happens without the flag).
+    /// Do not open the live console: run the guests, print the summary and exit.
     #[arg(long)]
     headless: bool,
     /// Write the summary as JSON to this file.
@@ -38,7 +37,15 @@ pub struct RunArgs {
 /// Builds the binaries in the chosen profile and returns where they are.
 pub fn build(debug: bool) -> anyhow::Result<Bins> {
     let root = setup::project_root();
-    let mut args = vec!["build", "-p", "pagemesh-node", "-p", "pagemesh-coordinator"];
+    let mut args = vec![
+        "build",
+        "-p",
+        "pagemesh-node",
+        "-p",
+        "pagemesh-coordinator",
+        "-p",
+        "pagemesh-console",
+    ];
     if !debug {
         args.push("--release");
     }
@@ -80,36 +87,46 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let bins = build(args.debug)?;
     let dir = run_dir("runs");
     eprintln!("xtask: run folder {}", dir.display());
-    let mut cluster = Cluster::start(bins, dir.clone(), &[1, 2], "1GiB")?;
+    let cluster = Cluster::start(bins, dir.clone(), &[1, 2], "1GiB")?;
     eprintln!(
         "xtask: coordinator at {}, memory nodes {} and {}",
         cluster.coordinator.url, cluster.memory[0].addr, cluster.memory[1].addr
     );
-    if !args.headless {
-        eprintln!("xtask: the live console is not built yet; printing the summary instead");
-    }
-
-    let mut runs = Vec::new();
-    for (name, extra) in [
-        ("verify", vec!["--workload", "verify"]),
-        (
-            "random-rmw",
-            vec!["--workload", "random", "--access", "rmw"],
-        ),
-    ] {
-        let mut a = vec!["--mem", args.mem.as_str(), "--placement", "interleave"];
-        a.extend(extra);
-        eprintln!("xtask: running {name} on freshly loaded remote memory");
-        let (status, summary, proc) = cluster.run_compute(&a, Duration::from_secs(600))?;
-        if summary.is_null() {
-            anyhow::bail!(
-                "the {name} run wrote no summary ({status}); its log:\n{}",
-                proc.log_tail()
-            );
+    let (mut cluster, runs, held) = if args.headless {
+        run_workloads(cluster, &args.mem, false, true)?
+    } else {
+        // The console in the foreground; the workloads in the background. The last run
+        // holds its node up so the console keeps showing its figures until `q`.
+        let console_bin = cluster
+            .bins
+            .node
+            .with_file_name("pagemesh-console");
+        let url = cluster.coordinator.url.clone();
+        let mem = args.mem.clone();
+        let work = std::thread::spawn(move || run_workloads(cluster, &mem, true, false));
+        let status = std::process::Command::new(&console_bin)
+            .args(["--coordinator", &url])
+            .status()
+            .with_context(|| format!("cannot start {}", console_bin.display()))?;
+        if !status.success() {
+            eprintln!("xtask: the console exited with {status}");
         }
-        print!("{}", proc.output());
-        runs.push((name, status.success(), summary));
+        if !work.is_finished() {
+            eprintln!("xtask: waiting for the guest runs to finish");
+        }
+        work.join()
+            .map_err(|_| anyhow::anyhow!("the workload thread panicked"))??
+    };
+    if let Some(mut p) = held {
+        p.stop()?;
     }
+    if !args.headless {
+        // The console had the terminal while they ran: show what the compute nodes printed.
+        for (_, _, _, out) in &runs {
+            print!("{out}");
+        }
+    }
+    let runs: Vec<(&str, bool, Value)> = runs.into_iter().map(|(n, ok, s, _)| (n, ok, s)).collect();
 
     let remote: u64 = runs
         .iter()
@@ -250,4 +267,67 @@ fn run_linux(args: &RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("the compute node failed ({status}); see {}", dir.display());
     }
     Ok(())
+}
+
+/// One finished run: name, exit success, JSON summary, the node's stdout.
+type RunResult = (&'static str, bool, Value, String);
+
+/// Runs the verify and the random read-modify-write workloads, each on a fresh VM. With
+/// `hold_last` the last compute node stays up (its summary is written) and is returned.
+fn run_workloads(
+    mut cluster: Cluster,
+    mem: &str,
+    hold_last: bool,
+    echo: bool,
+) -> anyhow::Result<(Cluster, Vec<RunResult>, Option<pagemesh_tests::Proc>)> {
+    let plan: [(&'static str, Vec<&str>); 2] = [
+        ("verify", vec!["--workload", "verify"]),
+        (
+            "random-rmw",
+            vec!["--workload", "random", "--access", "rmw"],
+        ),
+    ];
+    let mut runs = Vec::new();
+    let mut held = None;
+    for (i, (name, extra)) in plan.into_iter().enumerate() {
+        let mut a = vec!["--mem", mem, "--placement", "interleave"];
+        a.extend(extra);
+        let last = i == 1;
+        if echo {
+            eprintln!("xtask: running {name} on freshly loaded remote memory");
+        }
+        let (ok, summary, proc) = if last && hold_last {
+            a.push("--hold");
+            let (mut proc, json) = cluster.spawn_compute(&a)?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(600);
+            while !json.exists() && proc.try_wait()?.is_none() {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "the {name} run did not finish in time"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let summary: Value = std::fs::read_to_string(&json)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or(Value::Null);
+            let ok = proc.try_wait()?.is_none_or(|s| s.success());
+            (ok, summary, proc)
+        } else {
+            let (status, summary, proc) = cluster.run_compute(&a, Duration::from_secs(600))?;
+            (status.success(), summary, proc)
+        };
+        if summary.is_null() {
+            anyhow::bail!("the {name} run wrote no summary; its log:\n{}", proc.log_tail());
+        }
+        if echo {
+            print!("{}", proc.output());
+        }
+        runs.push((name, ok, summary, proc.output()));
+        if last && hold_last {
+            held = Some(proc);
+        }
+    }
+    Ok((cluster, runs, held))
 }
