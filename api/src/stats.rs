@@ -166,8 +166,14 @@ mod tests {
         let h = Histogram {
             count: 3,
             buckets: vec![
-                Bucket { le_us: 10.0, count: 1 },
-                Bucket { le_us: f64::INFINITY, count: 3 },
+                Bucket {
+                    le_us: 10.0,
+                    count: 1,
+                },
+                Bucket {
+                    le_us: f64::INFINITY,
+                    count: 3,
+                },
             ],
             ..Histogram::default()
         };

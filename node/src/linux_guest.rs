@@ -241,8 +241,7 @@ pub fn run_linux(
         (Ok(LinuxExit::Stopped), _) => "stopped".into(),
         (Err(e), _) => format!("the VM failed: {}", error_chain(e)),
     };
-    let ok = failure.is_none()
-        && matches!(exit, Ok(LinuxExit::Reset) | Ok(LinuxExit::Stopped));
+    let ok = failure.is_none() && matches!(exit, Ok(LinuxExit::Reset) | Ok(LinuxExit::Stopped));
     println!(
         "vm {}: Linux guest ran {:.1} s: {exit_text}",
         vm.id,
@@ -250,7 +249,11 @@ pub fn run_linux(
     );
     println!(
         "  faults: {} remote, {} local zero-fill (remote-miss ratio {:.3}); p50 {:.1} µs, p99 {:.1} µs",
-        stats.remote, stats.local_zero, stats.remote_miss_ratio, stats.fault_p50_us, stats.fault_p99_us
+        stats.remote,
+        stats.local_zero,
+        stats.remote_miss_ratio,
+        stats.fault_p50_us,
+        stats.fault_p99_us
     );
     println!(
         "  console: {} lines; instructions emulated by the VMM: {fixups}",
@@ -282,14 +285,19 @@ pub fn run_linux(
             "held_after": held_after,
             "ok": ok,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
-            .map_err(|e| NodeError::Summary(path.display().to_string(), e))?;
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+        )
+        .map_err(|e| NodeError::Summary(path.display().to_string(), e))?;
     }
     if let Err(e) = exit {
         return Err(NodeError::Linux(e));
     }
     if let Some(f) = failure {
-        return Err(NodeError::Compute(crate::compute::ComputeError::PagerFailed(f)));
+        return Err(NodeError::Compute(
+            crate::compute::ComputeError::PagerFailed(f),
+        ));
     }
     Ok(ok)
 }

@@ -85,11 +85,13 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         }
         .into());
     }
-    let role = settings.role.unwrap_or(if settings.workload.is_some() || settings.kernel.is_some() {
-        RoleArg::Compute
-    } else {
-        RoleArg::Memory
-    });
+    let role = settings.role.unwrap_or(
+        if settings.workload.is_some() || settings.kernel.is_some() {
+            RoleArg::Compute
+        } else {
+            RoleArg::Memory
+        },
+    );
     let role: Role = role.into();
     let backing = settings.backing.unwrap_or(BackingArg::Remote);
     if role.computes() && backing != BackingArg::Remote {
@@ -315,7 +317,10 @@ pub(crate) fn placement_request(
     )
 }
 
-pub(crate) fn held(control: &mut TransportManager, vm: &Vm) -> Result<BTreeMap<NodeId, u64>, NodeError> {
+pub(crate) fn held(
+    control: &mut TransportManager,
+    vm: &Vm,
+) -> Result<BTreeMap<NodeId, u64>, NodeError> {
     let mut out = BTreeMap::new();
     for n in vm.placement.nodes() {
         let count = control

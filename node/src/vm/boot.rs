@@ -289,7 +289,10 @@ mod tests {
         assert_eq!((a0, s0), (0, EBDA_START));
         assert_eq!(a1, HIMEM_START);
         assert_eq!(a1 + s1, 256 << 20);
-        assert!(m.iter().all(|e| { let t = e.r#type; t == E820_RAM }));
+        assert!(m.iter().all(|e| {
+            let t = e.r#type;
+            t == E820_RAM
+        }));
     }
 
     #[test]

@@ -87,8 +87,7 @@ impl LinuxMachine {
             };
             // SAFETY: the region is a live mapping of `len` bytes owned by `memory`, which
             // this machine keeps (in place) for as long as the VM exists.
-            unsafe { vm.set_user_memory_region(r) }
-                .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
         }
         let irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| VcpuError::Exit(format!("cannot create the COM1 eventfd: {e}")))?;
@@ -214,7 +213,8 @@ impl LinuxMachine {
             ev.exception.nr = nr;
             ev.exception.has_error_code = 0;
             ev.exception.error_code = 0;
-            vcpu.set_vcpu_events(&ev).map_err(kvm_err("SET_VCPU_EVENTS"))
+            vcpu.set_vcpu_events(&ev)
+                .map_err(kvm_err("SET_VCPU_EVENTS"))
         };
         match code {
             [0xcc, ..] => {

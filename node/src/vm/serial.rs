@@ -70,7 +70,10 @@ impl ConsoleLog {
 
     /// Every milestone seen, with its time in seconds.
     pub fn milestones(&self) -> std::collections::BTreeMap<String, f64> {
-        self.seen.iter().map(|(s, t)| ((*s).to_owned(), *t)).collect()
+        self.seen
+            .iter()
+            .map(|(s, t)| ((*s).to_owned(), *t))
+            .collect()
     }
 
     /// The last lines printed.
@@ -161,7 +164,8 @@ mod tests {
     fn output_is_cut_into_lines() {
         let log = Arc::new(Mutex::new(ConsoleLog::default()));
         let mut sink = LineSink::new(false, log.clone());
-        sink.write_all(b"[    0.000000] Linux version 6.1\r\nMemory: 2").unwrap();
+        sink.write_all(b"[    0.000000] Linux version 6.1\r\nMemory: 2")
+            .unwrap();
         sink.write_all(b"56M\n").unwrap();
         let l = log.lock().unwrap();
         assert_eq!(l.count, 2);
