@@ -57,7 +57,9 @@ fn debian_kernel_boots_on_remote_memory_as_far_as_this_host_allows() {
     compute
         .wait_for_line("Linux version", Duration::from_secs(600))
         .unwrap();
-    let memory_line = compute.wait_for_line("Memory:", Duration::from_secs(600)).unwrap();
+    let memory_line = compute
+        .wait_for_line("Memory:", Duration::from_secs(600))
+        .unwrap();
     assert!(memory_line.contains("K/"), "{memory_line}");
     // Remote faults: every page the kernel touched came from a memory node.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -73,10 +75,18 @@ fn debian_kernel_boots_on_remote_memory_as_far_as_this_host_allows() {
 
     // Stop it: the VM is torn down and every node exits 0.
     let status = compute.stop().unwrap();
-    assert!(status.success(), "compute node: {status}\n{}", compute.log_tail());
+    assert!(
+        status.success(),
+        "compute node: {status}\n{}",
+        compute.log_tail()
+    );
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
-    assert_eq!(summary["linux"]["reached_linux_version"], json!(true), "{summary:#}");
+    assert_eq!(
+        summary["linux"]["reached_linux_version"],
+        json!(true),
+        "{summary:#}"
+    );
     assert_eq!(summary["linux"]["reached_memory"], json!(true));
     assert_eq!(summary["linux"]["exit"], json!("stopped by signal"));
     assert!(summary["faults"]["remote"].as_u64().unwrap() >= 10_000);

@@ -97,10 +97,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         // The console in the foreground; the workloads in the background. The last run
         // holds its node up so the console keeps showing its figures until `q`.
-        let console_bin = cluster
-            .bins
-            .node
-            .with_file_name("pagemesh-console");
+        let console_bin = cluster.bins.node.with_file_name("pagemesh-console");
         let url = cluster.coordinator.url.clone();
         let mem = args.mem.clone();
         let work = std::thread::spawn(move || run_workloads(cluster, &mem, true, false));
@@ -319,7 +316,10 @@ fn run_workloads(
             (status.success(), summary, proc)
         };
         if summary.is_null() {
-            anyhow::bail!("the {name} run wrote no summary; its log:\n{}", proc.log_tail());
+            anyhow::bail!(
+                "the {name} run wrote no summary; its log:\n{}",
+                proc.log_tail()
+            );
         }
         if echo {
             print!("{}", proc.output());
