@@ -1,0 +1,298 @@
+//! Types shared by pagemesh's eBPF probes (`node-ebpf`, built for the BPF target) and the
+//! node that loads them (`node/src/ebpf.rs`).
+//!
+//! Everything here is `#[repr(C)]` plain data whose layout both sides must agree on; the
+//! sizes are checked at compile time. The `user` feature adds the `aya::Pod` impls the node
+//! needs to read these types out of BPF maps; the probes build without it (`no_std`, no
+//! allocation, no aya).
+//!
+//! | item | what it is |
+//! |---|---|
+//! | [`Hist`] | a log2 histogram of nanoseconds, one per CPU in the `HISTS` map |
+//! | [`StallSample`] | one sampled vCPU stall, sent through the `SAMPLES` ring buffer |
+//! | [`Start`] | a timestamp a probe left for the matching end probe on the same thread |
+//! | [`Config`] | what the node tells the probes at load time (its tgid, field offsets) |
+//! | [`RateWindow`] | the per-CPU state of the sample rate limit |
+
+#![no_std]
+
+/// Buckets of a [`Hist`]: bucket `b` counts samples in `[2^b, 2^(b+1))` ns (bucket 0 also
+/// counts 0), so 64 buckets cover every `u64`.
+pub const HIST_BUCKETS: usize = 64;
+
+/// Index of the vCPU stall histogram in `HISTS` (fault enters KVM's MMU → page resolved).
+pub const HIST_STALL: u32 = 0;
+/// Index of the install histogram in `HISTS` (`UFFDIO_COPY` / `UFFDIO_ZEROPAGE` ioctl).
+pub const HIST_INSTALL: u32 = 1;
+/// Index of the resume histogram in `HISTS` (page resolved → next `kvm_entry`; hardware
+/// virtualization hosts only).
+pub const HIST_RESUME: u32 = 2;
+/// Entries of `HISTS`.
+pub const HIST_KINDS: u32 = 3;
+
+/// Index in `COUNTERS`: heat-map updates dropped because the map was full.
+pub const CTR_HEAT_DROPPED: u32 = 0;
+/// Index in `COUNTERS`: stall samples sent to the ring buffer.
+pub const CTR_SAMPLES_SENT: u32 = 1;
+/// Index in `COUNTERS`: stall samples dropped because the ring buffer was full.
+pub const CTR_SAMPLES_LOST: u32 = 2;
+/// Index in `COUNTERS`: stall samples not sent because of the rate limit.
+pub const CTR_SAMPLES_THROTTLED: u32 = 3;
+/// Index in `COUNTERS`: MMU walks of the node's threads (started stalls).
+pub const CTR_WALKS: u32 = 4;
+/// Index in `COUNTERS`: `kvm_mmu_spte_requested` of the node's threads with no walk before
+/// it on the same thread.
+pub const CTR_UNMATCHED_END: u32 = 5;
+/// Index in `COUNTERS`: `pagemesh_fetch_end` with no `pagemesh_fetch_begin` before it.
+pub const CTR_UNMATCHED_FETCH: u32 = 6;
+/// Entries of `COUNTERS`.
+pub const COUNTERS: u32 = 7;
+
+/// `UFFDIO_COPY`: `_IOWR(0xAA, 0x03, struct uffdio_copy)`.
+pub const UFFDIO_COPY: u32 = 0xC028_AA03;
+/// `UFFDIO_ZEROPAGE`: `_IOWR(0xAA, 0x04, struct uffdio_zeropage)`.
+pub const UFFDIO_ZEROPAGE: u32 = 0xC020_AA04;
+
+/// Entries of each of the two heat maps (`HEAT0`, `HEAT1`). The node drains the inactive one
+/// every [`HEAT_DRAIN_MS`]; at the ~30k faults/s this machine serves at most, a period adds
+/// under half of this.
+pub const HEAT_MAX_ENTRIES: u32 = 65_536;
+/// How often the node swaps and drains the heat maps (and polls the sample ring buffer).
+/// Draining costs three syscalls per page in the map, so not too often.
+pub const HEAT_DRAIN_MS: u64 = 1000;
+/// Per-thread start entries (vCPU and handler threads of one node: a handful).
+pub const START_MAX_ENTRIES: u32 = 1024;
+/// Peers with a transfer histogram.
+pub const PEERS_MAX_ENTRIES: u32 = 256;
+/// Bytes of the stall sample ring buffer (a power of two, a multiple of the page size):
+/// room for 8192 samples (40 bytes each with the ring's header), more than one drain period
+/// of the rate limit allows on 8 CPUs.
+pub const SAMPLES_RING_BYTES: u32 = 512 * 1024;
+/// Length of a sampling window.
+pub const SAMPLE_WINDOW_NS: u64 = 100_000_000;
+/// Samples each CPU may send per window: at most 640 a second per CPU.
+pub const SAMPLES_PER_WINDOW: u64 = 64;
+
+/// A histogram of durations in nanoseconds with power-of-two buckets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hist {
+    /// `buckets[b]`: samples in `[2^b, 2^(b+1))` ns (bucket 0: 0 and 1 ns).
+    pub buckets: [u64; HIST_BUCKETS],
+    /// Samples.
+    pub count: u64,
+    /// Sum of the samples, ns.
+    pub sum_ns: u64,
+    /// Largest sample, ns.
+    pub max_ns: u64,
+}
+
+const _: () = assert!(size_of::<Hist>() == 8 * (HIST_BUCKETS + 3));
+
+impl Hist {
+    /// An empty histogram.
+    pub const ZERO: Self = Self {
+        buckets: [0; HIST_BUCKETS],
+        count: 0,
+        sum_ns: 0,
+        max_ns: 0,
+    };
+
+    /// Adds one sample.
+    #[inline(always)]
+    pub fn record(&mut self, ns: u64) {
+        // The mask keeps the index provably in bounds for the BPF verifier too.
+        let b = (log2_bucket(ns) & (HIST_BUCKETS as u32 - 1)) as usize;
+        self.buckets[b] += 1;
+        self.count += 1;
+        self.sum_ns += ns;
+        if ns > self.max_ns {
+            self.max_ns = ns;
+        }
+    }
+
+    /// Adds `other`'s samples (merging per-CPU copies).
+    pub fn merge(&mut self, other: &Self) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a += *b;
+        }
+        self.count += other.count;
+        self.sum_ns += other.sum_ns;
+        self.max_ns = self.max_ns.max(other.max_ns);
+    }
+}
+
+/// `floor(log2(v))`, and 0 for 0: the bucket of `v` in a [`Hist`].
+///
+/// A fixed sequence of compares and shifts rather than `leading_zeros`: BPF has no count-
+/// leading-zeros instruction, and this keeps the probe code short and loop-free.
+#[inline(always)]
+pub const fn log2_bucket(v: u64) -> u32 {
+    let mut v = v;
+    let mut r = 0;
+    if v >= 1 << 32 {
+        v >>= 32;
+        r += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        r += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        r += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        r += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        r += 2;
+    }
+    if v >= 1 << 1 {
+        r += 1;
+    }
+    r
+}
+
+/// Lower bound of bucket `b` in ns (inclusive).
+pub const fn bucket_low_ns(b: usize) -> u64 {
+    if b == 0 { 0 } else { 1 << b }
+}
+
+/// Upper bound of bucket `b` in ns (exclusive); saturates for the last bucket.
+pub const fn bucket_high_ns(b: usize) -> u64 {
+    if b + 1 >= HIST_BUCKETS {
+        u64::MAX
+    } else {
+        1 << (b + 1)
+    }
+}
+
+/// One sampled vCPU stall.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct StallSample {
+    /// When the page was resolved (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Guest frame number (guest-physical address / 4096).
+    pub gfn: u64,
+    /// How long the vCPU thread stalled, ns.
+    pub stall_ns: u64,
+    /// The vCPU thread.
+    pub tid: u32,
+    /// Reserved (alignment).
+    pub pad: u32,
+}
+
+const _: () = assert!(size_of::<StallSample>() == 32);
+
+/// A start timestamp left for the end probe on the same thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Start {
+    /// `bpf_ktime_get_ns` at the start.
+    pub ts_ns: u64,
+    /// What started: the faulting address, the ioctl, the peer node.
+    pub arg: u64,
+}
+
+const _: () = assert!(size_of::<Start>() == 16);
+
+/// What the node tells the probes (a read-only global, set before loading).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Only threads of this process are measured.
+    pub tgid: u32,
+    /// Offset of `gfn` in the `kvmmmu:kvm_mmu_spte_requested` record (read from tracefs).
+    pub spte_gfn_offset: u32,
+}
+
+const _: () = assert!(size_of::<Config>() == 8);
+
+/// Per-CPU state of the sample rate limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RateWindow {
+    /// Start of the current window, ns.
+    pub start_ns: u64,
+    /// Samples sent in it.
+    pub sent: u64,
+}
+
+const _: () = assert!(size_of::<RateWindow>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{Config, Hist, RateWindow, StallSample, Start};
+
+    // SAFETY: each type is #[repr(C)], made only of integers, with no padding (the size
+    // asserts above pin the layouts), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for Hist {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for StallSample {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Start {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RateWindow {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log2_bucket_matches_leading_zeros() {
+        assert_eq!(log2_bucket(0), 0);
+        assert_eq!(log2_bucket(1), 0);
+        for shift in 1..64 {
+            let v = 1u64 << shift;
+            assert_eq!(log2_bucket(v), shift, "{v}");
+            assert_eq!(log2_bucket(v - 1), shift - 1, "{}", v - 1);
+            assert_eq!(log2_bucket(v | (v - 1)), shift, "{}", v | (v - 1));
+        }
+        assert_eq!(log2_bucket(u64::MAX), 63);
+    }
+
+    #[test]
+    fn every_value_falls_inside_its_bucket() {
+        for v in [
+            0,
+            1,
+            2,
+            3,
+            999,
+            1000,
+            1023,
+            1024,
+            36_000,
+            u64::MAX / 3,
+            u64::MAX,
+        ] {
+            let b = log2_bucket(v) as usize;
+            assert!(bucket_low_ns(b) <= v, "{v}");
+            assert!(v < bucket_high_ns(b) || b == HIST_BUCKETS - 1, "{v}");
+        }
+    }
+
+    #[test]
+    fn record_and_merge() {
+        let mut a = Hist::ZERO;
+        a.record(20_000);
+        a.record(30_000);
+        a.record(0);
+        let mut b = Hist::ZERO;
+        b.record(40_000);
+        a.merge(&b);
+        assert_eq!(a.count, 4);
+        assert_eq!(a.sum_ns, 90_000);
+        assert_eq!(a.max_ns, 40_000);
+        assert_eq!(a.buckets[14], 2); // 16384..32768
+        assert_eq!(a.buckets[15], 1); // 32768..65536
+        assert_eq!(a.buckets[0], 1);
+    }
+}

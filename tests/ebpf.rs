@@ -1,0 +1,228 @@
+//! The eBPF probes in a real compute-node process: they load by default, their figures land in
+//! the `--json` summary next to the pager's, `--no-ebpf` turns them off, and a node without
+//! the privileges to load them warns once and serves its faults all the same.
+//!
+//! The summary's `"ebpf"` object is
+//! `{"faults":N,"stall_p50_us":X,"stall_p99_us":X,"install_p50_us":X,"transfer_p50_us":X}`
+//! (see `pagemesh_node::ebpf::Probes::ebpf_summary_json` and docs/observability.md).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pagemesh_tests::{Bins, Cluster, test_dir};
+use serde_json::{Value, json};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+const PAGES: u64 = 16_384;
+/// Faults the probes see that never reach userfaultfd: the guest's first touches of the
+/// system region (page tables, code, stack; written by the VMM before the run, so present
+/// on the host but not yet in the shadow page tables). A handful per run.
+const SYSTEM_REGION_FAULTS: u64 = 64;
+
+fn cluster(name: &str) -> Cluster {
+    let bins = Bins::for_tests().expect("binaries are built");
+    Cluster::start(bins, test_dir(name), &[1, 2], "512MiB").expect("cluster starts")
+}
+
+/// Whether this build has probes to load. CI installs the toolchain (`cargo xtask setup`),
+/// so there they must be built in; elsewhere a build without them skips these checks.
+fn probes_built_in(test: &str) -> bool {
+    if pagemesh_node::ebpf::BUILT_IN {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must build the node with its eBPF probes (cargo xtask setup installs the toolchain)"
+    );
+    eprintln!("{test}: this build has no eBPF probes (no toolchain); skipped");
+    false
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number {key} in {v:#}"))
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no integer {key} in {v:#}"))
+}
+
+/// The checks every probed run must pass; returns the pager's fault count.
+fn check_probed_run(s: &Value) -> u64 {
+    assert_eq!(s["ok"], json!(true), "{s:#}");
+    let e = &s["ebpf"];
+    assert!(e.is_object(), "no ebpf figures in the summary: {s:#}");
+    let keys: Vec<&str> = e.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(
+        keys.len(),
+        5,
+        "exactly faults, stall_p50_us, stall_p99_us, install_p50_us, transfer_p50_us: {e}"
+    );
+    let pager = u(&s["faults"], "remote") + u(&s["faults"], "local_zero");
+    let probed = u(e, "faults");
+    // Every userfaultfd fault is one vCPU stall; the only other stalls are the system
+    // region's first touches.
+    assert!(
+        probed >= pager && probed <= pager + SYSTEM_REGION_FAULTS,
+        "eBPF counted {probed} stalls for {pager} pager faults"
+    );
+    let stall_p50 = f(e, "stall_p50_us");
+    let stall_p99 = f(e, "stall_p99_us");
+    let install_p50 = f(e, "install_p50_us");
+    // Install is non-empty and part of the stall.
+    assert!(install_p50 > 0.0, "{e}");
+    assert!(install_p50 < stall_p50, "{e}");
+    assert!(stall_p50 <= stall_p99, "{e}");
+    // The stall holds the handler's whole service of the fault, so it is at least the
+    // handler's median — up to the handler's own overcount: when the install wakes the vCPU
+    // on the handler's CPU, the handler's clock keeps running while the vCPU runs on to its
+    // next fault (docs/observability.md). And it stays within the range of the
+    // user-space fault latency.
+    let fault_p50 = f(s, "fault_p50_us");
+    let fault_p99 = f(s, "fault_p99_us");
+    assert!(
+        stall_p50 * 2.0 >= fault_p50 && stall_p50 <= fault_p99,
+        "stall p50 {stall_p50} µs vs handler p50 {fault_p50} µs, p99 {fault_p99} µs"
+    );
+    pager
+}
+
+#[test]
+fn probes_measure_remote_faults_next_to_the_pager() {
+    if !probes_built_in("remote") {
+        return;
+    }
+    let mut c = cluster("ebpf-remote");
+    let (status, s, proc) = c
+        .run_compute(&["--mem", "64MiB", "--workload", "verify"], RUN_TIMEOUT)
+        .unwrap();
+    assert!(status.success(), "{status}: {}", proc.log_tail());
+    assert_eq!(check_probed_run(&s), PAGES);
+    assert_eq!(s["faults"]["remote"], json!(PAGES), "{s:#}");
+    let e = &s["ebpf"];
+    // Every fault fetched its page from a peer: transfers were timed, and each is a part
+    // of its fault's stall.
+    let transfer_p50 = f(e, "transfer_p50_us");
+    assert!(transfer_p50 > 0.0, "{e}");
+    assert!(transfer_p50 < f(e, "stall_p99_us"), "{e}");
+    assert!(
+        !warned_about_ebpf(&proc.stderr),
+        "a privileged node must not warn about its probes:\n{}",
+        proc.log_tail()
+    );
+}
+
+#[test]
+fn zero_fill_faults_are_stalls_and_installs_without_transfers() {
+    if !probes_built_in("zero") {
+        return;
+    }
+    let mut c = cluster("ebpf-zero");
+    let (status, s, proc) = c
+        .run_compute(
+            &[
+                "--mem",
+                "32MiB",
+                "--content",
+                "zero",
+                "--workload",
+                "random",
+                "--access",
+                "write",
+            ],
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    assert!(status.success(), "{status}: {}", proc.log_tail());
+    assert_eq!(check_probed_run(&s), PAGES / 2);
+    assert_eq!(s["faults"]["local_zero"], json!(PAGES / 2), "{s:#}");
+    assert_eq!(f(&s["ebpf"], "transfer_p50_us"), 0.0, "no fetches, no transfers");
+}
+
+#[test]
+fn no_ebpf_runs_without_probes() {
+    let mut c = cluster("ebpf-off");
+    let (status, s, proc) = c
+        .run_compute(
+            &["--mem", "16MiB", "--workload", "verify", "--no-ebpf"],
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    assert!(status.success(), "{status}: {}", proc.log_tail());
+    assert_eq!(s["ok"], json!(true), "{s:#}");
+    assert_eq!(s["faults"]["remote"], json!(PAGES / 4));
+    assert!(
+        s.get("ebpf").is_none_or(Value::is_null),
+        "--no-ebpf still reported probes: {s:#}"
+    );
+    assert!(!warned_about_ebpf(&proc.stderr), "{}", proc.log_tail());
+}
+
+#[test]
+fn unprivileged_node_warns_once_and_serves_faults() {
+    let mut c = cluster("ebpf-unprivileged");
+    // The compute node (only) runs with the capabilities that loading probes needs taken
+    // out of its bounding set: as root it keeps /dev/kvm and /dev/userfaultfd (file
+    // permissions), but the kernel refuses BPF maps, programs and perf events.
+    c.bins.node = without_bpf_capabilities(&c.dir, &c.bins.node);
+    let (status, s, proc) = c
+        .run_compute(&["--mem", "64MiB", "--workload", "verify"], RUN_TIMEOUT)
+        .unwrap();
+    assert!(status.success(), "{status}: {}", proc.log_tail());
+    assert_eq!(s["ok"], json!(true), "{s:#}");
+    assert_eq!(s["faults"]["remote"], json!(PAGES), "{s:#}");
+    assert!(
+        s.get("ebpf").is_none_or(Value::is_null),
+        "probes reported without privileges: {s:#}"
+    );
+    let log = std::fs::read_to_string(&proc.stderr).unwrap();
+    let warnings: Vec<&str> = log.lines().filter(|l| is_ebpf_warning(l)).collect();
+    assert_eq!(warnings.len(), 1, "one warning about the probes:\n{log}");
+    let expected = if pagemesh_node::ebpf::BUILT_IN {
+        "not permitted"
+    } else {
+        "built without eBPF probes"
+    };
+    assert!(
+        warnings[0].contains(expected),
+        "the warning says why: {}",
+        warnings[0]
+    );
+}
+
+fn is_ebpf_warning(line: &str) -> bool {
+    line.contains("WARN") && line.to_lowercase().contains("ebpf")
+}
+
+fn warned_about_ebpf(stderr: &Path) -> bool {
+    std::fs::read_to_string(stderr)
+        .unwrap_or_default()
+        .lines()
+        .any(is_ebpf_warning)
+}
+
+/// A wrapper that runs `node` with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN dropped from the
+/// bounding set (so not in its effective set either, root or not).
+fn without_bpf_capabilities(dir: &Path, node: &Path) -> PathBuf {
+    let setpriv = Path::new("/usr/bin/setpriv");
+    assert!(
+        setpriv.exists(),
+        "setpriv (util-linux) is needed to drop capabilities"
+    );
+    let script = dir.join("pagemesh-node-unprivileged");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec {} --bounding-set -bpf,-perfmon,-sys_admin -- {} \"$@\"\n",
+            setpriv.display(),
+            node.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
