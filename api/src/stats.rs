@@ -98,6 +98,10 @@ pub struct PagerStats {
     pub bytes_fetched: u64,
     /// Fault service time (event read to page installed), all faults.
     pub fault_latency: Histogram,
+    /// Time in the install ioctl (`UFFDIO_COPY`, which maps the page and wakes the vCPU),
+    /// measured by the pager.
+    #[serde(default)]
+    pub install_latency: Histogram,
     /// Transfer time per peer (request sent to last byte received).
     pub peers: Vec<PeerStats>,
     /// Guest memory as a coarse map of heat and owners.

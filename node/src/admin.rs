@@ -103,6 +103,7 @@ impl AdminState {
                 remote_miss_ratio: run.stats.remote_miss_ratio(),
                 bytes_fetched: bytes,
                 fault_latency,
+                install_latency: run.stats.install_histogram(),
                 peers,
                 heat: heat(&run.directory, cells),
             }

@@ -178,6 +178,16 @@ pub fn prometheus_text(s: &NodeStats) -> String {
             &p.fault_latency,
         );
         o.header(
+            "pagemesh_install_duration_seconds",
+            "histogram",
+            "Time to install a page (UFFDIO_COPY, which also wakes the vCPU); source=pager is measured by the pager, source=ebpf in the kernel.",
+        );
+        o.histogram(
+            "pagemesh_install_duration_seconds",
+            &[("source", "pager"), ("vm", &vm)],
+            &p.install_latency,
+        );
+        o.header(
             "pagemesh_transfer_duration_seconds",
             "histogram",
             "Time to fetch a page from a peer: request sent to last byte received.",
@@ -198,12 +208,14 @@ pub fn prometheus_text(s: &NodeStats) -> String {
             "vCPU stall per fault measured in the kernel (eBPF): MMU fault entry to page resolved.",
         );
         o.histogram("pagemesh_vcpu_stall_duration_seconds", &[], &e.stall);
-        o.header(
-            "pagemesh_install_duration_seconds",
-            "histogram",
-            "UFFDIO_COPY / UFFDIO_ZEROPAGE time measured in the kernel (eBPF).",
-        );
-        o.histogram("pagemesh_install_duration_seconds", &[], &e.install);
+        if s.pager.is_none() {
+            o.header(
+                "pagemesh_install_duration_seconds",
+                "histogram",
+                "Time to install a page (UFFDIO_COPY, which also wakes the vCPU); source=pager is measured by the pager, source=ebpf in the kernel.",
+            );
+        }
+        o.histogram("pagemesh_install_duration_seconds", &[("source", "ebpf")], &e.install);
     }
     o.text
 }

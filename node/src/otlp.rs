@@ -638,10 +638,26 @@ pub fn request(
             "vCPU stall per fault measured in the kernel (eBPF): MMU fault entry to page resolved.",
             &[(none, &e.stall)],
         );
+    }
+    // One metric, a point per source: the pager's own timing and the kernel's.
+    let pager_vm = s.pager.as_ref().map(|p| p.vm.to_string());
+    let pager_labels: Vec<(&str, &str)> = match &pager_vm {
+        Some(vm) => vec![("source", "pager"), ("vm", vm.as_str())],
+        None => Vec::new(),
+    };
+    let ebpf_labels = [("source", "ebpf")];
+    let mut install: Vec<(&[(&str, &str)], &stats::Histogram)> = Vec::new();
+    if let Some(p) = &s.pager {
+        install.push((pager_labels.as_slice(), &p.install_latency));
+    }
+    if let Some(e) = &s.ebpf {
+        install.push((&ebpf_labels, &e.install));
+    }
+    if !install.is_empty() {
         o.histogram(
             "pagemesh.install.duration",
-            "UFFDIO_COPY / UFFDIO_ZEROPAGE time measured in the kernel (eBPF).",
-            &[(none, &e.install)],
+            "Time to install a page (UFFDIO_COPY, which also wakes the vCPU); source=pager is measured by the pager, source=ebpf in the kernel.",
+            &install,
         );
     }
     ExportMetricsServiceRequest {
@@ -766,6 +782,7 @@ mod tests {
                 remote_miss_ratio: 5.0 / 7.0,
                 bytes_fetched: 5 * 4096,
                 fault_latency: h.clone(),
+                install_latency: h.clone(),
                 peers: vec![PeerStats {
                     node_id: 1,
                     pages: 5,

@@ -54,6 +54,7 @@ impl Handler {
             let page = (addr - self.base) / PAGE_SIZE as u64;
             let owner = self.directory.owner(page).map_err(PagerError::Directory)?;
             let mut transfer = None;
+            let mut install_start = start;
             let (kind, installed) = match owner {
                 PageOwner::Remote(node) => {
                     let t = Instant::now();
@@ -62,12 +63,14 @@ impl Handler {
                         return Err(e);
                     }
                     transfer = Some((node, t.elapsed()));
+                    install_start = Instant::now();
                     // SAFETY: `buf` is one readable page; `addr` is a page-aligned address
                     // inside the registered range (it came from a fault on it).
                     let r = unsafe { self.uffd.copy(addr, buf.0.as_ptr(), PAGE_SIZE as u64) };
                     (FaultKind::Remote, r)
                 }
                 PageOwner::Zero => {
+                    install_start = Instant::now();
                     // SAFETY: as above, with the zero page as the source. UFFDIO_COPY of
                     // zeros rather than UFFDIO_ZEROPAGE: the guest usually writes next, and
                     // a copied page takes the write without a second (COW) fault.
@@ -85,14 +88,16 @@ impl Handler {
                 Ok(Installed::Done) if kind != FaultKind::Spurious => {
                     // The page is ours now (a fetched page was freed by its holder).
                     let _ = self.directory.claim(page);
-                    self.stats.record(kind, start.elapsed(), transfer);
+                    let install = install_start.elapsed();
+                    self.stats
+                        .record(kind, start.elapsed(), transfer, Some(install));
                 }
                 Ok(_) => {
                     // Already present: another path installed it. It is resident, so the
                     // directory must say so; no fault was served, so no heat.
                     let _ = self.directory.set_owner(page, PageOwner::Local);
                     self.stats
-                        .record(FaultKind::Spurious, start.elapsed(), None);
+                        .record(FaultKind::Spurious, start.elapsed(), None, None);
                 }
                 Err(e) => {
                     self.stats.record_error();

@@ -30,6 +30,8 @@ pub struct PagerStats {
 struct Hists {
     all: Histogram<u64>,
     remote: Histogram<u64>,
+    /// Time in the install ioctl (UFFDIO_COPY, which also wakes the vCPU).
+    install: Histogram<u64>,
     /// Transfer time per peer; a handful of peers, so a linear scan.
     peers: Vec<(NodeId, Histogram<u64>)>,
 }
@@ -90,6 +92,7 @@ impl Default for PagerStats {
             hists: Mutex::new(Hists {
                 all: histogram(),
                 remote: histogram(),
+                install: histogram(),
                 peers: Vec::new(),
             }),
         }
@@ -147,9 +150,16 @@ pub fn to_api(h: &Histogram<u64>) -> api::Histogram {
 }
 
 impl PagerStats {
-    /// Records one served fault; `transfer` is the peer and the time its fetch took.
+    /// Records one served fault; `transfer` is the peer and the time its fetch took,
+    /// `install` the time the install ioctl took.
     #[inline]
-    pub fn record(&self, kind: FaultKind, latency: Duration, transfer: Option<(NodeId, Duration)>) {
+    pub fn record(
+        &self,
+        kind: FaultKind,
+        latency: Duration,
+        transfer: Option<(NodeId, Duration)>,
+        install: Option<Duration>,
+    ) {
         let latency = ns(latency);
         match kind {
             FaultKind::Remote => {
@@ -168,6 +178,9 @@ impl PagerStats {
         h.all.saturating_record(latency);
         if kind == FaultKind::Remote {
             h.remote.saturating_record(latency);
+        }
+        if let Some(t) = install {
+            h.install.saturating_record(ns(t));
         }
         if let Some((node, t)) = transfer {
             let i = match h.peers.iter().position(|(n, _)| *n == node) {
@@ -241,6 +254,11 @@ impl PagerStats {
         }
     }
 
+    /// The install-ioctl histogram, in the API's form.
+    pub fn install_histogram(&self) -> api::Histogram {
+        to_api(&lock(&self.hists).install)
+    }
+
     /// The fault-latency histogram and per-peer transfer histograms, in the API's form.
     pub fn histograms(&self) -> (api::Histogram, Vec<api::PeerStats>) {
         let h = lock(&self.hists).clone();
@@ -293,10 +311,11 @@ mod tests {
                 FaultKind::Remote,
                 Duration::from_micros(50),
                 Some((1, Duration::from_micros(20))),
+                Some(Duration::from_micros(5)),
             );
         }
-        s.record(FaultKind::LocalZero, Duration::from_micros(10), None);
-        s.record(FaultKind::Spurious, Duration::from_micros(1), None);
+        s.record(FaultKind::LocalZero, Duration::from_micros(10), None, None);
+        s.record(FaultKind::Spurious, Duration::from_micros(1), None, None);
         assert_eq!(s.remote_miss_ratio(), 0.75);
         let snap = s.snapshot();
         assert_eq!((snap.remote, snap.local_zero, snap.spurious), (3, 1, 1));
@@ -307,6 +326,9 @@ mod tests {
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].node_id, 1);
         assert_eq!(peers[0].pages, 3);
+        let install = s.install_histogram();
+        assert_eq!(install.count, 3);
+        assert!((install.p50_us - 5.0).abs() < 0.1);
         assert!((peers[0].transfer.p50_us - 20.0).abs() < 0.1);
         // Buckets are cumulative.
         assert!(all.buckets.windows(2).all(|w| w[0].count <= w[1].count));
@@ -318,7 +340,7 @@ mod tests {
     fn test_pager_stats_percentiles() {
         let s = PagerStats::default();
         for i in 1..=100u64 {
-            s.record(FaultKind::Remote, Duration::from_micros(i), None);
+            s.record(FaultKind::Remote, Duration::from_micros(i), None, None);
         }
         let snap = s.snapshot();
         assert!(
