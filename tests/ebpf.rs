@@ -140,7 +140,11 @@ fn zero_fill_faults_are_stalls_and_installs_without_transfers() {
     assert!(status.success(), "{status}: {}", proc.log_tail());
     assert_eq!(check_probed_run(&s), PAGES / 2);
     assert_eq!(s["faults"]["local_zero"], json!(PAGES / 2), "{s:#}");
-    assert_eq!(f(&s["ebpf"], "transfer_p50_us"), 0.0, "no fetches, no transfers");
+    assert_eq!(
+        f(&s["ebpf"], "transfer_p50_us"),
+        0.0,
+        "no fetches, no transfers"
+    );
 }
 
 #[test]

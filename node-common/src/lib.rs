@@ -208,9 +208,17 @@ pub struct Config {
     pub tgid: u32,
     /// Offset of `gfn` in the `kvmmmu:kvm_mmu_spte_requested` record (read from tracefs).
     pub spte_gfn_offset: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+    /// Reserved (alignment).
+    pub pad: u32,
 }
 
-const _: () = assert!(size_of::<Config>() == 8);
+const _: () = assert!(size_of::<Config>() == 16);
+
+/// [`Config::flags`]: `kvm:kvm_entry` is attached, so resolved faults wait for their resume
+/// (on kvm_pvm it never fires, and the probes skip that bookkeeping).
+pub const CONFIG_RESUME: u32 = 1;
 
 /// Per-CPU state of the sample rate limit.
 #[repr(C)]

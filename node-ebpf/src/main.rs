@@ -27,11 +27,11 @@ use aya_ebpf::macros::{map, tracepoint, uprobe};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya_ebpf::programs::{ProbeContext, TracePointContext};
 use pagemesh_node_common::{
-    COUNTERS, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT, CTR_SAMPLES_THROTTLED,
-    CTR_UNMATCHED_END, CTR_UNMATCHED_FETCH, CTR_WALKS, Config, HEAT_MAX_ENTRIES, HIST_INSTALL,
-    HIST_KINDS, HIST_RESUME, HIST_STALL, Hist, PEERS_MAX_ENTRIES, RateWindow, SAMPLE_WINDOW_NS,
-    SAMPLES_PER_WINDOW, SAMPLES_RING_BYTES, START_MAX_ENTRIES, StallSample, Start, UFFDIO_COPY,
-    UFFDIO_ZEROPAGE,
+    CONFIG_RESUME, COUNTERS, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT,
+    CTR_SAMPLES_THROTTLED, CTR_UNMATCHED_END, CTR_UNMATCHED_FETCH, CTR_WALKS, Config,
+    HEAT_MAX_ENTRIES, HIST_INSTALL, HIST_KINDS, HIST_RESUME, HIST_STALL, Hist, PEERS_MAX_ENTRIES,
+    RateWindow, SAMPLE_WINDOW_NS, SAMPLES_PER_WINDOW, SAMPLES_RING_BYTES, START_MAX_ENTRIES,
+    StallSample, Start, UFFDIO_COPY, UFFDIO_ZEROPAGE,
 };
 
 /// Set by the node before loading (`EbpfLoader::override_global`).
@@ -39,6 +39,8 @@ use pagemesh_node_common::{
 static CONFIG: Config = Config {
     tgid: 0,
     spte_gfn_offset: 8,
+    flags: 0,
+    pad: 0,
 };
 
 /// vCPU thread id → the walk that started its current fault.
@@ -273,7 +275,9 @@ fn try_stall_end(ctx: &TracePointContext) -> Result<u32, u32> {
     record(HIST_STALL, stall);
     heat(gfn);
     sample(ts, gfn, stall, tid);
-    let _ = RESOLVED.insert(tid, ts, 0);
+    if config().flags & CONFIG_RESUME != 0 {
+        let _ = RESOLVED.insert(tid, ts, 0);
+    }
     Ok(0)
 }
 
