@@ -51,13 +51,16 @@ pub fn run_linux(
         .kernel
         .clone()
         .ok_or(ConfigError::Missing("--kernel"))?;
-    if settings.vcpus.unwrap_or(1) != 1 {
-        return Err(ConfigError::Invalid {
-            what: "--vcpus",
-            why: "this VMM boots Linux on one vCPU so far".into(),
+    let vcpus = match settings.vcpus.unwrap_or(1) {
+        n @ 1..=32 => n as u8,
+        n => {
+            return Err(ConfigError::Invalid {
+                what: "--vcpus",
+                why: format!("{n}; between 1 and 32"),
+            }
+            .into());
         }
-        .into());
-    }
+    };
     let mem = guest_mem(settings, 256 << 20)?;
     if mem > MAX_LINUX_RAM {
         return Err(ConfigError::Invalid {
@@ -68,7 +71,8 @@ pub fn run_linux(
     }
     let pages = mem / PAGE_SIZE as u64;
     let cmdline = settings.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
-    let (image, entry) = boot::build_image(mem, &kernel, settings.initrd.as_deref(), cmdline)
+    let (image, entry) =
+        boot::build_image(mem, &kernel, settings.initrd.as_deref(), cmdline, vcpus)
         .map_err(|e| ConfigError::Invalid {
             what: "--kernel",
             why: error_chain(&e),
@@ -130,21 +134,29 @@ pub fn run_linux(
     };
     vcpu::kick_handler_installed()
         .map_err(|e| VcpuError::Exit(format!("cannot install signal handler: {e}")))?;
-    let mut machine = LinuxMachine::new(ram, entry, settings.console)?;
+    let mut machine = LinuxMachine::new(ram, entry, settings.console, vcpus)?;
     let console = machine.console.clone();
+    let cpus = machine.take_cpus();
 
     let stop = Arc::new(AtomicBool::new(false));
     // SAFETY: pthread_self has no preconditions.
     let main_thread = unsafe { libc::pthread_self() };
-    let vcpu_thread: Arc<Mutex<Option<libc::pthread_t>>> = Arc::new(Mutex::new(None));
-    let on_failure = {
-        let stop = stop.clone();
-        let vcpu_thread = vcpu_thread.clone();
-        Box::new(move || {
-            stop.store(true, Ordering::Release);
-            if let Some(t) = *vcpu_thread.lock().unwrap_or_else(|p| p.into_inner()) {
+    // The vCPU threads, once they have started, for kicking them out of KVM_RUN.
+    let threads: Arc<Mutex<Vec<libc::pthread_t>>> = Arc::new(Mutex::new(Vec::new()));
+    let kick_all = {
+        let threads = threads.clone();
+        move || {
+            for &t in threads.lock().unwrap_or_else(|p| p.into_inner()).iter() {
                 vcpu::kick(t);
             }
+        }
+    };
+    let on_failure = {
+        let stop = stop.clone();
+        let kick_all = kick_all.clone();
+        Box::new(move || {
+            stop.store(true, Ordering::Release);
+            kick_all();
         })
     };
     let pager = pager::start_pager(PagerConfig {
@@ -169,35 +181,44 @@ pub fn run_linux(
 
     let started = Instant::now();
     let sample = Arc::new(AtomicBool::new(false));
-    let vcpu = {
+    let mut handles = Vec::with_capacity(cpus.len());
+    for mut cpu in cpus {
         let stop = stop.clone();
         let sample = sample.clone();
-        let vcpu_thread = vcpu_thread.clone();
+        let threads = threads.clone();
         let pin = settings.pin_cpu;
-        std::thread::Builder::new()
-            .name("vcpu0".into())
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{}", cpu.id()))
             .spawn(move || {
                 // SAFETY: pthread_self has no preconditions.
-                *vcpu_thread.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(unsafe { libc::pthread_self() });
-                if let Some(cpu) = pin {
-                    pager::pin_to_cpu(cpu);
+                threads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(unsafe { libc::pthread_self() });
+                if let Some(c) = pin
+                    && cpu.id() == 0
+                {
+                    pager::pin_to_cpu(c);
                 }
-                let r = machine.run(&stop, &sample);
-                let fixups = machine.fixups;
-                // Wake the main thread, which waits for signals.
+                let r = cpu.run(&stop, &sample);
+                // Any vCPU ending ends the VM: wake the main thread, which waits for signals.
                 // SAFETY: pthread_kill on the main thread, which outlives this one.
                 unsafe { libc::pthread_kill(main_thread, libc::SIGUSR2) };
-                (r, fixups)
+                (r, cpu.fixups)
             })
-            .map_err(|e| VcpuError::Exit(format!("cannot start the vCPU thread: {e}")))?
-    };
-    tracing::info!("VM {} booting {}", vm.id, kernel.display());
+            .map_err(|e| VcpuError::Exit(format!("cannot start a vCPU thread: {e}")))?;
+        handles.push(handle);
+    }
+    tracing::info!(
+        "VM {} booting {} on {vcpus} vCPU(s)",
+        vm.id,
+        kernel.display()
+    );
     let signalled = loop {
         // Every 10 s without news, log where the guest is.
         let Some(sig) = wait_signal_for(signals, Duration::from_secs(10))? else {
             sample.store(true, Ordering::Release);
-            if let Some(t) = *vcpu_thread.lock().unwrap_or_else(|p| p.into_inner()) {
+            if let Some(&t) = threads.lock().unwrap_or_else(|p| p.into_inner()).first() {
                 vcpu::kick(t);
             }
             continue;
@@ -206,18 +227,28 @@ pub fn run_linux(
             tracing::info!("signal {sig} received; stopping the guest");
             break true;
         }
-        if vcpu.is_finished() {
+        if handles.iter().any(|h| h.is_finished()) {
             break false;
         }
     };
     stop.store(true, Ordering::Release);
-    while !vcpu.is_finished() {
-        if let Some(t) = *vcpu_thread.lock().unwrap_or_else(|p| p.into_inner()) {
-            vcpu::kick(t);
-        }
+    while !handles.iter().all(|h| h.is_finished()) {
+        kick_all();
         std::thread::sleep(Duration::from_millis(5));
     }
-    let (exit, fixups) = vcpu.join().map_err(|_| VcpuError::Stopped)?;
+    // The first vCPU that ended for a reason other than the stop request tells how the VM
+    // ended; vCPU 0 otherwise.
+    let mut exit = Ok(LinuxExit::Stopped);
+    let mut fixups = 0;
+    for (i, h) in handles.into_iter().enumerate() {
+        let (r, f) = h.join().map_err(|_| VcpuError::Stopped)?;
+        fixups += f;
+        let decisive = !matches!(r, Ok(LinuxExit::Stopped));
+        if i == 0 || (decisive && matches!(exit, Ok(LinuxExit::Stopped))) {
+            exit = r;
+        }
+    }
+    drop(machine);
     running.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     let counters = pager.stats().clone();

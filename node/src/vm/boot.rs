@@ -109,12 +109,13 @@ struct ZeroPage(boot_params);
 // them, packed); any byte pattern is a valid value and it has no padding-dependent invariant.
 unsafe impl vm_memory::ByteValued for ZeroPage {}
 
-/// Lays out a Linux guest in a fresh `mem_bytes` image at guest-physical 0.
+/// Lays out a Linux guest with `vcpus` CPUs in a fresh `mem_bytes` image at guest-physical 0.
 pub fn build_image(
     mem_bytes: u64,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    vcpus: u8,
 ) -> Result<(GuestMemoryMmap, BootEntry), BootError> {
     if mem_bytes < (64 << 20) {
         return Err(BootError::TooSmall(mem_bytes));
@@ -192,6 +193,7 @@ pub fn build_image(
 
     write_gdt(&mem)?;
     write_page_tables(&mem)?;
+    write_mptable(&mem, vcpus)?;
     Ok((
         mem,
         BootEntry {
@@ -241,6 +243,87 @@ pub const GDT: [(u16, u32, u32); 4] = [
     (0x808b, 0, 0xfffff),
 ];
 
+/// Where the MP floating pointer goes: the last KiB of base memory, which Linux scans.
+pub const MPTABLE_ADDR: u64 = EBDA_START;
+/// The local APICs' address.
+const APIC_ADDR: u32 = 0xfee0_0000;
+/// The I/O APIC's address.
+const IOAPIC_ADDR: u32 = 0xfec0_0000;
+
+fn checksum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+}
+
+/// The Intel MultiProcessor Specification 1.4 tables: a floating pointer and a
+/// configuration table listing `cpus` processors (APIC ids 0..cpus, CPU 0 the bootstrap
+/// processor), the ISA bus, the I/O APIC (id `cpus`), ISA IRQs 0-15 routed to its pins 0-15,
+/// and LINT0 = ExtINT, LINT1 = NMI on every local APIC.
+pub fn mptable(cpus: u8) -> Vec<u8> {
+    let ioapic_id = cpus;
+    let mut entries: Vec<u8> = Vec::new();
+    let mut count = 0u16;
+    for id in 0..cpus {
+        let mut e = vec![0u8; 20];
+        e[0] = 0; // processor
+        e[1] = id;
+        e[2] = 0x14; // local APIC version
+        e[3] = 0x01 | if id == 0 { 0x02 } else { 0 }; // enabled, bootstrap processor
+        e[4..8].copy_from_slice(&0x600u32.to_le_bytes()); // family 6
+        e[8..12].copy_from_slice(&0x201u32.to_le_bytes()); // FPU, APIC
+        entries.extend_from_slice(&e);
+        count += 1;
+    }
+    entries.extend_from_slice(&[1, 0, b'I', b'S', b'A', b' ', b' ', b' ']); // bus 0: ISA
+    count += 1;
+    let mut ioapic = vec![2, ioapic_id, 0x11, 0x01];
+    ioapic.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
+    entries.extend_from_slice(&ioapic);
+    count += 1;
+    for irq in 0..16u8 {
+        // type 3: I/O interrupt, INT, conforming polarity/trigger, ISA bus, irq -> pin irq
+        entries.extend_from_slice(&[3, 0, 0, 0, 0, irq, ioapic_id, irq]);
+        count += 1;
+    }
+    // type 4: local interrupts, to every local APIC (0xff): ExtINT on LINT0, NMI on LINT1.
+    entries.extend_from_slice(&[4, 3, 0, 0, 0, 0, 0xff, 0]);
+    entries.extend_from_slice(&[4, 1, 0, 0, 0, 0, 0xff, 1]);
+    count += 2;
+
+    let table_addr = MPTABLE_ADDR as u32 + 16;
+    let mut table = Vec::with_capacity(44 + entries.len());
+    table.extend_from_slice(b"PCMP");
+    table.extend_from_slice(&((44 + entries.len()) as u16).to_le_bytes());
+    table.push(4); // spec 1.4
+    table.push(0); // checksum, below
+    table.extend_from_slice(b"PAGEMESH");
+    table.extend_from_slice(b"PAGEMESH-VM ");
+    table.extend_from_slice(&0u32.to_le_bytes()); // OEM table
+    table.extend_from_slice(&0u16.to_le_bytes());
+    table.extend_from_slice(&count.to_le_bytes());
+    table.extend_from_slice(&APIC_ADDR.to_le_bytes());
+    table.extend_from_slice(&0u16.to_le_bytes()); // extended table length
+    table.push(0); // extended checksum
+    table.push(0);
+    table.extend_from_slice(&entries);
+    table[7] = checksum(&table);
+
+    let mut fp = Vec::with_capacity(16);
+    fp.extend_from_slice(b"_MP_");
+    fp.extend_from_slice(&table_addr.to_le_bytes());
+    fp.push(1); // length in 16-byte units
+    fp.push(4); // spec 1.4
+    fp.push(0); // checksum, below
+    fp.extend_from_slice(&[0; 5]);
+    fp[10] = checksum(&fp);
+    fp.extend_from_slice(&table);
+    fp
+}
+
+fn write_mptable(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), BootError> {
+    mem.write_slice(&mptable(cpus), GuestAddress(MPTABLE_ADDR))
+        .map_err(BootError::Write)
+}
+
 fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, (flags, base, limit)) in GDT.iter().enumerate() {
         mem.write_obj(
@@ -282,6 +365,31 @@ mod tests {
     }
 
     #[test]
+    fn mptable_lists_every_cpu_and_checksums_to_zero() {
+        let t = mptable(4);
+        let sum = |b: &[u8]| b.iter().fold(0u8, |a, x| a.wrapping_add(*x));
+        assert_eq!(&t[..4], b"_MP_");
+        assert_eq!(sum(&t[..16]), 0, "floating pointer checksum");
+        let ptr = u32::from_le_bytes(t[4..8].try_into().unwrap()) as u64;
+        assert_eq!(ptr, MPTABLE_ADDR + 16);
+        let table = &t[16..];
+        assert_eq!(&table[..4], b"PCMP");
+        let len = u16::from_le_bytes([table[4], table[5]]) as usize;
+        assert_eq!(len, table.len());
+        assert_eq!(sum(table), 0, "configuration table checksum");
+        let count = u16::from_le_bytes([table[34], table[35]]);
+        assert_eq!(count, 4 + 1 + 1 + 16 + 2);
+        // Processor entries: ids 0..4, only the first is the bootstrap processor.
+        for id in 0..4usize {
+            let e = &table[44 + 20 * id..44 + 20 * (id + 1)];
+            assert_eq!((e[0], e[1]), (0, id as u8));
+            assert_eq!(e[3] & 2 != 0, id == 0);
+        }
+        // Everything fits below the end of base memory.
+        assert!(MPTABLE_ADDR + t.len() as u64 <= 0xa_0000);
+    }
+
+    #[test]
     fn e820_covers_low_and_high_ram_without_the_hole() {
         let m = e820_map(256 << 20);
         assert_eq!(m.len(), 2);
@@ -301,13 +409,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let bogus = dir.join("not-a-kernel");
         std::fs::write(&bogus, vec![0x42u8; 64 * 1024]).unwrap();
-        let err = build_image(64 << 20, &bogus, None, "console=ttyS0").unwrap_err();
+        let err = build_image(64 << 20, &bogus, None, "console=ttyS0", 1).unwrap_err();
         assert!(matches!(err, BootError::NotAKernel(_)), "{err:?}");
         assert!(err.to_string().contains("is not a Linux kernel"), "{err}");
-        let missing = build_image(64 << 20, &dir.join("nope"), None, "").unwrap_err();
+        let missing = build_image(64 << 20, &dir.join("nope"), None, "", 1).unwrap_err();
         assert!(matches!(missing, BootError::OpenKernel(..)), "{missing:?}");
         assert!(matches!(
-            build_image(1 << 20, &bogus, None, "").unwrap_err(),
+            build_image(1 << 20, &bogus, None, "", 1).unwrap_err(),
             BootError::TooSmall(_)
         ));
         std::fs::remove_dir_all(&dir).unwrap();
@@ -332,7 +440,11 @@ mod tests {
         std::fs::write(&k, &img).unwrap();
         let i = dir.join("initrd");
         std::fs::write(&i, vec![7u8; 10_000]).unwrap();
-        let (mem, entry) = build_image(64 << 20, &k, Some(&i), "console=ttyS0 quiet").unwrap();
+        let (mem, entry) =
+            build_image(64 << 20, &k, Some(&i), "console=ttyS0 quiet", 2).unwrap();
+        let mut fp = [0u8; 16];
+        mem.read_slice(&mut fp, GuestAddress(MPTABLE_ADDR)).unwrap();
+        assert_eq!(&fp[..4], b"_MP_");
         assert_eq!(entry.zero_page, ZERO_PAGE_ADDR);
         assert_eq!(entry.rip, HIMEM_START + 0x200);
         let zp: ZeroPage = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();

@@ -43,16 +43,25 @@ pub enum LinuxExit {
     Stopped,
 }
 
-/// A Linux VM.
+/// A Linux VM. Its vCPUs are taken out with [`LinuxMachine::take_cpus`] and run on their own
+/// threads; the machine (VM file descriptor and memory) must outlive them.
 pub struct LinuxMachine {
     _kvm: Kvm,
     _vm: VmFd,
-    vcpu: VcpuFd,
-    memory: GuestMemoryMmap,
-    devices: Devices,
+    memory: Arc<GuestMemoryMmap>,
+    cpus: Vec<Cpu>,
     /// What the guest printed.
     pub console: Arc<Mutex<ConsoleLog>>,
-    /// Instructions the VMM emulated by hand (int3, fwait, ud2).
+}
+
+/// One vCPU and what it needs to run.
+pub struct Cpu {
+    id: u8,
+    vcpu: VcpuFd,
+    memory: Arc<GuestMemoryMmap>,
+    devices: Arc<Mutex<Devices>>,
+    console: Arc<Mutex<ConsoleLog>>,
+    /// Instructions the VMM emulated by hand (int3, fwait, ud2) on this vCPU.
     pub fixups: u64,
 }
 
@@ -61,11 +70,13 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
 }
 
 impl LinuxMachine {
-    /// A VM over `memory` (one region at guest-physical 0) that starts at `entry`.
+    /// A VM over `memory` (one region at guest-physical 0) with `vcpus` vCPUs; vCPU 0 starts
+    /// at `entry`, the others wait for the guest's INIT/SIPI (in-kernel local APICs).
     pub fn new(
         memory: GuestMemoryMmap,
         entry: BootEntry,
         echo_console: bool,
+        vcpus: u8,
     ) -> Result<Self, VcpuError> {
         let kvm = Kvm::new().map_err(VcpuError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
@@ -96,38 +107,75 @@ impl LinuxMachine {
         let console = Arc::new(Mutex::new(ConsoleLog::default()));
         let com1 = com1(irq, LineSink::new(echo_console, console.clone()));
 
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("CREATE_VCPU"))?;
-        let cpuid = kvm
+        let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
-        let msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_IA32_MISC_ENABLE,
-            data: 1, // fast strings
-            ..Default::default()
-        }])
-        .map_err(|e| VcpuError::Exit(format!("MSR list: {e:?}")))?;
-        vcpu.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
-        vcpu.set_fpu(&kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        })
-        .map_err(kvm_err("SET_FPU"))?;
-        set_lint(&vcpu)?;
-        set_boot_registers(&vcpu, entry)?;
+        let memory = Arc::new(memory);
+        let devices = Arc::new(Mutex::new(Devices {
+            com1,
+            i8042: I8042::default(),
+        }));
+        let mut cpus = Vec::with_capacity(usize::from(vcpus));
+        for id in 0..vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            for e in cpuid.as_mut_slice() {
+                match e.function {
+                    // Initial APIC id and logical processor count.
+                    1 => {
+                        e.ebx = (e.ebx & 0x0000_ffff)
+                            | (u32::from(id) << 24)
+                            | (u32::from(vcpus) << 16);
+                        if vcpus > 1 {
+                            e.edx |= 1 << 28; // HTT: the count above is valid
+                        }
+                    }
+                    // x2APIC id.
+                    0xb => e.edx = u32::from(id),
+                    _ => {}
+                }
+            }
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
+            let msrs = Msrs::from_entries(&[kvm_msr_entry {
+                index: MSR_IA32_MISC_ENABLE,
+                data: 1, // fast strings
+                ..Default::default()
+            }])
+            .map_err(|e| VcpuError::Exit(format!("MSR list: {e:?}")))?;
+            vcpu.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
+            vcpu.set_fpu(&kvm_fpu {
+                fcw: 0x37f,
+                mxcsr: 0x1f80,
+                ..Default::default()
+            })
+            .map_err(kvm_err("SET_FPU"))?;
+            set_lint(&vcpu)?;
+            if id == 0 {
+                set_boot_registers(&vcpu, entry)?;
+            }
+            cpus.push(Cpu {
+                id,
+                vcpu,
+                memory: memory.clone(),
+                devices: devices.clone(),
+                console: console.clone(),
+                fixups: 0,
+            });
+        }
         Ok(Self {
             _kvm: kvm,
             _vm: vm,
-            vcpu,
             memory,
-            devices: Devices {
-                com1,
-                i8042: I8042::default(),
-            },
+            cpus,
             console,
-            fixups: 0,
         })
+    }
+
+    /// The vCPUs, to run each on its own thread (vCPU 0 first).
+    pub fn take_cpus(&mut self) -> Vec<Cpu> {
+        std::mem::take(&mut self.cpus)
     }
 
     /// Host address and length of guest RAM (what the pager registers).
@@ -137,6 +185,14 @@ impl LinuxMachine {
             .find_region(GuestAddress(0))
             .expect("RAM starts at 0 by construction");
         (r.as_ptr(), r.len())
+    }
+
+}
+
+impl Cpu {
+    /// This vCPU's id (and local APIC id).
+    pub fn id(&self) -> u8 {
+        self.id
     }
 
     /// Runs until the guest resets, triple-faults, or `stop` is set and the thread kicked.
@@ -151,14 +207,18 @@ impl LinuxMachine {
             }
             let exit = match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    self.devices.io_out(port, data);
-                    if self.devices.i8042.reset_requested() {
+                    let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+                    d.io_out(port, data);
+                    if d.i8042.reset_requested() {
                         return Ok(LinuxExit::Reset);
                     }
                     continue;
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    self.devices.io_in(port, data);
+                    self.devices
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .io_in(port, data);
                     continue;
                 }
                 Ok(VcpuExit::MmioRead(_, data)) => {
@@ -190,7 +250,8 @@ impl LinuxMachine {
         };
         let lines = self.console.lock().map_or(0, |l| l.count);
         tracing::info!(
-            "guest at rip {:#x} (cpl {}, cr3 {:#x}, rflags {:#x}); {lines} console lines so far",
+            "guest vCPU {} at rip {:#x} (cpl {}, cr3 {:#x}, rflags {:#x}); {lines} console lines so far",
+            self.id,
             regs.rip,
             sregs.cs.dpl,
             sregs.cr3,
