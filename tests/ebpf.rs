@@ -82,11 +82,17 @@ fn check_probed_run(s: &Value) -> u64 {
     // on the handler's CPU, the handler's clock keeps running while the vCPU runs on to its
     // next fault (docs/observability.md). And it stays within the range of the
     // user-space fault latency.
+    //
+    // Upper bound: the guest's own time per page (wall time / pages) holds the whole stall
+    // plus the guest's work, so the median stall stays below it (with room for median vs
+    // mean). The handler's p99 is no upper bound: the stall also holds the event delivery
+    // and the wake-up, which for a zero-fill fault are most of it.
     let fault_p50 = f(s, "fault_p50_us");
-    let fault_p99 = f(s, "fault_p99_us");
+    let us_per_page = f(s, "us_per_page");
     assert!(
-        stall_p50 * 2.0 >= fault_p50 && stall_p50 <= fault_p99,
-        "stall p50 {stall_p50} µs vs handler p50 {fault_p50} µs, p99 {fault_p99} µs"
+        stall_p50 * 2.0 >= fault_p50 && stall_p50 <= us_per_page * 1.5,
+        "stall p50 {stall_p50} µs vs handler p50 {fault_p50} µs and the guest's \
+         {us_per_page} µs per page"
     );
     pager
 }

@@ -237,6 +237,12 @@ pub struct Settings {
     #[serde(default)]
     pub console: bool,
 
+    /// Compute role: do not load the eBPF probes (they load by default when the node has
+    /// the privileges; without them the node warns once and runs on).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_ebpf: bool,
+
     /// Compute role: write the run summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -307,6 +313,7 @@ impl Settings {
         self.replace |= file.replace;
         self.hold |= file.hold;
         self.console |= file.console;
+        self.no_ebpf |= file.no_ebpf;
         Ok(self)
     }
 

@@ -179,6 +179,7 @@ pub fn run_linux(
         running: running.clone(),
     });
 
+    let probes = crate::service::load_probes(settings, admin);
     let started = Instant::now();
     let sample = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(cpus.len());
@@ -314,6 +315,7 @@ pub fn run_linux(
             },
             "held_before": held_before,
             "held_after": held_after,
+            "ebpf": probes.as_ref().map(|p| p.ebpf_summary_json()),
             "ok": ok,
         });
         std::fs::write(

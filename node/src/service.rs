@@ -201,6 +201,35 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     Ok(ok)
 }
 
+/// Loads the eBPF probes for this process unless `--no-ebpf`; a node that cannot load them
+/// warns once, saying why, and runs on without them. Their figures go to `/stats`.
+pub(crate) fn load_probes(
+    settings: &Settings,
+    admin: &AdminState,
+) -> Option<Arc<crate::ebpf::Probes>> {
+    if settings.no_ebpf {
+        tracing::info!("eBPF probes disabled (--no-ebpf)");
+        return None;
+    }
+    match crate::ebpf::Probes::load(std::process::id()) {
+        Ok(p) => {
+            let p = Arc::new(p);
+            tracing::info!("eBPF probes attached: {}", p.attached().join(", "));
+            let reader = p.clone();
+            *admin.ebpf.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Box::new(move || reader.snapshot()));
+            Some(p)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "eBPF probes not loaded, running without kernel-side figures: {}",
+                error_chain(&e)
+            );
+            None
+        }
+    }
+}
+
 /// Seeds differ per run so that a page left over from another VM fails verification.
 fn default_seed() -> u64 {
     SystemTime::now()
@@ -428,6 +457,7 @@ fn run_compute(
         initial,
         cpu: settings.pin_cpu,
     };
+    let probes = load_probes(settings, admin);
     tracing::info!("running {workload} on VM {}", vm.id);
     let outcome = run_guest(
         &opts,
@@ -461,7 +491,16 @@ fn run_compute(
             }
         }
     }
-    report(settings, id, Some(&vm), &outcome, &held_before, &held_after)
+    let ebpf = probes.as_ref().map(|p| p.ebpf_summary_json());
+    report(
+        settings,
+        id,
+        Some(&vm),
+        &outcome,
+        &held_before,
+        &held_after,
+        ebpf,
+    )
 }
 
 fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<bool, NodeError> {
@@ -502,6 +541,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
         &outcome,
         &BTreeMap::new(),
         &BTreeMap::new(),
+        None,
     )
 }
 
@@ -528,6 +568,7 @@ fn report(
     o: &RunOutcome,
     held_before: &BTreeMap<NodeId, u64>,
     held_after: &BTreeMap<NodeId, u64>,
+    ebpf: Option<serde_json::Value>,
 ) -> Result<bool, NodeError> {
     let ok = o.ok();
     let w = &o.result;
@@ -584,6 +625,7 @@ fn report(
             "expected_checksum": o.expected_checksum,
             "held_before": held_before,
             "held_after": held_after,
+            "ebpf": ebpf,
             "ok": ok,
         });
         std::fs::write(

@@ -70,11 +70,17 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "remote-seq",
-        args: &["--workload", "seq", "--access", "read"],
+        args: &["--workload", "seq", "--access", "read", "--no-ebpf"],
         remote: true,
     },
     Case {
         name: "remote-random",
+        args: &["--workload", "random", "--access", "read", "--no-ebpf"],
+        remote: true,
+    },
+    // The same with the eBPF probes attached: their overhead is the difference.
+    Case {
+        name: "remote-random-ebpf",
         args: &["--workload", "random", "--access", "read"],
         remote: true,
     },
@@ -144,6 +150,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             )
         };
         let pages = per_run[0]["result"]["pages_done"].as_u64().unwrap_or(0);
+        let ebpf = per_run.last().map_or(Value::Null, |s| s["ebpf"].clone());
         let row = json!({
             "name": case.name,
             "pages": pages,
@@ -153,6 +160,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "fault_p90_us": get("fault_p90_us"),
             "fault_p99_us": get("fault_p99_us"),
             "us_per_page_each_run": per_run.iter().map(|s| s["us_per_page"].clone()).collect::<Vec<_>>(),
+            "ebpf_last_run": ebpf,
         });
         println!(
             "{:<18} {:>8} {:>5} {:>10.2} {:>9.1} {:>9.1} {:>9.1}",

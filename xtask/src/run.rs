@@ -147,6 +147,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             "pages_checked": u(verify, &["result", "pages_done"]),
             "bad_pages": u(verify, &["result", "bad_pages"]),
         },
+        // Kernel-side figures of the last (random read-modify-write) run, null without probes.
+        "ebpf": runs.last().map_or(Value::Null, |(_, _, s)| s["ebpf"].clone()),
         "runs": runs.iter().map(|(n, _, s)| json!({"name": n, "summary": s})).collect::<Vec<_>>(),
         "run_dir": dir.display().to_string(),
         "ok": ok,

@@ -118,8 +118,10 @@ impl Handler {
         node: NodeId,
         dst: &mut [u8],
     ) -> Result<(), PagerError> {
-        self.transport
-            .fetch_page(self.vm, page, node, dst)
-            .map_err(|source| PagerError::Fetch { page, node, source })
+        // Markers for the eBPF transfer probes (uprobes on 5-byte nops; see ebpf.rs).
+        crate::ebpf::pagemesh_fetch_begin(node, page);
+        let r = self.transport.fetch_page(self.vm, page, node, dst);
+        crate::ebpf::pagemesh_fetch_end(node, page);
+        r.map_err(|source| PagerError::Fetch { page, node, source })
     }
 }
