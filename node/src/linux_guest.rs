@@ -72,11 +72,12 @@ pub fn run_linux(
     let pages = mem / PAGE_SIZE as u64;
     let cmdline = settings.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
     let (image, entry) =
-        boot::build_image(mem, &kernel, settings.initrd.as_deref(), cmdline, vcpus)
-        .map_err(|e| ConfigError::Invalid {
-            what: "--kernel",
-            why: error_chain(&e),
-        })?;
+        boot::build_image(mem, &kernel, settings.initrd.as_deref(), cmdline, vcpus).map_err(
+            |e| ConfigError::Invalid {
+                what: "--kernel",
+                why: error_chain(&e),
+            },
+        )?;
     let image_path = write_image(id, &image).map_err(|e| ConfigError::Invalid {
         what: "the guest image",
         why: e.to_string(),

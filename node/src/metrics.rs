@@ -215,7 +215,11 @@ pub fn prometheus_text(s: &NodeStats) -> String {
                 "Time to install a page (UFFDIO_COPY, which also wakes the vCPU); source=pager is measured by the pager, source=ebpf in the kernel.",
             );
         }
-        o.histogram("pagemesh_install_duration_seconds", &[("source", "ebpf")], &e.install);
+        o.histogram(
+            "pagemesh_install_duration_seconds",
+            &[("source", "ebpf")],
+            &e.install,
+        );
     }
     o.text
 }

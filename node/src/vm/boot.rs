@@ -251,7 +251,10 @@ const APIC_ADDR: u32 = 0xfee0_0000;
 const IOAPIC_ADDR: u32 = 0xfec0_0000;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// The Intel MultiProcessor Specification 1.4 tables: a floating pointer and a
@@ -440,8 +443,7 @@ mod tests {
         std::fs::write(&k, &img).unwrap();
         let i = dir.join("initrd");
         std::fs::write(&i, vec![7u8; 10_000]).unwrap();
-        let (mem, entry) =
-            build_image(64 << 20, &k, Some(&i), "console=ttyS0 quiet", 2).unwrap();
+        let (mem, entry) = build_image(64 << 20, &k, Some(&i), "console=ttyS0 quiet", 2).unwrap();
         let mut fp = [0u8; 16];
         mem.read_slice(&mut fp, GuestAddress(MPTABLE_ADDR)).unwrap();
         assert_eq!(&fp[..4], b"_MP_");

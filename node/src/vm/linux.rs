@@ -186,7 +186,6 @@ impl LinuxMachine {
             .expect("RAM starts at 0 by construction");
         (r.as_ptr(), r.len())
     }
-
 }
 
 impl Cpu {
