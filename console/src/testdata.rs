@@ -143,6 +143,7 @@ fn compute(remote: u64, uptime_s: f64, ebpf: Option<EbpfStats>) -> NodeStats {
             remote_miss_ratio: remote as f64 / touched as f64,
             bytes_fetched: remote * 4096,
             fault_latency: fault_latency(touched * 100 / 6144),
+            install_latency: Default::default(),
             peers: vec![
                 PeerStats {
                     node_id: 1,
