@@ -44,24 +44,13 @@ fn prometheus_scrapes_fault_counters_and_histograms_from_a_live_node() {
     let bins = Bins::for_tests().unwrap();
     let dir = test_dir("prometheus");
     let mut c = Cluster::start(bins, dir.clone(), &[1, 2], "256MiB").unwrap();
-    let (mut compute, json_path) = c
-        .spawn_compute(&[
-            "--mem",
-            "16MiB",
-            "--workload",
-            "random",
-            "--access",
-            "read",
-            "--hold",
-        ])
+    let (mut compute, admin, _) = c
+        .run_compute_held(
+            &["--mem", "16MiB", "--workload", "random", "--access", "read"],
+            Duration::from_secs(120),
+        )
         .unwrap();
-    let admin = compute.admin_url(Duration::from_secs(30)).unwrap();
     let target = admin.trim_start_matches("http://").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !json_path.exists() {
-        assert!(Instant::now() < deadline, "the run never finished");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 
     let config = dir.join("prometheus.yml");
     std::fs::write(

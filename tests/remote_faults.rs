@@ -164,32 +164,13 @@ fn a_memory_image_is_split_over_the_memory_nodes() {
 #[test]
 fn the_admin_endpoint_reports_the_run_and_the_coordinator_lists_it() {
     let mut c = cluster("admin");
-    let (mut compute, json_path) = c
-        .spawn_compute(&[
-            "--mem",
-            "16MiB",
-            "--workload",
-            "random",
-            "--access",
-            "read",
-            "--hold",
-        ])
+    // The node holds after its guest is done, so its final figures can be read.
+    let (mut compute, admin, _) = c
+        .run_compute_held(
+            &["--mem", "16MiB", "--workload", "random", "--access", "read"],
+            RUN_TIMEOUT,
+        )
         .unwrap();
-    let admin = compute.admin_url(Duration::from_secs(30)).unwrap();
-    // The summary is written when the guest is done; the node then holds.
-    let deadline = std::time::Instant::now() + RUN_TIMEOUT;
-    while !json_path.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run never finished"
-        );
-        assert!(
-            compute.try_wait().unwrap().is_none(),
-            "{}",
-            compute.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let stats = pagemesh_tests::http_json(&format!("{admin}/stats?cells=64")).unwrap();
     let pager = &stats["pager"];
     assert_eq!(pager["faults_remote"], json!(4096), "{stats:#}");

@@ -22,9 +22,9 @@ use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::pager::{self, PageDirectory, PagerConfig};
 use crate::service::{
-    NodeError, StopSignals, error_chain, guest_mem, held, placement_request, wait_signal_for,
+    NodeError, StopSignals, connect_vm_peers, error_chain, guest_mem, held, load_vm,
+    placement_request, wait_signal_for,
 };
-use crate::transport::TransportManager;
 use crate::vm::boot;
 use crate::vm::linux::{LinuxExit, LinuxMachine, MAX_LINUX_RAM};
 use crate::vm::vcpu::{self, VcpuError};
@@ -100,25 +100,9 @@ pub fn run_linux(
         pages,
         vm.placement.nodes()
     );
-    let timeout = Duration::from_secs_f64(settings.peer_timeout.unwrap_or(5.0).max(0.001));
-    let cluster = settings.cluster.clone().unwrap_or_default();
+    let (transport, mut control) = connect_vm_peers(id, settings, coordinator, &vm)?;
+    load_vm(&mut control, &vm)?;
     let wanted = vm.placement.nodes();
-    let mut transport = TransportManager::new(id, timeout).with_cluster(cluster.clone());
-    coordinator.discover_and_connect_peers(id, &mut transport, Some(&wanted))?;
-    let mut control = TransportManager::new(id, timeout).with_cluster(cluster);
-    coordinator.discover_and_connect_peers(id, &mut control, Some(&wanted))?;
-    for &n in &wanted {
-        let loaded = control
-            .peer(n)
-            .and_then(|p| p.load(vm.id))
-            .map_err(|source| NodeError::Peer {
-                node: n,
-                what: "load",
-                vm: vm.id,
-                source,
-            })?;
-        tracing::info!("node {n} loaded {loaded} pages of VM {}", vm.id);
-    }
     let held_before = held(&mut control, &vm)?;
     let directory = Arc::new(PageDirectory::from_placement(&vm.placement).map_err(|e| {
         ConfigError::Invalid {

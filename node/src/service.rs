@@ -230,6 +230,51 @@ pub(crate) fn load_probes(
     }
 }
 
+/// Connects to every node holding pages of `vm`, twice: once for the pager (the fault path
+/// owns those connections) and once for control requests (load, held, release).
+pub(crate) fn connect_vm_peers(
+    id: NodeId,
+    settings: &Settings,
+    coordinator: &CoordinatorClient,
+    vm: &Vm,
+) -> Result<(TransportManager, TransportManager), NodeError> {
+    let timeout = Duration::from_secs_f64(settings.peer_timeout.unwrap_or(5.0).max(0.001));
+    let cluster = settings.cluster.clone().unwrap_or_default();
+    let wanted = vm.placement.nodes();
+    let mut transport = TransportManager::new(id, timeout).with_cluster(cluster.clone());
+    coordinator.discover_and_connect_peers(id, &mut transport, Some(&wanted))?;
+    let mut control = TransportManager::new(id, timeout).with_cluster(cluster);
+    coordinator.discover_and_connect_peers(id, &mut control, Some(&wanted))?;
+    for &n in &wanted {
+        if !control.peer_ids().contains(&n) {
+            return Err(NodeError::Peer {
+                node: n,
+                what: "be reached for",
+                vm: vm.id,
+                source: TransportError::UnknownPeer(n),
+            });
+        }
+    }
+    Ok((transport, control))
+}
+
+/// Has every node holding pages of `vm` load its share.
+pub(crate) fn load_vm(control: &mut TransportManager, vm: &Vm) -> Result<(), NodeError> {
+    for n in vm.placement.nodes() {
+        let loaded = control
+            .peer(n)
+            .and_then(|p| p.load(vm.id))
+            .map_err(|source| NodeError::Peer {
+                node: n,
+                what: "load",
+                vm: vm.id,
+                source,
+            })?;
+        tracing::info!("node {n} loaded {loaded} pages of VM {}", vm.id);
+    }
+    Ok(())
+}
+
 /// Seeds differ per run so that a page left over from another VM fails verification.
 fn default_seed() -> u64 {
     SystemTime::now()
@@ -388,40 +433,12 @@ fn run_compute(
         pages,
         vm.placement.nodes()
     );
-    let timeout = Duration::from_secs_f64(settings.peer_timeout.unwrap_or(5.0).max(0.001));
-    let wanted = vm.placement.nodes();
-    let mut transport = TransportManager::new(id, timeout)
-        .with_cluster(settings.cluster.clone().unwrap_or_default());
-    coordinator.discover_and_connect_peers(id, &mut transport, Some(&wanted))?;
-    let mut control = TransportManager::new(id, timeout)
-        .with_cluster(settings.cluster.clone().unwrap_or_default());
-    coordinator.discover_and_connect_peers(id, &mut control, Some(&wanted))?;
-    for n in &wanted {
-        if !control.peer_ids().contains(n) {
-            return Err(NodeError::Peer {
-                node: *n,
-                what: "be reached for",
-                vm: vm.id,
-                source: TransportError::UnknownPeer(*n),
-            });
-        }
-    }
+    let (transport, mut control) = connect_vm_peers(id, settings, coordinator, &vm)?;
 
     let directory = match &content {
         Content::Zero => PageDirectory::new(pages),
         Content::Pattern { .. } | Content::Image { .. } => {
-            for &n in &wanted {
-                let loaded = control
-                    .peer(n)
-                    .and_then(|p| p.load(vm.id))
-                    .map_err(|source| NodeError::Peer {
-                        node: n,
-                        what: "load",
-                        vm: vm.id,
-                        source,
-                    })?;
-                tracing::info!("node {n} loaded {loaded} pages of VM {}", vm.id);
-            }
+            load_vm(&mut control, &vm)?;
             let dir =
                 PageDirectory::from_placement(&vm.placement).map_err(|e| ConfigError::Invalid {
                     what: "placement",
@@ -481,7 +498,7 @@ fn run_compute(
         BTreeMap::new()
     };
     if loaded && !settings.keep_vm {
-        for &n in &wanted {
+        for n in vm.placement.nodes() {
             if let Err(e) = control.peer(n).and_then(|p| p.release(vm.id)) {
                 tracing::warn!(
                     "node {n} could not release VM {}: {}",

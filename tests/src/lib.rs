@@ -328,6 +328,42 @@ impl Cluster {
         Ok((proc, json))
     }
 
+    /// Starts a compute node with `--hold` and `args`, and waits until its guest has finished
+    /// (its summary is written; the node stays up). Returns the node, its admin URL and the
+    /// summary.
+    pub fn run_compute_held(
+        &mut self,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<(Proc, String, serde_json::Value)> {
+        let mut a = args.to_vec();
+        a.push("--hold");
+        let (mut proc, json) = self.spawn_compute(&a)?;
+        let admin = proc.admin_url(Duration::from_secs(60))?;
+        let deadline = Instant::now() + timeout;
+        let summary = loop {
+            // Written in one go; a partial read is retried.
+            if let Some(v) = std::fs::read_to_string(&json)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+            {
+                break v;
+            }
+            if let Some(status) = proc.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before finishing its guest:\n{}",
+                    proc.name,
+                    proc.log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not finish its guest within {timeout:?}", proc.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Ok((proc, admin, summary))
+    }
+
     /// Runs a compute node to completion and returns its exit status and JSON summary
     /// (`null` when it wrote none).
     pub fn run_compute(
