@@ -45,6 +45,35 @@ pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default time allowed to establish a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Default time a fetch waits for the reply without sleeping.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
+
+/// Returns once `stream` has bytes to read, or after `spin` at the latest.
+fn spin_until_readable(stream: &TcpStream, spin: Duration) {
+    if spin.is_zero() {
+        return;
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+    let start = std::time::Instant::now();
+    let mut probe = [0u8; 1];
+    loop {
+        // SAFETY: a non-blocking peek of at most one byte into a local buffer on a socket
+        // this peer owns; it consumes nothing.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                probe.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 || start.elapsed() >= spin {
+            return;
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Timeouts of a [`TcpPeer`]. All must be non-zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpOptions {
@@ -54,6 +83,8 @@ pub struct TcpOptions {
     pub io_timeout: Duration,
     /// Time allowed for the peer to answer a Load.
     pub load_timeout: Duration,
+    /// Time to wait for a reply awake (polling) before sleeping; zero never polls.
+    pub spin: Duration,
 }
 
 impl Default for TcpOptions {
@@ -62,6 +93,7 @@ impl Default for TcpOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             io_timeout: DEFAULT_IO_TIMEOUT,
             load_timeout: DEFAULT_LOAD_TIMEOUT,
+            spin: DEFAULT_SPIN,
         }
     }
 }
@@ -332,6 +364,10 @@ impl TcpPeer {
         };
         sent.map_err(io_error)?;
 
+        // Wait for the answer awake for a little while before sleeping in read(): on hosts
+        // where an idle CPU halts into the outer hypervisor, the wake-up from that sleep
+        // costs more than the whole round trip on loopback (docs/benchmarks.md).
+        spin_until_readable(&self.stream, self.options.spin);
         let mut head = [0u8; HEADER_LEN];
         self.stream.read_exact(&mut head).map_err(io_error)?;
         match protocol::check(&head, Direction::Response) {
