@@ -181,6 +181,9 @@ pub fn build_image(
         params.hdr.ramdisk_size = size as u32;
     }
 
+    write_acpi(&mem, vcpus)?;
+    params.acpi_rsdp_addr = ACPI_RSDP_ADDR;
+
     let e820 = e820_map(mem_bytes);
     params.e820_entries = e820.len() as u8;
     params.e820_table[..e820.len()].copy_from_slice(&e820);
@@ -194,6 +197,7 @@ pub fn build_image(
     write_gdt(&mem)?;
     write_page_tables(&mem)?;
     write_mptable(&mem, vcpus)?;
+    // (ACPI tables were written before the zero page, which points at them.)
     Ok((
         mem,
         BootEntry {
@@ -322,6 +326,83 @@ pub fn mptable(cpus: u8) -> Vec<u8> {
     fp
 }
 
+/// Where the ACPI RSDP goes (in the BIOS area Linux also scans); the XSDT and MADT follow.
+pub const ACPI_RSDP_ADDR: u64 = 0xe_0000;
+const ACPI_XSDT_ADDR: u64 = ACPI_RSDP_ADDR + 0x40;
+const ACPI_MADT_ADDR: u64 = ACPI_RSDP_ADDR + 0x80;
+
+/// An ACPI table: the 36-byte header with `body`, checksummed.
+fn acpi_table(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(36 + body.len());
+    t.extend_from_slice(signature);
+    t.extend_from_slice(&((36 + body.len()) as u32).to_le_bytes());
+    t.push(revision);
+    t.push(0); // checksum, below
+    t.extend_from_slice(b"PGMESH"); // OEM id
+    t.extend_from_slice(b"PAGEMESH"); // OEM table id
+    t.extend_from_slice(&1u32.to_le_bytes()); // OEM revision
+    t.extend_from_slice(b"PGMS"); // creator id
+    t.extend_from_slice(&1u32.to_le_bytes()); // creator revision
+    t.extend_from_slice(body);
+    t[9] = checksum(&t);
+    t
+}
+
+/// The ACPI tables that describe the CPUs to kernels that only read ACPI (Debian's cloud
+/// kernel is built without MP-table parsing): an RSDP (revision 2) pointing at an XSDT
+/// holding one MADT, which lists the local APICs (ids 0..cpus), the I/O APIC (id `cpus`) and
+/// the ISA override IRQ 0 -> GSI 2. No FADT or DSDT: the kernel uses the MADT for the CPUs
+/// during early boot and then runs without an ACPI namespace.
+pub fn acpi_tables(cpus: u8) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let mut madt = Vec::new();
+    madt.extend_from_slice(&APIC_ADDR.to_le_bytes());
+    madt.extend_from_slice(&1u32.to_le_bytes()); // PCAT_COMPAT: there are 8259s too
+    for id in 0..cpus {
+        // Processor local APIC: type 0, length 8, processor uid, APIC id, flags (enabled).
+        madt.extend_from_slice(&[0, 8, id, id]);
+        madt.extend_from_slice(&1u32.to_le_bytes());
+    }
+    // I/O APIC: type 1, length 12, id, reserved, address, GSI base.
+    madt.extend_from_slice(&[1, 12, cpus, 0]);
+    madt.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
+    madt.extend_from_slice(&0u32.to_le_bytes());
+    // Interrupt source override: type 2, length 10, bus ISA, IRQ 0 -> GSI 2, flags 0.
+    madt.extend_from_slice(&[2, 10, 0, 0]);
+    madt.extend_from_slice(&2u32.to_le_bytes());
+    madt.extend_from_slice(&0u16.to_le_bytes());
+    let madt = acpi_table(b"APIC", 3, &madt);
+    let xsdt = acpi_table(b"XSDT", 1, &ACPI_MADT_ADDR.to_le_bytes());
+
+    let mut rsdp = Vec::with_capacity(36);
+    rsdp.extend_from_slice(b"RSD PTR ");
+    rsdp.push(0); // checksum of the first 20 bytes, below
+    rsdp.extend_from_slice(b"PGMESH");
+    rsdp.push(2); // revision: ACPI 2.0+, with an XSDT
+    rsdp.extend_from_slice(&0u32.to_le_bytes()); // no RSDT
+    rsdp.extend_from_slice(&36u32.to_le_bytes());
+    rsdp.extend_from_slice(&ACPI_XSDT_ADDR.to_le_bytes());
+    rsdp.push(0); // extended checksum, below
+    rsdp.extend_from_slice(&[0; 3]);
+    rsdp[8] = checksum(&rsdp[..20]);
+    rsdp[32] = checksum(&rsdp);
+    (rsdp, xsdt, madt)
+}
+
+fn write_acpi(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), BootError> {
+    let (rsdp, xsdt, madt) = acpi_tables(cpus);
+    debug_assert!(ACPI_RSDP_ADDR + rsdp.len() as u64 <= ACPI_XSDT_ADDR);
+    debug_assert!(ACPI_XSDT_ADDR + xsdt.len() as u64 <= ACPI_MADT_ADDR);
+    for (addr, bytes) in [
+        (ACPI_RSDP_ADDR, rsdp),
+        (ACPI_XSDT_ADDR, xsdt),
+        (ACPI_MADT_ADDR, madt),
+    ] {
+        mem.write_slice(&bytes, GuestAddress(addr))
+            .map_err(BootError::Write)?;
+    }
+    Ok(())
+}
+
 fn write_mptable(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), BootError> {
     mem.write_slice(&mptable(cpus), GuestAddress(MPTABLE_ADDR))
         .map_err(BootError::Write)
@@ -365,6 +446,38 @@ mod tests {
         assert_eq!(gdt_entry(0xc093, 0, 0xfffff), 0x00cf_9300_0000_ffff);
         assert_eq!(gdt_entry(0x808b, 0, 0xfffff), 0x008f_8b00_0000_ffff);
         assert_eq!(gdt_entry(0, 0, 0), 0);
+    }
+
+    #[test]
+    fn acpi_tables_point_at_each_other_and_checksum_to_zero() {
+        let (rsdp, xsdt, madt) = acpi_tables(3);
+        let sum = |b: &[u8]| b.iter().fold(0u8, |a, x| a.wrapping_add(*x));
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(rsdp.len(), 36);
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(&rsdp), 0);
+        assert_eq!(
+            u64::from_le_bytes(rsdp[24..32].try_into().unwrap()),
+            ACPI_XSDT_ADDR
+        );
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert_eq!(sum(&xsdt), 0);
+        assert_eq!(
+            u64::from_le_bytes(xsdt[36..44].try_into().unwrap()),
+            ACPI_MADT_ADDR
+        );
+        assert_eq!(&madt[..4], b"APIC");
+        assert_eq!(sum(&madt), 0);
+        assert_eq!(
+            u32::from_le_bytes(madt[4..8].try_into().unwrap()) as usize,
+            madt.len()
+        );
+        // Three local APIC entries right after the 44 bytes of header + MADT fields.
+        for id in 0..3usize {
+            let e = &madt[44 + 8 * id..44 + 8 * (id + 1)];
+            assert_eq!(&e[..4], &[0, 8, id as u8, id as u8]);
+        }
+        assert!(ACPI_MADT_ADDR + madt.len() as u64 <= 0xf_0000);
     }
 
     #[test]
