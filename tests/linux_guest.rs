@@ -63,6 +63,7 @@ fn debian_kernel_boots_on_remote_memory_as_far_as_this_host_allows() {
     let memory_line = compute
         .wait_for_line("Memory:", Duration::from_secs(600))
         .unwrap();
+    assert!(memory_line.contains("K/"), "{memory_line}");
     // The ACPI MADT announced both vCPUs (the kernel starts the second one later in the
     // boot than this host gets).
     let cpus = compute
