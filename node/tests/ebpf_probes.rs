@@ -125,16 +125,20 @@ fn probes_count_every_fault_of_a_guest_run() {
     // wake-up; the install is a part of it. The handler's own clock can run longer than the
     // stall: when the install wakes the vCPU on the handler's CPU, the vCPU preempts the
     // handler before the ioctl returns and runs on to its next fault while the handler's
-    // clock still ticks (see docs/observability.md). Hence the factor 2, not 1.
+    // clock still ticks (see docs/observability.md). Hence the factor 2, not 1. Upper bound:
+    // the guest's own time per page holds the whole stall plus its work (with room for
+    // median vs mean); the handler's p99 is none, since the stall also holds the event
+    // delivery and the wake-up, most of it when the handler is as quick as a local copy.
     assert!(stats.stall.p50_us > 0.0);
     assert!(stats.install.p50_us > 0.0);
     assert!(stats.install.p50_us < stats.stall.p50_us, "{stats:?}");
     assert!(
-        stats.stall.p50_us * 2.0 >= s.fault_p50_us && stats.stall.p50_us <= s.fault_p99_us,
-        "stall p50 {} vs handler p50 {} p99 {}",
+        stats.stall.p50_us * 2.0 >= s.fault_p50_us
+            && stats.stall.p50_us <= out.us_per_page() * 1.5,
+        "stall p50 {} vs handler p50 {} and {} µs per page",
         stats.stall.p50_us,
         s.fault_p50_us,
-        s.fault_p99_us
+        out.us_per_page()
     );
     let mut exact: Vec<u64> = samples.iter().map(|x| x.stall_ns).collect();
     exact.sort_unstable();
