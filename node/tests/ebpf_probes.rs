@@ -133,8 +133,7 @@ fn probes_count_every_fault_of_a_guest_run() {
     assert!(stats.install.p50_us > 0.0);
     assert!(stats.install.p50_us < stats.stall.p50_us, "{stats:?}");
     assert!(
-        stats.stall.p50_us * 2.0 >= s.fault_p50_us
-            && stats.stall.p50_us <= out.us_per_page() * 1.5,
+        stats.stall.p50_us * 2.0 >= s.fault_p50_us && stats.stall.p50_us <= out.us_per_page() * 1.5,
         "stall p50 {} vs handler p50 {} and {} µs per page",
         stats.stall.p50_us,
         s.fault_p50_us,
