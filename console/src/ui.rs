@@ -285,6 +285,26 @@ mod tests {
     }
 
     #[test]
+    fn latency_view_shows_the_pagers_install_time_once_it_has_samples() {
+        let mut app = testdata::app(W, H, None);
+        key(&mut app, KeyCode::Char('3'));
+        assert!(!text(&draw(&app)).contains("Page install (pager)"));
+        let mut stats = testdata::last_compute(None);
+        if let Some(p) = stats.pager.as_mut() {
+            p.install_latency =
+                testdata::histogram(&[(2.0, 10), (5.0, 90), (10.0, 100)], [3.0, 4.5, 8.0, 9.5]);
+        }
+        app.handle(Event::Update(Update::Stats {
+            at: Duration::from_millis(4200),
+            node: 0,
+            result: Ok(Box::new(stats)),
+        }));
+        let t = text(&draw(&app));
+        assert!(t.contains("Page install (pager)"), "{t}");
+        assert!(t.contains("Fault service time"), "{t}");
+    }
+
+    #[test]
     fn log_view() {
         let mut app = testdata::app(W, H, None);
         app.handle(Event::Update(Update::Stats {

@@ -39,9 +39,24 @@ pub(crate) fn render(app: &App, frame: &mut Frame, area: Rect) {
     let [left, right] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(top);
 
+    // The pager's own install time (UFFDIO_COPY), under its service time, once it has any.
+    let fault_area = if pager.install_latency.count > 0 {
+        let [fault, install] =
+            Layout::vertical([Constraint::Fill(1), Constraint::Fill(1)]).areas(left);
+        histogram(
+            frame,
+            install,
+            " Page install (pager) ".into(),
+            &pager.install_latency,
+            Color::Green,
+        );
+        fault
+    } else {
+        left
+    };
     histogram(
         frame,
-        left,
+        fault_area,
         format!(" Fault service time · node {id} · vm {} ", pager.vm),
         &pager.fault_latency,
         Color::Cyan,
