@@ -253,3 +253,16 @@ pub struct ApiError {
     /// What went wrong and, where it helps, what to do.
     pub error: String,
 }
+
+/// `e` and its sources, joined by ": ": how every pagemesh program prints an error (messages
+/// never repeat their source, so the chain reads as one sentence).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

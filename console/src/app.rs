@@ -624,17 +624,7 @@ fn changes(id: NodeId, before: Option<&NodeStats>, now: &NodeStats) -> Vec<(Leve
     notes
 }
 
-/// An error and its sources, joined by `: `.
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub(crate) use pagemesh_api::error_chain as chain;
 
 #[cfg(test)]
 mod tests {

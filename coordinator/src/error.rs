@@ -1,7 +1,5 @@
 //! [`AppError`]: every way a request fails, and the [`ApiError`] answer each one becomes.
 
-use std::error::Error;
-
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -90,7 +88,7 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status();
         let error = if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!(error = %chain(&self), "request failed");
+            tracing::error!(error = %pagemesh_api::error_chain(&self), "request failed");
             "internal error; the coordinator's log has the details".to_owned()
         } else {
             tracing::debug!(%status, error = %self, "request refused");
@@ -98,16 +96,4 @@ impl IntoResponse for AppError {
         };
         (status, axum::Json(ApiError { error })).into_response()
     }
-}
-
-/// `e` and its sources, joined by ": ".
-fn chain(e: &dyn Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
 }

@@ -44,171 +44,54 @@
 //! right after its guest still reports the whole run.
 
 use std::sync::Arc;
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
     AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
     ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use pagemesh_api::stats::{self, NodeStats};
+pub use pagemesh_otlp::{Exporter, OtlpConfig, OtlpError, Sender};
+use pagemesh_otlp::{text, unix_ns};
 use prost::Message;
 
 use crate::admin::AdminState;
 use crate::config::{ConfigError, Settings};
-use crate::service::error_chain;
 
-/// Seconds between exports unless configured.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
-/// The longest an export may take; shorter when the interval is.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(5);
 /// `service.name` of every node.
 pub const SERVICE_NAME: &str = "pagemesh-node";
 
-/// Why one export failed.
-#[derive(thiserror::Error, Debug)]
-pub enum OtlpError {
-    /// No answer: refused, timed out, reset.
-    #[error("cannot send")]
-    Send(#[source] Box<ureq::Error>),
-    /// An answer other than 2xx.
-    #[error("the receiver answered HTTP {0}")]
-    Status(u16),
-    /// A 2xx answer that rejected some of the points.
-    #[error("the receiver rejected {rejected} data points: {message}")]
-    Rejected {
-        /// Points rejected.
-        rejected: i64,
-        /// The receiver's explanation.
-        message: String,
-    },
+/// The export the settings and the process environment ask for, if any.
+pub fn config_from_settings(settings: &Settings) -> Result<Option<OtlpConfig>, ConfigError> {
+    resolve_config(
+        settings.otlp_endpoint.as_deref(),
+        settings.otlp_interval,
+        |key| std::env::var(key).ok(),
+    )
 }
 
-/// Where and how often to export.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OtlpConfig {
-    /// The full URL to POST to (`…/v1/metrics`).
-    pub url: String,
-    /// Time between exports.
-    pub interval: Duration,
-}
-
-impl OtlpConfig {
-    /// The export the settings and the process environment ask for, if any.
-    pub fn from_settings(settings: &Settings) -> Result<Option<Self>, ConfigError> {
-        Self::resolve(
-            settings.otlp_endpoint.as_deref(),
-            settings.otlp_interval,
-            |key| std::env::var(key).ok(),
-        )
-    }
-
-    /// The export asked for by an `endpoint` and `interval` (seconds) given as settings,
-    /// falling back on the standard `OTEL_*` variables that `env` looks up.
-    pub fn resolve(
-        endpoint: Option<&str>,
-        interval: Option<f64>,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Option<Self>, ConfigError> {
-        let env = |key: &str| env(key).filter(|v| !v.trim().is_empty());
-        // (where it came from, what it said)
-        let (what, given) = match endpoint.map(str::trim) {
-            Some("off" | "none") => return Ok(None),
-            Some(e) => ("--otlp-endpoint", e.to_owned()),
-            None => {
-                let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim() == "true")
-                    || env("OTEL_METRICS_EXPORTER").is_some_and(|v| v.trim() == "none");
-                match (
-                    env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
-                    env("OTEL_EXPORTER_OTLP_ENDPOINT"),
-                ) {
-                    _ if disabled => return Ok(None),
-                    (Some(url), _) => ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", url),
-                    (None, Some(base)) => ("OTEL_EXPORTER_OTLP_ENDPOINT", base),
-                    (None, None) => return Ok(None),
-                }
-            }
-        };
-        let given = given.trim();
-        if !(given.starts_with("http://") || given.starts_with("https://")) {
-            return Err(ConfigError::Invalid {
-                what,
-                why: format!("'{given}' is not an http:// or https:// URL"),
-            });
-        }
-        let url = if what == "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT" {
-            given.to_owned()
-        } else {
-            metrics_url(given)
-        };
-        let interval = match (interval, env("OTEL_METRIC_EXPORT_INTERVAL")) {
-            (Some(secs), _) => Duration::try_from_secs_f64(secs)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| ConfigError::Invalid {
-                    what: "--otlp-interval",
-                    why: format!("{secs} is not a positive number of seconds"),
-                })?,
-            (None, Some(ms)) => ms
-                .trim()
-                .parse::<u64>()
-                .ok()
-                .filter(|&ms| ms > 0)
-                .map(Duration::from_millis)
-                .ok_or_else(|| ConfigError::Invalid {
-                    what: "OTEL_METRIC_EXPORT_INTERVAL",
-                    why: format!("'{ms}' is not a positive number of milliseconds"),
-                })?,
-            (None, None) => DEFAULT_INTERVAL,
-        };
-        for key in [
-            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
-            "OTEL_EXPORTER_OTLP_PROTOCOL",
-        ] {
-            if let Some(p) = env(key).filter(|p| p.trim() != "http/protobuf") {
-                tracing::warn!("{key}={p} is not supported; exporting over http/protobuf");
-            }
-        }
-        Ok(Some(Self { url, interval }))
-    }
-}
-
-/// `base` with the OTLP/HTTP metrics path, unless it already ends with it.
-fn metrics_url(base: &str) -> String {
-    let base = base.trim().trim_end_matches('/');
-    if base.ends_with("/v1/metrics") {
-        base.to_owned()
-    } else {
-        format!("{base}/v1/metrics")
-    }
-}
-
-/// The exporter thread; dropping it sends a last export and waits for it.
-pub struct Exporter {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        // Closing the channel wakes the thread for its last export.
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// [`OtlpConfig::resolve`], its bad settings reported as the node's configuration errors.
+pub fn resolve_config(
+    endpoint: Option<&str>,
+    interval: Option<f64>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<OtlpConfig>, ConfigError> {
+    OtlpConfig::resolve(endpoint, interval, env).map_err(|e| match e {
+        OtlpError::Invalid { what, why } => ConfigError::Invalid { what, why },
+        other => ConfigError::Invalid {
+            what: "OTLP settings",
+            why: other.to_string(),
+        },
+    })
 }
 
 /// Starts exporting `state` if the settings or the environment ask for it. A bad setting is
 /// an error; a thread that cannot start is logged and the node runs without export.
 pub fn start(settings: &Settings, state: Arc<AdminState>) -> Result<Option<Exporter>, ConfigError> {
-    let Some(config) = OtlpConfig::from_settings(settings)? else {
+    let Some(config) = config_from_settings(settings)? else {
         return Ok(None);
     };
     let resource = resource(
@@ -231,116 +114,19 @@ pub fn start(settings: &Settings, state: Arc<AdminState>) -> Result<Option<Expor
         )
         .encode_to_vec()
     };
-    Ok(spawn(config, snapshot))
-}
-
-/// Runs `export` every `config.interval` on a new thread, and once more when the returned
-/// [`Exporter`] is dropped.
-fn spawn(
-    config: OtlpConfig,
-    mut export: impl FnMut() -> Vec<u8> + Send + 'static,
-) -> Option<Exporter> {
-    let (stop, stopped) = mpsc::channel::<()>();
-    let spawned = std::thread::Builder::new()
-        .name("otlp".into())
-        .spawn(move || {
-            let sender = Sender::new(&config);
-            let mut failures = 0u64;
-            let mut next = Instant::now() + config.interval;
-            loop {
-                let wait = next.saturating_duration_since(Instant::now());
-                let last = !matches!(stopped.recv_timeout(wait), Err(RecvTimeoutError::Timeout));
-                match sender.send(export()) {
-                    Ok(()) if failures > 0 => {
-                        tracing::info!(
-                            "OTLP export to {} works again after {failures} failed attempts",
-                            config.url
-                        );
-                        failures = 0;
-                    }
-                    Ok(()) => {}
-                    Err(e) => {
-                        failures += 1;
-                        tracing::warn!(
-                            "OTLP export to {} failed ({failures} in a row): {}",
-                            config.url,
-                            error_chain(&e)
-                        );
-                    }
-                }
-                if last {
-                    break;
-                }
-                // Ticks missed during a slow export are skipped, not made up in a burst.
-                next = (next + config.interval).max(Instant::now());
-            }
-        });
-    match spawned {
-        Ok(thread) => Some(Exporter {
-            stop: Some(stop),
-            thread: Some(thread),
-        }),
-        Err(e) => {
-            tracing::error!("cannot start the OTLP exporter thread, no metrics export: {e}");
-            None
-        }
-    }
-}
-
-/// POSTs encoded requests to one URL.
-struct Sender {
-    agent: ureq::Agent,
-    url: String,
-}
-
-impl Sender {
-    fn new(config: &OtlpConfig) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(config.interval.min(MAX_TIMEOUT)))
-            .build()
-            .into();
-        Self {
-            agent,
-            url: config.url.clone(),
-        }
-    }
-
-    fn send(&self, body: Vec<u8>) -> Result<(), OtlpError> {
-        let mut response = self
-            .agent
-            .post(&self.url)
-            .content_type("application/x-protobuf")
-            .send(body)
-            .map_err(|e| OtlpError::Send(Box::new(e)))?;
-        let status = response.status().as_u16();
-        if !(200..300).contains(&status) {
-            return Err(OtlpError::Status(status));
-        }
-        // An empty body, or one we cannot read, is a full success.
-        let body = response.body_mut().read_to_vec().unwrap_or_default();
-        match ExportMetricsServiceResponse::decode(body.as_slice()) {
-            Ok(ExportMetricsServiceResponse {
-                partial_success: Some(p),
-            }) if p.rejected_data_points > 0 => Err(OtlpError::Rejected {
-                rejected: p.rejected_data_points,
-                message: p.error_message,
-            }),
-            _ => Ok(()),
-        }
-    }
+    Ok(pagemesh_otlp::spawn(config, snapshot))
 }
 
 /// The resource of node `instance`: `service.name`, `service.version`,
 /// `service.instance.id` and, when it has one, `pagemesh.cluster`.
 pub fn resource(instance: &str, cluster: Option<&str>) -> Resource {
     let mut attributes = vec![
-        kv("service.name", SERVICE_NAME),
-        kv("service.version", env!("CARGO_PKG_VERSION")),
-        kv("service.instance.id", instance),
+        text("service.name", SERVICE_NAME),
+        text("service.version", env!("CARGO_PKG_VERSION")),
+        text("service.instance.id", instance),
     ];
     if let Some(c) = cluster {
-        attributes.push(kv("pagemesh.cluster", c));
+        attributes.push(text("pagemesh.cluster", c));
     }
     Resource {
         attributes,
@@ -348,25 +134,8 @@ pub fn resource(instance: &str, cluster: Option<&str>) -> Resource {
     }
 }
 
-/// Nanoseconds since the Unix epoch.
-fn unix_ns(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-/// A string attribute.
-fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_owned())),
-        }),
-        ..KeyValue::default()
-    }
-}
-
 fn attrs(labels: &[(&str, &str)]) -> Vec<KeyValue> {
-    labels.iter().map(|(k, v)| kv(k, v)).collect()
+    labels.iter().map(|(k, v)| text(k, v)).collect()
 }
 
 /// Builds the metrics of one export; every point is stamped `now`, cumulative ones start
@@ -679,6 +448,11 @@ pub fn request(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
+    use opentelemetry_proto::tonic::common::v1::any_value;
+    use pagemesh_otlp::DEFAULT_INTERVAL;
+
     use std::collections::HashMap;
     use std::io::{Read, Write};
     use std::net::TcpListener;
@@ -913,7 +687,7 @@ mod tests {
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| (*v).to_owned())
         };
-        Ok(OtlpConfig::resolve(endpoint, interval, env)?.map(|c| (c.url, c.interval)))
+        Ok(resolve_config(endpoint, interval, env)?.map(|c| (c.url, c.interval)))
     }
 
     fn ok(url: &str, interval: Duration) -> Option<(String, Duration)> {

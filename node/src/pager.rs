@@ -124,13 +124,7 @@ pub fn start_pager(config: PagerConfig) -> Result<Pager, PagerError> {
             }
             let result = handler.run();
             if let Err(e) = &result {
-                let mut chain = e.to_string();
-                let mut src = std::error::Error::source(e);
-                while let Some(s) = src {
-                    chain.push_str(": ");
-                    chain.push_str(&s.to_string());
-                    src = s.source();
-                }
+                let chain = pagemesh_api::error_chain(e);
                 tracing::error!("pager stopped: {chain}");
                 *failure_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(chain);
                 on_failure();

@@ -654,17 +654,7 @@ fn report(
     Ok(ok)
 }
 
-/// `e` and its sources, joined with ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+pub use pagemesh_api::error_chain;
 
 /// SIGINT and SIGTERM, blocked in every thread so that the main thread can wait for them.
 pub struct StopSignals(libc::sigset_t);
