@@ -43,29 +43,26 @@ pub const CTR_WALKS: u32 = 4;
 /// Index in `COUNTERS`: `kvm_mmu_spte_requested` of the node's threads with no walk before
 /// it on the same thread.
 pub const CTR_UNMATCHED_END: u32 = 5;
-/// Index in `COUNTERS`: `pagemesh_fetch_end` with no `pagemesh_fetch_begin` before it.
-pub const CTR_UNMATCHED_FETCH: u32 = 6;
 /// Entries of `COUNTERS`.
-pub const COUNTERS: u32 = 7;
+pub const COUNTERS: u32 = 6;
 
 /// `UFFDIO_COPY`: `_IOWR(0xAA, 0x03, struct uffdio_copy)`.
 pub const UFFDIO_COPY: u32 = 0xC028_AA03;
 /// `UFFDIO_ZEROPAGE`: `_IOWR(0xAA, 0x04, struct uffdio_zeropage)`.
 pub const UFFDIO_ZEROPAGE: u32 = 0xC020_AA04;
 
-/// Entries of each of the two heat maps (`HEAT0`, `HEAT1`). The node drains the inactive one
-/// every [`HEAT_DRAIN_MS`]; at the ~30k faults/s this machine serves at most, a period adds
-/// under half of this.
-pub const HEAT_MAX_ENTRIES: u32 = 65_536;
-/// How often the node swaps and drains the heat maps (and polls the sample ring buffer).
-/// Draining costs three syscalls per page in the map, so not too often.
-pub const HEAT_DRAIN_MS: u64 = 1000;
+/// Largest heat array the loader creates, in guest frames (16 GiB of guest-physical
+/// address space: 32 MiB of counters). Frames above the VM's highest one, or above this, are
+/// not counted (`CTR_HEAT_DROPPED`).
+pub const HEAT_MAX_FRAMES: u32 = 1 << 22;
+/// How often the node polls the stall-sample ring buffer.
+pub const SAMPLES_POLL_MS: u64 = 1000;
 /// Per-thread start entries (vCPU and handler threads of one node: a handful).
 pub const START_MAX_ENTRIES: u32 = 1024;
 /// Peers with a transfer histogram.
 pub const PEERS_MAX_ENTRIES: u32 = 256;
 /// Bytes of the stall sample ring buffer (a power of two, a multiple of the page size):
-/// room for 8192 samples (40 bytes each with the ring's header), more than one drain period
+/// room for 8192 samples (40 bytes each with the ring's header), more than one poll period
 /// of the rate limit allows on 8 CPUs.
 pub const SAMPLES_RING_BYTES: u32 = 512 * 1024;
 /// Length of a sampling window.
@@ -206,15 +203,26 @@ const _: () = assert!(size_of::<Start>() == 16);
 pub struct Config {
     /// Only threads of this process are measured.
     pub tgid: u32,
-    /// Offset of `gfn` in the `kvmmmu:kvm_mmu_spte_requested` record (read from tracefs).
-    pub spte_gfn_offset: u32,
     /// `CONFIG_*` bits.
     pub flags: u32,
-    /// Reserved (alignment).
-    pub pad: u32,
 }
 
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 8);
+
+/// Where the probes read tracepoint fields: byte offsets into the records, compiled into the
+/// probes so that each read is one load from the context rather than a
+/// `bpf_probe_read_kernel` call (about 100 ns each on this machine). The loader checks every
+/// one against the kernel's tracefs `format` file before it attaches anything.
+pub mod field {
+    /// `addr` (u64) of `kvmmmu:kvm_mmu_pagetable_walk`.
+    pub const WALK_ADDR: usize = 8;
+    /// `gfn` (u64) of `kvmmmu:kvm_mmu_spte_requested`.
+    pub const SPTE_GFN: usize = 8;
+    /// `fault_address` (u64) of `kvm:kvm_page_fault`.
+    pub const PAGE_FAULT_ADDR: usize = 24;
+    /// `cmd` (an 8-byte argument slot) of `syscalls:sys_enter_ioctl`.
+    pub const IOCTL_CMD: usize = 24;
+}
 
 /// [`Config::flags`]: `kvm:kvm_entry` is attached, so resolved faults wait for their resume
 /// (on kvm_pvm it never fires, and the probes skip that bookkeeping).

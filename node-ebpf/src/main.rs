@@ -1,7 +1,7 @@
 //! pagemesh's kernel-side latency probes, loaded by the node (`node/src/ebpf.rs`).
 //!
 //! Every probe measures only threads of the node's own process (`CONFIG.tgid`), and pairs a
-//! start with an end **on the same thread** through a per-thread `Start` map:
+//! start with an end **on the same thread** through a per-thread `Start` slot:
 //!
 //! | program | attached to | does |
 //! |---|---|---|
@@ -10,51 +10,47 @@
 //! | `stall_end` | `kvmmmu:kvm_mmu_spte_requested` | the page is resolved: stall histogram, heat, sample |
 //! | `resume` | `kvm:kvm_entry` | the vCPU re-enters the guest (hardware hosts only) |
 //! | `install_enter` / `install_exit` | `syscalls:sys_{enter,exit}_ioctl` | `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` time |
-//! | `fetch_begin` / `fetch_end` | uprobes on `pagemesh_fetch_{begin,end}` | transfer time per peer |
+//! | `fetch_done` | uprobe on `pagemesh_fetch_done` | transfer time per peer |
 //!
-//! Histograms are per-CPU (no atomics on the hot path; the node merges them); the heat maps
-//! are double-buffered so that the node can drain one exactly while the probes fill the
-//! other. Built with `-Z build-std=core` for `bpfel-unknown-none` by `node/build.rs`; on the
+//! The probes run on every remote fault, so they are written for cost (measured with
+//! `kernel.bpf_stats_enabled`, docs/observability.md): histograms and counters are per-CPU (no
+//! atomics; the node merges them); a thread's start slot is created once and then updated in
+//! place (a hash lookup, not an insert and a delete per fault); heat is one atomic add into an
+//! array indexed by guest frame number, which the node reads in place through a shared
+//! mapping (`BPF_F_MMAPABLE`), so nothing is inserted or drained per page. Built with `-Z build-std=core` for `bpfel-unknown-none` by `node/build.rs`; on the
 //! host it compiles to an empty program so that `cargo clippy --workspace` checks it.
 
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 use aya_ebpf::EbpfContext;
-use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
+use aya_ebpf::bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{map, tracepoint, uprobe};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya_ebpf::programs::{ProbeContext, TracePointContext};
 use pagemesh_node_common::{
     CONFIG_RESUME, COUNTERS, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT,
-    CTR_SAMPLES_THROTTLED, CTR_UNMATCHED_END, CTR_UNMATCHED_FETCH, CTR_WALKS, Config,
-    HEAT_MAX_ENTRIES, HIST_INSTALL, HIST_KINDS, HIST_RESUME, HIST_STALL, Hist, PEERS_MAX_ENTRIES,
-    RateWindow, SAMPLE_WINDOW_NS, SAMPLES_PER_WINDOW, SAMPLES_RING_BYTES, START_MAX_ENTRIES,
-    StallSample, Start, UFFDIO_COPY, UFFDIO_ZEROPAGE,
+    CTR_SAMPLES_THROTTLED, CTR_UNMATCHED_END, CTR_WALKS, Config, HIST_INSTALL, HIST_KINDS,
+    HIST_RESUME, HIST_STALL, Hist, PEERS_MAX_ENTRIES, RateWindow, SAMPLE_WINDOW_NS,
+    SAMPLES_PER_WINDOW, SAMPLES_RING_BYTES, START_MAX_ENTRIES, StallSample, Start, UFFDIO_COPY,
+    UFFDIO_ZEROPAGE, field,
 };
 
 /// Set by the node before loading (`EbpfLoader::override_global`).
 #[unsafe(no_mangle)]
-static CONFIG: Config = Config {
-    tgid: 0,
-    spte_gfn_offset: 8,
-    flags: 0,
-    pad: 0,
-};
+static CONFIG: Config = Config { tgid: 0, flags: 0 };
 
 /// vCPU thread id → the walk that started its current fault.
 #[map]
 static STALL_START: HashMap<u32, Start> = HashMap::with_max_entries(START_MAX_ENTRIES, 0);
 /// vCPU thread id → when its last fault was resolved (for `resume`).
 #[map]
-static RESOLVED: HashMap<u32, u64> = HashMap::with_max_entries(START_MAX_ENTRIES, 0);
+static RESOLVED: HashMap<u32, Start> = HashMap::with_max_entries(START_MAX_ENTRIES, 0);
 /// Handler thread id → its pending install ioctl.
 #[map]
 static INSTALL_START: HashMap<u32, Start> = HashMap::with_max_entries(START_MAX_ENTRIES, 0);
-/// Handler thread id → its pending fetch (`arg` is the peer).
-#[map]
-static FETCH_START: HashMap<u32, Start> = HashMap::with_max_entries(START_MAX_ENTRIES, 0);
 
 /// `HIST_STALL`, `HIST_INSTALL`, `HIST_RESUME`.
 #[map]
@@ -69,16 +65,10 @@ static ZERO_HIST: Array<Hist> = Array::with_max_entries(1, 0);
 #[map]
 static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
-/// Which heat map the probes fill: 0 → `HEAT0`, 1 → `HEAT1`. The node flips it and drains the
-/// other one.
+/// Guest frame number → faults resolved on it. The loader sizes it to the VM's frames
+/// (`set_max_entries`); the node maps it and reads the counters in place.
 #[map]
-static HEAT_GEN: Array<u32> = Array::with_max_entries(1, 0);
-/// Guest frame number → faults resolved on it (per CPU: no atomics; the node sums them).
-#[map]
-static HEAT0: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(HEAT_MAX_ENTRIES, 0);
-/// The other half of the double buffer.
-#[map]
-static HEAT1: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(HEAT_MAX_ENTRIES, 0);
+static HEAT: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Sampled stalls.
 #[map]
@@ -87,11 +77,6 @@ static SAMPLES: RingBuf = RingBuf::with_byte_size(SAMPLES_RING_BYTES, 0);
 #[map]
 static SAMPLE_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
 
-/// Offsets in the `syscalls:sys_{enter,exit}_*` records (`struct syscall_trace_enter/exit`:
-/// 8 bytes of common fields, the syscall number, then 8-byte arguments or the return value).
-const SYSCALL_ARG1_OFFSET: usize = 24;
-/// `kvm:kvm_page_fault`'s `fault_address`.
-const KVM_PAGE_FAULT_ADDR_OFFSET: usize = 24;
 /// A start older than this is not the same fault any more (see `start_stall`).
 const SAME_FAULT_NS: u64 = 1_000_000_000;
 
@@ -110,6 +95,15 @@ fn node_thread(ctx: &impl EbpfContext) -> Option<u32> {
     } else {
         None
     }
+}
+
+/// The u64 at byte `OFFSET` of the tracepoint record: one load from the context (the
+/// verifier allows constant offsets into a tracepoint's record), no helper call.
+#[inline(always)]
+fn read_field<const OFFSET: usize>(ctx: &TracePointContext) -> u64 {
+    // SAFETY: the loader checked that the field lies at OFFSET in this kernel's record
+    // (`pagemesh_node_common::field`); records are 8-byte aligned and the fields are u64s.
+    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(OFFSET).cast::<u64>()) }
 }
 
 #[inline(always)]
@@ -134,27 +128,68 @@ fn record(kind: u32, ns: u64) {
     }
 }
 
-/// Adds one fault on `gfn` to the heat map the node is not draining.
+/// Adds one fault on `gfn` to the heat array.
 #[inline(always)]
 fn heat(gfn: u64) {
-    let generation = HEAT_GEN.get(0).copied().unwrap_or(0);
-    let map = if generation == 0 { &HEAT0 } else { &HEAT1 };
-    if let Some(n) = map.get_ptr_mut(gfn) {
-        // SAFETY: this CPU's copy of a live per-CPU hash entry; programs do not nest on one
-        // CPU.
-        unsafe { *n += 1 };
-        return;
-    }
-    // A new entry has this CPU's value set and the other CPUs' zeroed. Another CPU may have
-    // inserted the page in between: then add to ours.
-    if map.insert(gfn, 1, u64::from(BPF_NOEXIST)).is_ok() {
-        return;
-    }
-    match map.get_ptr_mut(gfn) {
-        // SAFETY: as above.
-        Some(n) => unsafe { *n += 1 },
+    match u32::try_from(gfn).ok().and_then(|i| HEAT.get_ptr_mut(i)) {
+        // SAFETY: a live, aligned u64 of the array.
+        Some(n) => unsafe { atomic_inc(n) },
         None => count(CTR_HEAT_DROPPED),
     }
+}
+
+/// `*p += 1` as one BPF atomic add (`BPF_ATOMIC | BPF_ADD`): two CPUs may resolve faults on
+/// the same page at once. Rust has no atomic read-modify-write for BPF (the target has no
+/// compare-and-swap, so `AtomicU64::fetch_add` does not exist there), hence the assembly.
+///
+/// # Safety
+/// `p` points at a live, 8-byte aligned `u64` in a map value.
+#[inline(always)]
+unsafe fn atomic_inc(p: *mut u64) {
+    // SAFETY: the caller's contract; the instruction touches only `*p`.
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({p} + 0) += {one}",
+            p = in(reg) p,
+            one = in(reg) 1u64,
+            options(nostack),
+        );
+    }
+    // The host build only type-checks the probes (clippy); it never runs them.
+    // SAFETY: the caller's contract.
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        *p += 1;
+    }
+}
+
+/// Starts the clock in `tid`'s slot of `map`: in place when the thread has one (every fault
+/// after its first), else by creating it.
+#[inline(always)]
+fn start(map: &HashMap<u32, Start>, tid: u32, ts_ns: u64, arg: u64) {
+    match map.get_ptr_mut(tid) {
+        // SAFETY: a live map value; a thread's slot is only touched by that thread, and
+        // programs do not nest on a CPU.
+        Some(slot) => unsafe { *slot = Start { ts_ns, arg } },
+        None => {
+            let _ = map.insert(tid, Start { ts_ns, arg }, 0);
+        }
+    }
+}
+
+/// Takes the start from `tid`'s slot of `map`, leaving it empty (`ts_ns == 0`).
+#[inline(always)]
+fn take(map: &HashMap<u32, Start>, tid: u32) -> Option<Start> {
+    let slot = map.get_ptr_mut(tid)?;
+    // SAFETY: as in `start`.
+    let slot = unsafe { &mut *slot };
+    if slot.ts_ns == 0 {
+        return None;
+    }
+    let taken = *slot;
+    slot.ts_ns = 0;
+    Some(taken)
 }
 
 /// Sends a sample of this stall unless this CPU used up its window's budget.
@@ -198,13 +233,20 @@ fn sample(ts_ns: u64, gfn: u64, stall_ns: u64, tid: u32) {
 #[inline(always)]
 fn start_stall(tid: u32, addr: u64) {
     let ts = now();
-    let page = addr >> 12;
-    // SAFETY: the value is copied out at once; entries are only ever touched by their own
-    // thread.
-    if let Some(prev) = unsafe { STALL_START.get(tid) }
-        && prev.arg >> 12 == page
-        && ts.wrapping_sub(prev.ts_ns) < SAME_FAULT_NS
-    {
+    if let Some(prev) = STALL_START.get_ptr_mut(tid) {
+        // SAFETY: as in `start`.
+        let prev = unsafe { &mut *prev };
+        if prev.ts_ns != 0
+            && prev.arg >> 12 == addr >> 12
+            && ts.wrapping_sub(prev.ts_ns) < SAME_FAULT_NS
+        {
+            return;
+        }
+        count(CTR_WALKS);
+        *prev = Start {
+            ts_ns: ts,
+            arg: addr,
+        };
         return;
     }
     count(CTR_WALKS);
@@ -228,10 +270,7 @@ fn stall_walk(ctx: TracePointContext) -> u32 {
 
 fn try_stall_walk(ctx: &TracePointContext) -> Result<u32, u32> {
     let tid = node_thread(ctx).ok_or(0u32)?;
-    // SAFETY: `addr` is the first field after the common header (offset 8, u64) in every
-    // kernel since the tracepoint was added (3.x).
-    let addr: u64 = unsafe { ctx.read_at(8) }.map_err(|_| 0u32)?;
-    start_stall(tid, addr);
+    start_stall(tid, read_field::<{ field::WALK_ADDR }>(ctx));
     Ok(0)
 }
 
@@ -245,9 +284,7 @@ fn stall_fault(ctx: TracePointContext) -> u32 {
 
 fn try_stall_fault(ctx: &TracePointContext) -> Result<u32, u32> {
     let tid = node_thread(ctx).ok_or(0u32)?;
-    // SAFETY: reads a u64 inside the tracepoint record (layout in the module docs).
-    let addr: u64 = unsafe { ctx.read_at(KVM_PAGE_FAULT_ADDR_OFFSET) }.map_err(|_| 0u32)?;
-    start_stall(tid, addr);
+    start_stall(tid, read_field::<{ field::PAGE_FAULT_ADDR }>(ctx));
     Ok(0)
 }
 
@@ -262,21 +299,17 @@ fn stall_end(ctx: TracePointContext) -> u32 {
 fn try_stall_end(ctx: &TracePointContext) -> Result<u32, u32> {
     let tid = node_thread(ctx).ok_or(0u32)?;
     let ts = now();
-    // SAFETY: the value is copied out at once; only this thread touches its entry.
-    let Some(start) = (unsafe { STALL_START.get(tid) }).copied() else {
+    let Some(started) = take(&STALL_START, tid) else {
         count(CTR_UNMATCHED_END);
         return Ok(0);
     };
-    let _ = STALL_START.remove(tid);
-    let stall = ts.wrapping_sub(start.ts_ns);
-    let offset = config().spte_gfn_offset as usize;
-    // SAFETY: the node read this offset of `gfn` (u64) from the tracepoint's format file.
-    let gfn: u64 = unsafe { ctx.read_at(offset & 0xff) }.map_err(|_| 0u32)?;
+    let stall = ts.wrapping_sub(started.ts_ns);
+    let gfn = read_field::<{ field::SPTE_GFN }>(ctx);
     record(HIST_STALL, stall);
     heat(gfn);
     sample(ts, gfn, stall, tid);
     if config().flags & CONFIG_RESUME != 0 {
-        let _ = RESOLVED.insert(tid, ts, 0);
+        start(&RESOLVED, tid, ts, gfn);
     }
     Ok(0)
 }
@@ -291,10 +324,8 @@ fn resume(ctx: TracePointContext) -> u32 {
 
 fn try_resume(ctx: &TracePointContext) -> Result<u32, u32> {
     let tid = node_thread(ctx).ok_or(0u32)?;
-    // SAFETY: the value is copied out at once; only this thread touches its entry.
-    let resolved = (unsafe { RESOLVED.get(tid) }).copied().ok_or(0u32)?;
-    let _ = RESOLVED.remove(tid);
-    record(HIST_RESUME, now().wrapping_sub(resolved));
+    let resolved = take(&RESOLVED, tid).ok_or(0u32)?;
+    record(HIST_RESUME, now().wrapping_sub(resolved.ts_ns));
     Ok(0)
 }
 
@@ -308,15 +339,9 @@ fn install_enter(ctx: TracePointContext) -> u32 {
 
 fn try_install_enter(ctx: &TracePointContext) -> Result<u32, u32> {
     let tid = node_thread(ctx).ok_or(0u32)?;
-    // SAFETY: reads the `cmd` argument (u64 slot) of the sys_enter_ioctl record.
-    let cmd: u64 = unsafe { ctx.read_at(SYSCALL_ARG1_OFFSET) }.map_err(|_| 0u32)?;
-    let cmd = cmd as u32;
+    let cmd = read_field::<{ field::IOCTL_CMD }>(ctx) as u32;
     if cmd == UFFDIO_COPY || cmd == UFFDIO_ZEROPAGE {
-        let start = Start {
-            ts_ns: now(),
-            arg: u64::from(cmd),
-        };
-        let _ = INSTALL_START.insert(tid, start, 0);
+        start(&INSTALL_START, tid, now(), u64::from(cmd));
     }
     Ok(0)
 }
@@ -331,51 +356,31 @@ fn install_exit(ctx: TracePointContext) -> u32 {
 
 fn try_install_exit(ctx: &TracePointContext) -> Result<u32, u32> {
     let tid = node_thread(ctx).ok_or(0u32)?;
-    // SAFETY: the value is copied out at once; only this thread touches its entry.
-    let start = (unsafe { INSTALL_START.get(tid) }).copied().ok_or(0u32)?;
-    let _ = INSTALL_START.remove(tid);
-    record(HIST_INSTALL, now().wrapping_sub(start.ts_ns));
+    let started = take(&INSTALL_START, tid).ok_or(0u32)?;
+    record(HIST_INSTALL, now().wrapping_sub(started.ts_ns));
     Ok(0)
 }
 
-/// `pagemesh_fetch_begin(node, page)`: a fetch from a peer starts.
+/// `pagemesh_fetch_done(node, page, began_ns)`: a fetch from peer `node` that began at
+/// `began_ns` (CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`) is over: its transfer time
+/// goes into the peer's histogram. One uprobe hit per fetch, not two (begin and end): each
+/// hit costs about 0.4 µs here, and this one runs on every remote fault.
 #[uprobe]
-fn fetch_begin(ctx: ProbeContext) -> u32 {
-    match try_fetch_begin(&ctx) {
+fn fetch_done(ctx: ProbeContext) -> u32 {
+    match try_fetch_done(&ctx) {
         Ok(r) | Err(r) => r,
     }
 }
 
-fn try_fetch_begin(ctx: &ProbeContext) -> Result<u32, u32> {
-    let tid = node_thread(ctx).ok_or(0u32)?;
-    // `pagemesh_fetch_begin(node: u32, page: u64)`: the peer is the first argument.
-    let node: u64 = ctx.arg(0).ok_or(0u32)?;
-    let start = Start {
-        ts_ns: now(),
-        arg: node & 0xffff_ffff,
-    };
-    let _ = FETCH_START.insert(tid, start, 0);
-    Ok(0)
-}
-
-/// `pagemesh_fetch_end(node, page)`: the fetch is done: transfer time for the peer.
-#[uprobe]
-fn fetch_end(ctx: ProbeContext) -> u32 {
-    match try_fetch_end(&ctx) {
-        Ok(r) | Err(r) => r,
-    }
-}
-
-fn try_fetch_end(ctx: &ProbeContext) -> Result<u32, u32> {
-    let tid = node_thread(ctx).ok_or(0u32)?;
+fn try_fetch_done(ctx: &ProbeContext) -> Result<u32, u32> {
+    node_thread(ctx).ok_or(0u32)?;
     let ts = now();
-    // SAFETY: the value is copied out at once; only this thread touches its entry.
-    let Some(start) = (unsafe { FETCH_START.get(tid) }).copied() else {
-        count(CTR_UNMATCHED_FETCH);
-        return Ok(0);
-    };
-    let _ = FETCH_START.remove(tid);
-    let node = start.arg as u32;
+    let node: u64 = ctx.arg(0).ok_or(0u32)?;
+    let began: u64 = ctx.arg(2).ok_or(0u32)?;
+    // Two readings of one clock, taken on one thread: a begin after the end can only be a
+    // caller's mistake; it counts as 0 rather than as 584 years.
+    let transfer = ts.saturating_sub(began);
+    let node = node as u32;
     let hist = match TRANSFER.get_ptr_mut(node) {
         Some(h) => h,
         None => {
@@ -388,7 +393,7 @@ fn try_fetch_end(ctx: &ProbeContext) -> Result<u32, u32> {
         }
     };
     // SAFETY: this CPU's copy of a live per-CPU hash entry; programs do not nest on one CPU.
-    unsafe { (*hist).record(ts.wrapping_sub(start.ts_ns)) };
+    unsafe { (*hist).record(transfer) };
     Ok(0)
 }
 

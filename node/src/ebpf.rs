@@ -8,18 +8,19 @@
 //! | vCPU stall | `kvmmmu:kvm_mmu_pagetable_walk` (shadow MMU) or `kvm:kvm_page_fault` (hardware virtualization) → `kvmmmu:kvm_mmu_spte_requested` | tracepoints |
 //! | resume | `kvm_mmu_spte_requested` → `kvm:kvm_entry` (hardware hosts only; never fires under kvm_pvm) | tracepoints |
 //! | install | `syscalls:sys_enter_ioctl` → `sys_exit_ioctl` for `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` | tracepoints |
-//! | transfer, per peer | [`pagemesh_fetch_begin`] → [`pagemesh_fetch_end`] | uprobes |
+//! | transfer, per peer | the handler's [`monotonic_ns`] before the request → [`pagemesh_fetch_done`] | uprobe |
 //! | page heat | faults resolved per guest frame number (`gfn` of `kvm_mmu_spte_requested`) | tracepoint |
 //!
 //! A fault's stall is timed from the *first* walk for its address: a walk repeated for the
 //! same page within a second (a retried fault) does not restart the clock.
 //!
 //! The kernel keeps log2 histograms of nanoseconds per CPU; [`Probes::snapshot`] merges them
-//! and interpolates percentiles within buckets ([`histogram`]). Heat is double-buffered: a
-//! drain thread flips the map the probes write every [`HEAT_DRAIN_MS`] ms and empties the
-//! other one into [`Probes::heat`]'s totals, so the kernel map stays bounded by what one
-//! period can touch. Sampled per-fault records ([`StallSample`], at most 640 a second per
-//! CPU) come through a ring buffer that the same thread polls.
+//! and interpolates percentiles within buckets ([`histogram`]). Heat is an array of counters
+//! indexed by guest frame number, sized to the VM at load (at most [`HEAT_MAX_FRAMES`]) and
+//! mapped into the node (`BPF_F_MMAPABLE`): [`Probes::heat`] reads the kernel's counters in
+//! place, so nothing is copied or drained and no update can be lost between two reads.
+//! Sampled per-fault records ([`StallSample`], at most 640 a second per CPU) come through a
+//! ring buffer that a thread polls every [`SAMPLES_POLL_MS`] ms.
 //!
 //! Loading needs CAP_BPF and CAP_PERFMON (or root), tracefs (mounted here if it is not) and a
 //! kernel with BPF ring buffers (5.8+). A node built without the eBPF toolchain has no probes
@@ -28,23 +29,24 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::error::Error as StdError;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{TracePoint, UProbe, uprobe::UProbeScope};
 use aya::{Ebpf, EbpfLoader};
 use pagemesh_api::stats::{Bucket, EbpfStats, Histogram, PeerStats};
 use pagemesh_node_common::{
     CONFIG_RESUME, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT, CTR_SAMPLES_THROTTLED,
-    CTR_UNMATCHED_END, CTR_UNMATCHED_FETCH, CTR_WALKS, Config, HIST_BUCKETS, HIST_INSTALL,
-    HIST_RESUME, HIST_STALL, Hist, StallSample, bucket_high_ns, bucket_low_ns,
+    CTR_UNMATCHED_END, CTR_WALKS, Config, HEAT_MAX_FRAMES, HIST_BUCKETS, HIST_INSTALL, HIST_RESUME,
+    HIST_STALL, Hist, SAMPLES_POLL_MS, StallSample, bucket_high_ns, bucket_low_ns, field,
 };
-
-pub use pagemesh_node_common::HEAT_DRAIN_MS;
 
 /// The probe object built by `build.rs` (empty when the toolchain was missing).
 #[cfg(pagemesh_ebpf)]
@@ -57,49 +59,43 @@ pub const BUILT_IN: bool = cfg!(pagemesh_ebpf);
 
 /// Stall samples kept in memory (the most recent).
 const SAMPLES_KEPT: usize = 4096;
-/// How long in-flight probes may still write the heat map the drain just retired. A probe
-/// runs for a microsecond or so, with preemption disabled (it fires under KVM's mmu_lock).
-const HEAT_GRACE: Duration = Duration::from_millis(2);
 
-/// Marks the start of a page fetch from `node` for the transfer uprobe. The fault handler
-/// calls it right before sending the request.
+/// Marks the end of a page fetch from `node` that began at `began_ns` ([`monotonic_ns`]),
+/// for the transfer uprobe. The fault handler calls it once the reply is in (or the fetch
+/// failed).
 ///
 /// Exported under a fixed, unmangled name so that a uprobe can attach to it, and written as
 /// a 5-byte `nop` and a `ret`: on a `nop5`, Linux 6.17+ turns the uprobe's `int3` trap into a
-/// call to the uprobe trampoline after the first hit. Measured here: 0.35 µs per hit instead
-/// of 5 µs for a uprobe on ordinary code (docs/observability.md).
+/// call to the uprobe trampoline after the first hit. Measured here: about 0.4 µs per hit
+/// instead of 5 µs for a uprobe on ordinary code (docs/observability.md). One marker with the
+/// begin time as an argument rather than a begin and an end marker: half the hits.
 #[cfg(target_arch = "x86_64")]
 #[unsafe(no_mangle)]
 #[unsafe(naked)]
-pub extern "C" fn pagemesh_fetch_begin(node: u32, page: u64) {
+pub extern "C" fn pagemesh_fetch_done(node: u32, page: u64, began_ns: u64) {
     core::arch::naked_asm!(".byte 0x0f, 0x1f, 0x44, 0x00, 0x00", "ret")
 }
 
-/// Marks the end of a page fetch from `node` (the reply is in, or the fetch failed). Same
-/// shape as [`pagemesh_fetch_begin`]; the trailing `int3` keeps the two from ever being
-/// merged into one function at one address (both uprobes would then fire at both calls).
-#[cfg(target_arch = "x86_64")]
-#[unsafe(no_mangle)]
-#[unsafe(naked)]
-pub extern "C" fn pagemesh_fetch_end(node: u32, page: u64) {
-    core::arch::naked_asm!(".byte 0x0f, 0x1f, 0x44, 0x00, 0x00", "ret", "int3")
-}
-
-/// Marks the start of a page fetch (elsewhere than x86-64: a plain function; `black_box`
-/// keeps the call, the marker bytes keep the two functions distinct).
+/// Marks the end of a page fetch (elsewhere than x86-64: a plain function that `black_box`
+/// keeps from being optimized away).
 #[cfg(not(target_arch = "x86_64"))]
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn pagemesh_fetch_begin(node: u32, page: u64) {
-    std::hint::black_box((node, page, b'B'));
+pub extern "C" fn pagemesh_fetch_done(node: u32, page: u64, began_ns: u64) {
+    std::hint::black_box((node, page, began_ns));
 }
 
-/// Marks the end of a page fetch.
-#[cfg(not(target_arch = "x86_64"))]
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn pagemesh_fetch_end(node: u32, page: u64) {
-    std::hint::black_box((node, page, b'E'));
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, so that a time taken
+/// here and one taken in a probe can be subtracted. Read through the vDSO (no syscall).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid, exclusively borrowed one.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // Both fields are non-negative for CLOCK_MONOTONIC.
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Errors loading the probes.
@@ -131,6 +127,21 @@ pub enum EbpfError {
         /// Field name.
         field: &'static str,
     },
+    /// A field the probes read is not where they were compiled to read it.
+    #[error(
+        "tracepoint {tracepoint} has field `{field}` at offset {found}, the probes read it at \
+         {expected}; this kernel's layout is not supported yet"
+    )]
+    FieldMoved {
+        /// `category:name`.
+        tracepoint: String,
+        /// Field name.
+        field: &'static str,
+        /// Offset compiled into the probes.
+        expected: usize,
+        /// Offset in this kernel's record.
+        found: u32,
+    },
     /// tracefs is not mounted and could not be mounted.
     #[error("tracefs is not mounted and cannot be mounted at /sys/kernel/tracing")]
     Tracefs(#[source] io::Error),
@@ -149,8 +160,11 @@ pub enum EbpfError {
     /// A map the loader expects is missing or of the wrong type (a build mismatch).
     #[error("the probe object has no usable map {0}")]
     Map(&'static str, #[source] Option<aya::maps::MapError>),
-    /// The drain thread could not start.
-    #[error("cannot start the eBPF drain thread")]
+    /// The heat array could not be mapped into the node.
+    #[error("cannot map the eBPF heat array")]
+    HeatMap(#[source] io::Error),
+    /// The sample polling thread could not start.
+    #[error("cannot start the eBPF sample thread")]
     Spawn(#[source] io::Error),
 }
 
@@ -169,27 +183,22 @@ pub struct ProbeCounters {
     pub samples_lost: u64,
     /// Stall samples held back by the rate limit.
     pub samples_throttled: u64,
-    /// `pagemesh_fetch_end` with no `pagemesh_fetch_begin` before it.
-    pub unmatched_fetches: u64,
 }
 
 /// Loaded and attached probes. Dropping it detaches them.
 pub struct Probes {
     state: Arc<Mutex<State>>,
     attached: Vec<String>,
+    heat: HeatView,
     stop: Arc<AtomicBool>,
-    drainer: Option<JoinHandle<()>>,
+    poller: Option<JoinHandle<()>>,
 }
 
 struct State {
     hists: PerCpuArray<MapData, Hist>,
     transfer: PerCpuHashMap<MapData, u32, Hist>,
     counters: PerCpuArray<MapData, u64>,
-    heat_gen: Array<MapData, u32>,
-    heat_maps: [PerCpuHashMap<MapData, u64, u64>; 2],
-    generation: u32,
     ring: RingBuf<MapData>,
-    heat: BTreeMap<u64, u64>,
     samples: VecDeque<StallSample>,
     /// Owns the programs and their links: dropping it detaches everything.
     _bpf: Ebpf,
@@ -201,6 +210,8 @@ struct Attach {
     category: &'static str,
     name: &'static str,
     required: bool,
+    /// The record field the program reads, and the offset it was compiled with.
+    field: Option<(&'static str, usize)>,
 }
 
 const TRACEPOINTS: &[Attach] = &[
@@ -209,12 +220,14 @@ const TRACEPOINTS: &[Attach] = &[
         category: "kvmmmu",
         name: "kvm_mmu_spte_requested",
         required: true,
+        field: Some(("gfn", field::SPTE_GFN)),
     },
     Attach {
         program: "stall_walk",
         category: "kvmmmu",
         name: "kvm_mmu_pagetable_walk",
         required: true,
+        field: Some(("addr", field::WALK_ADDR)),
     },
     // Hardware virtualization: faults start here instead (never fires under kvm_pvm).
     Attach {
@@ -222,78 +235,87 @@ const TRACEPOINTS: &[Attach] = &[
         category: "kvm",
         name: "kvm_page_fault",
         required: false,
+        field: Some(("fault_address", field::PAGE_FAULT_ADDR)),
     },
     Attach {
         program: "resume",
         category: "kvm",
         name: "kvm_entry",
         required: false,
+        field: None,
     },
     Attach {
         program: "install_enter",
         category: "syscalls",
         name: "sys_enter_ioctl",
         required: true,
+        field: Some(("cmd", field::IOCTL_CMD)),
     },
     Attach {
         program: "install_exit",
         category: "syscalls",
         name: "sys_exit_ioctl",
         required: true,
+        field: None,
     },
 ];
 
 impl Probes {
     /// Loads the probes and attaches them to the threads of process `tgid` (normally
-    /// `std::process::id()`).
-    pub fn load(tgid: u32) -> Result<Self, EbpfError> {
+    /// `std::process::id()`), with heat counters for guest frames `0 .. frames` (the VM's
+    /// guest-physical address space; capped at [`HEAT_MAX_FRAMES`]).
+    pub fn load(tgid: u32, frames: u64) -> Result<Self, EbpfError> {
         if OBJECT.is_empty() {
             return Err(EbpfError::NotBuiltIn);
         }
         raise_memlock_limit();
         let tracefs = ensure_tracefs()?;
-        for tp in TRACEPOINTS.iter().filter(|t| t.required) {
-            if !tracefs
+        // Which tracepoints this kernel has, with their records laid out as the probes were
+        // compiled for: a missing or moved field of a required one is an error, of an
+        // optional one (hardware-virtualization points) a reason to leave it out.
+        let mut usable = Vec::new();
+        for tp in TRACEPOINTS {
+            let point = format!("{}:{}", tp.category, tp.name);
+            let checked = if !tracefs
                 .join("events")
                 .join(tp.category)
                 .join(tp.name)
                 .is_dir()
             {
-                return Err(EbpfError::TracepointMissing(format!(
-                    "{}:{}",
-                    tp.category, tp.name
-                )));
+                Err(EbpfError::TracepointMissing(point.clone()))
+            } else if let Some((name, offset)) = tp.field {
+                check_field(&tracefs, tp.category, tp.name, name, offset)
+            } else {
+                Ok(())
+            };
+            match checked {
+                Ok(()) => usable.push(tp),
+                Err(e) if tp.required => return Err(e),
+                Err(e) => tracing::debug!("eBPF: optional {point} left out: {e}"),
             }
         }
         let exists =
             |category: &str, name: &str| tracefs.join("events").join(category).join(name).is_dir();
         let config = Config {
             tgid,
-            spte_gfn_offset: field_offset(&tracefs, "kvmmmu", "kvm_mmu_spte_requested", "gfn")?,
             flags: if exists("kvm", "kvm_entry") {
                 CONFIG_RESUME
             } else {
                 0
             },
-            pad: 0,
         };
+        let frames = u32::try_from(frames)
+            .unwrap_or(u32::MAX)
+            .clamp(1, HEAT_MAX_FRAMES);
         let mut bpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
+            .map_max_entries("HEAT", frames)
             .load(OBJECT)
             .map_err(classify_load)?;
 
         let mut attached = Vec::new();
-        for tp in TRACEPOINTS {
+        for tp in usable {
             let point = format!("{}:{}", tp.category, tp.name);
-            if !tracefs
-                .join("events")
-                .join(tp.category)
-                .join(tp.name)
-                .is_dir()
-            {
-                tracing::debug!("eBPF: optional tracepoint {point} does not exist; skipped");
-                continue;
-            }
             let what = || format!("{} to {point}", tp.program);
             let program: &mut TracePoint = bpf
                 .program_mut(tp.program)
@@ -309,44 +331,45 @@ impl Probes {
                 .map_err(|e| attach_error(what(), e))?;
             attached.push(point);
         }
-        match attach_fetch_uprobes(&mut bpf, tgid) {
+        match attach_fetch_uprobe(&mut bpf, tgid) {
             Ok(points) => attached.extend(points),
             // Transfer times are the one figure the node can do without (its pager times
             // fetches too); say why once and carry on.
             Err(e) => tracing::info!(
-                "eBPF: transfer probes not attached: {}",
+                "eBPF: transfer probe not attached: {}",
                 crate::service::error_chain(&e)
             ),
         }
 
+        let heat_map = bpf.take_map("HEAT").ok_or(EbpfError::Map("HEAT", None))?;
+        let heat = match heat_map {
+            aya::maps::Map::Array(data) => HeatView::new(data, frames)?,
+            _ => return Err(EbpfError::Map("HEAT", None)),
+        };
         let state = State {
             hists: take(&mut bpf, "HISTS")?,
             transfer: take(&mut bpf, "TRANSFER")?,
             counters: take(&mut bpf, "COUNTERS_MAP")?,
-            heat_gen: take(&mut bpf, "HEAT_GEN")?,
-            heat_maps: [take(&mut bpf, "HEAT0")?, take(&mut bpf, "HEAT1")?],
-            generation: 0,
             ring: take_ring(&mut bpf)?,
-            heat: BTreeMap::new(),
             samples: VecDeque::new(),
             _bpf: bpf,
         };
         let state = Arc::new(Mutex::new(state));
         let stop = Arc::new(AtomicBool::new(false));
-        let drainer = {
+        let poller = {
             let state = state.clone();
             let stop = stop.clone();
             std::thread::Builder::new()
-                .name("ebpf-drain".into())
-                .spawn(move || drain_loop(&state, &stop))
+                .name("ebpf-samples".into())
+                .spawn(move || poll_loop(&state, &stop))
                 .map_err(EbpfError::Spawn)?
         };
-        tracing::info!("eBPF probes attached: {}", attached.join(", "));
         Ok(Self {
             state,
             attached,
+            heat,
             stop,
-            drainer: Some(drainer),
+            poller: Some(poller),
         })
     }
 
@@ -402,12 +425,10 @@ impl Probes {
     }
 
     /// Faults resolved per guest frame number (guest-physical address / 4096) since the
-    /// probes were loaded, in frame order. Drains the kernel's heat map first, so every
-    /// fault resolved before the call is counted.
+    /// probes were loaded, for the frames with any, in frame order. Read from the kernel's
+    /// counters directly: every fault resolved before the call is counted.
     pub fn heat(&self) -> Vec<(u64, u64)> {
-        let mut state = self.lock();
-        state.drain_heat();
-        state.heat.iter().map(|(&gfn, &n)| (gfn, n)).collect()
+        self.heat.nonzero()
     }
 
     /// The most recent sampled stalls (at most 4096), oldest first.
@@ -428,12 +449,11 @@ impl Probes {
             samples_sent: c(CTR_SAMPLES_SENT),
             samples_lost: c(CTR_SAMPLES_LOST),
             samples_throttled: c(CTR_SAMPLES_THROTTLED),
-            unmatched_fetches: c(CTR_UNMATCHED_FETCH),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic in the drain thread leaves the state as consistent as any read of it.
+        // A panic in the sample thread leaves the state as consistent as any read of it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -441,7 +461,7 @@ impl Probes {
 impl Drop for Probes {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.drainer.take() {
+        if let Some(t) = self.poller.take() {
             t.thread().unpark();
             let _ = t.join();
         }
@@ -486,26 +506,6 @@ impl State {
         out
     }
 
-    /// Points the probes at the other heat map, waits out the probes still writing the old
-    /// one, and moves its counts into `heat`.
-    fn drain_heat(&mut self) {
-        let old = self.generation as usize;
-        let new = 1 - self.generation;
-        if self.heat_gen.set(0, new, 0).is_err() {
-            return;
-        }
-        self.generation = new;
-        std::thread::sleep(HEAT_GRACE);
-        let map = &mut self.heat_maps[old];
-        let keys: Vec<u64> = map.keys().filter_map(Result::ok).collect();
-        for gfn in keys {
-            if let Ok(per_cpu) = map.get(&gfn, 0) {
-                *self.heat.entry(gfn).or_insert(0) += per_cpu.iter().sum::<u64>();
-            }
-            let _ = map.remove(&gfn);
-        }
-    }
-
     fn drain_samples(&mut self) {
         while let Some(item) = self.ring.next() {
             if item.len() < size_of::<StallSample>() {
@@ -522,8 +522,8 @@ impl State {
     }
 }
 
-fn drain_loop(state: &Mutex<State>, stop: &AtomicBool) {
-    let period = Duration::from_millis(HEAT_DRAIN_MS);
+fn poll_loop(state: &Mutex<State>, stop: &AtomicBool) {
+    let period = Duration::from_millis(SAMPLES_POLL_MS);
     let mut next = Instant::now() + period;
     while !stop.load(Ordering::Acquire) {
         let now = Instant::now();
@@ -532,9 +532,82 @@ fn drain_loop(state: &Mutex<State>, stop: &AtomicBool) {
             continue;
         }
         next = now + period;
-        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        s.drain_samples();
-        s.drain_heat();
+        state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain_samples();
+    }
+}
+
+/// The probes' heat array (`HEAT`), mapped read-only into the node: one `u64` per guest
+/// frame, which the probes increment atomically.
+struct HeatView {
+    counters: NonNull<AtomicU64>,
+    frames: usize,
+    mapped: usize,
+    /// Keeps the map alive for as long as it is mapped.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is plain shared memory, only ever read through atomics; it lives until
+// `Drop`, which needs `&mut self`.
+unsafe impl Send for HeatView {}
+// SAFETY: as above; reads through `&self` are atomic loads.
+unsafe impl Sync for HeatView {}
+
+impl HeatView {
+    fn new(map: MapData, frames: u32) -> Result<Self, EbpfError> {
+        let frames = frames as usize;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let mapped = (frames * size_of::<u64>()).next_multiple_of(page);
+        // SAFETY: maps `mapped` bytes of an mmapable BPF array (the kernel page-aligns its
+        // values and rounds them up to whole pages) read-only and shared; the result is
+        // checked before use and unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(EbpfError::HeatMap(io::Error::last_os_error()));
+        }
+        let counters = NonNull::new(ptr.cast::<AtomicU64>())
+            .ok_or_else(|| EbpfError::HeatMap(io::Error::other("mmap returned null")))?;
+        Ok(Self {
+            counters,
+            frames,
+            mapped,
+            _map: map,
+        })
+    }
+
+    /// `(gfn, faults)` for every frame with faults, in frame order.
+    fn nonzero(&self) -> Vec<(u64, u64)> {
+        // SAFETY: `frames` u64s lie inside the live mapping (`mapped` rounds them up), page-
+        // aligned; AtomicU64 has u64's layout, and the kernel writes them atomically.
+        let counters = unsafe { std::slice::from_raw_parts(self.counters.as_ptr(), self.frames) };
+        counters
+            .iter()
+            .enumerate()
+            .filter_map(|(gfn, n)| {
+                let n = n.load(Ordering::Relaxed);
+                (n > 0).then_some((gfn as u64, n))
+            })
+            .collect()
+    }
+}
+
+impl Drop for HeatView {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no reference into it outlives
+        // `&self` borrows, which cannot exist during drop.
+        unsafe { libc::munmap(self.counters.as_ptr().cast(), self.mapped) };
     }
 }
 
@@ -589,34 +662,28 @@ pub fn percentile_us(h: &Hist, q: f64) -> f64 {
     h.max_ns as f64 / 1000.0
 }
 
-/// Attaches the transfer uprobes to this process's executable.
-fn attach_fetch_uprobes(bpf: &mut Ebpf, tgid: u32) -> Result<Vec<String>, EbpfError> {
+/// Attaches the transfer uprobe to this process's executable.
+fn attach_fetch_uprobe(bpf: &mut Ebpf, tgid: u32) -> Result<Vec<String>, EbpfError> {
     let exe = std::fs::read_link(format!("/proc/{tgid}/exe")).map_err(|e| EbpfError::Attach {
-        what: "the transfer uprobes".into(),
+        what: "the transfer uprobe".into(),
         source: aya::programs::ProgramError::IOError(e),
     })?;
     let scope =
         std::num::NonZeroU32::new(tgid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-    let mut points = Vec::new();
-    for (program, symbol) in [
-        ("fetch_begin", "pagemesh_fetch_begin"),
-        ("fetch_end", "pagemesh_fetch_end"),
-    ] {
-        let what = || format!("{program} to {symbol} in {}", exe.display());
-        let p: &mut UProbe = bpf
-            .program_mut(program)
-            .ok_or(EbpfError::Map(program, None))?
-            .try_into()
-            .map_err(|source| EbpfError::Attach {
-                what: what(),
-                source,
-            })?;
-        p.load().map_err(|e| attach_error(what(), e))?;
-        p.attach(symbol, &exe, scope)
-            .map_err(|e| attach_error(what(), e))?;
-        points.push(symbol.to_owned());
-    }
-    Ok(points)
+    let (program, symbol) = ("fetch_done", "pagemesh_fetch_done");
+    let what = || format!("{program} to {symbol} in {}", exe.display());
+    let p: &mut UProbe = bpf
+        .program_mut(program)
+        .ok_or(EbpfError::Map(program, None))?
+        .try_into()
+        .map_err(|source| EbpfError::Attach {
+            what: what(),
+            source,
+        })?;
+    p.load().map_err(|e| attach_error(what(), e))?;
+    p.attach(symbol, &exe, scope)
+        .map_err(|e| attach_error(what(), e))?;
+    Ok(vec![symbol.to_owned()])
 }
 
 fn take<T>(bpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
@@ -709,13 +776,16 @@ fn ensure_tracefs() -> Result<PathBuf, EbpfError> {
 }
 
 /// Byte offset of `field` in a tracepoint's record, from its `format` file.
-fn field_offset(
+/// Checks that `field` of `category:name` lies at `offset` in this kernel's record, as the
+/// probes were compiled to read it.
+fn check_field(
     tracefs: &Path,
     category: &str,
     name: &str,
     field: &'static str,
-) -> Result<u32, EbpfError> {
-    let point = format!("{category}:{name}");
+    offset: usize,
+) -> Result<(), EbpfError> {
+    let tracepoint = format!("{category}:{name}");
     let path = tracefs
         .join("events")
         .join(category)
@@ -728,13 +798,19 @@ fn field_offset(
                 source: Box::new(e),
             }
         } else {
-            EbpfError::TracepointMissing(point.clone())
+            EbpfError::TracepointMissing(tracepoint.clone())
         }
     })?;
-    parse_field_offset(&text, field).ok_or(EbpfError::FieldMissing {
-        tracepoint: point,
-        field,
-    })
+    match parse_field_offset(&text, field) {
+        None => Err(EbpfError::FieldMissing { tracepoint, field }),
+        Some(found) if found as usize != offset => Err(EbpfError::FieldMoved {
+            tracepoint,
+            field,
+            expected: offset,
+            found,
+        }),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Parses `field:u64 gfn;\toffset:8;\tsize:8;...` lines.
@@ -852,8 +928,35 @@ mod tests {
     }
 
     #[test]
-    fn fetch_markers_are_callable() {
-        pagemesh_fetch_begin(1, 2);
-        pagemesh_fetch_end(1, 2);
+    fn fetch_marker_is_callable_and_the_clock_advances() {
+        let a = monotonic_ns();
+        pagemesh_fetch_done(1, 2, a);
+        std::thread::sleep(Duration::from_millis(1));
+        let b = monotonic_ns();
+        assert!(b >= a + 1_000_000, "{a} {b}");
+    }
+
+    #[test]
+    fn field_layouts_are_checked_against_tracefs() {
+        let root = std::env::temp_dir().join(format!("pagemesh-tracefs-{}", std::process::id()));
+        let dir = root.join("events/kvmmmu/kvm_mmu_spte_requested");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("format"),
+            "format:\n\tfield:u64 gfn;\toffset:16;\tsize:8;\tsigned:0;\n",
+        )
+        .unwrap();
+        let check = |field, offset| {
+            check_field(&root, "kvmmmu", "kvm_mmu_spte_requested", field, offset)
+                .map_err(|e| e.to_string())
+        };
+        assert!(check("gfn", 16).is_ok());
+        let moved = check("gfn", field::SPTE_GFN).unwrap_err();
+        assert!(moved.contains("at offset 16, the probes read it at 8"), "{moved}");
+        let missing = check("pfn", 16).unwrap_err();
+        assert!(missing.contains("has no field `pfn`"), "{missing}");
+        let gone = check_field(&root, "kvm", "kvm_page_fault", "fault_address", 24).unwrap_err();
+        assert!(matches!(gone, EbpfError::TracepointMissing(_)), "{gone}");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -26,6 +26,7 @@ use crate::transport::local::LocalSource;
 use crate::transport::{TransportError, TransportManager};
 use crate::vm::Workload;
 use crate::vm::guest::{Initial, WorkloadError};
+use crate::vm::memory::RAM_BASE;
 
 /// Errors of a node run.
 #[derive(thiserror::Error, Debug)]
@@ -201,17 +202,19 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     Ok(ok)
 }
 
-/// Loads the eBPF probes for this process unless `--no-ebpf`; a node that cannot load them
-/// warns once, saying why, and runs on without them. Their figures go to `/stats`.
+/// Loads the eBPF probes for this process unless `--no-ebpf`, with heat counters for guest
+/// frames `0 .. frames`; a node that cannot load them warns once, saying why, and runs on
+/// without them. Their figures go to `/stats`.
 pub(crate) fn load_probes(
     settings: &Settings,
     admin: &AdminState,
+    frames: u64,
 ) -> Option<Arc<crate::ebpf::Probes>> {
     if settings.no_ebpf {
         tracing::info!("eBPF probes disabled (--no-ebpf)");
         return None;
     }
-    match crate::ebpf::Probes::load(std::process::id()) {
+    match crate::ebpf::Probes::load(std::process::id(), frames) {
         Ok(p) => {
             let p = Arc::new(p);
             tracing::info!("eBPF probes attached: {}", p.attached().join(", "));
@@ -474,7 +477,7 @@ fn run_compute(
         initial,
         cpu: settings.pin_cpu,
     };
-    let probes = load_probes(settings, admin);
+    let probes = load_probes(settings, admin, (RAM_BASE + mem) / PAGE_SIZE as u64);
     tracing::info!("running {workload} on VM {}", vm.id);
     let outcome = run_guest(
         &opts,

@@ -54,7 +54,7 @@ fn vm_pages(heat: &[(u64, u64)]) -> Vec<(u64, u64)> {
 
 #[test]
 fn probes_count_every_fault_of_a_guest_run() {
-    let probes = match Probes::load(std::process::id()) {
+    let probes = match Probes::load(std::process::id(), RAM_BASE_GFN + PAGES) {
         Ok(p) => p,
         // CI installs the toolchain (cargo xtask setup): there the probes must be built in.
         Err(EbpfError::NotBuiltIn) if !ebpf::BUILT_IN && std::env::var_os("CI").is_none() => {
@@ -174,22 +174,20 @@ fn probes_count_every_fault_of_a_guest_run() {
     eprintln!("second run: pager {served2} faults, eBPF {stalls2} stalls");
     assert!(stalls2 >= served2, "{stalls2} < {served2}");
 
-    // 3. The transfer uprobes time the span between the fetch markers, per peer. (The fault
-    // handler calls them around each fetch; here the test calls them itself, which also
-    // keeps the symbols in this test binary for the uprobes to find.)
+    // 3. The transfer uprobe times each fetch, per peer, from the begin time the marker is
+    // given to the moment it is hit. (The fault handler calls it after each fetch; here the
+    // test calls it itself, which also keeps the symbol in this test binary for the uprobe
+    // to find.)
     assert!(
-        probes
-            .attached()
-            .iter()
-            .any(|a| a == "pagemesh_fetch_begin"),
+        probes.attached().iter().any(|a| a == "pagemesh_fetch_done"),
         "{:?}",
         probes.attached()
     );
     let peers_before: u64 = probes.snapshot().transfer.iter().map(|p| p.pages).sum();
     for _ in 0..3 {
-        ebpf::pagemesh_fetch_begin(77, 5);
+        let began = ebpf::monotonic_ns();
         std::thread::sleep(std::time::Duration::from_millis(2));
-        ebpf::pagemesh_fetch_end(77, 5);
+        ebpf::pagemesh_fetch_done(77, 5, began);
     }
     let transfer = probes.snapshot().transfer;
     let peer = transfer.iter().find(|p| p.node_id == 77).expect("peer 77");

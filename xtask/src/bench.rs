@@ -112,35 +112,32 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut cluster = Cluster::start(bins, dir.clone(), &[1], "2GiB")?;
     let pin = args.pin_cpu.map(|c| c.to_string());
 
-    let mut results = Vec::new();
+    let cases: Vec<&Case> = CASES
+        .iter()
+        .filter(|c| args.only.as_deref().is_none_or(|o| c.name.contains(o)))
+        .collect();
+    // Rounds, not case after case: run i of every case happens close together in time, so
+    // the machine's drift (other work, CPUs idling into the hypervisor) hits every case
+    // alike, and the eBPF overhead can be taken run by run against its neighbour.
+    let mut per_case: Vec<Vec<Value>> = vec![Vec::new(); cases.len()];
+    for round in 0..runs {
+        eprintln!("xtask: bench round {}/{runs}", round + 1);
+        // Every other round in reverse, so that no case always runs right after another.
+        let mut order: Vec<usize> = (0..cases.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            per_case[i].push(run_case(&mut cluster, cases[i], &mem, pin.as_deref())?);
+        }
+    }
+
     println!(
         "{:<18} {:>8} {:>5} {:>10} {:>9} {:>9} {:>9}",
         "case", "pages", "runs", "µs/page", "p50 µs", "p90 µs", "p99 µs"
     );
-    for case in CASES {
-        if args.only.as_deref().is_some_and(|o| !case.name.contains(o)) {
-            continue;
-        }
-        let mut per_run: Vec<Value> = Vec::new();
-        for _ in 0..runs {
-            let mut a: Vec<&str> = vec!["--mem", &mem];
-            a.extend_from_slice(case.args);
-            if case.remote {
-                a.extend_from_slice(&["--placement", "interleave", "--content", "pattern"]);
-            }
-            if let Some(p) = &pin {
-                a.extend_from_slice(&["--pin-cpu", p]);
-            }
-            let (status, summary, proc) = cluster.run_compute(&a, Duration::from_secs(600))?;
-            if !status.success() || summary["ok"] != json!(true) {
-                bail!(
-                    "{} run failed ({status}); its log:\n{}",
-                    case.name,
-                    proc.log_tail()
-                );
-            }
-            per_run.push(summary);
-        }
+    let mut results = Vec::new();
+    for (case, per_run) in cases.iter().zip(&per_case) {
         let get = |k: &str| {
             median(
                 per_run
@@ -174,14 +171,79 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
         results.push(row);
     }
+    let overhead = ebpf_overhead(&cases, &per_case);
+    if let Some(o) = &overhead {
+        println!(
+            "eBPF overhead on remote-random: median of {} paired runs {:+.1}% (per pair: {})",
+            runs,
+            o["median_pct"].as_f64().unwrap_or(0.0),
+            o["per_pair_pct"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| format!("{:+.1}", v.as_f64().unwrap_or(0.0)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
     for m in &mut cluster.memory {
         m.proc.stop()?;
     }
     cluster.coordinator.proc.stop()?;
-    let out = json!({ "cases": results, "mem": mem, "pin_cpu": args.pin_cpu });
+    let out = json!({
+        "cases": results,
+        "mem": mem,
+        "pin_cpu": args.pin_cpu,
+        "ebpf_overhead": overhead,
+    });
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&out)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// One run of `case`: a fresh compute node; its `--json` summary.
+fn run_case(
+    cluster: &mut Cluster,
+    case: &Case,
+    mem: &str,
+    pin: Option<&str>,
+) -> anyhow::Result<Value> {
+    let mut a: Vec<&str> = vec!["--mem", mem];
+    a.extend_from_slice(case.args);
+    if case.remote {
+        a.extend_from_slice(&["--placement", "interleave", "--content", "pattern"]);
+    }
+    if let Some(p) = pin {
+        a.extend_from_slice(&["--pin-cpu", p]);
+    }
+    let (status, summary, proc) = cluster.run_compute(&a, Duration::from_secs(600))?;
+    if !status.success() || summary["ok"] != json!(true) {
+        bail!(
+            "{} run failed ({status}); its log:\n{}",
+            case.name,
+            proc.log_tail()
+        );
+    }
+    Ok(summary)
+}
+
+/// The probes' cost on `remote-random`, pair by pair: run i with probes against run i
+/// without, taken within the same round. `None` unless both cases ran.
+fn ebpf_overhead(cases: &[&Case], per_case: &[Vec<Value>]) -> Option<Value> {
+    let find = |name: &str| cases.iter().position(|c| c.name == name);
+    let (plain, probed) = (find("remote-random")?, find("remote-random-ebpf")?);
+    let pct: Vec<f64> = per_case[plain]
+        .iter()
+        .zip(&per_case[probed])
+        .filter_map(|(a, b)| {
+            let (a, b) = (a["us_per_page"].as_f64()?, b["us_per_page"].as_f64()?);
+            (a > 0.0).then(|| (b / a - 1.0) * 100.0)
+        })
+        .collect();
+    Some(json!({
+        "median_pct": median(pct.clone()),
+        "per_pair_pct": pct,
+    }))
 }

@@ -109,19 +109,16 @@ impl Handler {
 
     /// Fetches `page` from `node` into `dst`, claiming it: the holder frees it, and once
     /// installed it is recorded as ours.
-    ///
-    /// Kept out of line under a stable name so that a uprobe can time transfers.
-    #[inline(never)]
     fn fetch_remote_page(
         &mut self,
         page: u64,
         node: NodeId,
         dst: &mut [u8],
     ) -> Result<(), PagerError> {
-        // Markers for the eBPF transfer probes (uprobes on 5-byte nops; see ebpf.rs).
-        crate::ebpf::pagemesh_fetch_begin(node, page);
+        // The marker for the eBPF transfer probe (a uprobe on a 5-byte nop; see ebpf.rs).
+        let began = crate::ebpf::monotonic_ns();
         let r = self.transport.fetch_page(self.vm, page, node, dst);
-        crate::ebpf::pagemesh_fetch_end(node, page);
+        crate::ebpf::pagemesh_fetch_done(node, page, began);
         r.map_err(|source| PagerError::Fetch { page, node, source })
     }
 }
