@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pagemesh_tests::{Bins, Cluster, test_dir};
+use pagemesh_tests::{Bins, Cluster, http_json, test_dir};
 use serde_json::{Value, json};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -103,11 +103,23 @@ fn probes_measure_remote_faults_next_to_the_pager() {
         return;
     }
     let mut c = cluster("ebpf-remote");
-    let (status, s, proc) = c
-        .run_compute(&["--mem", "64MiB", "--workload", "verify"], RUN_TIMEOUT)
+    let (mut proc, admin, s) = c
+        .run_compute_held(&["--mem", "64MiB", "--workload", "verify"], RUN_TIMEOUT)
         .unwrap();
-    assert!(status.success(), "{status}: {}", proc.log_tail());
     assert_eq!(check_probed_run(&s), PAGES);
+    // The kernel's per-page counts reach the node's heat data: in /stats, every cell counts
+    // the stalls on its pages, one per page the guest read (the system region's stalls are
+    // not VM pages and are left out).
+    let stats = http_json(&format!("{admin}/stats?cells=64")).unwrap();
+    let cells = stats["pager"]["heat"]["cells"]
+        .as_array()
+        .expect("heat cells");
+    assert_eq!(cells.len(), 64);
+    let per_cell = PAGES / 64;
+    for (i, cell) in cells.iter().enumerate() {
+        assert_eq!(cell["stalls"], json!(per_cell), "cell {i}: {cell}");
+    }
+    proc.stop().unwrap();
     assert_eq!(s["faults"]["remote"], json!(PAGES), "{s:#}");
     let e = &s["ebpf"];
     // Every fault fetched its page from a peer: transfers were timed, and each is a part

@@ -142,6 +142,11 @@ pub struct HeatCell {
     pub owner: Option<NodeId>,
     /// Pages held by other nodes.
     pub remote: u64,
+    /// vCPU stalls on the region's pages as the eBPF probes counted them in the kernel:
+    /// exact (`faults` saturates at 63 per page), and including faults KVM resolved without
+    /// the pager. Absent when the probes are not loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalls: Option<u64>,
 }
 
 /// Kernel-side figures from the eBPF probes.

@@ -233,6 +233,7 @@ mod tests {
             zero,
             owner,
             remote,
+            stalls: None,
         }
     }
 

@@ -105,6 +105,7 @@ fn heat(touched: u64) -> Heat {
                     zero: PAGES_PER_CELL - done,
                     owner: None,
                     remote: 0,
+                    stalls: None,
                 };
             }
             let remote = PAGES_PER_CELL - done;
@@ -114,6 +115,7 @@ fn heat(touched: u64) -> Heat {
                 zero: 0,
                 owner: (remote > 0).then_some(if i < CELLS / 2 { 1 } else { 2 }),
                 remote,
+                stalls: None,
             }
         })
         .collect();

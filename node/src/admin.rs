@@ -58,8 +58,16 @@ pub struct AdminState {
     pub server: Arc<ServerContext>,
     /// The current (or last) guest run.
     pub run: Mutex<Option<LiveRun>>,
-    /// Kernel-side figures, when the probes are loaded.
-    pub ebpf: Mutex<Option<Box<dyn Fn() -> pagemesh_api::stats::EbpfStats + Send>>>,
+    /// The eBPF probes, when loaded.
+    pub ebpf: Mutex<Option<KernelProbes>>,
+}
+
+/// The eBPF probes of the current run, as the endpoint reads them.
+pub struct KernelProbes {
+    /// The probes.
+    pub probes: Arc<crate::ebpf::Probes>,
+    /// Guest frame number of the VM's page 0 (the probes count by guest frame).
+    pub first_gfn: u64,
 }
 
 impl AdminState {
@@ -108,7 +116,15 @@ impl AdminState {
                 heat: heat(&run.directory, cells),
             }
         });
-        let ebpf = lock(&self.ebpf).as_ref().map(|f| f());
+        let probes = lock(&self.ebpf);
+        let ebpf = probes.as_ref().map(|k| k.probes.snapshot());
+        let pager = match (pager, probes.as_ref()) {
+            (Some(mut p), Some(k)) => {
+                add_stalls(&mut p.heat, &k.probes.heat(), k.first_gfn);
+                Some(p)
+            }
+            (p, _) => p,
+        };
         NodeStats {
             node_id: self.node_id,
             role: Some(self.role),
@@ -160,6 +176,27 @@ pub fn heat(directory: &PageDirectory, cells: usize) -> Heat {
     Heat {
         pages_per_cell: per,
         cells: out,
+    }
+}
+
+/// Adds the probes' per-frame stall counts (`(gfn, stalls)`) to the cells of `heat`, whose
+/// page 0 is frame `first_gfn`. Frames outside the VM's pages (the built-in guest's system
+/// region) are left out.
+fn add_stalls(heat: &mut Heat, frames: &[(u64, u64)], first_gfn: u64) {
+    for cell in &mut heat.cells {
+        cell.stalls = Some(0);
+    }
+    let per = heat.pages_per_cell.max(1);
+    for &(gfn, n) in frames {
+        let Some(page) = gfn.checked_sub(first_gfn) else {
+            continue;
+        };
+        if let Some(cell) = usize::try_from(page / per)
+            .ok()
+            .and_then(|i| heat.cells.get_mut(i))
+        {
+            *cell.stalls.get_or_insert(0) += n;
+        }
     }
 }
 
@@ -254,5 +291,28 @@ mod tests {
         let total: u64 = h.cells.iter().map(|c| c.local + c.zero + c.remote).sum();
         assert_eq!(total, 10);
         assert_eq!(heat(&d, 100).cells.len(), 10);
+    }
+
+    #[test]
+    fn stalls_land_in_the_cells_of_their_pages() {
+        let d = PageDirectory::new(10);
+        let mut h = heat(&d, 3);
+        // Page 0 is frame 100; frames 3 and 99 are outside the VM, 120 past its end.
+        let frames = [
+            (3, 5),
+            (99, 1),
+            (100, 2),
+            (103, 1),
+            (104, 7),
+            (109, 1),
+            (120, 4),
+        ];
+        add_stalls(&mut h, &frames, 100);
+        let stalls: Vec<Option<u64>> = h.cells.iter().map(|c| c.stalls).collect();
+        assert_eq!(stalls, [Some(3), Some(7), Some(1)]);
+        // No stalls at all still says "measured, none" rather than "not measured".
+        let mut h = heat(&d, 2);
+        add_stalls(&mut h, &[], 0);
+        assert!(h.cells.iter().all(|c| c.stalls == Some(0)));
     }
 }

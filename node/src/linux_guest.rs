@@ -164,7 +164,7 @@ pub fn run_linux(
         running: running.clone(),
     });
 
-    let probes = crate::service::load_probes(settings, admin, pages);
+    let probes = crate::service::load_probes(settings, admin, 0, pages);
     let started = Instant::now();
     let sample = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(cpus.len());

@@ -15,7 +15,7 @@ use pagemesh_api::{
     TransportKind, Vm,
 };
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, KernelProbes};
 use crate::compute::{Backing, ComputeError, RunOptions, RunOutcome, run_guest};
 use crate::config::{BackingArg, ConfigError, PlacementArg, RoleArg, Settings, parse_size};
 use crate::coordinator::{CoordinatorClient, CoordinatorError};
@@ -203,11 +203,12 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
 }
 
 /// Loads the eBPF probes for this process unless `--no-ebpf`, with heat counters for guest
-/// frames `0 .. frames`; a node that cannot load them warns once, saying why, and runs on
-/// without them. Their figures go to `/stats`.
+/// frames `0 .. frames`, of which VM page 0 is frame `first_gfn`; a node that cannot load
+/// them warns once, saying why, and runs on without them. Their figures go to `/stats`.
 pub(crate) fn load_probes(
     settings: &Settings,
     admin: &AdminState,
+    first_gfn: u64,
     frames: u64,
 ) -> Option<Arc<crate::ebpf::Probes>> {
     if settings.no_ebpf {
@@ -218,9 +219,10 @@ pub(crate) fn load_probes(
         Ok(p) => {
             let p = Arc::new(p);
             tracing::info!("eBPF probes attached: {}", p.attached().join(", "));
-            let reader = p.clone();
-            *admin.ebpf.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(Box::new(move || reader.snapshot()));
+            *admin.ebpf.lock().unwrap_or_else(|e| e.into_inner()) = Some(KernelProbes {
+                probes: p.clone(),
+                first_gfn,
+            });
             Some(p)
         }
         Err(e) => {
@@ -477,7 +479,12 @@ fn run_compute(
         initial,
         cpu: settings.pin_cpu,
     };
-    let probes = load_probes(settings, admin, (RAM_BASE + mem) / PAGE_SIZE as u64);
+    let probes = load_probes(
+        settings,
+        admin,
+        RAM_BASE / PAGE_SIZE as u64,
+        (RAM_BASE + mem) / PAGE_SIZE as u64,
+    );
     tracing::info!("running {workload} on VM {}", vm.id);
     let outcome = run_guest(
         &opts,
