@@ -8,11 +8,12 @@
 //!
 //! | item | what it is |
 //! |---|---|
-//! | [`Hist`] | a log2 histogram of nanoseconds, one per CPU in the `HISTS` map |
+//! | [`Hist`] | a log2 histogram of nanoseconds (per CPU, in [`CpuStats`]; per peer in `TRANSFER`) |
 //! | [`StallSample`] | one sampled vCPU stall, sent through the `SAMPLES` ring buffer |
 //! | [`Start`] | a timestamp a probe left for the matching end probe on the same thread |
-//! | [`Config`] | what the node tells the probes at load time (its tgid, field offsets) |
+//! | [`Config`] | what the node tells the probes at load time (its tgid, flags) |
 //! | [`RateWindow`] | the per-CPU state of the sample rate limit |
+//! | [`CpuStats`] | all of a CPU's histograms, counters and rate window, in one map value |
 
 #![no_std]
 
@@ -20,30 +21,30 @@
 /// counts 0), so 64 buckets cover every `u64`.
 pub const HIST_BUCKETS: usize = 64;
 
-/// Index of the vCPU stall histogram in `HISTS` (fault enters KVM's MMU → page resolved).
+/// Index of the vCPU stall histogram in [`CpuStats::hists`] (fault enters KVM's MMU → page resolved).
 pub const HIST_STALL: u32 = 0;
-/// Index of the install histogram in `HISTS` (`UFFDIO_COPY` / `UFFDIO_ZEROPAGE` ioctl).
+/// Index of the install histogram in [`CpuStats::hists`] (`UFFDIO_COPY` / `UFFDIO_ZEROPAGE` ioctl).
 pub const HIST_INSTALL: u32 = 1;
-/// Index of the resume histogram in `HISTS` (page resolved → next `kvm_entry`; hardware
+/// Index of the resume histogram in [`CpuStats::hists`] (page resolved → next `kvm_entry`; hardware
 /// virtualization hosts only).
 pub const HIST_RESUME: u32 = 2;
-/// Entries of `HISTS`.
+/// Histograms in [`CpuStats::hists`].
 pub const HIST_KINDS: u32 = 3;
 
-/// Index in `COUNTERS`: heat-map updates dropped because the map was full.
+/// Index in [`CpuStats::counters`]: heat updates dropped (a frame beyond the heat array).
 pub const CTR_HEAT_DROPPED: u32 = 0;
-/// Index in `COUNTERS`: stall samples sent to the ring buffer.
+/// Index in [`CpuStats::counters`]: stall samples sent to the ring buffer.
 pub const CTR_SAMPLES_SENT: u32 = 1;
-/// Index in `COUNTERS`: stall samples dropped because the ring buffer was full.
+/// Index in [`CpuStats::counters`]: stall samples dropped because the ring buffer was full.
 pub const CTR_SAMPLES_LOST: u32 = 2;
-/// Index in `COUNTERS`: stall samples not sent because of the rate limit.
+/// Index in [`CpuStats::counters`]: stall samples not sent because of the rate limit.
 pub const CTR_SAMPLES_THROTTLED: u32 = 3;
-/// Index in `COUNTERS`: MMU walks of the node's threads (started stalls).
+/// Index in [`CpuStats::counters`]: MMU walks of the node's threads (started stalls).
 pub const CTR_WALKS: u32 = 4;
-/// Index in `COUNTERS`: `kvm_mmu_spte_requested` of the node's threads with no walk before
+/// Index in [`CpuStats::counters`]: `kvm_mmu_spte_requested` of the node's threads with no walk before
 /// it on the same thread.
 pub const CTR_UNMATCHED_END: u32 = 5;
-/// Entries of `COUNTERS`.
+/// Counters in [`CpuStats::counters`].
 pub const COUNTERS: u32 = 6;
 
 /// `UFFDIO_COPY`: `_IOWR(0xAA, 0x03, struct uffdio_copy)`.
@@ -240,9 +241,39 @@ pub struct RateWindow {
 
 const _: () = assert!(size_of::<RateWindow>() == 16);
 
+/// Everything the probes keep per CPU, in one map value: a probe on the vCPU's path runs with
+/// cold caches and TLB (it follows a switch out of the guest), so each separate map it touches
+/// costs a miss or two; one value for histograms, counters and the rate window costs one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuStats {
+    /// Indexed by `HIST_*`.
+    pub hists: [Hist; HIST_KINDS as usize],
+    /// Indexed by `CTR_*`.
+    pub counters: [u64; COUNTERS as usize],
+    /// The sample rate limit.
+    pub rate: RateWindow,
+}
+
+const _: () = assert!(
+    size_of::<CpuStats>() == size_of::<Hist>() * HIST_KINDS as usize + 8 * COUNTERS as usize + 16
+);
+
+impl CpuStats {
+    /// All zero.
+    pub const ZERO: Self = Self {
+        hists: [Hist::ZERO; HIST_KINDS as usize],
+        counters: [0; COUNTERS as usize],
+        rate: RateWindow {
+            start_ns: 0,
+            sent: 0,
+        },
+    };
+}
+
 #[cfg(feature = "user")]
 mod pod {
-    use super::{Config, Hist, RateWindow, StallSample, Start};
+    use super::{Config, CpuStats, Hist, RateWindow, StallSample, Start};
 
     // SAFETY: each type is #[repr(C)], made only of integers, with no padding (the size
     // asserts above pin the layouts), so every bit pattern is a valid value.
@@ -255,6 +286,8 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for RateWindow {}
+    // SAFETY: as above (arrays of such types, and one of them, with no padding between).
+    unsafe impl aya::Pod for CpuStats {}
 }
 
 #[cfg(test)]

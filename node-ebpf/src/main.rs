@@ -31,11 +31,10 @@ use aya_ebpf::macros::{map, tracepoint, uprobe};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya_ebpf::programs::{ProbeContext, TracePointContext};
 use pagemesh_node_common::{
-    CONFIG_RESUME, COUNTERS, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT,
-    CTR_SAMPLES_THROTTLED, CTR_UNMATCHED_END, CTR_WALKS, Config, HIST_INSTALL, HIST_KINDS,
-    HIST_RESUME, HIST_STALL, Hist, PEERS_MAX_ENTRIES, RateWindow, SAMPLE_WINDOW_NS,
-    SAMPLES_PER_WINDOW, SAMPLES_RING_BYTES, START_MAX_ENTRIES, StallSample, Start, UFFDIO_COPY,
-    UFFDIO_ZEROPAGE, field,
+    CONFIG_RESUME, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT, CTR_SAMPLES_THROTTLED,
+    CTR_UNMATCHED_END, CTR_WALKS, Config, CpuStats, HIST_INSTALL, HIST_RESUME, HIST_STALL, Hist,
+    PEERS_MAX_ENTRIES, SAMPLE_WINDOW_NS, SAMPLES_PER_WINDOW, SAMPLES_RING_BYTES, START_MAX_ENTRIES,
+    StallSample, Start, UFFDIO_COPY, UFFDIO_ZEROPAGE, field,
 };
 
 /// Set by the node before loading (`EbpfLoader::override_global`).
@@ -52,18 +51,15 @@ static RESOLVED: HashMap<u32, Start> = HashMap::with_max_entries(START_MAX_ENTRI
 #[map]
 static INSTALL_START: HashMap<u32, Start> = HashMap::with_max_entries(START_MAX_ENTRIES, 0);
 
-/// `HIST_STALL`, `HIST_INSTALL`, `HIST_RESUME`.
+/// Histograms (`HIST_*`), counters (`CTR_*`) and the sample rate window, per CPU.
 #[map]
-static HISTS: PerCpuArray<Hist> = PerCpuArray::with_max_entries(HIST_KINDS, 0);
+static CPU: PerCpuArray<CpuStats> = PerCpuArray::with_max_entries(1, 0);
 /// Peer node → transfer time.
 #[map]
 static TRANSFER: PerCpuHashMap<u32, Hist> = PerCpuHashMap::with_max_entries(PEERS_MAX_ENTRIES, 0);
 /// An all-zero `Hist` to insert from (too large for the 512-byte BPF stack).
 #[map]
 static ZERO_HIST: Array<Hist> = Array::with_max_entries(1, 0);
-/// `CTR_*` counters.
-#[map]
-static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
 /// Guest frame number → faults resolved on it. The loader sizes it to the VM's frames
 /// (`set_max_entries`); the node maps it and reads the counters in place.
@@ -73,9 +69,6 @@ static HEAT: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 /// Sampled stalls.
 #[map]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(SAMPLES_RING_BYTES, 0);
-/// Per-CPU rate limit of `SAMPLES`.
-#[map]
-static SAMPLE_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
 
 /// A start older than this is not the same fault any more (see `start_stall`).
 const SAME_FAULT_NS: u64 = 1_000_000_000;
@@ -114,18 +107,24 @@ fn now() -> u64 {
 
 #[inline(always)]
 fn count(counter: u32) {
-    if let Some(c) = COUNTERS_MAP.get_ptr_mut(counter) {
-        // SAFETY: a per-CPU array slot, valid while this program runs on this CPU.
-        unsafe { *c += 1 };
+    if let Some(c) = cpu().and_then(|s| s.counters.get_mut(counter as usize)) {
+        *c += 1;
     }
 }
 
 #[inline(always)]
 fn record(kind: u32, ns: u64) {
-    if let Some(h) = HISTS.get_ptr_mut(kind) {
-        // SAFETY: a per-CPU array slot; programs do not nest on one CPU.
-        unsafe { (*h).record(ns) };
+    if let Some(h) = cpu().and_then(|s| s.hists.get_mut(kind as usize)) {
+        h.record(ns);
     }
+}
+
+/// This CPU's [`CpuStats`].
+#[inline(always)]
+fn cpu() -> Option<&'static mut CpuStats> {
+    // SAFETY: this CPU's slot of a per-CPU array, valid while the program runs; programs do
+    // not nest on one CPU, and each caller drops its reference before the next is made.
+    CPU.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
 /// Adds one fault on `gfn` to the heat array.
@@ -195,11 +194,10 @@ fn take(map: &HashMap<u32, Start>, tid: u32) -> Option<Start> {
 /// Sends a sample of this stall unless this CPU used up its window's budget.
 #[inline(always)]
 fn sample(ts_ns: u64, gfn: u64, stall_ns: u64, tid: u32) {
-    let Some(w) = SAMPLE_RATE.get_ptr_mut(0) else {
+    let Some(stats) = cpu() else {
         return;
     };
-    // SAFETY: a per-CPU array slot; programs do not nest on one CPU.
-    let w = unsafe { &mut *w };
+    let w = &mut stats.rate;
     if ts_ns.wrapping_sub(w.start_ns) >= SAMPLE_WINDOW_NS {
         w.start_ns = ts_ns;
         w.sent = 0;

@@ -44,8 +44,9 @@ use aya::{Ebpf, EbpfLoader};
 use pagemesh_api::stats::{Bucket, EbpfStats, Histogram, PeerStats};
 use pagemesh_node_common::{
     CONFIG_RESUME, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT, CTR_SAMPLES_THROTTLED,
-    CTR_UNMATCHED_END, CTR_WALKS, Config, HEAT_MAX_FRAMES, HIST_BUCKETS, HIST_INSTALL, HIST_RESUME,
-    HIST_STALL, Hist, SAMPLES_POLL_MS, StallSample, bucket_high_ns, bucket_low_ns, field,
+    CTR_UNMATCHED_END, CTR_WALKS, Config, CpuStats, HEAT_MAX_FRAMES, HIST_BUCKETS, HIST_INSTALL,
+    HIST_RESUME, HIST_STALL, Hist, SAMPLES_POLL_MS, StallSample, bucket_high_ns, bucket_low_ns,
+    field,
 };
 
 /// The probe object built by `build.rs` (empty when the toolchain was missing).
@@ -175,7 +176,7 @@ pub struct ProbeCounters {
     pub walks: u64,
     /// `kvm_mmu_spte_requested` with no walk before it on the thread.
     pub unmatched_ends: u64,
-    /// Heat updates lost because the heat map was full.
+    /// Heat updates dropped: faults on frames beyond the heat array (past the VM's frames).
     pub heat_dropped: u64,
     /// Stall samples sent through the ring buffer.
     pub samples_sent: u64,
@@ -195,9 +196,8 @@ pub struct Probes {
 }
 
 struct State {
-    hists: PerCpuArray<MapData, Hist>,
+    cpu: PerCpuArray<MapData, CpuStats>,
     transfer: PerCpuHashMap<MapData, u32, Hist>,
-    counters: PerCpuArray<MapData, u64>,
     ring: RingBuf<MapData>,
     samples: VecDeque<StallSample>,
     /// Owns the programs and their links: dropping it detaches everything.
@@ -298,7 +298,7 @@ impl Probes {
             |category: &str, name: &str| tracefs.join("events").join(category).join(name).is_dir();
         let config = Config {
             tgid,
-            flags: if exists("kvm", "kvm_entry") {
+            flags: if exists("kvm", "kvm_entry") && hardware_virtualization() {
                 CONFIG_RESUME
             } else {
                 0
@@ -347,9 +347,8 @@ impl Probes {
             _ => return Err(EbpfError::Map("HEAT", None)),
         };
         let state = State {
-            hists: take(&mut bpf, "HISTS")?,
+            cpu: take(&mut bpf, "CPU")?,
             transfer: take(&mut bpf, "TRANSFER")?,
-            counters: take(&mut bpf, "COUNTERS_MAP")?,
             ring: take_ring(&mut bpf)?,
             samples: VecDeque::new(),
             _bpf: bpf,
@@ -477,21 +476,31 @@ impl std::fmt::Debug for Probes {
 }
 
 impl State {
-    /// One histogram, summed over CPUs (empty if unreadable).
+    /// Every CPU's [`CpuStats`] (none if unreadable).
+    fn per_cpu(&self) -> Vec<CpuStats> {
+        self.cpu
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// One histogram (`HIST_*`), summed over CPUs.
     fn hist(&self, kind: u32) -> Hist {
         let mut total = Hist::ZERO;
-        if let Ok(per_cpu) = self.hists.get(&kind, 0) {
-            for h in per_cpu.iter() {
+        for s in self.per_cpu() {
+            if let Some(h) = s.hists.get(kind as usize) {
                 total.merge(h);
             }
         }
         total
     }
 
+    /// One counter (`CTR_*`), summed over CPUs.
     fn counter(&self, index: u32) -> u64 {
-        self.counters
-            .get(&index, 0)
-            .map_or(0, |per_cpu| per_cpu.iter().sum())
+        self.per_cpu()
+            .iter()
+            .filter_map(|s| s.counters.get(index as usize))
+            .sum()
     }
 
     fn transfer_by_peer(&self) -> BTreeMap<u32, Hist> {
@@ -780,6 +789,16 @@ fn ensure_tracefs() -> Result<PathBuf, EbpfError> {
 }
 
 /// Byte offset of `field` in a tracepoint's record, from its `format` file.
+/// Whether KVM runs on VT-x or AMD-V here (`kvm_intel` / `kvm_amd`), where `kvm:kvm_entry`
+/// fires on every guest entry. Elsewhere (kvm_pvm) the tracepoint exists but never fires, and
+/// the stall probe skips the resume bookkeeping it would feed: one hash update per fault, in
+/// the vCPU's most expensive context.
+fn hardware_virtualization() -> bool {
+    ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| Path::new("/sys/module").join(m).exists())
+}
+
 /// Checks that `field` of `category:name` lies at `offset` in this kernel's record, as the
 /// probes were compiled to read it.
 fn check_field(
