@@ -132,6 +132,13 @@ pub struct Settings {
     #[arg(long, value_name = "SECS")]
     pub peer_timeout: Option<f64>,
 
+    /// Memory role: microseconds a page connection's thread polls for the next request after
+    /// answering one, before it sleeps; 0 never polls [default: 200]. Polling costs CPU only
+    /// while a compute node is faulting, and spares it a wake-up of this node's CPU per
+    /// fault (expensive where idle CPUs halt into a hypervisor; see docs/benchmarks.md).
+    #[arg(long, value_name = "MICROS")]
+    pub serve_spin_us: Option<u64>,
+
     /// Compute role: guest RAM, e.g. 256MiB [default: 256MiB].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de_size")]
@@ -288,6 +295,7 @@ impl Settings {
             cluster,
             coordinator_attempts,
             peer_timeout,
+            serve_spin_us,
             mem,
             placement,
             memory_nodes,

@@ -135,7 +135,13 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     let ctx = ServerContext::new(id, PageStore::new(capacity_pages), move |vm| {
         lookup_client.vm(vm).map_err(|e| error_chain(&e))
     });
-    let ctx = Arc::new(ctx.with_cluster(settings.cluster.clone().unwrap_or_default())?);
+    let spin = settings
+        .serve_spin_us
+        .map_or(server::DEFAULT_SERVER_SPIN, Duration::from_micros);
+    let ctx = Arc::new(
+        ctx.with_cluster(settings.cluster.clone().unwrap_or_default())?
+            .with_spin(spin),
+    );
     let shutdown = ShutdownSignal::new();
     let server_thread = server::serve(listener, ctx.clone(), shutdown.clone())?;
 

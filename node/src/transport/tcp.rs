@@ -48,8 +48,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time a fetch waits for the reply without sleeping.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
 
-/// Returns once `stream` has bytes to read, or after `spin` at the latest.
-fn spin_until_readable(stream: &TcpStream, spin: Duration) {
+/// Returns once `stream` has bytes to read (or an end of stream or error to report), or after
+/// `spin` at the latest. Polling keeps this thread's CPU awake: on machines whose idle CPUs
+/// halt into a hypervisor, waking one costs more than a round trip on loopback
+/// (docs/benchmarks.md).
+pub(crate) fn spin_until_readable(stream: &TcpStream, spin: Duration) {
     if spin.is_zero() {
         return;
     }
