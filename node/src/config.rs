@@ -133,9 +133,10 @@ pub struct Settings {
     pub peer_timeout: Option<f64>,
 
     /// Memory role: microseconds a page connection's thread polls for the next request after
-    /// answering one, before it sleeps; 0 never polls [default: 200]. Polling costs CPU only
-    /// while a compute node is faulting, and spares it a wake-up of this node's CPU per
-    /// fault (expensive where idle CPUs halt into a hypervisor; see docs/benchmarks.md).
+    /// answering one, before it sleeps; 0 never polls [default: 200]. The poller yields to any
+    /// other thread ready to run, so it only uses CPU nobody else wants, and spares a compute
+    /// node that faults back to back a wake-up of this node's CPU per fault (expensive where
+    /// idle CPUs halt into a hypervisor; see docs/benchmarks.md).
     #[arg(long, value_name = "MICROS")]
     pub serve_spin_us: Option<u64>,
 

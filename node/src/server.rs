@@ -88,8 +88,8 @@ pub struct ServerContext {
 
 /// Default of [`ServerContext::with_spin`]: covers the gap between two faults of a guest that
 /// faults back to back (reply → install → vCPU wakes, runs and faults → the handler wakes and
-/// asks: 30-100 µs here, most of it wake-ups). Measured on remote-random, 12 alternating runs
-/// each: 50 µs did not help; 150 and 300 µs took 6-10% off the median (docs/benchmarks.md).
+/// asks: 30-100 µs here, most of it wake-ups). Measured on remote-random, 10 alternating runs
+/// each: −20% µs/page with one memory node, −18% with two (docs/benchmarks.md).
 pub const DEFAULT_SERVER_SPIN: Duration = Duration::from_micros(200);
 
 #[derive(Default)]

@@ -73,7 +73,12 @@ pub(crate) fn spin_until_readable(stream: &TcpStream, spin: Duration) {
         if n >= 0 || start.elapsed() >= spin {
             return;
         }
-        std::hint::spin_loop();
+        // Poll, but give way: any thread that is ready to run on this CPU (the other
+        // memory node's server thread, the vCPU) runs first. A plain busy loop holds the CPU
+        // until the scheduler's slice ends, which with two pollers on two cores made
+        // remote faults three times slower.
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
     }
 }
 
