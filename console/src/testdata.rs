@@ -86,6 +86,14 @@ fn fault_latency(scale: u64) -> Histogram {
     histogram(&powers(&counts), [29.0, 58.0, 180.0, 1900.0])
 }
 
+fn install_latency(scale: u64) -> Histogram {
+    let counts: Vec<u64> = [0, 20, 3900, 1900, 250, 40, 6]
+        .iter()
+        .map(|n| n * scale / 100)
+        .collect();
+    histogram(&powers(&counts), [3.2, 6.0, 14.0, 40.0])
+}
+
 fn transfer(shift: usize) -> Histogram {
     let mut counts = vec![0; shift];
     counts.extend([40, 1200, 1500, 230, 25, 5]);
@@ -150,7 +158,7 @@ fn compute(remote: u64, uptime_s: f64, ebpf: Option<EbpfStats>) -> NodeStats {
             remote_miss_ratio: remote as f64 / touched as f64,
             bytes_fetched: remote * 4096,
             fault_latency: fault_latency(touched * 100 / 6144),
-            install_latency: Default::default(),
+            install_latency: install_latency(touched * 100 / 6144),
             peers: vec![
                 PeerStats {
                     node_id: 1,

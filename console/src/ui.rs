@@ -168,7 +168,7 @@ mod tests {
     use std::time::Duration;
 
     use insta::assert_snapshot;
-    use pagemesh_api::stats::NodeStats;
+    use pagemesh_api::stats::{Histogram, NodeStats};
     use ratatui::Terminal;
     use ratatui::backend::TestBackend;
     use ratatui::crossterm::event::{KeyCode, KeyEvent};
@@ -288,17 +288,25 @@ mod tests {
     fn latency_view_shows_the_pagers_install_time_once_it_has_samples() {
         let mut app = testdata::app(W, H, None);
         key(&mut app, KeyCode::Char('3'));
+        let update = |app: &mut App, at_ms, install: Histogram| {
+            let mut stats = testdata::last_compute(None);
+            if let Some(p) = stats.pager.as_mut() {
+                p.install_latency = install;
+            }
+            app.handle(Event::Update(Update::Stats {
+                at: Duration::from_millis(at_ms),
+                node: 0,
+                result: Ok(Box::new(stats)),
+            }));
+        };
+        // A node that does not report it (older, or no install yet): no panel.
+        update(&mut app, 4100, Histogram::default());
         assert!(!text(&draw(&app)).contains("Page install (pager)"));
-        let mut stats = testdata::last_compute(None);
-        if let Some(p) = stats.pager.as_mut() {
-            p.install_latency =
-                testdata::histogram(&[(2.0, 10), (5.0, 90), (10.0, 100)], [3.0, 4.5, 8.0, 9.5]);
-        }
-        app.handle(Event::Update(Update::Stats {
-            at: Duration::from_millis(4200),
-            node: 0,
-            result: Ok(Box::new(stats)),
-        }));
+        update(
+            &mut app,
+            4200,
+            testdata::histogram(&[(2.0, 10), (5.0, 90), (10.0, 100)], [3.0, 4.5, 8.0, 9.5]),
+        );
         let t = text(&draw(&app));
         assert!(t.contains("Page install (pager)"), "{t}");
         assert!(t.contains("Fault service time"), "{t}");
