@@ -52,10 +52,11 @@ pub const UFFDIO_COPY: u32 = 0xC028_AA03;
 /// `UFFDIO_ZEROPAGE`: `_IOWR(0xAA, 0x04, struct uffdio_zeropage)`.
 pub const UFFDIO_ZEROPAGE: u32 = 0xC020_AA04;
 
-/// Largest heat array the loader creates, in guest frames (16 GiB of guest-physical
-/// address space: 32 MiB of counters). Frames above the VM's highest one, or above this, are
-/// not counted (`CTR_HEAT_DROPPED`).
-pub const HEAT_MAX_FRAMES: u32 = 1 << 22;
+/// Largest heat array the loader creates, in guest frames: 64 GiB of guest-physical address
+/// space, enough for the largest VM a node runs (63 GiB of RAM above the 1 GiB system
+/// region). The array is sized to the VM, 8 bytes per 4 KiB frame (0.2%): 128 MiB at this
+/// limit. Frames above the VM's highest one are not counted (`CTR_HEAT_DROPPED`).
+pub const HEAT_MAX_FRAMES: u32 = 1 << 24;
 /// How often the node polls the stall-sample ring buffer.
 pub const SAMPLES_POLL_MS: u64 = 1000;
 /// Per-thread start entries (vCPU and handler threads of one node: a handful).
