@@ -59,7 +59,9 @@ pub const UFFDIO_ZEROPAGE: u32 = 0xC020_AA04;
 pub const HEAT_MAX_FRAMES: u32 = 1 << 24;
 /// How often the node polls the stall-sample ring buffer.
 pub const SAMPLES_POLL_MS: u64 = 1000;
-/// Per-thread start entries (vCPU and handler threads of one node: a handful).
+/// Per-thread start slots (vCPU and handler threads of one node: a handful). A slot is made
+/// at a thread's first measured event and then reused, never freed: a node process starts its
+/// vCPU and fault-handler threads once per guest and unloads the probes when it exits.
 pub const START_MAX_ENTRIES: u32 = 1024;
 /// Peers with a transfer histogram.
 pub const PEERS_MAX_ENTRIES: u32 = 256;
