@@ -317,14 +317,7 @@ impl Probes {
         for tp in usable {
             let point = format!("{}:{}", tp.category, tp.name);
             let what = || format!("{} to {point}", tp.program);
-            let program: &mut TracePoint = bpf
-                .program_mut(tp.program)
-                .ok_or(EbpfError::Map(tp.program, None))?
-                .try_into()
-                .map_err(|source| EbpfError::Attach {
-                    what: what(),
-                    source,
-                })?;
+            let program: &mut TracePoint = program(&mut bpf, tp.program, &what)?;
             program.load().map_err(|e| attach_error(what(), e))?;
             program
                 .attach(tp.category, tp.name)
@@ -685,18 +678,30 @@ fn attach_fetch_uprobe(bpf: &mut Ebpf, tgid: u32) -> Result<Vec<String>, EbpfErr
     let scope = UProbeScope::AllProcesses;
     let (program, symbol) = ("fetch_done", "pagemesh_fetch_done");
     let what = || format!("{program} to {symbol} in {}", exe.display());
-    let p: &mut UProbe = bpf
-        .program_mut(program)
-        .ok_or(EbpfError::Map(program, None))?
-        .try_into()
-        .map_err(|source| EbpfError::Attach {
-            what: what(),
-            source,
-        })?;
+    let p: &mut UProbe = self::program(bpf, program, &what)?;
     p.load().map_err(|e| attach_error(what(), e))?;
     p.attach(symbol, &exe, scope)
         .map_err(|e| attach_error(what(), e))?;
     Ok(vec![symbol.to_owned()])
+}
+
+/// Program `name` of the object, as its kind `T` (`TracePoint`, `UProbe`); `what` names the
+/// attachment for the error.
+fn program<'a, T>(
+    bpf: &'a mut Ebpf,
+    name: &'static str,
+    what: &dyn Fn() -> String,
+) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    bpf.program_mut(name)
+        .ok_or(EbpfError::Map(name, None))?
+        .try_into()
+        .map_err(|source| EbpfError::Attach {
+            what: what(),
+            source,
+        })
 }
 
 fn take<T>(bpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
