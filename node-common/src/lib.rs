@@ -272,6 +272,17 @@ impl CpuStats {
             sent: 0,
         },
     };
+
+    /// Adds `other`'s histograms and counters (merging per-CPU copies); the rate window,
+    /// which is per CPU by nature, is left as it is.
+    pub fn merge(&mut self, other: &Self) {
+        for (a, b) in self.hists.iter_mut().zip(other.hists.iter()) {
+            a.merge(b);
+        }
+        for (a, b) in self.counters.iter_mut().zip(other.counters.iter()) {
+            *a += *b;
+        }
+    }
 }
 
 #[cfg(feature = "user")]

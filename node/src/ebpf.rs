@@ -373,11 +373,12 @@ impl Probes {
     /// Everything measured so far.
     pub fn snapshot(&self) -> EbpfStats {
         let state = self.lock();
-        let stall = state.hist(HIST_STALL);
+        let totals = state.totals();
+        let stall = totals.hists[HIST_STALL as usize];
         EbpfStats {
             faults: stall.count,
             stall: histogram(&stall),
-            install: histogram(&state.hist(HIST_INSTALL)),
+            install: histogram(&totals.hists[HIST_INSTALL as usize]),
             transfer: state
                 .transfer_by_peer()
                 .into_iter()
@@ -393,7 +394,7 @@ impl Probes {
     /// Time from a resolved fault to the vCPU's re-entry into the guest. Empty where
     /// `kvm:kvm_entry` does not fire (kvm_pvm).
     pub fn resume(&self) -> Histogram {
-        histogram(&self.lock().hist(HIST_RESUME))
+        histogram(&self.lock().totals().hists[HIST_RESUME as usize])
     }
 
     /// The `"ebpf"` object of the node's `--json` summary:
@@ -401,8 +402,11 @@ impl Probes {
     /// A figure with no samples is 0.
     pub fn ebpf_summary_json(&self) -> serde_json::Value {
         let state = self.lock();
-        let stall = state.hist(HIST_STALL);
-        let install = state.hist(HIST_INSTALL);
+        let totals = state.totals();
+        let (stall, install) = (
+            totals.hists[HIST_STALL as usize],
+            totals.hists[HIST_INSTALL as usize],
+        );
         let mut transfer = Hist::ZERO;
         for (_, h) in state.transfer_by_peer() {
             transfer.merge(&h);
@@ -432,8 +436,8 @@ impl Probes {
 
     /// The probes' own counters.
     pub fn counters(&self) -> ProbeCounters {
-        let state = self.lock();
-        let c = |i| state.counter(i);
+        let totals = self.lock().totals();
+        let c = |i: u32| totals.counters[i as usize];
         ProbeCounters {
             walks: c(CTR_WALKS),
             unmatched_ends: c(CTR_UNMATCHED_END),
@@ -469,31 +473,16 @@ impl std::fmt::Debug for Probes {
 }
 
 impl State {
-    /// Every CPU's [`CpuStats`] (none if unreadable).
-    fn per_cpu(&self) -> Vec<CpuStats> {
-        self.cpu
-            .get(&0, 0)
-            .map(|per_cpu| per_cpu.iter().copied().collect())
-            .unwrap_or_default()
-    }
-
-    /// One histogram (`HIST_*`), summed over CPUs.
-    fn hist(&self, kind: u32) -> Hist {
-        let mut total = Hist::ZERO;
-        for s in self.per_cpu() {
-            if let Some(h) = s.hists.get(kind as usize) {
-                total.merge(h);
+    /// Histograms and counters summed over CPUs, from one read of the per-CPU map (all zero
+    /// if it cannot be read).
+    fn totals(&self) -> CpuStats {
+        let mut total = CpuStats::ZERO;
+        if let Ok(per_cpu) = self.cpu.get(&0, 0) {
+            for s in per_cpu.iter() {
+                total.merge(s);
             }
         }
         total
-    }
-
-    /// One counter (`CTR_*`), summed over CPUs.
-    fn counter(&self, index: u32) -> u64 {
-        self.per_cpu()
-            .iter()
-            .filter_map(|s| s.counters.get(index as usize))
-            .sum()
     }
 
     fn transfer_by_peer(&self) -> BTreeMap<u32, Hist> {

@@ -8,6 +8,9 @@ use std::fmt::Write;
 
 use pagemesh_api::stats::{Histogram, NodeStats};
 
+/// Help of `pagemesh_install_duration_seconds`, written by whichever source comes first.
+const INSTALL_HELP: &str = "Time to install a page (UFFDIO_COPY, which also wakes the vCPU); source=pager is measured by the pager, source=ebpf in the kernel.";
+
 struct Out {
     text: String,
     node: String,
@@ -25,6 +28,12 @@ impl Out {
             let _ = write!(self.text, ",{k}=\"{v}\"");
         }
         let _ = writeln!(self.text, "}} {}", fmt_value(value));
+    }
+
+    /// A metric with one sample.
+    fn single(&mut self, name: &str, kind: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.header(name, kind, help);
+        self.sample(name, labels, value);
     }
 
     fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &Histogram) {
@@ -63,26 +72,25 @@ pub fn prometheus_text(s: &NodeStats) -> String {
         text: String::new(),
         node: s.node_id.to_string(),
     };
-    o.header(
+    o.single(
         "pagemesh_uptime_seconds",
         "gauge",
         "Seconds since the node started.",
+        &[],
+        s.uptime_s,
     );
-    o.sample("pagemesh_uptime_seconds", &[], s.uptime_s);
 
-    o.header(
+    o.single(
         "pagemesh_pages_held",
         "gauge",
         "Guest pages this node holds for others.",
+        &[],
+        s.server.pages_held as f64,
     );
-    o.sample("pagemesh_pages_held", &[], s.server.pages_held as f64);
-    o.header(
+    o.single(
         "pagemesh_capacity_pages",
         "gauge",
         "Guest pages this node can hold for others.",
-    );
-    o.sample(
-        "pagemesh_capacity_pages",
         &[],
         s.server.capacity_pages as f64,
     );
@@ -101,13 +109,10 @@ pub fn prometheus_text(s: &NodeStats) -> String {
         &[("claimed", "false")],
         (s.server.pages_served - s.server.pages_claimed.min(s.server.pages_served)) as f64,
     );
-    o.header(
+    o.single(
         "pagemesh_pages_written_back_total",
         "counter",
         "Pages received from compute nodes (eviction).",
-    );
-    o.sample(
-        "pagemesh_pages_written_back_total",
         &[],
         s.server.pages_written_back as f64,
     );
@@ -147,23 +152,17 @@ pub fn prometheus_text(s: &NodeStats) -> String {
                 n as f64,
             );
         }
-        o.header(
+        o.single(
             "pagemesh_remote_miss_ratio",
             "gauge",
             "Faults served remotely / (remote + local zero-fill).",
-        );
-        o.sample(
-            "pagemesh_remote_miss_ratio",
             &[("vm", &vm)],
             p.remote_miss_ratio,
         );
-        o.header(
+        o.single(
             "pagemesh_bytes_transferred_total",
             "counter",
             "Bytes of page data fetched from other nodes.",
-        );
-        o.sample(
-            "pagemesh_bytes_transferred_total",
             &[("direction", "in"), ("vm", &vm)],
             p.bytes_fetched as f64,
         );
@@ -180,7 +179,7 @@ pub fn prometheus_text(s: &NodeStats) -> String {
         o.header(
             "pagemesh_install_duration_seconds",
             "histogram",
-            "Time to install a page (UFFDIO_COPY, which also wakes the vCPU); source=pager is measured by the pager, source=ebpf in the kernel.",
+            INSTALL_HELP,
         );
         o.histogram(
             "pagemesh_install_duration_seconds",
@@ -212,7 +211,7 @@ pub fn prometheus_text(s: &NodeStats) -> String {
             o.header(
                 "pagemesh_install_duration_seconds",
                 "histogram",
-                "Time to install a page (UFFDIO_COPY, which also wakes the vCPU); source=pager is measured by the pager, source=ebpf in the kernel.",
+                INSTALL_HELP,
             );
         }
         o.histogram(
