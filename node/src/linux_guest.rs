@@ -113,13 +113,10 @@ pub fn run_linux(
 
     let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem as usize)])
         .map_err(|e| VcpuError::Exit(format!("cannot map guest RAM: {e}")))?;
-    let (base, len) = {
-        let r = ram.find_region(GuestAddress(0)).expect("one region at 0");
-        (r.as_ptr(), r.len())
-    };
     vcpu::kick_handler_installed()
         .map_err(|e| VcpuError::Exit(format!("cannot install signal handler: {e}")))?;
     let mut machine = LinuxMachine::new(ram, entry, settings.console, vcpus)?;
+    let (base, len) = machine.ram();
     let console = machine.console.clone();
     let cpus = machine.take_cpus();
 

@@ -302,6 +302,15 @@ impl Cluster {
         })
     }
 
+    /// Stops the memory nodes, then the coordinator (SIGTERM, then a wait).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        for m in &mut self.memory {
+            m.proc.stop()?;
+        }
+        self.coordinator.proc.stop()?;
+        Ok(())
+    }
+
     /// Starts a compute node (id 0) with `args` added, not waiting for it.
     pub fn spawn_compute(&mut self, args: &[&str]) -> anyhow::Result<(Proc, PathBuf)> {
         self.runs += 1;

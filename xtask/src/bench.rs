@@ -9,11 +9,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use pagemesh_tests::Cluster;
 use serde_json::{Value, json};
 
-use crate::run::{build, run_dir};
+use crate::run::{build, run_dir, write_json};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -186,10 +186,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 .join(" ")
         );
     }
-    for m in &mut cluster.memory {
-        m.proc.stop()?;
-    }
-    cluster.coordinator.proc.stop()?;
+    cluster.stop()?;
     let out = json!({
         "cases": results,
         "mem": mem,
@@ -197,8 +194,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "ebpf_overhead": overhead,
     });
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&out)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json(path, &out)?;
     }
     Ok(())
 }

@@ -69,9 +69,8 @@ pub fn install_toolchain() -> anyhow::Result<()> {
     if !bpf_linker_works() {
         // bpf-linker's build finds LLVM through the first `llvm-config` on PATH, which on
         // Debian 12 is LLVM 14's; LLVM_PREFIX points it at LLVM 22 instead.
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         setup::run(
-            Command::new(cargo)
+            setup::cargo_command()
                 .args(["install", "--locked", "bpf-linker", "--version"])
                 .arg(BPF_LINKER_VERSION)
                 .args(["--no-default-features", "--features", "llvm-22"])

@@ -1,6 +1,6 @@
 //! `cargo xtask run`: a local cluster with a guest on remote memory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -58,6 +58,12 @@ pub fn build(debug: bool) -> anyhow::Result<Bins> {
     } else {
         "release"
     })))
+}
+
+/// Writes `value` to `path` as pretty JSON.
+pub fn write_json(path: &Path, value: &Value) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// A new folder under `.pagemesh/runs/`.
@@ -186,13 +192,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json(path, &summary)?;
     }
-    for m in &mut cluster.memory {
-        m.proc.stop()?;
-    }
-    cluster.coordinator.proc.stop()?;
+    cluster.stop()?;
     if !ok {
         anyhow::bail!("the run failed; see the logs in {}", dir.display());
     }
@@ -254,13 +256,9 @@ fn run_linux(args: &RunArgs) -> anyhow::Result<()> {
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null);
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json(path, &summary)?;
     }
-    for m in &mut cluster.memory {
-        m.proc.stop()?;
-    }
-    cluster.coordinator.proc.stop()?;
+    cluster.stop()?;
     println!("  logs                 {}", dir.display());
     if !status.success() {
         anyhow::bail!("the compute node failed ({status}); see {}", dir.display());

@@ -82,9 +82,8 @@ pub fn cargo_with_env(
     args: &[&str],
     env: &[(&str, &std::ffi::OsStr)],
 ) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     eprintln!("xtask: cargo {}", args.join(" "));
-    let mut cmd = Command::new(cargo);
+    let mut cmd = cargo_command();
     cmd.current_dir(root).args(args);
     for (k, v) in env {
         cmd.env(k, v);
@@ -94,7 +93,10 @@ pub fn cargo_with_env(
 
 /// Runs `cargo` with `args` in `root`.
 pub fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    eprintln!("xtask: cargo {}", args.join(" "));
-    run(Command::new(cargo).current_dir(root).args(args))
+    cargo_with_env(root, args, &[])
+}
+
+/// The cargo that runs this xtask (`$CARGO`), or the one on PATH.
+pub fn cargo_command() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
