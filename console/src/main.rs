@@ -88,8 +88,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // `{:#}` prints the error and its causes on one line.
-            eprintln!("pagemesh-console: {:#}", anyhow::Error::from(err));
+            eprintln!("pagemesh-console: {}", pagemesh_api::error_chain(&err));
             ExitCode::FAILURE
         }
     }

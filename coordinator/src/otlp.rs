@@ -4,10 +4,10 @@
 //! The same design as the node's exporter (`node/src/otlp.rs`, whose module doc gives the
 //! reasons): no OpenTelemetry SDK, a thread of its own that reads the figures every
 //! interval, builds an `ExportMetricsServiceRequest` with `opentelemetry-proto`'s messages
-//! and POSTs it to `{endpoint}/v1/metrics` with the blocking `ureq` client. The thread is a
-//! plain `std` thread, so a slow collector never holds a tokio worker; the store's methods
-//! are synchronous and quick. The coordinator does not depend on the node library (KVM,
-//! userfaultfd), hence this second, smaller copy of the export loop.
+//! and POSTs it to `{endpoint}/v1/metrics`; the settings, the sender and the export thread
+//! are `pagemesh_otlp`'s, shared with the node. The thread is a plain `std` thread, so a slow
+//! collector never holds a tokio worker; the store's methods are synchronous and quick. This
+//! module only says what the coordinator exports.
 //!
 //! What it exports (`docs/metrics.md`):
 //! - `pagemesh.coordinator.nodes` (gauge, `{node}`, by `role`) and
@@ -52,7 +52,7 @@ pub const REQUEST_BOUNDS: &[f64] = &[
     5.0, 10.0,
 ];
 
-pub use pagemesh_otlp::{DEFAULT_INTERVAL, Exporter, MAX_TIMEOUT, OtlpConfig, OtlpError};
+pub use pagemesh_otlp::{DEFAULT_INTERVAL, Exporter, OtlpConfig};
 use pagemesh_otlp::{kv, text, unix_ns};
 
 /// Durations of the API requests, by method, route and status.
@@ -135,7 +135,6 @@ pub async fn track(
     response
 }
 
-/// The exporter thread; dropping it sends a last export and waits for it (so drop it off
 /// Starts exporting the coordinator listening on `instance` (`host:port`) every
 /// `config.interval`. A thread that cannot start is logged, and the coordinator runs on.
 pub fn start(config: OtlpConfig, state: AppState, instance: String) -> Option<Exporter> {

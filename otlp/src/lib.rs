@@ -156,11 +156,6 @@ impl Sender {
         }
     }
 
-    /// The URL it posts to.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
     /// Posts one encoded `ExportMetricsServiceRequest`.
     pub fn send(&self, body: Vec<u8>) -> Result<(), OtlpError> {
         let mut response = self
