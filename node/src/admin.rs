@@ -85,6 +85,22 @@ impl AdminState {
 
     /// Everything, as `GET /stats` answers it, with guest memory in at most `cells` cells.
     pub fn snapshot(&self, cells: usize) -> NodeStats {
+        self.build(Some(cells))
+    }
+
+    /// Everything but the heat map (left empty): what `/metrics` and the OTLP exporter use,
+    /// without walking the page directory and the eBPF heat array on every scrape.
+    pub fn figures(&self) -> NodeStats {
+        self.build(None)
+    }
+
+    /// Time since the node started.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// The snapshot, with the heat map in at most `cells` cells, or none.
+    fn build(&self, cells: Option<usize>) -> NodeStats {
         let s = self.server.stats();
         let server = ServerStats {
             pages_held: self.server.store.total_held(),
@@ -113,13 +129,13 @@ impl AdminState {
                 fault_latency,
                 install_latency: run.stats.install_histogram(),
                 peers,
-                heat: heat(&run.directory, cells),
+                heat: cells.map_or_else(Heat::default, |n| heat(&run.directory, n)),
             }
         });
         let probes = lock(&self.ebpf);
         let ebpf = probes.as_ref().map(|k| k.probes.snapshot());
         let pager = match (pager, probes.as_ref()) {
-            (Some(mut p), Some(k)) => {
+            (Some(mut p), Some(k)) if cells.is_some() => {
                 add_stalls(&mut p.heat, &k.probes.heat(), k.first_gfn);
                 Some(p)
             }
@@ -128,7 +144,7 @@ impl AdminState {
         NodeStats {
             node_id: self.node_id,
             role: Some(self.role),
-            uptime_s: self.started.elapsed().as_secs_f64(),
+            uptime_s: self.uptime().as_secs_f64(),
             server,
             pager,
             ebpf,
@@ -219,7 +235,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::prometheus_text(&state.snapshot(1)),
+        crate::metrics::prometheus_text(&state.figures()),
     )
 }
 

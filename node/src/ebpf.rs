@@ -342,7 +342,7 @@ impl Probes {
         let state = State {
             cpu: take(&mut bpf, "CPU")?,
             transfer: take(&mut bpf, "TRANSFER")?,
-            ring: take_ring(&mut bpf)?,
+            ring: take(&mut bpf, "SAMPLES")?,
             samples: VecDeque::new(),
             _bpf: bpf,
         };
@@ -701,13 +701,6 @@ where
     T::try_from(map).map_err(|e| EbpfError::Map(name, Some(e)))
 }
 
-fn take_ring(bpf: &mut Ebpf) -> Result<RingBuf<MapData>, EbpfError> {
-    let map = bpf
-        .take_map("SAMPLES")
-        .ok_or(EbpfError::Map("SAMPLES", None))?;
-    RingBuf::try_from(map).map_err(|e| EbpfError::Map("SAMPLES", Some(e)))
-}
-
 /// Whether `e` or one of its sources is EPERM / EACCES.
 fn permission_denied(e: &(dyn StdError + 'static)) -> bool {
     let mut cur = Some(e);
@@ -782,7 +775,6 @@ fn ensure_tracefs() -> Result<PathBuf, EbpfError> {
     Ok(PathBuf::from("/sys/kernel/tracing"))
 }
 
-/// Byte offset of `field` in a tracepoint's record, from its `format` file.
 /// Whether KVM runs on VT-x or AMD-V here (`kvm_intel` / `kvm_amd`), where `kvm:kvm_entry`
 /// fires on every guest entry. Elsewhere (kvm_pvm) the tracepoint exists but never fires, and
 /// the stall probe skips the resume bookkeeping it would feed: one hash update per fault, in

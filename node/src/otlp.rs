@@ -44,7 +44,7 @@
 //! right after its guest still reports the whole run.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
@@ -98,8 +98,11 @@ pub fn start(settings: &Settings, state: Arc<AdminState>) -> Result<Option<Expor
         &state.node_id.to_string(),
         settings.cluster.as_deref().filter(|c| !c.is_empty()),
     );
-    let uptime = Duration::try_from_secs_f64(state.snapshot(1).uptime_s).unwrap_or_default();
-    let start_ns = unix_ns(SystemTime::now().checked_sub(uptime).unwrap_or(UNIX_EPOCH));
+    let start_ns = unix_ns(
+        SystemTime::now()
+            .checked_sub(state.uptime())
+            .unwrap_or(UNIX_EPOCH),
+    );
     tracing::info!(
         "exporting metrics over OTLP/HTTP to {} every {:?}",
         config.url,
@@ -107,7 +110,7 @@ pub fn start(settings: &Settings, state: Arc<AdminState>) -> Result<Option<Expor
     );
     let snapshot = move || {
         request(
-            &state.snapshot(1),
+            &state.figures(),
             resource.clone(),
             start_ns,
             unix_ns(SystemTime::now()),
@@ -448,7 +451,7 @@ pub fn request(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use opentelemetry_proto::tonic::common::v1::any_value;
     use pagemesh_otlp::DEFAULT_INTERVAL;
