@@ -59,10 +59,13 @@ pub const UFFDIO_ZEROPAGE: u32 = 0xC020_AA04;
 pub const HEAT_MAX_FRAMES: u32 = 1 << 24;
 /// How often the node polls the stall-sample ring buffer.
 pub const SAMPLES_POLL_MS: u64 = 1000;
-/// Per-thread start slots (vCPU and handler threads of one node: a handful). A slot is made
-/// at a thread's first measured event and then reused, never freed: a node process starts its
-/// vCPU and fault-handler threads once per guest and unloads the probes when it exits.
-pub const START_MAX_ENTRIES: u32 = 1024;
+/// Per-thread start slots, indexed by thread id modulo this (a power of two). A slot holds
+/// its thread's id, so two threads that share a slot can never pair one's start with the
+/// other's end; they would only lose measurements, and only if both are measured at once:
+/// the vCPU threads of one node are created together, so their ids are consecutive and map
+/// to distinct slots. An array rather than a hash map: the lookup is an address computation
+/// that the verifier inlines, one cache line and no hashing, on the vCPU's path.
+pub const START_SLOTS: u32 = 512;
 /// Peers with a transfer histogram.
 pub const PEERS_MAX_ENTRIES: u32 = 256;
 /// Bytes of the stall sample ring buffer (a power of two, a multiple of the page size):
@@ -189,17 +192,22 @@ pub struct StallSample {
 
 const _: () = assert!(size_of::<StallSample>() == 32);
 
-/// A start timestamp left for the end probe on the same thread.
+/// A start timestamp left for the end probe on the same thread, in that thread's slot
+/// (`tid % START_SLOTS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Start {
-    /// `bpf_ktime_get_ns` at the start.
+    /// `bpf_ktime_get_ns` at the start; 0 when the slot holds no start.
     pub ts_ns: u64,
-    /// What started: the faulting address, the ioctl, the peer node.
+    /// What started: the faulting address, the ioctl.
     pub arg: u64,
+    /// The thread that started it.
+    pub tid: u32,
+    /// Reserved (a slot is 32 bytes, so none straddles a cache line).
+    pub pad: [u32; 3],
 }
 
-const _: () = assert!(size_of::<Start>() == 16);
+const _: () = assert!(size_of::<Start>() == 32);
 
 /// What the node tells the probes (a read-only global, set before loading).
 #[repr(C)]
@@ -209,9 +217,14 @@ pub struct Config {
     pub tgid: u32,
     /// `CONFIG_*` bits.
     pub flags: u32,
+    /// Byte offset of `gfn` in the kernel's `struct kvm_page_fault` (from its BTF), for the
+    /// raw `kvm_mmu_spte_requested` probe.
+    pub fault_gfn: u32,
+    /// Reserved.
+    pub pad: u32,
 }
 
-const _: () = assert!(size_of::<Config>() == 8);
+const _: () = assert!(size_of::<Config>() == 16);
 
 /// Where the probes read tracepoint fields: byte offsets into the records, compiled into the
 /// probes so that each read is one load from the context rather than a

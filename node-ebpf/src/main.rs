@@ -5,20 +5,27 @@
 //!
 //! | program | attached to | does |
 //! |---|---|---|
-//! | `stall_walk` | `kvmmmu:kvm_mmu_pagetable_walk` | a vCPU fault enters KVM's shadow MMU: start |
+//! | `stall_walk` | raw tracepoint `kvm_mmu_pagetable_walk` | a vCPU fault enters KVM's shadow MMU: start |
 //! | `stall_fault` | `kvm:kvm_page_fault` | same, on hosts with hardware virtualization |
-//! | `stall_end` | `kvmmmu:kvm_mmu_spte_requested` | the page is resolved: stall histogram, heat, sample |
+//! | `stall_end` | raw tracepoint `kvm_mmu_spte_requested` | the page is resolved: stall histogram, heat, sample |
+//! | `stall_end_record` | `kvmmmu:kvm_mmu_spte_requested` | the same where the kernel's BTF lacks `struct kvm_page_fault` |
 //! | `resume` | `kvm:kvm_entry` | the vCPU re-enters the guest (hardware hosts only) |
 //! | `install_enter` / `install_exit` | `syscalls:sys_{enter,exit}_ioctl` | `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` time |
 //! | `fetch_done` | uprobe on `pagemesh_fetch_done` | transfer time per peer |
 //!
 //! The probes run on every remote fault, so they are written for cost (measured with
-//! `kernel.bpf_stats_enabled`, docs/observability.md): histograms and counters are per-CPU (no
-//! atomics; the node merges them); a thread's start slot is created once and then updated in
-//! place (a hash lookup, not an insert and a delete per fault); heat is one atomic add into an
-//! array indexed by guest frame number, which the node reads in place through a shared
-//! mapping (`BPF_F_MMAPABLE`), so nothing is inserted or drained per page. Built with `-Z build-std=core` for `bpfel-unknown-none` by `node/build.rs`; on the
-//! host it compiles to an empty program so that `cargo clippy --workspace` checks it.
+//! `kernel.bpf_stats_enabled` and paired benchmark rounds, docs/observability.md). The two on
+//! the vCPU's path run right after a switch out of the guest, with cold caches and TLB, so
+//! what they touch is kept to a few lines in a few pages: they are raw tracepoints (the
+//! arguments as they are, no record copied into a per-CPU buffer first); a thread's start
+//! slot is an element of a small array indexed by thread id (an inlined address
+//! computation, no hashing); histograms, counters and the sample rate window are one element
+//! per CPU of a small array (no atomics; the node merges them); both arrays are small enough
+//! to live in the kernel's huge-page direct map. Heat is one atomic add into an array indexed
+//! by guest frame number, which the node reads in place through a shared mapping
+//! (`BPF_F_MMAPABLE`), so nothing is inserted or drained per page. Built with
+//! `-Z build-std=core` for `bpfel-unknown-none` by `node/build.rs`; on the host it compiles
+//! to an empty program so that `cargo clippy --workspace` checks it.
 
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -26,34 +33,45 @@
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, BPF_RB_NO_WAKEUP};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use aya_ebpf::macros::{map, tracepoint, uprobe};
-use aya_ebpf::maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf};
-use aya_ebpf::programs::{ProbeContext, TracePointContext};
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+};
+use aya_ebpf::macros::{map, raw_tracepoint, tracepoint, uprobe};
+use aya_ebpf::maps::{Array, PerCpuHashMap, RingBuf};
+use aya_ebpf::programs::{ProbeContext, RawTracePointContext, TracePointContext};
 use pagemesh_node_common::{
     CONFIG_RESUME, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT, CTR_SAMPLES_THROTTLED,
     CTR_UNMATCHED_END, CTR_WALKS, Config, CpuStats, HIST_INSTALL, HIST_RESUME, HIST_STALL, Hist,
-    PEERS_MAX_ENTRIES, SAMPLE_WINDOW_NS, SAMPLES_PER_WINDOW, SAMPLES_RING_BYTES, START_MAX_ENTRIES,
+    PEERS_MAX_ENTRIES, SAMPLE_WINDOW_NS, SAMPLES_PER_WINDOW, SAMPLES_RING_BYTES, START_SLOTS,
     StallSample, Start, UFFDIO_COPY, UFFDIO_ZEROPAGE, field,
 };
 
 /// Set by the node before loading (`EbpfLoader::override_global`).
 #[unsafe(no_mangle)]
-static CONFIG: Config = Config { tgid: 0, flags: 0 };
+static CONFIG: Config = Config {
+    tgid: 0,
+    flags: 0,
+    fault_gfn: 0,
+    pad: 0,
+};
 
-/// vCPU thread id → the walk that started its current fault.
+/// vCPU thread slot → the walk that started its current fault.
 #[map]
-static STALL_START: HashMap<u32, Start> = HashMap::with_max_entries(START_MAX_ENTRIES, 0);
-/// vCPU thread id → when its last fault was resolved (for `resume`).
+static STALL_START: Array<Start> = Array::with_max_entries(START_SLOTS, 0);
+/// vCPU thread slot → when its last fault was resolved (for `resume`).
 #[map]
-static RESOLVED: HashMap<u32, Start> = HashMap::with_max_entries(START_MAX_ENTRIES, 0);
-/// Handler thread id → its pending install ioctl.
+static RESOLVED: Array<Start> = Array::with_max_entries(START_SLOTS, 0);
+/// Handler thread slot → its pending install ioctl.
 #[map]
-static INSTALL_START: HashMap<u32, Start> = HashMap::with_max_entries(START_MAX_ENTRIES, 0);
+static INSTALL_START: Array<Start> = Array::with_max_entries(START_SLOTS, 0);
 
-/// Histograms (`HIST_*`), counters (`CTR_*`) and the sample rate window, per CPU.
+/// Histograms (`HIST_*`), counters (`CTR_*`) and the sample rate window, indexed by CPU (the
+/// loader sizes it to the possible CPUs). A plain array rather than a per-CPU one: a small
+/// array is one `kmalloc` in the kernel's direct map, which is mapped with huge pages, while
+/// per-CPU memory for maps comes from vmalloc'ed chunks of 4 KiB pages; on the vCPU's path,
+/// after a switch out of the guest, each distinct page costs a TLB miss.
 #[map]
-static CPU: PerCpuArray<CpuStats> = PerCpuArray::with_max_entries(1, 0);
+static CPU: Array<CpuStats> = Array::with_max_entries(1, 0);
 /// Peer node → transfer time.
 #[map]
 static TRANSFER: PerCpuHashMap<u32, Hist> = PerCpuHashMap::with_max_entries(PEERS_MAX_ENTRIES, 0);
@@ -81,10 +99,12 @@ fn config() -> Config {
 
 /// Whether the current thread belongs to the node; its thread id if so.
 #[inline(always)]
-fn node_thread(ctx: &impl EbpfContext) -> Option<u32> {
+fn node_thread() -> Option<u32> {
     let cfg = config();
-    if ctx.tgid() == cfg.tgid {
-        Some(ctx.pid())
+    // One helper call for both halves (`ctx.tgid()` and `ctx.pid()` would make two).
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == cfg.tgid {
+        Some(pid_tgid as u32)
     } else {
         None
     }
@@ -122,9 +142,13 @@ fn record(kind: u32, ns: u64) {
 /// This CPU's [`CpuStats`].
 #[inline(always)]
 fn cpu() -> Option<&'static mut CpuStats> {
-    // SAFETY: this CPU's slot of a per-CPU array, valid while the program runs; programs do
-    // not nest on one CPU, and each caller drops its reference before the next is made.
-    CPU.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+    // SAFETY: bpf_get_smp_processor_id has no preconditions (tracing programs run with
+    // migration disabled, so the CPU stays the same while the program runs).
+    let id = unsafe { bpf_get_smp_processor_id() };
+    // SAFETY: this CPU's element, valid while the program runs; only programs running on
+    // this CPU use it, they do not nest, and each caller drops its reference before the
+    // next is made.
+    CPU.get_ptr_mut(id).map(|p| unsafe { &mut *p })
 }
 
 /// Adds one fault on `gfn` to the heat array.
@@ -163,31 +187,39 @@ unsafe fn atomic_inc(p: *mut u64) {
     }
 }
 
-/// Starts the clock in `tid`'s slot of `map`: in place when the thread has one (every fault
-/// after its first), else by creating it.
+/// `tid`'s start slot in `map` (shared with threads whose ids are equal modulo
+/// `START_SLOTS`; `Start::tid` tells whose start it holds).
 #[inline(always)]
-fn start(map: &HashMap<u32, Start>, tid: u32, ts_ns: u64, arg: u64) {
-    match map.get_ptr_mut(tid) {
-        // SAFETY: a live map value; a thread's slot is only touched by that thread, and
-        // programs do not nest on a CPU.
-        Some(slot) => unsafe { *slot = Start { ts_ns, arg } },
-        None => {
-            let _ = map.insert(tid, Start { ts_ns, arg }, 0);
-        }
+fn slot(map: &Array<Start>, tid: u32) -> Option<&'static mut Start> {
+    // SAFETY: a live array element; a thread's slot is only used by that thread's probes
+    // (or by a thread sharing it, which overwrites it whole), and programs do not nest on a
+    // CPU.
+    map.get_ptr_mut(tid & (START_SLOTS - 1))
+        .map(|p| unsafe { &mut *p })
+}
+
+/// Starts the clock in `tid`'s slot of `map`.
+#[inline(always)]
+fn start(map: &Array<Start>, tid: u32, ts_ns: u64, arg: u64) {
+    if let Some(s) = slot(map, tid) {
+        *s = Start {
+            ts_ns,
+            arg,
+            tid,
+            pad: [0; 3],
+        };
     }
 }
 
-/// Takes the start from `tid`'s slot of `map`, leaving it empty (`ts_ns == 0`).
+/// Takes `tid`'s start from its slot of `map`, leaving the slot empty (`ts_ns == 0`).
 #[inline(always)]
-fn take(map: &HashMap<u32, Start>, tid: u32) -> Option<Start> {
-    let slot = map.get_ptr_mut(tid)?;
-    // SAFETY: as in `start`.
-    let slot = unsafe { &mut *slot };
-    if slot.ts_ns == 0 {
+fn take(map: &Array<Start>, tid: u32) -> Option<Start> {
+    let s = slot(map, tid)?;
+    if s.ts_ns == 0 || s.tid != tid {
         return None;
     }
-    let taken = *slot;
-    slot.ts_ns = 0;
+    let taken = *s;
+    s.ts_ns = 0;
     Some(taken)
 }
 
@@ -231,44 +263,38 @@ fn sample(ts_ns: u64, gfn: u64, stall_ns: u64, tid: u32) {
 #[inline(always)]
 fn start_stall(tid: u32, addr: u64) {
     let ts = now();
-    if let Some(prev) = STALL_START.get_ptr_mut(tid) {
-        // SAFETY: as in `start`.
-        let prev = unsafe { &mut *prev };
-        if prev.ts_ns != 0
-            && prev.arg >> 12 == addr >> 12
-            && ts.wrapping_sub(prev.ts_ns) < SAME_FAULT_NS
-        {
-            return;
-        }
-        count(CTR_WALKS);
-        *prev = Start {
-            ts_ns: ts,
-            arg: addr,
-        };
+    let Some(prev) = slot(&STALL_START, tid) else {
+        return;
+    };
+    if prev.ts_ns != 0
+        && prev.tid == tid
+        && prev.arg >> 12 == addr >> 12
+        && ts.wrapping_sub(prev.ts_ns) < SAME_FAULT_NS
+    {
         return;
     }
     count(CTR_WALKS);
-    let _ = STALL_START.insert(
+    *prev = Start {
+        ts_ns: ts,
+        arg: addr,
         tid,
-        Start {
-            ts_ns: ts,
-            arg: addr,
-        },
-        0,
-    );
+        pad: [0; 3],
+    };
 }
 
-/// A vCPU fault enters the shadow MMU: the stall starts.
-#[tracepoint]
-fn stall_walk(ctx: TracePointContext) -> u32 {
+/// A vCPU fault enters the shadow MMU: the stall starts. A raw tracepoint, which hands the
+/// program the tracepoint's arguments (`u64 addr, u32 pferr`) as they are; a perf-event
+/// tracepoint would first copy them into a record in a per-CPU buffer, on the vCPU's path.
+#[raw_tracepoint(tracepoint = "kvm_mmu_pagetable_walk")]
+fn stall_walk(ctx: RawTracePointContext) -> u32 {
     match try_stall_walk(&ctx) {
         Ok(r) | Err(r) => r,
     }
 }
 
-fn try_stall_walk(ctx: &TracePointContext) -> Result<u32, u32> {
-    let tid = node_thread(ctx).ok_or(0u32)?;
-    start_stall(tid, read_field::<{ field::WALK_ADDR }>(ctx));
+fn try_stall_walk(ctx: &RawTracePointContext) -> Result<u32, u32> {
+    let tid = node_thread().ok_or(0u32)?;
+    start_stall(tid, ctx.arg::<u64>(0));
     Ok(0)
 }
 
@@ -281,29 +307,48 @@ fn stall_fault(ctx: TracePointContext) -> u32 {
 }
 
 fn try_stall_fault(ctx: &TracePointContext) -> Result<u32, u32> {
-    let tid = node_thread(ctx).ok_or(0u32)?;
+    let tid = node_thread().ok_or(0u32)?;
     start_stall(tid, read_field::<{ field::PAGE_FAULT_ADDR }>(ctx));
     Ok(0)
 }
 
-/// The faulting page is resolved: the stall ends; heat and a sample are recorded.
-#[tracepoint]
-fn stall_end(ctx: TracePointContext) -> u32 {
-    match try_stall_end(&ctx) {
+/// The faulting page is resolved: the stall ends; heat and a sample are recorded. A raw
+/// tracepoint (see `stall_walk`); its argument is the `struct kvm_page_fault *`, whose `gfn`
+/// lies at the offset the loader found in the kernel's BTF (`Config::fault_gfn`).
+#[raw_tracepoint(tracepoint = "kvm_mmu_spte_requested")]
+fn stall_end(ctx: RawTracePointContext) -> u32 {
+    let fault = ctx.arg::<u64>(0);
+    match try_stall_end(|| {
+        let at = fault.wrapping_add(u64::from(config().fault_gfn)) as *const u64;
+        // SAFETY: a checked read of kernel memory (the helper fails rather than faults).
+        unsafe { bpf_probe_read_kernel(at) }.ok()
+    }) {
         Ok(r) | Err(r) => r,
     }
 }
 
-fn try_stall_end(ctx: &TracePointContext) -> Result<u32, u32> {
-    let tid = node_thread(ctx).ok_or(0u32)?;
+/// The same from the tracepoint's record, for kernels whose BTF does not describe
+/// `struct kvm_page_fault`.
+#[tracepoint]
+fn stall_end_record(ctx: TracePointContext) -> u32 {
+    match try_stall_end(|| Some(read_field::<{ field::SPTE_GFN }>(&ctx))) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+/// Ends the current thread's stall on the frame `gfn()` returns (read only for a matched
+/// end; a frame that cannot be read counts as a dropped heat update).
+#[inline(always)]
+fn try_stall_end(gfn: impl FnOnce() -> Option<u64>) -> Result<u32, u32> {
+    let tid = node_thread().ok_or(0u32)?;
     let ts = now();
     let Some(started) = take(&STALL_START, tid) else {
         count(CTR_UNMATCHED_END);
         return Ok(0);
     };
     let stall = ts.wrapping_sub(started.ts_ns);
-    let gfn = read_field::<{ field::SPTE_GFN }>(ctx);
     record(HIST_STALL, stall);
+    let gfn = gfn().unwrap_or(u64::MAX);
     heat(gfn);
     sample(ts, gfn, stall, tid);
     if config().flags & CONFIG_RESUME != 0 {
@@ -314,14 +359,14 @@ fn try_stall_end(ctx: &TracePointContext) -> Result<u32, u32> {
 
 /// The vCPU re-enters the guest after a resolved fault (hardware virtualization).
 #[tracepoint]
-fn resume(ctx: TracePointContext) -> u32 {
-    match try_resume(&ctx) {
+fn resume(_ctx: TracePointContext) -> u32 {
+    match try_resume() {
         Ok(r) | Err(r) => r,
     }
 }
 
-fn try_resume(ctx: &TracePointContext) -> Result<u32, u32> {
-    let tid = node_thread(ctx).ok_or(0u32)?;
+fn try_resume() -> Result<u32, u32> {
+    let tid = node_thread().ok_or(0u32)?;
     let resolved = take(&RESOLVED, tid).ok_or(0u32)?;
     record(HIST_RESUME, now().wrapping_sub(resolved.ts_ns));
     Ok(0)
@@ -336,7 +381,7 @@ fn install_enter(ctx: TracePointContext) -> u32 {
 }
 
 fn try_install_enter(ctx: &TracePointContext) -> Result<u32, u32> {
-    let tid = node_thread(ctx).ok_or(0u32)?;
+    let tid = node_thread().ok_or(0u32)?;
     let cmd = read_field::<{ field::IOCTL_CMD }>(ctx) as u32;
     if cmd == UFFDIO_COPY || cmd == UFFDIO_ZEROPAGE {
         start(&INSTALL_START, tid, now(), u64::from(cmd));
@@ -346,14 +391,14 @@ fn try_install_enter(ctx: &TracePointContext) -> Result<u32, u32> {
 
 /// The ioctl returns: install time.
 #[tracepoint]
-fn install_exit(ctx: TracePointContext) -> u32 {
-    match try_install_exit(&ctx) {
+fn install_exit(_ctx: TracePointContext) -> u32 {
+    match try_install_exit() {
         Ok(r) | Err(r) => r,
     }
 }
 
-fn try_install_exit(ctx: &TracePointContext) -> Result<u32, u32> {
-    let tid = node_thread(ctx).ok_or(0u32)?;
+fn try_install_exit() -> Result<u32, u32> {
+    let tid = node_thread().ok_or(0u32)?;
     let started = take(&INSTALL_START, tid).ok_or(0u32)?;
     record(HIST_INSTALL, now().wrapping_sub(started.ts_ns));
     Ok(0)
@@ -371,7 +416,7 @@ fn fetch_done(ctx: ProbeContext) -> u32 {
 }
 
 fn try_fetch_done(ctx: &ProbeContext) -> Result<u32, u32> {
-    node_thread(ctx).ok_or(0u32)?;
+    node_thread().ok_or(0u32)?;
     let ts = now();
     let node: u64 = ctx.arg(0).ok_or(0u32)?;
     let began: u64 = ctx.arg(2).ok_or(0u32)?;

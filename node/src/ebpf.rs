@@ -38,8 +38,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use aya::programs::{TracePoint, UProbe, uprobe::UProbeScope};
+use aya::maps::{Array, MapData, PerCpuHashMap, RingBuf};
+use aya::programs::{RawTracePoint, TracePoint, UProbe, uprobe::UProbeScope};
 use aya::{Ebpf, EbpfLoader};
 use pagemesh_api::stats::{Bucket, EbpfStats, Histogram, PeerStats};
 use pagemesh_node_common::{
@@ -48,6 +48,8 @@ use pagemesh_node_common::{
     HIST_RESUME, HIST_STALL, Hist, SAMPLES_POLL_MS, StallSample, bucket_high_ns, bucket_low_ns,
     field,
 };
+
+pub mod btf;
 
 /// The probe object built by `build.rs` (empty when the toolchain was missing).
 #[cfg(pagemesh_ebpf)]
@@ -161,6 +163,9 @@ pub enum EbpfError {
     /// A map the loader expects is missing or of the wrong type (a build mismatch).
     #[error("the probe object has no usable map {0}")]
     Map(&'static str, #[source] Option<aya::maps::MapError>),
+    /// The possible CPUs could not be read (the per-CPU statistics are sized to them).
+    #[error("cannot read /sys/devices/system/cpu/possible")]
+    Cpus(#[source] io::Error),
     /// The heat array could not be mapped into the node.
     #[error("cannot map the eBPF heat array")]
     HeatMap(#[source] io::Error),
@@ -196,7 +201,7 @@ pub struct Probes {
 }
 
 struct State {
-    cpu: PerCpuArray<MapData, CpuStats>,
+    cpu: Array<MapData, CpuStats>,
     transfer: PerCpuHashMap<MapData, u32, Hist>,
     ring: RingBuf<MapData>,
     samples: VecDeque<StallSample>,
@@ -212,6 +217,12 @@ struct Attach {
     required: bool,
     /// The record field the program reads, and the offset it was compiled with.
     field: Option<(&'static str, usize)>,
+    /// A raw tracepoint: the program gets the tracepoint's arguments, not a record (the
+    /// field check then guards that the event still carries that argument first).
+    raw: bool,
+    /// Whether it is used when the kernel's BTF gives `struct kvm_page_fault::gfn`
+    /// (`Some(true)`), when it does not (`Some(false)`), or either way (`None`).
+    with_fault_gfn: Option<bool>,
 }
 
 const TRACEPOINTS: &[Attach] = &[
@@ -220,7 +231,18 @@ const TRACEPOINTS: &[Attach] = &[
         category: "kvmmmu",
         name: "kvm_mmu_spte_requested",
         required: true,
+        field: None,
+        raw: true,
+        with_fault_gfn: Some(true),
+    },
+    Attach {
+        program: "stall_end_record",
+        category: "kvmmmu",
+        name: "kvm_mmu_spte_requested",
+        required: true,
         field: Some(("gfn", field::SPTE_GFN)),
+        raw: false,
+        with_fault_gfn: Some(false),
     },
     Attach {
         program: "stall_walk",
@@ -228,6 +250,8 @@ const TRACEPOINTS: &[Attach] = &[
         name: "kvm_mmu_pagetable_walk",
         required: true,
         field: Some(("addr", field::WALK_ADDR)),
+        raw: true,
+        with_fault_gfn: None,
     },
     // Hardware virtualization: faults start here instead (never fires under kvm_pvm).
     Attach {
@@ -236,6 +260,8 @@ const TRACEPOINTS: &[Attach] = &[
         name: "kvm_page_fault",
         required: false,
         field: Some(("fault_address", field::PAGE_FAULT_ADDR)),
+        raw: false,
+        with_fault_gfn: None,
     },
     Attach {
         program: "resume",
@@ -243,6 +269,8 @@ const TRACEPOINTS: &[Attach] = &[
         name: "kvm_entry",
         required: false,
         field: None,
+        raw: false,
+        with_fault_gfn: None,
     },
     Attach {
         program: "install_enter",
@@ -250,6 +278,8 @@ const TRACEPOINTS: &[Attach] = &[
         name: "sys_enter_ioctl",
         required: true,
         field: Some(("cmd", field::IOCTL_CMD)),
+        raw: false,
+        with_fault_gfn: None,
     },
     Attach {
         program: "install_exit",
@@ -257,6 +287,8 @@ const TRACEPOINTS: &[Attach] = &[
         name: "sys_exit_ioctl",
         required: true,
         field: None,
+        raw: false,
+        with_fault_gfn: None,
     },
 ];
 
@@ -273,8 +305,15 @@ impl Probes {
         // Which tracepoints this kernel has, with their records laid out as the probes were
         // compiled for: a missing or moved field of a required one is an error, of an
         // optional one (hardware-virtualization points) a reason to leave it out.
+        let fault_gfn = fault_gfn_offset();
         let mut usable = Vec::new();
         for tp in TRACEPOINTS {
+            if tp
+                .with_fault_gfn
+                .is_some_and(|with| with != fault_gfn.is_some())
+            {
+                continue;
+            }
             let point = format!("{}:{}", tp.category, tp.name);
             let checked = if !tracefs
                 .join("events")
@@ -298,6 +337,8 @@ impl Probes {
             |category: &str, name: &str| tracefs.join("events").join(category).join(name).is_dir();
         let config = Config {
             tgid,
+            fault_gfn: fault_gfn.unwrap_or(0),
+            pad: 0,
             flags: if exists("kvm", "kvm_entry") && hardware_virtualization() {
                 CONFIG_RESUME
             } else {
@@ -310,18 +351,32 @@ impl Probes {
         let mut bpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
             .map_max_entries("HEAT", frames)
+            .map_max_entries("CPU", possible_cpus()?)
             .load(OBJECT)
             .map_err(classify_load)?;
 
         let mut attached = Vec::new();
         for tp in usable {
-            let point = format!("{}:{}", tp.category, tp.name);
+            let point = format!(
+                "{}:{}{}",
+                tp.category,
+                tp.name,
+                if tp.raw { " (raw)" } else { "" }
+            );
             let what = || format!("{} to {point}", tp.program);
-            let program: &mut TracePoint = program(&mut bpf, tp.program, &what)?;
-            program.load().map_err(|e| attach_error(what(), e))?;
-            program
-                .attach(tp.category, tp.name)
-                .map_err(|e| attach_error(what(), e))?;
+            if tp.raw {
+                let program: &mut RawTracePoint = program(&mut bpf, tp.program, &what)?;
+                program.load().map_err(|e| attach_error(what(), e))?;
+                program
+                    .attach(tp.name)
+                    .map_err(|e| attach_error(what(), e))?;
+            } else {
+                let program: &mut TracePoint = program(&mut bpf, tp.program, &what)?;
+                program.load().map_err(|e| attach_error(what(), e))?;
+                program
+                    .attach(tp.category, tp.name)
+                    .map_err(|e| attach_error(what(), e))?;
+            }
             attached.push(point);
         }
         match attach_fetch_uprobe(&mut bpf, tgid) {
@@ -365,7 +420,8 @@ impl Probes {
         })
     }
 
-    /// The attach points in use (`category:name` for tracepoints, the symbol for uprobes).
+    /// The attach points in use (`category:name` for tracepoints, with ` (raw)` for raw
+    /// tracepoints; the symbol for uprobes).
     pub fn attached(&self) -> &[String] {
         &self.attached
     }
@@ -473,14 +529,12 @@ impl std::fmt::Debug for Probes {
 }
 
 impl State {
-    /// Histograms and counters summed over CPUs, from one read of the per-CPU map (all zero
-    /// if it cannot be read).
+    /// Histograms and counters summed over CPUs (an element that cannot be read counts as
+    /// zero).
     fn totals(&self) -> CpuStats {
         let mut total = CpuStats::ZERO;
-        if let Ok(per_cpu) = self.cpu.get(&0, 0) {
-            for s in per_cpu.iter() {
-                total.merge(s);
-            }
+        for s in self.cpu.iter().flatten() {
+            total.merge(&s);
         }
         total
     }
@@ -651,6 +705,31 @@ pub fn percentile_us(h: &Hist, q: f64) -> f64 {
         below += n;
     }
     h.max_ns as f64 / 1000.0
+}
+
+/// Where `struct kvm_page_fault` keeps `gfn` in this kernel, from its BTF; `None` (logged)
+/// when the BTF does not say, and the stall probe then reads the tracepoint's record.
+/// `PAGEMESH_BTF_DIR` replaces `/sys/kernel/btf` (tests use it to exercise the fallback).
+fn fault_gfn_offset() -> Option<u32> {
+    let dir = std::env::var_os("PAGEMESH_BTF_DIR")
+        .map_or_else(|| PathBuf::from("/sys/kernel/btf"), PathBuf::from);
+    match btf::member(&dir, "kvm_page_fault", "gfn") {
+        Ok(m) if m.int_size == 8 => Some(m.offset),
+        Ok(m) => {
+            tracing::debug!("eBPF: kvm_page_fault.gfn is {} bytes, not 8", m.int_size);
+            None
+        }
+        Err(e) => {
+            tracing::debug!("eBPF: {}", crate::service::error_chain(&e));
+            None
+        }
+    }
+}
+
+/// The number of CPUs the kernel may ever bring up (the `CPU` map has one element each).
+fn possible_cpus() -> Result<u32, EbpfError> {
+    let n = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Cpus(e))?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
 }
 
 /// Attaches the transfer uprobe to this process's executable.

@@ -67,12 +67,19 @@ fn probes_count_every_fault_of_a_guest_run() {
         ),
     };
     eprintln!("attached: {:?}", probes.attached());
-    assert!(
-        probes
-            .attached()
-            .iter()
-            .any(|a| a == "kvmmmu:kvm_mmu_spte_requested")
-    );
+    // The raw tracepoints: this kernel's BTF describes `struct kvm_page_fault`, so the stall
+    // probe reads the frame through the tracepoint's argument (the heat checks below fail
+    // if it reads the wrong offset).
+    for point in [
+        "kvmmmu:kvm_mmu_pagetable_walk (raw)",
+        "kvmmmu:kvm_mmu_spte_requested (raw)",
+    ] {
+        assert!(
+            probes.attached().iter().any(|a| a == point),
+            "{point} not among {:?}",
+            probes.attached()
+        );
+    }
 
     // 1. Every page read once, in random order, from two in-process "peers".
     let out = run_guest(
@@ -196,4 +203,38 @@ fn probes_count_every_fault_of_a_guest_run() {
     assert!(peer.transfer.sum_us >= 3.0 * 2000.0, "{peer:?}");
     assert!(peer.transfer.p50_us >= 1024.0, "{peer:?}");
     eprintln!("transfer: {transfer:?} (before: {peers_before} pages)");
+    drop(probes);
+
+    // 4. A kernel whose BTF does not describe `struct kvm_page_fault`: the stall probe falls
+    // back to the tracepoint's record and still names exactly the pages touched.
+    let no_btf = std::env::temp_dir().join(format!("pagemesh-no-btf-{}", std::process::id()));
+    std::fs::create_dir_all(&no_btf).unwrap();
+    // SAFETY: no other thread of this test binary reads the environment now (the guests
+    // above have finished and the probes' sample thread has been joined).
+    unsafe { std::env::set_var("PAGEMESH_BTF_DIR", &no_btf) };
+    let probes = Probes::load(std::process::id(), RAM_BASE_GFN + PAGES).unwrap();
+    // SAFETY: as above.
+    unsafe { std::env::remove_var("PAGEMESH_BTF_DIR") };
+    assert!(
+        probes
+            .attached()
+            .iter()
+            .any(|a| a == "kvmmmu:kvm_mmu_spte_requested"),
+        "{:?}",
+        probes.attached()
+    );
+    let out = run_guest(
+        &opts("stride:3", "read", 500, 300),
+        backing(11, &[1]),
+        |_| {},
+        |_| {},
+    )
+    .unwrap();
+    assert!(out.ok(), "{out:?}");
+    let touched: BTreeSet<u64> = vm_pages(&probes.heat())
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(touched, (500..800).collect::<BTreeSet<u64>>());
+    let _ = std::fs::remove_dir(&no_btf);
 }
