@@ -39,13 +39,12 @@ pub const CTR_SAMPLES_SENT: u32 = 1;
 pub const CTR_SAMPLES_LOST: u32 = 2;
 /// Index in [`CpuStats::counters`]: stall samples not sent because of the rate limit.
 pub const CTR_SAMPLES_THROTTLED: u32 = 3;
-/// Index in [`CpuStats::counters`]: MMU walks of the node's threads (started stalls).
-pub const CTR_WALKS: u32 = 4;
 /// Index in [`CpuStats::counters`]: `kvm_mmu_spte_requested` of the node's threads with no walk before
 /// it on the same thread.
-pub const CTR_UNMATCHED_END: u32 = 5;
-/// Counters in [`CpuStats::counters`].
-pub const COUNTERS: u32 = 6;
+pub const CTR_UNMATCHED_END: u32 = 4;
+/// Counters in [`CpuStats::counters`]. (Started stalls are counted in the start slots,
+/// [`Start::starts`], so that the walk probe touches one cache line.)
+pub const COUNTERS: u32 = 5;
 
 /// `UFFDIO_COPY`: `_IOWR(0xAA, 0x03, struct uffdio_copy)`.
 pub const UFFDIO_COPY: u32 = 0xC028_AA03;
@@ -66,12 +65,19 @@ pub const SAMPLES_POLL_MS: u64 = 1000;
 /// to distinct slots. An array rather than a hash map: the lookup is an address computation
 /// that the verifier inlines, one cache line and no hashing, on the vCPU's path.
 pub const START_SLOTS: u32 = 512;
-/// Peers with a transfer histogram.
+/// Peers with node ids below this have their transfer histogram in an array indexed by id
+/// (`TRANSFER_LOW`: an inlined lookup); others in a hash map (`TRANSFER`).
+pub const PEERS_LOW: u32 = 64;
+/// Peers with ids of [`PEERS_LOW`] and above that get a transfer histogram.
 pub const PEERS_MAX_ENTRIES: u32 = 256;
 /// Bytes of the stall sample ring buffer (a power of two, a multiple of the page size):
 /// room for 8192 samples (40 bytes each with the ring's header), more than one poll period
 /// of the rate limit allows on 8 CPUs.
 pub const SAMPLES_RING_BYTES: u32 = 512 * 1024;
+/// One stall in this many (per CPU) is a sampling candidate; candidates are then subject to
+/// the per-window limit. Deciding on the stall histogram's count, which the probe updates
+/// anyway, keeps the rate window's cache line out of most faults.
+pub const SAMPLE_EVERY: u64 = 16;
 /// Length of a sampling window.
 pub const SAMPLE_WINDOW_NS: u64 = 100_000_000;
 /// Samples each CPU may send per window: at most 640 a second per CPU.
@@ -203,8 +209,11 @@ pub struct Start {
     pub arg: u64,
     /// The thread that started it.
     pub tid: u32,
-    /// Reserved (a slot is 32 bytes, so none straddles a cache line).
-    pub pad: [u32; 3],
+    /// Reserved (alignment).
+    pub pad: u32,
+    /// Starts recorded in this slot, by every thread that used it. (32 bytes in all, so no
+    /// slot straddles a cache line.)
+    pub starts: u64,
 }
 
 const _: () = assert!(size_of::<Start>() == 32);

@@ -37,13 +37,13 @@ use aya_ebpf::helpers::{
     bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
 };
 use aya_ebpf::macros::{map, raw_tracepoint, tracepoint, uprobe};
-use aya_ebpf::maps::{Array, PerCpuHashMap, RingBuf};
+use aya_ebpf::maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya_ebpf::programs::{ProbeContext, RawTracePointContext, TracePointContext};
 use pagemesh_node_common::{
     CONFIG_RESUME, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT, CTR_SAMPLES_THROTTLED,
-    CTR_UNMATCHED_END, CTR_WALKS, Config, CpuStats, HIST_INSTALL, HIST_RESUME, HIST_STALL, Hist,
-    PEERS_MAX_ENTRIES, SAMPLE_WINDOW_NS, SAMPLES_PER_WINDOW, SAMPLES_RING_BYTES, START_SLOTS,
-    StallSample, Start, UFFDIO_COPY, UFFDIO_ZEROPAGE, field,
+    CTR_UNMATCHED_END, Config, CpuStats, HIST_INSTALL, HIST_RESUME, HIST_STALL, Hist, PEERS_LOW,
+    PEERS_MAX_ENTRIES, SAMPLE_EVERY, SAMPLE_WINDOW_NS, SAMPLES_PER_WINDOW, SAMPLES_RING_BYTES,
+    START_SLOTS, StallSample, Start, UFFDIO_COPY, UFFDIO_ZEROPAGE, field,
 };
 
 /// Set by the node before loading (`EbpfLoader::override_global`).
@@ -72,7 +72,10 @@ static INSTALL_START: Array<Start> = Array::with_max_entries(START_SLOTS, 0);
 /// after a switch out of the guest, each distinct page costs a TLB miss.
 #[map]
 static CPU: Array<CpuStats> = Array::with_max_entries(1, 0);
-/// Peer node → transfer time.
+/// Peer node (below `PEERS_LOW`) → transfer time.
+#[map]
+static TRANSFER_LOW: PerCpuArray<Hist> = PerCpuArray::with_max_entries(PEERS_LOW, 0);
+/// Peer node (from `PEERS_LOW` on) → transfer time.
 #[map]
 static TRANSFER: PerCpuHashMap<u32, Hist> = PerCpuHashMap::with_max_entries(PEERS_MAX_ENTRIES, 0);
 /// An all-zero `Hist` to insert from (too large for the 512-byte BPF stack).
@@ -133,9 +136,13 @@ fn count(counter: u32) {
 }
 
 #[inline(always)]
-fn record(kind: u32, ns: u64) {
-    if let Some(h) = cpu().and_then(|s| s.hists.get_mut(kind as usize)) {
-        h.record(ns);
+fn record(kind: u32, ns: u64) -> u64 {
+    match cpu().and_then(|s| s.hists.get_mut(kind as usize)) {
+        Some(h) => {
+            h.record(ns);
+            h.count
+        }
+        None => 0,
     }
 }
 
@@ -202,12 +209,10 @@ fn slot(map: &Array<Start>, tid: u32) -> Option<&'static mut Start> {
 #[inline(always)]
 fn start(map: &Array<Start>, tid: u32, ts_ns: u64, arg: u64) {
     if let Some(s) = slot(map, tid) {
-        *s = Start {
-            ts_ns,
-            arg,
-            tid,
-            pad: [0; 3],
-        };
+        s.ts_ns = ts_ns;
+        s.arg = arg;
+        s.tid = tid;
+        s.starts = s.starts.wrapping_add(1);
     }
 }
 
@@ -223,7 +228,8 @@ fn take(map: &Array<Start>, tid: u32) -> Option<Start> {
     Some(taken)
 }
 
-/// Sends a sample of this stall unless this CPU used up its window's budget.
+/// Sends a sample of this stall (a candidate: one in [`SAMPLE_EVERY`]) unless this CPU used
+/// up its window's budget.
 #[inline(always)]
 fn sample(ts_ns: u64, gfn: u64, stall_ns: u64, tid: u32) {
     let Some(stats) = cpu() else {
@@ -273,13 +279,10 @@ fn start_stall(tid: u32, addr: u64) {
     {
         return;
     }
-    count(CTR_WALKS);
-    *prev = Start {
-        ts_ns: ts,
-        arg: addr,
-        tid,
-        pad: [0; 3],
-    };
+    prev.ts_ns = ts;
+    prev.arg = addr;
+    prev.tid = tid;
+    prev.starts = prev.starts.wrapping_add(1);
 }
 
 /// A vCPU fault enters the shadow MMU: the stall starts. A raw tracepoint, which hands the
@@ -347,10 +350,12 @@ fn try_stall_end(gfn: impl FnOnce() -> Option<u64>) -> Result<u32, u32> {
         return Ok(0);
     };
     let stall = ts.wrapping_sub(started.ts_ns);
-    record(HIST_STALL, stall);
+    let stalls = record(HIST_STALL, stall);
     let gfn = gfn().unwrap_or(u64::MAX);
     heat(gfn);
-    sample(ts, gfn, stall, tid);
+    if stalls % SAMPLE_EVERY == 0 {
+        sample(ts, gfn, stall, tid);
+    }
     if config().flags & CONFIG_RESUME != 0 {
         start(&RESOLVED, tid, ts, gfn);
     }
@@ -424,6 +429,19 @@ fn try_fetch_done(ctx: &ProbeContext) -> Result<u32, u32> {
     // caller's mistake; it counts as 0 rather than as 584 years.
     let transfer = ts.saturating_sub(began);
     let node = node as u32;
+    let hist = match TRANSFER_LOW.get_ptr_mut(node) {
+        Some(h) => h,
+        None => transfer_high(node)?,
+    };
+    // SAFETY: this CPU's copy of a live per-CPU map value; programs do not nest on one CPU.
+    unsafe { (*hist).record(transfer) };
+    Ok(0)
+}
+
+/// The transfer histogram of a peer with an id of `PEERS_LOW` or more, created at its first
+/// fetch.
+#[inline(always)]
+fn transfer_high(node: u32) -> Result<*mut Hist, u32> {
     let hist = match TRANSFER.get_ptr_mut(node) {
         Some(h) => h,
         None => {
@@ -435,9 +453,7 @@ fn try_fetch_done(ctx: &ProbeContext) -> Result<u32, u32> {
             TRANSFER.get_ptr_mut(node).ok_or(0u32)?
         }
     };
-    // SAFETY: this CPU's copy of a live per-CPU hash entry; programs do not nest on one CPU.
-    unsafe { (*hist).record(transfer) };
-    Ok(0)
+    Ok(hist)
 }
 
 #[cfg(target_arch = "bpf")]

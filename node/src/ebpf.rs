@@ -38,15 +38,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{RawTracePoint, TracePoint, UProbe, uprobe::UProbeScope};
 use aya::{Ebpf, EbpfLoader};
 use pagemesh_api::stats::{Bucket, EbpfStats, Histogram, PeerStats};
 use pagemesh_node_common::{
     CONFIG_RESUME, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT, CTR_SAMPLES_THROTTLED,
-    CTR_UNMATCHED_END, CTR_WALKS, Config, CpuStats, HEAT_MAX_FRAMES, HIST_BUCKETS, HIST_INSTALL,
-    HIST_RESUME, HIST_STALL, Hist, SAMPLES_POLL_MS, StallSample, bucket_high_ns, bucket_low_ns,
-    field,
+    CTR_UNMATCHED_END, Config, CpuStats, HEAT_MAX_FRAMES, HIST_BUCKETS, HIST_INSTALL, HIST_RESUME,
+    HIST_STALL, Hist, PEERS_LOW, SAMPLES_POLL_MS, StallSample, Start, bucket_high_ns,
+    bucket_low_ns, field,
 };
 
 pub mod btf;
@@ -202,6 +202,11 @@ pub struct Probes {
 
 struct State {
     cpu: Array<MapData, CpuStats>,
+    /// The vCPU threads' stall start slots (their `starts` count the walks).
+    stall_start: Array<MapData, Start>,
+    /// Transfer histograms of peers with ids below `PEERS_LOW`, indexed by id.
+    transfer_low: PerCpuArray<MapData, Hist>,
+    /// Transfer histograms of the other peers.
     transfer: PerCpuHashMap<MapData, u32, Hist>,
     ring: RingBuf<MapData>,
     samples: VecDeque<StallSample>,
@@ -396,6 +401,8 @@ impl Probes {
         };
         let state = State {
             cpu: take(&mut bpf, "CPU")?,
+            stall_start: take(&mut bpf, "STALL_START")?,
+            transfer_low: take(&mut bpf, "TRANSFER_LOW")?,
             transfer: take(&mut bpf, "TRANSFER")?,
             ring: take(&mut bpf, "SAMPLES")?,
             samples: VecDeque::new(),
@@ -492,10 +499,11 @@ impl Probes {
 
     /// The probes' own counters.
     pub fn counters(&self) -> ProbeCounters {
-        let totals = self.lock().totals();
+        let state = self.lock();
+        let totals = state.totals();
         let c = |i: u32| totals.counters[i as usize];
         ProbeCounters {
-            walks: c(CTR_WALKS),
+            walks: state.stall_start.iter().flatten().map(|s| s.starts).sum(),
             unmatched_ends: c(CTR_UNMATCHED_END),
             heat_dropped: c(CTR_HEAT_DROPPED),
             samples_sent: c(CTR_SAMPLES_SENT),
@@ -539,8 +547,21 @@ impl State {
         total
     }
 
+    /// Transfer histograms of the peers with any fetch, summed over CPUs.
     fn transfer_by_peer(&self) -> BTreeMap<u32, Hist> {
         let mut out = BTreeMap::new();
+        for node in 0..PEERS_LOW {
+            let Ok(per_cpu) = self.transfer_low.get(&node, 0) else {
+                continue;
+            };
+            let mut total = Hist::ZERO;
+            for h in per_cpu.iter() {
+                total.merge(h);
+            }
+            if total.count > 0 {
+                out.insert(node, total);
+            }
+        }
         for entry in self.transfer.iter() {
             let Ok((node, per_cpu)) = entry else { continue };
             let total: &mut Hist = out.entry(node).or_insert(Hist::ZERO);

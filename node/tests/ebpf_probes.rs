@@ -156,6 +156,24 @@ fn probes_count_every_fault_of_a_guest_run() {
     );
     assert!(!samples.is_empty());
     assert!(samples.iter().all(|x| x.stall_ns > 0 && x.gfn > 0));
+    // Transfers: one per remote fault, under the peer that served it (ids 1 and 2, which
+    // the probe keeps in its array; step 3 covers an id it keeps in its hash map).
+    let peers: Vec<(u32, u64)> = stats
+        .transfer
+        .iter()
+        .map(|p| (p.node_id, p.pages))
+        .collect();
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    assert_eq!(
+        peers.iter().map(|p| p.1).sum::<u64>(),
+        s.remote,
+        "{peers:?}"
+    );
+    assert!(
+        peers
+            .iter()
+            .all(|&(node, pages)| [1, 2].contains(&node) && pages > 0)
+    );
 
     // 2. A sub-range with a read-modify-write: heat names exactly those pages, and adds to
     // what the first run counted only there.
