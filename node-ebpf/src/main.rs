@@ -353,7 +353,7 @@ fn try_stall_end(gfn: impl FnOnce() -> Option<u64>) -> Result<u32, u32> {
     let stalls = record(HIST_STALL, stall);
     let gfn = gfn().unwrap_or(u64::MAX);
     heat(gfn);
-    if stalls % SAMPLE_EVERY == 0 {
+    if stalls.is_multiple_of(SAMPLE_EVERY) {
         sample(ts, gfn, stall, tid);
     }
     if config().flags & CONFIG_RESUME != 0 {
