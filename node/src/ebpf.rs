@@ -5,11 +5,11 @@
 //!
 //! | figure | start → end, same thread | source |
 //! |---|---|---|
-//! | vCPU stall | `kvmmmu:kvm_mmu_pagetable_walk` (shadow MMU) or `kvm:kvm_page_fault` (hardware virtualization) → `kvmmmu:kvm_mmu_spte_requested` | tracepoints |
+//! | vCPU stall | `kvmmmu:kvm_mmu_pagetable_walk` (shadow MMU) or `kvm:kvm_page_fault` (hardware virtualization) → `kvmmmu:kvm_mmu_spte_requested` | raw tracepoints (walk, spte_requested), tracepoint |
 //! | resume | `kvm_mmu_spte_requested` → `kvm:kvm_entry` (hardware hosts only; never fires under kvm_pvm) | tracepoints |
 //! | install | `syscalls:sys_enter_ioctl` → `sys_exit_ioctl` for `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` | tracepoints |
 //! | transfer, per peer | the handler's [`monotonic_ns`] before the request → [`pagemesh_fetch_done`] | uprobe |
-//! | page heat | faults resolved per guest frame number (`gfn` of `kvm_mmu_spte_requested`) | tracepoint |
+//! | page heat | faults resolved per guest frame number (`gfn` of `kvm_mmu_spte_requested`'s `struct kvm_page_fault`, at the offset [`btf`] finds) | raw tracepoint |
 //!
 //! A fault's stall is timed from the *first* walk for its address: a walk repeated for the
 //! same page within a second (a retried fault) does not restart the clock.
@@ -19,8 +19,8 @@
 //! indexed by guest frame number, sized to the VM at load (at most [`HEAT_MAX_FRAMES`]) and
 //! mapped into the node (`BPF_F_MMAPABLE`): [`Probes::heat`] reads the kernel's counters in
 //! place, so nothing is copied or drained and no update can be lost between two reads.
-//! Sampled per-fault records ([`StallSample`], at most 640 a second per CPU) come through a
-//! ring buffer that a thread polls every [`SAMPLES_POLL_MS`] ms.
+//! Sampled per-fault records ([`StallSample`], one stall in 16 a candidate, at most 640 a
+//! second per CPU) come through a ring buffer that a thread polls every [`SAMPLES_POLL_MS`] ms.
 //!
 //! Loading needs CAP_BPF and CAP_PERFMON (or root), tracefs (mounted here if it is not) and a
 //! kernel with BPF ring buffers (5.8+). A node built without the eBPF toolchain has no probes
