@@ -47,7 +47,7 @@ use crate::transport::protocol::{
     Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_FRAME_LEN, Op, Status,
     encode_error,
 };
-use crate::transport::tcp::spin_until_readable;
+use crate::transport::tcp::spin_read;
 
 /// How the server finds a VM's definition when a client asks it to load it (in the node:
 /// ask the coordinator). The error is a message for the client.
@@ -446,8 +446,8 @@ fn serve_request(
     ctx: &ServerContext,
 ) -> Result<(), End> {
     let mut head = [0u8; HEADER_LEN];
-    spin_until_readable(stream, ctx.spin);
-    read_frame_part(stream, &mut head, true)?;
+    let got = spin_read(stream, &mut head, ctx.spin);
+    read_frame_part(stream, &mut head, got, true)?;
     let request: Header = zerocopy::transmute!(head);
     let len = match request.validate(Direction::Request) {
         Ok(len) => len,
@@ -459,10 +459,10 @@ fn serve_request(
             // Non-fatal errors are only reported once payload_len is known to be within the
             // limit.
             let skip = request.frame_len().min(buf.len());
-            return read_frame_part(stream, &mut buf[HEADER_LEN..skip], false);
+            return read_frame_part(stream, &mut buf[HEADER_LEN..skip], 0, false);
         }
     };
-    read_frame_part(stream, &mut buf[HEADER_LEN..len], false)?;
+    read_frame_part(stream, &mut buf[HEADER_LEN..len], 0, false)?;
     // The whole frame is in, so the next one starts right after it: a damaged payload is
     // refused without acting on it, and the connection kept.
     if let Err(e) = request.verify_checksum(&buf[HEADER_LEN..len]) {
@@ -497,14 +497,15 @@ fn refuse_frame(
     stream.write_all(&buf[..n]).map_err(End::Io)
 }
 
-/// Fills `dst` from the stream. An end of stream before the first byte of a frame
-/// (`at_frame_start`) is a clean close; anywhere else it is a truncated frame.
+/// Fills `dst` from the stream, past the `got` bytes already read into it. An end of stream
+/// before the first byte of a frame (`at_frame_start`) is a clean close; anywhere else it is
+/// a truncated frame.
 fn read_frame_part(
     stream: &mut TcpStream,
     dst: &mut [u8],
+    mut got: usize,
     at_frame_start: bool,
 ) -> Result<(), End> {
-    let mut got = 0;
     while got < dst.len() {
         match stream.read(&mut dst[got..]) {
             Ok(0) if got == 0 && at_frame_start => return Err(End::Closed),

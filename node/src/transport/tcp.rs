@@ -48,30 +48,31 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time a fetch waits for the reply without sleeping.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
 
-/// Returns once `stream` has bytes to read (or an end of stream or error to report), or after
-/// `spin` at the latest. Polling keeps this thread's CPU awake: on machines whose idle CPUs
-/// halt into a hypervisor, waking one costs more than a round trip on loopback
-/// (docs/benchmarks.md).
-pub(crate) fn spin_until_readable(stream: &TcpStream, spin: Duration) {
-    if spin.is_zero() {
-        return;
+/// Reads what has arrived of the next frame into `buf` without blocking, polling for up to
+/// `spin` until something has, and returns the number of bytes read: 0 when nothing came in
+/// time, or when the stream ended or failed (the caller's blocking read then waits, or
+/// reports the end or the error). Polling keeps this thread's CPU awake: on machines whose
+/// idle CPUs halt into a hypervisor, waking one costs more than a round trip on loopback
+/// (docs/benchmarks.md). The poll is the read itself, so a frame that is there costs one
+/// syscall, not a peek and then a read.
+pub(crate) fn spin_read(stream: &TcpStream, buf: &mut [u8], spin: Duration) -> usize {
+    if spin.is_zero() || buf.is_empty() {
+        return 0;
     }
     let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
     let start = std::time::Instant::now();
-    let mut probe = [0u8; 1];
     loop {
-        // SAFETY: a non-blocking peek of at most one byte into a local buffer on a socket
-        // this peer owns; it consumes nothing.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                probe.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 || start.elapsed() >= spin {
-            return;
+        // SAFETY: a non-blocking read of at most `buf.len()` bytes into `buf`, which is
+        // exclusively borrowed, from a socket the caller owns.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            // Bytes, or 0 at the end of the stream (the blocking read sees it too).
+            return n.unsigned_abs();
+        }
+        let err = io::Error::last_os_error().kind();
+        let waiting = matches!(err, io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted);
+        if !waiting || start.elapsed() >= spin {
+            return 0;
         }
         // Poll, but give way: any thread that is ready to run on this CPU (the other
         // memory node's server thread, the vCPU) runs first. A plain busy loop holds the CPU
@@ -375,9 +376,9 @@ impl TcpPeer {
         // Wait for the answer awake for a little while before sleeping in read(): on hosts
         // where an idle CPU halts into the outer hypervisor, the wake-up from that sleep
         // costs more than the whole round trip on loopback (docs/benchmarks.md).
-        spin_until_readable(&self.stream, self.options.spin);
         let mut head = [0u8; HEADER_LEN];
-        self.stream.read_exact(&mut head).map_err(io_error)?;
+        let got = spin_read(&self.stream, &mut head, self.options.spin);
+        self.stream.read_exact(&mut head[got..]).map_err(io_error)?;
         match protocol::check(&head, Direction::Response) {
             Ok(_) | Err(FrameError::Incomplete) => {}
             Err(source) => return Err(TransportError::Malformed { node, source }),
@@ -792,5 +793,40 @@ mod tests {
         assert!(peer.is_poisoned());
         drop(peer);
         server.join().unwrap();
+    }
+
+    #[test]
+    fn spin_read_reads_what_arrived_and_gives_up_in_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut writer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (reader, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 40];
+        // Nothing sent: it polls for `spin`, then leaves the waiting to the caller.
+        let t = std::time::Instant::now();
+        assert_eq!(spin_read(&reader, &mut buf, Duration::from_millis(20)), 0);
+        assert!(t.elapsed() >= Duration::from_millis(20));
+        // No polling asked for: nothing is read, even with bytes waiting.
+        writer.write_all(b"0123456789").unwrap();
+        assert_eq!(spin_read(&reader, &mut buf, Duration::ZERO), 0);
+        // Bytes there: one read takes what has arrived, and no more than `buf` holds.
+        let n = spin_read(&reader, &mut buf, Duration::from_secs(5));
+        assert_eq!(&buf[..n], &b"0123456789"[..n]);
+        let mut rest = vec![0u8; 10 - n];
+        (&reader).read_exact(&mut rest).unwrap();
+        assert_eq!([&buf[..n], &rest[..]].concat(), b"0123456789");
+        writer.write_all(&[7u8; 64]).unwrap();
+        let mut small = [0u8; 8];
+        let t = std::time::Instant::now();
+        while spin_read(&reader, &mut small, Duration::from_secs(5)) == 0 {
+            assert!(t.elapsed() < Duration::from_secs(5), "the bytes never came");
+        }
+        assert_eq!(small, [7u8; 8]);
+        let mut rest = [0u8; 56];
+        (&reader).read_exact(&mut rest).unwrap();
+        // The end of the stream: 0 at once, for the caller's blocking read to report.
+        drop(writer);
+        let t = std::time::Instant::now();
+        assert_eq!(spin_read(&reader, &mut buf, Duration::from_secs(5)), 0);
+        assert!(t.elapsed() < Duration::from_secs(1));
     }
 }
