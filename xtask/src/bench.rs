@@ -99,6 +99,32 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// A 95% confidence interval for the median of `v`, by bootstrap: the medians of 2,000
+/// resamples of `v` (drawn with replacement by a fixed-seed xorshift, so the interval is
+/// reproducible from the same values), their 2.5th and 97.5th percentiles. `None` for fewer
+/// than two values.
+fn median_ci95(v: &[f64]) -> Option<(f64, f64)> {
+    const RESAMPLES: usize = 2000;
+    if v.len() < 2 {
+        return None;
+    }
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut pick = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        v[(state % v.len() as u64) as usize]
+    };
+    let mut medians: Vec<f64> = (0..RESAMPLES)
+        .map(|_| median((0..v.len()).map(|_| pick()).collect()))
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    Some((
+        medians[RESAMPLES / 40],
+        medians[RESAMPLES - 1 - RESAMPLES / 40],
+    ))
+}
+
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     crate::setup::setup()?;
     let (mem, runs) = if args.quick {
@@ -173,8 +199,16 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let overhead = ebpf_overhead(&cases, &per_case);
     if let Some(o) = &overhead {
+        let ci = match o["ci95_pct"].as_array().map(Vec::as_slice) {
+            Some([lo, hi]) => format!(
+                "95% CI {:+.1}..{:+.1}; ",
+                lo.as_f64().unwrap_or(0.0),
+                hi.as_f64().unwrap_or(0.0)
+            ),
+            _ => String::new(),
+        };
         println!(
-            "eBPF overhead on remote-random: median of {} paired runs {:+.1}% (per pair: {})",
+            "eBPF overhead on remote-random: median of {} paired runs {:+.1}% ({ci}per pair: {})",
             runs,
             o["median_pct"].as_f64().unwrap_or(0.0),
             o["per_pair_pct"]
@@ -240,6 +274,37 @@ fn ebpf_overhead(cases: &[&Case], per_case: &[Vec<Value>]) -> Option<Value> {
         .collect();
     Some(json!({
         "median_pct": median(pct.clone()),
+        "ci95_pct": median_ci95(&pct).map(|(lo, hi)| [lo, hi]),
         "per_pair_pct": pct,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_interval_holds_the_median_and_narrows_with_more_pairs() {
+        assert_eq!(median_ci95(&[]), None);
+        assert_eq!(median_ci95(&[3.0]), None);
+        assert_eq!(median_ci95(&[2.0; 10]), Some((2.0, 2.0)));
+        // Pairs as noisy as this machine's: a spread of about ±10 points around +5.
+        let noisy = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|i| 5.0 + ((i * 37 % 21) as f64 - 10.0))
+                .collect()
+        };
+        let (lo10, hi10) = median_ci95(&noisy(10)).unwrap();
+        let (lo200, hi200) = median_ci95(&noisy(200)).unwrap();
+        for (lo, hi, v) in [(lo10, hi10, noisy(10)), (lo200, hi200, noisy(200))] {
+            let m = median(v);
+            assert!(lo <= m && m <= hi, "{lo} <= {m} <= {hi}");
+        }
+        assert!(
+            hi200 - lo200 < hi10 - lo10,
+            "{lo200}..{hi200} vs {lo10}..{hi10}"
+        );
+        // The same values give the same interval.
+        assert_eq!(median_ci95(&noisy(30)), median_ci95(&noisy(30)));
+    }
 }
