@@ -188,12 +188,13 @@ impl CoordinatorClient {
         self.call::<(), _>("GET", &format!("/vms/{id}"), None)
     }
 
-    /// Fetches every endpoint and connects to each peer in `wanted` (all peers when `None`)
-    /// other than `local_node_id`. Returns the peers connected.
+    /// Fetches every endpoint once and connects each of `transports` to each peer in
+    /// `wanted` (all peers when `None`) other than `local_node_id`. Returns the peers
+    /// connected.
     pub fn discover_and_connect_peers(
         &self,
         local_node_id: NodeId,
-        transport: &mut TransportManager,
+        transports: &mut [&mut TransportManager],
         wanted: Option<&[NodeId]>,
     ) -> Result<Vec<NodeId>, CoordinatorError> {
         let mut connected = Vec::new();
@@ -201,12 +202,14 @@ impl CoordinatorClient {
             if ep.node_id == local_node_id || wanted.is_some_and(|w| !w.contains(&ep.node_id)) {
                 continue;
             }
-            transport
-                .connect_peer(ep.node_id, &ep)
-                .map_err(|source| CoordinatorError::Peer {
-                    node: ep.node_id,
-                    source,
+            for transport in transports.iter_mut() {
+                transport.connect_peer(ep.node_id, &ep).map_err(|source| {
+                    CoordinatorError::Peer {
+                        node: ep.node_id,
+                        source,
+                    }
                 })?;
+            }
             tracing::info!("connected to node {} at {}", ep.node_id, ep.address);
             connected.push(ep.node_id);
         }

@@ -240,9 +240,7 @@ pub fn run_linux(
     let stats = counters.snapshot();
     let held_after = held(&mut control, &vm).unwrap_or_default();
     if !settings.keep_vm {
-        for &n in &wanted {
-            let _ = control.peer(n).and_then(|p| p.release(vm.id));
-        }
+        crate::service::release_vm(&mut control, &vm);
     }
 
     let log = console.lock().unwrap_or_else(|p| p.into_inner());

@@ -253,9 +253,12 @@ pub(crate) fn connect_vm_peers(
     let cluster = settings.cluster.clone().unwrap_or_default();
     let wanted = vm.placement.nodes();
     let mut transport = TransportManager::new(id, timeout).with_cluster(cluster.clone());
-    coordinator.discover_and_connect_peers(id, &mut transport, Some(&wanted))?;
     let mut control = TransportManager::new(id, timeout).with_cluster(cluster);
-    coordinator.discover_and_connect_peers(id, &mut control, Some(&wanted))?;
+    coordinator.discover_and_connect_peers(
+        id,
+        &mut [&mut transport, &mut control],
+        Some(&wanted),
+    )?;
     for &n in &wanted {
         if !control.peer_ids().contains(&n) {
             return Err(NodeError::Peer {
@@ -267,6 +270,20 @@ pub(crate) fn connect_vm_peers(
         }
     }
     Ok((transport, control))
+}
+
+/// Asks every node holding pages of `vm` to drop them; one that cannot is logged (the run's
+/// result stands either way).
+pub(crate) fn release_vm(control: &mut TransportManager, vm: &Vm) {
+    for n in vm.placement.nodes() {
+        if let Err(e) = control.peer(n).and_then(|p| p.release(vm.id)) {
+            tracing::warn!(
+                "node {n} could not release VM {}: {}",
+                vm.id,
+                error_chain(&e)
+            );
+        }
+    }
 }
 
 /// Has every node holding pages of `vm` load its share.
@@ -514,15 +531,7 @@ fn run_compute(
         BTreeMap::new()
     };
     if loaded && !settings.keep_vm {
-        for n in vm.placement.nodes() {
-            if let Err(e) = control.peer(n).and_then(|p| p.release(vm.id)) {
-                tracing::warn!(
-                    "node {n} could not release VM {}: {}",
-                    vm.id,
-                    error_chain(&e)
-                );
-            }
-        }
+        release_vm(&mut control, &vm);
     }
     let ebpf = probes.as_ref().map(|p| p.ebpf_summary_json());
     report(
