@@ -102,7 +102,6 @@ pub fn run_linux(
     );
     let (transport, mut control) = connect_vm_peers(id, settings, coordinator, &vm)?;
     load_vm(&mut control, &vm)?;
-    let wanted = vm.placement.nodes();
     let held_before = held(&mut control, &vm)?;
     let directory = Arc::new(PageDirectory::from_placement(&vm.placement).map_err(|e| {
         ConfigError::Invalid {
