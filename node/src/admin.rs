@@ -114,7 +114,7 @@ impl AdminState {
         };
         let pager = lock(&self.run).as_ref().map(|run| {
             let (remote, local_zero, spurious, errors, bytes) = run.stats.counters();
-            let (fault_latency, peers) = run.stats.histograms();
+            let hists = run.stats.histograms();
             ApiPagerStats {
                 vm: run.vm,
                 guest_pages: run.guest_pages,
@@ -126,9 +126,9 @@ impl AdminState {
                 fault_errors: errors,
                 remote_miss_ratio: run.stats.remote_miss_ratio(),
                 bytes_fetched: bytes,
-                fault_latency,
-                install_latency: run.stats.install_histogram(),
-                peers,
+                fault_latency: hists.fault,
+                install_latency: hists.install,
+                peers: hists.peers,
                 heat: cells.map_or_else(Heat::default, |n| heat(&run.directory, n)),
             }
         });

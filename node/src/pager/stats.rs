@@ -36,6 +36,17 @@ struct Hists {
     peers: Vec<(NodeId, Histogram<u64>)>,
 }
 
+/// A pager's histograms in the API's form ([`PagerStats::histograms`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiHistograms {
+    /// Fault latency (event read → install done).
+    pub fault: api::Histogram,
+    /// Time in the install ioctl.
+    pub install: api::Histogram,
+    /// Transfer time per peer, by node id.
+    pub peers: Vec<api::PeerStats>,
+}
+
 /// The kind of a served fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultKind {
@@ -77,8 +88,10 @@ pub struct StatsSnapshot {
 }
 
 fn histogram() -> Histogram<u64> {
-    // 1 ns .. 100 s at 3 significant figures: fixed size, so recording never allocates.
-    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("static bounds are valid")
+    // 1 ns .. 100 s at 2 significant figures (a value is known to within 1%): fixed size, so
+    // recording never allocates, and 30 KB, so that a reader's copy, made under the lock the
+    // handler takes on every fault, is short (3 figures would make it 220 KB).
+    Histogram::new_with_bounds(1, 100_000_000_000, 2).expect("static bounds are valid")
 }
 
 impl Default for PagerStats {
@@ -233,7 +246,11 @@ impl PagerStats {
 
     /// Copies everything out.
     pub fn snapshot(&self) -> StatsSnapshot {
-        let h = lock(&self.hists).clone();
+        // Copy what is needed under the lock, and work on it after.
+        let (all, remote) = {
+            let h = lock(&self.hists);
+            (h.all.clone(), h.remote.clone())
+        };
         StatsSnapshot {
             remote: self.remote_faults(),
             local_zero: self.local_faults(),
@@ -241,29 +258,27 @@ impl PagerStats {
             bytes_fetched: self.bytes_fetched.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             remote_miss_ratio: self.remote_miss_ratio(),
-            fault_p50_us: us(&h.all, 0.5),
-            fault_p90_us: us(&h.all, 0.9),
-            fault_p99_us: us(&h.all, 0.99),
-            fault_max_us: if h.all.is_empty() {
+            fault_p50_us: us(&all, 0.5),
+            fault_p90_us: us(&all, 0.9),
+            fault_p99_us: us(&all, 0.99),
+            fault_max_us: if all.is_empty() {
                 0.0
             } else {
-                h.all.max() as f64 / 1000.0
+                all.max() as f64 / 1000.0
             },
-            remote_p50_us: us(&h.remote, 0.5),
-            remote_p99_us: us(&h.remote, 0.99),
+            remote_p50_us: us(&remote, 0.5),
+            remote_p99_us: us(&remote, 0.99),
         }
     }
 
-    /// The install-ioctl histogram, in the API's form.
-    pub fn install_histogram(&self) -> api::Histogram {
-        to_api(&lock(&self.hists).install)
-    }
-
-    /// The fault-latency histogram and per-peer transfer histograms, in the API's form.
-    pub fn histograms(&self) -> (api::Histogram, Vec<api::PeerStats>) {
-        let h = lock(&self.hists).clone();
-        let mut peers: Vec<api::PeerStats> = h
-            .peers
+    /// The fault-latency, install-ioctl and per-peer transfer histograms, in the API's form,
+    /// from one copy taken under the lock.
+    pub fn histograms(&self) -> ApiHistograms {
+        let (all, install, peers) = {
+            let h = lock(&self.hists);
+            (h.all.clone(), h.install.clone(), h.peers.clone())
+        };
+        let mut peers: Vec<api::PeerStats> = peers
             .iter()
             .map(|(node, hist)| api::PeerStats {
                 node_id: *node,
@@ -272,7 +287,11 @@ impl PagerStats {
             })
             .collect();
         peers.sort_by_key(|p| p.node_id);
-        (to_api(&h.all), peers)
+        ApiHistograms {
+            fault: to_api(&all),
+            install: to_api(&install),
+            peers,
+        }
     }
 
     /// Counts in the API's form (histograms and heat are filled by the caller).
@@ -320,16 +339,24 @@ mod tests {
         let snap = s.snapshot();
         assert_eq!((snap.remote, snap.local_zero, snap.spurious), (3, 1, 1));
         assert_eq!(snap.bytes_fetched, 3 * 4096);
-        let (all, peers) = s.histograms();
+        let ApiHistograms {
+            fault: all,
+            install,
+            peers,
+        } = s.histograms();
         assert_eq!(all.count, 5);
         assert_eq!(all.buckets.last().unwrap().count, 5);
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].node_id, 1);
         assert_eq!(peers[0].pages, 3);
-        let install = s.install_histogram();
         assert_eq!(install.count, 3);
-        assert!((install.p50_us - 5.0).abs() < 0.1);
-        assert!((peers[0].transfer.p50_us - 20.0).abs() < 0.1);
+        // Two significant figures: within 1%.
+        assert!((install.p50_us - 5.0).abs() < 0.05, "{}", install.p50_us);
+        assert!(
+            (peers[0].transfer.p50_us - 20.0).abs() < 0.2,
+            "{}",
+            peers[0].transfer.p50_us
+        );
         // Buckets are cumulative.
         assert!(all.buckets.windows(2).all(|w| w[0].count <= w[1].count));
         let le_10 = all.buckets.iter().find(|b| b.le_us == 10.0).unwrap();
@@ -343,18 +370,19 @@ mod tests {
             s.record(FaultKind::Remote, Duration::from_micros(i), None, None);
         }
         let snap = s.snapshot();
+        // Two significant figures: each within 1%.
         assert!(
-            (snap.fault_p50_us - 50.0).abs() < 0.1,
+            (snap.fault_p50_us - 50.0).abs() < 0.5,
             "{}",
             snap.fault_p50_us
         );
         assert!(
-            (snap.fault_p99_us - 99.0).abs() < 0.1,
+            (snap.fault_p99_us - 99.0).abs() < 1.0,
             "{}",
             snap.fault_p99_us
         );
-        assert!((snap.fault_max_us - 100.0).abs() < 0.1);
+        assert!((snap.fault_max_us - 100.0).abs() < 1.0);
         let median = s.median_latency().as_nanos();
-        assert!((49_900..=50_100).contains(&median), "{median}");
+        assert!((49_500..=50_500).contains(&median), "{median}");
     }
 }
