@@ -8,7 +8,7 @@
 //! | vCPU stall | `kvmmmu:kvm_mmu_pagetable_walk` (shadow MMU) or `kvm:kvm_page_fault` (hardware virtualization) → `kvmmmu:kvm_mmu_spte_requested` | raw tracepoints (walk, spte_requested), tracepoint |
 //! | resume | `kvm_mmu_spte_requested` → `kvm:kvm_entry` (hardware hosts only; never fires under kvm_pvm) | tracepoints |
 //! | install | `syscalls:sys_enter_ioctl` → `sys_exit_ioctl` for `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` | tracepoints |
-//! | transfer, per peer | the handler's [`monotonic_ns`] before the request → [`pagemesh_fetch_done`] | uprobe |
+//! | transfer, per peer | the handler's [`monotonic_ns`] as it takes the fault on (before the request) → [`pagemesh_fetch_done`] | uprobe |
 //! | page heat | faults resolved per guest frame number (`gfn` of `kvm_mmu_spte_requested`'s `struct kvm_page_fault`, at the offset [`btf`] finds) | raw tracepoint |
 //!
 //! A fault's stall is timed from the *first* walk for its address: a walk repeated for the

@@ -8,7 +8,7 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::Duration;
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 
@@ -49,7 +49,10 @@ impl Handler {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(PagerError::Read(e)),
             };
-            let start = Instant::now();
+            // Three clock readings per fault (start, fetch done = install start, install
+            // done), on CLOCK_MONOTONIC, the eBPF probes' clock, so the transfer marker can
+            // take `start` as the fetch's beginning.
+            let start = crate::ebpf::monotonic_ns();
             let addr = fault.address & !(PAGE_SIZE as u64 - 1);
             let page = (addr - self.base) / PAGE_SIZE as u64;
             let owner = self.directory.owner(page).map_err(PagerError::Directory)?;
@@ -57,20 +60,18 @@ impl Handler {
             let mut install_start = start;
             let (kind, installed) = match owner {
                 PageOwner::Remote(node) => {
-                    let t = Instant::now();
-                    if let Err(e) = self.fetch_remote_page(page, node, &mut buf.0) {
+                    if let Err(e) = self.fetch_remote_page(page, node, &mut buf.0, start) {
                         self.stats.record_error();
                         return Err(e);
                     }
-                    transfer = Some((node, t.elapsed()));
-                    install_start = Instant::now();
+                    install_start = crate::ebpf::monotonic_ns();
+                    transfer = Some((node, since(start, install_start)));
                     // SAFETY: `buf` is one readable page; `addr` is a page-aligned address
                     // inside the registered range (it came from a fault on it).
                     let r = unsafe { self.uffd.copy(addr, buf.0.as_ptr(), PAGE_SIZE as u64) };
                     (FaultKind::Remote, r)
                 }
                 PageOwner::Zero => {
-                    install_start = Instant::now();
                     // SAFETY: as above, with the zero page as the source. UFFDIO_COPY of
                     // zeros rather than UFFDIO_ZEROPAGE: the guest usually writes next, and
                     // a copied page takes the write without a second (COW) fault.
@@ -84,20 +85,20 @@ impl Handler {
                         .map(|()| Installed::AlreadyPresent),
                 ),
             };
+            let done = crate::ebpf::monotonic_ns();
+            let latency = since(start, done);
             match installed {
                 Ok(Installed::Done) if kind != FaultKind::Spurious => {
                     // The page is ours now (a fetched page was freed by its holder).
                     let _ = self.directory.claim(page);
-                    let install = install_start.elapsed();
-                    self.stats
-                        .record(kind, start.elapsed(), transfer, Some(install));
+                    let install = since(install_start, done);
+                    self.stats.record(kind, latency, transfer, Some(install));
                 }
                 Ok(_) => {
                     // Already present: another path installed it. It is resident, so the
                     // directory must say so; no fault was served, so no heat.
                     let _ = self.directory.set_owner(page, PageOwner::Local);
-                    self.stats
-                        .record(FaultKind::Spurious, start.elapsed(), None, None);
+                    self.stats.record(FaultKind::Spurious, latency, None, None);
                 }
                 Err(e) => {
                     self.stats.record_error();
@@ -108,17 +109,23 @@ impl Handler {
     }
 
     /// Fetches `page` from `node` into `dst`, claiming it: the holder frees it, and once
-    /// installed it is recorded as ours.
+    /// installed it is recorded as ours. `began` ([`crate::ebpf::monotonic_ns`]) is when the
+    /// handler took the fault on, for the transfer marker.
     fn fetch_remote_page(
         &mut self,
         page: u64,
         node: NodeId,
         dst: &mut [u8],
+        began: u64,
     ) -> Result<(), PagerError> {
-        // The marker for the eBPF transfer probe (a uprobe on a 5-byte nop; see ebpf.rs).
-        let began = crate::ebpf::monotonic_ns();
         let r = self.transport.fetch_page(self.vm, page, node, dst);
+        // The marker for the eBPF transfer probe (a uprobe on a 5-byte nop; see ebpf.rs).
         crate::ebpf::pagemesh_fetch_done(node, page, began);
         r.map_err(|source| PagerError::Fetch { page, node, source })
     }
+}
+
+/// The time from `from` to `to`, two [`crate::ebpf::monotonic_ns`] readings.
+fn since(from: u64, to: u64) -> Duration {
+    Duration::from_nanos(to.saturating_sub(from))
 }
