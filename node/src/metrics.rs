@@ -8,8 +8,9 @@ use std::fmt::Write;
 
 use pagemesh_api::stats::{Histogram, NodeStats};
 
-/// Help of `pagemesh_install_duration_seconds`, written by whichever source comes first.
-const INSTALL_HELP: &str = "Time to install a page (UFFDIO_COPY, which also wakes the vCPU); source=pager is measured by the pager, source=ebpf in the kernel.";
+pub(crate) mod catalog;
+
+use catalog::Metric;
 
 struct Out {
     text: String,
@@ -17,9 +18,9 @@ struct Out {
 }
 
 impl Out {
-    fn header(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    fn header(&mut self, m: &Metric, kind: &str) {
+        let _ = writeln!(self.text, "# HELP {} {}", m.prom, m.help);
+        let _ = writeln!(self.text, "# TYPE {} {kind}", m.prom);
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
@@ -31,9 +32,9 @@ impl Out {
     }
 
     /// A metric with one sample.
-    fn single(&mut self, name: &str, kind: &str, help: &str, labels: &[(&str, &str)], value: f64) {
-        self.header(name, kind, help);
-        self.sample(name, labels, value);
+    fn single(&mut self, m: &Metric, kind: &str, labels: &[(&str, &str)], value: f64) {
+        self.header(m, kind);
+        self.sample(m.prom, labels, value);
     }
 
     fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &Histogram) {
@@ -72,150 +73,107 @@ pub fn prometheus_text(s: &NodeStats) -> String {
         text: String::new(),
         node: s.node_id.to_string(),
     };
-    o.single(
-        "pagemesh_uptime_seconds",
-        "gauge",
-        "Seconds since the node started.",
-        &[],
-        s.uptime_s,
-    );
+    o.single(&catalog::UPTIME, "gauge", &[], s.uptime_s);
 
     o.single(
-        "pagemesh_pages_held",
+        &catalog::PAGES_HELD,
         "gauge",
-        "Guest pages this node holds for others.",
         &[],
         s.server.pages_held as f64,
     );
     o.single(
-        "pagemesh_capacity_pages",
+        &catalog::CAPACITY,
         "gauge",
-        "Guest pages this node can hold for others.",
         &[],
         s.server.capacity_pages as f64,
     );
-    o.header(
-        "pagemesh_pages_served_total",
-        "counter",
-        "Pages this node's page server sent (claimed: freed here after sending).",
-    );
+    o.header(&catalog::PAGES_SERVED, "counter");
     o.sample(
-        "pagemesh_pages_served_total",
+        catalog::PAGES_SERVED.prom,
         &[("claimed", "true")],
         s.server.pages_claimed as f64,
     );
     o.sample(
-        "pagemesh_pages_served_total",
+        catalog::PAGES_SERVED.prom,
         &[("claimed", "false")],
         (s.server.pages_served - s.server.pages_claimed.min(s.server.pages_served)) as f64,
     );
     o.single(
-        "pagemesh_pages_written_back_total",
+        &catalog::WRITTEN_BACK,
         "counter",
-        "Pages received from compute nodes (eviction).",
         &[],
         s.server.pages_written_back as f64,
     );
 
-    o.header(
-        "pagemesh_errors_total",
-        "counter",
-        "Errors by kind: bad_frame (malformed requests to the page server), fault (faults that could not be served).",
-    );
+    o.header(&catalog::ERRORS, "counter");
     o.sample(
-        "pagemesh_errors_total",
+        catalog::ERRORS.prom,
         &[("kind", "bad_frame")],
         s.server.bad_frames as f64,
     );
     let fault_errors = s.pager.as_ref().map_or(0, |p| p.fault_errors);
     o.sample(
-        "pagemesh_errors_total",
+        catalog::ERRORS.prom,
         &[("kind", "fault")],
         fault_errors as f64,
     );
 
     if let Some(p) = &s.pager {
         let vm = p.vm.to_string();
-        o.header(
-            "pagemesh_faults_total",
-            "counter",
-            "Guest page faults served, by kind: remote (fetched from another node), local_zero (never-written page zero-filled here), spurious (already present).",
-        );
+        o.header(&catalog::FAULTS, "counter");
         for (kind, n) in [
             ("remote", p.faults_remote),
             ("local_zero", p.faults_local_zero),
             ("spurious", p.faults_spurious),
         ] {
             o.sample(
-                "pagemesh_faults_total",
+                catalog::FAULTS.prom,
                 &[("kind", kind), ("vm", &vm)],
                 n as f64,
             );
         }
         o.single(
-            "pagemesh_remote_miss_ratio",
+            &catalog::REMOTE_MISS_RATIO,
             "gauge",
-            "Faults served remotely / (remote + local zero-fill).",
             &[("vm", &vm)],
             p.remote_miss_ratio,
         );
         o.single(
-            "pagemesh_bytes_transferred_total",
+            &catalog::BYTES_TRANSFERRED,
             "counter",
-            "Bytes of page data fetched from other nodes.",
             &[("direction", "in"), ("vm", &vm)],
             p.bytes_fetched as f64,
         );
-        o.header(
-            "pagemesh_fault_duration_seconds",
-            "histogram",
-            "Time to serve a fault in the pager: event read to page installed.",
-        );
+        o.header(&catalog::FAULT_DURATION, "histogram");
         o.histogram(
-            "pagemesh_fault_duration_seconds",
+            catalog::FAULT_DURATION.prom,
             &[("vm", &vm)],
             &p.fault_latency,
         );
-        o.header(
-            "pagemesh_install_duration_seconds",
-            "histogram",
-            INSTALL_HELP,
-        );
+        o.header(&catalog::INSTALL_DURATION, "histogram");
         o.histogram(
-            "pagemesh_install_duration_seconds",
+            catalog::INSTALL_DURATION.prom,
             &[("source", "pager"), ("vm", &vm)],
             &p.install_latency,
         );
-        o.header(
-            "pagemesh_transfer_duration_seconds",
-            "histogram",
-            "Time to fetch a page from a peer: request sent to last byte received.",
-        );
+        o.header(&catalog::TRANSFER_DURATION, "histogram");
         for peer in &p.peers {
             let id = peer.node_id.to_string();
             o.histogram(
-                "pagemesh_transfer_duration_seconds",
+                catalog::TRANSFER_DURATION.prom,
                 &[("peer", &id), ("vm", &vm)],
                 &peer.transfer,
             );
         }
     }
     if let Some(e) = &s.ebpf {
-        o.header(
-            "pagemesh_vcpu_stall_duration_seconds",
-            "histogram",
-            "vCPU stall per fault measured in the kernel (eBPF): MMU fault entry to page resolved.",
-        );
-        o.histogram("pagemesh_vcpu_stall_duration_seconds", &[], &e.stall);
+        o.header(&catalog::VCPU_STALL_DURATION, "histogram");
+        o.histogram(catalog::VCPU_STALL_DURATION.prom, &[], &e.stall);
         if s.pager.is_none() {
-            o.header(
-                "pagemesh_install_duration_seconds",
-                "histogram",
-                INSTALL_HELP,
-            );
+            o.header(&catalog::INSTALL_DURATION, "histogram");
         }
         o.histogram(
-            "pagemesh_install_duration_seconds",
+            catalog::INSTALL_DURATION.prom,
             &[("source", "ebpf")],
             &e.install,
         );

@@ -60,6 +60,7 @@ use prost::Message;
 
 use crate::admin::AdminState;
 use crate::config::{ConfigError, Settings};
+use crate::metrics::catalog;
 
 /// `service.name` of every node.
 pub const SERVICE_NAME: &str = "pagemesh-node";
@@ -150,11 +151,11 @@ struct Points {
 }
 
 impl Points {
-    fn push(&mut self, name: &str, unit: &str, description: &str, data: metric::Data) {
+    fn push(&mut self, m: &catalog::Metric, data: metric::Data) {
         self.metrics.push(Metric {
-            name: name.to_owned(),
-            description: description.to_owned(),
-            unit: unit.to_owned(),
+            name: m.otlp.to_owned(),
+            description: m.help.to_owned(),
+            unit: m.unit.to_owned(),
             data: Some(data),
             ..Metric::default()
         });
@@ -171,13 +172,7 @@ impl Points {
     }
 
     /// A monotonic cumulative counter.
-    fn counter(
-        &mut self,
-        name: &str,
-        unit: &str,
-        description: &str,
-        points: &[(&[(&str, &str)], u64)],
-    ) {
+    fn counter(&mut self, m: &catalog::Metric, points: &[(&[(&str, &str)], u64)]) {
         let data_points = points
             .iter()
             .map(|(labels, v)| {
@@ -188,9 +183,7 @@ impl Points {
             })
             .collect();
         self.push(
-            name,
-            unit,
-            description,
+            m,
             metric::Data::Sum(Sum {
                 data_points,
                 aggregation_temporality: AggregationTemporality::Cumulative.into(),
@@ -200,14 +193,7 @@ impl Points {
     }
 
     /// A gauge; integer values are given as `f64`s that are whole.
-    fn gauge(
-        &mut self,
-        name: &str,
-        unit: &str,
-        description: &str,
-        points: &[(&[(&str, &str)], f64)],
-        int: bool,
-    ) {
+    fn gauge(&mut self, m: &catalog::Metric, points: &[(&[(&str, &str)], f64)], int: bool) {
         let data_points = points
             .iter()
             .map(|(labels, v)| {
@@ -223,29 +209,17 @@ impl Points {
                 p
             })
             .collect();
-        self.push(
-            name,
-            unit,
-            description,
-            metric::Data::Gauge(Gauge { data_points }),
-        );
+        self.push(m, metric::Data::Gauge(Gauge { data_points }));
     }
 
-    /// A cumulative histogram in seconds.
-    fn histogram(
-        &mut self,
-        name: &str,
-        description: &str,
-        points: &[(&[(&str, &str)], &stats::Histogram)],
-    ) {
+    /// A cumulative histogram (of durations, in the metric's unit: seconds).
+    fn histogram(&mut self, m: &catalog::Metric, points: &[(&[(&str, &str)], &stats::Histogram)]) {
         let data_points = points
             .iter()
             .map(|(labels, h)| histogram_point(h, attrs(labels), self.start, self.now))
             .collect();
         self.push(
-            name,
-            "s",
-            description,
+            m,
             metric::Data::Histogram(Histogram {
                 data_points,
                 aggregation_temporality: AggregationTemporality::Cumulative.into(),
@@ -303,31 +277,19 @@ pub fn request(
         metrics: Vec::new(),
     };
     let none: &[(&str, &str)] = &[];
+    o.gauge(&catalog::UPTIME, &[(none, s.uptime_s)], false);
     o.gauge(
-        "pagemesh.uptime",
-        "s",
-        "Seconds since the node started.",
-        &[(none, s.uptime_s)],
-        false,
-    );
-    o.gauge(
-        "pagemesh.pages.held",
-        "{page}",
-        "Guest pages this node holds for others.",
+        &catalog::PAGES_HELD,
         &[(none, s.server.pages_held as f64)],
         true,
     );
     o.gauge(
-        "pagemesh.capacity_pages",
-        "{page}",
-        "Guest pages this node can hold for others.",
+        &catalog::CAPACITY,
         &[(none, s.server.capacity_pages as f64)],
         true,
     );
     o.counter(
-        "pagemesh.pages.served",
-        "{page}",
-        "Pages this node's page server sent (claimed: freed here after sending).",
+        &catalog::PAGES_SERVED,
         &[
             (&[("claimed", "true")], s.server.pages_claimed),
             (
@@ -337,27 +299,24 @@ pub fn request(
         ],
     );
     o.counter(
-        "pagemesh.pages.written_back",
-        "{page}",
-        "Pages received from compute nodes (eviction).",
+        &catalog::WRITTEN_BACK,
         &[(none, s.server.pages_written_back)],
     );
     o.counter(
-        "pagemesh.errors",
-        "{error}",
-        "Errors by kind: bad_frame (malformed requests to the page server), fault (faults that could not be served).",
+        &catalog::ERRORS,
         &[
             (&[("kind", "bad_frame")], s.server.bad_frames),
-            (&[("kind", "fault")], s.pager.as_ref().map_or(0, |p| p.fault_errors)),
+            (
+                &[("kind", "fault")],
+                s.pager.as_ref().map_or(0, |p| p.fault_errors),
+            ),
         ],
     );
     if let Some(p) = &s.pager {
         let vm = p.vm.to_string();
         let vm = vm.as_str();
         o.counter(
-            "pagemesh.faults",
-            "{fault}",
-            "Guest page faults served, by kind: remote (fetched from another node), local_zero (never-written page zero-filled here), spurious (already present).",
+            &catalog::FAULTS,
             &[
                 (&[("kind", "remote"), ("vm", vm)], p.faults_remote),
                 (&[("kind", "local_zero"), ("vm", vm)], p.faults_local_zero),
@@ -365,21 +324,16 @@ pub fn request(
             ],
         );
         o.gauge(
-            "pagemesh.remote_miss_ratio",
-            "1",
-            "Faults served remotely / (remote + local zero-fill).",
+            &catalog::REMOTE_MISS_RATIO,
             &[(&[("vm", vm)], p.remote_miss_ratio)],
             false,
         );
         o.counter(
-            "pagemesh.bytes_transferred",
-            "By",
-            "Bytes of page data fetched from other nodes.",
+            &catalog::BYTES_TRANSFERRED,
             &[(&[("direction", "in"), ("vm", vm)], p.bytes_fetched)],
         );
         o.histogram(
-            "pagemesh.fault.duration",
-            "Time to serve a fault in the pager: event read to page installed.",
+            &catalog::FAULT_DURATION,
             &[(&[("vm", vm)], &p.fault_latency)],
         );
         let peers: Vec<(String, &stats::Histogram)> = p
@@ -397,19 +351,11 @@ pub fn request(
             .map(|(l, (_, h))| (l.as_slice(), *h))
             .collect();
         if !points.is_empty() {
-            o.histogram(
-                "pagemesh.transfer.duration",
-                "Time to fetch a page from a peer: request sent to last byte received.",
-                &points,
-            );
+            o.histogram(&catalog::TRANSFER_DURATION, &points);
         }
     }
     if let Some(e) = &s.ebpf {
-        o.histogram(
-            "pagemesh.vcpu_stall.duration",
-            "vCPU stall per fault measured in the kernel (eBPF): MMU fault entry to page resolved.",
-            &[(none, &e.stall)],
-        );
+        o.histogram(&catalog::VCPU_STALL_DURATION, &[(none, &e.stall)]);
     }
     // One metric, a point per source: the pager's own timing and the kernel's.
     let pager_vm = s.pager.as_ref().map(|p| p.vm.to_string());
@@ -426,11 +372,7 @@ pub fn request(
         install.push((&ebpf_labels, &e.install));
     }
     if !install.is_empty() {
-        o.histogram(
-            "pagemesh.install.duration",
-            "Time to install a page (UFFDIO_COPY, which also wakes the vCPU); source=pager is measured by the pager, source=ebpf in the kernel.",
-            &install,
-        );
+        o.histogram(&catalog::INSTALL_DURATION, &install);
     }
     ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
