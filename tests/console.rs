@@ -225,7 +225,10 @@ fn console_shows_a_live_cluster_and_restores_the_terminal() {
     tmux.wait_for("the latency view", |s| s.contains("Fault service time"));
     tmux.key("?");
     tmux.wait_for("the help", |s| s.contains("Help"));
+    // Wait for Escape to take effect before the next key: an Escape byte followed at once
+    // by "4" reads as Alt-4, which is neither (this flaked in CI).
     tmux.key("Escape");
+    tmux.wait_for("the help closed", |s| !s.contains("Help ·"));
     tmux.key("4");
     tmux.wait_for("the log", |s| s.contains("node 0 joined"));
 
