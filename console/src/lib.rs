@@ -61,13 +61,8 @@ impl Options {
     /// Defaults for the coordinator at `url` (`http://` is assumed when it has no scheme):
     /// stats every 200 ms, answers within a second.
     pub fn new(url: &str) -> Self {
-        let url = url.trim_end_matches('/');
         Self {
-            coordinator: if url.contains("://") {
-                url.to_owned()
-            } else {
-                format!("http://{url}")
-            },
+            coordinator: poll::base_url(url),
             interval: Duration::from_millis(200),
             timeout: Duration::from_secs(1),
             heat_cells: None,

@@ -110,7 +110,8 @@ pub fn fetch_stats(
     get_json(agent, format!("{}/stats{query}", base_url(admin)))
 }
 
-fn base_url(address: &str) -> String {
+/// `address` as a base URL: `http://` when it has no scheme, no trailing `/`.
+pub(crate) fn base_url(address: &str) -> String {
     let address = address.trim_end_matches('/');
     if address.contains("://") {
         address.to_owned()
