@@ -200,8 +200,8 @@ unsafe fn atomic_inc(p: *mut u64) {
 #[inline(always)]
 fn slot(map: &Array<Start>, tid: u32) -> Option<&'static mut Start> {
     // SAFETY: a live array element; a thread's slot is only used by that thread's probes
-    // (or by a thread sharing it, which overwrites it whole), and programs do not nest on a
-    // CPU.
+    // (or by a thread sharing it, which takes it over with `begin`), and programs do not nest
+    // on a CPU.
     map.get_ptr_mut(tid & (START_SLOTS - 1))
         .map(|p| unsafe { &mut *p })
 }
@@ -210,11 +210,17 @@ fn slot(map: &Array<Start>, tid: u32) -> Option<&'static mut Start> {
 #[inline(always)]
 fn start(map: &Array<Start>, tid: u32, ts_ns: u64, arg: u64) {
     if let Some(s) = slot(map, tid) {
-        s.ts_ns = ts_ns;
-        s.arg = arg;
-        s.tid = tid;
-        s.starts = s.starts.wrapping_add(1);
+        begin(s, tid, ts_ns, arg);
     }
+}
+
+/// Records in slot `s` a start of thread `tid` at `ts_ns` on `arg`, and counts it.
+#[inline(always)]
+fn begin(s: &mut Start, tid: u32, ts_ns: u64, arg: u64) {
+    s.ts_ns = ts_ns;
+    s.arg = arg;
+    s.tid = tid;
+    s.starts = s.starts.wrapping_add(1);
 }
 
 /// Takes `tid`'s start from its slot of `map`, leaving the slot empty (`ts_ns == 0`).
@@ -280,10 +286,7 @@ fn start_stall(tid: u32, addr: u64) {
     {
         return;
     }
-    prev.ts_ns = ts;
-    prev.arg = addr;
-    prev.tid = tid;
-    prev.starts = prev.starts.wrapping_add(1);
+    begin(prev, tid, ts, addr);
 }
 
 /// A vCPU fault enters the shadow MMU: the stall starts. A raw tracepoint, which hands the

@@ -877,8 +877,8 @@ fn ensure_tracefs() -> Result<PathBuf, EbpfError> {
 
 /// Whether KVM runs on VT-x or AMD-V here (`kvm_intel` / `kvm_amd`), where `kvm:kvm_entry`
 /// fires on every guest entry. Elsewhere (kvm_pvm) the tracepoint exists but never fires, and
-/// the stall probe skips the resume bookkeeping it would feed: one hash update per fault, in
-/// the vCPU's most expensive context.
+/// the stall probe skips the resume bookkeeping it would feed: one more start slot written
+/// per fault, in the vCPU's most expensive context.
 fn hardware_virtualization() -> bool {
     ["kvm_intel", "kvm_amd"]
         .iter()

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use pagemesh_api::Placement;
-use pagemesh_node::compute::{Backing, RunOptions, run_guest};
+use pagemesh_node::compute::{Backing, RunOptions, RunOutcome, run_guest};
 use pagemesh_node::ebpf::{self, EbpfError, Probes};
 use pagemesh_node::pager::PageDirectory;
 use pagemesh_node::transport::TransportManager;
@@ -32,6 +32,13 @@ fn backing(seed: u64, nodes: &[u32]) -> Backing {
         directory,
         transport,
     }
+}
+
+/// Runs a guest on pages from the in-process peers `nodes` (seed 11) and checks it succeeded.
+fn run_ok(opts: RunOptions, nodes: &[u32]) -> RunOutcome {
+    let out = run_guest(&opts, backing(11, nodes), |_| {}, |_| {}).unwrap();
+    assert!(out.ok(), "{out:?}");
+    out
 }
 
 fn opts(workload: &str, access: &str, first: u64, pages: u64) -> RunOptions {
@@ -82,14 +89,7 @@ fn probes_count_every_fault_of_a_guest_run() {
     }
 
     // 1. Every page read once, in random order, from two in-process "peers".
-    let out = run_guest(
-        &opts("random", "read", 0, PAGES),
-        backing(11, &[1, 2]),
-        |_| {},
-        |_| {},
-    )
-    .unwrap();
-    assert!(out.ok(), "{out:?}");
+    let out = run_ok(opts("random", "read", 0, PAGES), &[1, 2]);
     let s = &out.stats;
     let served = s.remote + s.local_zero;
     assert_eq!(served, PAGES);
@@ -178,14 +178,7 @@ fn probes_count_every_fault_of_a_guest_run() {
     // 2. A sub-range with a read-modify-write: heat names exactly those pages, and adds to
     // what the first run counted only there.
     let before = probes.snapshot().faults;
-    let out = run_guest(
-        &opts("stride:7", "rmw", 1000, 2000),
-        backing(11, &[1]),
-        |_| {},
-        |_| {},
-    )
-    .unwrap();
-    assert!(out.ok(), "{out:?}");
+    let out = run_ok(opts("stride:7", "rmw", 1000, 2000), &[1]);
     let served2 = out.stats.remote + out.stats.local_zero;
     assert_eq!(served2, 2000);
     let heat2 = probes.heat();
@@ -241,14 +234,7 @@ fn probes_count_every_fault_of_a_guest_run() {
         "{:?}",
         probes.attached()
     );
-    let out = run_guest(
-        &opts("stride:3", "read", 500, 300),
-        backing(11, &[1]),
-        |_| {},
-        |_| {},
-    )
-    .unwrap();
-    assert!(out.ok(), "{out:?}");
+    run_ok(opts("stride:3", "read", 500, 300), &[1]);
     let touched: BTreeSet<u64> = vm_pages(&probes.heat())
         .into_iter()
         .map(|(p, _)| p)

@@ -161,8 +161,9 @@ impl Kernel<'_> {
         0
     }
 
-    /// `member` of struct `ty`, looked up in the types of `blob`.
-    fn find(&self, blob: &Blob<'_>, ty: &str, member: &str) -> Option<Member> {
+    /// `member` of struct `ty`, looked up in the module's types (vmlinux's without a module).
+    fn find(&self, ty: &str, member: &str) -> Option<Member> {
+        let blob = self.split.as_ref().unwrap_or(self.base);
         for &at in &blob.records {
             let types = blob.types;
             let info = u32_at(types, at + 4)?;
@@ -210,7 +211,7 @@ pub fn member(dir: &Path, ty: &'static str, member: &'static str) -> Result<Memb
         base: &base,
         split: None,
     };
-    if let Some(found) = kernel.find(&base, ty, member) {
+    if let Some(found) = kernel.find(ty, member) {
         return Ok(found);
     }
     let first_id = base.next_id();
@@ -232,11 +233,7 @@ pub fn member(dir: &Path, ty: &'static str, member: &'static str) -> Result<Memb
             base: &base,
             split: Some(split),
         };
-        if let Some(found) = module
-            .split
-            .as_ref()
-            .and_then(|blob| module.find(blob, ty, member))
-        {
+        if let Some(found) = module.find(ty, member) {
             return Ok(found);
         }
     }
