@@ -4,7 +4,7 @@
 //!
 //! The summary's `"ebpf"` object is
 //! `{"faults":N,"stall_p50_us":X,"stall_p99_us":X,"install_p50_us":X,"transfer_p50_us":X}`
-//! (see `pagemesh_node::ebpf::Probes::ebpf_summary_json` and docs/observability.md).
+//! (see `pagemesh_probes::Probes::ebpf_summary_json` and docs/observability.md).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ fn cluster(name: &str) -> Cluster {
 /// Whether this build has probes to load. CI installs the toolchain (`cargo xtask setup`),
 /// so there they must be built in; elsewhere a build without them skips these checks.
 fn probes_built_in(test: &str) -> bool {
-    if pagemesh_node::ebpf::BUILT_IN {
+    if pagemesh_probes::BUILT_IN {
         return true;
     }
     assert!(
@@ -204,7 +204,7 @@ fn unprivileged_node_warns_once_and_serves_faults() {
     let log = std::fs::read_to_string(&proc.stderr).unwrap();
     let warnings: Vec<&str> = log.lines().filter(|l| is_ebpf_warning(l)).collect();
     assert_eq!(warnings.len(), 1, "one warning about the probes:\n{log}");
-    let expected = if pagemesh_node::ebpf::BUILT_IN {
+    let expected = if pagemesh_probes::BUILT_IN {
         "not permitted"
     } else {
         "built without eBPF probes"

@@ -6,9 +6,9 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pagemesh_node::transport::tcp::TcpPeer;
-use pagemesh_node::transport::{PageSource, Status, TransportError};
 use pagemesh_tests::{Bins, Cluster, Proc, test_dir};
+use pagemesh_transport::tcp::TcpPeer;
+use pagemesh_transport::{PageSource, Status, TransportError};
 use serde_json::json;
 
 fn cluster(name: &str) -> Cluster {

@@ -109,7 +109,7 @@ fn a_memory_image_is_split_over_the_memory_nodes() {
     let image = c.dir.join("guest.img");
     let mut bytes = vec![0u8; 8 << 20];
     for (p, page) in bytes.chunks_exact_mut(4096).enumerate() {
-        pagemesh_node::pattern::fill_page(42, p as u64, page);
+        pagemesh_api::pattern::fill_page(42, p as u64, page);
     }
     std::fs::write(&image, &bytes).unwrap();
     let (status, s, proc) = c
@@ -136,7 +136,7 @@ fn a_memory_image_is_split_over_the_memory_nodes() {
     assert_eq!(s["faults"]["remote"], json!(2048), "{s:#}");
     // The checksum of the pattern's first words proves the bytes came from the image.
     let expected = (0..2048u64).fold(0u64, |a, p| {
-        a.wrapping_add(pagemesh_node::pattern::first_word(42, p))
+        a.wrapping_add(pagemesh_api::pattern::first_word(42, p))
     });
     assert_eq!(s["result"]["checksum"], json!(expected));
     let (status, s, proc) = c

@@ -24,7 +24,10 @@
 //!
 //! [`placement`] holds the page-placement arithmetic that the coordinator validates, memory
 //! nodes load by, and compute nodes build their page directory from.
+//!
+//! [`pattern`] is the page content memory nodes load and test guests check.
 
+pub mod pattern;
 pub mod placement;
 pub mod stats;
 

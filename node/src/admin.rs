@@ -16,9 +16,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use pagemesh_api::stats::{Heat, HeatCell, NodeStats, PagerStats as ApiPagerStats, ServerStats};
 use pagemesh_api::{NodeId, Role, VmId};
-
-use crate::pager::{PageDirectory, PageOwner, PagerStats};
-use crate::server::ServerContext;
+use pagemesh_pager::{PageDirectory, PageOwner, PagerStats};
+use pagemesh_server::ServerContext;
 
 /// Errors starting the admin endpoint.
 #[derive(thiserror::Error, Debug)]
@@ -65,7 +64,7 @@ pub struct AdminState {
 /// The eBPF probes of the current run, as the endpoint reads them.
 pub struct KernelProbes {
     /// The probes.
-    pub probes: Arc<crate::ebpf::Probes>,
+    pub probes: Arc<pagemesh_probes::Probes>,
     /// Guest frame number of the VM's page 0 (the probes count by guest frame).
     pub first_gfn: u64,
 }

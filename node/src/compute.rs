@@ -5,20 +5,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pagemesh_api::VmId;
+use pagemesh_pager::{PageDirectory, PagerConfig, PagerError, StatsSnapshot};
+use pagemesh_transport::TransportManager;
+use pagemesh_vmm::guest::{Initial, WorkloadResult};
+use pagemesh_vmm::vcpu::{self, Machine, VcpuError};
+use pagemesh_vmm::{GuestLayout, Workload};
 
 use crate::admin::LiveRun;
-use crate::pager::{self, PageDirectory, PagerConfig, PagerError, StatsSnapshot};
-use crate::transport::TransportManager;
-use crate::vm::guest::{Initial, WorkloadResult};
-use crate::vm::vcpu::{self, Machine, VcpuError};
-use crate::vm::{GuestLayout, Workload};
 
 /// Errors running a guest.
 #[derive(thiserror::Error, Debug)]
 pub enum ComputeError {
     /// Guest memory could not be set up.
     #[error("cannot set up guest memory")]
-    Memory(#[from] crate::vm::memory::MemoryError),
+    Memory(#[from] pagemesh_vmm::memory::MemoryError),
     /// The VM could not be created or run.
     #[error("the guest failed")]
     Vcpu(#[from] VcpuError),
@@ -101,7 +101,7 @@ pub fn run_guest(
         )))
     })?;
     if let Some(cpu) = opts.cpu {
-        pager::pin_to_cpu(cpu);
+        pagemesh_pager::pin_to_cpu(cpu);
     }
     let layout = GuestLayout::new(opts.mem_bytes)?;
     let mut machine = Machine::new(layout)?;
@@ -131,13 +131,14 @@ pub fn run_guest(
             });
             let layout = machine.layout();
             Some(
-                pager::start_pager(PagerConfig {
+                pagemesh_pager::start_pager(PagerConfig {
                     vm: opts.vm,
                     base: layout.ram_host_addr(),
                     len: layout.ram_size as usize,
                     directory,
                     transport,
                     cpu: opts.cpu,
+                    trace: crate::probes::fault_trace(),
                     on_failure,
                 })
                 .map_err(ComputeError::PagerStart)?,

@@ -6,9 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
-use serde::Deserialize;
-
 use pagemesh_api::{NodeId, Role};
+use serde::Deserialize;
 
 /// Errors reading the configuration.
 #[derive(thiserror::Error, Debug)]
@@ -261,7 +260,7 @@ pub struct Settings {
     #[serde(default)]
     pub keep_vm: bool,
 
-    /// Log filter (tracing `EnvFilter` syntax, e.g. `info`, `pagemesh_node=debug`).
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info`, `pagemesh_server=debug`).
     #[arg(long, value_name = "FILTER", env = "PAGEMESH_LOG")]
     pub log: Option<String>,
 }

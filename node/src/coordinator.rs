@@ -15,10 +15,9 @@
 use std::time::Duration;
 
 use pagemesh_api::{ApiError, CreateVm, Endpoint, NodeId, NodeInfo, RegisterEndpoint, Vm, VmId};
+use pagemesh_transport::{TransportError, TransportManager};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-
-use crate::transport::{TransportError, TransportManager};
 
 /// Errors talking to the coordinator.
 #[derive(thiserror::Error, Debug)]

@@ -1,18 +1,35 @@
-//! The pagemesh node: runs KVM guests whose memory lives on other nodes, and serves the
-//! pages it holds to its peers.
+//! The pagemesh node: wires the crates below into a `pagemesh-node` process. A compute node
+//! runs a KVM guest whose memory lives on other nodes; a memory node serves the pages it
+//! holds to its peers; a node can be both.
+//!
+//! The node is the top of a graph of library crates, each usable alone
+//! (`docs/architecture.md` draws it):
+//!
+//! | crate | what it is |
+//! |---|---|
+//! | `pagemesh-api` | the JSON types every program shares, placement arithmetic, the page pattern |
+//! | `pagemesh-protocol` | the binary page protocol: frames, codec, limits |
+//! | `pagemesh-transport` | the page-source seam, its TCP client and in-process source |
+//! | `pagemesh-server` | a memory node's page server and page store |
+//! | `pagemesh-pager` | userfaultfd, the page directory, the fault handler, stats |
+//! | `pagemesh-vmm` | the KVM machines: the built-in test guest and a Linux kernel |
+//! | `pagemesh-probes` | the eBPF probe loader (kernel-side fault timings, page heat) |
+//!
+//! This crate's modules:
 //!
 //! | module | what it is |
 //! |---|---|
-//! | [`pattern`] | the deterministic page pattern loaded by memory nodes and checked by guests |
-//! | [`transport`] | the page protocol, the [`transport::PageSource`] seam, TCP |
-//! | [`server`] | the page server and page store of a memory node |
-//! | [`vm`] | the KVM VM, its memory and the built-in workload guest |
-//! | [`pager`] | userfaultfd, the page directory, the fault handler, stats |
 //! | [`compute`] | running a guest on pager-served memory |
 //! | [`linux_guest`] | booting a Linux kernel on pager-served memory |
 //! | [`coordinator`] | the coordinator client (register, discover, VMs) |
 //! | [`config`] | flags and the TOML config file |
-//! | [`service`] | what a node process does, role by role |
+//! | [`define`] | the VM a compute node defines: size, content, placement, workload |
+//! | [`peers`] | a compute node's connections to its VM's memory nodes |
+//! | [`probes`] | loading the eBPF probes for a guest |
+//! | [`signals`] | the stop signals the main thread waits for |
+//! | [`summary`] | a run's summary, printed and as JSON |
+//! | [`error`] | the node's error |
+//! | [`service`] | what a node process does, role by role: the wiring |
 //! | [`admin`] | the admin HTTP endpoint: `/stats`, `/metrics`, `/healthz` |
 //! | [`metrics`] | Prometheus text exposition |
 //! | [`otlp`] | OpenTelemetry metrics export (OTLP/HTTP) of the same figures |
@@ -21,13 +38,15 @@ pub mod admin;
 pub mod compute;
 pub mod config;
 pub mod coordinator;
-pub mod ebpf;
+pub mod define;
+pub mod error;
 pub mod linux_guest;
 pub mod metrics;
 pub mod otlp;
-pub mod pager;
-pub mod pattern;
-pub mod server;
+pub mod peers;
+pub mod probes;
 pub mod service;
-pub mod transport;
-pub mod vm;
+pub mod signals;
+pub mod summary;
+
+pub use error::NodeError;

@@ -1,7 +1,7 @@
 //! A compute node booting a Linux kernel whose memory lives on the memory nodes.
 //!
 //! 1. Lay out guest RAM (kernel, initrd, command line, boot parameters, page tables) in an
-//!    image ([`crate::vm::boot`]) and write it to a file.
+//!    image ([`pagemesh_vmm::boot`]) and write it to a file.
 //! 2. Define the VM with that image as its content; the memory nodes load their share.
 //! 3. Start the VM on empty, userfaultfd-registered RAM: every page the kernel touches,
 //!    its own text included, is fetched from its memory node on first touch.
@@ -14,20 +14,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pagemesh_api::error_chain;
 use pagemesh_api::{Content, CreateVm, NodeId, PAGE_SIZE};
+use pagemesh_pager::{PageDirectory, PagerConfig};
+use pagemesh_vmm::boot;
+use pagemesh_vmm::linux::{LinuxExit, LinuxMachine, MAX_LINUX_RAM};
+use pagemesh_vmm::vcpu::{self, VcpuError};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::admin::{AdminState, LiveRun};
 use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
-use crate::pager::{self, PageDirectory, PagerConfig};
-use crate::service::{
-    NodeError, StopSignals, connect_vm_peers, error_chain, guest_mem, held, load_vm,
-    placement_request, wait_signal_for,
-};
-use crate::vm::boot;
-use crate::vm::linux::{LinuxExit, LinuxMachine, MAX_LINUX_RAM};
-use crate::vm::vcpu::{self, VcpuError};
+use crate::define::{guest_mem, placement_request};
+use crate::error::NodeError;
+use crate::peers::{connect_vm_peers, held, load_vm};
+use crate::signals::{StopSignals, wait_signal_for};
 
 /// The command line used when `--cmdline` is not given: a serial console, and the
 /// features the instruction emulator of software-assisted KVM cannot handle turned off
@@ -140,13 +141,14 @@ pub fn run_linux(
             kick_all();
         })
     };
-    let pager = pager::start_pager(PagerConfig {
+    let pager = pagemesh_pager::start_pager(PagerConfig {
         vm: vm.id,
         base,
         len: len as usize,
         directory: directory.clone(),
         transport,
         cpu: settings.pin_cpu,
+        trace: crate::probes::fault_trace(),
         on_failure,
     })
     .map_err(|e| NodeError::Compute(crate::compute::ComputeError::PagerStart(e)))?;
@@ -160,7 +162,7 @@ pub fn run_linux(
         running: running.clone(),
     });
 
-    let probes = crate::service::load_probes(settings, admin, 0, pages);
+    let probes = crate::probes::load_probes(settings, admin, 0, pages);
     let started = Instant::now();
     let sample = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(cpus.len());
@@ -180,7 +182,7 @@ pub fn run_linux(
                 if let Some(c) = pin
                     && cpu.id() == 0
                 {
-                    pager::pin_to_cpu(c);
+                    pagemesh_pager::pin_to_cpu(c);
                 }
                 let r = cpu.run(&stop, &sample);
                 // Any vCPU ending ends the VM: wake the main thread, which waits for signals.
@@ -239,7 +241,7 @@ pub fn run_linux(
     let stats = counters.snapshot();
     let held_after = held(&mut control, &vm).unwrap_or_default();
     if !settings.keep_vm {
-        crate::service::release_vm(&mut control, &vm);
+        crate::peers::release_vm(&mut control, &vm);
     }
 
     let log = console.lock().unwrap_or_else(|p| p.into_inner());

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     let settings = match Settings::load() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {}", service::error_chain(&e));
+            eprintln!("error: {}", pagemesh_api::error_chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            let chain = service::error_chain(&e);
+            let chain = pagemesh_api::error_chain(&e);
             tracing::error!("{chain}");
             eprintln!("error: {chain}");
             ExitCode::from(1)

@@ -453,7 +453,7 @@ mod tests {
         assert_eq!(torn.count, 4);
         assert_eq!(torn.bucket_counts, [4, 0]);
         // The pager's real bucket bounds.
-        let real = crate::pager::stats::BUCKETS_US;
+        let real = pagemesh_pager::stats::BUCKETS_US;
         let mut buckets: Vec<(f64, u64)> = real.iter().map(|&b| (b, 1)).collect();
         buckets.push((f64::INFINITY, 1));
         let p = histogram_point(&hist(&buckets, 1, 0.5, 0.5), vec![], 0, 0);

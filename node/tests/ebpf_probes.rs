@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use pagemesh_api::Placement;
 use pagemesh_node::compute::{Backing, RunOptions, RunOutcome, run_guest};
-use pagemesh_node::ebpf::{self, EbpfError, Probes};
-use pagemesh_node::pager::PageDirectory;
-use pagemesh_node::transport::TransportManager;
-use pagemesh_node::transport::local::LocalSource;
-use pagemesh_node::vm::Workload;
-use pagemesh_node::vm::guest::Initial;
-use pagemesh_node::vm::memory::RAM_BASE;
+use pagemesh_pager::PageDirectory;
+use pagemesh_probes::{EbpfError, Probes};
+use pagemesh_transport::TransportManager;
+use pagemesh_transport::local::LocalSource;
+use pagemesh_vmm::Workload;
+use pagemesh_vmm::guest::Initial;
+use pagemesh_vmm::memory::RAM_BASE;
 
 const PAGES: u64 = 16_384;
 const RAM_BASE_GFN: u64 = RAM_BASE / 4096;
@@ -24,7 +24,7 @@ const RAM_BASE_GFN: u64 = RAM_BASE / 4096;
 fn backing(seed: u64, nodes: &[u32]) -> Backing {
     let placement = Placement::interleave(nodes.to_vec(), 1, PAGES).unwrap();
     let directory = Arc::new(PageDirectory::from_placement(&placement).unwrap());
-    let mut transport = TransportManager::new(0, pagemesh_node::transport::DEFAULT_TIMEOUT);
+    let mut transport = TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT);
     for &n in nodes {
         transport.add_source(Box::new(LocalSource::with_pattern(n, 3, PAGES, seed)));
     }
@@ -64,14 +64,13 @@ fn probes_count_every_fault_of_a_guest_run() {
     let probes = match Probes::load(std::process::id(), RAM_BASE_GFN + PAGES) {
         Ok(p) => p,
         // CI installs the toolchain (cargo xtask setup): there the probes must be built in.
-        Err(EbpfError::NotBuiltIn) if !ebpf::BUILT_IN && std::env::var_os("CI").is_none() => {
+        Err(EbpfError::NotBuiltIn)
+            if !pagemesh_probes::BUILT_IN && std::env::var_os("CI").is_none() =>
+        {
             eprintln!("this build has no eBPF probes (no toolchain); nothing else to check");
             return;
         }
-        Err(e) => panic!(
-            "probes did not load: {}",
-            pagemesh_node::service::error_chain(&e)
-        ),
+        Err(e) => panic!("probes did not load: {}", pagemesh_api::error_chain(&e)),
     };
     eprintln!("attached: {:?}", probes.attached());
     // The raw tracepoints: this kernel's BTF describes `struct kvm_page_fault`, so the stall
@@ -203,9 +202,9 @@ fn probes_count_every_fault_of_a_guest_run() {
     );
     let peers_before: u64 = probes.snapshot().transfer.iter().map(|p| p.pages).sum();
     for _ in 0..3 {
-        let began = ebpf::monotonic_ns();
+        let began = pagemesh_pager::trace::monotonic_ns();
         std::thread::sleep(std::time::Duration::from_millis(2));
-        ebpf::pagemesh_fetch_done(77, 5, began);
+        pagemesh_probes::pagemesh_fetch_done(77, 5, began);
     }
     let transfer = probes.snapshot().transfer;
     let peer = transfer.iter().find(|p| p.node_id == 77).expect("peer 77");

@@ -4,18 +4,18 @@ use std::sync::Arc;
 
 use pagemesh_api::Placement;
 use pagemesh_node::compute::{Backing, RunOptions, run_guest};
-use pagemesh_node::pager::PageDirectory;
-use pagemesh_node::transport::TransportManager;
-use pagemesh_node::transport::local::LocalSource;
-use pagemesh_node::vm::Workload;
-use pagemesh_node::vm::guest::Initial;
+use pagemesh_pager::PageDirectory;
+use pagemesh_transport::TransportManager;
+use pagemesh_transport::local::LocalSource;
+use pagemesh_vmm::Workload;
+use pagemesh_vmm::guest::Initial;
 
 const PAGES: u64 = 4096;
 
 fn pager_backing(seed: u64) -> Backing {
     let placement = Placement::interleave(vec![1, 2], 1, PAGES).unwrap();
     let directory = Arc::new(PageDirectory::from_placement(&placement).unwrap());
-    let mut transport = TransportManager::new(0, pagemesh_node::transport::DEFAULT_TIMEOUT);
+    let mut transport = TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT);
     transport.add_source(Box::new(LocalSource::with_pattern(1, 9, PAGES, seed)));
     transport.add_source(Box::new(LocalSource::with_pattern(2, 9, PAGES, seed)));
     Backing::Pager {
@@ -86,7 +86,7 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
     assert!(out.ok(), "{out:?}");
     let zero = Backing::Pager {
         directory: Arc::new(PageDirectory::new(PAGES)),
-        transport: TransportManager::new(0, pagemesh_node::transport::DEFAULT_TIMEOUT),
+        transport: TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT),
     };
     let out = run_guest(
         &opts("stride:16", "write", Initial::Zero),

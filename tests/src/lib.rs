@@ -3,8 +3,13 @@
 //!
 //! Every process writes stdout and stderr to files in a run folder; processes announce their
 //! addresses on stdout, which the harness waits for. Dropping a [`Proc`] kills it.
+//! [`proxy`] is a TCP proxy to put between a compute node and a memory node; it cuts their
+//! connections in the middle of replies.
+
+pub mod proxy;
 
 use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -246,14 +251,28 @@ impl MemoryNode {
         id: u32,
         capacity: &str,
     ) -> anyhow::Result<Self> {
-        let mut proc = Proc::spawn(
-            &format!("node{id}"),
-            dir,
-            Command::new(&bins.node)
-                .args(["--role", "memory", "--listen", "127.0.0.1:0"])
-                .args(["--id", &id.to_string(), "--coordinator", coordinator])
-                .args(["--capacity", capacity]),
-        )?;
+        Self::start_at(bins, dir, coordinator, id, capacity, "127.0.0.1:0", None)
+    }
+
+    /// Starts memory node `id` listening on `listen` and registering `advertise`, when given,
+    /// as the address peers use (`--advertise`; [`MemoryNode::addr`] is then that address).
+    pub fn start_at(
+        bins: &Bins,
+        dir: &Path,
+        coordinator: &str,
+        id: u32,
+        capacity: &str,
+        listen: &str,
+        advertise: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(&bins.node);
+        cmd.args(["--role", "memory", "--listen", listen])
+            .args(["--id", &id.to_string(), "--coordinator", coordinator])
+            .args(["--capacity", capacity]);
+        if let Some(a) = advertise {
+            cmd.args(["--advertise", a]);
+        }
+        let mut proc = Proc::spawn(&format!("node{id}"), dir, &mut cmd)?;
         let line = proc.wait_for_line("serving pages on ", Duration::from_secs(30))?;
         let addr = line
             .split("serving pages on ")
@@ -402,6 +421,14 @@ pub fn http_get(url: &str) -> anyhow::Result<String> {
 /// `GET url` as JSON.
 pub fn http_json(url: &str) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&http_get(url)?)?)
+}
+
+/// A loopback address whose port was free a moment ago, for a process that must be told its
+/// address before it starts (a memory node behind a [`proxy::CuttingProxy`]). The port is
+/// released on return, so another process could take it first; the kernel hands out ephemeral
+/// ports at random, which makes that unlikely enough for tests.
+pub fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// A fresh folder under the system temp dir for one test's processes.

@@ -1,6 +1,6 @@
 //! The eBPF toolchain and `cargo xtask build-ebpf`.
 //!
-//! The node embeds its probes through `node/build.rs` (aya-build), which builds
+//! The node embeds its probes through `probes/build.rs` (aya-build), which builds
 //! `node-ebpf` whenever the toolchain below is installed; `cargo xtask setup` installs it.
 //! `build-ebpf` builds the same object on its own, with the same flags, for inspection
 //! (`llvm-objdump -d`, `bpftool prog load`) and as a quick compile check of the probes.
@@ -97,7 +97,7 @@ pub fn build_ebpf() -> anyhow::Result<()> {
     install_toolchain()?;
     let root = project_root();
     let target_dir = target_dir(&root).join("ebpf");
-    // The same command and flags as aya-build in node/build.rs.
+    // The same command and flags as aya-build in probes/build.rs.
     let rustflags = [
         "--cfg=bpf_target_arch=\"x86_64\"",
         "-Cdebuginfo=2",

@@ -29,7 +29,7 @@ enum Command {
     /// safe to repeat.
     Setup,
     /// Build the eBPF probes (`node-ebpf`) for the BPF target and print the object's path.
-    /// The node's build (node/build.rs) builds and embeds them by itself once `setup` has
+    /// The node's build (probes/build.rs) builds and embeds them by itself once `setup` has
     /// installed the toolchain; this is for inspecting the object.
     BuildEbpf,
     /// Build, start a local cluster (coordinator, two memory nodes, one compute node) and

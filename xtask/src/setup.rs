@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 
 /// Debian packages and the command each provides (checked before installing).
 const PACKAGES: &[(&str, &str)] = &[
-    // `as` and `objcopy` assemble the built-in test guest (node/build.rs).
+    // `as` and `objcopy` assemble the built-in test guest (vmm/build.rs).
     ("binutils", "objcopy"),
     // The end-to-end tests scrape a live node with a real Prometheus server.
     ("prometheus", "prometheus"),

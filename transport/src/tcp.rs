@@ -30,12 +30,12 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
-use zerocopy::IntoBytes;
-
-use super::protocol::{
+use pagemesh_protocol::{
     self, Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_MESSAGE_LEN,
     MAX_RUN_PAGES, Op, Status,
 };
+use zerocopy::IntoBytes;
+
 use super::{PageSource, TransportError};
 
 /// Default read and write timeout of a connection.
@@ -55,7 +55,7 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
 /// idle CPUs halt into a hypervisor, waking one costs more than a round trip on loopback
 /// (docs/benchmarks.md). The poll is the read itself, so a frame that is there costs one
 /// syscall, not a peek and then a read.
-pub(crate) fn spin_read(stream: &TcpStream, buf: &mut [u8], spin: Duration) -> usize {
+pub fn spin_read(stream: &TcpStream, buf: &mut [u8], spin: Duration) -> usize {
     if spin.is_zero() || buf.is_empty() {
         return 0;
     }
@@ -379,7 +379,7 @@ impl TcpPeer {
         let mut head = [0u8; HEADER_LEN];
         let got = spin_read(&self.stream, &mut head, self.options.spin);
         self.stream.read_exact(&mut head[got..]).map_err(io_error)?;
-        match protocol::check(&head, Direction::Response) {
+        match pagemesh_protocol::check(&head, Direction::Response) {
             Ok(_) | Err(FrameError::Incomplete) => {}
             Err(source) => return Err(TransportError::Malformed { node, source }),
         }
@@ -552,7 +552,7 @@ mod tests {
     use std::thread;
 
     use super::*;
-    use crate::transport::protocol::{MAX_FRAME_LEN, encode_error, encode_frame};
+    use pagemesh_protocol::{MAX_FRAME_LEN, encode_error, encode_frame};
 
     /// A one-connection fake server: answers Hello as node `id` of `cluster`, then runs
     /// `script` on each later request header (the script reads the payload, if any).

@@ -2,15 +2,14 @@
 //!
 //! [`PageSource`] is the seam between the pager and a wire: TCP today ([`tcp`]), RDMA later.
 //! [`TransportManager`] holds one connection per peer node and is what the pager calls
-//! on a remote fault. The wire format is in [`protocol`] and `docs/protocol.md`.
+//! on a remote fault. The wire format is in [`pagemesh_protocol`] and `docs/protocol.md`.
 
 pub mod local;
-pub mod protocol;
 pub mod tcp;
 
 use pagemesh_api::{NodeId, VmId};
 
-pub use protocol::{FrameError, Status};
+pub use pagemesh_protocol::{FrameError, Status};
 
 /// Errors talking to a peer's page server.
 #[derive(thiserror::Error, Debug)]
@@ -68,7 +67,7 @@ pub enum TransportError {
         /// The peer's.
         theirs: String,
     },
-    /// A cluster name too long for the Hello ([`protocol::MAX_CLUSTER_LEN`]).
+    /// A cluster name too long for the Hello ([`pagemesh_protocol::MAX_CLUSTER_LEN`]).
     #[error("cluster name of {0} bytes is over the page protocol's limit of 64")]
     ClusterTooLong(usize),
     /// A page of the wrong size was handed over.
@@ -92,7 +91,7 @@ pub enum TransportError {
         /// What is missing.
         what: &'static str,
     },
-    /// A run of more pages than one request may carry ([`protocol::MAX_RUN_PAGES`]).
+    /// A run of more pages than one request may carry ([`pagemesh_protocol::MAX_RUN_PAGES`]).
     #[error("a run of {0} pages is over the limit of 256 per request; split it")]
     RunTooLong(usize),
     /// No connection to this node.

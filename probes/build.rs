@@ -1,10 +1,7 @@
-//! 1. Assembles the built-in test guest (`src/vm/guest.S`) into a flat binary that
-//!    `vm/guest.rs` embeds. Needs GNU `as` and `objcopy` (binutils, present wherever a C
-//!    toolchain is, which Rust's linker needs anyway).
-//! 2. Builds the eBPF probes (`../node-ebpf`) with aya-build and lets `src/ebpf.rs` embed
-//!    them (`cfg(pagemesh_ebpf)`), when the eBPF toolchain is installed: the `nightly`
-//!    toolchain with `rust-src`, and `bpf-linker` (`cargo xtask setup` installs all three).
-//!    Without it the node still builds, embeds no probes and says so when it runs.
+//! Builds the eBPF probes (`../node-ebpf`) with aya-build and lets `src/lib.rs` embed them
+//! (`cfg(pagemesh_ebpf)`), when the eBPF toolchain is installed: the `nightly` toolchain with
+//! `rust-src`, and `bpf-linker` (`cargo xtask setup` installs all three). Without it the
+//! crate still builds, embeds no probes and says so when loaded.
 //!
 //! `PAGEMESH_EBPF=0` skips the probes; `PAGEMESH_EBPF=1` makes a missing toolchain an error
 //! (CI sets it after `cargo xtask setup`, so that probes can never silently go missing).
@@ -12,29 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn run(cmd: &mut Command) {
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}; install binutils"));
-    assert!(status.success(), "{cmd:?} failed with {status}");
-}
-
 fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
-    assemble_guest(&out);
     build_probes(&out);
-}
-
-fn assemble_guest(out: &Path) {
-    let src = "src/vm/guest.S";
-    println!("cargo::rerun-if-changed={src}");
-    let obj = out.join("guest.o");
-    let bin = out.join("guest.bin");
-    run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(src));
-    run(Command::new("objcopy")
-        .args(["-O", "binary", "-j", ".text"])
-        .arg(&obj)
-        .arg(&bin));
 }
 
 /// The nightly toolchain aya-build uses (`rustup run nightly cargo build -Z build-std=core`).

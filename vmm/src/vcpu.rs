@@ -237,7 +237,7 @@ pub fn kick(thread: libc::pthread_t) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::guest::{Access, Order};
+    use crate::guest::{Access, Order};
 
     fn run(order: Order, access: Access, pages: u64) -> WorkloadResult {
         let layout = GuestLayout::new(pages * 4096).unwrap();
@@ -271,7 +271,7 @@ mod tests {
             first_page: 0,
             pages: 777,
         }
-        .expected_checksum(crate::vm::guest::Initial::Zero);
+        .expected_checksum(crate::guest::Initial::Zero);
         assert_eq!(Some(w.checksum), expect);
     }
 

@@ -8,7 +8,7 @@
 //! | vCPU stall | `kvmmmu:kvm_mmu_pagetable_walk` (shadow MMU) or `kvm:kvm_page_fault` (hardware virtualization) → `kvmmmu:kvm_mmu_spte_requested` | raw tracepoints (walk, spte_requested), tracepoint |
 //! | resume | `kvm_mmu_spte_requested` → `kvm:kvm_entry` (hardware hosts only; never fires under kvm_pvm) | tracepoints |
 //! | install | `syscalls:sys_enter_ioctl` → `sys_exit_ioctl` for `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` | tracepoints |
-//! | transfer, per peer | the handler's [`monotonic_ns`] as it takes the fault on (before the request) → [`pagemesh_fetch_done`] | uprobe |
+//! | transfer, per peer | the handler's clock (`pagemesh_pager::trace::monotonic_ns`, CLOCK_MONOTONIC) as it takes the fault on (before the request) → [`pagemesh_fetch_done`] | uprobe |
 //! | page heat | faults resolved per guest frame number (`gfn` of `kvm_mmu_spte_requested`'s `struct kvm_page_fault`, at the offset [`btf`] finds) | raw tracepoint |
 //!
 //! A fault's stall is timed from the *first* walk for its address: a walk repeated for the
@@ -63,7 +63,7 @@ pub const BUILT_IN: bool = cfg!(pagemesh_ebpf);
 /// Stall samples kept in memory (the most recent).
 const SAMPLES_KEPT: usize = 4096;
 
-/// Marks the end of a page fetch from `node` that began at `began_ns` ([`monotonic_ns`]),
+/// Marks the end of a page fetch from `node` that began at `began_ns` (CLOCK_MONOTONIC, in ns),
 /// for the transfer uprobe. The fault handler calls it once the reply is in (or the fetch
 /// failed).
 ///
@@ -86,19 +86,6 @@ pub extern "C" fn pagemesh_fetch_done(node: u32, page: u64, began_ns: u64) {
 #[inline(never)]
 pub extern "C" fn pagemesh_fetch_done(node: u32, page: u64, began_ns: u64) {
     std::hint::black_box((node, page, began_ns));
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, so that a time taken
-/// here and one taken in a probe can be subtracted. Read through the vDSO (no syscall).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec to a valid, exclusively borrowed one.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    // Both fields are non-negative for CLOCK_MONOTONIC.
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Errors loading the probes.
@@ -390,7 +377,7 @@ impl Probes {
             // fetches too); say why once and carry on.
             Err(e) => tracing::info!(
                 "eBPF: transfer probe not attached: {}",
-                crate::service::error_chain(&e)
+                pagemesh_api::error_chain(&e)
             ),
         }
 
@@ -741,7 +728,7 @@ fn fault_gfn_offset() -> Option<u32> {
             None
         }
         Err(e) => {
-            tracing::debug!("eBPF: {}", crate::service::error_chain(&e));
+            tracing::debug!("eBPF: {}", pagemesh_api::error_chain(&e));
             None
         }
     }
@@ -1038,10 +1025,10 @@ mod tests {
 
     #[test]
     fn fetch_marker_is_callable_and_the_clock_advances() {
-        let a = monotonic_ns();
+        let a = pagemesh_pager::trace::monotonic_ns();
         pagemesh_fetch_done(1, 2, a);
         std::thread::sleep(Duration::from_millis(1));
-        let b = monotonic_ns();
+        let b = pagemesh_pager::trace::monotonic_ns();
         assert!(b >= a + 1_000_000, "{a} {b}");
     }
 

@@ -11,9 +11,8 @@
 //! Both are `vm-memory` anonymous mappings. RAM is mapped `MAP_NORESERVE`, so untouched pages
 //! cost nothing, and it is never pre-faulted: every first touch reaches the pager.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-
 use pagemesh_api::PAGE_SIZE;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Guest-physical address of the system region.
 pub const SYSTEM_BASE: u64 = 0;

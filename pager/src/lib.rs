@@ -1,11 +1,25 @@
 //! The pager: serves a guest's page faults from the page directory.
 //!
-//! [`start_pager`] registers guest RAM with a userfaultfd and spawns the fault [`handler`]
-//! thread; [`Pager`] is the handle to stop it and read its [`stats`].
+//! [`start_pager`] registers guest RAM with a userfaultfd and spawns the fault handler
+//! thread; [`Pager`] is the handle to stop it and read its [`stats`]. A newcomer reads the
+//! fault path in this crate from top to bottom: the guest's touch arrives as a userfaultfd
+//! event ([`uffd`]), the handler (`handler.rs`) looks the page up in the [`directory`],
+//! fetches it through the [`pagemesh_transport`] seam and installs it with `UFFDIO_COPY`.
+//!
+//! | module | what it is |
+//! |---|---|
+//! | [`uffd`] | the userfaultfd ioctls the pager uses |
+//! | [`directory`] | where each guest page lives |
+//! | `handler` | the fault handler thread |
+//! | [`stats`] | fault counts and latency histograms |
+//! | [`trace`] | the hook that lets outside tracers (the eBPF probes) time a fault, and their clock |
+//! | `kick` | interrupting the handler's blocking read |
 
 pub mod directory;
 mod handler;
+mod kick;
 pub mod stats;
+pub mod trace;
 pub mod uffd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +31,9 @@ use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 pub use directory::{DirectoryError, PageDirectory, PageOwner};
 pub use stats::{PagerStats, StatsSnapshot};
 
-use crate::transport::{TransportError, TransportManager};
+use pagemesh_transport::{TransportError, TransportManager};
+
+pub use trace::FaultTrace;
 
 /// Errors of the pager.
 #[derive(thiserror::Error, Debug)]
@@ -51,6 +67,9 @@ pub enum PagerError {
         #[source]
         source: std::io::Error,
     },
+    /// Installing the signal handler that stops the handler thread failed.
+    #[error("cannot install the pager's kick signal handler")]
+    Kick(#[source] std::io::Error),
     /// Spawning the handler thread failed.
     #[error("cannot start the fault handler thread")]
     Spawn(#[source] std::io::Error),
@@ -73,6 +92,8 @@ pub struct PagerConfig {
     pub transport: TransportManager,
     /// Pin the handler thread to this CPU (same CPU as the vCPU is fastest here).
     pub cpu: Option<usize>,
+    /// What the handler tells outside tracers about each fault.
+    pub trace: FaultTrace,
     /// Called once, from the handler thread, if it stops on an error (e.g. to kick the vCPU).
     pub on_failure: Box<dyn Fn() + Send>,
 }
@@ -83,7 +104,6 @@ pub struct Pager {
     directory: Arc<PageDirectory>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), PagerError>>>,
-    pthread: libc::pthread_t,
     failure: Arc<Mutex<Option<String>>>,
     /// Keeps the userfaultfd (and thus the registration) alive as long as the pager.
     _uffd: Arc<uffd::Uffd>,
@@ -96,6 +116,7 @@ pub struct Pager {
 pub fn start_pager(config: PagerConfig) -> Result<Pager, PagerError> {
     debug_assert_eq!(config.base as usize % PAGE_SIZE, 0);
     debug_assert_eq!(config.len as u64, config.directory.len() * PAGE_SIZE as u64);
+    kick::install().map_err(PagerError::Kick)?;
     let uffd = Arc::new(uffd::Uffd::new()?);
     uffd.register_missing(config.base as u64, config.len as u64)?;
     let stats = Arc::new(PagerStats::default());
@@ -109,16 +130,14 @@ pub fn start_pager(config: PagerConfig) -> Result<Pager, PagerError> {
         stats: stats.clone(),
         transport: config.transport,
         stop: stop.clone(),
+        trace: config.trace,
     };
     let on_failure = config.on_failure;
     let cpu = config.cpu;
     let failure_slot = failure.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name(format!("pager-vm{}", config.vm))
         .spawn(move || {
-            // SAFETY: pthread_self has no preconditions.
-            let _ = tx.send(unsafe { libc::pthread_self() });
             if let Some(cpu) = cpu {
                 pin_to_cpu(cpu);
             }
@@ -132,13 +151,11 @@ pub fn start_pager(config: PagerConfig) -> Result<Pager, PagerError> {
             result
         })
         .map_err(PagerError::Spawn)?;
-    let pthread = rx.recv().map_err(|_| PagerError::Panicked)?;
     Ok(Pager {
         stats,
         directory: config.directory,
         stop,
         thread: Some(thread),
-        pthread,
         failure,
         _uffd: uffd,
     })
@@ -174,7 +191,7 @@ impl Pager {
         };
         self.stop.store(true, Ordering::Release);
         while !thread.is_finished() {
-            crate::vm::vcpu::kick(self.pthread);
+            kick::kick(&thread);
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         thread.join().map_err(|_| PagerError::Panicked)?

@@ -5,7 +5,7 @@
 //! (the steady state) allocates nothing. Each VM maps page index → slot.
 //!
 //! One mutex guards everything. A request holds it only to look pages up and copy at most
-//! one run ([`crate::transport::protocol::MAX_RUN_PAGES`] pages, 1 MiB); loading, which may
+//! one run ([`pagemesh_protocol::MAX_RUN_PAGES`] pages, 1 MiB); loading, which may
 //! read a whole image, fills pages outside the lock in batches and takes the lock once per
 //! batch to copy them in.
 //!
@@ -25,9 +25,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use pagemesh_api::pattern;
 use pagemesh_api::{Content, NodeId, PAGE_SIZE, Vm, VmId};
-
-use crate::pattern;
 
 /// One page.
 type Page = [u8; PAGE_SIZE];

@@ -19,7 +19,7 @@ impl LocalSource {
         let n = usize::try_from(pages).expect("page count fits in memory");
         let mut buf = vec![0u8; n * PAGE_SIZE];
         for (p, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
-            crate::pattern::fill_page(seed, p as u64, page);
+            pagemesh_api::pattern::fill_page(seed, p as u64, page);
         }
         Self {
             node,

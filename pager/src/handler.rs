@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
+use pagemesh_transport::TransportManager;
 
 use super::PagerError;
 use super::directory::{PageDirectory, PageOwner};
 use super::stats::{FaultKind, PagerStats};
 use super::uffd::{Installed, Uffd};
-use crate::transport::TransportManager;
 
 /// Everything the handler thread owns.
 pub(crate) struct Handler {
@@ -27,6 +27,7 @@ pub(crate) struct Handler {
     pub(crate) stats: Arc<PagerStats>,
     pub(crate) transport: TransportManager,
     pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) trace: crate::FaultTrace,
 }
 
 /// A page-aligned, page-sized buffer (the fetch target and the zero page).
@@ -52,7 +53,7 @@ impl Handler {
             // Three clock readings per fault (start, fetch done = install start, install
             // done), on CLOCK_MONOTONIC, the eBPF probes' clock, so the transfer marker can
             // take `start` as the fetch's beginning.
-            let start = crate::ebpf::monotonic_ns();
+            let start = crate::trace::monotonic_ns();
             let addr = fault.address & !(PAGE_SIZE as u64 - 1);
             let page = (addr - self.base) / PAGE_SIZE as u64;
             let owner = self.directory.owner(page).map_err(PagerError::Directory)?;
@@ -64,7 +65,7 @@ impl Handler {
                         self.stats.record_error();
                         return Err(e);
                     }
-                    install_start = crate::ebpf::monotonic_ns();
+                    install_start = crate::trace::monotonic_ns();
                     transfer = Some((node, since(start, install_start)));
                     // SAFETY: `buf` is one readable page; `addr` is a page-aligned address
                     // inside the registered range (it came from a fault on it).
@@ -85,7 +86,7 @@ impl Handler {
                         .map(|()| Installed::AlreadyPresent),
                 ),
             };
-            let done = crate::ebpf::monotonic_ns();
+            let done = crate::trace::monotonic_ns();
             let latency = since(start, done);
             match installed {
                 Ok(Installed::Done) if kind != FaultKind::Spurious => {
@@ -109,7 +110,7 @@ impl Handler {
     }
 
     /// Fetches `page` from `node` into `dst`, claiming it: the holder frees it, and once
-    /// installed it is recorded as ours. `began` ([`crate::ebpf::monotonic_ns`]) is when the
+    /// installed it is recorded as ours. `began` ([`crate::trace::monotonic_ns`]) is when the
     /// handler took the fault on, for the transfer marker.
     fn fetch_remote_page(
         &mut self,
@@ -119,13 +120,16 @@ impl Handler {
         began: u64,
     ) -> Result<(), PagerError> {
         let r = self.transport.fetch_page(self.vm, page, node, dst);
-        // The marker for the eBPF transfer probe (a uprobe on a 5-byte nop; see ebpf.rs).
-        crate::ebpf::pagemesh_fetch_done(node, page, began);
+        // The marker for the eBPF transfer probe (a uprobe on a 5-byte nop; see the probes
+        // crate).
+        if let Some(fetch_done) = self.trace.fetch_done {
+            fetch_done(node, page, began);
+        }
         r.map_err(|source| PagerError::Fetch { page, node, source })
     }
 }
 
-/// The time from `from` to `to`, two [`crate::ebpf::monotonic_ns`] readings.
+/// The time from `from` to `to`, two [`crate::trace::monotonic_ns`] readings.
 fn since(from: u64, to: u64) -> Duration {
     Duration::from_nanos(to.saturating_sub(from))
 }

@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pagemesh_node::transport::protocol::{
+use pagemesh_protocol::{
     Direction, FrameError, HEADER_LEN, Header, check, encode_frame, parse,
 };
 

@@ -1,5 +1,5 @@
 //! The page server of a memory node: its [`PageStore`] behind the page protocol
-//! ([`crate::transport::protocol`], `docs/protocol.md`).
+//! ([`pagemesh_protocol`], `docs/protocol.md`).
 //!
 //! [`serve`] takes an already-bound listener, so that tests bind `127.0.0.1:0`, and a
 //! [`ShutdownSignal`]. It runs an accept loop on its own thread and one thread per
@@ -43,11 +43,11 @@ use tracing::{debug, warn};
 
 pub use store::{PageStore, StoreError};
 
-use crate::transport::protocol::{
+use pagemesh_protocol::{
     Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_FRAME_LEN, Op, Status,
     encode_error,
 };
-use crate::transport::tcp::spin_read;
+use pagemesh_transport::tcp::spin_read;
 
 /// How the server finds a VM's definition when a client asks it to load it (in the node:
 /// ask the coordinator). The error is a message for the client.
@@ -677,10 +677,10 @@ mod tests {
     use zerocopy::IntoBytes;
 
     use super::*;
-    use crate::pattern;
-    use crate::transport::protocol::{self, MAX_MESSAGE_LEN};
-    use crate::transport::tcp::TcpPeer;
-    use crate::transport::{PageSource, TransportError};
+    use pagemesh_api::pattern;
+    use pagemesh_protocol::{self, MAX_MESSAGE_LEN};
+    use pagemesh_transport::tcp::TcpPeer;
+    use pagemesh_transport::{PageSource, TransportError};
 
     const ME: NodeId = 2;
     const CLIENT: NodeId = 1;
@@ -806,7 +806,7 @@ mod tests {
         assert_eq!(status, Status::NotHeld);
         assert_eq!(peer.held(7).unwrap(), 28);
         // The largest run.
-        let mut all = vec![0u8; protocol::MAX_RUN_PAGES as usize * PAGE_SIZE];
+        let mut all = vec![0u8; pagemesh_protocol::MAX_RUN_PAGES as usize * PAGE_SIZE];
         let (status, _) = remote_status(peer.fetch(7, 0, &mut all));
         assert_eq!(
             status,
@@ -895,7 +895,7 @@ mod tests {
     }
 
     fn error_reply(bytes: &[u8]) -> (Header, String) {
-        let (h, msg) = protocol::parse(bytes, Direction::Response).unwrap();
+        let (h, msg) = pagemesh_protocol::parse(bytes, Direction::Response).unwrap();
         assert!(msg.len() <= MAX_MESSAGE_LEN);
         (h, String::from_utf8(msg.to_vec()).unwrap())
     }
@@ -991,7 +991,7 @@ mod tests {
             let mut whole = head.to_vec();
             whole.extend_from_slice(&payload);
             assert_eq!(
-                protocol::check(&whole, Direction::Response),
+                pagemesh_protocol::check(&whole, Direction::Response),
                 Ok(whole.len())
             );
             replies.push((h, payload));
@@ -1002,7 +1002,7 @@ mod tests {
     /// A frame of `header` and `payload`, checksum included.
     fn frame(header: Header, payload: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; header.frame_len()];
-        protocol::encode_frame(&header, payload, &mut out).unwrap();
+        pagemesh_protocol::encode_frame(&header, payload, &mut out).unwrap();
         out
     }
 
@@ -1125,7 +1125,7 @@ mod tests {
             let n = s.read(&mut buf[have..]).unwrap();
             assert_ne!(n, 0, "the server closed the connection");
             have += n;
-            while let Ok(len) = protocol::check(&buf[..have], Direction::Response) {
+            while let Ok(len) = pagemesh_protocol::check(&buf[..have], Direction::Response) {
                 replies.push(Header::peek(&buf).unwrap());
                 buf.copy_within(len..have, 0);
                 have -= len;

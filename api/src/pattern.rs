@@ -3,9 +3,9 @@
 //! Word `j` (0..512) of page `p` holds `((p * 512 + j + 1) * K) ^ seed` with `K` the 64-bit
 //! golden-ratio constant: every word of every page differs, so a misplaced, stale, torn or
 //! zeroed page fails verification. The guest computes the same expression in
-//! `vm/guest.S`; keep the two in step.
+//! `vmm/src/guest.S`; keep the two in step.
 
-use pagemesh_api::PAGE_SIZE;
+use crate::PAGE_SIZE;
 
 /// Multiplier of the pattern (2^64 / golden ratio).
 pub const K: u64 = 0x9E37_79B9_7F4A_7C15;

@@ -13,10 +13,10 @@
 use std::fmt;
 use std::str::FromStr;
 
+use pagemesh_api::pattern;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::memory::{RAM_BASE, SYSTEM_SIZE};
-use crate::pattern;
 
 /// The assembled guest code.
 static GUEST_CODE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.bin"));
