@@ -127,7 +127,9 @@ pub struct Settings {
     #[arg(long, value_name = "N")]
     pub coordinator_attempts: Option<u32>,
 
-    /// Seconds to wait for a peer's answer before declaring it dead.
+    /// Seconds a peer may fail before it is declared dead [default: 5]: a request waits this
+    /// long for its reply, and a failed connection is re-dialled (1 ms, doubling to 100 ms
+    /// between attempts) and the request asked again for this long before the VM stops.
     #[arg(long, value_name = "SECS")]
     pub peer_timeout: Option<f64>,
 

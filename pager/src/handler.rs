@@ -36,12 +36,20 @@ struct PageBuf([u8; PAGE_SIZE]);
 
 impl Handler {
     /// Serves faults until `stop` is set (and the thread is kicked) or a fault cannot be
-    /// served.
+    /// served. On a stop it first delivers the acknowledgements of its last fetches, so that
+    /// the memory nodes free what they lent.
     pub(crate) fn run(mut self) -> Result<(), PagerError> {
         let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
         let zero = Box::new(PageBuf([0; PAGE_SIZE]));
         loop {
             if self.stop.load(Ordering::Acquire) {
+                if let Err(e) = self.transport.acknowledge_all() {
+                    // The pages stay held on the peer (nothing is lost), counted as held.
+                    tracing::warn!(
+                        "cannot acknowledge the last fetches: {}",
+                        pagemesh_api::error_chain(&e)
+                    );
+                }
                 return Ok(());
             }
             let fault = match self.uffd.read_fault() {
@@ -109,8 +117,9 @@ impl Handler {
         }
     }
 
-    /// Fetches `page` from `node` into `dst`, claiming it: the holder frees it, and once
-    /// installed it is recorded as ours. `began` ([`crate::trace::monotonic_ns`]) is when the
+    /// Fetches `page` from `node` into `dst`, claiming it (the holder frees it when the next
+    /// request acknowledges the fetch), reconnecting and asking again while the node fails
+    /// for less than the peer timeout. Once installed it is recorded as ours. `began` ([`crate::trace::monotonic_ns`]) is when the
     /// handler took the fault on, for the transfer marker.
     fn fetch_remote_page(
         &mut self,

@@ -1,7 +1,7 @@
-//! The binary page protocol, version 2.
+//! The binary page protocol, version 3.
 //!
 //! A compute node's pager talks to each memory node over one TCP connection. Every frame,
-//! request or reply, is a 40-byte little-endian [`Header`] followed by `payload_len` bytes of
+//! request or reply, is a 48-byte little-endian [`Header`] followed by `payload_len` bytes of
 //! payload, whose CRC32C the header carries ([`checksum`]). A connection carries one request
 //! at a time: the client sends a request and reads its reply before sending the next (the
 //! server answers in order, so pipelining also works).
@@ -9,14 +9,19 @@
 //! ```text
 //! compute node (TcpPeer)                                memory node (PageServer)
 //!        |                                                       |
-//!        |-- Hello page=<compute id> + "<cluster>" ------------->| same cluster, or
+//!        |-- Hello page=<compute id> + session + "<cluster>" --->| same cluster, or
 //!        |<----------------- Ok page=<memory id> + "<cluster>" --| either has none
 //!        |-- Load vm=7 ----------------------------------------->| vm_lookup(7), then
 //!        |<------------------------------ Ok page=<held> --------| load its share of VM 7
-//!        |-- Fetch vm=7 page=12 count=4 ------------------------>| copy out, then free
-//!        |<------------------------------ Ok + 4 * 4096 bytes ---| pages 12..16
-//!        |-- Fetch vm=7 page=12 count=1 ------------------------>|
-//!        |<------------------ NotHeld + "page 12 of VM 7 ..." ---| (already claimed)
+//!        |-- Fetch id=5 vm=7 page=12 count=4 ------------------->| copy out, lend
+//!        |<------------------------------ Ok + 4 * 4096 bytes ---| pages 12..16 to the session
+//!        |   (reply lost: reconnect, Hello with the same session, ask again)
+//!        |-- Fetch id=6 vm=7 page=12 count=4 ------------------->| still held: lend again
+//!        |<------------------------------ Ok + 4 * 4096 bytes ---|
+//!        |-- Fetch id=7 ack=6 vm=7 page=40 count=1 ------------->| free what ids <= 6 lent
+//!        |<------------------------------ Ok + 4096 bytes -------| (pages 12..16), lend 40
+//!        |-- Ack ack=7 ----------------------------------------->| free page 40
+//!        |<------------------------------ Ok --------------------|
 //!        |-- WriteBack vm=7 page=12 count=1 + 4096 bytes ------->| holds page 12 again
 //!        |<------------------------------ Ok --------------------|
 //!        |-- Held vm=7 ----------------------------------------->|
@@ -42,10 +47,11 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"PGMS";
-/// The protocol version this module speaks. Version 1 had no checksum and no cluster name.
-pub const VERSION: u8 = 2;
+/// The protocol version this module speaks. Version 1 had no checksum and no cluster name;
+/// version 2 had no acknowledgements (a Fetch freed its pages at once) and no session.
+pub const VERSION: u8 = 3;
 /// Bytes in a [`Header`].
-pub const HEADER_LEN: usize = 40;
+pub const HEADER_LEN: usize = 48;
 /// Most pages one Fetch, Read or WriteBack may carry.
 pub const MAX_RUN_PAGES: u32 = 256;
 /// Most payload bytes of any frame (a full run of pages, 1 MiB).
@@ -54,18 +60,20 @@ pub const MAX_RUN_BYTES: usize = MAX_RUN_PAGES as usize * PAGE_SIZE;
 pub const MAX_MESSAGE_LEN: usize = 1024;
 /// Most bytes of the cluster name a Hello request or its OK reply carries.
 pub const MAX_CLUSTER_LEN: usize = 64;
+/// Bytes of the session id that starts a Hello request's payload.
+pub const SESSION_LEN: usize = 8;
 /// Most bytes of any frame, header included: the size of a buffer that holds any frame.
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_RUN_BYTES;
 
 /// [`PAGE_SIZE`] as a `u32` (4096 fits).
 const PAGE_BYTES: u32 = PAGE_SIZE as u32;
 
-/// The fixed 40-byte header of every frame, as it is on the wire (little-endian, no padding).
+/// The fixed 48-byte header of every frame, as it is on the wire (little-endian, no padding).
 ///
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 4 | `magic` = `b"PGMS"` |
-/// | 4 | 1 | `version` = 2 |
+/// | 4 | 1 | `version` = 3 |
 /// | 5 | 1 | `op` ([`Op`]) |
 /// | 6 | 2 | `status` ([`Status`], 0 in requests) |
 /// | 8 | 8 | `request_id` |
@@ -74,6 +82,7 @@ const PAGE_BYTES: u32 = PAGE_SIZE as u32;
 /// | 24 | 8 | `page` (first page of the run, or a node id / page count, see [`Op`]) |
 /// | 32 | 4 | `payload_len` |
 /// | 36 | 4 | `crc32c` = [`checksum`] of the payload (0 when there is none) |
+/// | 40 | 8 | `ack`: in requests, the client's acknowledgement (see [`Op::Fetch`]); 0 in replies |
 ///
 /// Fields are private so that a header can only be built by the constructors below; a header
 /// read from the network is only meaningful after [`Header::validate`], and its payload only
@@ -91,6 +100,7 @@ pub struct Header {
     page: U64,
     payload_len: U32,
     crc32c: U32,
+    ack: U64,
 }
 
 const _: () = assert!(size_of::<Header>() == HEADER_LEN);
@@ -99,12 +109,19 @@ const _: () = assert!(size_of::<Header>() == HEADER_LEN);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Op {
-    /// Introduction: request `page` = the client's node id, payload = its cluster name; reply
-    /// `page` = the server's node id, payload = its cluster name. Names are UTF-8 of at most
+    /// Introduction: request `page` = the client's node id, payload = its session id
+    /// ([`SESSION_LEN`] bytes, little-endian) and then its cluster name; reply `page` = the
+    /// server's node id, payload = its cluster name. Names are UTF-8 of at most
     /// [`MAX_CLUSTER_LEN`] bytes, empty for none; the server refuses a client of another
-    /// cluster ([`Status::WrongCluster`]).
+    /// cluster ([`Status::WrongCluster`]). The session outlives the connection: a client that
+    /// reconnects says Hello with the same session, and its loans and acknowledgements carry
+    /// over.
     Hello = 1,
-    /// Claim `count` pages from `page` on: the reply carries them and the server frees them.
+    /// Claim `count` pages from `page` on, in two phases: the reply carries them and the
+    /// server *lends* them to the client's session (it still holds them, and lends them again
+    /// if asked, so a lost reply loses nothing). The server frees them once a request of the
+    /// same session carries an `ack` at or above this request's id: the client acknowledges
+    /// by request id, cumulatively, on whatever request it sends next ([`Op::Ack`] if none).
     Fetch = 2,
     /// Like [`Op::Fetch`], but the server keeps its copy.
     Read = 3,
@@ -117,11 +134,14 @@ pub enum Op {
     Held = 6,
     /// Drop every page of VM `vm`; reply `page` = pages dropped.
     Release = 7,
+    /// Nothing but the header's `ack` (see [`Op::Fetch`]); the reply has no payload. A client
+    /// sends it when it has an acknowledgement to deliver and no other request to carry it.
+    Ack = 8,
 }
 
 impl Op {
     /// Every op, in code order.
-    pub const ALL: [Op; 7] = [
+    pub const ALL: [Op; 8] = [
         Op::Hello,
         Op::Fetch,
         Op::Read,
@@ -129,6 +149,7 @@ impl Op {
         Op::Load,
         Op::Held,
         Op::Release,
+        Op::Ack,
     ];
 
     /// Whether the op names a run of pages with `page` and `count`.
@@ -146,6 +167,7 @@ impl Op {
             Op::Load => "Load",
             Op::Held => "Held",
             Op::Release => "Release",
+            Op::Ack => "Ack",
         }
     }
 }
@@ -262,6 +284,9 @@ pub enum FrameError {
     /// A request with a non-zero status field.
     #[error("request carries status {0}; requests must carry 0")]
     StatusInRequest(u16),
+    /// A reply with a non-zero acknowledgement field.
+    #[error("reply carries acknowledgement {0}; replies must carry 0")]
+    AckInReply(u64),
     /// A run of zero pages or of more than [`MAX_RUN_PAGES`].
     #[error("{op} of {count} pages; a run must have 1 to 256 pages")]
     BadCount {
@@ -286,6 +311,9 @@ pub enum FrameError {
     /// A Hello (request or OK reply) with a cluster name over [`MAX_CLUSTER_LEN`] bytes.
     #[error("Hello with a cluster name of {0} bytes; it must be at most 64")]
     ClusterTooLong(u32),
+    /// A Hello request whose payload is too short to hold the session id.
+    #[error("Hello request with a payload of {0} bytes; it must start with an 8-byte session id")]
+    NoSession(u32),
     /// The payload is not the one the header's `crc32c` was computed over: it was damaged on
     /// the way, or the sender computed it wrongly.
     #[error(
@@ -314,6 +342,7 @@ impl FrameError {
                 | FrameError::BadLength { .. }
                 | FrameError::MessageTooLong(_)
                 | FrameError::ClusterTooLong(_)
+                | FrameError::NoSession(_)
                 | FrameError::TooLarge(_)
         )
     }
@@ -332,6 +361,7 @@ impl Header {
             page: U64::new(page),
             payload_len: U32::new(0),
             crc32c: U32::new(0),
+            ack: U64::new(0),
         }
     }
 
@@ -367,6 +397,15 @@ impl Header {
     /// request id as given, everything else 0.
     pub fn error_reply(op: u8, request_id: u64, status: Status) -> Self {
         Header::raw(op, request_id, status, 0, 0, 0)
+    }
+
+    /// This request with its acknowledgement set: every Fetch of this session with a request
+    /// id up to `ack` has been received (or asked again and received), so the server may
+    /// free what they lent.
+    #[must_use]
+    pub fn with_ack(mut self, ack: u64) -> Self {
+        self.ack = U64::new(ack);
+        self
     }
 
     /// This header with `page` replaced.
@@ -452,6 +491,11 @@ impl Header {
         self.payload_len.get()
     }
 
+    /// The acknowledgement a request carries (see [`Op::Fetch`]); 0 acknowledges nothing.
+    pub fn ack(&self) -> u64 {
+        self.ack.get()
+    }
+
     /// The CRC32C of the payload, as the sender computed it (see [`checksum`]).
     pub fn crc32c(&self) -> u32 {
         self.crc32c.get()
@@ -479,7 +523,7 @@ impl Header {
     ///
     /// Checks run in this order, so that the first error is the most telling one and every
     /// non-fatal error leaves `payload_len` trustworthy (at most [`MAX_RUN_BYTES`]): magic,
-    /// version, payload size limit, status, op, count, payload length. An error reply's op
+    /// version, payload size limit, acknowledgement (replies), status, op, count, payload length. An error reply's op
     /// byte is not checked: a server echoes ops it does not know with [`Status::Unsupported`].
     /// The `crc32c` field can only be judged with the payload: [`Header::verify_checksum`].
     pub fn validate(&self, dir: Direction) -> Result<usize, FrameError> {
@@ -500,13 +544,16 @@ impl Header {
                 }
                 let op = self.op()?;
                 match op {
-                    Op::Hello => return self.hello_len(),
+                    Op::Hello => return self.hello_request_len(),
                     Op::Fetch | Op::Read => (op, self.run_pages(op).map(|_| 0)?),
                     Op::WriteBack => (op, self.run_pages(op)? * PAGE_BYTES),
                     _ => (op, 0),
                 }
             }
             Direction::Response => {
+                if self.ack() != 0 {
+                    return Err(FrameError::AckInReply(self.ack()));
+                }
                 if self.status()? != Status::Ok {
                     if len as usize > MAX_MESSAGE_LEN {
                         return Err(FrameError::MessageTooLong(len));
@@ -543,7 +590,19 @@ impl Header {
         }
     }
 
-    /// The frame length of a Hello (request or OK reply), whose payload is a cluster name.
+    /// The frame length of a Hello request, whose payload is a session id and a cluster name.
+    fn hello_request_len(&self) -> Result<usize, FrameError> {
+        let len = self.payload_len();
+        if (len as usize) < SESSION_LEN {
+            return Err(FrameError::NoSession(len));
+        }
+        if len as usize > SESSION_LEN + MAX_CLUSTER_LEN {
+            return Err(FrameError::ClusterTooLong(len - SESSION_LEN as u32));
+        }
+        Ok(self.frame_len())
+    }
+
+    /// The frame length of a Hello OK reply, whose payload is a cluster name.
     fn hello_len(&self) -> Result<usize, FrameError> {
         let len = self.payload_len();
         if len as usize > MAX_CLUSTER_LEN {
@@ -576,6 +635,7 @@ impl fmt::Debug for Header {
             .field("page", &self.page())
             .field("payload_len", &self.payload_len())
             .field("crc32c", &format_args!("{:#010x}", self.crc32c()))
+            .field("ack", &self.ack())
             .finish()
     }
 }
@@ -595,7 +655,7 @@ pub fn checksum(payload: &[u8]) -> u32 {
 /// Whether `buf` starts with a whole valid frame travelling in `dir`; if so, its length.
 ///
 /// Bad magic and version are reported as soon as their bytes are in, before the header is
-/// complete; every other header field is judged once the 40 header bytes are in, before the
+/// complete; every other header field is judged once the 48 header bytes are in, before the
 /// payload is; the checksum once the whole payload is in. So [`FrameError::Incomplete`] after
 /// a whole header means the header is valid and `payload_len` more bytes are due
 /// ([`Header::frame_len`]). Never reads past the frame and never panics.
@@ -769,12 +829,14 @@ mod tests {
         )
             .prop_map(|(op, id, vm, page, count, seed, cluster)| {
                 let count = if op.carries_run() { count } else { 0 };
-                let mut h = Header::request(op, id, vm, page, count);
+                let mut h = Header::request(op, id, vm, page, count).with_ack(seed);
+                let mut hello = seed.to_le_bytes().to_vec();
+                hello.extend_from_slice(&cluster);
                 if op == Op::Hello {
-                    h = h.with_payload_len(cluster.len() as u32);
+                    h = h.with_payload_len(hello.len() as u32);
                 }
                 let payload = match op {
-                    Op::Hello => cluster,
+                    Op::Hello => hello,
                     _ => noise(seed, h.payload_len() as usize),
                 };
                 build(Direction::Request, h, payload)
@@ -994,33 +1056,39 @@ mod tests {
     }
 
     #[test]
-    fn hello_carries_a_cluster_name_of_at_most_64_bytes() {
+    fn hello_carries_a_session_and_a_cluster_name_of_at_most_64_bytes() {
         for dir in [Direction::Request, Direction::Response] {
             let hello = Header::request(Op::Hello, 1, 0, 3, 0);
-            let hello = match dir {
-                Direction::Request => hello,
-                Direction::Response => hello.reply(Status::Ok).with_page(4),
+            // A request starts with the 8-byte session id; a reply is the name alone.
+            let (hello, session) = match dir {
+                Direction::Request => (hello, SESSION_LEN as u32),
+                Direction::Response => (hello.reply(Status::Ok).with_page(4), 0),
             };
             for len in [0, 1, 64] {
                 assert_eq!(
-                    hello.with_payload_len(len).validate(dir),
-                    Ok(HEADER_LEN + len as usize)
+                    hello.with_payload_len(session + len).validate(dir),
+                    Ok(HEADER_LEN + (session + len) as usize)
                 );
             }
-            let long = hello.with_payload_len(65).validate(dir);
+            let long = hello.with_payload_len(session + 65).validate(dir);
             assert_eq!(long, Err(FrameError::ClusterTooLong(65)));
             assert!(long.unwrap_err().is_fatal());
         }
+        let hello = Header::request(Op::Hello, 1, 0, 3, 0);
+        let short = hello.with_payload_len(7).validate(Direction::Request);
+        assert_eq!(short, Err(FrameError::NoSession(7)));
+        assert!(short.unwrap_err().is_fatal());
     }
 
     #[test]
     fn header_layout_is_as_documented() {
         let payload = [7u8; 8192];
         let h = Header::request(Op::WriteBack, 0x0102_0304_0506_0708, 9, 0x1122, 2)
-            .with_checksum(&payload);
+            .with_checksum(&payload)
+            .with_ack(0x0A0B_0C0D);
         let b = h.to_bytes();
         assert_eq!(&b[0..4], b"PGMS");
-        assert_eq!(b[4], 2);
+        assert_eq!(b[4], 3);
         assert_eq!(b[5], 4);
         assert_eq!(&b[6..8], &[0, 0]);
         assert_eq!(&b[8..16], &0x0102_0304_0506_0708u64.to_le_bytes());
@@ -1029,6 +1097,7 @@ mod tests {
         assert_eq!(&b[24..32], &0x1122u64.to_le_bytes());
         assert_eq!(&b[32..36], &8192u32.to_le_bytes());
         assert_eq!(&b[36..40], &checksum(&payload).to_le_bytes());
+        assert_eq!(&b[40..48], &0x0A0B_0C0Du64.to_le_bytes());
     }
 
     #[test]
@@ -1115,10 +1184,15 @@ mod tests {
         assert!(v1.unwrap_err().is_fatal());
         assert_eq!(
             v1.unwrap_err().to_string(),
-            "protocol version 1 is not supported; this node speaks version 2"
+            "protocol version 1 is not supported; this node speaks version 3"
         );
+        // So is version 2, whose Fetch freed pages at once.
         assert_eq!(
             check(b"PGMS\x02", Direction::Request),
+            Err(FrameError::BadVersion(2))
+        );
+        assert_eq!(
+            check(b"PGMS\x03", Direction::Request),
             Err(FrameError::Incomplete)
         );
         assert_eq!(check(b"", Direction::Response), Err(FrameError::Incomplete));
@@ -1129,8 +1203,8 @@ mod tests {
         let mut b = Header::request(Op::Held, 1, 1, 0, 0).to_bytes();
         b[5] = 0;
         assert_eq!(check(&b, Direction::Request), Err(FrameError::UnknownOp(0)));
-        b[5] = 8;
-        assert_eq!(check(&b, Direction::Request), Err(FrameError::UnknownOp(8)));
+        b[5] = 9;
+        assert_eq!(check(&b, Direction::Request), Err(FrameError::UnknownOp(9)));
         // An error reply may echo an op the server does not know.
         let mut msg = [0u8; HEADER_LEN + 8];
         let len = encode_error(&mut msg, 200, 5, Status::Unsupported, format_args!("nope"));

@@ -41,11 +41,11 @@ use std::time::Duration;
 use pagemesh_api::{NodeId, PAGE_SIZE, Vm, VmId};
 use tracing::{debug, warn};
 
-pub use store::{PageStore, StoreError};
+pub use store::{PageStore, Session, StoreError};
 
 use pagemesh_protocol::{
-    Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_FRAME_LEN, Op, Status,
-    encode_error,
+    Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_FRAME_LEN, Op, SESSION_LEN,
+    Status, encode_error,
 };
 use pagemesh_transport::tcp::spin_read;
 
@@ -113,7 +113,7 @@ impl Counters {
 pub struct ServerStats {
     /// Pages sent in Fetch and Read replies.
     pub pages_served: u64,
-    /// Pages sent in Fetch replies (and so freed here).
+    /// Pages lent by Fetch replies and freed here once the client acknowledged them.
     pub pages_claimed: u64,
     /// Pages received in WriteBack requests.
     pub pages_written_back: u64,
@@ -415,12 +415,17 @@ enum End {
 }
 
 fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &ServerContext) {
-    Counters::add(&ctx.counters.connections, 1);
+    let serial = ctx.counters.connections.fetch_add(1, Ordering::Relaxed);
     Counters::add(&ctx.counters.open_connections, 1);
     debug!(%peer, "page connection opened");
     let mut buf = vec![0u8; MAX_FRAME_LEN].into_boxed_slice();
+    // Until the client says Hello with its session, what it is lent is the connection's own.
+    let mut session = Session {
+        client: Session::ANONYMOUS,
+        id: serial,
+    };
     let end = loop {
-        if let Err(end) = serve_request(&mut stream, &mut buf, peer, ctx) {
+        if let Err(end) = serve_request(&mut stream, &mut buf, peer, ctx, &mut session) {
             break end;
         }
     };
@@ -444,6 +449,7 @@ fn serve_request(
     buf: &mut [u8],
     peer: SocketAddr,
     ctx: &ServerContext,
+    session: &mut Session,
 ) -> Result<(), End> {
     let mut head = [0u8; HEADER_LEN];
     let got = spin_read(stream, &mut head, ctx.spin);
@@ -468,7 +474,7 @@ fn serve_request(
     if let Err(e) = request.verify_checksum(&buf[HEADER_LEN..len]) {
         return refuse_frame(stream, buf, peer, ctx, &request, e);
     }
-    let reply_len = dispatch(ctx, &request, buf, peer);
+    let reply_len = dispatch(ctx, &request, buf, peer, session);
     stream.write_all(&buf[..reply_len]).map_err(End::Io)
 }
 
@@ -574,8 +580,19 @@ impl fmt::Display for Chain<'_> {
 }
 
 /// Carries out a valid request whose payload is in `buf[HEADER_LEN..]` (its checksum
-/// verified), and writes the reply into `buf`; returns the reply's length.
-fn dispatch(ctx: &ServerContext, request: &Header, buf: &mut [u8], peer: SocketAddr) -> usize {
+/// verified), and writes the reply into `buf`; returns the reply's length. The request's
+/// acknowledgement takes effect first, whatever the request asks.
+fn dispatch(
+    ctx: &ServerContext,
+    request: &Header,
+    buf: &mut [u8],
+    peer: SocketAddr,
+    session: &mut Session,
+) -> usize {
+    if request.ack() != 0 && request.op() != Ok(Op::Hello) {
+        let freed = ctx.store.acknowledge(*session, request.ack());
+        Counters::add(&ctx.counters.pages_claimed, freed);
+    }
     let vm = request.vm();
     let page = request.page();
     // validate() bounded count by MAX_RUN_PAGES, so the run fits the buffer and a u32.
@@ -585,9 +602,12 @@ fn dispatch(ctx: &ServerContext, request: &Header, buf: &mut [u8], peer: SocketA
     let (head, body) = buf.split_at_mut(HEADER_LEN);
     let result: Result<Header, Refusal> = match request.op() {
         Ok(Op::Hello) => {
-            let theirs = &body[..request.payload_len() as usize];
-            debug!(%peer, client = page, cluster = %String::from_utf8_lossy(theirs), "page client said hello");
+            // validate() checked that the payload holds the session id.
+            let (id, theirs) = body[..request.payload_len() as usize].split_at(SESSION_LEN);
+            let id = u64::from_le_bytes(id.try_into().unwrap_or_default());
+            debug!(%peer, client = page, session = id, cluster = %String::from_utf8_lossy(theirs), "page client said hello");
             ctx.hello(theirs).map(|()| {
+                *session = Session { client: page, id };
                 let ours = ctx.cluster.as_bytes();
                 body[..ours.len()].copy_from_slice(ours);
                 // with_cluster() bounded the name by MAX_CLUSTER_LEN.
@@ -597,14 +617,13 @@ fn dispatch(ctx: &ServerContext, request: &Header, buf: &mut [u8], peer: SocketA
         }
         Ok(Op::Fetch) => ctx
             .store
-            .take(vm, page, &mut body[..run])
+            .lend(vm, page, &mut body[..run], *session, request.request_id())
             .map(|()| {
-                let pages = u64::from(request.count());
-                Counters::add(&ctx.counters.pages_served, pages);
-                Counters::add(&ctx.counters.pages_claimed, pages);
+                Counters::add(&ctx.counters.pages_served, u64::from(request.count()));
                 ok.with_payload_len(run_bytes)
             })
             .map_err(Refusal::from),
+        Ok(Op::Ack) => Ok(ok),
         Ok(Op::Read) => ctx
             .store
             .read(vm, page, &mut body[..run])
@@ -1069,9 +1088,11 @@ mod tests {
         // On the wire: the reply carries the server's name; a refusal keeps the connection,
         // a name that is not UTF-8 is a bad request, and one over 64 bytes closes it.
         let hello = |id, cluster: &[u8]| {
+            let mut payload = 77u64.to_le_bytes().to_vec();
+            payload.extend_from_slice(cluster);
             let h = Header::request(Op::Hello, id, 0, u64::from(CLIENT), 0)
-                .with_payload_len(cluster.len() as u32);
-            frame(h, cluster)
+                .with_payload_len(payload.len() as u32);
+            frame(h, &payload)
         };
         let replies = replies_on_one_connection(
             &server.addr,
@@ -1111,11 +1132,15 @@ mod tests {
             .to_bytes();
         unknown[5] = 99;
         let zero = Header::request(Op::Fetch, 2, 7, 0, 0);
-        let hello = Header::request(Op::Hello, 3, 0, u64::from(CLIENT), 0);
+        let session = 5u64.to_le_bytes();
+        let hello = Header::request(Op::Hello, 3, 0, u64::from(CLIENT), 0)
+            .with_payload_len(SESSION_LEN as u32)
+            .with_checksum(&session);
         let mut out = unknown.to_vec();
         out.extend_from_slice(&[0xEE; 10]);
         out.extend_from_slice(zero.as_bytes());
         out.extend_from_slice(hello.as_bytes());
+        out.extend_from_slice(&session);
         s.write_all(&out).unwrap();
 
         let mut buf = vec![0u8; 4096];
@@ -1175,6 +1200,10 @@ mod tests {
                         peer.fetch(7, p, &mut page).unwrap();
                         assert_pattern(p, &page);
                     }
+                    // Each fetch acknowledged the one before; the last needs its own.
+                    assert!(peer.ack_pending());
+                    peer.acknowledge().unwrap();
+                    assert!(!peer.ack_pending());
                 })
             })
             .collect();
@@ -1183,5 +1212,52 @@ mod tests {
         }
         assert_eq!(server.ctx.store.held(7).unwrap(), 0);
         assert_eq!(server.ctx.pages_claimed(), 32);
+    }
+
+    #[test]
+    fn a_fetch_lends_until_acknowledged_and_can_be_asked_again() {
+        let server = Running::start(100);
+        server.peer().load(7).unwrap();
+        let hello = |id| {
+            let session = 0xABCDu64.to_le_bytes();
+            let h = Header::request(Op::Hello, id, 0, u64::from(CLIENT), 0)
+                .with_payload_len(SESSION_LEN as u32);
+            frame(h, &session)
+        };
+        let fetch = |id, page, ack| {
+            frame(
+                Header::request(Op::Fetch, id, 7, page, 1).with_ack(ack),
+                &[],
+            )
+        };
+        let ack = |id, ack| frame(Header::request(Op::Ack, id, 0, 0, 0).with_ack(ack), &[]);
+        // A Fetch whose reply the client never uses (as if it were lost): lent, not freed.
+        let replies = replies_on_one_connection(&server.addr, &[hello(1), fetch(2, 3, 0)]);
+        assert_eq!(replies[1].0.status(), Ok(Status::Ok));
+        assert_eq!(server.ctx.store.held(7).unwrap(), 32);
+        assert_eq!(server.ctx.pages_claimed(), 0);
+        // The same session, on a new connection, asks again and gets the page; its next
+        // request acknowledges both loans, which free the page once.
+        let replies = replies_on_one_connection(
+            &server.addr,
+            &[hello(3), fetch(4, 3, 0), fetch(5, 4, 4), ack(6, 5)],
+        );
+        assert!(replies.iter().all(|(h, _)| h.status() == Ok(Status::Ok)));
+        assert_pattern(3, &replies[1].1);
+        assert_eq!(server.ctx.store.held(7).unwrap(), 30);
+        assert_eq!(server.ctx.pages_claimed(), 2);
+        // Another session's acknowledgement frees nothing of this one's.
+        let mut peer = server.peer();
+        let mut page = vec![0u8; PAGE_SIZE];
+        peer.fetch(7, 6, &mut page).unwrap();
+        let replies = replies_on_one_connection(&server.addr, &[hello(7), ack(8, 100)]);
+        assert_eq!(replies[1].0.status(), Ok(Status::Ok));
+        assert_eq!(server.ctx.store.held(7).unwrap(), 30);
+        peer.acknowledge().unwrap();
+        assert_eq!(server.ctx.store.held(7).unwrap(), 29);
+        // Releasing the VM drops its loans with its pages.
+        peer.fetch(7, 8, &mut page).unwrap();
+        assert_eq!(server.peer().release(7).unwrap(), 29);
+        assert_eq!(server.ctx.store.lent(), 0);
     }
 }

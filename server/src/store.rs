@@ -9,6 +9,15 @@
 //! read a whole image, fills pages outside the lock in batches and takes the lock once per
 //! batch to copy them in.
 //!
+//! # Loans: claiming in two phases
+//!
+//! A Fetch does not free its pages: [`PageStore::lend`] copies them out and records a loan
+//! to the client's [`Session`] under the request's id; the pages stay held (and can be lent
+//! again: a client whose reply was lost asks again). [`PageStore::acknowledge`] frees the
+//! pages of every loan of the session with an id up to the acknowledged one. Loans are kept
+//! per session in request order, so acknowledging pops from the front. Loading or releasing
+//! a VM drops its loans with its pages.
+//!
 //! # Loading
 //!
 //! [`PageStore::load`] checks capacity before it allocates anything, counting the pages the
@@ -17,8 +26,8 @@
 //! see, and publishes them all at once. While a load runs the VM is unknown to other
 //! requests; a load that fails leaves the VM unknown.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
@@ -187,14 +196,49 @@ impl Slab {
 struct Inner {
     slab: Slab,
     vms: HashMap<VmId, VmPages>,
+    /// Runs lent to each client session and not acknowledged yet, oldest first.
+    loans: HashMap<Session, VecDeque<Loan>>,
 }
 
 impl Inner {
-    fn free_all(&mut self, pages: VmPages) {
+    /// Frees every page of `vm` (which the caller has taken out of `vms`) and forgets its
+    /// loans.
+    fn free_all(&mut self, vm: VmId, pages: VmPages) {
         for slot in pages.slots.into_values() {
             self.slab.release(slot);
         }
+        self.loans.retain(|_, loans| {
+            loans.retain(|l| l.vm != vm);
+            !loans.is_empty()
+        });
     }
+}
+
+/// Who pages are lent to: a client's session, which outlives its connections (the client
+/// names it in its Hello), so that a client that reconnects acknowledges what it was lent
+/// before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Session {
+    /// The client's node id ([`Session::ANONYMOUS`] for a connection without a Hello).
+    pub client: u64,
+    /// The session id the client chose, or the connection's serial number for an anonymous
+    /// one.
+    pub id: u64,
+}
+
+impl Session {
+    /// The client id of connections that did not say Hello: their loans live as long as
+    /// their connection's serial number is used, which is never again.
+    pub const ANONYMOUS: u64 = u64::MAX;
+}
+
+/// A run lent by one Fetch.
+#[derive(Clone, Copy, Debug)]
+struct Loan {
+    request_id: u64,
+    vm: VmId,
+    first: u64,
+    count: u64,
 }
 
 /// The pages a memory node holds for its peers, thread-safe.
@@ -225,6 +269,7 @@ impl PageStore {
                     reserved: 0,
                 },
                 vms: HashMap::new(),
+                loans: HashMap::new(),
             }),
         }
     }
@@ -292,7 +337,7 @@ impl PageStore {
                 return Err(StoreError::NoCapacity { needed, free });
             }
             if let Some(old) = inner.vms.remove(&id) {
-                inner.free_all(old);
+                inner.free_all(id, old);
             }
             inner.slab.reserved += needed;
         }
@@ -315,14 +360,14 @@ impl PageStore {
         let unfilled = needed - staged.slots.len() as u64;
         inner.slab.reserved -= unfilled;
         if let Err(e) = filled {
-            inner.free_all(staged);
+            inner.free_all(id, staged);
             inner.slab.shrink_if_empty();
             return Err(e);
         }
         let held = staged.slots.len() as u64;
         // A concurrent load of the same VM that finished first is replaced: last one wins.
         if let Some(other) = inner.vms.insert(id, staged) {
-            inner.free_all(other);
+            inner.free_all(id, other);
         }
         Ok(held)
     }
@@ -377,7 +422,7 @@ impl PageStore {
     pub fn take(&self, vm: VmId, first: u64, dst: &mut [u8]) -> Result<(), StoreError> {
         let count = run_len(dst.len())?;
         let mut guard = self.lock();
-        let Inner { slab, vms } = &mut *guard;
+        let Inner { slab, vms, .. } = &mut *guard;
         let pages = held_run(vms, vm, first, count)?;
         copy_out(slab, pages, vm, first, dst)?;
         for page in first..first + count {
@@ -388,12 +433,77 @@ impl PageStore {
         Ok(())
     }
 
+    /// Lends the run of `dst.len() / 4096` pages of `vm` from `first` on to `session` under
+    /// `request_id`: copies them into `dst` and records the loan; the store keeps the pages
+    /// until [`PageStore::acknowledge`] frees them. A page lent before (to this session or
+    /// another) is lent again. Fails like [`PageStore::read`].
+    pub fn lend(
+        &self,
+        vm: VmId,
+        first: u64,
+        dst: &mut [u8],
+        session: Session,
+        request_id: u64,
+    ) -> Result<(), StoreError> {
+        let count = run_len(dst.len())?;
+        let mut guard = self.lock();
+        let Inner { slab, vms, loans } = &mut *guard;
+        let pages = held_run(vms, vm, first, count)?;
+        copy_out(slab, pages, vm, first, dst)?;
+        // Grows only while a session has more loans outstanding than ever before: in the
+        // steady state (acknowledged on the next request) this reuses its room.
+        loans.entry(session).or_default().push_back(Loan {
+            request_id,
+            vm,
+            first,
+            count,
+        });
+        Ok(())
+    }
+
+    /// Frees the pages of every run lent to `session` by a request with an id up to
+    /// `up_to`, as far as the store still holds them; returns how many pages it freed.
+    pub fn acknowledge(&self, session: Session, up_to: u64) -> u64 {
+        let mut guard = self.lock();
+        let Inner { slab, vms, loans } = &mut *guard;
+        let Some(queue) = loans.get_mut(&session) else {
+            return 0;
+        };
+        let mut freed = 0;
+        while let Some(loan) = queue.front().copied()
+            && loan.request_id <= up_to
+        {
+            queue.pop_front();
+            let Some(pages) = vms.get_mut(&loan.vm) else {
+                continue;
+            };
+            for page in loan.first..loan.first + loan.count {
+                if let Some(slot) = pages.slots.remove(&page) {
+                    slab.release(slot);
+                    freed += 1;
+                }
+            }
+        }
+        // An empty queue stays, with its room, for the session's next loan.
+        freed
+    }
+
+    /// Pages lent and not acknowledged yet, over every session (a page lent twice counts
+    /// twice).
+    pub fn lent(&self) -> u64 {
+        self.lock()
+            .loans
+            .values()
+            .flat_map(|q| q.iter().map(|l| l.count))
+            .sum()
+    }
+
     /// Copies the run of `dst.len() / 4096` pages of `vm` from `first` on into `dst`; the
     /// store keeps them.
     pub fn read(&self, vm: VmId, first: u64, dst: &mut [u8]) -> Result<(), StoreError> {
         let count = run_len(dst.len())?;
         let mut guard = self.lock();
-        let Inner { slab, vms } = &mut *guard;
+        let Inner { slab, vms, .. } = &mut *guard;
         let pages = held_run(vms, vm, first, count)?;
         copy_out(slab, pages, vm, first, dst)
     }
@@ -404,7 +514,7 @@ impl PageStore {
     pub fn put(&self, vm: VmId, first: u64, src: &[u8]) -> Result<(), StoreError> {
         let count = run_len(src.len())?;
         let mut guard = self.lock();
-        let Inner { slab, vms } = &mut *guard;
+        let Inner { slab, vms, .. } = &mut *guard;
         let pages = held_run(vms, vm, first, count)?;
         let new = (first..first + count)
             .filter(|p| !pages.slots.contains_key(p))
@@ -439,7 +549,7 @@ impl PageStore {
         let mut inner = self.lock();
         let pages = inner.vms.remove(&vm).ok_or(StoreError::UnknownVm(vm))?;
         let dropped = pages.slots.len() as u64;
-        inner.free_all(pages);
+        inner.free_all(vm, pages);
         inner.slab.shrink_if_empty();
         Ok(dropped)
     }

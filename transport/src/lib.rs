@@ -3,6 +3,16 @@
 //! [`PageSource`] is the seam between the pager and a wire: TCP today ([`tcp`]), RDMA later.
 //! [`TransportManager`] holds one connection per peer node and is what the pager calls
 //! on a remote fault. The wire format is in [`pagemesh_protocol`] and `docs/protocol.md`.
+//!
+//! # Failures
+//!
+//! A fetch claims its pages in two phases (the holder keeps them until the fetcher
+//! acknowledges them), so it can be repeated. [`TransportManager`] does so: when a request
+//! fails in a way a new connection may cure (an I/O error, a closed or damaged connection,
+//! a reply out of turn: [`TransportError::is_transient`]), it reconnects and asks again with
+//! exponential backoff ([`RetryPolicy`]), and gives up only when the peer has not answered
+//! for the policy's `give_up_after` (`--peer-timeout`), with [`TransportError::GaveUp`]
+//! naming the node and carrying the last failure.
 
 pub mod local;
 pub mod tcp;
@@ -97,6 +107,60 @@ pub enum TransportError {
     /// No connection to this node.
     #[error("no connection to node {0}; is it registered with the coordinator?")]
     UnknownPeer(NodeId),
+    /// The peer did not answer for longer than the retry policy allows.
+    #[error("node {node} did not answer for {:.1} s ({attempts} reconnection attempts)", after.as_secs_f64())]
+    GaveUp {
+        /// Peer node.
+        node: NodeId,
+        /// How long it was tried.
+        after: std::time::Duration,
+        /// Reconnections tried.
+        attempts: u32,
+        /// The last failure.
+        #[source]
+        last: Box<TransportError>,
+    },
+}
+
+impl TransportError {
+    /// Whether a new connection may cure the failure, so that an idempotent request is worth
+    /// repeating on one: the connection failed, closed, carried a damaged frame or a reply
+    /// out of turn, or could not be made. A refusal, another cluster or a request this side
+    /// got wrong is not.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Connect { .. }
+                | TransportError::Io { .. }
+                | TransportError::Closed { .. }
+                | TransportError::Malformed { .. }
+                | TransportError::Unexpected { .. }
+        )
+    }
+}
+
+/// How [`TransportManager`] repeats a request after a transient failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Give up once the peer has failed for this long (`--peer-timeout`).
+    pub give_up_after: std::time::Duration,
+    /// The wait before the first reconnection; it doubles after each failed one.
+    pub first_backoff: std::time::Duration,
+    /// The longest wait between two reconnections.
+    pub max_backoff: std::time::Duration,
+}
+
+impl RetryPolicy {
+    /// Retries for up to `give_up_after`, waiting 1 ms, then 2, 4, ... up to 100 ms between
+    /// attempts: a cut connection is usually back within a few milliseconds, and a peer that
+    /// restarts is found within 0.1 s of its return.
+    pub fn for_timeout(give_up_after: std::time::Duration) -> Self {
+        RetryPolicy {
+            give_up_after,
+            first_backoff: std::time::Duration::from_millis(1),
+            max_backoff: std::time::Duration::from_millis(100),
+        }
+    }
 }
 
 /// Where remote pages come from: one peer node, over one transport.
@@ -108,7 +172,9 @@ pub trait PageSource: Send {
     fn peer(&self) -> NodeId;
 
     /// Fetches `dst.len() / 4096` consecutive pages of `vm` starting at `page` into `dst` and
-    /// claims them: once this returns `Ok`, the peer no longer holds them.
+    /// claims them, in two phases: the peer keeps them until this source acknowledges the
+    /// fetch (on its next request, or [`PageSource::acknowledge`]), so a fetch whose reply
+    /// was lost can be asked again. Once acknowledged, the peer no longer holds them.
     fn fetch(&mut self, vm: VmId, page: u64, dst: &mut [u8]) -> Result<(), TransportError>;
 
     /// Like [`PageSource::fetch`] but the peer keeps its copy.
@@ -127,6 +193,18 @@ pub trait PageSource: Send {
 
     /// Asks the peer to drop every page of `vm`; returns how many it dropped.
     fn release(&mut self, vm: VmId) -> Result<u64, TransportError>;
+
+    /// Delivers the acknowledgement of the fetches that succeeded, if the peer may not have
+    /// it yet, so that it frees the pages. Sources that claim in one step have nothing to do.
+    fn acknowledge(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    /// Drops the connection, if any, and makes a new one to the same peer. Sources without
+    /// a connection have nothing to do.
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
 }
 
 /// Default time to wait for a peer before declaring it dead.
@@ -137,18 +215,36 @@ pub struct TransportManager {
     local: NodeId,
     cluster: String,
     timeout: std::time::Duration,
+    retry: RetryPolicy,
+    reconnects: u64,
     peers: std::collections::HashMap<NodeId, Box<dyn PageSource>>,
 }
 
 impl TransportManager {
-    /// A manager for node `local`, of no cluster, with no peers yet.
+    /// A manager for node `local`, of no cluster, with no peers yet, whose connections time
+    /// out after `timeout` (to connect, and waiting for a reply) and which retries a failing
+    /// peer for as long ([`RetryPolicy::for_timeout`]).
     pub fn new(local: NodeId, timeout: std::time::Duration) -> Self {
         Self {
             local,
             cluster: String::new(),
             timeout,
+            retry: RetryPolicy::for_timeout(timeout),
+            reconnects: 0,
             peers: std::collections::HashMap::new(),
         }
+    }
+
+    /// This manager with another retry policy.
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Reconnections that succeeded since the manager was made.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
     }
 
     /// This manager for a node of `cluster` (`""`: none): its connections introduce it as
@@ -169,12 +265,16 @@ impl TransportManager {
         endpoint: &pagemesh_api::Endpoint,
     ) -> Result<(), TransportError> {
         let source: Box<dyn PageSource> = match endpoint.transport {
-            pagemesh_api::TransportKind::Tcp => Box::new(tcp::TcpPeer::connect(
+            pagemesh_api::TransportKind::Tcp => Box::new(tcp::TcpPeer::connect_with(
                 self.local,
                 &self.cluster,
                 peer_id,
                 &endpoint.address,
-                self.timeout,
+                tcp::TcpOptions {
+                    connect_timeout: self.timeout,
+                    io_timeout: self.timeout,
+                    ..tcp::TcpOptions::default()
+                },
             )?),
             pagemesh_api::TransportKind::Rdma => {
                 return Err(TransportError::Unsupported {
@@ -207,7 +307,8 @@ impl TransportManager {
         ids
     }
 
-    /// Fetches (and claims) `page` of `vm` from `remote_node` into `dst`, one page.
+    /// Fetches (and claims) `page` of `vm` from `remote_node` into `dst`, one page,
+    /// reconnecting and asking again after a transient failure (see the module docs).
     #[inline]
     pub fn fetch_page(
         &mut self,
@@ -219,6 +320,76 @@ impl TransportManager {
         if dst.len() != pagemesh_api::PAGE_SIZE {
             return Err(TransportError::InvalidPageSize(dst.len()));
         }
-        self.peer(remote_node)?.fetch(vm, page, dst)
+        self.with_retries(remote_node, |p| p.fetch(vm, page, dst))
+    }
+
+    /// Delivers every peer's pending acknowledgement (see [`PageSource::acknowledge`]), with
+    /// retries; returns the first failure after trying them all.
+    pub fn acknowledge_all(&mut self) -> Result<(), TransportError> {
+        let mut first = Ok(());
+        for node in self.peer_ids() {
+            let r = self.with_retries(node, |p| p.acknowledge());
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    /// Runs `op` on the connection to `node`; after a transient failure, reconnects with
+    /// backoff and runs it again, until it succeeds, fails for good, or the policy gives up.
+    /// The first attempt costs nothing more than the call: the retry loop is out of line.
+    #[inline]
+    pub fn with_retries<T>(
+        &mut self,
+        node: NodeId,
+        mut op: impl FnMut(&mut dyn PageSource) -> Result<T, TransportError>,
+    ) -> Result<T, TransportError> {
+        match op(self.peer(node)?) {
+            Err(e) if e.is_transient() => self.retry_after(node, e, &mut op),
+            done => done,
+        }
+    }
+
+    #[cold]
+    fn retry_after<T>(
+        &mut self,
+        node: NodeId,
+        first: TransportError,
+        op: &mut dyn FnMut(&mut dyn PageSource) -> Result<T, TransportError>,
+    ) -> Result<T, TransportError> {
+        let policy = self.retry;
+        let started = std::time::Instant::now();
+        let mut delay = policy.first_backoff;
+        let mut last = first;
+        let mut attempts = 0u32;
+        tracing::warn!(
+            "node {node}: {}; reconnecting",
+            pagemesh_api::error_chain(&last)
+        );
+        loop {
+            let left = policy.give_up_after.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(TransportError::GaveUp {
+                    node,
+                    after: started.elapsed(),
+                    attempts,
+                    last: Box::new(last),
+                });
+            }
+            std::thread::sleep(delay.min(left));
+            delay = (delay * 2).min(policy.max_backoff);
+            attempts += 1;
+            let peer = self.peer(node)?;
+            match peer.reconnect().and_then(|()| op(peer)) {
+                Ok(v) => {
+                    self.reconnects += 1;
+                    tracing::info!("node {node}: reconnected after {attempts} attempts");
+                    return Ok(v);
+                }
+                Err(e) if e.is_transient() => last = e,
+                Err(e) => return Err(e),
+            }
+        }
     }
 }

@@ -5,8 +5,13 @@
 //! straight into the caller's buffer, whose CRC32C is then checked in place. Only error paths
 //! allocate (the peer's message).
 //!
-//! Connecting sends a Hello with this node's id and cluster name, and checks the answer: the
-//! server must be the node asked for, and in the same cluster unless either side has none.
+//! Connecting sends a Hello with this node's id, the peer's session id and the cluster name,
+//! and checks the answer: the server must be the node asked for, and in the same cluster
+//! unless either side has none. The session id is random, chosen once per `TcpPeer`, and kept
+//! across [`TcpPeer::reconnect`]: the server lends fetched pages to the session
+//! ([`pagemesh_protocol::Op::Fetch`]), and every request carries the acknowledgement of the
+//! last Fetch that succeeded, which lets the server free what it lent. A Fetch whose reply
+//! is lost is simply asked again after a reconnect: the pages are still there.
 //!
 //! Every read and write has a timeout (5 s by default, [`TcpOptions`]) so that a dead peer
 //! turns into an error instead of hanging the pager; [`PageSource::load`], which may read a
@@ -19,11 +24,11 @@
 //! its way), so the connection is *poisoned*: every later call fails at once with an error of
 //! the same kind, without touching the socket, until [`TcpPeer::reconnect`] dials again. So is
 //! a connection whose Hello failed (another node, another cluster, a refusal), since it leads
-//! to a server this node must not use. Reconnecting is left to the caller because a request
-//! that failed mid-way may or may not have taken effect on the peer (a Fetch whose reply was
-//! lost or damaged has already freed its pages there), which only the caller can reason
-//! about. A refusal ([`TransportError::Remote`]) of any request but Hello leaves the
-//! connection healthy.
+//! to a server this node must not use. Reconnecting is left to the caller (the
+//! [`TransportManager`](crate::TransportManager) retries with backoff), which knows whether
+//! a request may be repeated: Fetch, Read, Held and Ack may, a WriteBack may (it stores the
+//! same bytes again), a Load or a Release should be judged by the caller. A refusal
+//! ([`TransportError::Remote`]) of any request but Hello leaves the connection healthy.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -32,7 +37,7 @@ use std::time::Duration;
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 use pagemesh_protocol::{
     self, Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_MESSAGE_LEN,
-    MAX_RUN_PAGES, Op, Status,
+    MAX_RUN_PAGES, Op, SESSION_LEN, Status,
 };
 use zerocopy::IntoBytes;
 
@@ -118,6 +123,22 @@ pub struct TcpPeer {
     stream: TcpStream,
     next_id: u64,
     poison: Option<Poison>,
+    /// The session the server lends fetched pages to; the same across reconnections.
+    session: u64,
+    /// The id of the last Fetch that succeeded: every request carries it as its `ack`.
+    ack: u64,
+    /// The highest `ack` the server is known to have received (a reply came back).
+    acked: u64,
+}
+
+/// A session id no other `TcpPeer` of this or another process is likely to pick: std's
+/// per-process random hasher keys, over the process id and the clock.
+fn new_session() -> u64 {
+    use std::hash::BuildHasher;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::hash::RandomState::new().hash_one((std::process::id(), now)) | 1
 }
 
 /// Why a connection is unusable, kept to fail later calls with the same kind of error.
@@ -240,17 +261,34 @@ impl TcpPeer {
             stream,
             next_id: 1,
             poison: None,
+            session: new_session(),
+            ack: 0,
+            acked: 0,
         };
         me.hello()?;
         Ok(me)
     }
 
     /// Drops the connection and dials the peer again (same address and options), clearing
-    /// any poison. Request ids keep increasing across reconnections.
+    /// any poison, and says Hello with the same session. Request ids keep increasing across
+    /// reconnections, and the next request acknowledges what the old connection fetched.
     pub fn reconnect(&mut self) -> Result<(), TransportError> {
         self.stream = dial(self.peer, &self.addr, &self.options)?;
         self.poison = None;
+        // Whether the server saw the last acknowledgement is unknown: send it again.
+        self.acked = 0;
         self.hello()
+    }
+
+    /// The session this peer's fetches are lent to.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// Whether a Fetch has succeeded whose acknowledgement the server has not received yet
+    /// (see [`PageSource::acknowledge`]).
+    pub fn ack_pending(&self) -> bool {
+        self.ack > self.acked
     }
 
     /// Whether an earlier error left the connection unusable (see the module docs).
@@ -287,13 +325,18 @@ impl TcpPeer {
         let node = self.peer;
         // One allocation per connection, so that `exchange` can borrow `self` mutably.
         let ours = self.cluster.clone();
+        // The session id, then the cluster name (at most MAX_CLUSTER_LEN, checked by
+        // connect_with).
+        let mut hello = [0u8; SESSION_LEN + MAX_CLUSTER_LEN];
+        hello[..SESSION_LEN].copy_from_slice(&self.session.to_le_bytes());
+        hello[SESSION_LEN..SESSION_LEN + ours.len()].copy_from_slice(ours.as_bytes());
         let mut theirs = [0u8; MAX_CLUSTER_LEN];
         let reply = self.exchange(
             Op::Hello,
             0,
             u64::from(self.local),
             0,
-            ours.as_bytes(),
+            &hello[..SESSION_LEN + ours.len()],
             &mut theirs,
         )?;
         if reply.page() != u64::from(node) {
@@ -338,16 +381,27 @@ impl TcpPeer {
         self.next_id = self.next_id.wrapping_add(1);
         let mut request = Header::request(op, request_id, vm, page, count);
         if op == Op::Hello {
-            // The cluster name, at most MAX_CLUSTER_LEN bytes (checked by connect_with).
+            // The session and cluster name, at most SESSION_LEN + MAX_CLUSTER_LEN bytes.
             request = request.with_payload_len(out.len() as u32);
+        } else {
+            request = request.with_ack(self.ack);
         }
         debug_assert_eq!(request.payload_len() as usize, out.len());
         let request = request.with_checksum(out);
         let result = self.round_trip(&request, out, into);
-        if let Err(err) = &result
-            && let Some(poison) = Poison::of(err)
-        {
-            self.poison = Some(poison);
+        match &result {
+            // A reply of any status means the server read the request, and its ack.
+            Ok(_) | Err(TransportError::Remote { .. }) => {
+                self.acked = self.acked.max(request.ack());
+                if op == Op::Fetch && result.is_ok() {
+                    self.ack = request_id;
+                }
+            }
+            Err(err) => {
+                if let Some(poison) = Poison::of(err) {
+                    self.poison = Some(poison);
+                }
+            }
         }
         result
     }
@@ -542,6 +596,17 @@ impl PageSource for TcpPeer {
     fn release(&mut self, vm: VmId) -> Result<u64, TransportError> {
         self.exchange(Op::Release, vm, 0, 0, &[], &mut [])
             .map(|h| h.page())
+    }
+
+    fn acknowledge(&mut self) -> Result<(), TransportError> {
+        if !self.ack_pending() {
+            return Ok(());
+        }
+        self.exchange(Op::Ack, 0, 0, 0, &[], &mut []).map(drop)
+    }
+
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        TcpPeer::reconnect(self)
     }
 }
 
