@@ -807,7 +807,7 @@ mod tests {
                 );
                 s.write_all(&buf[..n]).unwrap();
             } else {
-                s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n.............")
+                s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n.....................")
                     .unwrap();
             }
         });
