@@ -42,7 +42,7 @@ pub enum NodeError {
     Linux(#[from] pagemesh_vmm::vcpu::VcpuError),
     /// The guest run failed.
     #[error("guest run failed")]
-    Compute(#[from] crate::compute::ComputeError),
+    Compute(#[from] crate::lifecycle::ComputeError),
     /// Writing the summary failed.
     #[error("cannot write the summary to {0}")]
     Summary(String, #[source] std::io::Error),

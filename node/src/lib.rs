@@ -19,7 +19,8 @@
 //!
 //! | module | what it is |
 //! |---|---|
-//! | [`compute`] | running a guest on pager-served memory |
+//! | [`lifecycle`] | one lifecycle for every guest: pager, vCPU threads, stop, tear-down |
+//! | [`compute`] | running the built-in guest's workload on pager-served memory |
 //! | [`linux_guest`] | booting a Linux kernel on pager-served memory |
 //! | [`coordinator`] | the coordinator client (register, discover, VMs) |
 //! | [`config`] | flags and the TOML config file |
@@ -40,6 +41,7 @@ pub mod config;
 pub mod coordinator;
 pub mod define;
 pub mod error;
+pub mod lifecycle;
 pub mod linux_guest;
 pub mod metrics;
 pub mod otlp;

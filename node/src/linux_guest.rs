@@ -10,16 +10,16 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pagemesh_api::error_chain;
 use pagemesh_api::{Content, CreateVm, NodeId, PAGE_SIZE};
-use pagemesh_pager::{PageDirectory, PagerConfig};
+use pagemesh_pager::PageDirectory;
 use pagemesh_vmm::boot;
 use pagemesh_vmm::linux::{LinuxExit, LinuxMachine, MAX_LINUX_RAM};
-use pagemesh_vmm::vcpu::{self, VcpuError};
+use pagemesh_vmm::vcpu::VcpuError;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::admin::{AdminState, LiveRun};
@@ -27,8 +27,9 @@ use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::define::{guest_mem, placement_request};
 use crate::error::NodeError;
+use crate::lifecycle::{Backing, Launch, run_vm};
 use crate::peers::{connect_vm_peers, held, load_vm};
-use crate::signals::{StopSignals, wait_signal_for};
+use crate::signals::StopSignals;
 
 /// The command line used when `--cmdline` is not given: a serial console, and the
 /// features the instruction emulator of software-assisted KVM cannot handle turned off
@@ -113,132 +114,61 @@ pub fn run_linux(
 
     let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem as usize)])
         .map_err(|e| VcpuError::Exit(format!("cannot map guest RAM: {e}")))?;
-    vcpu::kick_handler_installed()
-        .map_err(|e| VcpuError::Exit(format!("cannot install signal handler: {e}")))?;
     let mut machine = LinuxMachine::new(ram, entry, settings.console, vcpus)?;
-    let (base, len) = machine.ram();
     let console = machine.console.clone();
-    let cpus = machine.take_cpus();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    // SAFETY: pthread_self has no preconditions.
-    let main_thread = unsafe { libc::pthread_self() };
-    // The vCPU threads, once they have started, for kicking them out of KVM_RUN.
-    let threads: Arc<Mutex<Vec<libc::pthread_t>>> = Arc::new(Mutex::new(Vec::new()));
-    let kick_all = {
-        let threads = threads.clone();
-        move || {
-            for &t in threads.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                vcpu::kick(t);
-            }
-        }
-    };
-    let on_failure = {
-        let stop = stop.clone();
-        let kick_all = kick_all.clone();
-        Box::new(move || {
-            stop.store(true, Ordering::Release);
-            kick_all();
-        })
-    };
-    let pager = pagemesh_pager::start_pager(PagerConfig {
-        vm: vm.id,
-        base,
-        len: len as usize,
-        directory: directory.clone(),
-        transport,
-        cpu: settings.pin_cpu,
-        trace: crate::probes::fault_trace(),
-        on_failure,
-    })
-    .map_err(|e| NodeError::Compute(crate::compute::ComputeError::PagerStart(e)))?;
     let running = Arc::new(AtomicBool::new(true));
-    *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveRun {
-        vm: vm.id,
-        guest_pages: pages,
-        stats: pager.stats().clone(),
-        directory,
-        pages_done: Arc::new(AtomicU64::new(0)),
-        running: running.clone(),
-    });
-
     let probes = crate::probes::load_probes(settings, admin, 0, pages);
-    let started = Instant::now();
-    let sample = Arc::new(AtomicBool::new(false));
-    let mut handles = Vec::with_capacity(cpus.len());
-    for mut cpu in cpus {
-        let stop = stop.clone();
-        let sample = sample.clone();
-        let threads = threads.clone();
-        let pin = settings.pin_cpu;
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{}", cpu.id()))
-            .spawn(move || {
-                // SAFETY: pthread_self has no preconditions.
-                threads
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(unsafe { libc::pthread_self() });
-                if let Some(c) = pin
-                    && cpu.id() == 0
-                {
-                    pagemesh_pager::pin_to_cpu(c);
-                }
-                let r = cpu.run(&stop, &sample);
-                // Any vCPU ending ends the VM: wake the main thread, which waits for signals.
-                // SAFETY: pthread_kill on the main thread, which outlives this one.
-                unsafe { libc::pthread_kill(main_thread, libc::SIGUSR2) };
-                (r, cpu.fixups)
-            })
-            .map_err(|e| VcpuError::Exit(format!("cannot start a vCPU thread: {e}")))?;
-        handles.push(handle);
-    }
     tracing::info!(
         "VM {} booting {} on {vcpus} vCPU(s)",
         vm.id,
         kernel.display()
     );
-    let signalled = loop {
+    let launch = Launch {
+        vm: vm.id,
+        backing: Backing::Pager {
+            directory,
+            transport,
+        },
+        cpu: settings.pin_cpu,
+        signals: Some(signals),
         // Every 10 s without news, log where the guest is.
-        let Some(sig) = wait_signal_for(signals, Duration::from_secs(10))? else {
-            sample.store(true, Ordering::Release);
-            if let Some(&t) = threads.lock().unwrap_or_else(|p| p.into_inner()).first() {
-                vcpu::kick(t);
-            }
-            continue;
-        };
-        if sig != libc::SIGUSR2 {
-            tracing::info!("signal {sig} received; stopping the guest");
-            break true;
-        }
-        if handles.iter().any(|h| h.is_finished()) {
-            break false;
-        }
+        idle: Duration::from_secs(10),
     };
-    stop.store(true, Ordering::Release);
-    while !handles.iter().all(|h| h.is_finished()) {
-        kick_all();
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let ended = run_vm(&mut machine, launch, |stats, directory| {
+        *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveRun {
+            vm: vm.id,
+            guest_pages: pages,
+            stats: stats.clone(),
+            directory: directory.clone(),
+            pages_done: Arc::new(AtomicU64::new(0)),
+            running: running.clone(),
+        });
+    });
+    running.store(false, Ordering::Relaxed);
+    // The pager has stopped: guest RAM may go.
+    drop(machine);
+    let ended = ended?;
+    let (elapsed, stats, failure, signalled) = (
+        ended.elapsed,
+        ended.stats,
+        ended.pager_failure,
+        ended.signalled,
+    );
     // The first vCPU that ended for a reason other than the stop request tells how the VM
     // ended; vCPU 0 otherwise.
     let mut exit = Ok(LinuxExit::Stopped);
     let mut fixups = 0;
-    for (i, h) in handles.into_iter().enumerate() {
-        let (r, f) = h.join().map_err(|_| VcpuError::Stopped)?;
-        fixups += f;
-        let decisive = !matches!(r, Ok(LinuxExit::Stopped));
+    for (i, end) in ended.vcpus.into_iter().enumerate() {
+        let end = end.map(|e| {
+            fixups += e.fixups;
+            e.exit
+        });
+        let decisive = !matches!(end, Ok(LinuxExit::Stopped));
         if i == 0 || (decisive && matches!(exit, Ok(LinuxExit::Stopped))) {
-            exit = r;
+            exit = end;
         }
     }
-    drop(machine);
-    running.store(false, Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    let counters = pager.stats().clone();
-    let failure = pager.failure();
-    let _ = pager.stop();
-    let stats = counters.snapshot();
     let held_after = held(&mut control, &vm).unwrap_or_default();
     if !settings.keep_vm {
         crate::peers::release_vm(&mut control, &vm);
@@ -310,7 +240,7 @@ pub fn run_linux(
     }
     if let Some(f) = failure {
         return Err(NodeError::Compute(
-            crate::compute::ComputeError::PagerFailed(f),
+            crate::lifecycle::ComputeError::PagerFailed(f),
         ));
     }
     Ok(ok)

@@ -22,14 +22,15 @@ use pagemesh_vmm::guest::Initial;
 use pagemesh_vmm::memory::RAM_BASE;
 
 use crate::admin::{self, AdminState};
-use crate::compute::{Backing, RunOptions, run_guest};
+use crate::compute::{RunOptions, run_guest};
 use crate::config::{BackingArg, ConfigError, RoleArg, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::define::{content, default_seed, guest_mem, placement_request, workload};
 use crate::error::NodeError;
+use crate::lifecycle::Backing;
 use crate::peers::{connect_vm_peers, held, load_vm, release_vm};
 use crate::probes::load_probes;
-use crate::signals::{block_stop_signals, wait_for_stop_signal};
+use crate::signals::{StopSignals, block_stop_signals, wait_for_stop_signal};
 use crate::summary::{report, write_failure};
 
 /// Runs the node as configured; returns whether the run was good (exit code 0).
@@ -139,15 +140,15 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     let ok = if role.computes() && settings.kernel.is_some() {
         crate::linux_guest::run_linux(id, &settings, &coordinator, &admin_state, &signals)?
     } else if role.computes() && settings.workload.is_some() {
-        let ok = run_compute(id, &settings, &coordinator, &admin_state);
+        let ok = run_compute(id, &settings, &coordinator, &admin_state, &signals);
         if role.serves_memory() || settings.hold {
             tracing::info!("run finished; staying up until stopped (Ctrl-C or SIGTERM)");
-            wait_for_stop_signal(&signals)?;
+            wait_for_stop_signal(&signals).map_err(NodeError::Signals)?;
         }
         ok?
     } else {
         tracing::info!("serving pages until stopped (Ctrl-C or SIGTERM)");
-        wait_for_stop_signal(&signals)?;
+        wait_for_stop_signal(&signals).map_err(NodeError::Signals)?;
         true
     };
     shutdown.trigger();
@@ -169,6 +170,7 @@ fn run_compute(
     settings: &Settings,
     coordinator: &CoordinatorClient,
     admin: &AdminState,
+    signals: &StopSignals,
 ) -> Result<bool, NodeError> {
     let mem = guest_mem(settings, 256 << 20)?;
     let pages = mem / PAGE_SIZE as u64;
@@ -240,7 +242,7 @@ fn run_compute(
             directory: Arc::new(directory),
             transport,
         },
-        |done| tracing::debug!("guest: {done} pages done"),
+        Some(signals),
         |live| *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(live),
     );
     let outcome = match outcome {
@@ -300,7 +302,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
         initial,
         cpu: settings.pin_cpu,
     };
-    let outcome = run_guest(&opts, backing, |_| {}, |_| {})?;
+    let outcome = run_guest(&opts, backing, None, |_| {})?;
     report(
         settings,
         id,

@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use pagemesh_api::{NodeId, Vm, error_chain};
 
-use crate::compute::{ComputeError, RunOutcome};
+use crate::compute::RunOutcome;
 use crate::config::Settings;
 use crate::error::NodeError;
+use crate::lifecycle::ComputeError;
 
 /// Writes the summary of a run that failed, when `--json` asks for one.
 pub(crate) fn write_failure(

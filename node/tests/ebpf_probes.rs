@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use pagemesh_api::Placement;
-use pagemesh_node::compute::{Backing, RunOptions, RunOutcome, run_guest};
+use pagemesh_node::compute::{RunOptions, RunOutcome, run_guest};
+use pagemesh_node::lifecycle::Backing;
 use pagemesh_pager::PageDirectory;
 use pagemesh_probes::{EbpfError, Probes};
 use pagemesh_transport::TransportManager;
@@ -36,7 +37,7 @@ fn backing(seed: u64, nodes: &[u32]) -> Backing {
 
 /// Runs a guest on pages from the in-process peers `nodes` (seed 11) and checks it succeeded.
 fn run_ok(opts: RunOptions, nodes: &[u32]) -> RunOutcome {
-    let out = run_guest(&opts, backing(11, nodes), |_| {}, |_| {}).unwrap();
+    let out = run_guest(&opts, backing(11, nodes), None, |_| {}).unwrap();
     assert!(out.ok(), "{out:?}");
     out
 }

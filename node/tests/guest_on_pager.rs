@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use pagemesh_api::Placement;
-use pagemesh_node::compute::{Backing, RunOptions, run_guest};
+use pagemesh_node::compute::{RunOptions, run_guest};
+use pagemesh_node::lifecycle::Backing;
 use pagemesh_pager::PageDirectory;
 use pagemesh_transport::TransportManager;
 use pagemesh_transport::local::LocalSource;
@@ -40,7 +41,7 @@ fn verify_sees_every_page_from_its_owner() {
     let out = run_guest(
         &opts("verify", "read", Initial::Pattern(77)),
         pager_backing(77),
-        |_| {},
+        None,
         |run| live = Some(run),
     )
     .unwrap();
@@ -65,7 +66,7 @@ fn verify_catches_the_wrong_pattern() {
     let out = run_guest(
         &opts("verify", "read", Initial::Pattern(1)),
         pager_backing(2),
-        |_| {},
+        None,
         |_| {},
     )
     .unwrap();
@@ -79,7 +80,7 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
     let out = run_guest(
         &opts("random", "rmw", Initial::Pattern(5)),
         pager_backing(5),
-        |_| {},
+        None,
         |_| {},
     )
     .unwrap();
@@ -91,7 +92,7 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
     let out = run_guest(
         &opts("stride:16", "write", Initial::Zero),
         zero,
-        |_| {},
+        None,
         |_| {},
     )
     .unwrap();

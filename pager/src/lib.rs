@@ -78,15 +78,56 @@ pub enum PagerError {
     Panicked,
 }
 
+/// Guest RAM the pager serves, borrowed for `'ram`: the mapping stays in place for as long
+/// as a [`Pager`] serves it, which the borrow checker holds the owner of the RAM to (a
+/// `Pager<'ram>` cannot outlive it).
+#[derive(Clone, Copy, Debug)]
+pub struct GuestRam<'ram> {
+    base: *mut u8,
+    len: usize,
+    _mapping: std::marker::PhantomData<&'ram [u8]>,
+}
+
+impl<'ram> GuestRam<'ram> {
+    /// Guest RAM at `base`, `len` bytes.
+    ///
+    /// # Safety
+    ///
+    /// `[base, base + len)` must be one anonymous private mapping (or several contiguous
+    /// ones) that stays mapped, and is not moved or remapped, for `'ram`; `base` and `len`
+    /// must be multiples of 4096. The pager installs pages into it with `UFFDIO_COPY` from
+    /// its own thread while the guest runs.
+    pub unsafe fn new(base: *mut u8, len: usize) -> Self {
+        GuestRam {
+            base,
+            len,
+            _mapping: std::marker::PhantomData,
+        }
+    }
+
+    /// Host address of the first byte.
+    pub fn base(&self) -> *mut u8 {
+        self.base
+    }
+
+    /// Bytes of RAM.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is no RAM at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// What [`start_pager`] needs.
-pub struct PagerConfig {
+pub struct PagerConfig<'ram> {
     /// The VM whose pages are served.
     pub vm: VmId,
-    /// Host address of guest RAM (page aligned).
-    pub base: *mut u8,
-    /// Bytes of guest RAM (a multiple of 4096).
-    pub len: usize,
-    /// Owner of every page; `len / 4096` entries.
+    /// Guest RAM (page aligned, a multiple of 4096 bytes).
+    pub ram: GuestRam<'ram>,
+    /// Owner of every page; `ram.len() / 4096` entries.
     pub directory: Arc<PageDirectory>,
     /// Connections to the nodes holding pages.
     pub transport: TransportManager,
@@ -99,7 +140,7 @@ pub struct PagerConfig {
 }
 
 /// A running pager.
-pub struct Pager {
+pub struct Pager<'ram> {
     stats: Arc<PagerStats>,
     directory: Arc<PageDirectory>,
     stop: Arc<AtomicBool>,
@@ -107,24 +148,27 @@ pub struct Pager {
     failure: Arc<Mutex<Option<String>>>,
     /// Keeps the userfaultfd (and thus the registration) alive as long as the pager.
     _uffd: Arc<uffd::Uffd>,
+    /// The RAM it serves, which must stay mapped while it does.
+    _ram: GuestRam<'ram>,
 }
 
 /// Registers guest RAM with userfaultfd and starts serving its faults.
 ///
-/// Every page of `[base, base + len)` must be unpopulated: pages already present never
-/// fault, so they would never be fetched.
-pub fn start_pager(config: PagerConfig) -> Result<Pager, PagerError> {
-    debug_assert_eq!(config.base as usize % PAGE_SIZE, 0);
-    debug_assert_eq!(config.len as u64, config.directory.len() * PAGE_SIZE as u64);
+/// Every page of the RAM must be unpopulated: pages already present never fault, so they
+/// would never be fetched.
+pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
+    let ram = config.ram;
+    debug_assert_eq!(ram.base as usize % PAGE_SIZE, 0);
+    debug_assert_eq!(ram.len as u64, config.directory.len() * PAGE_SIZE as u64);
     kick::install().map_err(PagerError::Kick)?;
     let uffd = Arc::new(uffd::Uffd::new()?);
-    uffd.register_missing(config.base as u64, config.len as u64)?;
+    uffd.register_missing(ram.base as u64, ram.len as u64)?;
     let stats = Arc::new(PagerStats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let failure = Arc::new(Mutex::new(None));
     let handler = handler::Handler {
         uffd: uffd.clone(),
-        base: config.base as u64,
+        base: ram.base as u64,
         vm: config.vm,
         directory: config.directory.clone(),
         stats: stats.clone(),
@@ -158,10 +202,11 @@ pub fn start_pager(config: PagerConfig) -> Result<Pager, PagerError> {
         thread: Some(thread),
         failure,
         _uffd: uffd,
+        _ram: ram,
     })
 }
 
-impl Pager {
+impl Pager<'_> {
     /// The pager's statistics.
     pub fn stats(&self) -> &Arc<PagerStats> {
         &self.stats
@@ -198,7 +243,7 @@ impl Pager {
     }
 }
 
-impl Drop for Pager {
+impl Drop for Pager<'_> {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }

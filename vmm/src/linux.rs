@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::boot::{BootEntry, GDT, GDT_ADDR, PML4_ADDR};
 use super::i8042::{self, I8042};
+use super::run::{GuestMachine, RunVcpu, Stop};
 use super::serial::{COM1, COM1_IRQ, Com1, ConsoleLog, LineSink, com1};
 use super::vcpu::VcpuError;
 
@@ -43,13 +44,15 @@ pub enum LinuxExit {
     Stopped,
 }
 
-/// A Linux VM. Its vCPUs are taken out with [`LinuxMachine::take_cpus`] and run on their own
-/// threads; the machine (VM file descriptor and memory) must outlive them.
+/// A Linux VM. Its vCPUs are taken out with [`GuestMachine::take_vcpus`] and run on their
+/// own threads; the machine (VM file descriptor and memory) must outlive them.
 pub struct LinuxMachine {
     _kvm: Kvm,
     _vm: VmFd,
     memory: Arc<GuestMemoryMmap>,
     cpus: Vec<Cpu>,
+    /// Asks vCPU 0 to log where the guest is, the next time it is kicked.
+    sample: Arc<AtomicBool>,
     /// What the guest printed.
     pub console: Arc<Mutex<ConsoleLog>>,
 }
@@ -61,6 +64,16 @@ pub struct Cpu {
     memory: Arc<GuestMemoryMmap>,
     devices: Arc<Mutex<Devices>>,
     console: Arc<Mutex<ConsoleLog>>,
+    sample: Arc<AtomicBool>,
+    /// Instructions the VMM emulated by hand (int3, fwait, ud2) on this vCPU.
+    pub fixups: u64,
+}
+
+/// How a Linux vCPU's run ended, and what it did meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinuxVcpuExit {
+    /// How it ended.
+    pub exit: LinuxExit,
     /// Instructions the VMM emulated by hand (int3, fwait, ud2) on this vCPU.
     pub fixups: u64,
 }
@@ -105,6 +118,7 @@ impl LinuxMachine {
         vm.register_irqfd(&irq, COM1_IRQ)
             .map_err(kvm_err("IRQFD"))?;
         let console = Arc::new(Mutex::new(ConsoleLog::default()));
+        let sample = Arc::new(AtomicBool::new(false));
         let com1 = com1(irq, LineSink::new(echo_console, console.clone()));
 
         let supported = kvm
@@ -161,6 +175,7 @@ impl LinuxMachine {
                 memory: memory.clone(),
                 devices: devices.clone(),
                 console: console.clone(),
+                sample: sample.clone(),
                 fixups: 0,
             });
         }
@@ -169,39 +184,60 @@ impl LinuxMachine {
             _vm: vm,
             memory,
             cpus,
+            sample,
             console,
         })
     }
+}
 
-    /// The vCPUs, to run each on its own thread (vCPU 0 first).
-    pub fn take_cpus(&mut self) -> Vec<Cpu> {
-        std::mem::take(&mut self.cpus)
-    }
+impl GuestMachine for LinuxMachine {
+    type Vcpu = Cpu;
 
-    /// Host address and length of guest RAM (what the pager registers).
-    pub fn ram(&self) -> (*mut u8, u64) {
+    fn ram(&self) -> (*mut u8, u64) {
         let r = self
             .memory
             .find_region(GuestAddress(0))
             .expect("RAM starts at 0 by construction");
         (r.as_ptr(), r.len())
     }
+
+    fn take_vcpus(&mut self) -> Vec<Cpu> {
+        std::mem::take(&mut self.cpus)
+    }
+
+    /// Logs where vCPU 0 is (boot progress): it looks the next time it leaves `KVM_RUN`.
+    fn on_idle(&self, stop: &Stop) {
+        self.sample.store(true, Ordering::Release);
+        stop.kick(0);
+    }
 }
 
-impl Cpu {
+impl RunVcpu for Cpu {
+    type Exit = LinuxVcpuExit;
+
     /// This vCPU's id (and local APIC id).
-    pub fn id(&self) -> u8 {
+    fn id(&self) -> u8 {
         self.id
     }
 
-    /// Runs until the guest resets, triple-faults, or `stop` is set and the thread kicked.
-    /// When `sample` is set and the thread kicked, logs where the guest is (boot progress).
-    pub fn run(&mut self, stop: &AtomicBool, sample: &AtomicBool) -> Result<LinuxExit, VcpuError> {
+    /// Runs until the guest resets, triple-faults, or `stop` is requested (then it ends as
+    /// [`LinuxExit::Stopped`]).
+    fn run(&mut self, stop: &Stop) -> Result<LinuxVcpuExit, VcpuError> {
+        let exit = self.run_until_exit(stop)?;
+        Ok(LinuxVcpuExit {
+            exit,
+            fixups: self.fixups,
+        })
+    }
+}
+
+impl Cpu {
+    fn run_until_exit(&mut self, stop: &Stop) -> Result<LinuxExit, VcpuError> {
         loop {
-            if stop.load(Ordering::Acquire) {
+            if stop.is_requested() {
                 return Ok(LinuxExit::Stopped);
             }
-            if sample.swap(false, Ordering::AcqRel) {
+            if self.id == 0 && self.sample.swap(false, Ordering::AcqRel) {
                 self.log_position();
             }
             let exit = match self.vcpu.run() {

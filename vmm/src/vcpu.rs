@@ -1,12 +1,15 @@
 //! A KVM VM with one vCPU running the built-in guest.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use super::guest::{self, GuestError, PORT_DONE, PORT_PROGRESS, Workload, WorkloadResult};
 use super::memory::{GuestLayout, RAM_BASE, SYSTEM_BASE, SYSTEM_SIZE};
+use super::run::{GuestMachine, RunVcpu, Stop};
 
 /// Errors creating or running the VM.
 #[derive(thiserror::Error, Debug)]
@@ -32,14 +35,36 @@ pub enum VcpuError {
     /// The run was stopped from outside (the pager failed, or the node is shutting down).
     #[error("the guest was stopped")]
     Stopped,
+    /// The machine's vCPUs were already taken to run.
+    #[error("the vCPUs were already taken to run")]
+    Taken,
 }
 
-/// A VM with its memory and one vCPU.
+/// A VM with its memory and one vCPU, which runs the built-in workload guest.
 pub struct Machine {
     _kvm: Kvm,
     _vm: VmFd,
-    vcpu: VcpuFd,
+    vcpu: Option<VcpuFd>,
     layout: GuestLayout,
+    workload: Option<Workload>,
+    progress: Arc<AtomicU64>,
+}
+
+/// The built-in guest's vCPU, taken out of its [`Machine`] to run on a thread of its own.
+pub struct BuiltinVcpu {
+    vcpu: VcpuFd,
+    memory: vm_memory::GuestMemoryMmap,
+    workload: Workload,
+    progress: Arc<AtomicU64>,
+}
+
+/// What a built-in guest's run produced.
+#[derive(Clone, Debug)]
+pub struct BuiltinExit {
+    /// The guest's report.
+    pub result: WorkloadResult,
+    /// From the vCPU's first instruction to the guest's done report.
+    pub elapsed: Duration,
 }
 
 impl Machine {
@@ -72,9 +97,16 @@ impl Machine {
         Ok(Self {
             _kvm: kvm,
             _vm: vm,
-            vcpu,
+            vcpu: Some(vcpu),
             layout,
+            workload: None,
+            progress: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Pages the guest has reported done so far (updated as it runs).
+    pub fn progress(&self) -> &Arc<AtomicU64> {
+        &self.progress
     }
 
     /// The guest's memory.
@@ -86,9 +118,12 @@ impl Machine {
     /// seven instructions drop it to CPL3.
     pub fn prepare(&mut self, workload: &Workload, seed: u64) -> Result<(), VcpuError> {
         guest::install(&self.layout.memory, self.layout.ram_pages(), workload, seed)?;
+        self.workload = Some(*workload);
+        let Some(vcpu) = &self.vcpu else {
+            return Err(VcpuError::Taken);
+        };
 
-        let mut sregs = self
-            .vcpu
+        let mut sregs = vcpu
             .get_sregs()
             .map_err(|e| VcpuError::Kvm("GET_SREGS", e))?;
         // Kernel code and data segments: the stub at CODE_ADDR irets to CPL3 itself.
@@ -143,8 +178,7 @@ impl Machine {
         sregs.cr4 = 0x20 | 0x200 | 0x400; // PAE | OSFXSR | OSXMMEXCPT
         sregs.cr0 = 0x8000_0000 | 0x1 | 0x10 | 0x20 | 0x1_0000; // PG | PE | ET | NE | WP
         sregs.efer = 0x500; // LME | LMA
-        self.vcpu
-            .set_sregs(&sregs)
+        vcpu.set_sregs(&sregs)
             .map_err(|e| VcpuError::Kvm("SET_SREGS", e))?;
 
         let regs = kvm_bindings::kvm_regs {
@@ -154,33 +188,60 @@ impl Machine {
             rflags: 0x2,
             ..Default::default()
         };
-        self.vcpu
-            .set_regs(&regs)
+        vcpu.set_regs(&regs)
             .map_err(|e| VcpuError::Kvm("SET_REGS", e))?;
         Ok(())
     }
+}
 
-    /// Runs the vCPU until the guest reports done. `progress` sees pages done as the guest
-    /// reports them. Returns early with [`VcpuError::Stopped`] once `stop` is set and the
-    /// thread has been kicked (see [`kick_handler_installed`]).
-    pub fn run(
-        &mut self,
-        workload: &Workload,
-        stop: &AtomicBool,
-        mut progress: impl FnMut(u64),
-    ) -> Result<WorkloadResult, VcpuError> {
+impl GuestMachine for Machine {
+    type Vcpu = BuiltinVcpu;
+
+    fn ram(&self) -> (*mut u8, u64) {
+        (self.layout.ram_host_addr(), self.layout.ram_size)
+    }
+
+    /// The vCPU, once [`Machine::prepare`] has loaded a workload (none before).
+    fn take_vcpus(&mut self) -> Vec<BuiltinVcpu> {
+        let (Some(vcpu), Some(workload)) = (self.vcpu.take(), self.workload) else {
+            return Vec::new();
+        };
+        vec![BuiltinVcpu {
+            vcpu,
+            memory: self.layout.memory.clone(),
+            workload,
+            progress: self.progress.clone(),
+        }]
+    }
+}
+
+impl RunVcpu for BuiltinVcpu {
+    type Exit = BuiltinExit;
+
+    fn id(&self) -> u8 {
+        0
+    }
+
+    /// Runs the vCPU until the guest reports done, recording its progress reports. Returns
+    /// early with [`VcpuError::Stopped`] once `stop` is requested.
+    fn run(&mut self, stop: &Stop) -> Result<BuiltinExit, VcpuError> {
+        let started = Instant::now();
         loop {
-            if stop.load(Ordering::Acquire) {
+            if stop.is_requested() {
                 return Err(VcpuError::Stopped);
             }
             let outcome = match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(PORT_PROGRESS, data)) => {
-                    progress(le_u32(data));
+                    let done = le_u32(data);
+                    self.progress.store(done, Ordering::Relaxed);
+                    tracing::debug!("guest: {done} pages done");
                     continue;
                 }
                 Ok(VcpuExit::IoOut(PORT_DONE, data)) => {
-                    progress(le_u32(data));
-                    return Ok(guest::read_result(&self.layout.memory, workload)?);
+                    let elapsed = started.elapsed();
+                    self.progress.store(le_u32(data), Ordering::Relaxed);
+                    let result = guest::read_result(&self.memory, &self.workload)?;
+                    return Ok(BuiltinExit { result, elapsed });
                 }
                 Ok(VcpuExit::Shutdown) => Ok(None),
                 Ok(other) => Ok(Some(format!("{other:?}"))),
@@ -204,36 +265,6 @@ fn le_u32(data: &[u8]) -> u64 {
     u64::from(u32::from_le_bytes(b))
 }
 
-/// Signal used to kick a thread out of a blocking `KVM_RUN` or userfaultfd wait.
-pub const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
-
-extern "C" fn on_kick(_: libc::c_int) {}
-
-/// Installs a no-op handler for [`KICK_SIGNAL`] without `SA_RESTART`, so that sending it to
-/// a thread makes its blocking ioctl or read return `EINTR`. Idempotent.
-pub fn kick_handler_installed() -> std::io::Result<()> {
-    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value.
-    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-    sa.sa_sigaction = on_kick as *const () as usize;
-    sa.sa_flags = 0;
-    // SAFETY: sa is fully initialised; the handler is async-signal-safe (it does nothing).
-    let rc = unsafe { libc::sigaction(KICK_SIGNAL, &sa, std::ptr::null_mut()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Sends [`KICK_SIGNAL`] to `thread`.
-pub fn kick(thread: libc::pthread_t) {
-    // SAFETY: pthread_kill on a pthread_t obtained from a live std thread; a thread that has
-    // already exited yields ESRCH, which is harmless here.
-    unsafe {
-        libc::pthread_kill(thread, KICK_SIGNAL);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,8 +280,10 @@ mod tests {
             pages,
         };
         m.prepare(&w, 0).unwrap();
-        let stop = AtomicBool::new(false);
-        let r = m.run(&w, &stop, |_| {}).unwrap();
+        let mut vcpus = m.take_vcpus();
+        assert_eq!(vcpus.len(), 1);
+        assert!(m.take_vcpus().is_empty(), "taken once");
+        let r = vcpus[0].run(&Stop::new()).unwrap().result;
         assert_eq!(
             r.pages_done, pages,
             "{order:?} {access:?} must visit every page"

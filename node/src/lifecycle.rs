@@ -1,0 +1,240 @@
+//! One lifecycle for every guest, the built-in test guest and a Linux kernel alike: take the
+//! machine's vCPUs, start the pager over its RAM, run each vCPU on a thread of its own,
+//! wait for the first to end (or for a stop signal), stop the rest, stop the pager, and only
+//! then let the machine (and its RAM) go.
+//!
+//! One [`Stop`] stops every vCPU (the pager's failure and the node's stop signals request
+//! it), and one channel tells the waiting thread what happened. The pager borrows guest RAM
+//! through [`GuestRam`], so it cannot outlive the machine that maps it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use pagemesh_api::VmId;
+use pagemesh_pager::{GuestRam, PageDirectory, PagerConfig, PagerError, PagerStats, StatsSnapshot};
+use pagemesh_transport::TransportManager;
+use pagemesh_vmm::run::install_kick_handler;
+use pagemesh_vmm::vcpu::VcpuError;
+use pagemesh_vmm::{GuestMachine, RunVcpu, Stop};
+
+use crate::signals::{StopSignals, wait_stop_signal_for};
+
+/// Errors running a guest.
+#[derive(thiserror::Error, Debug)]
+pub enum ComputeError {
+    /// Guest memory could not be set up.
+    #[error("cannot set up guest memory")]
+    Memory(#[from] pagemesh_vmm::memory::MemoryError),
+    /// The VM could not be created or run.
+    #[error("the guest failed")]
+    Vcpu(#[from] VcpuError),
+    /// The signal handler that kicks vCPUs could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    KickHandler(#[source] std::io::Error),
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread")]
+    Spawn(#[source] std::io::Error),
+    /// The pager could not start.
+    #[error("the pager failed to start")]
+    PagerStart(#[source] PagerError),
+    /// The pager stopped on an error; the guest was stopped.
+    #[error("the guest was stopped because the pager failed: {0}")]
+    PagerFailed(String),
+}
+
+/// How guest memory is served during a run.
+pub enum Backing {
+    /// Plain anonymous memory: the kernel zero-fills on demand, no userfaultfd.
+    DemandZero,
+    /// userfaultfd with the given directory and peers.
+    Pager {
+        /// The directory.
+        directory: Arc<PageDirectory>,
+        /// The peers.
+        transport: TransportManager,
+    },
+}
+
+/// What [`run_vm`] needs besides the machine.
+pub struct Launch<'a> {
+    /// The VM's id (for fetch requests).
+    pub vm: VmId,
+    /// How guest memory is served.
+    pub backing: Backing,
+    /// Pin vCPU 0 and the fault handler to this CPU.
+    pub cpu: Option<usize>,
+    /// Stop signals to watch while the guest runs; `None` runs it to its end.
+    pub signals: Option<&'a StopSignals>,
+    /// How long nothing may happen before [`GuestMachine::on_idle`] runs.
+    pub idle: Duration,
+}
+
+/// How a run ended.
+pub struct Ended<E> {
+    /// Each vCPU's end, in vCPU order.
+    pub vcpus: Vec<Result<E, VcpuError>>,
+    /// The pager's statistics (all zero without a pager).
+    pub stats: StatsSnapshot,
+    /// The error that stopped the pager, with its causes, if one did.
+    pub pager_failure: Option<String>,
+    /// Whether a stop signal ended the run.
+    pub signalled: bool,
+    /// From the first vCPU's start to the last one's end.
+    pub elapsed: Duration,
+}
+
+/// What the waiting thread hears.
+enum Event {
+    VcpuEnded,
+    Signal(i32),
+}
+
+/// Runs `machine` until a vCPU ends (any vCPU ending ends the VM), a stop signal arrives or
+/// the pager fails; then stops every vCPU and the pager. `observe` sees the pager's live
+/// figures once it runs (for the admin endpoint).
+pub fn run_vm<M: GuestMachine>(
+    machine: &mut M,
+    launch: Launch<'_>,
+    observe: impl FnOnce(&Arc<PagerStats>, &Arc<PageDirectory>),
+) -> Result<Ended<<M::Vcpu as RunVcpu>::Exit>, ComputeError> {
+    install_kick_handler().map_err(ComputeError::KickHandler)?;
+    let vcpus = machine.take_vcpus();
+    if vcpus.is_empty() {
+        return Err(VcpuError::Taken.into());
+    }
+    let machine: &M = machine;
+    let stop = Arc::new(Stop::new());
+    let (base, len) = machine.ram();
+    // SAFETY: the machine owns the mapping and keeps it in place while it lives; the pager
+    // borrows it through `machine`, so the borrow checker stops it before the machine goes.
+    let ram = unsafe { GuestRam::new(base, len as usize) };
+    let pager = match launch.backing {
+        Backing::DemandZero => None,
+        Backing::Pager {
+            directory,
+            transport,
+        } => {
+            let on_failure = {
+                let stop = stop.clone();
+                Box::new(move || stop.request())
+            };
+            let pager = pagemesh_pager::start_pager(PagerConfig {
+                vm: launch.vm,
+                ram,
+                directory,
+                transport,
+                cpu: launch.cpu,
+                trace: crate::probes::fault_trace(),
+                on_failure,
+            })
+            .map_err(ComputeError::PagerStart)?;
+            observe(pager.stats(), pager.directory());
+            Some(pager)
+        }
+    };
+
+    let started = Instant::now();
+    let (events, heard) = mpsc::channel();
+    let watching = AtomicBool::new(true);
+    let (ends, signalled) = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        let mut spawn_error = None;
+        for mut vcpu in vcpus {
+            let id = vcpu.id();
+            let (stop, events) = (&*stop, events.clone());
+            let pin = launch.cpu.filter(|_| id == 0);
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn_scoped(s, move || {
+                    stop.register_current(id);
+                    if let Some(cpu) = pin {
+                        pagemesh_pager::pin_to_cpu(cpu);
+                    }
+                    let end = vcpu.run(stop);
+                    stop.unregister_current();
+                    let _ = events.send(Event::VcpuEnded);
+                    end
+                });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    spawn_error = Some(ComputeError::Spawn(e));
+                    break;
+                }
+            }
+        }
+        if let Some(signals) = launch.signals {
+            let events = events.clone();
+            let watching = &watching;
+            s.spawn(move || {
+                while watching.load(Ordering::Acquire) {
+                    match wait_stop_signal_for(signals, Duration::from_millis(100)) {
+                        Ok(Some(sig)) => {
+                            let _ = events.send(Event::Signal(sig));
+                            return;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!("cannot wait for stop signals: {e}");
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        drop(events);
+        let mut signalled = false;
+        while spawn_error.is_none() {
+            match heard.recv_timeout(launch.idle) {
+                Ok(Event::VcpuEnded) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Ok(Event::Signal(sig)) => {
+                    tracing::info!("signal {sig} received; stopping the guest");
+                    signalled = true;
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => machine.on_idle(&stop),
+            }
+        }
+        // A vCPU may be between its last look at the flag and KVM_RUN when the first kick
+        // lands: kick until every one has ended.
+        while !handles.iter().all(|h| h.is_finished()) {
+            stop.request();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        watching.store(false, Ordering::Release);
+        let ends: Vec<_> = handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    tracing::error!("a vCPU thread panicked");
+                    Err(VcpuError::Stopped)
+                })
+            })
+            .collect();
+        match spawn_error {
+            Some(e) => Err(e),
+            None => Ok((ends, signalled)),
+        }
+    })?;
+    let elapsed = started.elapsed();
+
+    let (stats, pager_failure) = match pager {
+        Some(p) => {
+            // Stop first: the guest is woken by the install, before the handler has counted
+            // the last fault. A handler that failed returns its error here.
+            let counters = p.stats().clone();
+            let failure = p.failure();
+            let _ = p.stop();
+            (counters.snapshot(), failure)
+        }
+        None => (StatsSnapshot::default(), None),
+    };
+    Ok(Ended {
+        vcpus: ends,
+        stats,
+        pager_failure,
+        signalled,
+        elapsed,
+    })
+}
