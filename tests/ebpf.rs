@@ -2,16 +2,17 @@
 //! the `--json` summary next to the pager's, `--no-ebpf` turns them off, and a node without
 //! the privileges to load them warns once and serves its faults all the same.
 //!
-//! The summary's `"ebpf"` object is
-//! `{"faults":N,"stall_p50_us":X,"stall_p99_us":X,"install_p50_us":X,"transfer_p50_us":X}`
-//! (see `pagemesh_probes::Probes::ebpf_summary_json` and docs/observability.md).
+//! The summary's `"ebpf"` object is a `pagemesh_api::summary::EbpfSummary`
+//! (`{"faults":N,"stall_p50_us":X,"stall_p99_us":X,"install_p50_us":X,"transfer_p50_us":X}`,
+//! from `pagemesh_probes::Probes::summary`; see docs/observability.md).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pagemesh_api::summary::RunSummary;
 use pagemesh_tests::{Bins, Cluster, http_json, test_dir};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 const PAGES: u64 = 16_384;
@@ -39,44 +40,25 @@ fn probes_built_in(test: &str) -> bool {
     false
 }
 
-fn f(v: &Value, key: &str) -> f64 {
-    v[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no number {key} in {v:#}"))
-}
-
-fn u(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no integer {key} in {v:#}"))
-}
-
 /// The checks every probed run must pass; returns the pager's fault count.
-fn check_probed_run(s: &Value) -> u64 {
-    assert_eq!(s["ok"], json!(true), "{s:#}");
-    let e = &s["ebpf"];
-    assert!(e.is_object(), "no ebpf figures in the summary: {s:#}");
-    let keys: Vec<&str> = e.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(
-        keys.len(),
-        5,
-        "exactly faults, stall_p50_us, stall_p99_us, install_p50_us, transfer_p50_us: {e}"
-    );
-    let pager = u(&s["faults"], "remote") + u(&s["faults"], "local_zero");
-    let probed = u(e, "faults");
+fn check_probed_run(s: &RunSummary) -> u64 {
+    assert!(s.ok, "{s:#?}");
+    let Some(e) = s.ebpf else {
+        panic!("no ebpf figures in the summary: {s:#?}");
+    };
+    let pager = s.faults.remote + s.faults.local_zero;
+    let probed = e.faults;
     // Every userfaultfd fault is one vCPU stall; the only other stalls are the system
     // region's first touches.
     assert!(
         probed >= pager && probed <= pager + SYSTEM_REGION_FAULTS,
         "eBPF counted {probed} stalls for {pager} pager faults"
     );
-    let stall_p50 = f(e, "stall_p50_us");
-    let stall_p99 = f(e, "stall_p99_us");
-    let install_p50 = f(e, "install_p50_us");
+    let (stall_p50, stall_p99, install_p50) = (e.stall_p50_us, e.stall_p99_us, e.install_p50_us);
     // Install is non-empty and part of the stall.
-    assert!(install_p50 > 0.0, "{e}");
-    assert!(install_p50 < stall_p50, "{e}");
-    assert!(stall_p50 <= stall_p99, "{e}");
+    assert!(install_p50 > 0.0, "{e:?}");
+    assert!(install_p50 < stall_p50, "{e:?}");
+    assert!(stall_p50 <= stall_p99, "{e:?}");
     // The stall holds the handler's whole service of the fault, so it is at least the
     // handler's median — up to the handler's own overcount: when the install wakes the vCPU
     // on the handler's CPU, the handler's clock keeps running while the vCPU runs on to its
@@ -87,8 +69,7 @@ fn check_probed_run(s: &Value) -> u64 {
     // plus the guest's work, so the median stall stays below it (with room for median vs
     // mean). The handler's p99 is no upper bound: the stall also holds the event delivery
     // and the wake-up, which for a zero-fill fault are most of it.
-    let fault_p50 = f(s, "fault_p50_us");
-    let us_per_page = f(s, "us_per_page");
+    let (fault_p50, us_per_page) = (s.fault_p50_us, s.us_per_page);
     assert!(
         stall_p50 * 2.0 >= fault_p50 && stall_p50 <= us_per_page * 1.5,
         "stall p50 {stall_p50} µs vs handler p50 {fault_p50} µs and the guest's \
@@ -120,13 +101,12 @@ fn probes_measure_remote_faults_next_to_the_pager() {
         assert_eq!(cell["stalls"], json!(per_cell), "cell {i}: {cell}");
     }
     proc.stop().unwrap();
-    assert_eq!(s["faults"]["remote"], json!(PAGES), "{s:#}");
-    let e = &s["ebpf"];
+    assert_eq!(s.faults.remote, PAGES, "{s:#?}");
+    let e = s.ebpf.expect("checked above");
     // Every fault fetched its page from a peer: transfers were timed, and each is a part
     // of its fault's stall.
-    let transfer_p50 = f(e, "transfer_p50_us");
-    assert!(transfer_p50 > 0.0, "{e}");
-    assert!(transfer_p50 < f(e, "stall_p99_us"), "{e}");
+    assert!(e.transfer_p50_us > 0.0, "{e:?}");
+    assert!(e.transfer_p50_us < e.stall_p99_us, "{e:?}");
     assert!(
         !warned_about_ebpf(&proc.stderr),
         "a privileged node must not warn about its probes:\n{}",
@@ -157,10 +137,10 @@ fn zero_fill_faults_are_stalls_and_installs_without_transfers() {
         .unwrap();
     assert!(status.success(), "{status}: {}", proc.log_tail());
     assert_eq!(check_probed_run(&s), PAGES / 2);
-    assert_eq!(s["faults"]["local_zero"], json!(PAGES / 2), "{s:#}");
+    assert_eq!(s.faults.local_zero, PAGES / 2, "{s:#?}");
     assert_eq!(
-        f(&s["ebpf"], "transfer_p50_us"),
-        0.0,
+        s.ebpf.map(|e| e.transfer_p50_us),
+        Some(0.0),
         "no fetches, no transfers"
     );
 }
@@ -175,12 +155,9 @@ fn no_ebpf_runs_without_probes() {
         )
         .unwrap();
     assert!(status.success(), "{status}: {}", proc.log_tail());
-    assert_eq!(s["ok"], json!(true), "{s:#}");
-    assert_eq!(s["faults"]["remote"], json!(PAGES / 4));
-    assert!(
-        s.get("ebpf").is_none_or(Value::is_null),
-        "--no-ebpf still reported probes: {s:#}"
-    );
+    assert!(s.ok, "{s:#?}");
+    assert_eq!(s.faults.remote, PAGES / 4);
+    assert!(s.ebpf.is_none(), "--no-ebpf still reported probes: {s:#?}");
     assert!(!warned_about_ebpf(&proc.stderr), "{}", proc.log_tail());
 }
 
@@ -195,11 +172,11 @@ fn unprivileged_node_warns_once_and_serves_faults() {
         .run_compute(&["--mem", "64MiB", "--workload", "verify"], RUN_TIMEOUT)
         .unwrap();
     assert!(status.success(), "{status}: {}", proc.log_tail());
-    assert_eq!(s["ok"], json!(true), "{s:#}");
-    assert_eq!(s["faults"]["remote"], json!(PAGES), "{s:#}");
+    assert!(s.ok, "{s:#?}");
+    assert_eq!(s.faults.remote, PAGES, "{s:#?}");
     assert!(
-        s.get("ebpf").is_none_or(Value::is_null),
-        "probes reported without privileges: {s:#}"
+        s.ebpf.is_none(),
+        "probes reported without privileges: {s:#?}"
     );
     let log = std::fs::read_to_string(&proc.stderr).unwrap();
     let warnings: Vec<&str> = log.lines().filter(|l| is_ebpf_warning(l)).collect();

@@ -4,17 +4,13 @@
 use std::time::Duration;
 
 use pagemesh_tests::{Bins, Cluster, test_dir};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn cluster(name: &str) -> Cluster {
     let bins = Bins::for_tests().expect("binaries are built");
     Cluster::start(bins, test_dir(name), &[1, 2], "512MiB").expect("cluster starts")
-}
-
-fn held(summary: &Value, key: &str, node: &str) -> u64 {
-    summary[key][node].as_u64().unwrap_or(u64::MAX)
 }
 
 #[test]
@@ -24,20 +20,21 @@ fn guest_verifies_64mib_living_on_two_memory_nodes() {
         .run_compute(&["--mem", "64MiB", "--workload", "verify"], RUN_TIMEOUT)
         .unwrap();
     assert!(status.success(), "{status}: {}", proc.log_tail());
-    assert_eq!(s["ok"], json!(true), "{s:#}");
-    assert_eq!(s["result"]["pages_done"], json!(16384));
-    assert_eq!(s["result"]["bad_pages"], json!(0));
-    assert_eq!(s["result"]["first_bad_page"], Value::Null);
+    assert!(s.ok, "{s:#?}");
+    let result = s.result.expect("the guest's result");
+    assert_eq!(result.pages_done, 16384);
+    assert_eq!(result.bad_pages, 0);
+    assert_eq!(result.first_bad_page, None);
     // Every page lived on a memory node: every fault was remote.
-    assert_eq!(s["faults"]["remote"], json!(16384), "{s:#}");
-    assert_eq!(s["faults"]["local_zero"], json!(0));
-    assert_eq!(s["remote_miss_ratio"], json!(1.0));
-    assert!(s["fault_p50_us"].as_f64().unwrap() > 0.0);
+    assert_eq!(s.faults.remote, 16384, "{s:#?}");
+    assert_eq!(s.faults.local_zero, 0);
+    assert_eq!(s.remote_miss_ratio, 1.0);
+    assert!(s.fault_p50_us > 0.0);
     // Interleaved: half on each node, all claimed by the run.
-    assert_eq!(held(&s, "held_before", "1"), 8192);
-    assert_eq!(held(&s, "held_before", "2"), 8192);
-    assert_eq!(held(&s, "held_after", "1"), 0);
-    assert_eq!(held(&s, "held_after", "2"), 0);
+    assert_eq!(s.held_before.get(&1), Some(&8192));
+    assert_eq!(s.held_before.get(&2), Some(&8192));
+    assert_eq!(s.held_after.get(&1), Some(&0));
+    assert_eq!(s.held_after.get(&2), Some(&0));
 }
 
 #[test]
@@ -62,15 +59,11 @@ fn each_page_is_fetched_once_and_freed_by_its_holder() {
         )
         .unwrap();
     assert!(status.success(), "{status}: {}", proc.log_tail());
-    assert_eq!(s["ok"], json!(true), "{s:#}");
-    assert_eq!(
-        s["faults"]["remote"],
-        json!(4096),
-        "one fetch per touched page: {s:#}"
-    );
-    assert_eq!(s["faults"]["spurious"], json!(0));
-    assert_eq!(held(&s, "held_after", "1"), 8192 - 2048);
-    assert_eq!(held(&s, "held_after", "2"), 8192 - 2048);
+    assert!(s.ok, "{s:#?}");
+    assert_eq!(s.faults.remote, 4096, "one fetch per touched page: {s:#?}");
+    assert_eq!(s.faults.spurious, 0);
+    assert_eq!(s.held_after.get(&1), Some(&(8192 - 2048)));
+    assert_eq!(s.held_after.get(&2), Some(&(8192 - 2048)));
 }
 
 #[test]
@@ -94,11 +87,11 @@ fn never_written_pages_are_zero_filled_without_the_network() {
         )
         .unwrap();
     assert!(status.success(), "{status}: {}", proc.log_tail());
-    assert_eq!(s["ok"], json!(true), "{s:#}");
-    assert_eq!(s["faults"]["remote"], json!(0));
-    assert_eq!(s["faults"]["local_zero"], json!(8192));
-    assert_eq!(s["bytes_fetched"], json!(0));
-    assert_eq!(s["remote_miss_ratio"], json!(0.0));
+    assert!(s.ok, "{s:#?}");
+    assert_eq!(s.faults.remote, 0);
+    assert_eq!(s.faults.local_zero, 8192);
+    assert_eq!(s.bytes_fetched, 0);
+    assert_eq!(s.remote_miss_ratio, 0.0);
 }
 
 #[test]
@@ -133,12 +126,12 @@ fn a_memory_image_is_split_over_the_memory_nodes() {
         )
         .unwrap();
     assert!(status.success(), "{status}: {}", proc.log_tail());
-    assert_eq!(s["faults"]["remote"], json!(2048), "{s:#}");
+    assert_eq!(s.faults.remote, 2048, "{s:#?}");
     // The checksum of the pattern's first words proves the bytes came from the image.
     let expected = (0..2048u64).fold(0u64, |a, p| {
         a.wrapping_add(pagemesh_api::pattern::first_word(42, p))
     });
-    assert_eq!(s["result"]["checksum"], json!(expected));
+    assert_eq!(s.result.map(|r| r.checksum), Some(expected));
     let (status, s, proc) = c
         .run_compute(
             &[
@@ -157,8 +150,8 @@ fn a_memory_image_is_split_over_the_memory_nodes() {
         )
         .unwrap();
     assert!(status.success(), "{status}: {}", proc.log_tail());
-    assert_eq!(s["faults"]["local_zero"], json!(2048), "{s:#}");
-    assert_eq!(s["result"]["checksum"], json!(0));
+    assert_eq!(s.faults.local_zero, 2048, "{s:#?}");
+    assert_eq!(s.result.map(|r| r.checksum), Some(0));
 }
 
 #[test]

@@ -20,7 +20,8 @@
 //!
 //! Every error is an [`ApiError`] body with a non-2xx status.
 //!
-//! [`stats`] is the JSON of a node's `GET /stats`.
+//! [`stats`] is the JSON of a node's `GET /stats`; [`summary`] the run summary a compute node
+//! writes with `--json`.
 //!
 //! [`placement`] holds the page-placement arithmetic that the coordinator validates, memory
 //! nodes load by, and compute nodes build their page directory from.
@@ -30,6 +31,7 @@
 pub mod pattern;
 pub mod placement;
 pub mod stats;
+pub mod summary;
 
 use serde::{Deserialize, Serialize};
 

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use pagemesh_api::error_chain;
+use pagemesh_api::summary::{LinuxRun, RunSummary};
 use pagemesh_api::{Content, CreateVm, NodeId, PAGE_SIZE};
 use pagemesh_pager::PageDirectory;
 use pagemesh_vmm::boot;
@@ -204,37 +205,38 @@ pub fn run_linux(
     );
     println!("  result: {}", if ok { "OK" } else { "FAILED" });
     let _ = std::io::stdout().flush();
-    if let Some(path) = &settings.json {
-        let v = serde_json::json!({
-            "node": id,
-            "vm": vm.id,
-            "guest_pages": pages,
-            "faults": {"remote": stats.remote, "local_zero": stats.local_zero, "spurious": stats.spurious, "errors": stats.errors},
-            "remote_miss_ratio": stats.remote_miss_ratio,
-            "fault_p50_us": stats.fault_p50_us,
-            "fault_p99_us": stats.fault_p99_us,
-            "elapsed_s": elapsed.as_secs_f64(),
-            "linux": {
-                "exit": exit_text,
-                "console_lines": log.count,
-                "fixups": fixups,
-                "reached_linux_version": reached("Linux version").is_some(),
-                "reached_memory": reached("Memory:").is_some(),
-                "reached_init": reached("pagemesh-init").is_some(),
-                "milestones_s": log.milestones(),
-                "console_tail": log.tail(),
-            },
-            "held_before": held_before,
-            "held_after": held_after,
-            "ebpf": probes.as_ref().map(|p| p.ebpf_summary_json()),
-            "ok": ok,
-        });
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
-        )
-        .map_err(|e| NodeError::Summary(path.display().to_string(), e))?;
-    }
+    crate::summary::write(
+        settings,
+        &RunSummary {
+            node: id,
+            vm: Some(vm.id),
+            guest_pages: pages,
+            faults: crate::summary::faults(&stats),
+            remote_miss_ratio: stats.remote_miss_ratio,
+            fault_p50_us: stats.fault_p50_us,
+            fault_p90_us: stats.fault_p90_us,
+            fault_p99_us: stats.fault_p99_us,
+            fault_max_us: stats.fault_max_us,
+            bytes_fetched: stats.bytes_fetched,
+            elapsed_s: elapsed.as_secs_f64(),
+            linux: Some(LinuxRun {
+                exit: exit_text,
+                console_lines: log.count,
+                fixups,
+                reached_linux_version: reached("Linux version").is_some(),
+                reached_memory: reached("Memory:").is_some(),
+                reached_init: reached("pagemesh-init").is_some(),
+                milestones_s: log.milestones(),
+                console_tail: log.tail(),
+            }),
+            held_before,
+            held_after,
+            ebpf: probes.as_ref().map(|p| p.summary()),
+            ok,
+            // A Linux guest reports no pages or checksum, and its errors are returned below.
+            ..RunSummary::default()
+        },
+    )?;
     if let Err(e) = exit {
         return Err(NodeError::Linux(e));
     }

@@ -260,7 +260,7 @@ fn run_compute(
     if loaded && !settings.keep_vm {
         release_vm(&mut control, &vm);
     }
-    let ebpf = probes.as_ref().map(|p| p.ebpf_summary_json());
+    let ebpf = probes.as_ref().map(|p| p.summary());
     report(
         settings,
         id,

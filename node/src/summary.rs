@@ -2,7 +2,10 @@
 
 use std::collections::BTreeMap;
 
+use pagemesh_api::summary::{EbpfSummary, FaultCounts, GuestResult, RunSummary};
 use pagemesh_api::{NodeId, Vm, error_chain};
+use pagemesh_pager::StatsSnapshot;
+use pagemesh_vmm::WorkloadResult;
 
 use crate::compute::RunOutcome;
 use crate::config::Settings;
@@ -16,14 +19,39 @@ pub(crate) fn write_failure(
     vm: &Vm,
     e: &ComputeError,
 ) -> Result<(), NodeError> {
-    if let Some(path) = &settings.json {
-        let v = serde_json::json!({
-            "node": id, "vm": vm.id, "ok": false, "error": error_chain(e),
-        });
-        std::fs::write(path, v.to_string() + "\n")
-            .map_err(|e| NodeError::Summary(path.display().to_string(), e))?;
+    write(
+        settings,
+        &RunSummary::failed(id, Some(vm.id), error_chain(e)),
+    )
+}
+
+/// Writes `summary` to the `--json` file, if there is one.
+pub(crate) fn write(settings: &Settings, summary: &RunSummary) -> Result<(), NodeError> {
+    let Some(path) = &settings.json else {
+        return Ok(());
+    };
+    // Plain data with string map keys: serializing it cannot fail.
+    let text = serde_json::to_string_pretty(summary).expect("a run summary serializes");
+    std::fs::write(path, text + "\n").map_err(|e| NodeError::Summary(path.display().to_string(), e))
+}
+
+/// The pager's fault counters as the summary reports them.
+pub(crate) fn faults(s: &StatsSnapshot) -> FaultCounts {
+    FaultCounts {
+        remote: s.remote,
+        local_zero: s.local_zero,
+        spurious: s.spurious,
+        errors: s.errors,
     }
-    Ok(())
+}
+
+fn guest_result(w: &WorkloadResult) -> GuestResult {
+    GuestResult {
+        pages_done: w.pages_done,
+        checksum: w.checksum,
+        first_bad_page: w.first_bad_page,
+        bad_pages: w.bad_pages,
+    }
 }
 
 /// Prints the run's summary, writes it when `--json` asks, and returns whether it was good.
@@ -34,7 +62,7 @@ pub(crate) fn report(
     o: &RunOutcome,
     held_before: &BTreeMap<NodeId, u64>,
     held_after: &BTreeMap<NodeId, u64>,
-    ebpf: Option<serde_json::Value>,
+    ebpf: Option<EbpfSummary>,
 ) -> Result<bool, NodeError> {
     let ok = o.ok();
     let w = &o.result;
@@ -73,32 +101,30 @@ pub(crate) fn report(
         (None, None) => println!("  content: not checked (unknown in advance)"),
     }
     println!("  result: {}", if ok { "OK" } else { "FAILED" });
-    if let Some(path) = &settings.json {
-        let v = serde_json::json!({
-            "node": id,
-            "vm": vm.map(|v| v.id),
-            "guest_pages": vm.map_or(w.pages_done, |v| v.placement.pages()),
-            "faults": {"remote": s.remote, "local_zero": s.local_zero, "spurious": s.spurious, "errors": s.errors},
-            "remote_miss_ratio": s.remote_miss_ratio,
-            "fault_p50_us": s.fault_p50_us,
-            "fault_p90_us": s.fault_p90_us,
-            "fault_p99_us": s.fault_p99_us,
-            "fault_max_us": s.fault_max_us,
-            "bytes_fetched": s.bytes_fetched,
-            "us_per_page": o.us_per_page(),
-            "elapsed_s": o.elapsed.as_secs_f64(),
-            "result": w,
-            "expected_checksum": o.expected_checksum,
-            "held_before": held_before,
-            "held_after": held_after,
-            "ebpf": ebpf,
-            "ok": ok,
-        });
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
-        )
-        .map_err(|e| NodeError::Summary(path.display().to_string(), e))?;
-    }
+    write(
+        settings,
+        &RunSummary {
+            node: id,
+            vm: vm.map(|v| v.id),
+            guest_pages: vm.map_or(w.pages_done, |v| v.placement.pages()),
+            faults: faults(s),
+            remote_miss_ratio: s.remote_miss_ratio,
+            fault_p50_us: s.fault_p50_us,
+            fault_p90_us: s.fault_p90_us,
+            fault_p99_us: s.fault_p99_us,
+            fault_max_us: s.fault_max_us,
+            bytes_fetched: s.bytes_fetched,
+            us_per_page: o.us_per_page(),
+            elapsed_s: o.elapsed.as_secs_f64(),
+            result: Some(guest_result(w)),
+            expected_checksum: o.expected_checksum,
+            held_before: held_before.clone(),
+            held_after: held_after.clone(),
+            linux: None,
+            ebpf,
+            ok,
+            error: None,
+        },
+    )?;
     Ok(ok)
 }

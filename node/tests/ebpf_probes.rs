@@ -100,7 +100,7 @@ fn probes_count_every_fault_of_a_guest_run() {
     eprintln!(
         "pager: {served} faults, p50 {:.1} µs, p99 {:.1} µs; eBPF: {} stalls, stall p50 {:.1} \
          µs p99 {:.1} µs, install p50 {:.1} µs ({} installs), {} peers; counters {counters:?}; \
-         {} samples; summary {}",
+         {} samples; summary {:?}",
         s.fault_p50_us,
         s.fault_p99_us,
         stats.faults,
@@ -110,7 +110,7 @@ fn probes_count_every_fault_of_a_guest_run() {
         stats.install.count,
         stats.transfer.len(),
         samples.len(),
-        probes.ebpf_summary_json()
+        probes.summary()
     );
 
     // Heat: exactly the pages the workload touched, once each. Frames outside guest RAM

@@ -42,6 +42,7 @@ use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{RawTracePoint, TracePoint, UProbe, uprobe::UProbeScope};
 use aya::{Ebpf, EbpfLoader};
 use pagemesh_api::stats::{Bucket, EbpfStats, Histogram, PeerStats};
+use pagemesh_api::summary::EbpfSummary;
 use pagemesh_node_common::{
     CONFIG_RESUME, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT, CTR_SAMPLES_THROTTLED,
     CTR_UNMATCHED_END, Config, CpuStats, HEAT_MAX_FRAMES, HIST_BUCKETS, HIST_INSTALL, HIST_RESUME,
@@ -447,10 +448,9 @@ impl Probes {
         histogram(&self.lock().totals().hists[HIST_RESUME as usize])
     }
 
-    /// The `"ebpf"` object of the node's `--json` summary:
-    /// `{"faults":N,"stall_p50_us":X,"stall_p99_us":X,"install_p50_us":X,"transfer_p50_us":X}`.
+    /// The `"ebpf"` object of the node's `--json` summary: stall count and the median figures.
     /// A figure with no samples is 0.
-    pub fn ebpf_summary_json(&self) -> serde_json::Value {
+    pub fn summary(&self) -> EbpfSummary {
         let state = self.lock();
         let totals = state.totals();
         let (stall, install) = (
@@ -461,13 +461,13 @@ impl Probes {
         for (_, h) in state.transfer_by_peer() {
             transfer.merge(&h);
         }
-        serde_json::json!({
-            "faults": stall.count,
-            "stall_p50_us": percentile_us(&stall, 0.50),
-            "stall_p99_us": percentile_us(&stall, 0.99),
-            "install_p50_us": percentile_us(&install, 0.50),
-            "transfer_p50_us": percentile_us(&transfer, 0.50),
-        })
+        EbpfSummary {
+            faults: stall.count,
+            stall_p50_us: percentile_us(&stall, 0.50),
+            stall_p99_us: percentile_us(&stall, 0.99),
+            install_p50_us: percentile_us(&install, 0.50),
+            transfer_p50_us: percentile_us(&transfer, 0.50),
+        }
     }
 
     /// Faults resolved per guest frame number (guest-physical address / 4096) since the

@@ -3,6 +3,7 @@
 //!
 //! Every process writes stdout and stderr to files in a run folder; processes announce their
 //! addresses on stdout, which the harness waits for. Dropping a [`Proc`] kills it.
+//! A compute node's `--json` summary is read back as a [`RunSummary`] ([`read_summary`]).
 //! [`proxy`] is a TCP proxy to put between a compute node and a memory node; it cuts their
 //! connections in the middle of replies.
 
@@ -15,6 +16,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use pagemesh_api::summary::RunSummary;
 
 /// Where the binaries are.
 #[derive(Clone, Debug)]
@@ -363,19 +365,15 @@ impl Cluster {
         &mut self,
         args: &[&str],
         timeout: Duration,
-    ) -> anyhow::Result<(Proc, String, serde_json::Value)> {
+    ) -> anyhow::Result<(Proc, String, RunSummary)> {
         let mut a = args.to_vec();
         a.push("--hold");
         let (mut proc, json) = self.spawn_compute(&a)?;
         let admin = proc.admin_url(Duration::from_secs(60))?;
         let deadline = Instant::now() + timeout;
         let summary = loop {
-            // Written in one go; a partial read is retried.
-            if let Some(v) = std::fs::read_to_string(&json)
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-            {
-                break v;
+            if let Some(s) = read_summary(&json)? {
+                break s;
             }
             if let Some(status) = proc.try_wait()? {
                 bail!(
@@ -392,21 +390,38 @@ impl Cluster {
         Ok((proc, admin, summary))
     }
 
-    /// Runs a compute node to completion and returns its exit status and JSON summary
-    /// (`null` when it wrote none).
+    /// Runs a compute node to completion and returns its exit status and run summary; an
+    /// error, with the node's log, when it wrote none.
     pub fn run_compute(
         &mut self,
         args: &[&str],
         timeout: Duration,
-    ) -> anyhow::Result<(ExitStatus, serde_json::Value, Proc)> {
+    ) -> anyhow::Result<(ExitStatus, RunSummary, Proc)> {
         let (mut proc, json) = self.spawn_compute(args)?;
         let status = proc.wait(timeout)?;
-        let summary = match std::fs::read_to_string(&json) {
-            Ok(text) => serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", json.display()))?,
-            Err(_) => serde_json::Value::Null,
-        };
-        Ok((status, summary, proc))
+        match read_summary(&json)? {
+            Some(summary) => Ok((status, summary, proc)),
+            None => bail!(
+                "{} exited ({status}) without writing its summary:\n{}",
+                proc.name,
+                proc.log_tail()
+            ),
+        }
+    }
+}
+
+/// The run summary a compute node wrote with `--json path`: `None` while there is none or it
+/// is still being written (a partial read); an error when it is whole but not a summary.
+pub fn read_summary(path: &Path) -> anyhow::Result<Option<RunSummary>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    match serde_json::from_str(&text) {
+        Ok(summary) => Ok(Some(summary)),
+        Err(e) if e.is_eof() => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("{} is not a run summary", path.display())),
     }
 }
 

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
+use pagemesh_api::summary::RunSummary;
 use pagemesh_tests::Cluster;
 use serde_json::{Value, json};
 
@@ -145,7 +146,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // Rounds, not case after case: run i of every case happens close together in time, so
     // the machine's drift (other work, CPUs idling into the hypervisor) hits every case
     // alike, and the eBPF overhead can be taken run by run against its neighbour.
-    let mut per_case: Vec<Vec<Value>> = vec![Vec::new(); cases.len()];
+    let mut per_case: Vec<Vec<RunSummary>> = vec![Vec::new(); cases.len()];
     for round in 0..runs {
         eprintln!("xtask: bench round {}/{runs}", round + 1);
         // Every other round in reverse, so that no case always runs right after another.
@@ -164,36 +165,28 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     let mut results = Vec::new();
     for (case, per_run) in cases.iter().zip(&per_case) {
-        let get = |k: &str| {
-            median(
-                per_run
-                    .iter()
-                    .map(|s| s[k].as_f64().unwrap_or(0.0))
-                    .collect(),
-            )
-        };
-        let pages = per_run[0]["result"]["pages_done"].as_u64().unwrap_or(0);
-        let ebpf = per_run.last().map_or(Value::Null, |s| s["ebpf"].clone());
+        let get = |f: fn(&RunSummary) -> f64| median(per_run.iter().map(f).collect());
+        let (us_per_page, p50, p90, p99) = (
+            get(|s| s.us_per_page),
+            get(|s| s.fault_p50_us),
+            get(|s| s.fault_p90_us),
+            get(|s| s.fault_p99_us),
+        );
+        let pages = per_run[0].pages_done();
         let row = json!({
             "name": case.name,
             "pages": pages,
             "runs": runs,
-            "us_per_page": get("us_per_page"),
-            "fault_p50_us": get("fault_p50_us"),
-            "fault_p90_us": get("fault_p90_us"),
-            "fault_p99_us": get("fault_p99_us"),
-            "us_per_page_each_run": per_run.iter().map(|s| s["us_per_page"].clone()).collect::<Vec<_>>(),
-            "ebpf_last_run": ebpf,
+            "us_per_page": us_per_page,
+            "fault_p50_us": p50,
+            "fault_p90_us": p90,
+            "fault_p99_us": p99,
+            "us_per_page_each_run": per_run.iter().map(|s| s.us_per_page).collect::<Vec<_>>(),
+            "ebpf_last_run": per_run.last().and_then(|s| s.ebpf),
         });
         println!(
             "{:<18} {:>8} {:>5} {:>10.2} {:>9.1} {:>9.1} {:>9.1}",
-            case.name,
-            pages,
-            runs,
-            get("us_per_page"),
-            get("fault_p50_us"),
-            get("fault_p90_us"),
-            get("fault_p99_us")
+            case.name, pages, runs, us_per_page, p50, p90, p99
         );
         results.push(row);
     }
@@ -239,7 +232,7 @@ fn run_case(
     case: &Case,
     mem: &str,
     pin: Option<&str>,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<RunSummary> {
     let mut a: Vec<&str> = vec!["--mem", mem];
     a.extend_from_slice(case.args);
     if case.remote {
@@ -249,7 +242,7 @@ fn run_case(
         a.extend_from_slice(&["--pin-cpu", p]);
     }
     let (status, summary, proc) = cluster.run_compute(&a, Duration::from_secs(600))?;
-    if !status.success() || summary["ok"] != json!(true) {
+    if !status.success() || !summary.ok {
         bail!(
             "{} run failed ({status}); its log:\n{}",
             case.name,
@@ -261,14 +254,14 @@ fn run_case(
 
 /// The probes' cost on `remote-random`, pair by pair: run i with probes against run i
 /// without, taken within the same round. `None` unless both cases ran.
-fn ebpf_overhead(cases: &[&Case], per_case: &[Vec<Value>]) -> Option<Value> {
+fn ebpf_overhead(cases: &[&Case], per_case: &[Vec<RunSummary>]) -> Option<Value> {
     let find = |name: &str| cases.iter().position(|c| c.name == name);
     let (plain, probed) = (find("remote-random")?, find("remote-random-ebpf")?);
     let pct: Vec<f64> = per_case[plain]
         .iter()
         .zip(&per_case[probed])
         .filter_map(|(a, b)| {
-            let (a, b) = (a["us_per_page"].as_f64()?, b["us_per_page"].as_f64()?);
+            let (a, b) = (a.us_per_page, b.us_per_page);
             (a > 0.0).then(|| (b / a - 1.0) * 100.0)
         })
         .collect();

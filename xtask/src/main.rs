@@ -13,6 +13,7 @@ mod ebpf;
 mod guest;
 mod run;
 mod setup;
+mod summary;
 
 use clap::{Parser, Subcommand};
 

@@ -4,10 +4,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use pagemesh_tests::{Bins, Cluster};
-use serde_json::{Value, json};
+use pagemesh_tests::{Bins, Cluster, read_summary};
+use serde::Serialize;
 
 use crate::setup;
+use crate::summary::{ClusterRunSummary, NamedRun};
+
+/// Nodes of the local cluster: two memory nodes and the compute node.
+const NODES: u32 = 3;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -61,7 +65,7 @@ pub fn build(debug: bool) -> anyhow::Result<Bins> {
 }
 
 /// Writes `value` to `path` as pretty JSON.
-pub fn write_json(path: &Path, value: &Value) -> anyhow::Result<()> {
+pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
         .with_context(|| format!("cannot write {}", path.display()))
 }
@@ -75,14 +79,6 @@ pub fn run_dir(kind: &str) -> PathBuf {
         .join(".pagemesh")
         .join(kind)
         .join(format!("{secs}-{}", std::process::id()))
-}
-
-fn f(v: &Value, path: &[&str]) -> f64 {
-    path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0)
-}
-
-fn u(v: &Value, path: &[&str]) -> u64 {
-    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -125,77 +121,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if !args.headless {
         // The console had the terminal while they ran: show what the compute nodes printed.
-        for (_, _, _, out) in &runs {
+        for (_, out) in &runs {
             print!("{out}");
         }
     }
-    let runs: Vec<(&str, bool, Value)> = runs.into_iter().map(|(n, ok, s, _)| (n, ok, s)).collect();
-
-    let remote: u64 = runs
-        .iter()
-        .map(|(_, _, s)| u(s, &["faults", "remote"]))
-        .sum();
-    let local: u64 = runs
-        .iter()
-        .map(|(_, _, s)| u(s, &["faults", "local_zero"]))
-        .sum();
-    let verify = &runs[0].2;
-    let ok = runs.iter().all(|(_, ok, s)| *ok && s["ok"] == json!(true));
-    let summary = json!({
-        "nodes": 3,
-        "guest_pages": u(verify, &["guest_pages"]),
-        "faults": {"remote": remote, "local_zero": local},
-        "remote_miss_ratio": if remote + local == 0 { 0.0 } else { remote as f64 / (remote + local) as f64 },
-        // The larger of the two runs' percentiles.
-        "fault_p50_us": runs.iter().map(|(_, _, s)| f(s, &["fault_p50_us"])).fold(0.0, f64::max),
-        "fault_p99_us": runs.iter().map(|(_, _, s)| f(s, &["fault_p99_us"])).fold(0.0, f64::max),
-        "verify": {
-            "pages_checked": u(verify, &["result", "pages_done"]),
-            "bad_pages": u(verify, &["result", "bad_pages"]),
-        },
-        // Kernel-side figures of the last (random read-modify-write) run, null without probes.
-        "ebpf": runs.last().map_or(Value::Null, |(_, _, s)| s["ebpf"].clone()),
-        "runs": runs.iter().map(|(n, _, s)| json!({"name": n, "summary": s})).collect::<Vec<_>>(),
-        "run_dir": dir.display().to_string(),
-        "ok": ok,
-    });
-
+    let summary = ClusterRunSummary::new(
+        NODES,
+        dir.display().to_string(),
+        runs.into_iter().map(|(run, _)| run).collect(),
+    );
     println!();
-    println!("pagemesh local cluster: coordinator + 2 memory nodes + 1 compute node");
-    println!("  guest pages          {}", summary["guest_pages"]);
-    println!("  faults served remote {remote}  (local zero-fill {local})");
-    println!(
-        "  remote-miss ratio    {:.3}",
-        f(&summary, &["remote_miss_ratio"])
-    );
-    println!(
-        "  fault latency        p50 {:.1} µs  p99 {:.1} µs",
-        f(&summary, &["fault_p50_us"]),
-        f(&summary, &["fault_p99_us"])
-    );
-    for (name, _, s) in &runs {
-        println!(
-            "  {name:<12} {:.1} µs/page, {} pages, ok={}",
-            f(s, &["us_per_page"]),
-            u(s, &["result", "pages_done"]),
-            s["ok"]
-        );
-    }
-    println!(
-        "  verification         {} pages checked, {} bad",
-        summary["verify"]["pages_checked"], summary["verify"]["bad_pages"]
-    );
-    println!("  logs                 {}", dir.display());
-    println!(
-        "  result               {}",
-        if ok { "OK" } else { "FAILED" }
-    );
-
+    print!("{}", summary.text());
     if let Some(path) = &args.json {
         write_json(path, &summary)?;
     }
     cluster.stop()?;
-    if !ok {
+    if !summary.ok {
         anyhow::bail!("the run failed; see the logs in {}", dir.display());
     }
     Ok(())
@@ -251,12 +192,19 @@ fn run_linux(args: &RunArgs) -> anyhow::Result<()> {
     for l in out.lines().skip(shown) {
         println!("{l}");
     }
-    let summary: Value = std::fs::read_to_string(&json)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
+    // A node stopped before its guest ended writes no summary: the run is then listed
+    // without one, and fails.
+    let written = read_summary(&json)?;
     if let Some(path) = &args.json {
-        write_json(path, &summary)?;
+        let run = NamedRun {
+            name: "linux".into(),
+            exit_ok: status.success(),
+            summary: written.unwrap_or_default(),
+        };
+        write_json(
+            path,
+            &ClusterRunSummary::new(NODES, dir.display().to_string(), vec![run]),
+        )?;
     }
     cluster.stop()?;
     println!("  logs                 {}", dir.display());
@@ -266,8 +214,8 @@ fn run_linux(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One finished run: name, exit success, JSON summary, the node's stdout.
-type RunResult = (&'static str, bool, Value, String);
+/// One finished run and the compute node's stdout.
+type RunResult = (NamedRun, String);
 
 /// Runs the verify and the random read-modify-write workloads, each on a fresh VM. With
 /// `hold_last` the last compute node stays up (its summary is written) and is returned.
@@ -293,38 +241,46 @@ fn run_workloads(
         if echo {
             eprintln!("xtask: running {name} on freshly loaded remote memory");
         }
-        let (ok, summary, proc) = if last && hold_last {
+        let (exit_ok, summary, proc) = if last && hold_last {
             a.push("--hold");
             let (mut proc, json) = cluster.spawn_compute(&a)?;
             let deadline = std::time::Instant::now() + Duration::from_secs(600);
-            while !json.exists() && proc.try_wait()?.is_none() {
+            let summary = loop {
+                if let Some(s) = read_summary(&json)? {
+                    break s;
+                }
+                if let Some(status) = proc.try_wait()? {
+                    // It may have written its summary (a failure's) just before exiting.
+                    if let Some(s) = read_summary(&json)? {
+                        break s;
+                    }
+                    anyhow::bail!(
+                        "the {name} run exited ({status}) without writing its summary; its log:\n{}",
+                        proc.log_tail()
+                    );
+                }
                 anyhow::ensure!(
                     std::time::Instant::now() < deadline,
                     "the {name} run did not finish in time"
                 );
                 std::thread::sleep(Duration::from_millis(100));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-            let summary: Value = std::fs::read_to_string(&json)
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or(Value::Null);
+            };
             let ok = proc.try_wait()?.is_none_or(|s| s.success());
             (ok, summary, proc)
         } else {
+            // Fails with the node's log when it wrote no summary.
             let (status, summary, proc) = cluster.run_compute(&a, Duration::from_secs(600))?;
             (status.success(), summary, proc)
         };
-        if summary.is_null() {
-            anyhow::bail!(
-                "the {name} run wrote no summary; its log:\n{}",
-                proc.log_tail()
-            );
-        }
         if echo {
             print!("{}", proc.output());
         }
-        runs.push((name, ok, summary, proc.output()));
+        let run = NamedRun {
+            name: name.to_owned(),
+            exit_ok,
+            summary,
+        };
+        runs.push((run, proc.output()));
         if last && hold_last {
             held = Some(proc);
         }

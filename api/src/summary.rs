@@ -1,0 +1,312 @@
+//! The summary of one guest run that a compute node writes with `--json FILE`; xtask, the
+//! end-to-end tests and anything else that reads it deserialize this type instead of picking
+//! keys out of untyped JSON.
+//!
+//! ```json
+//! {"node": 0, "vm": 1, "guest_pages": 16384,
+//!  "faults": {"remote": 16384, "local_zero": 0, "spurious": 0, "errors": 0},
+//!  "remote_miss_ratio": 1.0, "fault_p50_us": 31.3, "fault_p90_us": 38.0,
+//!  "fault_p99_us": 47.3, "fault_max_us": 210.0, "bytes_fetched": 67108864,
+//!  "us_per_page": 60.4, "elapsed_s": 0.99,
+//!  "result": {"pages_done": 16384, "checksum": 1234, "first_bad_page": null, "bad_pages": 0},
+//!  "expected_checksum": 1234, "held_before": {"1": 8192, "2": 8192},
+//!  "held_after": {"1": 0, "2": 0}, "ebpf": null, "ok": true}
+//! ```
+//!
+//! A run that stopped with an error (a memory node died) has `"ok": false` and an `error`;
+//! its figures were never measured and are left at their defaults (zero, empty, `null`). A
+//! Linux guest has no `result` but a `linux` object. A field missing when read takes its
+//! default: a summary without `ok` reads as not ok.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{NodeId, VmId};
+
+/// What a compute node reports about one guest run (`pagemesh-node --json FILE`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(default)]
+pub struct RunSummary {
+    /// The compute node.
+    pub node: NodeId,
+    /// The VM, `None` for a run without a coordinator (`--backing uffd-local` or
+    /// `demand-zero`).
+    pub vm: Option<VmId>,
+    /// Pages of guest RAM.
+    pub guest_pages: u64,
+    /// Faults the pager served, by kind.
+    pub faults: FaultCounts,
+    /// remote / (remote + local_zero); 0 when there were neither.
+    pub remote_miss_ratio: f64,
+    /// Median fault latency in the pager (event read → page installed), µs.
+    pub fault_p50_us: f64,
+    /// 90th percentile fault latency, µs.
+    pub fault_p90_us: f64,
+    /// 99th percentile fault latency, µs.
+    pub fault_p99_us: f64,
+    /// Slowest fault, µs.
+    pub fault_max_us: f64,
+    /// Bytes fetched from memory nodes.
+    pub bytes_fetched: u64,
+    /// Guest wall time per page visited, µs (0 for a Linux guest, which visits no pages).
+    pub us_per_page: f64,
+    /// Guest wall time, seconds.
+    pub elapsed_s: f64,
+    /// What the built-in guest reported; `None` for a Linux guest and a failed run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<GuestResult>,
+    /// The checksum the built-in guest should have reported, when known in advance.
+    pub expected_checksum: Option<u64>,
+    /// Pages each memory node held for the VM before the run.
+    pub held_before: BTreeMap<NodeId, u64>,
+    /// Pages each memory node held for the VM after the run (before it was released).
+    pub held_after: BTreeMap<NodeId, u64>,
+    /// How a Linux guest's boot went; `None` for the built-in guest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linux: Option<LinuxRun>,
+    /// The eBPF probes' figures, `None` when they were not loaded.
+    pub ebpf: Option<EbpfSummary>,
+    /// Whether the guest saw exactly the memory it should have (and the run did not fail).
+    pub ok: bool,
+    /// Why the run stopped, for a run that failed before its guest finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RunSummary {
+    /// The summary of a run that stopped with `error` before its guest finished.
+    pub fn failed(node: NodeId, vm: Option<VmId>, error: String) -> Self {
+        Self {
+            node,
+            vm,
+            ok: false,
+            error: Some(error),
+            ..Self::default()
+        }
+    }
+
+    /// Pages the built-in guest visited (0 without a `result`).
+    pub fn pages_done(&self) -> u64 {
+        self.result.map_or(0, |r| r.pages_done)
+    }
+
+    /// Pages whose content differed from the pattern (0 without a `result`).
+    pub fn bad_pages(&self) -> u64 {
+        self.result.map_or(0, |r| r.bad_pages)
+    }
+}
+
+/// Faults the pager served, by kind.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(default)]
+pub struct FaultCounts {
+    /// Served by fetching the page from a memory node.
+    pub remote: u64,
+    /// Served by zero-filling a never-written page locally.
+    pub local_zero: u64,
+    /// On pages already present (another thread's fault installed them first).
+    pub spurious: u64,
+    /// Faults that could not be served.
+    pub errors: u64,
+}
+
+impl std::ops::AddAssign for FaultCounts {
+    fn add_assign(&mut self, o: Self) {
+        self.remote += o.remote;
+        self.local_zero += o.local_zero;
+        self.spurious += o.spurious;
+        self.errors += o.errors;
+    }
+}
+
+/// What the built-in guest reported at the end of its workload (the node's
+/// `pagemesh_vmm::WorkloadResult`, which this crate cannot name).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(default)]
+pub struct GuestResult {
+    /// Pages visited.
+    pub pages_done: u64,
+    /// Sum of the first words read (or written).
+    pub checksum: u64,
+    /// First page (of RAM) whose content differed from the pattern (`verify` only).
+    pub first_bad_page: Option<u64>,
+    /// Pages whose content differed (`verify` only).
+    pub bad_pages: u64,
+}
+
+/// How a Linux guest's boot went.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(default)]
+pub struct LinuxRun {
+    /// How it ended, in words (`"stopped by signal"`, `"the guest reset the machine …"`).
+    pub exit: String,
+    /// Lines the serial console printed.
+    pub console_lines: u64,
+    /// Instructions the VMM emulated for the guest.
+    pub fixups: u64,
+    /// Whether the console printed the kernel's banner (`Linux version`).
+    pub reached_linux_version: bool,
+    /// Whether it printed the memory line (`Memory:`).
+    pub reached_memory: bool,
+    /// Whether the initramfs's init ran (`pagemesh-init`).
+    pub reached_init: bool,
+    /// Seconds after boot at which each milestone first appeared.
+    pub milestones_s: BTreeMap<String, f64>,
+    /// The last console lines.
+    pub console_tail: Vec<String>,
+}
+
+/// The eBPF probes' figures for a run, measured in the kernel. A figure with no samples is 0
+/// (`transfer_p50_us` when every fault was a local zero-fill). The node's `/stats` carries
+/// the full histograms ([`crate::stats::EbpfStats`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
+#[serde(default)]
+pub struct EbpfSummary {
+    /// vCPU stalls measured (the pager's faults plus the guest's first touches of its system
+    /// region).
+    pub faults: u64,
+    /// Median vCPU stall, µs.
+    pub stall_p50_us: f64,
+    /// 99th percentile vCPU stall, µs.
+    pub stall_p99_us: f64,
+    /// Median `UFFDIO_COPY` install time, µs.
+    pub install_p50_us: f64,
+    /// Median page transfer time over all peers, µs.
+    pub transfer_p50_us: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> RunSummary {
+        RunSummary {
+            node: 0,
+            vm: Some(3),
+            guest_pages: 16384,
+            faults: FaultCounts {
+                remote: 16384,
+                local_zero: 0,
+                spurious: 1,
+                errors: 0,
+            },
+            remote_miss_ratio: 1.0,
+            fault_p50_us: 31.25,
+            fault_p90_us: 38.5,
+            fault_p99_us: 47.25,
+            fault_max_us: 210.0,
+            bytes_fetched: 16384 * 4096,
+            us_per_page: 60.5,
+            elapsed_s: 0.991,
+            result: Some(GuestResult {
+                pages_done: 16384,
+                checksum: 0xdead_beef,
+                first_bad_page: None,
+                bad_pages: 0,
+            }),
+            expected_checksum: Some(0xdead_beef),
+            held_before: BTreeMap::from([(1, 8192), (2, 8192)]),
+            held_after: BTreeMap::from([(1, 0), (2, 0)]),
+            linux: None,
+            ebpf: Some(EbpfSummary {
+                faults: 16387,
+                stall_p50_us: 49.5,
+                stall_p99_us: 114.25,
+                install_p50_us: 3.25,
+                transfer_p50_us: 25.5,
+            }),
+            ok: true,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_summary_round_trips() {
+        let s = sample();
+        let text = serde_json::to_string_pretty(&s).unwrap();
+        assert_eq!(serde_json::from_str::<RunSummary>(&text).unwrap(), s);
+        // Node ids are map keys: strings in JSON, as before.
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["held_before"]["1"], 8192);
+        assert!(v.get("error").is_none() && v.get("linux").is_none());
+
+        let linux = RunSummary {
+            result: None,
+            linux: Some(LinuxRun {
+                exit: "stopped by signal".into(),
+                console_lines: 120,
+                fixups: 7,
+                reached_linux_version: true,
+                reached_memory: true,
+                reached_init: false,
+                milestones_s: BTreeMap::from([("Linux version".into(), 95.5)]),
+                console_tail: vec!["[    0.000000] Memory: 240000K".into()],
+            }),
+            ebpf: None,
+            ..sample()
+        };
+        let text = serde_json::to_string(&linux).unwrap();
+        assert_eq!(serde_json::from_str::<RunSummary>(&text).unwrap(), linux);
+
+        let failed = RunSummary::failed(0, Some(3), "cannot fetch page 9 from node 2".into());
+        let text = serde_json::to_string(&failed).unwrap();
+        assert_eq!(serde_json::from_str::<RunSummary>(&text).unwrap(), failed);
+    }
+
+    /// A summary as the node wrote it with `serde_json::json!`, before this type existed.
+    #[test]
+    fn a_summary_written_the_old_way_parses() {
+        let old = r#"{
+          "node": 0,
+          "vm": 3,
+          "guest_pages": 16384,
+          "faults": {"remote": 16384, "local_zero": 0, "spurious": 1, "errors": 0},
+          "remote_miss_ratio": 1.0,
+          "fault_p50_us": 31.25,
+          "fault_p90_us": 38.5,
+          "fault_p99_us": 47.25,
+          "fault_max_us": 210.0,
+          "bytes_fetched": 67108864,
+          "us_per_page": 60.5,
+          "elapsed_s": 0.991,
+          "result": {"pages_done": 16384, "checksum": 3735928559, "first_bad_page": null, "bad_pages": 0},
+          "expected_checksum": 3735928559,
+          "held_before": {"1": 8192, "2": 8192},
+          "held_after": {"1": 0, "2": 0},
+          "ebpf": {"faults": 16387, "stall_p50_us": 49.5, "stall_p99_us": 114.25,
+                   "install_p50_us": 3.25, "transfer_p50_us": 25.5},
+          "ok": true
+        }"#;
+        assert_eq!(serde_json::from_str::<RunSummary>(old).unwrap(), sample());
+
+        // The failure summary: four fields, the rest defaults.
+        let old = r#"{"node":0,"vm":3,"ok":false,"error":"cannot fetch page 9 from node 2"}"#;
+        let s: RunSummary = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            s,
+            RunSummary::failed(0, Some(3), "cannot fetch page 9 from node 2".into())
+        );
+        assert_eq!((s.faults.remote, s.pages_done(), s.ebpf), (0, 0, None));
+
+        // A local run (no VM, no probes) and the Linux guest's summary, which had neither
+        // `result` nor `us_per_page`.
+        let old = r#"{"node":0,"vm":null,"faults":{"remote":0,"local_zero":0,"spurious":0,"errors":0},
+                      "result":{"pages_done":4,"checksum":0,"first_bad_page":null,"bad_pages":0},
+                      "expected_checksum":null,"held_before":{},"held_after":{},"ebpf":null,"ok":true}"#;
+        let s: RunSummary = serde_json::from_str(old).unwrap();
+        assert_eq!((s.vm, s.pages_done(), s.ok), (None, 4, true));
+        let old = r#"{"node":0,"vm":1,"guest_pages":65536,
+                      "faults":{"remote":12000,"local_zero":3,"spurious":0,"errors":0},
+                      "remote_miss_ratio":0.99,"fault_p50_us":40.0,"fault_p99_us":90.0,"elapsed_s":130.5,
+                      "linux":{"exit":"stopped by signal","console_lines":120,"fixups":7,
+                               "reached_linux_version":true,"reached_memory":true,"reached_init":false,
+                               "milestones_s":{"Linux version":95.5},"console_tail":["a","b"]},
+                      "held_before":{"1":32768,"2":32768},"held_after":{"1":26000,"2":26000},
+                      "ebpf":null,"ok":true}"#;
+        let s: RunSummary = serde_json::from_str(old).unwrap();
+        let linux = s.linux.as_ref().unwrap();
+        assert!(linux.reached_memory && !linux.reached_init);
+        assert_eq!((s.result, s.held_after[&2]), (None, 26000));
+    }
+}
