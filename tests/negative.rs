@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use pagemesh_tests::{Bins, Cluster, Proc, test_dir};
 use pagemesh_transport::tcp::TcpPeer;
-use pagemesh_transport::{PageSource, Status, TransportError};
+use pagemesh_transport::{PageSource, PeerControl, Status, TransportError};
 
 fn cluster(name: &str) -> Cluster {
     let bins = Bins::for_tests().expect("binaries are built");

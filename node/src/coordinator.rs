@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! register_with_coordinator    POST /nodes/{id}/endpoint
-//! discover_and_connect_peers   GET /endpoints, then connect_peer() for each peer
+//! endpoints                    GET /endpoints (peers.rs connects to them)
 //! ```
 //!
 //! An unreachable coordinator is retried with exponential backoff a bounded number of times,
@@ -15,7 +15,6 @@
 use std::time::Duration;
 
 use pagemesh_api::{ApiError, CreateVm, Endpoint, NodeId, NodeInfo, RegisterEndpoint, Vm, VmId};
-use pagemesh_transport::{TransportError, TransportManager};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -53,15 +52,6 @@ pub enum CoordinatorError {
         /// Cause.
         #[source]
         source: Box<ureq::Error>,
-    },
-    /// Connecting to a peer failed.
-    #[error("cannot connect to peer node {node}")]
-    Peer {
-        /// Peer.
-        node: NodeId,
-        /// Cause.
-        #[source]
-        source: TransportError,
     },
 }
 
@@ -185,33 +175,5 @@ impl CoordinatorClient {
     /// `GET /vms/{id}`.
     pub fn vm(&self, id: VmId) -> Result<Vm, CoordinatorError> {
         self.call::<(), _>("GET", &format!("/vms/{id}"), None)
-    }
-
-    /// Fetches every endpoint once and connects each of `transports` to each peer in
-    /// `wanted` (all peers when `None`) other than `local_node_id`. Returns the peers
-    /// connected.
-    pub fn discover_and_connect_peers(
-        &self,
-        local_node_id: NodeId,
-        transports: &mut [&mut TransportManager],
-        wanted: Option<&[NodeId]>,
-    ) -> Result<Vec<NodeId>, CoordinatorError> {
-        let mut connected = Vec::new();
-        for ep in self.endpoints()? {
-            if ep.node_id == local_node_id || wanted.is_some_and(|w| !w.contains(&ep.node_id)) {
-                continue;
-            }
-            for transport in transports.iter_mut() {
-                transport.connect_peer(ep.node_id, &ep).map_err(|source| {
-                    CoordinatorError::Peer {
-                        node: ep.node_id,
-                        source,
-                    }
-                })?;
-            }
-            tracing::info!("connected to node {} at {}", ep.node_id, ep.address);
-            connected.push(ep.node_id);
-        }
-        Ok(connected)
     }
 }

@@ -24,6 +24,15 @@ pub enum NodeError {
     /// The coordinator could not be used.
     #[error(transparent)]
     Coordinator(#[from] CoordinatorError),
+    /// Connecting to a peer failed.
+    #[error("cannot connect to peer node {node}")]
+    Connect {
+        /// Peer.
+        node: NodeId,
+        /// Cause.
+        #[source]
+        source: TransportError,
+    },
     /// A memory node could not load or report the VM's pages.
     #[error("memory node {node} could not {what} VM {vm}")]
     Peer {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use pagemesh_api::{NodeId, Vm, error_chain};
-use pagemesh_transport::{TransportError, TransportManager};
+use pagemesh_transport::{ControlPlane, TransportError, TransportManager};
 
 use crate::config::Settings;
 use crate::coordinator::CoordinatorClient;
@@ -18,17 +18,13 @@ pub(crate) fn connect_vm_peers(
     settings: &Settings,
     coordinator: &CoordinatorClient,
     vm: &Vm,
-) -> Result<(TransportManager, TransportManager), NodeError> {
+) -> Result<(TransportManager, ControlPlane), NodeError> {
     let timeout = Duration::from_secs_f64(settings.peer_timeout.unwrap_or(5.0).max(0.001));
     let cluster = settings.cluster.clone().unwrap_or_default();
     let wanted = vm.placement.nodes();
     let mut transport = TransportManager::new(id, timeout).with_cluster(cluster.clone());
-    let mut control = TransportManager::new(id, timeout).with_cluster(cluster);
-    coordinator.discover_and_connect_peers(
-        id,
-        &mut [&mut transport, &mut control],
-        Some(&wanted),
-    )?;
+    let mut control = ControlPlane::new(id, timeout).with_cluster(cluster);
+    discover_and_connect_peers(coordinator, id, &mut transport, &mut control, Some(&wanted))?;
     for &n in &wanted {
         if !control.peer_ids().contains(&n) {
             return Err(NodeError::Peer {
@@ -42,9 +38,36 @@ pub(crate) fn connect_vm_peers(
     Ok((transport, control))
 }
 
+/// Fetches every endpoint once from the coordinator and connects `transport` (page traffic)
+/// and `control` to each peer in `wanted` (all peers when `None`) other than `local`: the
+/// design note's flow. Returns the peers connected.
+pub(crate) fn discover_and_connect_peers(
+    coordinator: &CoordinatorClient,
+    local: NodeId,
+    transport: &mut TransportManager,
+    control: &mut ControlPlane,
+    wanted: Option<&[NodeId]>,
+) -> Result<Vec<NodeId>, NodeError> {
+    let mut connected = Vec::new();
+    for ep in coordinator.endpoints()? {
+        if ep.node_id == local || wanted.is_some_and(|w| !w.contains(&ep.node_id)) {
+            continue;
+        }
+        let failed = |source| NodeError::Connect {
+            node: ep.node_id,
+            source,
+        };
+        transport.connect_peer(ep.node_id, &ep).map_err(failed)?;
+        control.connect_peer(ep.node_id, &ep).map_err(failed)?;
+        tracing::info!("connected to node {} at {}", ep.node_id, ep.address);
+        connected.push(ep.node_id);
+    }
+    Ok(connected)
+}
+
 /// Asks every node holding pages of `vm` to drop them; one that cannot is logged (the run's
 /// result stands either way).
-pub(crate) fn release_vm(control: &mut TransportManager, vm: &Vm) {
+pub(crate) fn release_vm(control: &mut ControlPlane, vm: &Vm) {
     for n in vm.placement.nodes() {
         if let Err(e) = control.peer(n).and_then(|p| p.release(vm.id)) {
             tracing::warn!(
@@ -57,7 +80,7 @@ pub(crate) fn release_vm(control: &mut TransportManager, vm: &Vm) {
 }
 
 /// Has every node holding pages of `vm` load its share.
-pub(crate) fn load_vm(control: &mut TransportManager, vm: &Vm) -> Result<(), NodeError> {
+pub(crate) fn load_vm(control: &mut ControlPlane, vm: &Vm) -> Result<(), NodeError> {
     for n in vm.placement.nodes() {
         let loaded = control
             .peer(n)
@@ -75,7 +98,7 @@ pub(crate) fn load_vm(control: &mut TransportManager, vm: &Vm) -> Result<(), Nod
 
 /// Pages each node holding pages of `vm` holds now.
 pub(crate) fn held(
-    control: &mut TransportManager,
+    control: &mut ControlPlane,
     vm: &Vm,
 ) -> Result<BTreeMap<NodeId, u64>, NodeError> {
     let mut out = BTreeMap::new();

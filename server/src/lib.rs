@@ -699,7 +699,7 @@ mod tests {
     use pagemesh_api::pattern;
     use pagemesh_protocol::{self, MAX_MESSAGE_LEN};
     use pagemesh_transport::tcp::TcpPeer;
-    use pagemesh_transport::{PageSource, TransportError};
+    use pagemesh_transport::{PageSource, PeerControl, Run, TransportError};
 
     const ME: NodeId = 2;
     const CLIENT: NodeId = 1;
@@ -836,6 +836,68 @@ mod tests {
         assert_eq!(server.ctx.pages_claimed(), 4);
         assert_eq!(server.ctx.pages_served(), 4);
         assert_eq!(server.ctx.store.total_held(), 0);
+    }
+
+    #[test]
+    fn batches_fetch_and_write_back_many_runs_with_one_write() {
+        let server = Running::start(100);
+        let mut peer = server.peer();
+        peer.load(7).unwrap();
+        // 20 one-page runs, pages 0..20 backwards: more than one batch of MAX_BATCH.
+        let mut bufs = vec![vec![0u8; PAGE_SIZE]; 20];
+        let mut runs: Vec<Run<'_>> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| Run {
+                first: 19 - i as u64,
+                pages: b,
+            })
+            .collect();
+        peer.fetch_runs(7, &mut runs).unwrap();
+        for run in &runs {
+            assert_pattern(run.first, run.pages);
+        }
+        peer.acknowledge().unwrap();
+        assert_eq!(server.ctx.store.held(7).unwrap(), 12);
+        assert_eq!(server.ctx.pages_claimed(), 20);
+
+        // A refused run (page 0 is gone) does not stop the others, nor the connection.
+        let mut a = vec![0u8; 2 * PAGE_SIZE];
+        let mut b = vec![0u8; PAGE_SIZE];
+        let mut c = vec![0u8; PAGE_SIZE];
+        let mut runs = [
+            Run {
+                first: 20,
+                pages: &mut a,
+            },
+            Run {
+                first: 0,
+                pages: &mut b,
+            },
+            Run {
+                first: 25,
+                pages: &mut c,
+            },
+        ];
+        let (status, message) = remote_status(peer.fetch_runs(7, &mut runs));
+        assert_eq!(status, Status::NotHeld, "{message}");
+        assert_pattern(20, runs[0].pages);
+        assert_pattern(25, runs[2].pages);
+        assert!(!peer.is_poisoned());
+        peer.acknowledge().unwrap();
+        assert_eq!(server.ctx.store.held(7).unwrap(), 9);
+
+        // Write-backs in one batch, read back.
+        let ones = vec![1u8; 2 * PAGE_SIZE];
+        let twos = vec![2u8; PAGE_SIZE];
+        peer.write_back_runs(7, &[(0, &ones), (10, &twos)]).unwrap();
+        assert_eq!(server.ctx.pages_written_back(), 3);
+        assert_eq!(server.ctx.store.held(7).unwrap(), 12);
+        let mut back = vec![0u8; PAGE_SIZE];
+        peer.read(7, 1, &mut back).unwrap();
+        assert!(back.iter().all(|&x| x == 1));
+        peer.read(7, 10, &mut back).unwrap();
+        assert!(back.iter().all(|&x| x == 2));
     }
 
     #[test]

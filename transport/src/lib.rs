@@ -1,8 +1,11 @@
 //! Moving pages between nodes.
 //!
 //! [`PageSource`] is the seam between the pager and a wire: TCP today ([`tcp`]), RDMA later.
-//! [`TransportManager`] holds one connection per peer node and is what the pager calls
-//! on a remote fault. The wire format is in [`pagemesh_protocol`] and `docs/protocol.md`.
+//! It is the data plane: runs of pages fetched into the caller's buffers and written back,
+//! one run or a batch of them with several requests outstanding. [`TransportManager`] holds
+//! one such connection per peer node and is what the pager calls on a remote fault. The
+//! control plane ([`PeerControl`], [`ControlPlane`]: load, held, release) runs on
+//! connections of its own, so that a Load never sits in front of a fault. The wire format is in [`pagemesh_protocol`] and `docs/protocol.md`.
 //!
 //! # Failures
 //!
@@ -163,6 +166,16 @@ impl RetryPolicy {
     }
 }
 
+/// A run of pages to fetch: `pages.len() / 4096` consecutive pages from `first`, into
+/// `pages`, a caller's buffer (reused from batch to batch: the seam allocates nothing).
+#[derive(Debug)]
+pub struct Run<'a> {
+    /// The run's first page.
+    pub first: u64,
+    /// Where its pages go; a non-zero multiple of 4096 bytes, at most 256 pages.
+    pub pages: &'a mut [u8],
+}
+
 /// Where remote pages come from: one peer node, over one transport.
 ///
 /// Calls block; the pager's fault handler thread makes them directly, with no async runtime
@@ -177,22 +190,50 @@ pub trait PageSource: Send {
     /// was lost can be asked again. Once acknowledged, the peer no longer holds them.
     fn fetch(&mut self, vm: VmId, page: u64, dst: &mut [u8]) -> Result<(), TransportError>;
 
+    /// Fetches several runs of `vm` (see [`PageSource::fetch`]), each into its own buffer.
+    /// A source that can does so with several requests outstanding at once (TCP: one write
+    /// for every request of a batch, then the replies in order). A refusal of one run
+    /// (e.g. [`Status::NotHeld`]) does not stop the others; the first is returned once all
+    /// are done. By default, one [`PageSource::fetch`] after another.
+    fn fetch_runs(&mut self, vm: VmId, runs: &mut [Run<'_>]) -> Result<(), TransportError> {
+        let mut first_refusal = Ok(());
+        for run in runs {
+            match self.fetch(vm, run.first, run.pages) {
+                Err(e @ TransportError::Remote { .. }) => {
+                    if first_refusal.is_ok() {
+                        first_refusal = Err(e);
+                    }
+                }
+                other => other?,
+            }
+        }
+        first_refusal
+    }
+
+    /// Hands several runs of `vm` to the peer (see [`PageSource::write_back`]), `(first
+    /// page, pages)` each, with several requests outstanding where the source can. By
+    /// default, one [`PageSource::write_back`] after another.
+    fn write_back_runs(&mut self, vm: VmId, runs: &[(u64, &[u8])]) -> Result<(), TransportError> {
+        let mut first_refusal = Ok(());
+        for &(first, pages) in runs {
+            match self.write_back(vm, first, pages) {
+                Err(e @ TransportError::Remote { .. }) => {
+                    if first_refusal.is_ok() {
+                        first_refusal = Err(e);
+                    }
+                }
+                other => other?,
+            }
+        }
+        first_refusal
+    }
+
     /// Like [`PageSource::fetch`] but the peer keeps its copy.
     fn read(&mut self, vm: VmId, page: u64, dst: &mut [u8]) -> Result<(), TransportError>;
 
     /// Hands `src.len() / 4096` consecutive pages of `vm` starting at `page` to the peer,
     /// which holds them from then on (eviction).
     fn write_back(&mut self, vm: VmId, page: u64, src: &[u8]) -> Result<(), TransportError>;
-
-    /// Asks the peer to load its share of `vm` (as placed by the coordinator); returns the
-    /// number of pages it then holds for `vm`.
-    fn load(&mut self, vm: VmId) -> Result<u64, TransportError>;
-
-    /// Number of pages the peer holds for `vm`.
-    fn held(&mut self, vm: VmId) -> Result<u64, TransportError>;
-
-    /// Asks the peer to drop every page of `vm`; returns how many it dropped.
-    fn release(&mut self, vm: VmId) -> Result<u64, TransportError>;
 
     /// Delivers the acknowledgement of the fetches that succeeded, if the peer may not have
     /// it yet, so that it frees the pages. Sources that claim in one step have nothing to do.
@@ -204,6 +245,111 @@ pub trait PageSource: Send {
     /// a connection have nothing to do.
     fn reconnect(&mut self) -> Result<(), TransportError> {
         Ok(())
+    }
+}
+
+/// The control plane of one peer: what a compute node asks of a memory node about a whole
+/// VM, on connections of its own, apart from the page traffic of [`PageSource`].
+pub trait PeerControl: Send {
+    /// The peer.
+    fn peer(&self) -> NodeId;
+
+    /// Asks the peer to load its share of `vm` (as placed by the coordinator); returns the
+    /// number of pages it then holds for `vm`.
+    fn load(&mut self, vm: VmId) -> Result<u64, TransportError>;
+
+    /// Number of pages the peer holds for `vm` (lent pages included).
+    fn held(&mut self, vm: VmId) -> Result<u64, TransportError>;
+
+    /// Asks the peer to drop every page of `vm`; returns how many it dropped.
+    fn release(&mut self, vm: VmId) -> Result<u64, TransportError>;
+}
+
+/// The control connections of a node, one per peer (load, held, release).
+pub struct ControlPlane {
+    local: NodeId,
+    cluster: String,
+    timeout: std::time::Duration,
+    peers: std::collections::HashMap<NodeId, Box<dyn PeerControl>>,
+}
+
+impl ControlPlane {
+    /// A control plane for node `local`, of no cluster, with no peers yet, whose connections
+    /// time out after `timeout`.
+    pub fn new(local: NodeId, timeout: std::time::Duration) -> Self {
+        Self {
+            local,
+            cluster: String::new(),
+            timeout,
+            peers: std::collections::HashMap::new(),
+        }
+    }
+
+    /// This control plane for a node of `cluster` (see [`TransportManager::with_cluster`]).
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: String) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Connects to `peer_id` at `endpoint` (see [`TransportManager::connect_peer`]).
+    pub fn connect_peer(
+        &mut self,
+        peer_id: NodeId,
+        endpoint: &pagemesh_api::Endpoint,
+    ) -> Result<(), TransportError> {
+        let peer = dial(self.local, &self.cluster, self.timeout, peer_id, endpoint)?;
+        self.peers.insert(peer_id, Box::new(peer));
+        Ok(())
+    }
+
+    /// Adds an already-built peer (tests).
+    pub fn add(&mut self, peer: Box<dyn PeerControl>) {
+        self.peers.insert(peer.peer(), peer);
+    }
+
+    /// The control connection to `node`.
+    pub fn peer(&mut self, node: NodeId) -> Result<&mut dyn PeerControl, TransportError> {
+        match self.peers.get_mut(&node) {
+            Some(p) => Ok(p.as_mut()),
+            None => Err(TransportError::UnknownPeer(node)),
+        }
+    }
+
+    /// Nodes with a connection.
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self.peers.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+/// Connects to `peer_id` at `endpoint` as node `local` of `cluster`, with every timeout of
+/// the connection `timeout` (but Load's). RDMA endpoints are refused until the RDMA
+/// transport exists.
+fn dial(
+    local: NodeId,
+    cluster: &str,
+    timeout: std::time::Duration,
+    peer_id: NodeId,
+    endpoint: &pagemesh_api::Endpoint,
+) -> Result<tcp::TcpPeer, TransportError> {
+    match endpoint.transport {
+        pagemesh_api::TransportKind::Tcp => tcp::TcpPeer::connect_with(
+            local,
+            cluster,
+            peer_id,
+            &endpoint.address,
+            tcp::TcpOptions {
+                connect_timeout: timeout,
+                io_timeout: timeout,
+                ..tcp::TcpOptions::default()
+            },
+        ),
+        pagemesh_api::TransportKind::Rdma => Err(TransportError::Unsupported {
+            node: peer_id,
+            what: "RDMA endpoints (this build has only the TCP transport)",
+        }),
     }
 }
 
@@ -256,7 +402,7 @@ impl TransportManager {
     }
 
     /// Connects to `peer_id` at `endpoint` (TCP; RDMA endpoints are refused until the RDMA
-    /// transport exists) and keeps the connection, replacing an older one. A peer of another
+    /// transport exists) for page traffic and keeps the connection, replacing an older one. A peer of another
     /// cluster is refused ([`TransportError::WrongCluster`], or [`TransportError::Remote`]
     /// when the peer refuses first).
     pub fn connect_peer(
@@ -264,26 +410,8 @@ impl TransportManager {
         peer_id: NodeId,
         endpoint: &pagemesh_api::Endpoint,
     ) -> Result<(), TransportError> {
-        let source: Box<dyn PageSource> = match endpoint.transport {
-            pagemesh_api::TransportKind::Tcp => Box::new(tcp::TcpPeer::connect_with(
-                self.local,
-                &self.cluster,
-                peer_id,
-                &endpoint.address,
-                tcp::TcpOptions {
-                    connect_timeout: self.timeout,
-                    io_timeout: self.timeout,
-                    ..tcp::TcpOptions::default()
-                },
-            )?),
-            pagemesh_api::TransportKind::Rdma => {
-                return Err(TransportError::Unsupported {
-                    node: peer_id,
-                    what: "RDMA endpoints (this build has only the TCP transport)",
-                });
-            }
-        };
-        self.peers.insert(peer_id, source);
+        let source = dial(self.local, &self.cluster, self.timeout, peer_id, endpoint)?;
+        self.peers.insert(peer_id, Box::new(source));
         Ok(())
     }
 
@@ -321,6 +449,30 @@ impl TransportManager {
             return Err(TransportError::InvalidPageSize(dst.len()));
         }
         self.with_retries(remote_node, |p| p.fetch(vm, page, dst))
+    }
+
+    /// Fetches (and claims) several runs of `vm` from `remote_node`, each into its own
+    /// buffer, with the requests of a batch outstanding together; retried like
+    /// [`TransportManager::fetch_page`] (the whole batch again: fetching is idempotent).
+    pub fn fetch_runs(
+        &mut self,
+        vm: VmId,
+        remote_node: NodeId,
+        runs: &mut [Run<'_>],
+    ) -> Result<(), TransportError> {
+        self.with_retries(remote_node, |p| p.fetch_runs(vm, runs))
+    }
+
+    /// Writes several runs of `vm` back to `remote_node`, `(first page, pages)` each, with
+    /// the requests of a batch outstanding together; retried like
+    /// [`TransportManager::fetch_page`] (a write-back stores the same bytes again).
+    pub fn write_back_runs(
+        &mut self,
+        vm: VmId,
+        remote_node: NodeId,
+        runs: &[(u64, &[u8])],
+    ) -> Result<(), TransportError> {
+        self.with_retries(remote_node, |p| p.write_back_runs(vm, runs))
     }
 
     /// Delivers every peer's pending acknowledgement (see [`PageSource::acknowledge`]), with

@@ -3,7 +3,7 @@
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 
-use super::{PageSource, Status, TransportError};
+use super::{PageSource, PeerControl, Status, TransportError};
 
 /// Pages of one VM held in a local buffer, posing as node `node`.
 pub struct LocalSource {
@@ -84,6 +84,12 @@ impl PageSource for LocalSource {
         self.pages[r.start * PAGE_SIZE..r.end * PAGE_SIZE].copy_from_slice(src);
         self.held[r].fill(true);
         Ok(())
+    }
+}
+
+impl PeerControl for LocalSource {
+    fn peer(&self) -> NodeId {
+        self.node
     }
 
     fn load(&mut self, vm: VmId) -> Result<u64, TransportError> {

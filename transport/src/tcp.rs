@@ -41,7 +41,7 @@ use pagemesh_protocol::{
 };
 use zerocopy::IntoBytes;
 
-use super::{PageSource, TransportError};
+use super::{PageSource, PeerControl, Run, TransportError};
 
 /// Default read and write timeout of a connection.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,6 +49,10 @@ pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default time allowed to establish a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most runs [`TcpPeer`] sends in one batch (one write, then the replies in order); longer
+/// batches go out in pieces of this many.
+pub const MAX_BATCH: usize = 16;
 
 /// Default time a fetch waits for the reply without sleeping.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
@@ -412,11 +416,6 @@ impl TcpPeer {
         out: &[u8],
         into: &mut [u8],
     ) -> Result<Header, TransportError> {
-        let node = self.peer;
-        let io_error = |source: io::Error| match source.kind() {
-            io::ErrorKind::UnexpectedEof => TransportError::Closed { node },
-            _ => TransportError::Io { node, source },
-        };
         let sent = if out.is_empty() {
             self.stream.write_all(request.as_bytes())
         } else {
@@ -425,8 +424,27 @@ impl TcpPeer {
                 &mut [IoSlice::new(request.as_bytes()), IoSlice::new(out)],
             )
         };
-        sent.map_err(io_error)?;
+        sent.map_err(|e| self.io_error(e))?;
+        self.receive(request, into)
+    }
 
+    fn io_error(&self, source: io::Error) -> TransportError {
+        let node = self.peer;
+        match source.kind() {
+            io::ErrorKind::UnexpectedEof => TransportError::Closed { node },
+            _ => TransportError::Io { node, source },
+        }
+    }
+
+    /// Reads the reply to `request` (sent already; the replies to earlier requests read), its
+    /// payload into `into`, whose length must be the payload an OK reply carries (for Hello:
+    /// at most).
+    fn receive(&mut self, request: &Header, into: &mut [u8]) -> Result<Header, TransportError> {
+        let node = self.peer;
+        let io_error = |source: io::Error| match source.kind() {
+            io::ErrorKind::UnexpectedEof => TransportError::Closed { node },
+            _ => TransportError::Io { node, source },
+        };
         // Wait for the answer awake for a little while before sleeping in read(): on hosts
         // where an idle CPU halts into the outer hypervisor, the wake-up from that sleep
         // costs more than the whole round trip on loopback (docs/benchmarks.md).
@@ -484,6 +502,110 @@ impl TcpPeer {
                 })
             }
             Err(source) => Err(malformed(source)),
+        }
+    }
+
+    /// Sends one request per run (`op` Fetch or WriteBack, with `out[i]` as run `i`'s pages
+    /// for a WriteBack) in one write, then reads the replies in order, each Fetch's pages
+    /// into `into[i]`. Every request carries the same acknowledgement; the replies to the
+    /// Fetches that succeed are acknowledged by the next request. A refusal of one run
+    /// ([`TransportError::Remote`]) does not stop the others; the first one is returned
+    /// after every reply is read, and the connection stays usable. Any other failure
+    /// poisons it (the caller reconnects and sends the batch again: both ops may be
+    /// repeated).
+    fn batch(
+        &mut self,
+        op: Op,
+        vm: VmId,
+        firsts: &[u64],
+        out: &[&[u8]],
+        into: &mut [&mut [u8]],
+    ) -> Result<(), TransportError> {
+        if let Some(poison) = &self.poison {
+            return Err(poison.to_error(self.peer));
+        }
+        let n = firsts.len();
+        debug_assert!(n <= MAX_BATCH);
+        let first_id = self.next_id;
+        let mut headers = [Header::request(op, 0, 0, 0, 0); MAX_BATCH];
+        for (i, &first) in firsts.iter().enumerate() {
+            let len = if op == Op::WriteBack {
+                out[i].len()
+            } else {
+                into[i].len()
+            };
+            let count = run_pages(len)?;
+            let payload: &[u8] = if op == Op::WriteBack { out[i] } else { &[] };
+            headers[i] = Header::request(op, first_id + i as u64, vm, first, count)
+                .with_ack(self.ack)
+                .with_checksum(payload);
+        }
+        self.next_id = self.next_id.wrapping_add(n as u64);
+        let ack_sent = self.ack;
+        let result = self.send_and_receive_batch(op, &headers[..n], out, into);
+        match &result {
+            Ok(last_ok) | Err((last_ok, TransportError::Remote { .. })) => {
+                self.acked = self.acked.max(ack_sent);
+                if let Some(id) = last_ok {
+                    self.ack = self.ack.max(*id);
+                }
+            }
+            Err((_, err)) => {
+                if let Some(poison) = Poison::of(err) {
+                    self.poison = Some(poison);
+                }
+            }
+        }
+        result.map(drop).map_err(|(_, e)| e)
+    }
+
+    /// The wire part of [`TcpPeer::batch`]; returns the id of the last Fetch that succeeded
+    /// (with the error, when one stopped it).
+    #[allow(
+        clippy::type_complexity,
+        reason = "the error side carries what succeeded before it"
+    )]
+    fn send_and_receive_batch(
+        &mut self,
+        op: Op,
+        headers: &[Header],
+        out: &[&[u8]],
+        into: &mut [&mut [u8]],
+    ) -> Result<Option<u64>, (Option<u64>, TransportError)> {
+        let sent = if op == Op::WriteBack {
+            let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
+            for (i, h) in headers.iter().enumerate() {
+                slices[2 * i] = IoSlice::new(h.as_bytes());
+                slices[2 * i + 1] = IoSlice::new(out[i]);
+            }
+            write_all_vectored(&mut self.stream, &mut slices[..2 * headers.len()])
+        } else {
+            self.stream.write_all(headers.as_bytes())
+        };
+        sent.map_err(|e| (None, self.io_error(e)))?;
+        let mut last_ok = None;
+        let mut refused = None;
+        for (i, h) in headers.iter().enumerate() {
+            let into: &mut [u8] = if op == Op::Fetch {
+                &mut *into[i]
+            } else {
+                &mut []
+            };
+            match self.receive(h, into) {
+                Ok(_) => {
+                    if op == Op::Fetch {
+                        last_ok = Some(h.request_id());
+                    }
+                }
+                Err(e @ TransportError::Remote { .. }) => {
+                    refused.get_or_insert(e);
+                }
+                Err(e) => return Err((last_ok, e)),
+            }
+        }
+        match refused {
+            Some(e) => Err((last_ok, e)),
+            None => Ok(last_ok),
         }
     }
 }
@@ -566,6 +688,51 @@ impl PageSource for TcpPeer {
             .map(drop)
     }
 
+    fn fetch_runs(&mut self, vm: VmId, runs: &mut [Run<'_>]) -> Result<(), TransportError> {
+        for chunk in runs.chunks_mut(MAX_BATCH) {
+            let mut firsts = [0u64; MAX_BATCH];
+            let mut into: [&mut [u8]; MAX_BATCH] = Default::default();
+            let n = chunk.len();
+            for (i, run) in chunk.iter_mut().enumerate() {
+                firsts[i] = run.first;
+                into[i] = &mut *run.pages;
+            }
+            self.batch(Op::Fetch, vm, &firsts[..n], &[], &mut into[..n])?;
+        }
+        Ok(())
+    }
+
+    fn write_back_runs(&mut self, vm: VmId, runs: &[(u64, &[u8])]) -> Result<(), TransportError> {
+        for chunk in runs.chunks(MAX_BATCH) {
+            let mut firsts = [0u64; MAX_BATCH];
+            let mut out: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            for (i, &(first, pages)) in chunk.iter().enumerate() {
+                firsts[i] = first;
+                out[i] = pages;
+            }
+            let n = chunk.len();
+            self.batch(Op::WriteBack, vm, &firsts[..n], &out[..n], &mut [])?;
+        }
+        Ok(())
+    }
+
+    fn acknowledge(&mut self) -> Result<(), TransportError> {
+        if !self.ack_pending() {
+            return Ok(());
+        }
+        self.exchange(Op::Ack, 0, 0, 0, &[], &mut []).map(drop)
+    }
+
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        TcpPeer::reconnect(self)
+    }
+}
+
+impl PeerControl for TcpPeer {
+    fn peer(&self) -> NodeId {
+        self.peer
+    }
+
     fn load(&mut self, vm: VmId) -> Result<u64, TransportError> {
         if let Some(poison) = &self.poison {
             return Err(poison.to_error(self.peer));
@@ -596,17 +763,6 @@ impl PageSource for TcpPeer {
     fn release(&mut self, vm: VmId) -> Result<u64, TransportError> {
         self.exchange(Op::Release, vm, 0, 0, &[], &mut [])
             .map(|h| h.page())
-    }
-
-    fn acknowledge(&mut self) -> Result<(), TransportError> {
-        if !self.ack_pending() {
-            return Ok(());
-        }
-        self.exchange(Op::Ack, 0, 0, 0, &[], &mut []).map(drop)
-    }
-
-    fn reconnect(&mut self) -> Result<(), TransportError> {
-        TcpPeer::reconnect(self)
     }
 }
 
