@@ -26,8 +26,8 @@ pub enum ComputeError {
     #[error("the pager failed to start")]
     PagerStart(#[source] PagerError),
     /// The pager stopped on an error; the guest was stopped.
-    #[error("the guest was stopped because the pager failed: {0}")]
-    PagerFailed(String),
+    #[error("the guest was stopped because the pager failed")]
+    PagerFailed(#[source] PagerError),
 }
 
 /// How memory is served during a run.
@@ -95,11 +95,7 @@ pub fn run_guest(
     mut progress: impl FnMut(u64),
     observe: impl FnOnce(LiveRun),
 ) -> Result<RunOutcome, ComputeError> {
-    vcpu::kick_handler_installed().map_err(|e| {
-        ComputeError::Vcpu(VcpuError::Exit(format!(
-            "cannot install signal handler: {e}"
-        )))
-    })?;
+    vcpu::kick_handler_installed().map_err(VcpuError::KickHandler)?;
     if let Some(cpu) = opts.cpu {
         pagemesh_pager::pin_to_cpu(cpu);
     }
@@ -167,17 +163,14 @@ pub fn run_guest(
     running.store(false, Ordering::Relaxed);
     drop(stop);
     let mut stats = StatsSnapshot::default();
-    let mut failure = None;
     if let Some(p) = pager {
         // Stop first: the guest is woken by the install, before the handler has counted
-        // the last fault. A handler that failed returns its error here; reported below.
+        // the last fault. A handler that failed returns its error here, which is what
+        // stopped the guest.
         let counters = p.stats().clone();
-        failure = p.failure();
-        let _ = p.stop();
+        let ended = p.stop();
         stats = counters.snapshot();
-    }
-    if let Some(f) = failure {
-        return Err(ComputeError::PagerFailed(f));
+        ended.map_err(ComputeError::PagerFailed)?;
     }
     let result = result?;
     Ok(RunOutcome {

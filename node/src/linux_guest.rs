@@ -19,10 +19,12 @@ use pagemesh_api::{Content, CreateVm, NodeId, PAGE_SIZE};
 use pagemesh_pager::{PageDirectory, PagerConfig};
 use pagemesh_vmm::boot;
 use pagemesh_vmm::linux::{LinuxExit, LinuxMachine, MAX_LINUX_RAM};
+use pagemesh_vmm::memory::MemoryError;
 use pagemesh_vmm::vcpu::{self, VcpuError};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::admin::{AdminState, LiveRun};
+use crate::compute::ComputeError;
 use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::define::{guest_mem, placement_request};
@@ -112,9 +114,8 @@ pub fn run_linux(
     })?);
 
     let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem as usize)])
-        .map_err(|e| VcpuError::Exit(format!("cannot map guest RAM: {e}")))?;
-    vcpu::kick_handler_installed()
-        .map_err(|e| VcpuError::Exit(format!("cannot install signal handler: {e}")))?;
+        .map_err(|e| ComputeError::Memory(MemoryError::Map(mem, e)))?;
+    vcpu::kick_handler_installed().map_err(VcpuError::KickHandler)?;
     let mut machine = LinuxMachine::new(ram, entry, settings.console, vcpus)?;
     let (base, len) = machine.ram();
     let console = machine.console.clone();
@@ -151,7 +152,7 @@ pub fn run_linux(
         trace: crate::probes::fault_trace(),
         on_failure,
     })
-    .map_err(|e| NodeError::Compute(crate::compute::ComputeError::PagerStart(e)))?;
+    .map_err(ComputeError::PagerStart)?;
     let running = Arc::new(AtomicBool::new(true));
     *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveRun {
         vm: vm.id,
@@ -190,7 +191,7 @@ pub fn run_linux(
                 unsafe { libc::pthread_kill(main_thread, libc::SIGUSR2) };
                 (r, cpu.fixups)
             })
-            .map_err(|e| VcpuError::Exit(format!("cannot start a vCPU thread: {e}")))?;
+            .map_err(VcpuError::Thread)?;
         handles.push(handle);
     }
     tracing::info!(
@@ -236,8 +237,8 @@ pub fn run_linux(
     running.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     let counters = pager.stats().clone();
-    let failure = pager.failure();
-    let _ = pager.stop();
+    // The handler's error, if it stopped on one (that is when it stopped the vCPUs).
+    let failure = pager.stop().err();
     let stats = counters.snapshot();
     let held_after = held(&mut control, &vm).unwrap_or_default();
     if !settings.keep_vm {
@@ -247,7 +248,7 @@ pub fn run_linux(
     let log = console.lock().unwrap_or_else(|p| p.into_inner());
     let reached = |s: &str| log.milestone(s);
     let exit_text = match (&exit, &failure) {
-        (_, Some(f)) => format!("stopped: the pager failed: {f}"),
+        (_, Some(f)) => format!("stopped: the pager failed: {}", error_chain(f)),
         (Ok(LinuxExit::Reset), _) => "the guest reset the machine (poweroff/reboot)".into(),
         (Ok(LinuxExit::TripleFault { rip }), _) => format!("the guest triple-faulted at {rip:#x}"),
         (Ok(LinuxExit::Stopped), _) if signalled => "stopped by signal".into(),
@@ -309,9 +310,7 @@ pub fn run_linux(
         return Err(NodeError::Linux(e));
     }
     if let Some(f) = failure {
-        return Err(NodeError::Compute(
-            crate::compute::ComputeError::PagerFailed(f),
-        ));
+        return Err(ComputeError::PagerFailed(f).into());
     }
     Ok(ok)
 }

@@ -89,7 +89,7 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
 
     let lookup_client = coordinator.clone();
     let ctx = ServerContext::new(id, PageStore::new(capacity_pages), move |vm| {
-        lookup_client.vm(vm).map_err(|e| error_chain(&e))
+        lookup_client.vm(vm).map_err(Into::into)
     });
     let spin = settings
         .serve_spin_us
