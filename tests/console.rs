@@ -4,7 +4,8 @@
 //! A coordinator, memory nodes 1 and 2 and a compute node that holds after its guest
 //! finished (so its figures stay readable); the console must show the three nodes up with a
 //! non-zero remote-miss ratio, draw the guest's memory in the Heat view, show a killed node
-//! as down, quit on `q` with status 0 and hand the terminal back as it found it.
+//! as down and the compute node, stopped, as having left the cluster (it deregisters), quit
+//! on `q` with status 0 and hand the terminal back as it found it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -239,6 +240,25 @@ fn console_shows_a_live_cluster_and_restores_the_terminal() {
         row(s, 2).is_some_and(|r| r.get(2).is_some_and(|st| st == "down"))
     });
 
+    // A node whose work is over leaves the cluster: it is logged as such, not as down, and
+    // the coordinator no longer lists it (the killed node 2 it still does).
+    let status = compute.stop().expect("compute node stops");
+    assert!(status.success(), "{status}: {}", compute.log_tail());
+    let screen = tmux.wait_for("node 0 left", |s| {
+        row(s, 0).is_some_and(|r| r.get(2).is_some_and(|st| st == "left"))
+            && s.contains("node 0 left the cluster")
+    });
+    assert!(!screen.contains("node 0 is down"), "{screen}");
+    let nodes = pagemesh_tests::http_json(&format!("{}/nodes", c.coordinator.url))
+        .expect("the coordinator lists its nodes");
+    let ids: Vec<u64> = nodes
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|n| n["node_id"].as_u64())
+        .collect();
+    assert_eq!(ids, [1, 2], "{nodes:#}");
+
     // A resize is followed.
     assert!(
         tmux.run(&["resize-window", "-t", "console", "-x", "100", "-y", "30"])
@@ -288,6 +308,4 @@ fn console_shows_a_live_cluster_and_restores_the_terminal() {
         last.is_some_and(|l| l.trim_end().ends_with(['#', '$'])),
         "the shell's prompt is back:\n{screen}"
     );
-
-    compute.stop().expect("compute node stops");
 }

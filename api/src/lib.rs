@@ -12,7 +12,8 @@
 //! | `GET /endpoints` | | `Vec<`[`Endpoint`]`>` |
 //! | `GET /nodes` | | `Vec<`[`NodeInfo`]`>` |
 //! | `GET /nodes/{node_id}` | | [`NodeInfo`] |
-//! | `POST /vms` | [`CreateVm`] | [`Vm`] (201) |
+//! | `DELETE /nodes/{node_id}` | | 204: the node left the cluster |
+//! | `POST /vms` | [`CreateVm`], header [`IDEMPOTENCY_KEY`] | [`Vm`] (201, or 200 for a key seen before) |
 //! | `GET /vms/{vm_id}` | | [`Vm`] |
 //! | `GET /vms` | | `Vec<`[`Vm`]`>` |
 //! | `DELETE /vms/{vm_id}` | | 204 |
@@ -236,6 +237,11 @@ pub struct CreateVm {
     #[serde(default)]
     pub content: Content,
 }
+
+/// The request header of `POST /vms` that makes it safe to retry: the coordinator answers a
+/// key it has seen with the VM that key created, rather than creating another. 1 to 64
+/// visible ASCII characters; nodes send 32 random hex digits.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// A VM as the coordinator knows it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -155,10 +155,10 @@ impl Node {
         self.listed && self.health == Health::Up
     }
 
-    /// Short state for tables: `up`, `down`, `no admin` or `waiting`.
+    /// Short state for tables: `up`, `down`, `left`, `no admin` or `waiting`.
     pub fn state(&self) -> &'static str {
         if !self.listed {
-            return "down";
+            return "left";
         }
         match self.health {
             Health::Up => "up",
@@ -261,6 +261,10 @@ impl App {
             Event::Update(Update::Stats { at, node, result }) => {
                 self.now = self.now.max(at);
                 self.stats_polled(at, node, result);
+            }
+            Event::Update(Update::Left { at, node }) => {
+                self.now = self.now.max(at);
+                self.left(node);
             }
         }
     }
@@ -425,13 +429,7 @@ impl App {
             .map(|(&id, _)| id)
             .collect();
         for id in gone {
-            if let Some(node) = self.nodes.get_mut(&id) {
-                node.listed = false;
-            }
-            self.note(
-                Level::Warn,
-                format!("node {id} left: the coordinator no longer lists it"),
-            );
+            self.left(id);
         }
         if self.selected.is_none() {
             self.selected = self.nodes.keys().next().copied();
@@ -439,8 +437,24 @@ impl App {
         self.clamp_scroll();
     }
 
+    /// Node `id` is no longer registered: it left the cluster (it deregisters when its work
+    /// is over). Not an error: a node that fails while registered is `down` instead.
+    fn left(&mut self, id: NodeId) {
+        let Some(node) = self.nodes.get_mut(&id).filter(|n| n.listed) else {
+            return;
+        };
+        node.listed = false;
+        node.faults.reset();
+        node.served.reset();
+        self.note(Level::Info, format!("node {id} left the cluster"));
+    }
+
     fn node_listed(&mut self, info: &NodeInfo) {
         let id = info.node_id;
+        // A node that left and registers again is a new node (a new process).
+        if self.nodes.get(&id).is_some_and(|n| !n.listed) {
+            self.nodes.remove(&id);
+        }
         let Some(node) = self.nodes.get_mut(&id) else {
             let admin = info.admin.as_deref().unwrap_or("none");
             self.nodes.insert(id, Node::new(info.clone()));
@@ -459,19 +473,15 @@ impl App {
             }
             return;
         };
-        let rejoined = !node.listed;
         let moved = node.info.endpoint != info.endpoint
             || node.info.admin != info.admin
             || node.info.registered_at_ms != info.registered_at_ms;
         let admin_changed = node.info.admin != info.admin;
-        node.listed = true;
         node.info = info.clone();
         if admin_changed {
             *node = Node::new(info.clone());
         }
-        if rejoined {
-            self.note(Level::Info, format!("node {id} is listed again"));
-        } else if moved {
+        if moved {
             self.note(
                 Level::Info,
                 format!(
@@ -489,7 +499,9 @@ impl App {
         id: NodeId,
         result: Result<Box<NodeStats>, PollError>,
     ) {
-        let Some(node) = self.nodes.get_mut(&id) else {
+        // A node that left keeps its last figures; a poll that was under way when it left
+        // says nothing new.
+        let Some(node) = self.nodes.get_mut(&id).filter(|n| n.listed) else {
             return;
         };
         let stats = match result {
@@ -797,6 +809,64 @@ mod tests {
                 .iter()
                 .any(|e| e.text == "node 1 has no admin endpoint: its figures cannot be shown")
         );
+    }
+
+    #[test]
+    fn a_node_that_leaves_is_logged_as_left_not_down() {
+        let mut app = testdata::app(100, 30, None);
+        let ms = Duration::from_millis;
+        // Node 2's /stats failed and the coordinator no longer knows it: it finished.
+        app.handle(Event::Update(Update::Left {
+            at: ms(4100),
+            node: 2,
+        }));
+        assert_eq!(last_log(&app), "node 2 left the cluster");
+        assert_eq!(app.log().last().map(|e| e.level), Some(Level::Info));
+        assert_eq!(app.nodes()[&2].state(), "left");
+        // A poll under way when it left, and the node list without it, add nothing.
+        let entries = app.log().len();
+        app.handle(Event::Update(Update::Stats {
+            at: ms(4150),
+            node: 2,
+            result: Err(PollError::Status {
+                url: "http://127.0.0.1:9102/stats".into(),
+                status: 503,
+            }),
+        }));
+        let mut nodes = testdata::nodes();
+        nodes.retain(|n| n.node_id != 2);
+        app.handle(Event::Update(Update::Nodes {
+            at: ms(4200),
+            result: Ok(nodes.clone()),
+        }));
+        assert_eq!(app.log().len(), entries, "{:?}", app.log());
+
+        // A node the coordinator still lists whose /stats fails is down: an error.
+        app.handle(Event::Update(Update::Stats {
+            at: ms(4300),
+            node: 1,
+            result: Err(PollError::Status {
+                url: "http://127.0.0.1:9101/stats".into(),
+                status: 503,
+            }),
+        }));
+        assert_eq!(
+            last_log(&app),
+            "node 1 is down: http://127.0.0.1:9101/stats answered HTTP 503"
+        );
+        assert_eq!(app.log().last().map(|e| e.level), Some(Level::Error));
+        assert_eq!(app.nodes()[&1].state(), "down");
+
+        // Node 2 registers again: a new process, a new node.
+        app.handle(Event::Update(Update::Nodes {
+            at: ms(5000),
+            result: Ok(testdata::nodes()),
+        }));
+        assert_eq!(
+            last_log(&app),
+            "node 2 joined: memory, pages at 127.0.0.1:9002, admin 127.0.0.1:9102"
+        );
+        assert_eq!(app.nodes()[&2].state(), "waiting");
     }
 
     #[test]

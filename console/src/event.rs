@@ -42,4 +42,12 @@ pub enum Update {
         /// Its statistics (boxed: they are large), or why there are none.
         result: Result<Box<NodeStats>, PollError>,
     },
+    /// A node's `GET /stats` failed and the coordinator no longer knows the node: it left
+    /// the cluster (it deregistered when its work was over).
+    Left {
+        /// When the coordinator's answer arrived.
+        at: Duration,
+        /// The node.
+        node: NodeId,
+    },
 }

@@ -10,7 +10,7 @@ use pagemesh_console::{Options, once, run_terminal};
 
 const KEYS: &str = "\
 Views:
-  1 Cluster   every node: role, state (up/down), pages held, faults/s, pages served/s,
+  1 Cluster   every node: role, state (up/down/left), pages held, faults/s, pages served/s,
               remote-miss ratio (share of faults served by another node), fault p50/p99
   2 Heat      the guest's memory as a grid; a glyph per region names the node holding its
               pages (• resident on the compute node, · never written), the colour shows how
@@ -28,7 +28,8 @@ Keys:
 
 Nodes are found through the coordinator's GET /nodes (each node's admin address, as given
 by its --admin flag) and their GET /stats is polled in background threads. A node that
-stops answering, or that the coordinator stops listing, is shown as down.
+stops answering is shown as down; one that the coordinator no longer lists (a node
+deregisters when its work is done) as left.
 
 Examples:
   pagemesh-console --coordinator http://127.0.0.1:7070

@@ -3,8 +3,13 @@
 //! ```text
 //!  discovery thread ── GET /nodes (every second) ──▶ Update::Nodes ─┐
 //!     │ starts/stops one worker per node with an admin address      ├─▶ channel ─▶ UI thread
-//!  worker (node n) ── GET /stats (every interval) ─▶ Update::Stats ─┘
+//!  worker (node n) ── GET /stats (every interval) ─▶ Update::Stats ─┤
+//!     └ when /stats fails: GET /nodes/{n}, 404 ──────▶ Update::Left ─┘
 //! ```
+//!
+//! A node that finishes deregisters before it exits, so when its `/stats` stops answering the
+//! coordinator has already forgotten it: the worker asks, and reports the node as gone
+//! ([`Update::Left`]) rather than down, then stops.
 //!
 //! Blocking HTTP (ureq) in plain threads: one worker per node, so a node that hangs until
 //! its timeout delays only its own row, and the UI thread never waits on the network. Threads
@@ -99,6 +104,14 @@ pub fn fetch_nodes(agent: &Agent, coordinator: &str) -> Result<Vec<NodeInfo>, Po
     )
 }
 
+/// `GET {coordinator}/nodes/{node}`.
+pub fn fetch_node(agent: &Agent, coordinator: &str, node: NodeId) -> Result<NodeInfo, PollError> {
+    get_json(
+        agent,
+        format!("{}/nodes/{node}", coordinator.trim_end_matches('/')),
+    )
+}
+
 /// `GET http://{admin}/stats`; `admin` is `host:port` or a URL. `heat_cells` asks for the
 /// guest's heat map in that many regions (the node's default otherwise).
 pub fn fetch_stats(
@@ -174,11 +187,13 @@ fn discover(config: &PollConfig, events: &Sender<Event>, stop: &Arc<AtomicBool>)
         let began = Instant::now();
         let result = fetch_nodes(&agent, &config.coordinator);
         if let Ok(nodes) = &result {
-            // Dropping a worker stops its thread.
+            // Dropping a worker stops its thread. A worker whose node left has stopped by
+            // itself; should the node be listed again, it gets a new one.
             workers.retain(|id, w| {
-                nodes
-                    .iter()
-                    .any(|n| n.node_id == *id && n.admin.as_deref() == Some(w.admin.as_str()))
+                !w.stop.load(Ordering::Relaxed)
+                    && nodes
+                        .iter()
+                        .any(|n| n.node_id == *id && n.admin.as_deref() == Some(w.admin.as_str()))
             });
             for node in nodes {
                 let Some(admin) = &node.admin else { continue };
@@ -192,6 +207,7 @@ fn discover(config: &PollConfig, events: &Sender<Event>, stop: &Arc<AtomicBool>)
                 let job = StatsJob {
                     node: node.node_id,
                     admin: admin.clone(),
+                    coordinator: config.coordinator.clone(),
                     start,
                     interval: config.interval,
                     heat_cells: config.heat_cells,
@@ -224,17 +240,29 @@ fn discover(config: &PollConfig, events: &Sender<Event>, stop: &Arc<AtomicBool>)
 struct StatsJob {
     node: NodeId,
     admin: String,
+    coordinator: String,
     start: Instant,
     interval: Duration,
     heat_cells: Option<usize>,
     agent: Agent,
     events: Sender<Event>,
+    /// The poller's and this worker's (set by the worker itself when its node left).
     stops: [Arc<AtomicBool>; 2],
 }
 
 impl StatsJob {
     fn stopped(&self) -> bool {
         self.stops.iter().any(|s| s.load(Ordering::Relaxed))
+    }
+
+    /// Whether the coordinator says it knows no such node (asked after a failed `/stats`:
+    /// a node deregisters before it stops answering). Any other answer, or none, leaves the
+    /// failure a failure.
+    fn left(&self) -> bool {
+        matches!(
+            fetch_node(&self.agent, &self.coordinator, self.node),
+            Err(PollError::Status { status: 404, .. })
+        )
     }
 
     fn run(self) {
@@ -244,12 +272,24 @@ impl StatsJob {
             if self.stopped() {
                 break;
             }
-            let update = Update::Stats {
-                at: self.start.elapsed(),
-                node: self.node,
-                result,
+            let left = result.is_err() && self.left();
+            let update = if left {
+                Update::Left {
+                    at: self.start.elapsed(),
+                    node: self.node,
+                }
+            } else {
+                Update::Stats {
+                    at: self.start.elapsed(),
+                    node: self.node,
+                    result,
+                }
             };
             if self.events.send(Event::Update(update)).is_err() {
+                break;
+            }
+            if left {
+                self.stops[1].store(true, Ordering::Relaxed);
                 break;
             }
             sleep_until(began + self.interval, || self.stopped());
@@ -357,6 +397,63 @@ mod tests {
 
         let err = fetch_stats(&a, &serve("200 OK", "[1, 2]".into()), None).expect_err("not stats");
         assert!(matches!(err, PollError::Body { .. }), "{err:?}");
+    }
+
+    fn job(admin: String, coordinator: String, events: mpsc::Sender<Event>) -> StatsJob {
+        StatsJob {
+            node: 5,
+            admin,
+            coordinator: format!("http://{coordinator}"),
+            start: Instant::now(),
+            interval: Duration::from_millis(20),
+            heat_cells: None,
+            agent: agent(Duration::from_secs(2)),
+            events,
+            stops: [
+                Arc::new(AtomicBool::new(false)),
+                Arc::new(AtomicBool::new(false)),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_node_the_coordinator_forgot_has_left_and_its_worker_stops() {
+        let (coordinator, asked) =
+            serve_recording("404 Not Found", r#"{"error":"unknown node 5"}"#.into());
+        let (tx, rx) = mpsc::channel();
+        let worker = job(dead_address(), coordinator, tx);
+        let own_stop = Arc::clone(&worker.stops[1]);
+        // Returns: the worker stops by itself once the node has left, and says so.
+        worker.run();
+        assert!(own_stop.load(Ordering::Relaxed));
+        let updates: Vec<Event> = rx.try_iter().collect();
+        assert!(
+            matches!(updates[..], [Event::Update(Update::Left { node: 5, .. })]),
+            "{updates:?}"
+        );
+        assert_eq!(
+            asked.try_iter().collect::<Vec<_>>(),
+            ["GET /nodes/5 HTTP/1.1"]
+        );
+    }
+
+    #[test]
+    fn a_node_the_coordinator_still_lists_is_down() {
+        let (tx, rx) = mpsc::channel();
+        let listed = serve("200 OK", "{}".into());
+        let worker = job(dead_address(), listed, tx);
+        let stop = Arc::clone(&worker.stops[1]);
+        let thread = thread::spawn(move || worker.run());
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Event::Update(Update::Stats {
+                node: 5,
+                result: Err(PollError::Unreachable { .. }),
+                ..
+            })) => {}
+            other => panic!("expected a failed poll, got {other:?}"),
+        }
+        stop.store(true, Ordering::Relaxed);
+        thread.join().expect("the worker stops");
     }
 
     #[test]

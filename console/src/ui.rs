@@ -219,7 +219,7 @@ mod tests {
     }
 
     #[test]
-    fn a_node_the_coordinator_drops_is_down() {
+    fn a_node_the_coordinator_drops_has_left() {
         let mut app = testdata::app(W, H, None);
         let mut nodes = testdata::nodes();
         nodes.retain(|n| n.node_id != 1);
@@ -227,14 +227,18 @@ mod tests {
             at: Duration::from_millis(4200),
             result: Ok(nodes),
         }));
-        assert_eq!(app.nodes()[&1].state(), "down");
+        assert_eq!(app.nodes()[&1].state(), "left");
         let out = cluster::text(&app);
         let row = out
             .lines()
             .find(|l| l.starts_with("1 "))
             .expect("row of node 1");
-        assert!(row.contains(" down "), "{out}");
-        assert!(app.log().iter().any(|e| e.text.starts_with("node 1 left")));
+        assert!(row.contains(" left "), "{out}");
+        assert!(
+            app.log()
+                .iter()
+                .any(|e| e.text == "node 1 left the cluster")
+        );
     }
 
     #[test]

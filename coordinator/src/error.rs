@@ -1,6 +1,6 @@
 //! [`AppError`]: every way a request fails, and the [`ApiError`] answer each one becomes.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
@@ -22,6 +22,9 @@ pub enum AppError {
     /// A path parameter does not parse (`/vms/abc`).
     #[error(transparent)]
     Path(#[from] PathRejection),
+    /// The query string does not parse.
+    #[error(transparent)]
+    Query(#[from] QueryRejection),
     /// No route has this path.
     #[error("no route for {method} {path}")]
     NoRoute {
@@ -60,9 +63,11 @@ impl AppError {
                 RegistryError::UnknownCluster(_)
                 | RegistryError::UnknownNode(_)
                 | RegistryError::UnknownVm(_) => StatusCode::NOT_FOUND,
-                RegistryError::ClusterExists { .. } | RegistryError::EndpointConflict { .. } => {
-                    StatusCode::CONFLICT
-                }
+                RegistryError::ClusterExists { .. }
+                | RegistryError::EndpointConflict { .. }
+                | RegistryError::NotAtAddress { .. }
+                | RegistryError::KeyOfDeletedVm { .. } => StatusCode::CONFLICT,
+                RegistryError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 RegistryError::VmIdsExhausted => StatusCode::SERVICE_UNAVAILABLE,
                 RegistryError::BadClusterName(_)
                 | RegistryError::BadAddress { .. }
@@ -71,12 +76,14 @@ impl AppError {
                 | RegistryError::NotComputeNode { .. }
                 | RegistryError::BadMemSize(_)
                 | RegistryError::RelativeImage(_)
-                | RegistryError::Placement(_) => StatusCode::BAD_REQUEST,
+                | RegistryError::Placement(_)
+                | RegistryError::BadIdempotencyKey(_) => StatusCode::BAD_REQUEST,
             },
             // axum answers 415 here; this API keeps every body problem a 400 or 422.
             AppError::Json(JsonRejection::MissingJsonContentType(_)) => StatusCode::BAD_REQUEST,
             AppError::Json(e) => e.status(),
             AppError::Path(e) => e.status(),
+            AppError::Query(e) => e.status(),
             AppError::NoRoute { .. } => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,

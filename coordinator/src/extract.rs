@@ -1,4 +1,4 @@
-//! axum's `Json` and `Path`, rejecting with [`AppError`] so that even a request that never
+//! axum's `Json`, `Path` and `Query`, rejecting with [`AppError`] so that even a request that never
 //! reaches a handler is answered with an [`pagemesh_api::ApiError`] body (axum's own
 //! rejections are plain text). The pattern of axum's `error-handling` example.
 
@@ -46,5 +46,22 @@ where
         let axum::extract::Path(value) =
             axum::extract::Path::<T>::from_request_parts(parts, state).await?;
         Ok(AppPath(value))
+    }
+}
+
+/// Query parameters.
+pub(crate) struct AppQuery<T>(pub(crate) T);
+
+impl<S, T> FromRequestParts<S> for AppQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        let axum::extract::Query(value) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(AppQuery(value))
     }
 }

@@ -62,7 +62,10 @@ pub fn app(state: AppState) -> Router {
         .route("/clusters", post(routes::clusters::create))
         .route("/clusters/{name}", get(routes::clusters::get))
         .route("/nodes", get(routes::nodes::list))
-        .route("/nodes/{node_id}", get(routes::nodes::get))
+        .route(
+            "/nodes/{node_id}",
+            get(routes::nodes::get).delete(routes::nodes::deregister),
+        )
         .route("/nodes/{node_id}/endpoint", post(routes::nodes::register))
         .route("/endpoints", get(routes::nodes::endpoints))
         .route("/vms", get(routes::vms::list).post(routes::vms::create))

@@ -4,7 +4,7 @@
 //! request alone (the clock is an argument), so a store can apply one under a lock, or inside
 //! a transaction it retries, and tests need no server. Its serialized form is the state file.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,10 @@ use pagemesh_api::{
 
 /// [`PAGE_SIZE`] for arithmetic on byte counts.
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
+
+/// Idempotency keys remembered: those of the last this many VMs created with one. A client
+/// retries within seconds, so this covers many clients retrying at once.
+pub(crate) const KEYS_KEPT: usize = 1024;
 
 /// Why the registry refused a request; the registry is unchanged.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -61,6 +65,19 @@ pub enum RegistryError {
     /// No node with that id has registered.
     #[error("unknown node {0}")]
     UnknownNode(NodeId),
+    /// A node leaving from an address its id is no longer registered at: another node took
+    /// the id (`replace`), and stays.
+    #[error(
+        "node {node} is registered at {existing}, not at {given}; another node has taken its place"
+    )]
+    NotAtAddress {
+        /// Node id.
+        node: NodeId,
+        /// The registered endpoint, as `transport://address`.
+        existing: String,
+        /// The address the request named.
+        given: String,
+    },
     /// Pages placed on a node that holds none.
     #[error("node {node} has role {role} and holds no pages; place pages on memory nodes")]
     NotMemoryNode {
@@ -104,6 +121,28 @@ pub enum RegistryError {
     /// Ids are never reused, and all 2^32 - 1 have been given out.
     #[error("no VM ids left")]
     VmIdsExhausted,
+    /// An idempotency key that is not 1 to 64 visible ASCII characters.
+    #[error("idempotency key {0:?} is not valid; use 1 to 64 visible ASCII characters")]
+    BadIdempotencyKey(String),
+    /// An idempotency key sent again with a request for another VM.
+    #[error(
+        "idempotency key {key:?} was sent before for another VM ({vm}); send a new key for a \
+         new VM"
+    )]
+    KeyReused {
+        /// The key.
+        key: String,
+        /// The VM it created.
+        vm: VmId,
+    },
+    /// An idempotency key whose VM has been deleted since.
+    #[error("idempotency key {key:?} created VM {vm}, which has been deleted since")]
+    KeyOfDeletedVm {
+        /// The key.
+        key: String,
+        /// The VM it created.
+        vm: VmId,
+    },
 }
 
 /// A record written by a create-or-update operation, and whether it is new.
@@ -125,6 +164,17 @@ pub(crate) struct Registry {
     /// The last VM id given out (0: none yet). Ids are not reused after a delete, so a
     /// stale id held by a node or a script never names another VM.
     last_vm_id: VmId,
+    /// The idempotency keys of the last [`KEYS_KEPT`] VMs created with one, oldest first.
+    /// Searched from the newest: a retry follows its first try closely.
+    keys: VecDeque<KeyRecord>,
+}
+
+/// An idempotency key and the VM it created.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct KeyRecord {
+    key: String,
+    vm: VmId,
 }
 
 impl Registry {
@@ -241,8 +291,59 @@ impl Registry {
         self.nodes.get(&id).ok_or(RegistryError::UnknownNode(id))
     }
 
+    /// Forgets node `id`, which has left the cluster, and returns what it was. With
+    /// `address`, only if the node is still registered there: a node that another has
+    /// replaced (`replace`) must not remove its successor when it stops.
+    ///
+    /// VMs the node runs or holds pages of are kept: they are deleted on their own.
+    pub(crate) fn deregister(
+        &mut self,
+        id: NodeId,
+        address: Option<&str>,
+    ) -> Result<NodeInfo, RegistryError> {
+        let node = self.node(id)?;
+        if let Some(given) = address
+            && node.endpoint.address != given
+        {
+            return Err(RegistryError::NotAtAddress {
+                node: id,
+                existing: format!(
+                    "{}://{}",
+                    scheme(node.endpoint.transport),
+                    node.endpoint.address
+                ),
+                given: given.to_owned(),
+            });
+        }
+        let node = self
+            .nodes
+            .remove(&id)
+            .ok_or(RegistryError::UnknownNode(id))?;
+        if let Some(cluster) = node.cluster.as_ref().and_then(|n| self.clusters.get_mut(n)) {
+            cluster.registered.retain(|&n| n != id);
+        }
+        Ok(node)
+    }
+
     /// Defines a VM, resolving its placement over the registered memory nodes.
-    pub(crate) fn create_vm(&mut self, req: CreateVm) -> Result<Vm, RegistryError> {
+    ///
+    /// With an idempotency `key` this registry has seen, nothing is created: the answer is
+    /// the VM that key created (`created: false`), provided the request is for the same
+    /// compute node, size and content. A client whose answer was lost can so retry safely.
+    pub(crate) fn create_vm(
+        &mut self,
+        req: CreateVm,
+        key: Option<&str>,
+    ) -> Result<Stored<Vm>, RegistryError> {
+        if let Some(key) = key {
+            check_key(key)?;
+            if let Some(vm) = self.replay(key, &req)? {
+                return Ok(Stored {
+                    value: vm.clone(),
+                    created: false,
+                });
+            }
+        }
         if req.mem_bytes == 0 || !req.mem_bytes.is_multiple_of(PAGE_BYTES) {
             return Err(RegistryError::BadMemSize(req.mem_bytes));
         }
@@ -278,7 +379,45 @@ impl Registry {
             content: req.content,
         };
         self.vms.insert(id, vm.clone());
-        Ok(vm)
+        if let Some(key) = key {
+            if self.keys.len() >= KEYS_KEPT {
+                self.keys.pop_front();
+            }
+            self.keys.push_back(KeyRecord {
+                key: key.to_owned(),
+                vm: id,
+            });
+        }
+        Ok(Stored {
+            value: vm,
+            created: true,
+        })
+    }
+
+    /// The VM that idempotency `key` created, if the key is known; an error if that VM is
+    /// gone or `req` asks for another one.
+    fn replay(&self, key: &str, req: &CreateVm) -> Result<Option<&Vm>, RegistryError> {
+        let Some(record) = self.keys.iter().rev().find(|r| r.key == key) else {
+            return Ok(None);
+        };
+        let Some(vm) = self.vms.get(&record.vm) else {
+            return Err(RegistryError::KeyOfDeletedVm {
+                key: key.to_owned(),
+                vm: record.vm,
+            });
+        };
+        // The placement is not compared: the request's form (nodes left out, a policy) and
+        // the resolved one differ, and the nodes may have changed since.
+        if vm.compute_node != req.compute_node
+            || vm.mem_bytes != req.mem_bytes
+            || vm.content != req.content
+        {
+            return Err(RegistryError::KeyReused {
+                key: key.to_owned(),
+                vm: vm.id,
+            });
+        }
+        Ok(Some(vm))
     }
 
     /// Resolves a placement request for a VM of `pages` pages run by `scope.compute`.
@@ -406,6 +545,16 @@ fn check_cluster_name(name: &str) -> Result<(), RegistryError> {
     }
 }
 
+/// Idempotency keys travel in a header and appear in messages: 1 to 64 visible ASCII
+/// characters.
+fn check_key(key: &str) -> Result<(), RegistryError> {
+    if (1..=64).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(RegistryError::BadIdempotencyKey(key.to_owned()))
+    }
+}
+
 /// Accepts what a peer can connect to: `ip:port`, `[ipv6]:port` or `hostname:port`, with a
 /// non-zero port.
 fn check_address(address: &str) -> Result<(), RegistryError> {
@@ -469,6 +618,9 @@ struct StateFile {
     clusters: Vec<Cluster>,
     nodes: Vec<NodeInfo>,
     vms: Vec<Vm>,
+    /// Left out when empty, so that a file without keys is the same as before they existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    idempotency_keys: Vec<KeyRecord>,
 }
 
 /// The only [`StateFile::format`] this coordinator reads and writes.
@@ -482,6 +634,7 @@ impl From<Registry> for StateFile {
             clusters: r.clusters.into_values().collect(),
             nodes: r.nodes.into_values().collect(),
             vms: r.vms.into_values().collect(),
+            idempotency_keys: r.keys.into(),
         }
     }
 }
@@ -526,6 +679,19 @@ impl TryFrom<StateFile> for Registry {
             if let Some(vm) = r.vms.insert(vm.id, vm) {
                 return Err(format!("VM {} appears twice", vm.id));
             }
+        }
+        let skip = f.idempotency_keys.len().saturating_sub(KEYS_KEPT);
+        for k in f.idempotency_keys.into_iter().skip(skip) {
+            if check_key(&k.key).is_err() || k.vm == 0 || k.vm > r.last_vm_id {
+                return Err(format!(
+                    "idempotency key {:?} is not valid or names a VM never given out",
+                    k.key
+                ));
+            }
+            if r.keys.iter().any(|o| o.key == k.key) {
+                return Err(format!("idempotency key {:?} appears twice", k.key));
+            }
+            r.keys.push_back(k);
         }
         Ok(r)
     }
@@ -723,6 +889,50 @@ mod tests {
         );
     }
 
+    fn small_vm() -> CreateVm {
+        CreateVm {
+            compute_node: 1,
+            mem_bytes: 4096,
+            placement: PlacementRequest::Interleave {
+                nodes: vec![],
+                granule_pages: 1,
+            },
+            content: Content::Zero,
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_are_kept_for_the_last_vms() {
+        let mut r = Registry::default();
+        r.register(1, endpoint("h:1", Role::Both, 0), 0).unwrap();
+        r.register(2, endpoint("h:2", Role::Memory, 0), 0).unwrap();
+        let first = r.create_vm(small_vm(), Some("key-0")).unwrap();
+        assert!(first.created);
+        let again = r.create_vm(small_vm(), Some("key-0")).unwrap();
+        assert_eq!((again.value.id, again.created), (1, false));
+        for i in 1..KEYS_KEPT {
+            r.create_vm(small_vm(), Some(&format!("key-{i}"))).unwrap();
+        }
+        assert_eq!(r.keys.len(), KEYS_KEPT);
+        assert!(!r.create_vm(small_vm(), Some("key-0")).unwrap().created);
+        // One more: the oldest key is forgotten, so it creates a VM again.
+        let id = r.create_vm(small_vm(), Some("new")).unwrap().value.id;
+        assert_eq!(r.keys.len(), KEYS_KEPT);
+        let forgotten = r.create_vm(small_vm(), Some("key-0")).unwrap();
+        assert!(forgotten.created);
+        assert_eq!(forgotten.value.id, id + 1);
+    }
+
+    #[test]
+    fn a_refused_request_records_no_key() {
+        let mut r = Registry::default();
+        r.register(1, endpoint("h:1", Role::Compute, 0), 0).unwrap();
+        let err = r.create_vm(small_vm(), Some("k")).unwrap_err();
+        assert!(matches!(err, RegistryError::Placement(_)), "{err:?}");
+        r.register(2, endpoint("h:2", Role::Memory, 0), 0).unwrap();
+        assert!(r.create_vm(small_vm(), Some("k")).unwrap().created);
+    }
+
     #[test]
     fn state_file_round_trip_and_checks() {
         let mut r = Registry::default();
@@ -737,9 +947,17 @@ mod tests {
             },
             content: Content::Zero,
         };
-        r.create_vm(vm).unwrap();
+        r.create_vm(vm, Some("k")).unwrap();
         let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.contains(r#""idempotency_keys":[{"key":"k","vm":1}]"#),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<Registry>(&json).unwrap(), r);
+        let no_keys = json.replace(r#","idempotency_keys":[{"key":"k","vm":1}]"#, "");
+        assert!(serde_json::from_str::<Registry>(&no_keys).is_ok());
+        let bad_key = json.replace(r#""vm":1}]"#, r#""vm":2}]"#);
+        assert!(serde_json::from_str::<Registry>(&bad_key).is_err());
 
         let stale = json.replace(r#""last_vm_id":1"#, r#""last_vm_id":0"#);
         let err = serde_json::from_str::<Registry>(&stale).unwrap_err();

@@ -82,8 +82,13 @@ pub trait Store: Send + Sync {
     /// Node `id`.
     fn node(&self, id: NodeId) -> Result<NodeInfo, StoreError>;
 
-    /// Defines a VM with the next id and places its pages.
-    fn create_vm(&self, req: CreateVm) -> Result<Vm, StoreError>;
+    /// Forgets node `id`, which left the cluster, and returns what it was; with `address`,
+    /// only if the node is still registered at that address.
+    fn deregister(&self, id: NodeId, address: Option<&str>) -> Result<NodeInfo, StoreError>;
+
+    /// Defines a VM with the next id and places its pages; or, for an idempotency `key`
+    /// seen before, returns the VM that key created (`created: false`).
+    fn create_vm(&self, req: CreateVm, key: Option<&str>) -> Result<Stored<Vm>, StoreError>;
 
     /// VM `id`.
     fn vm(&self, id: VmId) -> Result<Vm, StoreError>;

@@ -1,22 +1,32 @@
 //! The coordinator client: register this node's endpoint, discover peers, create and look
-//! up VMs.
+//! up VMs, leave the cluster.
 //!
-//! Blocking HTTP (ureq): it runs at start-up and on `Load` requests, never on the fault path.
-//! The start-up flow is the one of the original design note:
+//! Blocking HTTP (ureq): it runs at start-up, on `Load` requests and at exit, never on the
+//! fault path. The start-up flow is the one of the original design note:
 //!
 //! ```text
 //! register_with_coordinator    POST /nodes/{id}/endpoint
-//! endpoints                    GET /endpoints (peers.rs connects to them)
+//! endpoints                    GET /endpoints (peers.rs connects to each peer)
+//! ...
+//! deregister                   DELETE /nodes/{id}?address=...   (the run is over)
 //! ```
 //!
 //! An unreachable coordinator is retried with exponential backoff a bounded number of times,
-//! then reported with its URL.
+//! then reported with its URL. Only requests that are safe to repeat are retried: a request
+//! whose answer was lost may have been carried out. Reads, the registration (the same
+//! endpoint again is a refresh) and `POST /vms` with an idempotency key (the coordinator
+//! answers a key it has seen with the VM that key created) are.
 
-use std::time::Duration;
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pagemesh_api::{ApiError, CreateVm, Endpoint, NodeId, NodeInfo, RegisterEndpoint, Vm, VmId};
+use pagemesh_api::{
+    ApiError, CreateVm, Endpoint, IDEMPOTENCY_KEY, NodeId, NodeInfo, RegisterEndpoint, Vm, VmId,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use ureq::Body;
+use ureq::http::Response;
 
 /// Errors talking to the coordinator.
 #[derive(thiserror::Error, Debug)]
@@ -86,6 +96,8 @@ impl CoordinatorClient {
         &self.base
     }
 
+    /// `method path` with `body` as JSON, retried while the coordinator cannot be reached;
+    /// the answer as a `T`.
     fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: &str,
@@ -93,22 +105,33 @@ impl CoordinatorClient {
         body: Option<&B>,
     ) -> Result<T, CoordinatorError> {
         let url = format!("{}{}", self.base, path);
+        let response = self.send(method, path, self.attempts, || match (method, body) {
+            ("POST", Some(b)) => self.agent.post(&url).send_json(b),
+            _ => self.agent.get(&url).call(),
+        })?;
+        read_json(url, response)
+    }
+
+    /// Sends what `request` sends, up to `attempts` times while the coordinator cannot be
+    /// reached, doubling a pause between tries; a non-2xx answer is an error. `request` must
+    /// be safe to repeat (see the module's documentation).
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        attempts: u32,
+        request: impl Fn() -> Result<Response<Body>, ureq::Error>,
+    ) -> Result<Response<Body>, CoordinatorError> {
         let mut pause = self.first_backoff;
         let mut attempt = 0;
         let mut response = loop {
             attempt += 1;
-            let sent = match (method, body) {
-                ("POST", Some(b)) => self.agent.post(&url).send_json(b),
-                ("DELETE", _) => self.agent.delete(&url).call(),
-                _ => self.agent.get(&url).call(),
-            };
-            match sent {
+            match request() {
                 Ok(r) => break r,
-                Err(e) if attempt < self.attempts => {
+                Err(e) if attempt < attempts => {
                     tracing::warn!(
-                        "coordinator at {} not reachable ({e}); retrying in {pause:?} ({attempt}/{})",
+                        "coordinator at {} not reachable ({e}); retrying in {pause:?} ({attempt}/{attempts})",
                         self.base,
-                        self.attempts
                     );
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_secs(5));
@@ -135,13 +158,7 @@ impl CoordinatorClient {
                 message,
             });
         }
-        response
-            .body_mut()
-            .read_json::<T>()
-            .map_err(|e| CoordinatorError::BadAnswer {
-                url,
-                source: Box::new(e),
-            })
+        Ok(response)
     }
 
     /// `POST /nodes/{node_id}/endpoint`.
@@ -157,6 +174,32 @@ impl CoordinatorClient {
         )
     }
 
+    /// `DELETE /nodes/{node_id}?address=...`: this node, whose page server is at `address`,
+    /// leaves the cluster. A node the coordinator does not know has nothing to leave.
+    ///
+    /// Tried once, within two seconds: a node that stops does not wait for a coordinator
+    /// that is gone.
+    pub fn deregister(&self, node_id: NodeId, address: &str) -> Result<(), CoordinatorError> {
+        let path = format!("/nodes/{node_id}");
+        let url = format!("{}{path}", self.base);
+        let sent = self.send("DELETE", &path, 1, || {
+            self.agent
+                .delete(&url)
+                .query("address", address)
+                .config()
+                .timeout_global(Some(Duration::from_secs(2)))
+                .build()
+                .call()
+        });
+        match sent {
+            Err(CoordinatorError::Refused { status: 404, .. }) => {
+                tracing::debug!("the coordinator did not know node {node_id}");
+                Ok(())
+            }
+            sent => sent.map(drop),
+        }
+    }
+
     /// `GET /endpoints`.
     pub fn endpoints(&self) -> Result<Vec<Endpoint>, CoordinatorError> {
         self.call::<(), _>("GET", "/endpoints", None)
@@ -167,13 +210,211 @@ impl CoordinatorClient {
         self.call::<(), _>("GET", "/nodes", None)
     }
 
-    /// `POST /vms`.
+    /// `POST /vms`, with an idempotency key of its own that every retry repeats, so that a
+    /// retry after a lost answer gets the VM the first try created rather than a second one.
     pub fn create_vm(&self, request: &CreateVm) -> Result<Vm, CoordinatorError> {
-        self.call("POST", "/vms", Some(request))
+        let url = format!("{}/vms", self.base);
+        let key = idempotency_key();
+        let response = self.send("POST", "/vms", self.attempts, || {
+            self.agent
+                .post(&url)
+                .header(IDEMPOTENCY_KEY, &key)
+                .send_json(request)
+        })?;
+        read_json(url, response)
     }
 
     /// `GET /vms/{id}`.
     pub fn vm(&self, id: VmId) -> Result<Vm, CoordinatorError> {
         self.call::<(), _>("GET", &format!("/vms/{id}"), None)
+    }
+}
+
+/// The body of a 2xx answer from `url` as a `T`.
+fn read_json<T: DeserializeOwned>(
+    url: String,
+    mut response: Response<Body>,
+) -> Result<T, CoordinatorError> {
+    response
+        .body_mut()
+        .read_json::<T>()
+        .map_err(|e| CoordinatorError::BadAnswer {
+            url,
+            source: Box::new(e),
+        })
+}
+
+/// A fresh idempotency key: 128 bits as 32 hex digits.
+///
+/// Keys must be unique, not secret. Each `RandomState` hashes with other keys (random per
+/// thread, from the OS, then stepped), so two keys, of this process or another, differ but
+/// with negligible probability; the time and the process id are mixed in for good measure.
+fn idempotency_key() -> String {
+    let word = || {
+        let mut hasher = RandomState::new().build_hasher();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        hasher.write_u128(now);
+        hasher.write_u32(std::process::id());
+        hasher.finish()
+    };
+    format!("{:016x}{:016x}", word(), word())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    use pagemesh_api::{Content, Placement, PlacementRequest};
+
+    use super::*;
+
+    /// What the fake coordinator saw of one request.
+    #[derive(Debug)]
+    struct Seen {
+        line: String,
+        key: Option<String>,
+    }
+
+    /// A fake coordinator answering the requests it accepts, in turn, with `answers`: a status
+    /// line and a body, or `None` to close the connection without an answer (a lost reply).
+    fn coordinator(answers: Vec<Option<(&'static str, String)>>) -> (String, mpsc::Receiver<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for (answer, stream) in answers.into_iter().zip(listener.incoming()) {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let (mut key, mut length) = (None, 0);
+                loop {
+                    let mut header = String::new();
+                    reader.read_line(&mut header).unwrap();
+                    let Some((name, value)) = header.trim_end().split_once(": ") else {
+                        break;
+                    };
+                    match name.to_ascii_lowercase().as_str() {
+                        IDEMPOTENCY_KEY => key = Some(value.to_owned()),
+                        "content-length" => length = value.parse().unwrap(),
+                        _ => {}
+                    }
+                }
+                reader.read_exact(&mut vec![0; length]).unwrap();
+                let line = line.trim_end().to_owned();
+                tx.send(Seen { line, key }).unwrap();
+                if let Some((status, body)) = answer {
+                    write!(
+                        stream,
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .unwrap();
+                }
+            }
+        });
+        (url, rx)
+    }
+
+    fn client(url: &str) -> CoordinatorClient {
+        let mut client = CoordinatorClient::new(url, 3);
+        client.first_backoff = Duration::from_millis(10);
+        client
+    }
+
+    fn vm() -> Vm {
+        Vm {
+            id: 4,
+            compute_node: 0,
+            mem_bytes: 8192,
+            placement: Placement::interleave(vec![1], 1, 2).unwrap(),
+            content: Content::Zero,
+        }
+    }
+
+    fn create_vm() -> CreateVm {
+        CreateVm {
+            compute_node: 0,
+            mem_bytes: 8192,
+            placement: PlacementRequest::Weighted { nodes: vec![] },
+            content: Content::Zero,
+        }
+    }
+
+    #[test]
+    fn a_vm_request_whose_answer_is_lost_is_retried_with_its_key() {
+        let created = serde_json::to_string(&vm()).unwrap();
+        let (url, seen) = coordinator(vec![None, Some(("201 Created", created))]);
+        let got = client(&url).create_vm(&create_vm()).unwrap();
+        assert_eq!(got, vm());
+        let seen: Vec<Seen> = seen.try_iter().collect();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen.iter().all(|s| s.line == "POST /vms HTTP/1.1"),
+            "{seen:?}"
+        );
+        let key = seen[0].key.as_deref().expect("a key");
+        assert_eq!(key.len(), 32);
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()), "{key}");
+        assert_eq!(
+            seen[1].key.as_deref(),
+            Some(key),
+            "the retry repeats the key"
+        );
+    }
+
+    #[test]
+    fn each_vm_request_has_a_key_of_its_own() {
+        let created = serde_json::to_string(&vm()).unwrap();
+        let answer = || Some(("201 Created", created.clone()));
+        let (url, seen) = coordinator(vec![answer(), answer()]);
+        let client = client(&url);
+        client.create_vm(&create_vm()).unwrap();
+        client.create_vm(&create_vm()).unwrap();
+        let keys: Vec<String> = seen.try_iter().filter_map(|s| s.key).collect();
+        assert_eq!(keys.len(), 2);
+        assert_ne!(keys[0], keys[1]);
+    }
+
+    #[test]
+    fn leaving_names_the_address_and_a_forgotten_node_has_left() {
+        let refused = r#"{"error":"node 3 is registered at tcp://h:2, not at h:1"}"#.to_owned();
+        let (url, seen) = coordinator(vec![
+            Some(("204 No Content", String::new())),
+            Some(("404 Not Found", r#"{"error":"unknown node 3"}"#.into())),
+            Some(("409 Conflict", refused)),
+        ]);
+        let client = client(&url);
+        client.deregister(3, "h:1").unwrap();
+        client.deregister(3, "h:1").unwrap();
+        let err = client.deregister(3, "h:1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the coordinator refused DELETE /nodes/3: node 3 is registered at tcp://h:2, not at \
+             h:1 (HTTP 409)"
+        );
+        let lines: Vec<String> = seen.try_iter().map(|s| s.line).collect();
+        assert_eq!(lines, ["DELETE /nodes/3?address=h%3A1 HTTP/1.1"; 3]);
+    }
+
+    #[test]
+    fn leaving_is_tried_once() {
+        // Bound and dropped: nothing listens there now.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = client(&format!("http://{addr}"))
+            .deregister(3, "h:1")
+            .unwrap_err();
+        assert!(
+            matches!(err, CoordinatorError::Unreachable { attempts: 1, .. }),
+            "{err:?}"
+        );
     }
 }

@@ -39,8 +39,8 @@ pub enum ComputeError {
     #[error("the pager failed to start")]
     PagerStart(#[source] PagerError),
     /// The pager stopped on an error; the guest was stopped.
-    #[error("the guest was stopped because the pager failed: {0}")]
-    PagerFailed(String),
+    #[error("the guest was stopped because the pager failed")]
+    PagerFailed(#[source] PagerError),
 }
 
 /// How guest memory is served during a run.
@@ -76,8 +76,8 @@ pub struct Ended<E> {
     pub vcpus: Vec<Result<E, VcpuError>>,
     /// The pager's statistics (all zero without a pager).
     pub stats: StatsSnapshot,
-    /// The error that stopped the pager, with its causes, if one did.
-    pub pager_failure: Option<String>,
+    /// The error that stopped the pager, if one did.
+    pub pager_failure: Option<PagerError>,
     /// Whether a stop signal ended the run.
     pub signalled: bool,
     /// From the first vCPU's start to the last one's end.
@@ -224,8 +224,7 @@ pub fn run_vm<M: GuestMachine>(
             // Stop first: the guest is woken by the install, before the handler has counted
             // the last fault. A handler that failed returns its error here.
             let counters = p.stats().clone();
-            let failure = p.failure();
-            let _ = p.stop();
+            let failure = p.stop().err();
             (counters.snapshot(), failure)
         }
         None => (StatsSnapshot::default(), None),

@@ -20,7 +20,7 @@ use pagemesh_api::{Content, CreateVm, NodeId, PAGE_SIZE};
 use pagemesh_pager::PageDirectory;
 use pagemesh_vmm::boot;
 use pagemesh_vmm::linux::{LinuxExit, LinuxMachine, MAX_LINUX_RAM};
-use pagemesh_vmm::vcpu::VcpuError;
+use pagemesh_vmm::memory::MemoryError;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::admin::{AdminState, LiveRun};
@@ -28,7 +28,7 @@ use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::define::{guest_mem, placement_request};
 use crate::error::NodeError;
-use crate::lifecycle::{Backing, Launch, run_vm};
+use crate::lifecycle::{Backing, ComputeError, Launch, run_vm};
 use crate::peers::{connect_vm_peers, held, load_vm};
 use crate::signals::StopSignals;
 
@@ -114,7 +114,7 @@ pub fn run_linux(
     })?);
 
     let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem as usize)])
-        .map_err(|e| VcpuError::Exit(format!("cannot map guest RAM: {e}")))?;
+        .map_err(|e| ComputeError::Memory(MemoryError::Map(mem, e)))?;
     let mut machine = LinuxMachine::new(ram, entry, settings.console, vcpus)?;
     let console = machine.console.clone();
 
@@ -178,7 +178,7 @@ pub fn run_linux(
     let log = console.lock().unwrap_or_else(|p| p.into_inner());
     let reached = |s: &str| log.milestone(s);
     let exit_text = match (&exit, &failure) {
-        (_, Some(f)) => format!("stopped: the pager failed: {f}"),
+        (_, Some(f)) => format!("stopped: the pager failed: {}", error_chain(f)),
         (Ok(LinuxExit::Reset), _) => "the guest reset the machine (poweroff/reboot)".into(),
         (Ok(LinuxExit::TripleFault { rip }), _) => format!("the guest triple-faulted at {rip:#x}"),
         (Ok(LinuxExit::Stopped), _) if signalled => "stopped by signal".into(),
@@ -241,9 +241,7 @@ pub fn run_linux(
         return Err(NodeError::Linux(e));
     }
     if let Some(f) = failure {
-        return Err(NodeError::Compute(
-            crate::lifecycle::ComputeError::PagerFailed(f),
-        ));
+        return Err(ComputeError::PagerFailed(f).into());
     }
     Ok(ok)
 }

@@ -3,7 +3,9 @@
 //! Every role starts the page server and registers it with the coordinator (the flow of the
 //! original design note: register, discover, connect). A memory node then serves until it
 //! is told to stop. A compute node defines a VM, has its memory nodes load their pages, runs
-//! the guest workload on userfaultfd-served memory and reports.
+//! the guest workload on userfaultfd-served memory and reports. When its work is over (a
+//! compute-only node's run, well or not; otherwise a stop signal) every node leaves the
+//! cluster: it deregisters, so that the coordinator no longer lists it.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -90,7 +92,7 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
 
     let lookup_client = coordinator.clone();
     let ctx = ServerContext::new(id, PageStore::new(capacity_pages), move |vm| {
-        lookup_client.vm(vm).map_err(|e| error_chain(&e))
+        lookup_client.vm(vm).map_err(Into::into)
     });
     let spin = settings
         .serve_spin_us
@@ -137,20 +139,26 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     let _ = std::io::Write::flush(&mut std::io::stdout());
     debug_assert_eq!(info.node_id, id);
 
-    let ok = if role.computes() && settings.kernel.is_some() {
-        crate::linux_guest::run_linux(id, &settings, &coordinator, &admin_state, &signals)?
+    let outcome = if role.computes() && settings.kernel.is_some() {
+        crate::linux_guest::run_linux(id, &settings, &coordinator, &admin_state, &signals)
     } else if role.computes() && settings.workload.is_some() {
         let ok = run_compute(id, &settings, &coordinator, &admin_state, &signals);
         if role.serves_memory() || settings.hold {
             tracing::info!("run finished; staying up until stopped (Ctrl-C or SIGTERM)");
-            wait_for_stop_signal(&signals).map_err(NodeError::Signals)?;
+            wait_for_stop_signal(&signals)
+                .map_err(NodeError::Signals)
+                .and(ok)
+        } else {
+            ok
         }
-        ok?
     } else {
         tracing::info!("serving pages until stopped (Ctrl-C or SIGTERM)");
-        wait_for_stop_signal(&signals).map_err(NodeError::Signals)?;
-        true
+        wait_for_stop_signal(&signals)
+            .map(|()| true)
+            .map_err(NodeError::Signals)
     };
+    // Before the page server stops, so that no peer is sent to a closed port.
+    leave(&coordinator, id, &advertise);
     shutdown.trigger();
     let _ = server_thread.join();
     let s = ctx.stats();
@@ -162,7 +170,21 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         s.bad_frames,
         s.connections
     );
-    Ok(ok)
+    outcome
+}
+
+/// Tells the coordinator that node `id`, whose pages were at `address`, has left the
+/// cluster, whether its run went well or not: it is no longer listed, so the console logs
+/// it as gone rather than down, and no new VM places pages on it. Best effort: a node that
+/// cannot tell the coordinator stops all the same.
+fn leave(coordinator: &CoordinatorClient, id: NodeId, address: &str) {
+    match coordinator.deregister(id, address) {
+        Ok(()) => tracing::info!("node {id} left the cluster at {}", coordinator.url()),
+        Err(e) => tracing::warn!(
+            "node {id} could not leave the cluster; the coordinator may still list it: {}",
+            error_chain(&e)
+        ),
+    }
 }
 
 fn run_compute(

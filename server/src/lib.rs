@@ -50,8 +50,12 @@ use pagemesh_protocol::{
 use pagemesh_transport::tcp::spin_read;
 
 /// How the server finds a VM's definition when a client asks it to load it (in the node:
-/// ask the coordinator). The error is a message for the client.
-pub type VmLookup = Box<dyn Fn(VmId) -> Result<Vm, String> + Send + Sync>;
+/// ask the coordinator). The client is sent the error with its sources.
+pub type VmLookup = Box<dyn Fn(VmId) -> Result<Vm, LookupError> + Send + Sync>;
+
+/// Why a [`VmLookup`] failed: whatever error the lookup has (in the node, the coordinator
+/// client's).
+pub type LookupError = Box<dyn Error + Send + Sync>;
 
 /// How often the accept loop looks at the shutdown signal when no client is connecting.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
@@ -130,7 +134,7 @@ impl ServerContext {
     pub fn new(
         node_id: NodeId,
         store: PageStore,
-        vm_lookup: impl Fn(VmId) -> Result<Vm, String> + Send + Sync + 'static,
+        vm_lookup: impl Fn(VmId) -> Result<Vm, LookupError> + Send + Sync + 'static,
     ) -> Self {
         ServerContext {
             node_id,
@@ -208,12 +212,9 @@ impl ServerContext {
 
     /// Looks `vm` up and loads this node's share of it.
     fn load(&self, vm: VmId) -> Result<u64, Refusal> {
-        let spec = (self.vm_lookup)(vm).map_err(|message| Refusal::Lookup { vm, message })?;
+        let spec = (self.vm_lookup)(vm).map_err(|source| Refusal::Lookup { vm, source })?;
         if spec.id != vm {
-            return Err(Refusal::Lookup {
-                vm,
-                message: format!("the lookup returned VM {}", spec.id),
-            });
+            return Err(Refusal::WrongVm { vm, got: spec.id });
         }
         Ok(self.store.load(&spec, self.node_id)?)
     }
@@ -535,8 +536,14 @@ fn read_frame_part(
 enum Refusal {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot look up VM {vm}: {message}")]
-    Lookup { vm: VmId, message: String },
+    #[error("cannot look up VM {vm}")]
+    Lookup {
+        vm: VmId,
+        #[source]
+        source: LookupError,
+    },
+    #[error("cannot look up VM {vm}: the lookup returned VM {got}")]
+    WrongVm { vm: VmId, got: VmId },
     #[error("the cluster name is not UTF-8")]
     ClusterNotUtf8,
     #[error("node {node} is in cluster '{ours}', not '{theirs}'")]
@@ -557,7 +564,7 @@ impl Refusal {
                 StoreError::BadRunLength(_) | StoreError::OutOfRange { .. } => Status::BadRequest,
                 StoreError::Image { .. } => Status::LoadFailed,
             },
-            Refusal::Lookup { .. } => Status::LoadFailed,
+            Refusal::Lookup { .. } | Refusal::WrongVm { .. } => Status::LoadFailed,
             Refusal::ClusterNotUtf8 => Status::BadRequest,
             Refusal::WrongCluster { .. } => Status::WrongCluster,
         }
@@ -753,7 +760,7 @@ mod tests {
                 if vm == 7 {
                     Ok(vm7())
                 } else {
-                    Err(format!("the coordinator knows no VM {vm}"))
+                    Err(format!("the coordinator knows no VM {vm}").into())
                 }
             });
             let ctx = Arc::new(ctx.with_cluster(cluster.to_owned()).unwrap());
@@ -945,7 +952,10 @@ mod tests {
         );
         let (status, message) = remote_status(peer.load(9));
         assert_eq!(status, Status::LoadFailed);
-        assert!(message.contains("knows no VM 9"), "{message}");
+        assert_eq!(
+            message,
+            "cannot look up VM 9: the coordinator knows no VM 9"
+        );
         peer.load(7).unwrap();
         // 40 pages of room, 32 used: 9 more do not fit.
         let nine = vec![1u8; 9 * PAGE_SIZE];
@@ -1178,7 +1188,7 @@ mod tests {
         assert!(msg.contains("at most 64"), "{msg}");
         assert_eq!(server.ctx.bad_frames(), 1);
 
-        let long = ServerContext::new(ME, PageStore::new(1), |_| Err(String::new()))
+        let long = ServerContext::new(ME, PageStore::new(1), |_| Err("no VMs".into()))
             .with_cluster("x".repeat(65));
         assert!(matches!(long, Err(ServerError::ClusterTooLong(65))));
     }

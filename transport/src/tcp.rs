@@ -14,7 +14,7 @@
 //! is lost is simply asked again after a reconnect: the pages are still there.
 //!
 //! Every read and write has a timeout (5 s by default, [`TcpOptions`]) so that a dead peer
-//! turns into an error instead of hanging the pager; [`PageSource::load`], which may read a
+//! turns into an error instead of hanging the pager; [`PeerControl::load`], which may read a
 //! whole image on the peer, waits longer.
 //!
 //! # Poisoning
@@ -116,7 +116,7 @@ impl Default for TcpOptions {
     }
 }
 
-/// A connection to one peer's page server, speaking [`protocol`] over TCP.
+/// A connection to one peer's page server, speaking [`pagemesh_protocol`] over TCP.
 #[derive(Debug)]
 pub struct TcpPeer {
     local: NodeId,

@@ -113,8 +113,7 @@ impl LinuxMachine {
             // this machine keeps (in place) for as long as the VM exists.
             unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
         }
-        let irq = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VcpuError::Exit(format!("cannot create the COM1 eventfd: {e}")))?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VcpuError::EventFd)?;
         vm.register_irqfd(&irq, COM1_IRQ)
             .map_err(kvm_err("IRQFD"))?;
         let console = Arc::new(Mutex::new(ConsoleLog::default()));
@@ -157,7 +156,7 @@ impl LinuxMachine {
                 data: 1, // fast strings
                 ..Default::default()
             }])
-            .map_err(|e| VcpuError::Exit(format!("MSR list: {e:?}")))?;
+            .map_err(VcpuError::MsrList)?;
             vcpu.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
             vcpu.set_fpu(&kvm_fpu {
                 fcw: 0x37f,
@@ -264,7 +263,9 @@ impl Cpu {
                 Ok(VcpuExit::Shutdown) => None,
                 Ok(VcpuExit::InternalError) => Some("internal error"),
                 Ok(other) => {
-                    return Err(VcpuError::Exit(format!("unexpected exit {other:?}")));
+                    let exit = format!("{other:?}");
+                    let rip = self.vcpu.get_regs().map_or(0, |r| r.rip);
+                    return Err(VcpuError::UnexpectedExit { exit, rip });
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => return Err(VcpuError::Kvm("RUN", e)),
@@ -325,12 +326,10 @@ impl Cpu {
             }
             [0x0f, 0x0b, ..] => inject(&self.vcpu, 6)?,
             _ => {
-                return Err(VcpuError::Exit(format!(
-                    "the instruction emulator stopped at rip {:#x} (bytes {:02x?}); on hosts \
-                     without hardware virtualization, disable the feature on the kernel \
-                     command line (see docs/linux-guest.md)",
-                    regs.rip, code
-                )));
+                return Err(VcpuError::Emulation {
+                    rip: regs.rip,
+                    bytes: code,
+                });
             }
         }
         self.fixups += 1;

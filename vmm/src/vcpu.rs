@@ -29,9 +29,33 @@ pub enum VcpuError {
         /// Instruction pointer at the time.
         rip: u64,
     },
-    /// KVM could not run the guest.
-    #[error("KVM stopped the guest: {0}")]
-    Exit(String),
+    /// KVM left the guest for a reason the VMM does not handle.
+    #[error("KVM stopped the guest with exit {exit} at rip {rip:#x}")]
+    UnexpectedExit {
+        /// The exit, as `kvm_ioctls` prints it (the exit itself borrows the vCPU's run
+        /// area, so only its description can be kept).
+        exit: String,
+        /// Instruction pointer at the time.
+        rip: u64,
+    },
+    /// KVM's instruction emulator gave up on an instruction the VMM cannot emulate either.
+    #[error(
+        "the instruction emulator stopped at rip {rip:#x} (bytes {bytes:02x?}); on hosts \
+         without hardware virtualization, disable the feature on the kernel command line \
+         (see docs/linux-guest.md)"
+    )]
+    Emulation {
+        /// Instruction pointer of the instruction.
+        rip: u64,
+        /// Its first bytes (zeros when its address does not translate).
+        bytes: [u8; 4],
+    },
+    /// The eventfd that signals the serial port's interrupt could not be created.
+    #[error("cannot create the serial port's interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The MSRs to set do not fit KVM's list.
+    #[error("cannot build the list of MSRs to set")]
+    MsrList(#[source] vmm_sys_util::fam::Error),
     /// The run was stopped from outside (the pager failed, or the node is shutting down).
     #[error("the guest was stopped")]
     Stopped,
@@ -251,7 +275,7 @@ impl RunVcpu for BuiltinVcpu {
             let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
             return Err(match outcome {
                 Ok(None) => VcpuError::Shutdown { rip },
-                Ok(Some(exit)) => VcpuError::Exit(format!("{exit} at rip {rip:#x}")),
+                Ok(Some(exit)) => VcpuError::UnexpectedExit { exit, rip },
                 Err(e) => VcpuError::Kvm("RUN", e),
             });
         }

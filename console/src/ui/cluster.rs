@@ -160,6 +160,7 @@ pub(crate) fn render(app: &App, frame: &mut Frame, area: Rect) {
         let style = match node.state() {
             "up" => Style::new(),
             "down" => Style::new().fg(Color::Red),
+            "left" => Style::new().fg(Color::DarkGray),
             _ => Style::new().fg(Color::Yellow),
         };
         Row::new(cells).style(style)

@@ -24,7 +24,8 @@ const NOTES: [&str; 3] = [
      faulted; red regions are faulting now.",
     "Cluster: faults/s and served/s are rates over the last second; remote miss is the share \
      of faults served from another node.",
-    "A node whose /stats does not answer, or that the coordinator stops listing, shows as down.",
+    "A node whose /stats fails shows as down; one the coordinator no longer lists (its work \
+     done) as left.",
 ];
 
 pub(crate) fn render(frame: &mut Frame, body: Rect) {

@@ -10,7 +10,7 @@ use pagemesh_api::{Endpoint, NodeId, NodeInfo, RegisterEndpoint};
 use super::created_or_ok;
 use crate::AppState;
 use crate::error::AppError;
-use crate::extract::{AppJson, AppPath};
+use crate::extract::{AppJson, AppPath, AppQuery};
 
 /// `POST /nodes/{node_id}/endpoint`: 201 for a new node, 200 for a known one.
 pub(crate) async fn register(
@@ -46,6 +46,31 @@ pub(crate) async fn get(
     AppPath(id): AppPath<NodeId>,
 ) -> Result<AppJson<NodeInfo>, AppError> {
     Ok(AppJson(state.store.node(id)?))
+}
+
+/// The query of `DELETE /nodes/{node_id}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Leave {
+    /// Remove the node only if it is registered at this page-server address.
+    address: Option<String>,
+}
+
+/// `DELETE /nodes/{node_id}[?address=host:port]`: the node left the cluster; 204.
+pub(crate) async fn deregister(
+    State(state): State<AppState>,
+    AppPath(id): AppPath<NodeId>,
+    AppQuery(leave): AppQuery<Leave>,
+) -> Result<StatusCode, AppError> {
+    let node = state.store.deregister(id, leave.address.as_deref())?;
+    tracing::info!(
+        node = node.node_id,
+        role = %node.role,
+        address = %node.endpoint.address,
+        cluster = node.cluster.as_deref().unwrap_or("-"),
+        "node left the cluster"
+    );
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /endpoints`, sorted by node id.
@@ -148,6 +173,58 @@ mod tests {
         assert_eq!(parse::<NodeInfo>(&reply).cluster.as_deref(), Some("c"));
         let (_, reply) = call(&app, "GET", "/clusters/c", None).await;
         assert_eq!(parse::<Cluster>(&reply).registered, [1]);
+    }
+
+    #[tokio::test]
+    async fn a_node_that_leaves_is_no_longer_listed() {
+        let app = test_app();
+        let cluster = json!({"name": "c", "nodes": 2, "memory_mb": 64});
+        call(&app, "POST", "/clusters", Some(cluster)).await;
+        let body = json!({
+            "transport": "tcp", "address": "127.0.0.1:7001", "role": "compute", "cluster": "c",
+        });
+        call(&app, "POST", "/nodes/1/endpoint", Some(body)).await;
+        register(&app, 2, "memory", 0).await;
+
+        // A node that another took the place of cannot remove its successor.
+        let (status, reply) = call(&app, "DELETE", "/nodes/1?address=127.0.0.1:7009", None).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(
+            api_error(&reply),
+            "node 1 is registered at tcp://127.0.0.1:7001, not at 127.0.0.1:7009; another node \
+             has taken its place"
+        );
+
+        let (status, reply) = call(&app, "DELETE", "/nodes/1?address=127.0.0.1:7001", None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert_eq!(reply, "");
+        let (_, reply) = call(&app, "GET", "/nodes", None).await;
+        let ids: Vec<u32> = parse::<Vec<NodeInfo>>(&reply)
+            .iter()
+            .map(|n| n.node_id)
+            .collect();
+        assert_eq!(ids, [2]);
+        let (_, reply) = call(&app, "GET", "/clusters/c", None).await;
+        assert_eq!(parse::<Cluster>(&reply).registered, [] as [u32; 0]);
+
+        let (status, reply) = call(&app, "DELETE", "/nodes/1", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(api_error(&reply), "unknown node 1");
+        let (status, reply) = call(&app, "DELETE", "/nodes/2?port=1", None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            api_error(&reply),
+            "Failed to deserialize query string: port: unknown field `port`, expected `address`"
+        );
+        let (status, _) = call(&app, "DELETE", "/nodes/2", None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (_, reply) = call(&app, "GET", "/endpoints", None).await;
+        assert_eq!(parse::<Vec<Endpoint>>(&reply), []);
+
+        // It may come back.
+        register(&app, 2, "memory", 0).await;
+        let (status, _) = call(&app, "GET", "/nodes/2", None).await;
+        assert_eq!(status, StatusCode::OK);
     }
 
     #[tokio::test]

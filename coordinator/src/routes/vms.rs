@@ -1,28 +1,47 @@
 //! `/vms`: VM definitions and the placement of their pages.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 
-use pagemesh_api::{CreateVm, Vm, VmId};
+use pagemesh_api::{CreateVm, IDEMPOTENCY_KEY, Vm, VmId};
 
+use super::created_or_ok;
 use crate::AppState;
 use crate::error::AppError;
 use crate::extract::{AppJson, AppPath};
+use crate::registry::RegistryError;
 
-/// `POST /vms`: 201 with the VM, its id and its resolved placement.
+/// `POST /vms`: 201 with the VM, its id and its resolved placement; 200 with the VM an
+/// `Idempotency-Key` seen before created.
 pub(crate) async fn create(
     State(state): State<AppState>,
+    headers: HeaderMap,
     AppJson(req): AppJson<CreateVm>,
 ) -> Result<(StatusCode, AppJson<Vm>), AppError> {
-    let vm = state.store.create_vm(req)?;
-    tracing::info!(
-        vm = vm.id,
-        compute_node = vm.compute_node,
-        mem_bytes = vm.mem_bytes,
-        memory_nodes = ?vm.placement.nodes(),
-        "created VM"
-    );
-    Ok((StatusCode::CREATED, AppJson(vm)))
+    let key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| {
+            RegistryError::BadIdempotencyKey(String::from_utf8_lossy(value.as_bytes()).into())
+        })?),
+    };
+    let stored = state.store.create_vm(req, key)?;
+    let vm = stored.value;
+    if stored.created {
+        tracing::info!(
+            vm = vm.id,
+            compute_node = vm.compute_node,
+            mem_bytes = vm.mem_bytes,
+            memory_nodes = ?vm.placement.nodes(),
+            "created VM"
+        );
+    } else {
+        tracing::info!(
+            vm = vm.id,
+            key,
+            "VM requested again with the same idempotency key"
+        );
+    }
+    Ok((created_or_ok(stored.created), AppJson(vm)))
 }
 
 /// `GET /vms`, sorted by id.
@@ -51,12 +70,13 @@ pub(crate) async fn delete(
 #[cfg(test)]
 mod tests {
     use axum::Router;
-    use axum::http::StatusCode;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode, header};
     use serde_json::{Value, json};
 
     use pagemesh_api::{Content, PageRange, Placement, Vm};
 
-    use crate::tests::{api_error, call, parse, register, test_app};
+    use crate::tests::{api_error, call, parse, register, send, test_app};
 
     /// An app with compute node 1, memory nodes 2 (1 MiB) and 3 (3 MiB), and both-node 4 (0).
     async fn cluster_app() -> Router {
@@ -240,6 +260,66 @@ mod tests {
             api_error(&reply),
             "image path \"guest.img\" must be absolute"
         );
+    }
+
+    /// `POST /vms` of `body` with `Idempotency-Key: key`.
+    async fn create_with_key(app: &Router, key: &str, body: &Value) -> (StatusCode, String) {
+        let request = Request::builder()
+            .method("POST")
+            .uri("/vms")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", key)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        send(app, request).await
+    }
+
+    #[tokio::test]
+    async fn a_repeated_idempotency_key_creates_one_vm() {
+        let app = cluster_app().await;
+        let body =
+            json!({"compute_node": 1, "mem_bytes": 8192, "placement": {"policy": "interleave"}});
+        let (status, reply) = create_with_key(&app, "3f2a9c", &body).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let first: Vm = parse(&reply);
+        // The answer was lost; the client sends the same request with the same key.
+        let (status, reply) = create_with_key(&app, "3f2a9c", &body).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(parse::<Vm>(&reply), first);
+        let (_, reply) = call(&app, "GET", "/vms", None).await;
+        assert_eq!(parse::<Vec<Vm>>(&reply), [first]);
+
+        // Another key, or none, is another VM.
+        let (status, reply) = create_with_key(&app, "77e1", &body).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(parse::<Vm>(&reply).id, 2);
+        let (_, reply) = call(&app, "POST", "/vms", Some(body.clone())).await;
+        assert_eq!(parse::<Vm>(&reply).id, 3);
+
+        let bigger =
+            json!({"compute_node": 1, "mem_bytes": 4096, "placement": {"policy": "interleave"}});
+        let (status, reply) = create_with_key(&app, "3f2a9c", &bigger).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            api_error(&reply),
+            "idempotency key \"3f2a9c\" was sent before for another VM (1); send a new key for \
+             a new VM"
+        );
+        for bad in ["", "two words", &"x".repeat(65)] {
+            let (status, reply) = create_with_key(&app, bad, &body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}");
+            assert!(api_error(&reply).ends_with("use 1 to 64 visible ASCII characters"));
+        }
+
+        call(&app, "DELETE", "/vms/1", None).await;
+        let (status, reply) = create_with_key(&app, "3f2a9c", &body).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(
+            api_error(&reply),
+            "idempotency key \"3f2a9c\" created VM 1, which has been deleted since"
+        );
+        let (_, reply) = call(&app, "GET", "/vms", None).await;
+        assert_eq!(parse::<Vec<Vm>>(&reply).len(), 2);
     }
 
     #[tokio::test]

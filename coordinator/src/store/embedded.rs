@@ -110,8 +110,12 @@ impl Store for EmbeddedStore {
         self.read(|r| r.node(id).cloned())
     }
 
-    fn create_vm(&self, req: CreateVm) -> Result<Vm, StoreError> {
-        self.update(|r| r.create_vm(req))
+    fn deregister(&self, id: NodeId, address: Option<&str>) -> Result<NodeInfo, StoreError> {
+        self.update(|r| r.deregister(id, address))
+    }
+
+    fn create_vm(&self, req: CreateVm, key: Option<&str>) -> Result<Stored<Vm>, StoreError> {
+        self.update(|r| r.create_vm(req, key))
     }
 
     fn vm(&self, id: VmId) -> Result<Vm, StoreError> {
