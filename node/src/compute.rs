@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use pagemesh_api::VmId;
 use pagemesh_pager::StatsSnapshot;
+use pagemesh_vmm::VcpuError;
 use pagemesh_vmm::guest::{Initial, WorkloadResult};
-use pagemesh_vmm::vcpu::{Machine, VcpuError};
+use pagemesh_vmm::vcpu::Machine;
 use pagemesh_vmm::{GuestLayout, Workload};
 
 use crate::admin::LiveRun;

@@ -48,7 +48,7 @@ pub enum NodeError {
     },
     /// The Linux guest's VM failed.
     #[error("the Linux guest failed")]
-    Linux(#[from] pagemesh_vmm::vcpu::VcpuError),
+    Linux(#[from] pagemesh_vmm::VcpuError),
     /// The guest run failed.
     #[error("guest run failed")]
     Compute(#[from] crate::lifecycle::ComputeError),

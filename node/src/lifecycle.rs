@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use pagemesh_api::VmId;
 use pagemesh_pager::{GuestRam, PageDirectory, PagerConfig, PagerError, PagerStats, StatsSnapshot};
 use pagemesh_transport::TransportManager;
+use pagemesh_vmm::VcpuError;
 use pagemesh_vmm::run::install_kick_handler;
-use pagemesh_vmm::vcpu::VcpuError;
 use pagemesh_vmm::{GuestMachine, RunVcpu, Stop};
 
 use crate::signals::{StopSignals, wait_stop_signal_for};

@@ -116,3 +116,62 @@ pub(crate) fn held(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use pagemesh_api::{Content, Placement};
+    use pagemesh_transport::local::LocalSource;
+
+    use super::*;
+
+    const PAGES: u64 = 64;
+
+    fn vm_on(nodes: Vec<NodeId>) -> Vm {
+        Vm {
+            id: 9,
+            compute_node: 0,
+            mem_bytes: PAGES * 4096,
+            placement: Placement::interleave(nodes, 1, PAGES).unwrap(),
+            content: Content::Pattern { seed: 1 },
+        }
+    }
+
+    fn control_with(nodes: &[NodeId]) -> ControlPlane {
+        let mut control = ControlPlane::new(0, Duration::from_secs(1));
+        for &n in nodes {
+            control.add(Box::new(LocalSource::with_pattern(n, 9, PAGES / 2, 1)));
+        }
+        control
+    }
+
+    #[test]
+    fn load_held_and_release_ask_every_node_of_the_vm() {
+        let vm = vm_on(vec![1, 2]);
+        let mut control = control_with(&[1, 2]);
+        load_vm(&mut control, &vm).unwrap();
+        let held_now = held(&mut control, &vm).unwrap();
+        assert_eq!(held_now, BTreeMap::from([(1, PAGES / 2), (2, PAGES / 2)]));
+        release_vm(&mut control, &vm);
+        let held_now = held(&mut control, &vm).unwrap();
+        assert_eq!(held_now, BTreeMap::from([(1, 0), (2, 0)]));
+    }
+
+    #[test]
+    fn a_node_without_a_connection_is_named_in_the_error() {
+        let vm = vm_on(vec![1, 2]);
+        let mut control = control_with(&[1]);
+        let err = held(&mut control, &vm).unwrap_err();
+        assert!(
+            matches!(err, NodeError::Peer { node: 2, vm: 9, .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            error_chain(&err),
+            "memory node 2 could not report the pages it holds of VM 9: \
+             no connection to node 2; is it registered with the coordinator?"
+        );
+        // Releasing is best effort: the node that is there still drops its pages.
+        release_vm(&mut control, &vm);
+        assert_eq!(control.peer(1).unwrap().held(9).unwrap(), 0);
+    }
+}

@@ -22,8 +22,8 @@ pub mod stats;
 pub mod trace;
 pub mod uffd;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
@@ -145,7 +145,6 @@ pub struct Pager<'ram> {
     directory: Arc<PageDirectory>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), PagerError>>>,
-    failure: Arc<Mutex<Option<String>>>,
     /// Keeps the userfaultfd (and thus the registration) alive as long as the pager.
     _uffd: Arc<uffd::Uffd>,
     /// The RAM it serves, which must stay mapped while it does.
@@ -165,7 +164,6 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
     uffd.register_missing(ram.base as u64, ram.len as u64)?;
     let stats = Arc::new(PagerStats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let failure = Arc::new(Mutex::new(None));
     let handler = handler::Handler {
         uffd: uffd.clone(),
         base: ram.base as u64,
@@ -178,7 +176,6 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
     };
     let on_failure = config.on_failure;
     let cpu = config.cpu;
-    let failure_slot = failure.clone();
     let thread = std::thread::Builder::new()
         .name(format!("pager-vm{}", config.vm))
         .spawn(move || {
@@ -187,9 +184,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
             }
             let result = handler.run();
             if let Err(e) = &result {
-                let chain = pagemesh_api::error_chain(e);
-                tracing::error!("pager stopped: {chain}");
-                *failure_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(chain);
+                tracing::error!("pager stopped: {}", pagemesh_api::error_chain(e));
                 on_failure();
             }
             result
@@ -200,7 +195,6 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         directory: config.directory,
         stop,
         thread: Some(thread),
-        failure,
         _uffd: uffd,
         _ram: ram,
     })
@@ -215,14 +209,6 @@ impl Pager<'_> {
     /// The page directory.
     pub fn directory(&self) -> &Arc<PageDirectory> {
         &self.directory
-    }
-
-    /// The error that stopped the handler, with its causes, if it stopped on one.
-    pub fn failure(&self) -> Option<String> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     /// Stops the handler thread and returns how it ended.

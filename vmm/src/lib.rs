@@ -8,6 +8,7 @@
 //! threads of their own and one [`run::Stop`] stops them all.
 
 pub mod boot;
+pub mod error;
 pub mod guest;
 pub mod i8042;
 pub mod linux;
@@ -16,6 +17,7 @@ pub mod run;
 pub mod serial;
 pub mod vcpu;
 
+pub use error::VcpuError;
 pub use guest::{Access, Order, Workload, WorkloadResult};
 pub use memory::{GuestLayout, RAM_BASE};
 pub use run::{GuestMachine, RunVcpu, Stop};

@@ -19,10 +19,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::EventFd;
 
 use super::boot::{BootEntry, GDT, GDT_ADDR, PML4_ADDR};
+use super::error::VcpuError;
 use super::i8042::{self, I8042};
 use super::run::{GuestMachine, RunVcpu, Stop};
 use super::serial::{COM1, COM1_IRQ, Com1, ConsoleLog, LineSink, com1};
-use super::vcpu::VcpuError;
 
 /// Largest RAM this VMM maps (below the 32-bit MMIO hole).
 pub const MAX_LINUX_RAM: u64 = 3 << 30;

@@ -12,7 +12,7 @@ use std::sync::{Mutex, OnceLock};
 
 use vmm_sys_util::signal::register_signal_handler;
 
-use crate::vcpu::VcpuError;
+use crate::error::VcpuError;
 
 /// A VM whose vCPUs run on threads of their own.
 pub trait GuestMachine {

@@ -71,6 +71,16 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
 }
 
 /// A new folder under `.pagemesh/runs/`.
+/// `path` as people should see it: relative to the project's root when it is inside it
+/// (`.pagemesh/runs/…`), whole otherwise.
+pub fn relative(path: &std::path::Path) -> String {
+    let root = setup::project_root();
+    path.strip_prefix(&root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
 pub fn run_dir(kind: &str) -> PathBuf {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -88,7 +98,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let bins = build(args.debug)?;
     let dir = run_dir("runs");
-    eprintln!("xtask: run folder {}", dir.display());
+    eprintln!("xtask: run folder {}", relative(&dir));
     let cluster = Cluster::start(bins, dir.clone(), &[1, 2], "1GiB")?;
     eprintln!(
         "xtask: coordinator at {}, memory nodes {} and {}",
@@ -127,7 +137,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let summary = ClusterRunSummary::new(
         NODES,
-        dir.display().to_string(),
+        relative(&dir),
         runs.into_iter().map(|(run, _)| run).collect(),
     );
     println!();
@@ -137,7 +147,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     cluster.stop()?;
     if !summary.ok {
-        anyhow::bail!("the run failed; see the logs in {}", dir.display());
+        anyhow::bail!("the run failed; see the logs in {}", relative(&dir));
     }
     Ok(())
 }
@@ -147,7 +157,7 @@ fn run_linux(args: &RunArgs) -> anyhow::Result<()> {
     let guest = crate::guest::ensure()?;
     let bins = build(args.debug)?;
     let dir = run_dir("runs");
-    eprintln!("xtask: run folder {}", dir.display());
+    eprintln!("xtask: run folder {}", relative(&dir));
     let mut cluster = Cluster::start(bins, dir.clone(), &[1, 2], "1GiB")?;
     let (mut compute, json) = cluster.spawn_compute(&[
         "--mem",
@@ -203,13 +213,13 @@ fn run_linux(args: &RunArgs) -> anyhow::Result<()> {
         };
         write_json(
             path,
-            &ClusterRunSummary::new(NODES, dir.display().to_string(), vec![run]),
+            &ClusterRunSummary::new(NODES, relative(&dir), vec![run]),
         )?;
     }
     cluster.stop()?;
-    println!("  logs                 {}", dir.display());
+    println!("  logs                 {}", relative(&dir));
     if !status.success() {
-        anyhow::bail!("the compute node failed ({status}); see {}", dir.display());
+        anyhow::bail!("the compute node failed ({status}); see {}", relative(&dir));
     }
     Ok(())
 }
