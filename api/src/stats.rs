@@ -61,7 +61,8 @@ pub struct ServerStats {
     pub capacity_pages: u64,
     /// Pages sent in Fetch and Read replies.
     pub pages_served: u64,
-    /// Pages sent in Fetch replies (and freed here).
+    /// Pages lent by Fetch replies and freed here once the fetching node acknowledged them
+    /// (each page once, however many times its reply had to be sent).
     pub pages_claimed: u64,
     /// Pages received in WriteBack requests.
     pub pages_written_back: u64,
