@@ -1,6 +1,7 @@
 //! A real Prometheus server scrapes a live node and answers queries about it.
 
-use std::process::Command;
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pagemesh_tests::{Bins, Cluster, Proc, http_get, http_json, test_dir};
@@ -112,6 +113,37 @@ fn prometheus_scrapes_fault_counters_and_histograms_from_a_live_node() {
         deadline,
     );
     assert_eq!(claimed, 2048.0);
+
+    // Served as the Prometheus text format, which Prometheus's own checker accepts.
+    let mut response = ureq::get(format!("{admin}/metrics")).call().unwrap();
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = response.body_mut().read_to_string().unwrap();
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed with prometheus");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 
     prom.stop().unwrap();
     assert!(compute.stop().unwrap().success());

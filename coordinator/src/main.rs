@@ -41,7 +41,8 @@ struct Cli {
     log_level: String,
 
     /// Export metrics over OTLP/HTTP (protobuf) to this collector URL (`/v1/metrics` is
-    /// appended), or `off` [default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export].
+    /// appended), or `off` [default: $OTEL_EXPORTER_OTLP_METRICS_ENDPOINT, used as is, or
+    /// $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export].
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
 
@@ -108,7 +109,10 @@ async fn serve(
 
     let shutdown = shutdown_signal()?;
     let state = AppState::new(store);
-    let exporter = otlp_config.and_then(|c| otlp::start(c, state.clone(), addr.to_string()));
+    let exporter = match otlp_config {
+        Some(c) => Some(otlp::start(c, &state, &addr.to_string())?),
+        None => None,
+    };
     let served = pagemesh_coordinator::serve(listener, state, shutdown).await;
     // The last export is a blocking POST: off the runtime's workers.
     let _ = tokio::task::spawn_blocking(move || drop(exporter)).await;

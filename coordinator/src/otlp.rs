@@ -1,44 +1,57 @@
 //! OpenTelemetry metrics export of the coordinator over OTLP/HTTP (protobuf), when
 //! `--otlp-endpoint URL` or `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 //!
-//! The same design as the node's exporter (`node/src/otlp.rs`, whose module doc gives the
-//! reasons): no OpenTelemetry SDK, a thread of its own that reads the figures every
-//! interval, builds an `ExportMetricsServiceRequest` with `opentelemetry-proto`'s messages
-//! and POSTs it to `{endpoint}/v1/metrics`; the settings, the sender and the export thread
-//! are `pagemesh_otlp`'s, shared with the node. The thread is a plain `std` thread, so a slow
-//! collector never holds a tokio worker; the store's methods are synchronous and quick. This
-//! module only says what the coordinator exports.
+//! Through the OpenTelemetry SDK: an `opentelemetry_sdk` meter provider whose
+//! `PeriodicReader` collects on a plain `std` thread of its own every interval (no async
+//! runtime, so a slow collector never holds a tokio worker), and `opentelemetry-otlp`'s
+//! exporter, which POSTs protobuf to `{endpoint}/v1/metrics` with reqwest's blocking client.
+//! The settings are `pagemesh_otlp`'s, shared with the node: flags first, then the standard
+//! `OTEL_*` variables ([`OtlpConfig::resolve`]); the endpoint, interval and protocol are
+//! handed to the SDK as resolved, so that both programs read them alike. The SDK itself also
+//! reads `OTEL_EXPORTER_OTLP_HEADERS` / `OTEL_EXPORTER_OTLP_METRICS_HEADERS`,
+//! `OTEL_EXPORTER_OTLP_COMPRESSION` (`gzip`) and, for the resource, `OTEL_RESOURCE_ATTRIBUTES`;
+//! `OTEL_SERVICE_NAME` renames the service.
+//!
+//! The node does not use the SDK: its histograms are precomputed (`node/src/otlp.rs` says
+//! why that rules the SDK out). The coordinator has none: its request durations are recorded
+//! one request at a time, which is what the SDK's histogram takes.
 //!
 //! What it exports (`docs/metrics.md`):
 //! - `pagemesh.coordinator.nodes` (gauge, `{node}`, by `role`) and
 //!   `pagemesh.coordinator.capacity` (gauge, `By`): registered nodes and the guest memory
-//!   they offer;
-//! - `pagemesh.coordinator.vms` (gauge, `{vm}`): VMs defined;
+//!   they offer; `pagemesh.coordinator.vms` (gauge, `{vm}`): VMs defined. Observable gauges,
+//!   read from the store when the reader collects;
 //! - `http.server.request.duration` (histogram, `s`): every API request, by
 //!   `http.request.method`, `http.route` and `http.response.status_code`, as the
-//!   OpenTelemetry HTTP conventions name it. [`track`] records it, one short lock per request.
+//!   OpenTelemetry HTTP conventions name it. [`track`] records it.
 //!
 //! Resource: `service.name` = `pagemesh-coordinator`, `service.instance.id` = the address it
-//! listens on. Export failures are logged at warn once per interval, and never stop it.
+//! listens on, `service.version`. A failed export is logged at warn, with the endpoint, once
+//! per interval, and the first one that works again at info ([`Logged`]); the SDK's own
+//! logging (its `internal-logs` feature) is off, so that failures are not logged twice.
+//! One thing the SDK's exporter does not let us see: a collector's partial success (points it
+//! rejected in a 2xx answer), which the exporter only reports to that internal log.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue, any_value};
-use opentelemetry_proto::tonic::metrics::v1::{
-    AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
-    ResourceMetrics, ScopeMetrics, metric, number_data_point,
-};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use prost::Message;
+use opentelemetry::metrics::{Histogram, Meter, MeterProvider as _};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_otlp::{ExporterBuildError, MetricExporter, Protocol, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
+use opentelemetry_sdk::resource::EnvResourceDetector;
 
 use pagemesh_api::Role;
+pub use pagemesh_otlp::{DEFAULT_INTERVAL, OtlpConfig};
 
 use crate::AppState;
 
@@ -52,51 +65,39 @@ pub const REQUEST_BOUNDS: &[f64] = &[
     5.0, 10.0,
 ];
 
-pub use pagemesh_otlp::{DEFAULT_INTERVAL, Exporter, OtlpConfig};
-use pagemesh_otlp::{kv, text, unix_ns};
+/// Why the export cannot start.
+#[derive(thiserror::Error, Debug)]
+pub enum OtlpError {
+    /// The SDK refused the exporter's settings (from the flags or the `OTEL_*` variables).
+    #[error("cannot set up the OTLP exporter")]
+    Build(#[source] ExporterBuildError),
+}
 
-/// Durations of the API requests, by method, route and status.
+/// Durations of the API requests, in the SDK's histogram once [`start`] has made one; until
+/// then (and without export) recording is a no-op. Set once rather than passed to
+/// [`AppState::new`]: the instrument belongs to a meter provider whose resource names the
+/// address the coordinator listens on, known only after the state exists.
 #[derive(Default)]
 pub struct RequestMetrics {
-    series: Mutex<BTreeMap<RequestKey, Buckets>>,
-}
-
-/// (method, route template if one matched, status).
-type RequestKey = (&'static str, Option<String>, u16);
-
-#[derive(Clone)]
-struct Buckets {
-    count: u64,
-    sum_s: f64,
-    /// One per bound in [`REQUEST_BOUNDS`], and the overflow.
-    counts: Vec<u64>,
-}
-
-impl Buckets {
-    fn new() -> Self {
-        Self {
-            count: 0,
-            sum_s: 0.0,
-            counts: vec![0; REQUEST_BOUNDS.len() + 1],
-        }
-    }
+    duration: OnceLock<Histogram<f64>>,
 }
 
 impl RequestMetrics {
     /// Counts one request.
     pub fn record(&self, method: &Method, route: Option<&str>, status: u16, seconds: f64) {
-        let key = (method_name(method), route.map(str::to_owned), status);
-        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-        let b = series.entry(key).or_insert_with(Buckets::new);
-        b.count += 1;
-        b.sum_s += seconds;
-        let i = REQUEST_BOUNDS.partition_point(|&le| le < seconds);
-        b.counts[i] += 1;
-    }
-
-    fn snapshot(&self) -> Vec<(RequestKey, Buckets)> {
-        let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-        series.iter().map(|(k, b)| (k.clone(), b.clone())).collect()
+        let Some(duration) = self.duration.get() else {
+            return;
+        };
+        let mut attributes = Vec::with_capacity(3);
+        attributes.push(KeyValue::new("http.request.method", method_name(method)));
+        if let Some(route) = route {
+            attributes.push(KeyValue::new("http.route", route.to_owned()));
+        }
+        attributes.push(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        duration.record(seconds, &attributes);
     }
 }
 
@@ -135,159 +136,240 @@ pub async fn track(
     response
 }
 
-/// Starts exporting the coordinator listening on `instance` (`host:port`) every
-/// `config.interval`. A thread that cannot start is logged, and the coordinator runs on.
-pub fn start(config: OtlpConfig, state: AppState, instance: String) -> Option<Exporter> {
-    let start_ns = unix_ns(SystemTime::now());
-    tracing::info!(url = %config.url, interval = ?config.interval, "exporting metrics over OTLP/HTTP");
-    pagemesh_otlp::spawn(config, move || {
-        request(&state, &instance, start_ns, unix_ns(SystemTime::now())).encode_to_vec()
-    })
+/// The running export; dropping it exports once more and stops the reader's thread. It
+/// blocks meanwhile (up to the export's timeout): drop it off the async runtime's workers.
+pub struct Exporter {
+    provider: SdkMeterProvider,
 }
 
-fn gauge(
-    name: &str,
-    unit: &str,
-    description: &str,
-    points: Vec<(Vec<KeyValue>, i64)>,
-    now: u64,
-) -> Metric {
-    let data_points = points
-        .into_iter()
-        .map(|(attributes, v)| NumberDataPoint {
-            attributes,
-            time_unix_nano: now,
-            value: Some(number_data_point::Value::AsInt(v)),
-            ..NumberDataPoint::default()
-        })
-        .collect();
-    Metric {
-        name: name.to_owned(),
-        description: description.to_owned(),
-        unit: unit.to_owned(),
-        data: Some(metric::Data::Gauge(Gauge { data_points })),
-        ..Metric::default()
-    }
-}
-
-/// The OTLP request for the coordinator listening on `instance`: cumulative points start at
-/// `start`, every point is stamped `now` (ns since the Unix epoch).
-pub fn request(
-    state: &AppState,
-    instance: &str,
-    start: u64,
-    now: u64,
-) -> ExportMetricsServiceRequest {
-    let mut metrics = Vec::new();
-    match state.store.nodes() {
-        Ok(nodes) => {
-            let points = [Role::Compute, Role::Memory, Role::Both]
-                .into_iter()
-                .map(|role| {
-                    let n = nodes.iter().filter(|n| n.role == role).count();
-                    (
-                        vec![text("role", &role.to_string())],
-                        i64::try_from(n).unwrap_or(i64::MAX),
-                    )
-                })
-                .collect();
-            metrics.push(gauge(
-                "pagemesh.coordinator.nodes",
-                "{node}",
-                "Nodes registered, by role.",
-                points,
-                now,
-            ));
-            let capacity: u64 = nodes.iter().map(|n| n.capacity_bytes).sum();
-            metrics.push(gauge(
-                "pagemesh.coordinator.capacity",
-                "By",
-                "Guest memory the registered nodes offer to hold.",
-                vec![(vec![], i64::try_from(capacity).unwrap_or(i64::MAX))],
-                now,
-            ));
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        // A last export that failed is already logged, by `Logged`.
+        if let Err(e) = self.provider.shutdown() {
+            tracing::debug!("OTLP export shutdown: {e}");
         }
-        Err(e) => tracing::debug!("no node figures for OTLP: {e}"),
     }
-    match state.store.vms() {
-        Ok(vms) => metrics.push(gauge(
-            "pagemesh.coordinator.vms",
-            "{vm}",
-            "VMs defined.",
-            vec![(vec![], i64::try_from(vms.len()).unwrap_or(i64::MAX))],
-            now,
-        )),
-        Err(e) => tracing::debug!("no VM figures for OTLP: {e}"),
+}
+
+/// Starts exporting the coordinator listening on `instance` (`host:port`) every
+/// `config.interval`.
+pub fn start(config: OtlpConfig, state: &AppState, instance: &str) -> Result<Exporter, OtlpError> {
+    // reqwest's rustls takes the process's crypto provider: ring, which ureq builds already.
+    // Installing it fails only when one is installed, which then serves as well.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let exporter = MetricExporter::builder()
+        .with_http()
+        .with_endpoint(config.url.clone())
+        .with_protocol(Protocol::HttpBinary)
+        .with_timeout(config.interval.min(pagemesh_otlp::MAX_TIMEOUT))
+        .build()
+        .map_err(OtlpError::Build)?;
+    let reader = PeriodicReader::builder(Logged::new(exporter, config.url.clone()))
+        .with_interval(config.interval)
+        .build();
+    let provider = SdkMeterProvider::builder()
+        .with_resource(resource(instance))
+        .with_reader(reader)
+        .build();
+    let meter = provider.meter_with_scope(
+        InstrumentationScope::builder(SERVICE_NAME)
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build(),
+    );
+    instruments(&meter, state);
+    tracing::info!(url = %config.url, interval = ?config.interval, "exporting metrics over OTLP/HTTP");
+    Ok(Exporter { provider })
+}
+
+/// The coordinator's resource: ours, then `OTEL_RESOURCE_ATTRIBUTES` over it, then
+/// `OTEL_SERVICE_NAME` over that (the standard variables win over built-in defaults).
+fn resource(instance: &str) -> Resource {
+    let builder = Resource::builder_empty()
+        .with_service_name(SERVICE_NAME)
+        .with_attributes([
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("service.instance.id", instance.to_owned()),
+        ])
+        .with_detector(Box::new(EnvResourceDetector::new()));
+    match std::env::var("OTEL_SERVICE_NAME") {
+        Ok(name) if !name.trim().is_empty() => builder.with_service_name(name),
+        _ => builder,
     }
-    let requests = state.requests.snapshot();
-    if !requests.is_empty() {
-        let data_points = requests
-            .into_iter()
-            .map(|((method, route, status), b)| {
-                let mut attributes = vec![text("http.request.method", method)];
-                if let Some(route) = route {
-                    attributes.push(text("http.route", &route));
+    .build()
+}
+
+fn count(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
+/// Creates the coordinator's instruments on `meter`: gauges that read `state`'s store when
+/// collected, and the request histogram [`track`] records into.
+fn instruments(meter: &Meter, state: &AppState) {
+    let store = state.store.clone();
+    meter
+        .i64_observable_gauge("pagemesh.coordinator.nodes")
+        .with_unit("{node}")
+        .with_description("Nodes registered, by role.")
+        .with_callback(move |gauge| match store.nodes() {
+            Ok(nodes) => {
+                for role in [Role::Compute, Role::Memory, Role::Both] {
+                    let n = nodes.iter().filter(|n| n.role == role).count();
+                    gauge.observe(count(n), &[KeyValue::new("role", role.to_string())]);
                 }
-                attributes.push(kv(
-                    "http.response.status_code",
-                    any_value::Value::IntValue(status.into()),
-                ));
-                HistogramDataPoint {
-                    attributes,
-                    start_time_unix_nano: start,
-                    time_unix_nano: now,
-                    count: b.count,
-                    sum: Some(b.sum_s),
-                    bucket_counts: b.counts,
-                    explicit_bounds: REQUEST_BOUNDS.to_vec(),
-                    ..HistogramDataPoint::default()
-                }
-            })
-            .collect();
-        metrics.push(Metric {
-            name: "http.server.request.duration".into(),
-            description: "Duration of HTTP server requests.".into(),
-            unit: "s".into(),
-            data: Some(metric::Data::Histogram(Histogram {
-                data_points,
-                aggregation_temporality: AggregationTemporality::Cumulative.into(),
-            })),
-            ..Metric::default()
-        });
+            }
+            Err(e) => tracing::debug!("no node figures for OTLP: {e}"),
+        })
+        .build();
+    let store = state.store.clone();
+    meter
+        .i64_observable_gauge("pagemesh.coordinator.capacity")
+        .with_unit("By")
+        .with_description("Guest memory the registered nodes offer to hold.")
+        .with_callback(move |gauge| match store.nodes() {
+            Ok(nodes) => gauge.observe(
+                count(nodes.iter().map(|n| n.capacity_bytes).sum::<u64>()),
+                &[],
+            ),
+            Err(e) => tracing::debug!("no node figures for OTLP: {e}"),
+        })
+        .build();
+    let store = state.store.clone();
+    meter
+        .i64_observable_gauge("pagemesh.coordinator.vms")
+        .with_unit("{vm}")
+        .with_description("VMs defined.")
+        .with_callback(move |gauge| match store.vms() {
+            Ok(vms) => gauge.observe(count(vms.len()), &[]),
+            Err(e) => tracing::debug!("no VM figures for OTLP: {e}"),
+        })
+        .build();
+    let duration = meter
+        .f64_histogram("http.server.request.duration")
+        .with_unit("s")
+        .with_description("Duration of HTTP server requests.")
+        .with_boundaries(REQUEST_BOUNDS.to_vec())
+        .build();
+    if state.requests.duration.set(duration).is_err() {
+        tracing::warn!("requests are already recorded for another OTLP export");
     }
-    ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes: vec![
-                    text("service.name", SERVICE_NAME),
-                    text("service.version", env!("CARGO_PKG_VERSION")),
-                    text("service.instance.id", instance),
-                ],
-                ..Resource::default()
-            }),
-            scope_metrics: vec![ScopeMetrics {
-                scope: Some(InstrumentationScope {
-                    name: SERVICE_NAME.into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..InstrumentationScope::default()
-                }),
-                metrics,
-                ..ScopeMetrics::default()
-            }],
-            ..ResourceMetrics::default()
-        }],
+}
+
+/// The SDK's OTLP exporter, whose failures it logs: at warn, with the endpoint, each time
+/// (once per interval), and at info when one works again after failures.
+struct Logged {
+    inner: MetricExporter,
+    url: String,
+    failures: AtomicU64,
+}
+
+impl Logged {
+    fn new(inner: MetricExporter, url: String) -> Self {
+        Self {
+            inner,
+            url,
+            failures: AtomicU64::new(0),
+        }
+    }
+}
+
+impl PushMetricExporter for Logged {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let result = self.inner.export(metrics).await;
+        match &result {
+            Ok(()) => {
+                let failures = self.failures.swap(0, Ordering::Relaxed);
+                if failures > 0 {
+                    tracing::info!(
+                        "OTLP export to {} works again after {failures} failed attempts",
+                        self.url
+                    );
+                }
+            }
+            Err(e) => {
+                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    "OTLP export to {} failed ({failures} in a row): {}",
+                    self.url,
+                    pagemesh_api::error_chain(e)
+                );
+            }
+        }
+        result
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::mpsc;
 
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+    use opentelemetry_proto::tonic::metrics::v1::{Metric, metric, number_data_point};
+    use prost::Message;
     use serde_json::json;
 
     use super::*;
     use crate::app;
     use crate::tests::{call, register};
+
+    /// An OTLP/HTTP receiver on a thread: the body of every POST, decoded, as it arrives.
+    fn receiver() -> (String, mpsc::Receiver<ExportMetricsServiceRequest>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/metrics", listener.local_addr().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut out = stream.try_clone().unwrap();
+                let mut r = BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    assert_eq!(line.trim_end(), "POST /v1/metrics HTTP/1.1");
+                    let mut length = 0;
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).unwrap();
+                        let h = h.trim_end().to_ascii_lowercase();
+                        if h.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        if let Some(v) = h.strip_prefix("content-type:") {
+                            assert_eq!(v.trim(), "application/x-protobuf");
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    r.read_exact(&mut body).unwrap();
+                    let _ = tx.send(ExportMetricsServiceRequest::decode(body.as_slice()).unwrap());
+                    out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        .unwrap();
+                }
+            }
+        });
+        (url, rx)
+    }
+
+    fn config(url: String, interval: Duration) -> OtlpConfig {
+        OtlpConfig { url, interval }
+    }
 
     fn find<'a>(r: &'a ExportMetricsServiceRequest, name: &str) -> &'a Metric {
         r.resource_metrics[0].scope_metrics[0]
@@ -305,7 +387,15 @@ mod tests {
 
     #[tokio::test]
     async fn nodes_vms_and_requests_by_route_and_status() {
+        let (url, exports) = receiver();
         let state = AppState::in_memory();
+        // No export before the last one, which dropping the exporter sends.
+        let exporter = start(
+            config(url, Duration::from_secs(3600)),
+            &state,
+            "127.0.0.1:7070",
+        )
+        .unwrap();
         let app = app(state.clone());
         register(&app, 1, "memory", 1 << 20).await;
         register(&app, 2, "memory", 1 << 20).await;
@@ -315,80 +405,119 @@ mod tests {
         call(&app, "POST", "/vms", Some(vm)).await;
         call(&app, "GET", "/nodes/9", None).await;
         call(&app, "GET", "/nope", None).await;
+        call(&app, "BREW", "/nodes", None).await;
+        tokio::task::spawn_blocking(move || drop(exporter))
+            .await
+            .unwrap();
+        let r = exports.recv_timeout(Duration::from_secs(10)).unwrap();
 
-        let r = request(&state, "127.0.0.1:7070", 1, 2);
         let res = &r.resource_metrics[0].resource.as_ref().unwrap().attributes;
         let s = |v: &str| any_value::Value::StringValue(v.into());
         assert_eq!(attr(res, "service.name"), Some(&s("pagemesh-coordinator")));
         assert_eq!(attr(res, "service.instance.id"), Some(&s("127.0.0.1:7070")));
+        assert!(attr(res, "service.version").is_some());
+        let scope = r.resource_metrics[0].scope_metrics[0]
+            .scope
+            .as_ref()
+            .unwrap();
+        assert_eq!(scope.name, SERVICE_NAME);
 
-        let Some(metric::Data::Gauge(nodes)) = &find(&r, "pagemesh.coordinator.nodes").data else {
+        let nodes = find(&r, "pagemesh.coordinator.nodes");
+        assert_eq!(nodes.unit, "{node}");
+        let Some(metric::Data::Gauge(nodes)) = &nodes.data else {
             panic!()
         };
-        let by_role: Vec<_> = nodes
+        let mut by_role: Vec<_> = nodes
             .data_points
             .iter()
             .map(|p| (attr(&p.attributes, "role").cloned(), p.value))
             .collect();
+        by_role.sort_by_key(|(role, _)| format!("{role:?}"));
         let int = |v| Some(number_data_point::Value::AsInt(v));
         assert_eq!(
             by_role,
             [
+                (Some(s("both")), int(0)),
                 (Some(s("compute")), int(1)),
                 (Some(s("memory")), int(2)),
-                (Some(s("both")), int(0))
             ]
         );
         let Some(metric::Data::Gauge(vms)) = &find(&r, "pagemesh.coordinator.vms").data else {
             panic!()
         };
         assert_eq!(vms.data_points[0].value, int(1));
-        assert_eq!(find(&r, "pagemesh.coordinator.capacity").unit, "By");
+        let capacity = find(&r, "pagemesh.coordinator.capacity");
+        assert_eq!(capacity.unit, "By");
+        let Some(metric::Data::Gauge(capacity)) = &capacity.data else {
+            panic!()
+        };
+        assert_eq!(capacity.data_points[0].value, int(2 << 20));
 
         let m = find(&r, "http.server.request.duration");
         assert_eq!(m.unit, "s");
         let Some(metric::Data::Histogram(h)) = &m.data else {
             panic!()
         };
-        let point = |route: Option<&str>, status: i64| {
+        let point = |method: &str, route: Option<&str>, status: i64| {
             h.data_points
                 .iter()
                 .find(|p| {
-                    attr(&p.attributes, "http.route") == route.map(s).as_ref()
+                    attr(&p.attributes, "http.request.method") == Some(&s(method))
+                        && attr(&p.attributes, "http.route") == route.map(s).as_ref()
                         && attr(&p.attributes, "http.response.status_code")
                             == Some(&any_value::Value::IntValue(status))
                 })
-                .unwrap_or_else(|| panic!("no point for {route:?} {status}: {h:?}"))
+                .unwrap_or_else(|| panic!("no point for {method} {route:?} {status}: {h:?}"))
         };
-        let registered = point(Some("/nodes/{node_id}/endpoint"), 201);
+        let registered = point("POST", Some("/nodes/{node_id}/endpoint"), 201);
         assert_eq!(registered.count, 3);
         assert_eq!(registered.bucket_counts.iter().sum::<u64>(), 3);
-        assert_eq!(registered.bucket_counts.len(), REQUEST_BOUNDS.len() + 1);
+        assert_eq!(registered.explicit_bounds, REQUEST_BOUNDS);
+        assert_eq!(point("POST", Some("/vms"), 201).count, 1);
+        assert_eq!(point("GET", Some("/nodes/{node_id}"), 404).count, 1);
+        assert_eq!(point("GET", None, 404).count, 1);
+        // A made-up method is `_OTHER`, whatever route it was sent to.
         assert_eq!(
-            attr(&registered.attributes, "http.request.method"),
-            Some(&s("POST"))
+            h.data_points
+                .iter()
+                .filter(|p| attr(&p.attributes, "http.request.method") == Some(&s("_OTHER")))
+                .map(|p| p.count)
+                .sum::<u64>(),
+            1
         );
-        assert_eq!(point(Some("/vms"), 201).count, 1);
-        assert_eq!(point(Some("/nodes/{node_id}"), 404).count, 1);
-        assert_eq!(point(None, 404).count, 1);
     }
 
     #[test]
-    fn request_buckets_and_methods() {
-        let m = RequestMetrics::default();
+    fn bounds_are_inclusive_upper_bounds() {
+        let (url, exports) = receiver();
+        let state = AppState::in_memory();
+        let exporter = start(config(url, Duration::from_secs(3600)), &state, "c:1").unwrap();
+        let m = &state.requests;
         m.record(&Method::GET, Some("/nodes"), 200, 0.00005);
         m.record(&Method::GET, Some("/nodes"), 200, 0.0001);
         m.record(&Method::GET, Some("/nodes"), 200, 99.0);
-        let weird = Method::from_bytes(b"BREW").unwrap();
-        m.record(&weird, None, 404, 0.001);
-        let s = m.snapshot();
-        let (key, b) = &s[0];
-        assert_eq!(key, &("GET", Some("/nodes".to_owned()), 200));
-        assert_eq!(b.count, 3);
-        // Bounds are inclusive upper bounds.
-        assert_eq!(b.counts[0], 2);
-        assert_eq!(*b.counts.last().unwrap(), 1);
-        assert_eq!(s[1].0.0, "_OTHER");
+        drop(exporter);
+        let r = exports.recv_timeout(Duration::from_secs(10)).unwrap();
+        let Some(metric::Data::Histogram(h)) = &find(&r, "http.server.request.duration").data
+        else {
+            panic!()
+        };
+        let p = &h.data_points[0];
+        assert_eq!(p.count, 3);
+        assert_eq!(p.bucket_counts[0], 2);
+        assert_eq!(p.bucket_counts.last(), Some(&1));
+    }
+
+    #[test]
+    fn a_closed_collector_port_is_an_error_not_a_hang() {
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/metrics", closed.local_addr().unwrap());
+        drop(closed);
+        let state = AppState::in_memory();
+        let exporter = start(config(url, Duration::from_millis(300)), &state, "c:1").unwrap();
+        let started = Instant::now();
+        assert!(exporter.provider.force_flush().is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

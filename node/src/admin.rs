@@ -1,5 +1,5 @@
 //! The node's admin HTTP endpoint: `GET /stats` (JSON, [`pagemesh_api::stats::NodeStats`]),
-//! `GET /metrics` (Prometheus text), `GET /healthz`.
+//! `GET /metrics` (Prometheus text, [`crate::metrics`]), `GET /healthz`.
 //!
 //! It runs on its own thread with a single-threaded tokio runtime: it reads the atomics and
 //! histograms the pager and page server keep, and never touches the fault path.
@@ -230,10 +230,7 @@ async fn stats(
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         crate::metrics::prometheus_text(&state.figures()),
     )
 }

@@ -32,7 +32,7 @@
 //! | [`error`] | the node's error |
 //! | [`service`] | what a node process does, role by role: the wiring |
 //! | [`admin`] | the admin HTTP endpoint: `/stats`, `/metrics`, `/healthz` |
-//! | [`metrics`] | Prometheus text exposition |
+//! | [`metrics`] | the metric catalog, the series of a snapshot, and their Prometheus text exposition |
 //! | [`otlp`] | OpenTelemetry metrics export (OTLP/HTTP) of the same figures |
 
 pub mod admin;

@@ -5,21 +5,30 @@
 //!
 //! The pager and the page server already count everything, in atomics and HDR histograms,
 //! for `GET /stats` and `GET /metrics`. The exporter reads those figures the way a Prometheus
-//! scrape does: a thread of its own (`otlp`) takes [`AdminState::snapshot`] every interval,
-//! converts it into an OTLP `ExportMetricsServiceRequest` ([`request`]) and POSTs it to
-//! `{endpoint}/v1/metrics` with the blocking `ureq` client and a short timeout. Nothing is
-//! recorded on the fault path and nothing on it waits for the network: a dead, slow or absent
-//! collector costs the exporter thread a failed POST per interval, and one warning.
+//! scrape does: a thread of its own (`otlp`) takes [`AdminState::figures`] every interval,
+//! turns it into the same series as `/metrics` ([`crate::metrics::families`], named by
+//! [`crate::metrics::catalog`]), converts them into an OTLP `ExportMetricsServiceRequest`
+//! ([`request`]) and POSTs it to `{endpoint}/v1/metrics` with the blocking `ureq` client and
+//! a short timeout. Nothing is recorded on the fault path and nothing on it waits for the
+//! network: a dead, slow or absent collector costs the exporter thread a failed POST per
+//! interval, and one warning.
 //!
-//! We use OpenTelemetry's wire format (`opentelemetry-proto`'s prost messages), not its SDK.
-//! The SDK would have us record every fault a second time into its own instruments, and its
-//! periodic reader runs exporters on a thread of its own, where its async HTTP clients panic
-//! for want of a tokio runtime (the known pitfall the issue warns about). It would buy us
-//! nothing: a snapshot already is what OTLP's cumulative temporality wants. Monotonic
-//! counters become cumulative `Sum`s, figures that go up and down `Gauge`s, and the HDR
-//! histograms cumulative `Histogram`s with the bucket bounds of `/metrics` (µs converted to
-//! seconds, cumulative bucket counts to per-bucket counts). Every cumulative point starts at
-//! the node's start time, so a receiver sees a restarted node as a reset.
+//! ## Why the protobuf messages and not the OpenTelemetry SDK
+//!
+//! The coordinator exports through the SDK (`opentelemetry_sdk` and `opentelemetry-otlp`);
+//! the node cannot, because of its histograms. They are HDR histograms the pager fills on the
+//! fault path, and the SDK cannot take a histogram that is already bucketed: its `Histogram`
+//! instrument aggregates values recorded one at a time (every fault would be recorded a
+//! second time, on the fault path, into a second aggregation), the metrics API has no
+//! observable (callback) histogram, and the SDK's data points (`HistogramDataPoint`, whose
+//! fields are crate-private in 0.33) cannot be built outside it and handed to its exporter.
+//! So the node builds `opentelemetry-proto`'s prost messages itself: a snapshot already is what
+//! OTLP's cumulative temporality wants. Monotonic counters become cumulative `Sum`s, figures
+//! that go up and down `Gauge`s, and the HDR histograms cumulative `Histogram`s with the
+//! bucket bounds of `/metrics` (µs converted to seconds, cumulative bucket counts to
+//! per-bucket counts). Every cumulative point starts at the node's start time, so a receiver
+//! sees a restarted node as a reset. The counters and gauges go the same way, so that one
+//! request carries them all.
 //!
 //! ## Names
 //!
@@ -39,7 +48,7 @@
 //! | interval | `--otlp-interval SECS`, `OTEL_METRIC_EXPORT_INTERVAL` (ms), 10 s |
 //! | off | `OTEL_SDK_DISABLED=true` or `OTEL_METRICS_EXPORTER=none` turn off an endpoint that came from the environment |
 //!
-//! The request timeout is the interval, at most [`MAX_TIMEOUT`]. The exporter sends a last
+//! The request timeout is the interval, at most [`pagemesh_otlp::MAX_TIMEOUT`]. The exporter sends a last
 //! export when the node stops ([`Exporter`]'s `Drop`), so that a compute node that exits
 //! right after its guest still reports the whole run.
 
@@ -53,14 +62,15 @@ use opentelemetry_proto::tonic::metrics::v1::{
     ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use pagemesh_api::stats::{self, NodeStats};
+use pagemesh_api::stats::NodeStats;
 pub use pagemesh_otlp::{Exporter, OtlpConfig, OtlpError, Sender};
 use pagemesh_otlp::{text, unix_ns};
 use prost::Message;
 
 use crate::admin::AdminState;
 use crate::config::{ConfigError, Settings};
-use crate::metrics::catalog;
+use crate::metrics::catalog::Kind;
+use crate::metrics::families::{Buckets, Family, Point, Value, families};
 
 /// `service.name` of every node.
 pub const SERVICE_NAME: &str = "pagemesh-node";
@@ -138,128 +148,78 @@ pub fn resource(instance: &str, cluster: Option<&str>) -> Resource {
     }
 }
 
-fn attrs(labels: &[(&str, &str)]) -> Vec<KeyValue> {
-    labels.iter().map(|(k, v)| text(k, v)).collect()
-}
-
-/// Builds the metrics of one export; every point is stamped `now`, cumulative ones start
-/// at `start`.
-struct Points {
-    start: u64,
-    now: u64,
-    metrics: Vec<Metric>,
-}
-
-impl Points {
-    fn push(&mut self, m: &catalog::Metric, data: metric::Data) {
-        self.metrics.push(Metric {
-            name: m.otlp.to_owned(),
-            description: m.help.to_owned(),
-            unit: m.unit.to_owned(),
-            data: Some(data),
-            ..Metric::default()
-        });
-    }
-
-    fn number(&self, labels: &[(&str, &str)], value: number_data_point::Value) -> NumberDataPoint {
-        NumberDataPoint {
-            attributes: attrs(labels),
-            start_time_unix_nano: self.start,
-            time_unix_nano: self.now,
-            value: Some(value),
-            ..NumberDataPoint::default()
-        }
-    }
-
-    /// A monotonic cumulative counter.
-    fn counter(&mut self, m: &catalog::Metric, points: &[(&[(&str, &str)], u64)]) {
-        let data_points = points
-            .iter()
-            .map(|(labels, v)| {
-                self.number(
-                    labels,
-                    number_data_point::Value::AsInt(i64::try_from(*v).unwrap_or(i64::MAX)),
-                )
-            })
-            .collect();
-        self.push(
-            m,
-            metric::Data::Sum(Sum {
-                data_points,
-                aggregation_temporality: AggregationTemporality::Cumulative.into(),
-                is_monotonic: true,
-            }),
-        );
-    }
-
-    /// A gauge; integer values are given as `f64`s that are whole.
-    fn gauge(&mut self, m: &catalog::Metric, points: &[(&[(&str, &str)], f64)], int: bool) {
-        let data_points = points
-            .iter()
-            .map(|(labels, v)| {
-                let mut p = self.number(
-                    labels,
-                    if int {
-                        number_data_point::Value::AsInt(*v as i64)
-                    } else {
-                        number_data_point::Value::AsDouble(*v)
-                    },
-                );
-                p.start_time_unix_nano = 0;
-                p
-            })
-            .collect();
-        self.push(m, metric::Data::Gauge(Gauge { data_points }));
-    }
-
-    /// A cumulative histogram (of durations, in the metric's unit: seconds).
-    fn histogram(&mut self, m: &catalog::Metric, points: &[(&[(&str, &str)], &stats::Histogram)]) {
-        let data_points = points
-            .iter()
-            .map(|(labels, h)| histogram_point(h, attrs(labels), self.start, self.now))
-            .collect();
-        self.push(
-            m,
-            metric::Data::Histogram(Histogram {
-                data_points,
-                aggregation_temporality: AggregationTemporality::Cumulative.into(),
-            }),
-        );
-    }
-}
-
-/// One OTLP histogram point from a `/stats` histogram: bounds in seconds, and the count of
-/// each bucket rather than the count up to its bound. The `+Inf` bucket becomes the overflow
-/// bucket OTLP adds after the last bound.
-pub fn histogram_point(
-    h: &stats::Histogram,
+/// One OTLP histogram point from a snapshot's buckets; the overflow bucket is the one OTLP
+/// adds after the last bound.
+fn histogram_point(
+    b: &Buckets,
     attributes: Vec<KeyValue>,
     start: u64,
     now: u64,
 ) -> HistogramDataPoint {
-    let mut explicit_bounds = Vec::with_capacity(h.buckets.len());
-    let mut bucket_counts = Vec::with_capacity(h.buckets.len() + 1);
-    let mut below = 0u64;
-    for b in h.buckets.iter().filter(|b| b.le_us.is_finite()) {
-        explicit_bounds.push(b.le_us / 1e6);
-        bucket_counts.push(b.count.saturating_sub(below));
-        below = below.max(b.count);
-    }
-    // OTLP wants count == the sum of the bucket counts; a `/stats` histogram is consistent,
-    // but a torn read must not produce an invalid point.
-    let count = h.count.max(below);
-    bucket_counts.push(count - below);
     HistogramDataPoint {
         attributes,
         start_time_unix_nano: start,
         time_unix_nano: now,
-        count,
-        sum: Some(h.sum_us / 1e6),
-        bucket_counts,
-        explicit_bounds,
-        max: (count > 0).then_some(h.max_us / 1e6),
+        count: b.count,
+        sum: Some(b.sum_s),
+        bucket_counts: b.counts.clone(),
+        explicit_bounds: b.bounds_s.clone(),
+        max: b.max_s,
         ..HistogramDataPoint::default()
     }
+}
+
+/// The OTLP metric of one family of a snapshot: every point stamped `now`, cumulative ones
+/// starting at `start`.
+fn otlp_metric(f: &Family, start: u64, now: u64) -> Metric {
+    let m = f.metric;
+    let number = |p: &Point, start: u64| {
+        let value = match p.value {
+            Value::Int(v) => number_data_point::Value::AsInt(i64::try_from(v).unwrap_or(i64::MAX)),
+            Value::Float(v) => number_data_point::Value::AsDouble(v),
+            Value::Histogram(_) => return None,
+        };
+        Some(NumberDataPoint {
+            attributes: attributes(p),
+            start_time_unix_nano: start,
+            time_unix_nano: now,
+            value: Some(value),
+            ..NumberDataPoint::default()
+        })
+    };
+    let data = match m.kind {
+        Kind::Counter => metric::Data::Sum(Sum {
+            data_points: f.points.iter().filter_map(|p| number(p, start)).collect(),
+            aggregation_temporality: AggregationTemporality::Cumulative.into(),
+            is_monotonic: true,
+        }),
+        // A gauge's value is of its moment: no start time.
+        Kind::Gauge => metric::Data::Gauge(Gauge {
+            data_points: f.points.iter().filter_map(|p| number(p, 0)).collect(),
+        }),
+        Kind::Histogram => metric::Data::Histogram(Histogram {
+            data_points: f
+                .points
+                .iter()
+                .filter_map(|p| match &p.value {
+                    Value::Histogram(b) => Some(histogram_point(b, attributes(p), start, now)),
+                    _ => None,
+                })
+                .collect(),
+            aggregation_temporality: AggregationTemporality::Cumulative.into(),
+        }),
+    };
+    Metric {
+        name: m.otlp.to_owned(),
+        description: m.help.to_owned(),
+        unit: m.unit.to_owned(),
+        data: Some(data),
+        ..Metric::default()
+    }
+}
+
+fn attributes(p: &Point) -> Vec<KeyValue> {
+    p.labels.iter().map(|(k, v)| text(k, v)).collect()
 }
 
 /// The OTLP request for snapshot `s` of a node whose resource is `resource`; cumulative
@@ -271,109 +231,10 @@ pub fn request(
     start: u64,
     now: u64,
 ) -> ExportMetricsServiceRequest {
-    let mut o = Points {
-        start,
-        now,
-        metrics: Vec::new(),
-    };
-    let none: &[(&str, &str)] = &[];
-    o.gauge(&catalog::UPTIME, &[(none, s.uptime_s)], false);
-    o.gauge(
-        &catalog::PAGES_HELD,
-        &[(none, s.server.pages_held as f64)],
-        true,
-    );
-    o.gauge(
-        &catalog::CAPACITY,
-        &[(none, s.server.capacity_pages as f64)],
-        true,
-    );
-    o.counter(
-        &catalog::PAGES_SERVED,
-        &[
-            (&[("claimed", "true")], s.server.pages_claimed),
-            (
-                &[("claimed", "false")],
-                s.server.pages_served.saturating_sub(s.server.pages_claimed),
-            ),
-        ],
-    );
-    o.counter(
-        &catalog::WRITTEN_BACK,
-        &[(none, s.server.pages_written_back)],
-    );
-    o.counter(
-        &catalog::ERRORS,
-        &[
-            (&[("kind", "bad_frame")], s.server.bad_frames),
-            (
-                &[("kind", "fault")],
-                s.pager.as_ref().map_or(0, |p| p.fault_errors),
-            ),
-        ],
-    );
-    if let Some(p) = &s.pager {
-        let vm = p.vm.to_string();
-        let vm = vm.as_str();
-        o.counter(
-            &catalog::FAULTS,
-            &[
-                (&[("kind", "remote"), ("vm", vm)], p.faults_remote),
-                (&[("kind", "local_zero"), ("vm", vm)], p.faults_local_zero),
-                (&[("kind", "spurious"), ("vm", vm)], p.faults_spurious),
-            ],
-        );
-        o.gauge(
-            &catalog::REMOTE_MISS_RATIO,
-            &[(&[("vm", vm)], p.remote_miss_ratio)],
-            false,
-        );
-        o.counter(
-            &catalog::BYTES_TRANSFERRED,
-            &[(&[("direction", "in"), ("vm", vm)], p.bytes_fetched)],
-        );
-        o.histogram(
-            &catalog::FAULT_DURATION,
-            &[(&[("vm", vm)], &p.fault_latency)],
-        );
-        let peers: Vec<(String, &stats::Histogram)> = p
-            .peers
-            .iter()
-            .map(|peer| (peer.node_id.to_string(), &peer.transfer))
-            .collect();
-        let labels: Vec<[(&str, &str); 2]> = peers
-            .iter()
-            .map(|(id, _)| [("peer", id.as_str()), ("vm", vm)])
-            .collect();
-        let points: Vec<(&[(&str, &str)], &stats::Histogram)> = labels
-            .iter()
-            .zip(&peers)
-            .map(|(l, (_, h))| (l.as_slice(), *h))
-            .collect();
-        if !points.is_empty() {
-            o.histogram(&catalog::TRANSFER_DURATION, &points);
-        }
-    }
-    if let Some(e) = &s.ebpf {
-        o.histogram(&catalog::VCPU_STALL_DURATION, &[(none, &e.stall)]);
-    }
-    // One metric, a point per source: the pager's own timing and the kernel's.
-    let pager_vm = s.pager.as_ref().map(|p| p.vm.to_string());
-    let pager_labels: Vec<(&str, &str)> = match &pager_vm {
-        Some(vm) => vec![("source", "pager"), ("vm", vm.as_str())],
-        None => Vec::new(),
-    };
-    let ebpf_labels = [("source", "ebpf")];
-    let mut install: Vec<(&[(&str, &str)], &stats::Histogram)> = Vec::new();
-    if let Some(p) = &s.pager {
-        install.push((pager_labels.as_slice(), &p.install_latency));
-    }
-    if let Some(e) = &s.ebpf {
-        install.push((&ebpf_labels, &e.install));
-    }
-    if !install.is_empty() {
-        o.histogram(&catalog::INSTALL_DURATION, &install);
-    }
+    let metrics = families(s)
+        .iter()
+        .map(|f| otlp_metric(f, start, now))
+        .collect();
     ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
             resource: Some(resource),
@@ -383,7 +244,7 @@ pub fn request(
                     version: env!("CARGO_PKG_VERSION").into(),
                     ..InstrumentationScope::default()
                 }),
-                metrics: o.metrics,
+                metrics,
                 ..ScopeMetrics::default()
             }],
             ..ResourceMetrics::default()
@@ -402,7 +263,7 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
-    use pagemesh_api::stats::{Bucket, EbpfStats, PagerStats, PeerStats, ServerStats};
+    use pagemesh_api::stats::{self, Bucket, EbpfStats, PagerStats, PeerStats, ServerStats};
 
     use super::*;
 
@@ -420,47 +281,30 @@ mod tests {
     }
 
     #[test]
-    fn cumulative_buckets_become_per_bucket_counts_in_seconds() {
+    fn a_histogram_point_carries_the_buckets_in_seconds() {
         let h = hist(
             &[(1.0, 2), (10.0, 2), (100.0, 7), (f64::INFINITY, 9)],
             9,
             450.0,
             250.0,
         );
-        let p = histogram_point(&h, vec![], 1, 2);
+        let p = histogram_point(&Buckets::from_stats(&h), vec![], 1, 2);
         assert_eq!(p.explicit_bounds, [1e-6, 1e-5, 1e-4]);
         assert_eq!(p.bucket_counts, [2, 0, 5, 2]);
         assert_eq!(p.count, 9);
-        assert_eq!(p.bucket_counts.iter().sum::<u64>(), p.count);
         assert_eq!(p.sum, Some(450e-6));
         assert_eq!(p.max, Some(250e-6));
         assert_eq!((p.start_time_unix_nano, p.time_unix_nano), (1, 2));
-    }
-
-    #[test]
-    fn empty_and_torn_histograms_stay_valid_points() {
-        let empty = histogram_point(&stats::Histogram::default(), vec![], 0, 0);
-        assert!(empty.explicit_bounds.is_empty());
-        assert_eq!(empty.bucket_counts, [0]);
-        assert_eq!(empty.max, None);
-        // Buckets read after more samples arrived than `count` says.
-        let torn = histogram_point(
-            &hist(&[(5.0, 4), (f64::INFINITY, 3)], 3, 1.0, 1.0),
+        let empty = histogram_point(
+            &Buckets::from_stats(&stats::Histogram::default()),
             vec![],
             0,
             0,
         );
-        assert_eq!(torn.count, 4);
-        assert_eq!(torn.bucket_counts, [4, 0]);
-        // The pager's real bucket bounds.
-        let real = pagemesh_pager::stats::BUCKETS_US;
-        let mut buckets: Vec<(f64, u64)> = real.iter().map(|&b| (b, 1)).collect();
-        buckets.push((f64::INFINITY, 1));
-        let p = histogram_point(&hist(&buckets, 1, 0.5, 0.5), vec![], 0, 0);
-        assert_eq!(p.explicit_bounds.len(), real.len());
-        assert_eq!(p.bucket_counts.len(), real.len() + 1);
-        assert_eq!(p.bucket_counts[0], 1);
-        assert_eq!(p.explicit_bounds.last(), Some(&0.1));
+        assert_eq!(
+            (empty.bucket_counts.as_slice(), empty.max),
+            (&[0][..], None)
+        );
     }
 
     fn metric<'a>(r: &'a ExportMetricsServiceRequest, name: &str) -> &'a Metric {

@@ -1,6 +1,9 @@
-//! What the node and the coordinator share to export metrics over OTLP/HTTP (protobuf):
-//! the settings (flags first, then the standard `OTEL_*` variables), the HTTP sender, and
-//! attribute and time helpers. Each program builds its own metrics.
+//! OTLP/HTTP (protobuf) metrics export settings, shared by the node and the coordinator
+//! ([`OtlpConfig::resolve`]: flags first, then the standard `OTEL_*` variables), and the
+//! node's own transport: the HTTP sender, the exporter thread and attribute and time helpers
+//! for the protobuf messages it builds. The coordinator hands the resolved settings to the
+//! OpenTelemetry SDK and its OTLP exporter instead (`coordinator/src/otlp.rs`); the node
+//! cannot use the SDK for its precomputed histograms (`node/src/otlp.rs` says why).
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
