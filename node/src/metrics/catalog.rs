@@ -58,7 +58,7 @@ pub(crate) const PAGES_SERVED: Metric = Metric {
     otlp: "pagemesh.pages.served",
     unit: "{page}",
     kind: Kind::Counter,
-    help: "Pages this node's page server sent (claimed: freed here after sending).",
+    help: "Pages this node's page server sent (claimed: freed here once the fetching node acknowledged them).",
 };
 
 pub(crate) const WRITTEN_BACK: Metric = Metric {
