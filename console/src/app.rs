@@ -1,19 +1,21 @@
-//! The console's state and how events change it. Drawing lives in [`crate::ui`].
+//! The console's state and how events change it. Drawing lives in the `ui` module, which
+//! reads this state; nothing here depends on it (the sizes the state needs to keep scrolling
+//! in range come from `layout`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use pagemesh_api::stats::NodeStats;
 use pagemesh_api::{NodeId, NodeInfo};
-use ratatui::Frame;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use ratatui::layout::Rect;
 
-use crate::event::{Event, Update};
+use crate::event::Event;
+use crate::format::percent;
 use crate::heat::Zoom;
-use crate::poll::PollError;
+use crate::layout;
+use crate::poll::{PollError, Update};
 use crate::rate::Rate;
-use crate::ui;
 
 /// Log entries kept; older ones are dropped.
 const LOG_CAPACITY: usize = 2000;
@@ -240,11 +242,6 @@ impl App {
         &self.log
     }
 
-    /// Draws the console.
-    pub fn render(&self, frame: &mut Frame) {
-        ui::render(self, frame);
-    }
-
     /// Reacts to one event.
     pub fn handle(&mut self, event: Event) {
         match event {
@@ -338,9 +335,15 @@ impl App {
     }
 
     fn clamp_scroll(&mut self) {
-        let max = ui::heat::geometry(self, self.size).map_or(0, |g| g.max_scroll());
+        let cells = self
+            .guest_node()
+            .and_then(|n| n.stats.as_ref()?.pager.as_ref())
+            .map(|p| p.heat.cells.len());
+        let max = cells.map_or(0, |cells| {
+            layout::heat_geometry(self.size, cells, self.heat.zoom).max_scroll()
+        });
         self.heat.scroll = self.heat.scroll.min(max);
-        let visible = ui::log::visible_lines(self.size);
+        let visible = layout::log_lines(self.size);
         self.log_scroll = self.log_scroll.min(self.log.len().saturating_sub(visible));
     }
 
@@ -605,7 +608,7 @@ fn changes(id: NodeId, before: Option<&NodeStats>, now: &NodeStats) -> Vec<(Leve
                     pager.vm,
                     pager.faults_remote,
                     pager.faults_local_zero,
-                    ui::percent(pager.remote_miss_ratio)
+                    percent(pager.remote_miss_ratio)
                 ),
             ));
         }

@@ -4,12 +4,18 @@
 //! | module | what |
 //! |---|---|
 //! | [`app`] | the state ([`App`]) and how each [`Event`] changes it |
-//! | [`event`] | [`Event`]: keys, resizes, ticks and poll results ([`Update`]) |
-//! | [`poll`] | background threads polling the coordinator's `GET /nodes` and each node's `GET /stats` |
+//! | [`event`] | [`Event`]: keys, resizes, ticks and poll results |
+//! | [`poll`] | background threads polling the coordinator's `GET /nodes` and each node's `GET /stats`, and what they send ([`Update`]) |
 //! | [`rate`] | per-second rates from successive snapshots of counters |
 //! | [`heat`] | guest memory as a grid: merging heat cells, zoom, geometry |
-//! | `ui` | drawing, a file per view; snapshot-tested with `TestBackend` and `insta` |
+//! | `layout` | where things go on the terminal, from its size alone (state and drawing agree on what fits) |
+//! | `format` | number formats: durations, ratios, rates, sizes |
+//! | `ui` | drawing ([`App::render`]), a file per view; snapshot-tested with `TestBackend` and `insta` |
 //! | `input` | the thread turning terminal input into [`Event`]s |
+//!
+//! Modules depend on each other one way only: `ui` reads `app`; `app` uses `event`, `poll`,
+//! `rate`, `heat`, `layout` and `format`, never `ui`; `event` wraps `poll`'s [`Update`], and
+//! `poll` depends on no other module of the crate.
 //!
 //! The binary, `pagemesh-console`, only parses its arguments and calls [`run_terminal`] or
 //! [`once`]. [`run`] is the event loop, generic over the ratatui backend so tests can drive it
@@ -21,8 +27,10 @@
 
 pub mod app;
 pub mod event;
+mod format;
 pub mod heat;
 mod input;
+mod layout;
 pub mod poll;
 pub mod rate;
 #[cfg(test)]
@@ -38,7 +46,8 @@ use ratatui::Terminal;
 use ratatui::backend::Backend;
 
 pub use app::{App, View};
-pub use event::{Event, Update};
+pub use event::Event;
+pub use poll::Update;
 use poll::{PollConfig, PollError, Poller};
 
 /// Longest wait between two redraws when nothing happens.

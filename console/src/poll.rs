@@ -14,6 +14,10 @@
 //! Blocking HTTP (ureq) in plain threads: one worker per node, so a node that hangs until
 //! its timeout delays only its own row, and the UI thread never waits on the network. Threads
 //! end when the [`Poller`] is dropped or the receiving end of the channel is gone.
+//!
+//! The pollers know nothing of the console's other inputs: they send [`Update`]s into any
+//! channel whose messages can be made from one (the console's carries
+//! [`Event`](crate::Event)s, which can).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,8 +29,6 @@ use std::time::{Duration, Instant};
 use pagemesh_api::stats::NodeStats;
 use pagemesh_api::{NodeId, NodeInfo};
 use ureq::Agent;
-
-use crate::event::{Event, Update};
 
 /// Why a poll brought nothing.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,36 @@ pub enum PollError {
         /// The decoder's reason.
         #[source]
         source: ureq::Error,
+    },
+}
+
+/// A poll result. `at` is the time since polling started, so rates do not depend on when the
+/// UI thread gets to the message.
+#[derive(Debug)]
+pub enum Update {
+    /// The coordinator's `GET /nodes`.
+    Nodes {
+        /// When the answer arrived.
+        at: Duration,
+        /// The node list, or why there is none.
+        result: Result<Vec<NodeInfo>, PollError>,
+    },
+    /// One node's `GET /stats`.
+    Stats {
+        /// When the answer arrived.
+        at: Duration,
+        /// The node asked.
+        node: NodeId,
+        /// Its statistics (boxed: they are large), or why there are none.
+        result: Result<Box<NodeStats>, PollError>,
+    },
+    /// A node's `GET /stats` failed and the coordinator no longer knows the node: it left
+    /// the cluster (it deregistered when its work was over).
+    Left {
+        /// When the coordinator's answer arrived.
+        at: Duration,
+        /// The node.
+        node: NodeId,
     },
 }
 
@@ -152,7 +184,10 @@ pub struct Poller {
 
 impl Poller {
     /// Starts discovery (which starts the workers); every result goes to `events`.
-    pub fn spawn(config: PollConfig, events: Sender<Event>) -> std::io::Result<Self> {
+    pub fn spawn<E>(config: PollConfig, events: Sender<E>) -> std::io::Result<Self>
+    where
+        E: From<Update> + Send + 'static,
+    {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         thread::Builder::new()
@@ -179,7 +214,10 @@ impl Drop for Worker {
     }
 }
 
-fn discover(config: &PollConfig, events: &Sender<Event>, stop: &Arc<AtomicBool>) {
+fn discover<E>(config: &PollConfig, events: &Sender<E>, stop: &Arc<AtomicBool>)
+where
+    E: From<Update> + Send + 'static,
+{
     let start = Instant::now();
     let agent = agent(config.timeout);
     let mut workers: BTreeMap<NodeId, Worker> = BTreeMap::new();
@@ -230,14 +268,14 @@ fn discover(config: &PollConfig, events: &Sender<Event>, stop: &Arc<AtomicBool>)
             at: start.elapsed(),
             result,
         };
-        if events.send(Event::Update(update)).is_err() {
+        if events.send(update.into()).is_err() {
             break;
         }
         sleep_until(began + config.discovery, || stop.load(Ordering::Relaxed));
     }
 }
 
-struct StatsJob {
+struct StatsJob<E> {
     node: NodeId,
     admin: String,
     coordinator: String,
@@ -245,12 +283,12 @@ struct StatsJob {
     interval: Duration,
     heat_cells: Option<usize>,
     agent: Agent,
-    events: Sender<Event>,
+    events: Sender<E>,
     /// The poller's and this worker's (set by the worker itself when its node left).
     stops: [Arc<AtomicBool>; 2],
 }
 
-impl StatsJob {
+impl<E: From<Update>> StatsJob<E> {
     fn stopped(&self) -> bool {
         self.stops.iter().any(|s| s.load(Ordering::Relaxed))
     }
@@ -285,7 +323,7 @@ impl StatsJob {
                     result,
                 }
             };
-            if self.events.send(Event::Update(update)).is_err() {
+            if self.events.send(update.into()).is_err() {
                 break;
             }
             if left {
@@ -399,7 +437,7 @@ mod tests {
         assert!(matches!(err, PollError::Body { .. }), "{err:?}");
     }
 
-    fn job(admin: String, coordinator: String, events: mpsc::Sender<Event>) -> StatsJob {
+    fn job(admin: String, coordinator: String, events: mpsc::Sender<Update>) -> StatsJob<Update> {
         StatsJob {
             node: 5,
             admin,
@@ -426,9 +464,9 @@ mod tests {
         // Returns: the worker stops by itself once the node has left, and says so.
         worker.run();
         assert!(own_stop.load(Ordering::Relaxed));
-        let updates: Vec<Event> = rx.try_iter().collect();
+        let updates: Vec<Update> = rx.try_iter().collect();
         assert!(
-            matches!(updates[..], [Event::Update(Update::Left { node: 5, .. })]),
+            matches!(updates[..], [Update::Left { node: 5, .. }]),
             "{updates:?}"
         );
         assert_eq!(
@@ -445,11 +483,11 @@ mod tests {
         let stop = Arc::clone(&worker.stops[1]);
         let thread = thread::spawn(move || worker.run());
         match rx.recv_timeout(Duration::from_secs(5)) {
-            Ok(Event::Update(Update::Stats {
+            Ok(Update::Stats {
                 node: 5,
                 result: Err(PollError::Unreachable { .. }),
                 ..
-            })) => {}
+            }) => {}
             other => panic!("expected a failed poll, got {other:?}"),
         }
         stop.store(true, Ordering::Relaxed);
@@ -464,12 +502,12 @@ mod tests {
 
     #[test]
     fn an_unreachable_coordinator_is_reported_and_polling_stops_with_the_receiver() {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::channel::<Update>();
         let mut config = PollConfig::new(&format!("http://{}", dead_address()));
         config.discovery = Duration::from_millis(20);
         let poller = Poller::spawn(config, tx).expect("spawn");
         match rx.recv_timeout(Duration::from_secs(5)) {
-            Ok(Event::Update(Update::Nodes { result: Err(e), .. })) => {
+            Ok(Update::Nodes { result: Err(e), .. }) => {
                 assert!(matches!(e, PollError::Unreachable { .. }), "{e:?}");
             }
             other => panic!("expected a failed node list, got {other:?}"),

@@ -11,7 +11,8 @@ use pagemesh_api::stats::{
 use pagemesh_api::{Endpoint, NodeId, NodeInfo, Role, TransportKind};
 
 use crate::app::App;
-use crate::event::{Event, Update};
+use crate::event::Event;
+use crate::poll::Update;
 
 const GUEST_PAGES: u64 = 16384;
 const PAGES_PER_CELL: u64 = 64;

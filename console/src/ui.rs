@@ -1,6 +1,7 @@
-//! Drawing: one file per view, a file for the latency-histogram widget, and the
-//! number formats every view shares. Nothing here changes [`App`]; everything here is
-//! tested against fixed stats with `TestBackend` and `insta` (snapshots in `src/snapshots/`).
+//! Drawing: [`App::render`], one file per view and a file for the latency-histogram widget.
+//! Nothing here changes [`App`], and the state does not depend on anything here: the sizes it
+//! needs come from `layout`, the number formats from `format`. Everything here is tested
+//! against fixed stats with `TestBackend` and `insta` (snapshots in `src/snapshots/`).
 
 pub(crate) mod cluster;
 pub(crate) mod heat;
@@ -16,36 +17,26 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Paragraph, Tabs};
 
 use crate::app::{App, Link, View};
+use crate::layout;
 
-/// Draws the whole console.
-pub(crate) fn render(app: &App, frame: &mut Frame) {
-    let [top, body, bottom] = areas(frame.area());
-    header(app, frame, top);
-    match app.view {
-        View::Cluster => cluster::render(app, frame, body),
-        View::Heat => heat::render(app, frame, body),
-        View::Latency => latency::render(app, frame, body),
-        View::Log => log::render(app, frame, body),
+// Rendering is a method of the state, as in gitui and ratatui's examples, but it is
+// defined here, beside the views it draws, so that `app` never depends on the drawing.
+impl App {
+    /// Draws the console.
+    pub fn render(&self, frame: &mut Frame) {
+        let [top, body, bottom] = layout::areas(frame.area());
+        header(self, frame, top);
+        match self.view {
+            View::Cluster => cluster::render(self, frame, body),
+            View::Heat => heat::render(self, frame, body),
+            View::Latency => latency::render(self, frame, body),
+            View::Log => log::render(self, frame, body),
+        }
+        footer(self, frame, bottom);
+        if self.help {
+            help::render(frame, body);
+        }
     }
-    footer(app, frame, bottom);
-    if app.help {
-        help::render(frame, body);
-    }
-}
-
-/// Tab bar, view, key hints.
-fn areas(area: Rect) -> [Rect; 3] {
-    Layout::vertical([
-        Constraint::Length(1),
-        Constraint::Fill(1),
-        Constraint::Length(1),
-    ])
-    .areas(area)
-}
-
-/// The area a view gets on a terminal of `size`.
-pub(crate) fn body_area(size: Rect) -> Rect {
-    areas(size)[1]
 }
 
 fn header(app: &App, frame: &mut Frame, area: Rect) {
@@ -99,70 +90,6 @@ fn footer(app: &App, frame: &mut Frame, area: Rect) {
     );
 }
 
-/// `12.3µs`, `4.56ms`, `1.20s`.
-pub(crate) fn micros(us: f64) -> String {
-    if !us.is_finite() || us < 0.0 {
-        "-".into()
-    } else if us < 10.0 {
-        format!("{us:.2}µs")
-    } else if us < 1000.0 {
-        format!("{us:.1}µs")
-    } else if us < 1_000_000.0 {
-        format!("{:.2}ms", us / 1000.0)
-    } else {
-        format!("{:.2}s", us / 1_000_000.0)
-    }
-}
-
-/// `100.0%` for 1.0.
-pub(crate) fn percent(ratio: f64) -> String {
-    if ratio.is_finite() {
-        format!("{:.1}%", ratio * 100.0)
-    } else {
-        "-".into()
-    }
-}
-
-/// A per-second rate: `0`, `3.5`, `1234`, `12.3k`, `4.56M`.
-pub(crate) fn per_second(rate: f64) -> String {
-    if !rate.is_finite() || rate < 0.0 {
-        "-".into()
-    } else if rate == 0.0 {
-        "0".into()
-    } else if rate < 10.0 {
-        format!("{rate:.1}")
-    } else if rate < 10_000.0 {
-        format!("{rate:.0}")
-    } else if rate < 10_000_000.0 {
-        format!("{:.1}k", rate / 1000.0)
-    } else {
-        format!("{:.2}M", rate / 1_000_000.0)
-    }
-}
-
-/// Bytes: `0 B`, `512 KiB`, `23.4 MiB`.
-pub(crate) fn bytes(n: u64) -> String {
-    let short = size(n);
-    match short.strip_suffix(|c: char| c.is_ascii_alphabetic()) {
-        Some(number) => format!("{number} {}iB", &short[number.len()..]),
-        None => format!("{short} B"),
-    }
-}
-
-/// Binary size, short: `0`, `512K`, `12.5M`, `1G`.
-pub(crate) fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    let text = format!("{value:.1}");
-    let text = text.strip_suffix(".0").unwrap_or(&text);
-    format!("{text}{}", UNITS[unit])
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -174,8 +101,8 @@ mod tests {
     use ratatui::crossterm::event::{KeyCode, KeyEvent};
 
     use super::*;
-    use crate::event::{Event, Update};
-    use crate::poll::PollError;
+    use crate::event::Event;
+    use crate::poll::{PollError, Update};
     use crate::testdata;
 
     const W: u16 = 100;
@@ -384,28 +311,5 @@ mod tests {
         assert!(text(&draw(&app)).contains("No node runs a guest"));
         key(&mut app, KeyCode::Char('3'));
         assert!(text(&draw(&app)).contains("No node runs a guest"));
-    }
-
-    #[test]
-    fn formats() {
-        assert_eq!(micros(3.456), "3.46µs");
-        assert_eq!(micros(45.67), "45.7µs");
-        assert_eq!(micros(1234.0), "1.23ms");
-        assert_eq!(micros(2_500_000.0), "2.50s");
-        assert_eq!(micros(f64::NAN), "-");
-        assert_eq!(percent(1.0), "100.0%");
-        assert_eq!(percent(0.123), "12.3%");
-        assert_eq!(per_second(0.0), "0");
-        assert_eq!(per_second(3.25), "3.2");
-        assert_eq!(per_second(1234.4), "1234");
-        assert_eq!(per_second(12_345.0), "12.3k");
-        assert_eq!(per_second(45_600_000.0), "45.60M");
-        assert_eq!(size(0), "0");
-        assert_eq!(size(512 << 10), "512K");
-        assert_eq!(size(12 << 20 | 512 << 10), "12.5M");
-        assert_eq!(size(1 << 30), "1G");
-        assert_eq!(bytes(0), "0 B");
-        assert_eq!(bytes(1000), "1000 B");
-        assert_eq!(bytes(6000 * 4096), "23.4 MiB");
     }
 }

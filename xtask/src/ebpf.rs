@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use crate::setup::{self, project_root};
+use crate::cmd::{self, project_root};
 
 const NIGHTLY: &str = "nightly";
 const LLVM_PACKAGE: &str = "llvm-22-dev";
@@ -61,16 +61,16 @@ pub fn install_toolchain() -> anyhow::Result<()> {
             rustup.args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]);
             rustup.args(["--component", "rust-src"]);
         }
-        setup::run(&mut rustup)?;
+        cmd::run(&mut rustup)?;
     }
     if !deb_installed(LLVM_PACKAGE) {
-        setup::apt_install(&[LLVM_PACKAGE])?;
+        cmd::apt_install(&[LLVM_PACKAGE])?;
     }
     if !bpf_linker_works() {
         // bpf-linker's build finds LLVM through the first `llvm-config` on PATH, which on
         // Debian 12 is LLVM 14's; LLVM_PREFIX points it at LLVM 22 instead.
-        setup::run(
-            setup::cargo_command()
+        cmd::run(
+            cmd::cargo_command()
                 .args(["install", "--locked", "bpf-linker", "--version"])
                 .arg(BPF_LINKER_VERSION)
                 .args(["--no-default-features", "--features", "llvm-22"])
@@ -105,7 +105,7 @@ pub fn build_ebpf() -> anyhow::Result<()> {
     ]
     .join("\x1f");
     eprintln!("xtask: building {PACKAGE} for {TARGET}");
-    setup::run(
+    cmd::run(
         Command::new("rustup")
             .args(["run", NIGHTLY, "cargo", "build", "--package", PACKAGE])
             .args(["--bins", "--release", "--target", TARGET])

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-use crate::setup::{project_root, run};
+use crate::cmd::{project_root, run};
 
 /// The kernel and initramfs.
 pub struct Guest {

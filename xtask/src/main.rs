@@ -7,8 +7,13 @@
 //! | `run` | builds, starts a coordinator and three nodes on loopback, runs guests, prints a summary |
 //! | `bench` | the fault-latency benchmark |
 //! | `test` | the whole suite (what CI runs) |
+//!
+//! A module per command (`setup`, `ebpf`, `run`, `bench`), `guest` for the Linux guest the
+//! tests boot, `summary` for a run's results, and `cmd` for running programs (cargo, apt-get)
+//! from the workspace root, which all of them use and which uses none of them.
 
 mod bench;
+mod cmd;
 mod ebpf;
 mod guest;
 mod run;
@@ -68,10 +73,10 @@ fn test(args: TestArgs) -> anyhow::Result<()> {
     setup::setup()?;
     // The Linux boot test needs the guest kernel and initramfs.
     let guest = guest::ensure()?;
-    let root = setup::project_root();
+    let root = cmd::project_root();
     if !args.no_lint {
-        setup::cargo(&root, &["fmt", "--all", "--check"])?;
-        setup::cargo(
+        cmd::cargo(&root, &["fmt", "--all", "--check"])?;
+        cmd::cargo(
             &root,
             &[
                 "clippy",
@@ -84,10 +89,10 @@ fn test(args: TestArgs) -> anyhow::Result<()> {
         )?;
     }
     // End-to-end tests start the real binaries: build them first, in the same profile.
-    setup::cargo(&root, &["build", "--workspace", "--bins"])?;
+    cmd::cargo(&root, &["build", "--workspace", "--bins"])?;
     let mut test_args = vec!["test", "--workspace"];
     test_args.extend(args.cargo_args.iter().map(String::as_str));
-    setup::cargo_with_env(
+    cmd::cargo_with_env(
         &root,
         &test_args,
         &[

@@ -9,8 +9,9 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph, Row, Table, TableState};
 
-use super::{bytes, log, micros, per_second, percent};
-use crate::app::{App, Link, Node};
+use super::log;
+use crate::app::{App, Health, Link, Node};
+use crate::format::{bytes, micros, per_second, percent};
 
 const HEADER: [&str; 10] = [
     "node",
@@ -211,7 +212,7 @@ pub(crate) fn text(app: &App) -> String {
         let _ = writeln!(out, "{first}\n{second}");
     }
     for node in app.nodes.values() {
-        if let crate::app::Health::Down(why) = &node.health {
+        if let Health::Down(why) = &node.health {
             let _ = writeln!(out, "node {} is down: {why}", node.info.node_id);
         }
     }

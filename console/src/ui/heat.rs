@@ -7,14 +7,15 @@ use std::collections::BTreeSet;
 use pagemesh_api::PAGE_SIZE;
 use ratatui::Frame;
 use ratatui::buffer::Buffer;
-use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::layout::Rect;
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph, Widget};
 
-use super::size;
 use crate::app::App;
+use crate::format::size;
 use crate::heat::{Geometry, Look, NEVER_WRITTEN, RESIDENT, Region, owner_glyph, regions};
+use crate::layout;
 
 /// The colours of a region.
 pub(crate) fn look_style(look: Look) -> Style {
@@ -29,29 +30,6 @@ pub(crate) fn look_style(look: Look) -> Style {
             .bg(Color::Red)
             .add_modifier(Modifier::BOLD),
     }
-}
-
-/// Grid and legend inside the view's border.
-fn areas(body: Rect) -> [Rect; 2] {
-    Layout::vertical([Constraint::Fill(1), Constraint::Length(2)])
-        .areas(Block::bordered().inner(body))
-}
-
-/// Where the glyphs go on a terminal of `size`, if a guest is shown.
-pub(crate) fn geometry(app: &App, size: Rect) -> Option<Geometry> {
-    let pager = app.guest_node()?.stats.as_ref()?.pager.as_ref()?;
-    let [grid, _] = areas(super::body_area(size));
-    let glyphs = pager
-        .heat
-        .cells
-        .len()
-        .div_ceil(app.heat.zoom.cells_per_glyph());
-    Some(Geometry::new(
-        grid.width,
-        grid.height,
-        glyphs,
-        app.heat.zoom.glyph_width(),
-    ))
 }
 
 pub(crate) fn render(app: &App, frame: &mut Frame, area: Rect) {
@@ -76,7 +54,7 @@ pub(crate) fn render(app: &App, frame: &mut Frame, area: Rect) {
         &node.heat_previous,
         zoom.cells_per_glyph(),
     );
-    let [grid_area, legend_area] = areas(area);
+    let [grid_area, legend_area] = layout::heat_areas(area);
     let geometry = Geometry::new(
         grid_area.width,
         grid_area.height,

@@ -9,7 +9,7 @@ use ratatui::layout::Rect;
 use ratatui::style::{Color, Style};
 use ratatui::widgets::Widget;
 
-use super::micros;
+use crate::format::micros;
 
 /// Width of the `≤ 1.02ms` label.
 const LABEL: u16 = 9;

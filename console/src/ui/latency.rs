@@ -10,8 +10,8 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Sparkline, Table, Wrap};
 
 use super::histogram::Bars;
-use super::{micros, per_second};
 use crate::app::App;
+use crate::format::{micros, per_second};
 
 pub(crate) fn render(app: &App, frame: &mut Frame, area: Rect) {
     let Some((node, stats, pager)) = app.guest_node().and_then(|n| {

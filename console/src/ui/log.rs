@@ -8,11 +8,6 @@ use ratatui::widgets::{Block, Paragraph};
 
 use crate::app::{App, Level, LogEntry};
 
-/// Log lines that fit on a terminal of `size`.
-pub(crate) fn visible_lines(size: Rect) -> usize {
-    usize::from(Block::bordered().inner(super::body_area(size)).height)
-}
-
 pub(crate) fn render(app: &App, frame: &mut Frame, area: Rect) {
     let block = Block::bordered();
     let visible = usize::from(block.inner(area).height);
