@@ -7,8 +7,8 @@ use anyhow::Context;
 use pagemesh_tests::{Bins, Cluster, read_summary};
 use serde::Serialize;
 
-use crate::setup;
 use crate::summary::{ClusterRunSummary, NamedRun};
+use crate::{cmd, setup};
 
 /// Nodes of the local cluster: two memory nodes and the compute node.
 const NODES: u32 = 3;
@@ -40,7 +40,7 @@ pub struct RunArgs {
 
 /// Builds the binaries in the chosen profile and returns where they are.
 pub fn build(debug: bool) -> anyhow::Result<Bins> {
-    let root = setup::project_root();
+    let root = cmd::project_root();
     let mut args = vec![
         "build",
         "-p",
@@ -53,7 +53,7 @@ pub fn build(debug: bool) -> anyhow::Result<Bins> {
     if !debug {
         args.push("--release");
     }
-    setup::cargo(&root, &args)?;
+    cmd::cargo(&root, &args)?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
@@ -74,7 +74,7 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
 /// `path` as people should see it: relative to the project's root when it is inside it
 /// (`.pagemesh/runs/…`), whole otherwise.
 pub fn relative(path: &std::path::Path) -> String {
-    let root = setup::project_root();
+    let root = cmd::project_root();
     path.strip_prefix(&root)
         .unwrap_or(path)
         .display()
@@ -85,7 +85,7 @@ pub fn run_dir(kind: &str) -> PathBuf {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    setup::project_root()
+    cmd::project_root()
         .join(".pagemesh")
         .join(kind)
         .join(format!("{secs}-{}", std::process::id()))

@@ -7,11 +7,6 @@ use std::process::Command;
 use crate::cmd::apt_install;
 use crate::ebpf;
 
-// `run.rs` still reaches these two through this module; they live in `cmd` now. Its imports
-// move to `crate::cmd` (and this line goes) once the benchmark work in and around `run.rs`
-// has landed.
-pub use crate::cmd::{cargo, project_root};
-
 /// Debian packages and the command each provides (checked before installing).
 const PACKAGES: &[(&str, &str)] = &[
     // `as` and `objcopy` assemble the built-in test guest (vmm/build.rs).
