@@ -545,3 +545,124 @@ impl TransportManager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A source whose connection fails `failures` times (each call after a failure fails
+    /// until it reconnects, like a poisoned TcpPeer), then works.
+    struct Flaky {
+        failures: u32,
+        broken: bool,
+        fetches: u32,
+        reconnects: u32,
+    }
+
+    impl PageSource for Flaky {
+        fn peer(&self) -> NodeId {
+            3
+        }
+
+        fn fetch(&mut self, _: VmId, page: u64, dst: &mut [u8]) -> Result<(), TransportError> {
+            self.fetches += 1;
+            if self.broken || self.failures > 0 {
+                self.failures = self.failures.saturating_sub(1);
+                self.broken = true;
+                return Err(TransportError::Closed { node: 3 });
+            }
+            if page == 99 {
+                return Err(TransportError::Remote {
+                    node: 3,
+                    status: Status::NotHeld,
+                    message: "page 99 is not held".into(),
+                });
+            }
+            dst.fill(7);
+            Ok(())
+        }
+
+        fn read(&mut self, _: VmId, _: u64, _: &mut [u8]) -> Result<(), TransportError> {
+            unimplemented!("not used here")
+        }
+
+        fn write_back(&mut self, _: VmId, _: u64, _: &[u8]) -> Result<(), TransportError> {
+            unimplemented!("not used here")
+        }
+
+        fn reconnect(&mut self) -> Result<(), TransportError> {
+            self.reconnects += 1;
+            self.broken = false;
+            Ok(())
+        }
+    }
+
+    fn manager(failures: u32, give_up_after: Duration) -> TransportManager {
+        let mut m = TransportManager::new(0, give_up_after);
+        m.add_source(Box::new(Flaky {
+            failures,
+            broken: false,
+            fetches: 0,
+            reconnects: 0,
+        }));
+        m
+    }
+
+    #[test]
+    fn transient_failures_are_retried_on_a_new_connection() {
+        let mut m = manager(3, Duration::from_secs(5));
+        let mut page = vec![0u8; pagemesh_api::PAGE_SIZE];
+        m.fetch_page(1, 5, 3, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 7));
+        // Three failures: the first call and two retries; the third reconnection worked.
+        assert_eq!(m.reconnects(), 1);
+    }
+
+    #[test]
+    fn a_refusal_is_not_retried() {
+        let mut m = manager(0, Duration::from_secs(5));
+        let mut page = vec![0u8; pagemesh_api::PAGE_SIZE];
+        let err = m.fetch_page(1, 99, 3, &mut page).unwrap_err();
+        assert!(matches!(err, TransportError::Remote { .. }), "{err:?}");
+        assert_eq!(m.reconnects(), 0);
+    }
+
+    #[test]
+    fn a_peer_failing_for_longer_than_the_timeout_is_given_up_naming_it() {
+        let mut m = manager(u32::MAX, Duration::from_millis(50));
+        let mut page = vec![0u8; pagemesh_api::PAGE_SIZE];
+        let started = std::time::Instant::now();
+        let err = m.fetch_page(1, 5, 3, &mut page).unwrap_err();
+        let took = started.elapsed();
+        let TransportError::GaveUp {
+            node,
+            attempts,
+            ref last,
+            ..
+        } = err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!(node, 3);
+        assert!(attempts >= 2, "{attempts} attempts");
+        assert!(matches!(**last, TransportError::Closed { node: 3 }));
+        assert!(took >= Duration::from_millis(50), "{took:?}");
+        assert!(
+            pagemesh_api::error_chain(&err).starts_with("node 3 did not answer for"),
+            "{}",
+            pagemesh_api::error_chain(&err)
+        );
+    }
+
+    #[test]
+    fn an_unknown_peer_is_an_error_at_once() {
+        let mut m = manager(0, Duration::from_secs(5));
+        let mut page = vec![0u8; pagemesh_api::PAGE_SIZE];
+        assert!(matches!(
+            m.fetch_page(1, 5, 4, &mut page),
+            Err(TransportError::UnknownPeer(4))
+        ));
+    }
+}
