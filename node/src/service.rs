@@ -20,6 +20,7 @@ use pagemesh_pager::directory::MAX_NODE_ID;
 use pagemesh_server::{PageStore, ServerContext, ShutdownSignal};
 use pagemesh_transport::TransportManager;
 use pagemesh_transport::local::LocalSource;
+use pagemesh_vmm::VcpuError;
 use pagemesh_vmm::guest::Initial;
 use pagemesh_vmm::memory::RAM_BASE;
 
@@ -29,7 +30,7 @@ use crate::config::{BackingArg, ConfigError, RoleArg, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::define::{content, default_seed, guest_mem, placement_request, workload};
 use crate::error::NodeError;
-use crate::lifecycle::Backing;
+use crate::lifecycle::{Backing, ComputeError};
 use crate::peers::{connect_vm_peers, held, load_vm, release_vm};
 use crate::probes::load_probes;
 use crate::signals::{StopSignals, block_stop_signals, wait_for_stop_signal};
@@ -143,7 +144,12 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         crate::linux_guest::run_linux(id, &settings, &coordinator, &admin_state, &signals)
     } else if role.computes() && settings.workload.is_some() {
         let ok = run_compute(id, &settings, &coordinator, &admin_state, &signals);
-        if role.serves_memory() || settings.hold {
+        // A stop signal during the run stopped the guest; it stops the node too.
+        let signalled = matches!(
+            &ok,
+            Err(NodeError::Compute(ComputeError::Vcpu(VcpuError::Stopped)))
+        );
+        if (role.serves_memory() || settings.hold) && !signalled {
             tracing::info!("run finished; staying up until stopped (Ctrl-C or SIGTERM)");
             wait_for_stop_signal(&signals)
                 .map_err(NodeError::Signals)
