@@ -138,8 +138,25 @@ fn a_node_without_its_coordinator_retries_then_fails_naming_the_url() {
 fn bad_settings_are_explained() {
     let bins = Bins::for_tests().unwrap();
     let dir = test_dir("bad-settings");
+    let bad_key = dir.join("bad-key.toml");
+    std::fs::write(&bad_key, "id = 1\nidd = 2\n").unwrap();
+    let bad_value = dir.join("bad-value.toml");
+    std::fs::write(&bad_value, "id = 1\nplacement = \"rings\"\n").unwrap();
     for (args, needle) in [
         (vec!["--id", "0", "--mem", "12parsecs"], "unknown size unit"),
+        (vec!["--id", "0", "--vcpus", "0"], "0 is not in 1..=32"),
+        (
+            vec!["--config", bad_key.to_str().unwrap()],
+            "unknown key 'idd'",
+        ),
+        (
+            vec!["--config", bad_value.to_str().unwrap()],
+            "bad value for 'placement': 'rings' is not one of interleave, ranges, weighted",
+        ),
+        (
+            vec!["--id", "0", "--workload", "seq", "--range", "256MiB:4KiB"],
+            "past the end of guest RAM",
+        ),
         (vec!["--role", "memory"], "--id is required"),
         (
             vec![

@@ -1,27 +1,50 @@
-//! The node's configuration: command-line flags, optionally preceded by a TOML file.
+//! The node's settings: command-line flags, two environment variables and an optional TOML
+//! file, parsed into typed values before anything starts.
 //!
-//! Every flag has a TOML key of the same name with `-` as `_` (`--pin-cpu 1` is
-//! `pin_cpu = 1`). Flags given on the command line win over the file.
+//! | module | what it is |
+//! |---|---|
+//! | [`values`] | the typed values (sizes, workloads, ranges, placements, …) and their parsers |
+//! | [`file`] | the TOML file (`--config FILE`), whose keys become the flags' defaults |
+//!
+//! A setting's value is the first of: the command line; its environment variable
+//! (`PAGEMESH_COORDINATOR`, `PAGEMESH_LOG`); the config file, where every flag has a key of
+//! the same name with `-` as `_` (`--pin-cpu 1` is `pin_cpu = 1`); the built-in default.
+//!
+//! [`Settings`] holds what every node uses and the telemetry settings; [`MemoryOptions`],
+//! [`ComputeOptions`] and [`LinuxOptions`] hold what one kind of node uses. `--help` lists
+//! them under those headings.
 
-use std::path::{Path, PathBuf};
+pub mod file;
+pub mod values;
 
-use clap::{Parser, ValueEnum};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser};
 use pagemesh_api::{NodeId, Role};
-use serde::Deserialize;
+use pagemesh_pager::directory::MAX_NODE_ID;
+use pagemesh_vmm::linux::MAX_LINUX_RAM;
 
-/// Errors reading the configuration.
+pub use self::file::FileError;
+use self::values::{
+    AccessArg, AdminArg, BackingArg, ByteRange, ByteSize, ContentArg, PlacementArg, RoleArg,
+    WorkloadArg,
+};
+
+/// Errors reading the configuration, and settings that do not go together.
 #[derive(thiserror::Error, Debug)]
 pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read config file {0}")]
-    Read(PathBuf, #[source] std::io::Error),
-    /// The config file is not valid TOML for these settings.
-    #[error("config file {0} is invalid")]
-    Parse(PathBuf, #[source] Box<toml::de::Error>),
+    /// The command line (or an environment variable) is invalid, or asks for help.
+    #[error(transparent)]
+    Args(#[from] clap::Error),
+    /// The config file is unreadable or invalid.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// A required setting is missing.
     #[error("{0} is required (as a flag or in the config file)")]
     Missing(&'static str),
-    /// A setting has a bad value.
+    /// A setting has a bad value, or does not go with another.
     #[error("invalid {what}: {why}")]
     Invalid {
         /// The setting.
@@ -31,391 +54,752 @@ pub enum ConfigError {
     },
 }
 
-/// The node's role on the command line.
-#[derive(ValueEnum, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum RoleArg {
-    /// Runs a guest; fetches the pages it faults on.
-    Compute,
-    /// Holds pages for other nodes and serves them.
-    Memory,
-    /// Both.
-    Both,
-}
+/// Most vCPUs a Linux guest can have.
+pub const MAX_VCPUS: u8 = 32;
 
-impl From<RoleArg> for Role {
-    fn from(r: RoleArg) -> Self {
-        match r {
-            RoleArg::Compute => Role::Compute,
-            RoleArg::Memory => Role::Memory,
-            RoleArg::Both => Role::Both,
-        }
-    }
-}
-
-/// Where a compute node's guest pages come from.
-#[derive(ValueEnum, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackingArg {
-    /// Memory nodes over the network.
-    Remote,
-    /// userfaultfd, pages copied from a local buffer (benchmark floor).
-    UffdLocal,
-    /// Plain memory, zero-filled by the kernel (benchmark floor).
-    DemandZero,
-}
-
-/// Placement policies on the command line.
-#[derive(ValueEnum, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum PlacementArg {
-    /// Round-robin, one page at a time, over the memory nodes.
-    Interleave,
-    /// One contiguous range per memory node, in node-id order, equal sizes.
-    Ranges,
-    /// One contiguous range per memory node, sized by each node's capacity.
-    Weighted,
-}
+const TELEMETRY: &str = "Telemetry";
 
 /// pagemesh-node: runs KVM guests whose memory lives on other nodes, and serves pages.
 ///
 /// A memory node (`--role memory`) registers with the coordinator and serves the pages it
 /// holds until it is stopped (Ctrl-C or SIGTERM). A compute node (`--role compute`) defines a
-/// VM with the coordinator, has the memory nodes load its pages, runs the built-in guest
-/// workload on userfaultfd-served memory, prints a summary and exits: 0 when the guest saw
-/// exactly the expected memory, 1 otherwise.
-#[derive(Parser, Deserialize, Default, Debug, Clone)]
+/// VM with the coordinator, has the memory nodes load its pages, runs a built-in workload
+/// (`--workload`) or boots a Linux kernel (`--kernel`) on userfaultfd-served memory, prints a
+/// summary and exits: 0 when the guest saw exactly the expected memory, 1 otherwise, 2 for
+/// bad settings.
+///
+/// Every flag can also be given in a TOML file (`--config FILE`) under its name with `_` for
+/// `-`; the command line and the environment win over the file.
+#[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about)]
-#[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    /// TOML file with any of these settings (flags override it).
+    /// TOML file of settings: keys are the long flags with `_` for `-` (`pin_cpu = 1`);
+    /// the command line and the environment override it.
     #[arg(long, value_name = "FILE")]
-    #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// This node's id in the cluster (0 .. 16777215).
-    #[arg(long)]
+    /// This node's id in the cluster, 0 to 16777215 (the page directory stores 24 bits).
+    #[arg(long, value_parser = clap::value_parser!(NodeId).range(..=i64::from(MAX_NODE_ID)))]
     pub id: Option<NodeId>,
 
-    /// Coordinator URL.
-    #[arg(long, value_name = "URL", env = "PAGEMESH_COORDINATOR")]
-    pub coordinator: Option<String>,
-
-    /// Address the page server listens on [default: 127.0.0.1:0, an ephemeral port].
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<String>,
-
-    /// Address peers should use to reach this node's page server, when it differs from
-    /// the listening address (e.g. listening on 0.0.0.0).
-    #[arg(long, value_name = "ADDR")]
-    pub advertise: Option<String>,
-
-    /// What this node does.
+    /// What this node does [default: compute with --workload or --kernel, memory otherwise].
     #[arg(long, value_enum)]
     pub role: Option<RoleArg>,
 
-    /// Guest memory this node offers to hold for others (memory role), e.g. 512MiB.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    #[serde(default, deserialize_with = "de_size")]
-    pub capacity: Option<u64>,
+    /// Coordinator URL, http:// or https://; required but by a compute node with --backing
+    /// uffd-local or demand-zero.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PAGEMESH_COORDINATOR",
+        value_parser = values::http_url
+    )]
+    pub coordinator: Option<String>,
 
-    /// Cluster to join (must exist on the coordinator).
-    #[arg(long)]
+    /// Times to try each coordinator request before giving up; the pause between tries starts
+    /// at 200 ms and doubles, up to 5 s.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub coordinator_attempts: u32,
+
+    /// Cluster to join (it must exist on the coordinator); peers of other clusters are refused
+    /// at the handshake [default: none].
+    #[arg(long, value_name = "NAME")]
     pub cluster: Option<String>,
 
-    /// Times to try reaching the coordinator before giving up (backoff doubles from 200 ms).
-    #[arg(long, value_name = "N")]
-    pub coordinator_attempts: Option<u32>,
+    /// Address the page server listens on (port 0: any free port). Every node serves pages;
+    /// a compute-only node's server holds none.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:0",
+        value_parser = values::host_port
+    )]
+    pub listen: String,
 
-    /// Seconds a peer may fail before it is declared dead [default: 5]: a request waits this
-    /// long for its reply, and a failed connection is re-dialled (1 ms, doubling to 100 ms
-    /// between attempts) and the request asked again for this long before the VM stops.
-    #[arg(long, value_name = "SECS")]
-    pub peer_timeout: Option<f64>,
-
-    /// Memory role: microseconds a page connection's thread polls for the next request after
-    /// answering one, before it sleeps; 0 never polls [default: 200]. The poller yields to any
-    /// other thread ready to run, so it only uses CPU nobody else wants, and spares a compute
-    /// node that faults back to back a wake-up of this node's CPU per fault (expensive where
-    /// idle CPUs halt into a hypervisor; see docs/benchmarks.md).
-    #[arg(long, value_name = "MICROS")]
-    pub serve_spin_us: Option<u64>,
-
-    /// Compute role: guest RAM, e.g. 256MiB [default: 256MiB].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    #[serde(default, deserialize_with = "de_size")]
-    pub mem: Option<u64>,
-
-    /// Compute role: how the VM's pages are spread over the memory nodes [default: interleave].
-    #[arg(long, value_enum)]
-    pub placement: Option<PlacementArg>,
-
-    /// Compute role: memory nodes to place pages on (comma-separated ids) [default: all].
-    #[arg(long, value_delimiter = ',', value_name = "IDS")]
-    pub memory_nodes: Option<Vec<NodeId>>,
-
-    /// Compute role: what the memory nodes load: `pattern` (the deterministic test pattern),
-    /// `zero` (nothing: every page starts never-written), or `image` (see --image)
-    /// [default: pattern].
-    #[arg(long, value_name = "KIND")]
-    pub content: Option<String>,
-
-    /// Compute role: guest memory image to load onto the memory nodes (page i is the 4 KiB at
-    /// offset i*4096); implies --content image. The path must be readable by the memory nodes.
-    #[arg(long, value_name = "FILE")]
-    pub image: Option<PathBuf>,
-
-    /// Compute role: pattern seed [default: the VM id].
-    #[arg(long)]
-    pub seed: Option<u64>,
-
-    /// Compute role: guest workload: `verify` (read and check every word of every page),
-    /// `seq`, `random` (a permutation), or `stride:K`.
-    #[arg(long, value_name = "WORKLOAD")]
-    pub workload: Option<String>,
-
-    /// Compute role: per-page access of seq/random/stride: read, write or rmw [default: read].
-    #[arg(long, value_name = "ACCESS")]
-    pub access: Option<String>,
-
-    /// Compute role: pages the workload covers, as OFFSET:LENGTH sizes (e.g. 0:64MiB)
-    /// [default: all of guest RAM].
-    #[arg(long, value_name = "OFFSET:LEN")]
-    pub range: Option<String>,
-
-    /// Compute role: pin the vCPU and the fault handler to this CPU (fastest here: a fault
-    /// handler woken on the vCPU's own CPU avoids a cross-CPU wake-up).
-    #[arg(long, value_name = "CPU")]
-    pub pin_cpu: Option<usize>,
-
-    /// Compute role: where pages come from: `remote` (memory nodes, through the coordinator),
-    /// or, for benchmarking without a cluster, `uffd-local` (userfaultfd, pages copied from a
-    /// buffer in this process) or `demand-zero` (no userfaultfd: the kernel zero-fills)
-    /// [default: remote].
-    #[arg(long, value_enum)]
-    pub backing: Option<BackingArg>,
-
-    /// Address of the admin HTTP endpoint (`/stats`, `/metrics`, `/healthz`), or `off`
-    /// [default: 127.0.0.1:0, an ephemeral port, registered with the coordinator].
-    #[arg(long, value_name = "ADDR")]
-    pub admin: Option<String>,
-
-    /// Export metrics over OTLP/HTTP (protobuf) to this collector URL (`/v1/metrics` is
-    /// appended), or `off` [default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export].
-    #[arg(long, value_name = "URL")]
-    pub otlp_endpoint: Option<String>,
-
-    /// Seconds between OTLP exports [default: $OTEL_METRIC_EXPORT_INTERVAL ms, or 10].
-    #[arg(long, value_name = "SECS")]
-    pub otlp_interval: Option<f64>,
-
-    /// Compute role: after the guest finishes, keep the node (and its admin endpoint) up
-    /// until Ctrl-C or SIGTERM, so that its final figures can still be read.
-    #[arg(long)]
-    #[serde(default)]
-    pub hold: bool,
+    /// Address peers should use to reach this node's page server, when it differs from the
+    /// one it listens on (e.g. listening on 0.0.0.0) [default: the address --listen bound].
+    #[arg(long, value_name = "ADDR", value_parser = values::host_port)]
+    pub advertise: Option<String>,
 
     /// Take over the registration of a node with the same id registered at another address
     /// (a node restarted on a new port). Without it such a registration is refused.
     #[arg(long)]
-    #[serde(default)]
     pub replace: bool,
 
-    /// Compute role: boot this Linux kernel (a bzImage, or an ELF vmlinux) instead of running
-    /// a built-in workload. Its memory is placed on the memory nodes like any guest's.
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info`, `pagemesh_server=debug,info`).
+    #[arg(
+        long,
+        value_name = "FILTER",
+        env = "PAGEMESH_LOG",
+        default_value = "info",
+        value_parser = values::log_filter
+    )]
+    pub log: String,
+
+    /// What a node that holds pages for others uses.
+    #[command(flatten)]
+    pub memory: MemoryOptions,
+
+    /// What a node that runs a guest uses.
+    #[command(flatten)]
+    pub compute: ComputeOptions,
+
+    /// What a compute node booting a Linux kernel uses.
+    #[command(flatten)]
+    pub linux: LinuxOptions,
+
+    /// Address of the admin HTTP endpoint (`/stats`, `/metrics`, `/healthz`), registered with
+    /// the coordinator, or `off`.
+    #[arg(
+        long,
+        value_name = "ADDR|off",
+        default_value = "127.0.0.1:0",
+        help_heading = TELEMETRY
+    )]
+    pub admin: AdminArg,
+
+    /// Export metrics over OTLP/HTTP (protobuf) to this collector URL (`/v1/metrics` is
+    /// appended), or `off` [default: $OTEL_EXPORTER_OTLP_METRICS_ENDPOINT as is, else
+    /// $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export].
+    #[arg(
+        long,
+        value_name = "URL|off",
+        value_parser = values::otlp_endpoint,
+        help_heading = TELEMETRY
+    )]
+    pub otlp_endpoint: Option<String>,
+
+    /// Seconds between OTLP exports [default: $OTEL_METRIC_EXPORT_INTERVAL ms, or 10].
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = values::seconds_f64,
+        help_heading = TELEMETRY
+    )]
+    pub otlp_interval: Option<f64>,
+}
+
+/// Settings of a node that holds pages for others (`--role memory` or `both`).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Memory node (--role memory or both)")]
+pub struct MemoryOptions {
+    /// Guest memory this node offers to hold for others (less than 16 TiB).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "1GiB",
+        value_parser = values::capacity
+    )]
+    pub capacity: ByteSize,
+
+    /// Microseconds a page connection's thread polls for the next request after answering
+    /// one, before it sleeps; 0 never polls. The poller yields to any other thread ready to
+    /// run, so it only uses CPU nobody else wants, and spares a compute node that faults back
+    /// to back a wake-up of this node's CPU per fault (expensive where idle CPUs halt into a
+    /// hypervisor; see docs/benchmarks.md).
+    #[arg(long, value_name = "MICROS", default_value_t = default_serve_spin_us())]
+    pub serve_spin_us: u64,
+}
+
+fn default_serve_spin_us() -> u64 {
+    u64::try_from(pagemesh_server::DEFAULT_SERVER_SPIN.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Settings of a node that runs a guest (`--role compute` or `both`).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Compute node (--role compute or both)")]
+pub struct ComputeOptions {
+    /// Built-in guest workload: `verify` (read every word of every page and check it against
+    /// the pattern), or `seq`, `random` (a pseudo-random permutation) or `stride:K` (every
+    /// K-th page, then the next offset), each doing --access to every page. A compute node
+    /// with neither --workload nor --kernel runs no guest: it registers and serves until
+    /// stopped [default with --backing uffd-local or demand-zero: verify].
+    #[arg(long, value_name = "WORKLOAD", value_parser = clap::value_parser!(WorkloadArg))]
+    pub workload: Option<WorkloadArg>,
+
+    /// What `seq`, `random` and `stride:K` do to each page (`verify` reads every word whatever
+    /// this says).
+    #[arg(long, value_enum, default_value_t = AccessArg::Read)]
+    pub access: AccessArg,
+
+    /// The part of guest RAM the workload visits, as OFFSET:LEN sizes (e.g. 0:64MiB): every
+    /// page those bytes touch [default: all of guest RAM].
+    #[arg(long, value_name = "OFFSET:LEN", value_parser = clap::value_parser!(ByteRange))]
+    pub range: Option<ByteRange>,
+
+    /// Guest RAM: a multiple of 4 KiB, at most 63 GiB (3 GiB for a Linux guest)
+    /// [default: 256MiB; 64MiB with --backing uffd-local or demand-zero].
+    #[arg(long, value_name = "SIZE", value_parser = values::guest_mem)]
+    pub mem: Option<ByteSize>,
+
+    /// How the VM's pages are spread over the memory nodes.
+    #[arg(long, value_enum, default_value_t = PlacementArg::Interleave)]
+    pub placement: PlacementArg,
+
+    /// Memory nodes to place pages on, comma-separated ids [default: every memory node of
+    /// this node's cluster registered with the coordinator].
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    pub memory_nodes: Option<Vec<NodeId>>,
+
+    /// What the memory nodes load before the guest runs (--image implies `image`).
+    #[arg(long, value_enum, default_value_t = ContentArg::Pattern)]
+    pub content: ContentArg,
+
+    /// Guest memory image to load onto the memory nodes (page i is the 4 KiB at offset
+    /// i*4096; pages past its end start zero); implies --content image. The path must be
+    /// readable by the memory nodes.
     #[arg(long, value_name = "FILE")]
-    pub kernel: Option<PathBuf>,
+    pub image: Option<PathBuf>,
 
-    /// Compute role, with --kernel: initial ramdisk (an uncompressed cpio is fastest).
-    #[arg(long, value_name = "FILE")]
-    pub initrd: Option<PathBuf>,
-
-    /// Compute role, with --kernel: kernel command line [default: a serial console and the
-    /// settings that get a stock kernel furthest under software-assisted KVM; see
-    /// docs/linux-guest.md].
-    #[arg(long, value_name = "STR")]
-    pub cmdline: Option<String>,
-
-    /// Compute role, with --kernel: vCPUs (1 so far).
+    /// Seed of the test pattern (--content pattern) [default: taken from the clock, different
+    /// every run, so that a page left over from another run fails verification].
     #[arg(long, value_name = "N")]
-    pub vcpus: Option<u32>,
+    pub seed: Option<u64>,
 
-    /// Compute role, with --kernel: copy the guest's serial console to stdout (it always
-    /// goes to the log).
-    #[arg(long)]
-    #[serde(default)]
-    pub console: bool,
+    /// Where the guest's pages come from: `remote` (memory nodes, through the coordinator),
+    /// or, to benchmark a built-in workload without a cluster, `uffd-local` (userfaultfd,
+    /// pages copied from a buffer in this process) or `demand-zero` (no userfaultfd: the
+    /// kernel zero-fills).
+    #[arg(long, value_enum, default_value_t = BackingArg::Remote)]
+    pub backing: BackingArg,
 
-    /// Compute role: do not load the eBPF probes (they load by default when the node has
-    /// the privileges; without them the node warns once and runs on).
-    #[arg(long)]
-    #[serde(default)]
-    pub no_ebpf: bool,
+    /// Seconds a memory node may fail before it is declared dead: connecting and each
+    /// reply wait at most this long, and a failed connection is re-dialled (1 ms, doubling to
+    /// 100 ms between attempts) and the request asked again for this long before the VM
+    /// stops.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value = "5",
+        value_parser = values::seconds
+    )]
+    pub peer_timeout: Duration,
 
-    /// Compute role: write the run summary as JSON to this file.
+    /// Pin vCPU 0 and the fault handler to this CPU (fastest here: a fault handler woken on
+    /// the vCPU's own CPU avoids a cross-CPU wake-up) [default: not pinned].
+    #[arg(long, value_name = "CPU")]
+    pub pin_cpu: Option<usize>,
+
+    /// Write the run summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 
-    /// Compute role: keep the VM's remaining pages on the memory nodes after the run
-    /// (by default they are released).
+    /// Keep the VM's remaining pages on the memory nodes after the run (by default they are
+    /// released).
     #[arg(long)]
-    #[serde(default)]
     pub keep_vm: bool,
 
-    /// Log filter (tracing `EnvFilter` syntax, e.g. `info`, `pagemesh_server=debug`).
-    #[arg(long, value_name = "FILTER", env = "PAGEMESH_LOG")]
-    pub log: Option<String>,
+    /// After a built-in workload finishes, keep the node (and its admin endpoint) up until
+    /// Ctrl-C or SIGTERM, so that its final figures can still be read (a node that also holds
+    /// memory always stays up).
+    #[arg(long)]
+    pub hold: bool,
+
+    /// Do not load the eBPF probes (they load by default when the node has the privileges;
+    /// without them the node warns once and runs on).
+    #[arg(long)]
+    pub no_ebpf: bool,
 }
 
-macro_rules! merge {
-    ($cli:ident, $file:ident, $($field:ident),*) => {
-        $( if $cli.$field.is_none() { $cli.$field = $file.$field.take(); } )*
-    };
+impl ComputeOptions {
+    /// Guest RAM: `--mem`, else 256 MiB, or 64 MiB for the benchmark backings.
+    pub fn mem(&self) -> ByteSize {
+        self.mem.unwrap_or(match self.backing {
+            BackingArg::Remote => ByteSize::mib(256),
+            BackingArg::UffdLocal | BackingArg::DemandZero => ByteSize::mib(64),
+        })
+    }
+}
+
+/// Settings of a compute node that boots a Linux kernel (`--kernel`).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Linux guest (compute node with --kernel)")]
+pub struct LinuxOptions {
+    /// Boot this Linux kernel (a bzImage, or an ELF vmlinux) instead of running a built-in
+    /// workload. Its memory is placed on the memory nodes like any guest's.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initial ramdisk (an uncompressed cpio is fastest).
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line [default: a serial console and the settings that get a stock
+    /// kernel furthest under software-assisted KVM; see docs/linux-guest.md].
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+
+    /// vCPUs, 1 to 32; each runs on a thread of its own.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_VCPUS))
+    )]
+    pub vcpus: u8,
+
+    /// Copy the guest's serial console to stdout (it always goes to the log).
+    #[arg(long)]
+    pub console: bool,
 }
 
 impl Settings {
-    /// Parses the command line and merges in the config file, if one is named.
+    /// The settings of this process's command line, environment and config file. Bad flags
+    /// and `--help` end the process as clap does (usage on stderr, exit code 2; help on
+    /// stdout, 0); a bad config file is an error.
     pub fn load() -> Result<Self, ConfigError> {
-        Self::parse().with_file()
+        Self::try_load_from(std::env::args_os()).map_err(|e| match e {
+            ConfigError::Args(e) => e.exit(),
+            e => e,
+        })
     }
 
-    /// Merges in the config file named by `--config`.
-    pub fn with_file(mut self) -> Result<Self, ConfigError> {
-        let Some(path) = self.config.clone() else {
-            return Ok(self);
+    /// The settings of command line `args` (the program's name first), the environment and
+    /// the config file `--config` names, if any.
+    pub fn try_load_from<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let cmd = Self::command();
+        // Parsed once without the file, to find it (and to refuse bad flags and answer
+        // --help without reading it), then again with the file's settings as defaults.
+        let matches = cmd.clone().try_get_matches_from(&args)?;
+        let settings = match matches.get_one::<PathBuf>("config") {
+            None => Self::from_arg_matches(&matches)?,
+            Some(path) => {
+                let matches = file::layer(cmd, path)?.try_get_matches_from(&args)?;
+                Self::from_arg_matches(&matches)?
+            }
         };
-        let mut file = Self::from_file(&path)?;
-        merge!(
-            self,
-            file,
-            id,
-            coordinator,
-            listen,
-            advertise,
-            role,
-            capacity,
-            cluster,
-            coordinator_attempts,
-            peer_timeout,
-            serve_spin_us,
-            mem,
-            placement,
-            memory_nodes,
-            content,
-            image,
-            seed,
-            workload,
-            access,
-            range,
-            pin_cpu,
-            backing,
-            otlp_endpoint,
-            otlp_interval,
-            json,
-            log,
-            admin,
-            kernel,
-            initrd,
-            cmdline,
-            vcpus
-        );
-        self.keep_vm |= file.keep_vm;
-        self.replace |= file.replace;
-        self.hold |= file.hold;
-        self.console |= file.console;
-        self.no_ebpf |= file.no_ebpf;
-        Ok(self)
+        settings.check()?;
+        Ok(settings)
     }
 
-    fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), Box::new(e)))
-    }
-}
-
-/// Parses sizes like `4096`, `64KiB`, `256MiB`, `1GiB`, `2G` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size; use e.g. 4096, 64KiB, 256MiB, 1GiB"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KiB" | "k" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        "T" | "TiB" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown size unit '{other}' in '{s}'; use KiB, MiB, GiB or TiB"
-            ));
+    /// Refuses settings that do not go together, before the node starts anything
+    /// ([`Settings::try_load_from`] and [`crate::service::run`] call it).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !Role::from(self.role()).computes() {
+            return Ok(());
         }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{s}' is too large"))
-}
-
-fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Size {
-        Bytes(u64),
-        Text(String),
+        let c = &self.compute;
+        if c.content == ContentArg::Image && c.image.is_none() {
+            return Err(ConfigError::Missing("--image (for --content image)"));
+        }
+        let mem = c.mem();
+        if let Some(range) = c.range {
+            let (first, pages) = range.pages();
+            if first + pages > mem.pages() {
+                return Err(ConfigError::Invalid {
+                    what: "--range",
+                    why: format!(
+                        "it ends at {}, past the end of guest RAM (--mem {mem})",
+                        ByteSize(range.offset.bytes() + range.len.bytes())
+                    ),
+                });
+            }
+        }
+        if self.linux.kernel.is_some() {
+            if c.backing != BackingArg::Remote {
+                return Err(ConfigError::Invalid {
+                    what: "--backing",
+                    why: "a Linux guest (--kernel) runs on remote memory only".into(),
+                });
+            }
+            if mem.bytes() > MAX_LINUX_RAM {
+                return Err(ConfigError::Invalid {
+                    what: "--mem",
+                    why: format!(
+                        "a Linux guest can have at most {} here, got {mem}",
+                        ByteSize(MAX_LINUX_RAM)
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
-    match Option::<Size>::deserialize(d)? {
-        None => Ok(None),
-        Some(Size::Bytes(b)) => Ok(Some(b)),
-        Some(Size::Text(t)) => parse_size(&t).map(Some).map_err(serde::de::Error::custom),
+
+    /// The role: `--role`, else compute when there is a guest to run, memory otherwise.
+    pub fn role(&self) -> RoleArg {
+        self.role.unwrap_or(
+            if self.compute.workload.is_some() || self.linux.kernel.is_some() {
+                RoleArg::Compute
+            } else {
+                RoleArg::Memory
+            },
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::error::ErrorKind;
+    use pagemesh_vmm::guest::Order;
+
     use super::*;
 
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("MiB").is_err());
-        assert!(parse_size("99999999999999TiB").is_err());
+    /// A config file in a directory of its own, removed when dropped.
+    struct TomlFile(PathBuf);
+
+    impl TomlFile {
+        fn new(name: &str, text: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("pagemesh-config-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("node.toml");
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TomlFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+        }
+    }
+
+    fn load(args: &[&str]) -> Result<Settings, ConfigError> {
+        Settings::try_load_from(std::iter::once("pagemesh-node").chain(args.iter().copied()))
+    }
+
+    fn load_err(args: &[&str]) -> String {
+        match load(args).unwrap_err() {
+            ConfigError::Args(e) => e.render().to_string(),
+            e => pagemesh_api::error_chain(&e),
+        }
     }
 
     #[test]
-    fn file_settings_fill_gaps_and_flags_win() {
-        let dir = std::env::temp_dir().join(format!("pagemesh-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("node.toml");
-        std::fs::write(
-            &path,
-            "id = 3\nrole = \"memory\"\ncapacity = \"512MiB\"\ncoordinator = \"http://file\"\n",
-        )
+    fn the_command_is_well_formed() {
+        Settings::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_typed() {
+        let s = load(&["--id", "3"]).unwrap();
+        assert_eq!(s.id, Some(3));
+        assert_eq!(s.role(), RoleArg::Memory);
+        assert_eq!(s.coordinator_attempts, 5);
+        assert_eq!(s.listen, "127.0.0.1:0");
+        assert_eq!(s.admin, AdminArg::Listen("127.0.0.1:0".into()));
+        assert_eq!(s.memory.capacity, ByteSize(1 << 30));
+        assert_eq!(
+            Duration::from_micros(s.memory.serve_spin_us),
+            pagemesh_server::DEFAULT_SERVER_SPIN
+        );
+        assert_eq!(s.compute.peer_timeout, pagemesh_transport::DEFAULT_TIMEOUT);
+        assert_eq!(s.compute.access, AccessArg::Read);
+        assert_eq!(s.compute.placement, PlacementArg::Interleave);
+        assert_eq!(s.compute.content, ContentArg::Pattern);
+        assert_eq!(s.compute.backing, BackingArg::Remote);
+        assert_eq!(s.compute.mem, None);
+        assert_eq!(s.linux.vcpus, 1);
+        assert!(!s.compute.hold && !s.replace);
+    }
+
+    #[test]
+    fn flags_parse_to_typed_values() {
+        let s = load(&[
+            "--workload",
+            "stride:8",
+            "--access",
+            "rmw",
+            "--range",
+            "8MiB:8MiB",
+            "--mem",
+            "512MiB",
+            "--memory-nodes",
+            "1,2",
+            "--placement",
+            "weighted",
+            "--peer-timeout",
+            "0.5",
+            "--admin",
+            "off",
+        ])
         .unwrap();
-        let cli = Settings::parse_from([
-            "pagemesh-node",
+        assert_eq!(s.role(), RoleArg::Compute);
+        assert_eq!(
+            s.compute.workload,
+            Some(WorkloadArg::Visit(Order::Stride(8)))
+        );
+        assert_eq!(s.compute.access, AccessArg::Rmw);
+        assert_eq!(s.compute.range.unwrap().pages(), (2048, 2048));
+        assert_eq!(s.compute.mem, Some(ByteSize::mib(512)));
+        assert_eq!(s.compute.memory_nodes, Some(vec![1, 2]));
+        assert_eq!(s.compute.placement, PlacementArg::Weighted);
+        assert_eq!(s.compute.peer_timeout, Duration::from_millis(500));
+        assert_eq!(s.admin, AdminArg::Off);
+    }
+
+    #[test]
+    fn bad_flags_are_refused_saying_what_is_accepted() {
+        for (args, needle) in [
+            (
+                &["--mem", "12parsecs"][..],
+                "invalid value '12parsecs' for '--mem <SIZE>': unknown size unit 'parsecs'",
+            ),
+            (&["--mem", "1000"], "non-zero multiple of 4 KiB"),
+            (
+                &["--workload", "zigzag"],
+                "unknown workload 'zigzag'; expected seq, random, stride:K or verify",
+            ),
+            (&["--access", "poke"], "[possible values: read, write, rmw]"),
+            (&["--range", "64MiB"], "'64MiB' is not OFFSET:LEN"),
+            (
+                &["--placement", "random"],
+                "[possible values: interleave, ranges, weighted]",
+            ),
+            (
+                &["--content", "ones"],
+                "[possible values: pattern, zero, image]",
+            ),
+            (
+                &["--backing", "local"],
+                "[possible values: remote, uffd-local, demand-zero]",
+            ),
+            (&["--id", "16777216"], "16777216 is not in 0..=16777215"),
+            (&["--vcpus", "0"], "0 is not in 1..=32"),
+            (&["--vcpus", "33"], "33 is not in 1..=32"),
+            (
+                &["--peer-timeout", "0"],
+                "'0' is not a positive number of seconds",
+            ),
+            (
+                &["--coordinator", "c:7070"],
+                "is not an http:// or https:// URL",
+            ),
+            (&["--listen", "7101"], "'7101' is not HOST:PORT"),
+            (&["--coordinator-attempts", "0"], "0 is not in 1.."),
+        ] {
+            let e = load_err(args);
+            assert!(e.contains(needle), "{args:?}: expected '{needle}' in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn settings_that_do_not_go_together_are_refused() {
+        for (args, needle) in [
+            (
+                &["--workload", "seq", "--range", "256MiB:4KiB"][..],
+                "invalid --range: it ends at 262148 KiB, past the end of guest RAM (--mem 256 MiB)",
+            ),
+            (
+                &[
+                    "--workload",
+                    "seq",
+                    "--backing",
+                    "uffd-local",
+                    "--range",
+                    "60MiB:8MiB",
+                ],
+                "past the end of guest RAM (--mem 64 MiB)",
+            ),
+            (
+                &["--kernel", "vmlinuz", "--mem", "4GiB"],
+                "invalid --mem: a Linux guest can have at most 3 GiB here, got 4 GiB",
+            ),
+            (
+                &["--kernel", "vmlinuz", "--backing", "demand-zero"],
+                "invalid --backing: a Linux guest (--kernel) runs on remote memory only",
+            ),
+            (
+                &["--role", "compute", "--content", "image"],
+                "--image (for --content image) is required",
+            ),
+        ] {
+            let e = load_err(args);
+            assert!(e.contains(needle), "{args:?}: expected '{needle}' in:\n{e}");
+        }
+        // A memory node has no guest to check.
+        assert!(load(&["--role", "memory", "--content", "image"]).is_ok());
+        assert!(load(&["--workload", "seq", "--range", "252MiB:4MiB"]).is_ok());
+    }
+
+    #[test]
+    fn a_flag_beats_the_file_which_beats_the_default() {
+        let f = TomlFile::new(
+            "layers",
+            "id = 3\nrole = \"memory\"\ncapacity = \"512MiB\"\ncoordinator = \"http://file\"\n\
+             peer_timeout = 2.5\nserve_spin_us = 0\nmemory_nodes = [1, 2]\nhold = true\n\
+             workload = \"stride:4\"\nvcpus = 4\n",
+        );
+        let s = load(&[
             "--config",
-            path.to_str().unwrap(),
+            f.path(),
             "--coordinator",
             "http://flag",
+            "--vcpus",
+            "2",
         ])
-        .with_file()
         .unwrap();
-        assert_eq!(cli.id, Some(3));
-        assert_eq!(cli.role, Some(RoleArg::Memory));
-        assert_eq!(cli.capacity, Some(512 << 20));
-        assert_eq!(cli.coordinator.as_deref(), Some("http://flag"));
+        assert_eq!(s.id, Some(3));
+        assert_eq!(s.role, Some(RoleArg::Memory));
+        assert_eq!(s.memory.capacity, ByteSize::mib(512));
+        assert_eq!(s.memory.serve_spin_us, 0);
+        assert_eq!(s.coordinator.as_deref(), Some("http://flag"));
+        assert_eq!(s.compute.peer_timeout, Duration::from_millis(2500));
+        assert_eq!(s.compute.memory_nodes, Some(vec![1, 2]));
+        assert_eq!(
+            s.compute.workload,
+            Some(WorkloadArg::Visit(Order::Stride(4)))
+        );
+        assert!(s.compute.hold);
+        assert_eq!(s.linux.vcpus, 2);
+        // Not in the file: the built-in default.
+        assert_eq!(s.coordinator_attempts, 5);
+        assert_eq!(s.compute.placement, PlacementArg::Interleave);
+        // A list may also be written as on the command line.
+        let f = TomlFile::new("list", "memory_nodes = \"4,5\"\n");
+        let s = load(&["--config", f.path()]).unwrap();
+        assert_eq!(s.compute.memory_nodes, Some(vec![4, 5]));
+    }
 
-        std::fs::write(&path, "idd = 3\n").unwrap();
-        let err = Settings::parse_from(["pagemesh-node", "--config", path.to_str().unwrap()])
-            .with_file()
-            .unwrap_err();
-        assert!(matches!(err, ConfigError::Parse(..)), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let f = TomlFile::new("unknown", "id = 3\nidd = 3\n");
+        let e = load_err(&["--config", f.path()]);
+        assert!(e.contains("unknown key 'idd'"), "{e}");
+        assert!(e.contains(f.path()), "{e}");
+        let f = TomlFile::new("kebab", "pin-cpu = 1\n");
+        let e = load_err(&["--config", f.path()]);
+        assert!(
+            e.contains("unknown key 'pin-cpu' (did you mean 'pin_cpu'?"),
+            "{e}"
+        );
+        for key in ["config = \"x.toml\"", "help = true", "version = true"] {
+            let f = TomlFile::new("reserved", key);
+            let e = load_err(&["--config", f.path()]);
+            assert!(e.contains("unknown key"), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_file_values_are_refused_naming_the_key() {
+        for (text, needle) in [
+            (
+                "mem = \"12parsecs\"",
+                "bad value for 'mem': unknown size unit 'parsecs' in '12parsecs'",
+            ),
+            (
+                "workload = \"zigzag\"",
+                "bad value for 'workload': unknown workload 'zigzag'",
+            ),
+            (
+                "placement = \"random\"",
+                "bad value for 'placement': 'random' is not one of interleave, ranges, weighted",
+            ),
+            ("vcpus = 64", "bad value for 'vcpus': 64 is not in 1..=32"),
+            (
+                "hold = \"yes\"",
+                "bad value for 'hold': expected true or false",
+            ),
+            (
+                "id = [1, 2]",
+                "bad value for 'id': expected one value, not a list",
+            ),
+            (
+                "range = \"0\"",
+                "bad value for 'range': '0' is not OFFSET:LEN",
+            ),
+            (
+                "peer_timeout = -1",
+                "'-1' is not a positive number of seconds",
+            ),
+        ] {
+            let f = TomlFile::new("bad-value", text);
+            let e = load_err(&["--config", f.path()]);
+            assert!(e.contains(needle), "{text}: expected '{needle}' in:\n{e}");
+            assert!(e.contains("config file"), "{e}");
+        }
+        // A value the command line replaces is still checked: the file is wrong either way.
+        let f = TomlFile::new("overridden", "mem = \"lots\"");
+        assert!(load(&["--config", f.path(), "--mem", "64MiB"]).is_err());
+        // Not TOML, or not there.
+        let f = TomlFile::new("not-toml", "id = ");
+        assert!(load_err(&["--config", f.path()]).contains("is not valid TOML"));
+        let e = load_err(&["--config", "/nonexistent.toml"]);
+        assert!(
+            e.contains("cannot read config file /nonexistent.toml"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn help_says_what_the_code_does() {
+        let mut cmd = Settings::command();
+        let help = cmd.render_long_help().to_string();
+        let flag = |name: &str| {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(name))
+                .unwrap_or_else(|| panic!("--{name}"));
+            arg.get_long_help()
+                .or(arg.get_help())
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        };
+        let seed = flag("seed");
+        assert!(!seed.contains("VM id"), "{seed}");
+        assert!(seed.contains("from the clock"), "{seed}");
+        assert!(flag("vcpus").contains("1 to 32"));
+        assert!(!flag("vcpus").contains("so far"));
+        assert!(flag("peer-timeout").contains("re-dialled"));
+        // clap shows the defaults it applies.
+        for shown in [
+            "[default: 5]",
+            "[default: 1GiB]",
+            "[default: 200]",
+            "[default: interleave]",
+            "[default: read]",
+            "[default: 127.0.0.1:0]",
+            "[env: PAGEMESH_COORDINATOR=]",
+        ] {
+            assert!(help.contains(shown), "{shown} missing from:\n{help}");
+        }
+        // Options are grouped by the role that uses them.
+        let headings: Vec<_> = [
+            "Options:",
+            "Memory node (--role memory or both):",
+            "Compute node (--role compute or both):",
+            "Linux guest (compute node with --kernel):",
+            "Telemetry:",
+        ]
+        .iter()
+        .map(|h| {
+            help.find(h)
+                .unwrap_or_else(|| panic!("{h} missing from:\n{help}"))
+        })
+        .collect();
+        assert!(headings.is_sorted(), "{help}");
+        let section = |flag: &str| headings.iter().rposition(|&h| help.find(flag).unwrap() > h);
+        assert_eq!(section("--id <ID>"), Some(0));
+        assert_eq!(section("--capacity <SIZE>"), Some(1));
+        assert_eq!(section("--workload <WORKLOAD>"), Some(2));
+        assert_eq!(section("--vcpus <N>"), Some(3));
+        assert_eq!(section("--otlp-endpoint <URL|off>"), Some(4));
+    }
+
+    #[test]
+    fn help_and_version_are_not_errors_of_ours() {
+        for flag in ["--help", "--version"] {
+            match load(&[flag]) {
+                Err(ConfigError::Args(e)) => assert!(
+                    matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion),
+                    "{e}"
+                ),
+                other => panic!("{flag}: {other:?}"),
+            }
+        }
     }
 }

@@ -1,12 +1,13 @@
-//! What a compute node asks the coordinator for: the guest's size, content, placement and
-//! workload, from the settings.
+//! What a compute node asks the coordinator for: the guest's content, placement and
+//! workload, from the compute settings (already typed and checked, see [`crate::config`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pagemesh_api::{Content, PAGE_SIZE, PageRange, PlacementRequest};
+use pagemesh_api::{Content, PageRange, PlacementRequest};
 use pagemesh_vmm::Workload;
 
-use crate::config::{ConfigError, PlacementArg, Settings, parse_size};
+use crate::config::values::{ContentArg, PlacementArg, WorkloadArg};
+use crate::config::{ComputeOptions, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::error::NodeError;
 
@@ -18,114 +19,184 @@ pub(crate) fn default_seed() -> u64 {
         | 1
 }
 
-/// Guest memory in bytes (`--mem`, else `default`), checked.
-pub(crate) fn guest_mem(settings: &Settings, default: u64) -> Result<u64, NodeError> {
-    let mem = settings.mem.unwrap_or(default);
-    if mem == 0 || !mem.is_multiple_of(PAGE_SIZE as u64) || mem > pagemesh_vmm::memory::MAX_RAM {
-        return Err(ConfigError::Invalid {
-            what: "--mem",
-            why: format!(
-                "guest memory must be a non-zero multiple of 4 KiB and at most 63 GiB, got {mem} bytes"
-            ),
-        }
-        .into());
-    }
-    Ok(mem)
+/// The seed of the test pattern: `--seed`, else one from the clock.
+pub(crate) fn seed(c: &ComputeOptions) -> u64 {
+    c.seed.unwrap_or_else(default_seed)
 }
 
-/// The workload the built-in guest runs, over guest RAM of `ram_pages` pages.
-pub(crate) fn workload(settings: &Settings, ram_pages: u64) -> Result<Workload, NodeError> {
-    let (first, pages) = match &settings.range {
-        None => (0, ram_pages),
-        Some(r) => {
-            let (off, len) = r.split_once(':').ok_or_else(|| ConfigError::Invalid {
-                what: "--range",
-                why: format!("'{r}' is not OFFSET:LENGTH"),
-            })?;
-            let bad = |why: String| ConfigError::Invalid {
-                what: "--range",
-                why,
-            };
-            let off = parse_size(off).map_err(bad)?;
-            let len = parse_size(len).map_err(bad)?;
-            (off / PAGE_SIZE as u64, len.div_ceil(PAGE_SIZE as u64))
-        }
-    };
-    Ok(Workload::parse(
-        settings.workload.as_deref().unwrap_or("verify"),
-        settings.access.as_deref().unwrap_or("read"),
-        first,
-        pages,
-        ram_pages,
-    )?)
+/// The workload the built-in guest runs (`--workload`, else `verify`) over `--range`, else
+/// all of guest RAM.
+pub(crate) fn workload(c: &ComputeOptions) -> Result<Workload, NodeError> {
+    let ram_pages = c.mem().pages();
+    let (first, pages) = c.range.map_or((0, ram_pages), |r| r.pages());
+    let (order, access) = c
+        .workload
+        .unwrap_or(WorkloadArg::Verify)
+        .order_and_access(c.access);
+    Ok(Workload::new(order, access, first, pages, ram_pages)?)
 }
 
-/// What the memory nodes load.
-pub(crate) fn content(settings: &Settings) -> Result<Content, NodeError> {
-    if let Some(image) = &settings.image {
-        let path = std::fs::canonicalize(image).map_err(|e| ConfigError::Invalid {
-            what: "--image",
-            why: format!("{}: {e}", image.display()),
-        })?;
+/// What the memory nodes load: the `--image` file, else `--content`.
+pub(crate) fn content(c: &ComputeOptions) -> Result<Content, NodeError> {
+    if let Some(image) = &c.image {
+        let path = std::fs::canonicalize(image).map_err(|e| NodeError::Image(image.clone(), e))?;
         return Ok(Content::Image {
             path: path.display().to_string(),
         });
     }
-    match settings.content.as_deref().unwrap_or("pattern") {
-        "pattern" => Ok(Content::Pattern {
-            seed: settings.seed.unwrap_or_else(default_seed),
-        }),
-        "zero" => Ok(Content::Zero),
-        "image" => Err(ConfigError::Missing("--image (for --content image)").into()),
-        other => Err(ConfigError::Invalid {
-            what: "--content",
-            why: format!("'{other}'; expected pattern, zero or image"),
-        }
-        .into()),
+    match c.content {
+        ContentArg::Pattern => Ok(Content::Pattern { seed: seed(c) }),
+        ContentArg::Zero => Ok(Content::Zero),
+        // Settings::check refuses `--content image` without `--image`.
+        ContentArg::Image => Err(crate::config::ConfigError::Missing("--image").into()),
     }
 }
 
-/// How the VM's pages are to be spread over the memory nodes.
+/// How the VM's pages are to be spread over the memory nodes; with no `--memory-nodes`, the
+/// coordinator takes every memory node of the compute node's cluster, and so does `ranges`.
 pub(crate) fn placement_request(
     settings: &Settings,
     coordinator: &CoordinatorClient,
     pages: u64,
 ) -> Result<PlacementRequest, NodeError> {
-    let nodes = settings.memory_nodes.clone().unwrap_or_default();
-    Ok(
-        match settings.placement.unwrap_or(PlacementArg::Interleave) {
-            PlacementArg::Interleave => PlacementRequest::Interleave {
-                nodes,
-                granule_pages: 1,
-            },
-            PlacementArg::Weighted => PlacementRequest::Weighted { nodes },
-            PlacementArg::Ranges => {
-                let nodes = if nodes.is_empty() {
-                    coordinator
-                        .nodes()?
-                        .into_iter()
-                        .filter(|n| n.role.serves_memory())
-                        .map(|n| n.node_id)
-                        .collect()
-                } else {
-                    nodes
-                };
-                let k = nodes.len().max(1) as u64;
-                let ranges = nodes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &node)| {
-                        let i = i as u64;
-                        let start = pages * i / k;
-                        PageRange {
-                            start,
-                            pages: pages * (i + 1) / k - start,
-                            node,
-                        }
-                    })
-                    .collect();
-                PlacementRequest::Ranges { ranges }
-            }
+    let c = &settings.compute;
+    let nodes = c.memory_nodes.clone().unwrap_or_default();
+    Ok(match c.placement {
+        PlacementArg::Interleave => PlacementRequest::Interleave {
+            nodes,
+            granule_pages: 1,
         },
-    )
+        PlacementArg::Weighted => PlacementRequest::Weighted { nodes },
+        PlacementArg::Ranges => {
+            let nodes = if nodes.is_empty() {
+                coordinator
+                    .nodes()?
+                    .into_iter()
+                    .filter(|n| {
+                        n.role.serves_memory()
+                            && n.cluster == settings.cluster
+                            && Some(n.node_id) != settings.id
+                    })
+                    .map(|n| n.node_id)
+                    .collect()
+            } else {
+                nodes
+            };
+            PlacementRequest::Ranges {
+                ranges: equal_ranges(&nodes, pages),
+            }
+        }
+    })
+}
+
+/// `pages` pages cut into one contiguous range per node, in order, of sizes that differ by
+/// at most one page.
+fn equal_ranges(nodes: &[pagemesh_api::NodeId], pages: u64) -> Vec<PageRange> {
+    let k = nodes.len().max(1) as u64;
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, &node)| {
+            let i = i as u64;
+            let start = pages * i / k;
+            PageRange {
+                start,
+                pages: pages * (i + 1) / k - start,
+                node,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use pagemesh_vmm::{Access, Order};
+
+    use super::*;
+
+    fn compute(args: &[&str]) -> ComputeOptions {
+        Settings::try_parse_from(std::iter::once("pagemesh-node").chain(args.iter().copied()))
+            .unwrap()
+            .compute
+    }
+
+    #[test]
+    fn the_workload_defaults_to_verifying_all_of_ram() {
+        let w = workload(&compute(&[])).unwrap();
+        assert_eq!((w.order, w.access), (Order::Seq, Access::Verify));
+        assert_eq!((w.first_page, w.pages), (0, 65536));
+        // The benchmark backings default to 64 MiB.
+        let w = workload(&compute(&["--backing", "uffd-local"])).unwrap();
+        assert_eq!(w.pages, 16384);
+    }
+
+    #[test]
+    fn the_workload_takes_its_order_access_and_range() {
+        let w = workload(&compute(&[
+            "--workload",
+            "random",
+            "--access",
+            "rmw",
+            "--range",
+            "8MiB:8MiB",
+            "--mem",
+            "64MiB",
+        ]))
+        .unwrap();
+        assert_eq!((w.order, w.access), (Order::Random, Access::Rmw));
+        assert_eq!((w.first_page, w.pages), (2048, 2048));
+        // verify ignores --access.
+        let w = workload(&compute(&["--workload", "verify", "--access", "write"])).unwrap();
+        assert_eq!(w.access, Access::Verify);
+        // Past the end of RAM: the guest's own check.
+        let e = workload(&compute(&["--range", "60MiB:8MiB", "--mem", "64MiB"])).unwrap_err();
+        assert_eq!(
+            pagemesh_api::error_chain(&e),
+            "bad workload: range of 2048 pages at page 15360 does not fit in 16384 pages of RAM"
+        );
+    }
+
+    #[test]
+    fn content_follows_the_image_then_the_content_flag() {
+        assert_eq!(
+            content(&compute(&["--seed", "7"])).unwrap(),
+            Content::Pattern { seed: 7 }
+        );
+        assert_eq!(
+            content(&compute(&["--content", "zero"])).unwrap(),
+            Content::Zero
+        );
+        // The clock seeds an unseeded pattern; seeds are odd.
+        match content(&compute(&[])).unwrap() {
+            Content::Pattern { seed } => assert_eq!(seed & 1, 1),
+            other => panic!("{other:?}"),
+        }
+        let image = std::env::temp_dir();
+        let c = content(&compute(&[
+            "--content",
+            "zero",
+            "--image",
+            image.to_str().unwrap(),
+        ]));
+        assert!(matches!(c.unwrap(), Content::Image { .. }));
+        let e = content(&compute(&["--image", "/nonexistent/guest.img"])).unwrap_err();
+        assert!(
+            pagemesh_api::error_chain(&e)
+                .starts_with("cannot open the image /nonexistent/guest.img"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn equal_ranges_cover_every_page_once() {
+        let r = equal_ranges(&[3, 1, 2], 10);
+        assert_eq!(
+            r.iter()
+                .map(|r| (r.node, r.start, r.pages))
+                .collect::<Vec<_>>(),
+            [(3, 0, 3), (1, 3, 3), (2, 6, 4)]
+        );
+        assert!(equal_ranges(&[], 10).is_empty());
+    }
 }

@@ -15,6 +15,9 @@ pub enum NodeError {
     /// Bad workload.
     #[error("bad workload")]
     Workload(#[from] pagemesh_vmm::guest::WorkloadError),
+    /// The `--image` file could not be opened.
+    #[error("cannot open the image {}", .0.display())]
+    Image(std::path::PathBuf, #[source] std::io::Error),
     /// The page server could not listen.
     #[error("cannot listen on {0}")]
     Listen(String, #[source] std::io::Error),

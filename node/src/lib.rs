@@ -23,7 +23,7 @@
 //! | [`compute`] | running the built-in guest's workload on pager-served memory |
 //! | [`linux_guest`] | booting a Linux kernel on pager-served memory |
 //! | [`coordinator`] | the coordinator client (register, discover, VMs) |
-//! | [`config`] | flags and the TOML config file |
+//! | [`config`] | the settings, typed: flags, environment and the TOML config file |
 //! | [`define`] | the VM a compute node defines: size, content, placement, workload |
 //! | [`peers`] | a compute node's connections to its VM's memory nodes |
 //! | [`probes`] | loading the eBPF probes for a guest |

@@ -16,17 +16,17 @@ use std::time::Duration;
 
 use pagemesh_api::error_chain;
 use pagemesh_api::summary::{LinuxRun, RunSummary};
-use pagemesh_api::{Content, CreateVm, NodeId, PAGE_SIZE};
+use pagemesh_api::{Content, CreateVm, NodeId};
 use pagemesh_pager::PageDirectory;
 use pagemesh_vmm::boot;
-use pagemesh_vmm::linux::{LinuxExit, LinuxMachine, MAX_LINUX_RAM};
+use pagemesh_vmm::linux::{LinuxExit, LinuxMachine};
 use pagemesh_vmm::memory::MemoryError;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::admin::{AdminState, LiveRun};
 use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
-use crate::define::{guest_mem, placement_request};
+use crate::define::placement_request;
 use crate::error::NodeError;
 use crate::lifecycle::{Backing, ComputeError, Launch, run_vm};
 use crate::peers::{connect_vm_peers, held, load_vm};
@@ -50,37 +50,22 @@ pub fn run_linux(
     admin: &AdminState,
     signals: &StopSignals,
 ) -> Result<bool, NodeError> {
-    let kernel = settings
+    // The vCPUs (1 to MAX_VCPUS) were checked when parsed, and that the memory fits a Linux
+    // guest (MAX_LINUX_RAM) by Settings::check.
+    let linux = &settings.linux;
+    let kernel = linux
         .kernel
         .clone()
         .ok_or(ConfigError::Missing("--kernel"))?;
-    let vcpus = match settings.vcpus.unwrap_or(1) {
-        n @ 1..=32 => n as u8,
-        n => {
-            return Err(ConfigError::Invalid {
-                what: "--vcpus",
-                why: format!("{n}; between 1 and 32"),
-            }
-            .into());
-        }
-    };
-    let mem = guest_mem(settings, 256 << 20)?;
-    if mem > MAX_LINUX_RAM {
-        return Err(ConfigError::Invalid {
-            what: "--mem",
-            why: format!("a Linux guest can have at most {MAX_LINUX_RAM} bytes here"),
-        }
-        .into());
-    }
-    let pages = mem / PAGE_SIZE as u64;
-    let cmdline = settings.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
-    let (image, entry) =
-        boot::build_image(mem, &kernel, settings.initrd.as_deref(), cmdline, vcpus).map_err(
-            |e| ConfigError::Invalid {
-                what: "--kernel",
-                why: error_chain(&e),
-            },
-        )?;
+    let vcpus = linux.vcpus;
+    let mem = settings.compute.mem().bytes();
+    let pages = settings.compute.mem().pages();
+    let cmdline = linux.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
+    let (image, entry) = boot::build_image(mem, &kernel, linux.initrd.as_deref(), cmdline, vcpus)
+        .map_err(|e| ConfigError::Invalid {
+        what: "--kernel",
+        why: error_chain(&e),
+    })?;
     let image_path = write_image(id, &image).map_err(|e| ConfigError::Invalid {
         what: "the guest image",
         why: e.to_string(),
@@ -115,7 +100,7 @@ pub fn run_linux(
 
     let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem as usize)])
         .map_err(|e| ComputeError::Memory(MemoryError::Map(mem, e)))?;
-    let mut machine = LinuxMachine::new(ram, entry, settings.console, vcpus)?;
+    let mut machine = LinuxMachine::new(ram, entry, linux.console, vcpus)?;
     let console = machine.console.clone();
 
     let running = Arc::new(AtomicBool::new(true));
@@ -131,7 +116,7 @@ pub fn run_linux(
             directory,
             transport,
         },
-        cpu: settings.pin_cpu,
+        cpu: settings.compute.pin_cpu,
         signals: Some(signals),
         // Every 10 s without news, log where the guest is.
         idle: Duration::from_secs(10),
@@ -171,7 +156,7 @@ pub fn run_linux(
         }
     }
     let held_after = held(&mut control, &vm).unwrap_or_default();
-    if !settings.keep_vm {
+    if !settings.compute.keep_vm {
         crate::peers::release_vm(&mut control, &vm);
     }
 

@@ -13,10 +13,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = settings.log.clone().unwrap_or_else(|| "info".to_owned());
     tracing_subscriber::fmt()
+        // Settings::load checked the filter.
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter)
+            tracing_subscriber::EnvFilter::try_new(&settings.log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)

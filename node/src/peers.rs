@@ -2,7 +2,6 @@
 //! owns them) and the control connections (load, held, release).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use pagemesh_api::{NodeId, Vm, error_chain};
 use pagemesh_transport::{ControlPlane, TransportError, TransportManager};
@@ -19,7 +18,7 @@ pub(crate) fn connect_vm_peers(
     coordinator: &CoordinatorClient,
     vm: &Vm,
 ) -> Result<(TransportManager, ControlPlane), NodeError> {
-    let timeout = Duration::from_secs_f64(settings.peer_timeout.unwrap_or(5.0).max(0.001));
+    let timeout = settings.compute.peer_timeout;
     let cluster = settings.cluster.clone().unwrap_or_default();
     let wanted = vm.placement.nodes();
     let mut transport = TransportManager::new(id, timeout).with_cluster(cluster.clone());
@@ -119,6 +118,8 @@ pub(crate) fn held(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use pagemesh_api::{Content, Placement};
     use pagemesh_transport::local::LocalSource;
 

@@ -17,7 +17,7 @@ pub(crate) fn load_probes(
     first_gfn: u64,
     frames: u64,
 ) -> Option<Arc<Probes>> {
-    if settings.no_ebpf {
+    if settings.compute.no_ebpf {
         tracing::info!("eBPF probes disabled (--no-ebpf)");
         return None;
     }

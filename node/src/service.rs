@@ -26,9 +26,10 @@ use pagemesh_vmm::memory::RAM_BASE;
 
 use crate::admin::{self, AdminState};
 use crate::compute::{RunOptions, run_guest};
-use crate::config::{BackingArg, ConfigError, RoleArg, Settings};
+use crate::config::values::{AdminArg, BackingArg, ByteSize};
+use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
-use crate::define::{content, default_seed, guest_mem, placement_request, workload};
+use crate::define::{content, placement_request, seed, workload};
 use crate::error::NodeError;
 use crate::lifecycle::{Backing, ComputeError};
 use crate::peers::{connect_vm_peers, held, load_vm, release_vm};
@@ -39,6 +40,8 @@ use crate::summary::{report, write_failure};
 /// Runs the node as configured; returns whether the run was good (exit code 0).
 pub fn run(settings: Settings) -> Result<bool, NodeError> {
     let id = settings.id.ok_or(ConfigError::Missing("--id"))?;
+    // Settings::load checked these; `run` may be given settings made otherwise.
+    settings.check()?;
     if id > MAX_NODE_ID {
         return Err(ConfigError::Invalid {
             what: "--id",
@@ -46,15 +49,8 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         }
         .into());
     }
-    let role = settings.role.unwrap_or(
-        if settings.workload.is_some() || settings.kernel.is_some() {
-            RoleArg::Compute
-        } else {
-            RoleArg::Memory
-        },
-    );
-    let role: Role = role.into();
-    let backing = settings.backing.unwrap_or(BackingArg::Remote);
+    let role: Role = settings.role().into();
+    let backing = settings.compute.backing;
     if role.computes() && backing != BackingArg::Remote {
         // Benchmark floors: no cluster at all.
         return run_local(id, &settings, backing);
@@ -65,23 +61,18 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         .coordinator
         .clone()
         .ok_or(ConfigError::Missing("--coordinator"))?;
-    let coordinator =
-        CoordinatorClient::new(&coordinator_url, settings.coordinator_attempts.unwrap_or(5));
+    let coordinator = CoordinatorClient::new(&coordinator_url, settings.coordinator_attempts);
 
     let capacity = if role.serves_memory() {
-        settings.capacity.unwrap_or(1 << 30)
+        settings.memory.capacity
     } else {
-        0
+        ByteSize(0)
     };
-    let capacity_pages =
-        u32::try_from(capacity / PAGE_SIZE as u64).map_err(|_| ConfigError::Invalid {
-            what: "--capacity",
-            why: "at most 16 TiB".into(),
-        })?;
-    let listen = settings
-        .listen
-        .clone()
-        .unwrap_or_else(|| "127.0.0.1:0".to_owned());
+    let capacity_pages = u32::try_from(capacity.pages()).map_err(|_| ConfigError::Invalid {
+        what: "--capacity",
+        why: "less than 16 TiB".into(),
+    })?;
+    let listen = settings.listen.clone();
     let listener = TcpListener::bind(&listen).map_err(|e| NodeError::Listen(listen.clone(), e))?;
     let bound = listener
         .local_addr()
@@ -95,9 +86,7 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     let ctx = ServerContext::new(id, PageStore::new(capacity_pages), move |vm| {
         lookup_client.vm(vm).map_err(Into::into)
     });
-    let spin = settings
-        .serve_spin_us
-        .map_or(pagemesh_server::DEFAULT_SERVER_SPIN, Duration::from_micros);
+    let spin = Duration::from_micros(settings.memory.serve_spin_us);
     let ctx = Arc::new(
         ctx.with_cluster(settings.cluster.clone().unwrap_or_default())?
             .with_spin(spin),
@@ -108,9 +97,9 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     let admin_state = Arc::new(AdminState::new(id, role, ctx.clone()));
     // Exports over OTLP when asked to; the last export goes out when `_otlp` is dropped.
     let _otlp = crate::otlp::start(&settings, admin_state.clone())?;
-    let admin_addr = match settings.admin.as_deref().unwrap_or("127.0.0.1:0") {
-        "off" | "none" => None,
-        addr => {
+    let admin_addr = match &settings.admin {
+        AdminArg::Off => None,
+        AdminArg::Listen(addr) => {
             let bound = admin::start(addr, admin_state.clone())?;
             tracing::info!("admin endpoint on http://{bound} (/stats, /metrics, /healthz)");
             Some(bound.to_string())
@@ -123,7 +112,7 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
             transport: TransportKind::Tcp,
             address: advertise.clone(),
             role,
-            capacity_bytes: capacity,
+            capacity_bytes: capacity.bytes(),
             cluster: settings.cluster.clone(),
             replace: settings.replace,
             admin: admin_addr.clone(),
@@ -140,16 +129,16 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     let _ = std::io::Write::flush(&mut std::io::stdout());
     debug_assert_eq!(info.node_id, id);
 
-    let outcome = if role.computes() && settings.kernel.is_some() {
+    let outcome = if role.computes() && settings.linux.kernel.is_some() {
         crate::linux_guest::run_linux(id, &settings, &coordinator, &admin_state, &signals)
-    } else if role.computes() && settings.workload.is_some() {
+    } else if role.computes() && settings.compute.workload.is_some() {
         let ok = run_compute(id, &settings, &coordinator, &admin_state, &signals);
         // A stop signal during the run stopped the guest; it stops the node too.
         let signalled = matches!(
             &ok,
             Err(NodeError::Compute(ComputeError::Vcpu(VcpuError::Stopped)))
         );
-        if (role.serves_memory() || settings.hold) && !signalled {
+        if (role.serves_memory() || settings.compute.hold) && !signalled {
             tracing::info!("run finished; staying up until stopped (Ctrl-C or SIGTERM)");
             wait_for_stop_signal(&signals)
                 .map_err(NodeError::Signals)
@@ -200,10 +189,11 @@ fn run_compute(
     admin: &AdminState,
     signals: &StopSignals,
 ) -> Result<bool, NodeError> {
-    let mem = guest_mem(settings, 256 << 20)?;
-    let pages = mem / PAGE_SIZE as u64;
-    let content = content(settings)?;
-    let workload = workload(settings, pages)?;
+    let c = &settings.compute;
+    let mem = c.mem().bytes();
+    let pages = c.mem().pages();
+    let content = content(c)?;
+    let workload = workload(c)?;
     let vm = coordinator.create_vm(&CreateVm {
         compute_node: id,
         mem_bytes: mem,
@@ -255,7 +245,7 @@ fn run_compute(
         mem_bytes: mem,
         workload,
         initial,
-        cpu: settings.pin_cpu,
+        cpu: c.pin_cpu,
     };
     let probes = load_probes(
         settings,
@@ -285,7 +275,7 @@ fn run_compute(
     } else {
         BTreeMap::new()
     };
-    if loaded && !settings.keep_vm {
+    if loaded && !c.keep_vm {
         release_vm(&mut control, &vm);
     }
     let ebpf = probes.as_ref().map(|p| p.summary());
@@ -301,10 +291,11 @@ fn run_compute(
 }
 
 fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<bool, NodeError> {
-    let mem = guest_mem(settings, 64 << 20)?;
-    let pages = mem / PAGE_SIZE as u64;
-    let workload = workload(settings, pages)?;
-    let seed = settings.seed.unwrap_or_else(default_seed);
+    let c = &settings.compute;
+    let mem = c.mem().bytes();
+    let pages = c.mem().pages();
+    let workload = workload(c)?;
+    let seed = seed(c);
     let (backing, initial) = match backing {
         BackingArg::DemandZero => (Backing::DemandZero, Initial::Zero),
         BackingArg::UffdLocal | BackingArg::Remote => {
@@ -328,7 +319,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
         mem_bytes: mem,
         workload,
         initial,
-        cpu: settings.pin_cpu,
+        cpu: c.pin_cpu,
     };
     let outcome = run_guest(&opts, backing, None, |_| {})?;
     report(

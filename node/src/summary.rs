@@ -27,7 +27,7 @@ pub(crate) fn write_failure(
 
 /// Writes `summary` to the `--json` file, if there is one.
 pub(crate) fn write(settings: &Settings, summary: &RunSummary) -> Result<(), NodeError> {
-    let Some(path) = &settings.json else {
+    let Some(path) = &settings.compute.json else {
         return Ok(());
     };
     // Plain data with string map keys: serializing it cannot fail.

@@ -187,6 +187,18 @@ impl Workload {
         } else {
             (workload.parse()?, access.parse()?)
         };
+        Self::new(order, access, first_page, pages, ram_pages)
+    }
+
+    /// `access` to each of `pages` pages from `first_page`, in `order`, checked to lie within
+    /// RAM of `ram_pages` pages.
+    pub fn new(
+        order: Order,
+        access: Access,
+        first_page: u64,
+        pages: u64,
+        ram_pages: u64,
+    ) -> Result<Self, WorkloadError> {
         if pages == 0
             || first_page
                 .checked_add(pages)
