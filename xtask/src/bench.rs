@@ -5,13 +5,19 @@
 //! `pagemesh-node` process, one VM per run. µs/page is guest wall time divided by pages;
 //! the fault percentiles are the pager's own (event read → page installed). Each figure is
 //! the median over runs.
+//!
+//! With `--baseline-bin DIR` a second cluster runs from another build's binaries, every case
+//! runs on both clusters in every round, and the bench reports the paired change of this
+//! build against that one ([`PairedChange`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use pagemesh_api::summary::RunSummary;
-use pagemesh_tests::Cluster;
+use pagemesh_tests::{Bins, Cluster};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::run::{build, run_dir, write_json};
@@ -36,6 +42,12 @@ pub struct BenchArgs {
     /// Write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also run every case on a second cluster started from the `pagemesh-coordinator` and
+    /// `pagemesh-node` in this folder (another build, in the release profile: e.g.
+    /// `target/release` of a worktree of the commit before a change), in the same rounds,
+    /// and report this build's paired change against it.
+    #[arg(long, value_name = "DIR")]
+    baseline_bin: Option<PathBuf>,
 }
 
 struct Case {
@@ -133,10 +145,35 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         (args.mem.clone(), args.runs.max(1))
     };
+    // Checked before the build, which takes minutes.
+    let baseline_bins = args
+        .baseline_bin
+        .as_deref()
+        .map(check_baseline)
+        .transpose()?;
     let bins = build(false)?;
     let dir = run_dir("bench");
     eprintln!("xtask: bench folder {}", dir.display());
     let mut cluster = Cluster::start(bins, dir.clone(), &[1], "2GiB")?;
+    // The other build's own coordinator and memory node: builds with different page
+    // protocols cannot talk to each other.
+    let mut baseline = match baseline_bins {
+        Some(bins) => {
+            let mut name = dir.file_name().unwrap_or_default().to_owned();
+            name.push("-baseline");
+            let dir = dir.with_file_name(name);
+            eprintln!("xtask: baseline folder {}", dir.display());
+            Some(
+                Cluster::start(bins, dir.clone(), &[1], "2GiB").with_context(|| {
+                    format!(
+                        "the baseline cluster did not start (logs in {})",
+                        dir.display()
+                    )
+                })?,
+            )
+        }
+        None => None,
+    };
     let pin = args.pin_cpu.map(|c| c.to_string());
 
     let cases: Vec<&Case> = CASES
@@ -147,6 +184,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // the machine's drift (other work, CPUs idling into the hypervisor) hits every case
     // alike, and the eBPF overhead can be taken run by run against its neighbour.
     let mut per_case: Vec<Vec<RunSummary>> = vec![Vec::new(); cases.len()];
+    let mut baseline_per_case: Vec<Vec<RunSummary>> = vec![Vec::new(); cases.len()];
     for round in 0..runs {
         eprintln!("xtask: bench round {}/{runs}", round + 1);
         // Every other round in reverse, so that no case always runs right after another.
@@ -155,7 +193,24 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             order.reverse();
         }
         for i in order {
-            per_case[i].push(run_case(&mut cluster, cases[i], &mem, pin.as_deref())?);
+            let Some(baseline) = baseline.as_mut() else {
+                per_case[i].push(run_case(&mut cluster, cases[i], &mem, pin.as_deref())?);
+                continue;
+            };
+            // Both builds back to back, the baseline first every other round (with the
+            // case order reversed too, each round is the previous one mirrored).
+            let this = |c: &mut Cluster| run_case(c, cases[i], &mem, pin.as_deref());
+            let other = |c: &mut Cluster| {
+                run_case(c, cases[i], &mem, pin.as_deref())
+                    .with_context(|| format!("{} on the baseline build", cases[i].name))
+            };
+            if round % 2 == 0 {
+                per_case[i].push(this(&mut cluster)?);
+                baseline_per_case[i].push(other(baseline)?);
+            } else {
+                baseline_per_case[i].push(other(baseline)?);
+                per_case[i].push(this(&mut cluster)?);
+            }
         }
     }
 
@@ -164,7 +219,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "case", "pages", "runs", "µs/page", "p50 µs", "p90 µs", "p99 µs"
     );
     let mut results = Vec::new();
-    for (case, per_run) in cases.iter().zip(&per_case) {
+    let mut changes = Vec::new();
+    for ((case, per_run), baseline_runs) in cases.iter().zip(&per_case).zip(&baseline_per_case) {
+        let vs_baseline = baseline.is_some().then(|| {
+            let change = paired_change(&us_per_page(per_run), &us_per_page(baseline_runs));
+            (case.name, change)
+        });
         let get = |f: fn(&RunSummary) -> f64| median(per_run.iter().map(f).collect());
         let (us_per_page, p50, p90, p99) = (
             get(|s| s.us_per_page),
@@ -183,12 +243,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "fault_p99_us": p99,
             "us_per_page_each_run": per_run.iter().map(|s| s.us_per_page).collect::<Vec<_>>(),
             "ebpf_last_run": per_run.last().and_then(|s| s.ebpf),
+            "vs_baseline": vs_baseline.as_ref().map(|(_, c)| c),
         });
         println!(
             "{:<18} {:>8} {:>5} {:>10.2} {:>9.1} {:>9.1} {:>9.1}",
             case.name, pages, runs, us_per_page, p50, p90, p99
         );
         results.push(row);
+        changes.extend(vs_baseline);
+    }
+    for (name, c) in &changes {
+        println!("{}", c.line(name));
     }
     let overhead = ebpf_overhead(&cases, &per_case);
     if let Some(o) = &overhead {
@@ -214,11 +279,15 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     cluster.stop()?;
+    if let Some(b) = baseline.as_mut() {
+        b.stop()?;
+    }
     let out = json!({
         "cases": results,
         "mem": mem,
         "pin_cpu": args.pin_cpu,
         "ebpf_overhead": overhead,
+        "baseline_bin": args.baseline_bin,
     });
     if let Some(path) = &args.json {
         write_json(path, &out)?;
@@ -257,19 +326,115 @@ fn run_case(
 fn ebpf_overhead(cases: &[&Case], per_case: &[Vec<RunSummary>]) -> Option<Value> {
     let find = |name: &str| cases.iter().position(|c| c.name == name);
     let (plain, probed) = (find("remote-random")?, find("remote-random-ebpf")?);
-    let pct: Vec<f64> = per_case[plain]
-        .iter()
-        .zip(&per_case[probed])
-        .filter_map(|(a, b)| {
-            let (a, b) = (a.us_per_page, b.us_per_page);
-            (a > 0.0).then(|| (b / a - 1.0) * 100.0)
-        })
-        .collect();
+    let pct = paired_pct(
+        &us_per_page(&per_case[probed]),
+        &us_per_page(&per_case[plain]),
+    );
     Some(json!({
         "median_pct": median(pct.clone()),
         "ci95_pct": median_ci95(&pct).map(|(lo, hi)| [lo, hi]),
         "per_pair_pct": pct,
     }))
+}
+
+/// µs/page of each run.
+fn us_per_page(runs: &[RunSummary]) -> Vec<f64> {
+    runs.iter().map(|s| s.us_per_page).collect()
+}
+
+/// Per pair, `new / old − 1` in %; pairs whose `old` is not positive (no time measured) are
+/// left out.
+fn paired_pct(new: &[f64], old: &[f64]) -> Vec<f64> {
+    new.iter()
+        .zip(old)
+        .filter(|&(_, &o)| o > 0.0)
+        .map(|(n, o)| (n / o - 1.0) * 100.0)
+        .collect()
+}
+
+/// This build against the baseline on one case (`vs_baseline` in the JSON): the median of
+/// the per-round changes, so that the machine's drift, which hits both runs of a round
+/// alike, cancels out.
+#[derive(Serialize, Debug, PartialEq)]
+struct PairedChange {
+    /// Median of `per_round_pct`.
+    median_pct: f64,
+    /// 95% bootstrap interval of that median ([`median_ci95`]); `None` below two rounds.
+    ci95_pct: Option<[f64; 2]>,
+    /// Per round, this build's µs/page over the baseline's, − 1, in %.
+    per_round_pct: Vec<f64>,
+    /// This build's median µs/page.
+    us_per_page: f64,
+    /// The baseline's median µs/page.
+    baseline_us_per_page: f64,
+    /// The baseline's µs/page, run by run (this build's are the case's
+    /// `us_per_page_each_run`).
+    baseline_us_per_page_each_run: Vec<f64>,
+}
+
+/// The paired change of `this` against `baseline`, both µs/page round by round.
+fn paired_change(this: &[f64], baseline: &[f64]) -> PairedChange {
+    let per_round_pct = paired_pct(this, baseline);
+    PairedChange {
+        median_pct: median(per_round_pct.clone()),
+        ci95_pct: median_ci95(&per_round_pct).map(|(lo, hi)| [lo, hi]),
+        per_round_pct,
+        us_per_page: median(this.to_vec()),
+        baseline_us_per_page: median(baseline.to_vec()),
+        baseline_us_per_page_each_run: baseline.to_vec(),
+    }
+}
+
+impl PairedChange {
+    /// `remote-random vs baseline: median of 20 paired rounds +1.2% (95% CI -0.8..+3.1)`,
+    /// and a second line with both medians and the rounds.
+    fn line(&self, case: &str) -> String {
+        let ci = self.ci95_pct.map_or_else(
+            || "no interval from one round".to_owned(),
+            |[lo, hi]| format!("95% CI {lo:+.1}..{hi:+.1}"),
+        );
+        let rounds: Vec<String> = self
+            .per_round_pct
+            .iter()
+            .map(|p| format!("{p:+.1}"))
+            .collect();
+        format!(
+            "{case} vs baseline: median of {} paired rounds {:+.1}% ({ci})\n  \
+             µs/page {:.2} baseline → {:.2} this build; per round: {}",
+            self.per_round_pct.len(),
+            self.median_pct,
+            self.baseline_us_per_page,
+            self.us_per_page,
+            rounds.join(" ")
+        )
+    }
+}
+
+/// The binaries of the other build, checked: both exist and run (`--version`).
+fn check_baseline(dir: &Path) -> anyhow::Result<Bins> {
+    let bins = Bins::in_dir(dir);
+    let build = "build the other commit in the release profile this bench uses \
+                 (`cargo build --release -p pagemesh-node -p pagemesh-coordinator` in a worktree \
+                 of it) and pass its target/release; see docs/benchmarks.md, \
+                 \"Comparing two builds\"";
+    for bin in [&bins.coordinator, &bins.node] {
+        if !bin.is_file() {
+            bail!("baseline binary {} does not exist: {build}", bin.display());
+        }
+        let out = Command::new(bin)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("cannot run baseline binary {}: {build}", bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "baseline binary {} does not run (`--version`: {}, {}): {build}",
+                bin.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(bins)
 }
 
 #[cfg(test)]
@@ -299,5 +464,69 @@ mod tests {
         );
         // The same values give the same interval.
         assert_eq!(median_ci95(&noisy(30)), median_ci95(&noisy(30)));
+    }
+
+    #[test]
+    fn the_paired_change_is_the_median_of_per_round_ratios() {
+        // Round by round, this build 10% slower in two rounds, 5% faster in one; the machine
+        // drifted from 40 to 60 µs/page meanwhile.
+        let this = [44.0, 47.5, 66.0];
+        let baseline = [40.0, 50.0, 60.0];
+        let c = paired_change(&this, &baseline);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert_eq!(c.per_round_pct.len(), 3);
+        for (got, want) in c.per_round_pct.iter().zip([10.0, -5.0, 10.0]) {
+            assert!(close(*got, want), "{got} vs {want}");
+        }
+        assert!(close(c.median_pct, 10.0), "{}", c.median_pct);
+        // Not the change of the medians (47.5 vs 50: −5%).
+        assert_eq!((c.us_per_page, c.baseline_us_per_page), (47.5, 50.0));
+        let [lo, hi] = c.ci95_pct.unwrap();
+        assert!(lo <= c.median_pct && c.median_pct <= hi, "{lo}..{hi}");
+        assert_eq!(c.baseline_us_per_page_each_run, baseline);
+
+        // The same build on both sides: no change, and a zero-width interval.
+        let same = paired_change(&baseline, &baseline);
+        assert_eq!(same.median_pct, 0.0);
+        assert_eq!(same.ci95_pct, Some([0.0, 0.0]));
+
+        // One round: no interval. A baseline run without a time is left out.
+        let one = paired_change(&[50.0], &[40.0]);
+        assert!(close(one.median_pct, 25.0) && one.ci95_pct.is_none());
+        let gap = paired_change(&[50.0, 44.0], &[0.0, 40.0]);
+        assert_eq!(gap.per_round_pct.len(), 1);
+        assert!(close(gap.median_pct, 10.0));
+        let line = c.line("remote-random");
+        assert!(
+            line.starts_with(
+                "remote-random vs baseline: median of 3 paired rounds +10.0% (95% CI "
+            ),
+            "{line}"
+        );
+        assert!(line.ends_with("per round: +10.0 -5.0 +10.0"), "{line}");
+    }
+
+    #[test]
+    fn a_baseline_that_is_missing_or_does_not_run_says_what_to_build() {
+        let dir = std::env::temp_dir().join(format!("pagemesh-baseline-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = check_baseline(&dir).unwrap_err().to_string();
+        assert!(e.contains("pagemesh-coordinator does not exist"), "{e}");
+        assert!(e.contains("cargo build --release"), "{e}");
+
+        // Present but not executable, then executable but failing.
+        std::fs::create_dir_all(&dir).unwrap();
+        let coordinator = dir.join("pagemesh-coordinator");
+        std::fs::write(&coordinator, "#!/bin/sh\nexit 3\n").unwrap();
+        std::fs::write(dir.join("pagemesh-node"), "#!/bin/sh\nexit 3\n").unwrap();
+        let e = check_baseline(&dir).unwrap_err().to_string();
+        assert!(e.starts_with("cannot run baseline binary"), "{e}");
+        assert!(e.contains("cargo build --release"), "{e}");
+        let executable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+        std::fs::set_permissions(&coordinator, executable).unwrap();
+        let e = check_baseline(&dir).unwrap_err().to_string();
+        assert!(e.contains("pagemesh-coordinator does not run"), "{e}");
+        assert!(e.contains("cargo build --release"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
