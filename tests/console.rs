@@ -233,7 +233,11 @@ fn console_shows_a_live_cluster_and_restores_the_terminal() {
     tmux.key("4");
     tmux.wait_for("the log", |s| s.contains("node 0 joined"));
 
-    // A node that goes away is shown as down, and the console goes on.
+    // A node that goes away is shown as down, and the console goes on. The compute node's
+    // run must be over first: it asks every memory node of its VM what it holds afterwards.
+    compute
+        .wait_for_line("  result: ", Duration::from_secs(120))
+        .expect("the guest's run finishes");
     c.memory[1].proc.kill();
     tmux.key("1");
     tmux.wait_for("node 2 down", |s| {
