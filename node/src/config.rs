@@ -86,7 +86,7 @@ pub struct Settings {
     #[arg(long, value_enum)]
     pub role: Option<RoleArg>,
 
-    /// Coordinator URL, http:// or https://; required but by a compute node with --backing
+    /// Coordinator URL, http:// or https://; required, except by a compute node with --backing
     /// uffd-local or demand-zero.
     #[arg(
         long,
