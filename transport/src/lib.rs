@@ -267,10 +267,8 @@ pub trait PeerControl: Send {
 
 /// The control connections of a node, one per peer (load, held, release).
 pub struct ControlPlane {
-    local: NodeId,
-    cluster: String,
-    timeout: std::time::Duration,
-    peers: std::collections::HashMap<NodeId, Box<dyn PeerControl>>,
+    dialer: Dialer,
+    peers: Peers<dyn PeerControl>,
 }
 
 impl ControlPlane {
@@ -278,17 +276,15 @@ impl ControlPlane {
     /// time out after `timeout`.
     pub fn new(local: NodeId, timeout: std::time::Duration) -> Self {
         Self {
-            local,
-            cluster: String::new(),
-            timeout,
-            peers: std::collections::HashMap::new(),
+            dialer: Dialer::new(local, timeout),
+            peers: Peers::default(),
         }
     }
 
     /// This control plane for a node of `cluster` (see [`TransportManager::with_cluster`]).
     #[must_use]
     pub fn with_cluster(mut self, cluster: String) -> Self {
-        self.cluster = cluster;
+        self.dialer.cluster = cluster;
         self
     }
 
@@ -298,7 +294,7 @@ impl ControlPlane {
         peer_id: NodeId,
         endpoint: &pagemesh_api::Endpoint,
     ) -> Result<(), TransportError> {
-        let peer = dial(self.local, &self.cluster, self.timeout, peer_id, endpoint)?;
+        let peer = self.dialer.dial(peer_id, endpoint)?;
         self.peers.insert(peer_id, Box::new(peer));
         Ok(())
     }
@@ -309,47 +305,89 @@ impl ControlPlane {
     }
 
     /// The control connection to `node`.
-    pub fn peer(&mut self, node: NodeId) -> Result<&mut dyn PeerControl, TransportError> {
-        match self.peers.get_mut(&node) {
+    pub fn peer(
+        &mut self,
+        node: NodeId,
+    ) -> Result<&mut (dyn PeerControl + 'static), TransportError> {
+        self.peers.get(node)
+    }
+
+    /// Nodes with a connection.
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        self.peers.ids()
+    }
+}
+
+/// One connection per peer node, of either plane.
+struct Peers<T: ?Sized>(std::collections::HashMap<NodeId, Box<T>>);
+
+impl<T: ?Sized> Default for Peers<T> {
+    fn default() -> Self {
+        Peers(std::collections::HashMap::new())
+    }
+}
+
+impl<T: ?Sized> Peers<T> {
+    /// Keeps `peer` as the connection to `node`, replacing an older one.
+    fn insert(&mut self, node: NodeId, peer: Box<T>) {
+        self.0.insert(node, peer);
+    }
+
+    fn get(&mut self, node: NodeId) -> Result<&mut T, TransportError> {
+        match self.0.get_mut(&node) {
             Some(p) => Ok(p.as_mut()),
             None => Err(TransportError::UnknownPeer(node)),
         }
     }
 
-    /// Nodes with a connection.
-    pub fn peer_ids(&self) -> Vec<NodeId> {
-        let mut ids: Vec<NodeId> = self.peers.keys().copied().collect();
+    fn ids(&self) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self.0.keys().copied().collect();
         ids.sort_unstable();
         ids
     }
 }
 
-/// Connects to `peer_id` at `endpoint` as node `local` of `cluster`, with every timeout of
-/// the connection `timeout` (but Load's). RDMA endpoints are refused until the RDMA
-/// transport exists.
-fn dial(
+/// Who this node is when it connects: its id, its cluster and its connections' timeout.
+struct Dialer {
     local: NodeId,
-    cluster: &str,
+    cluster: String,
     timeout: std::time::Duration,
-    peer_id: NodeId,
-    endpoint: &pagemesh_api::Endpoint,
-) -> Result<tcp::TcpPeer, TransportError> {
-    match endpoint.transport {
-        pagemesh_api::TransportKind::Tcp => tcp::TcpPeer::connect_with(
+}
+
+impl Dialer {
+    fn new(local: NodeId, timeout: std::time::Duration) -> Self {
+        Dialer {
             local,
-            cluster,
-            peer_id,
-            &endpoint.address,
-            tcp::TcpOptions {
-                connect_timeout: timeout,
-                io_timeout: timeout,
-                ..tcp::TcpOptions::default()
-            },
-        ),
-        pagemesh_api::TransportKind::Rdma => Err(TransportError::Unsupported {
-            node: peer_id,
-            what: "RDMA endpoints (this build has only the TCP transport)",
-        }),
+            cluster: String::new(),
+            timeout,
+        }
+    }
+
+    /// Connects to `peer_id` at `endpoint` as this node, with every timeout of the
+    /// connection `timeout` (but Load's). RDMA endpoints are refused until the RDMA transport
+    /// exists.
+    fn dial(
+        &self,
+        peer_id: NodeId,
+        endpoint: &pagemesh_api::Endpoint,
+    ) -> Result<tcp::TcpPeer, TransportError> {
+        match endpoint.transport {
+            pagemesh_api::TransportKind::Tcp => tcp::TcpPeer::connect_with(
+                self.local,
+                &self.cluster,
+                peer_id,
+                &endpoint.address,
+                tcp::TcpOptions {
+                    connect_timeout: self.timeout,
+                    io_timeout: self.timeout,
+                    ..tcp::TcpOptions::default()
+                },
+            ),
+            pagemesh_api::TransportKind::Rdma => Err(TransportError::Unsupported {
+                node: peer_id,
+                what: "RDMA endpoints (this build has only the TCP transport)",
+            }),
+        }
     }
 }
 
@@ -358,12 +396,10 @@ pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// One connection per peer node; what the pager fetches through.
 pub struct TransportManager {
-    local: NodeId,
-    cluster: String,
-    timeout: std::time::Duration,
+    dialer: Dialer,
     retry: RetryPolicy,
     reconnects: u64,
-    peers: std::collections::HashMap<NodeId, Box<dyn PageSource>>,
+    peers: Peers<dyn PageSource>,
 }
 
 impl TransportManager {
@@ -372,12 +408,10 @@ impl TransportManager {
     /// peer for as long ([`RetryPolicy::for_timeout`]).
     pub fn new(local: NodeId, timeout: std::time::Duration) -> Self {
         Self {
-            local,
-            cluster: String::new(),
-            timeout,
+            dialer: Dialer::new(local, timeout),
             retry: RetryPolicy::for_timeout(timeout),
             reconnects: 0,
-            peers: std::collections::HashMap::new(),
+            peers: Peers::default(),
         }
     }
 
@@ -397,20 +431,20 @@ impl TransportManager {
     /// such and refuse peers of another cluster.
     #[must_use]
     pub fn with_cluster(mut self, cluster: String) -> Self {
-        self.cluster = cluster;
+        self.dialer.cluster = cluster;
         self
     }
 
     /// Connects to `peer_id` at `endpoint` (TCP; RDMA endpoints are refused until the RDMA
-    /// transport exists) for page traffic and keeps the connection, replacing an older one. A peer of another
-    /// cluster is refused ([`TransportError::WrongCluster`], or [`TransportError::Remote`]
+    /// transport exists) for page traffic and keeps the connection, replacing an older one.
+    /// A peer of another cluster is refused ([`TransportError::WrongCluster`], or [`TransportError::Remote`]
     /// when the peer refuses first).
     pub fn connect_peer(
         &mut self,
         peer_id: NodeId,
         endpoint: &pagemesh_api::Endpoint,
     ) -> Result<(), TransportError> {
-        let source = dial(self.local, &self.cluster, self.timeout, peer_id, endpoint)?;
+        let source = self.dialer.dial(peer_id, endpoint)?;
         self.peers.insert(peer_id, Box::new(source));
         Ok(())
     }
@@ -421,18 +455,16 @@ impl TransportManager {
     }
 
     /// The connection to `node`.
-    pub fn peer(&mut self, node: NodeId) -> Result<&mut dyn PageSource, TransportError> {
-        match self.peers.get_mut(&node) {
-            Some(p) => Ok(p.as_mut()),
-            None => Err(TransportError::UnknownPeer(node)),
-        }
+    pub fn peer(
+        &mut self,
+        node: NodeId,
+    ) -> Result<&mut (dyn PageSource + 'static), TransportError> {
+        self.peers.get(node)
     }
 
     /// Nodes with a connection.
     pub fn peer_ids(&self) -> Vec<NodeId> {
-        let mut ids: Vec<NodeId> = self.peers.keys().copied().collect();
-        ids.sort_unstable();
-        ids
+        self.peers.ids()
     }
 
     /// Fetches (and claims) `page` of `vm` from `remote_node` into `dst`, one page,
