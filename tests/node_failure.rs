@@ -4,21 +4,16 @@
 
 use std::time::{Duration, Instant};
 
-use pagemesh_tests::{Bins, Cluster, read_summary, test_dir};
+use pagemesh_tests::{Bins, Cluster, Proc, read_summary, test_dir};
 
-#[test]
-fn killing_a_memory_node_mid_run_stops_the_guest_with_a_clear_error() {
-    let bins = Bins::for_tests().unwrap();
-    let mut c = Cluster::start(bins, test_dir("node-failure"), &[1, 2], "1GiB").unwrap();
-    // Big enough that the run is still going when node 2 dies.
-    let (mut compute, json_path) = c
-        .spawn_compute(&["--mem", "512MiB", "--workload", "verify", "--log", "debug"])
-        .unwrap();
+/// Waits until the guest of `compute` (started with `--log debug`) has reported 8192 pages
+/// done, so that a 512 MiB run is well under way and far from its end.
+fn wait_until_the_guest_is_going(compute: &mut Proc) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let log = std::fs::read_to_string(&compute.stderr).unwrap_or_default();
         if log.contains("guest: 8192 pages done") {
-            break;
+            return;
         }
         assert!(
             compute.try_wait().unwrap().is_none(),
@@ -28,6 +23,17 @@ fn killing_a_memory_node_mid_run_stops_the_guest_with_a_clear_error() {
         assert!(Instant::now() < deadline, "the guest never got going");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn killing_a_memory_node_mid_run_stops_the_guest_with_a_clear_error() {
+    let bins = Bins::for_tests().unwrap();
+    let mut c = Cluster::start(bins, test_dir("node-failure"), &[1, 2], "1GiB").unwrap();
+    // Big enough that the run is still going when node 2 dies.
+    let (mut compute, json_path) = c
+        .spawn_compute(&["--mem", "512MiB", "--workload", "verify", "--log", "debug"])
+        .unwrap();
+    wait_until_the_guest_is_going(&mut compute);
     c.memory[1].proc.kill();
     let killed = Instant::now();
     let status = compute.wait(Duration::from_secs(60)).unwrap();
@@ -63,20 +69,7 @@ fn sigterm_in_the_middle_of_a_run_stops_the_guest_and_the_node() {
     let (mut compute, json_path) = c
         .spawn_compute(&["--mem", "512MiB", "--workload", "verify", "--log", "debug"])
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let log = std::fs::read_to_string(&compute.stderr).unwrap_or_default();
-        if log.contains("guest: 8192 pages done") {
-            break;
-        }
-        assert!(
-            compute.try_wait().unwrap().is_none(),
-            "compute node ended early:\n{}",
-            compute.log_tail()
-        );
-        assert!(Instant::now() < deadline, "the guest never got going");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_the_guest_is_going(&mut compute);
     compute.signal(libc::SIGTERM);
     let signalled = Instant::now();
     let status = compute.wait(Duration::from_secs(60)).unwrap();

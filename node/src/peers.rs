@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use pagemesh_api::{NodeId, Vm, error_chain};
-use pagemesh_transport::{ControlPlane, TransportError, TransportManager};
+use pagemesh_transport::{ControlPlane, PeerControl, TransportError, TransportManager};
 
 use crate::config::Settings;
 use crate::coordinator::CoordinatorClient;
@@ -23,9 +23,10 @@ pub(crate) fn connect_vm_peers(
     let wanted = vm.placement.nodes();
     let mut transport = TransportManager::new(id, timeout).with_cluster(cluster.clone());
     let mut control = ControlPlane::new(id, timeout).with_cluster(cluster);
-    discover_and_connect_peers(coordinator, id, &mut transport, &mut control, Some(&wanted))?;
+    let connected =
+        discover_and_connect_peers(coordinator, id, &mut transport, &mut control, Some(&wanted))?;
     for &n in &wanted {
-        if !control.peer_ids().contains(&n) {
+        if !connected.contains(&n) {
             return Err(NodeError::Peer {
                 node: n,
                 what: "be reached for",
@@ -80,16 +81,7 @@ pub(crate) fn release_vm(control: &mut ControlPlane, vm: &Vm) {
 
 /// Has every node holding pages of `vm` load its share.
 pub(crate) fn load_vm(control: &mut ControlPlane, vm: &Vm) -> Result<(), NodeError> {
-    for n in vm.placement.nodes() {
-        let loaded = control
-            .peer(n)
-            .and_then(|p| p.load(vm.id))
-            .map_err(|source| NodeError::Peer {
-                node: n,
-                what: "load",
-                vm: vm.id,
-                source,
-            })?;
+    for (n, loaded) in ask_each(control, vm, "load", |p| p.load(vm.id))? {
         tracing::info!("node {n} loaded {loaded} pages of VM {}", vm.id);
     }
     Ok(())
@@ -100,18 +92,31 @@ pub(crate) fn held(
     control: &mut ControlPlane,
     vm: &Vm,
 ) -> Result<BTreeMap<NodeId, u64>, NodeError> {
+    ask_each(control, vm, "report the pages it holds of", |p| {
+        p.held(vm.id)
+    })
+}
+
+/// Asks every node holding pages of `vm` the same thing, in turn; the first that cannot
+/// answer is the error, saying it could not do `what`.
+fn ask_each(
+    control: &mut ControlPlane,
+    vm: &Vm,
+    what: &'static str,
+    mut ask: impl FnMut(&mut (dyn PeerControl + 'static)) -> Result<u64, TransportError>,
+) -> Result<BTreeMap<NodeId, u64>, NodeError> {
     let mut out = BTreeMap::new();
     for n in vm.placement.nodes() {
-        let count = control
+        let answer = control
             .peer(n)
-            .and_then(|p| p.held(vm.id))
+            .and_then(&mut ask)
             .map_err(|source| NodeError::Peer {
                 node: n,
-                what: "report the pages it holds of",
+                what,
                 vm: vm.id,
                 source,
             })?;
-        out.insert(n, count);
+        out.insert(n, answer);
     }
     Ok(out)
 }

@@ -104,21 +104,6 @@ impl<'ram> GuestRam<'ram> {
             _mapping: std::marker::PhantomData,
         }
     }
-
-    /// Host address of the first byte.
-    pub fn base(&self) -> *mut u8 {
-        self.base
-    }
-
-    /// Bytes of RAM.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether there is no RAM at all.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 /// What [`start_pager`] needs.
@@ -127,7 +112,7 @@ pub struct PagerConfig<'ram> {
     pub vm: VmId,
     /// Guest RAM (page aligned, a multiple of 4096 bytes).
     pub ram: GuestRam<'ram>,
-    /// Owner of every page; `ram.len() / 4096` entries.
+    /// Owner of every page; one entry per 4096 bytes of `ram`.
     pub directory: Arc<PageDirectory>,
     /// Connections to the nodes holding pages.
     pub transport: TransportManager,

@@ -415,13 +415,6 @@ impl TransportManager {
         }
     }
 
-    /// This manager with another retry policy.
-    #[must_use]
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
-    }
-
     /// Reconnections that succeeded since the manager was made.
     pub fn reconnects(&self) -> u64 {
         self.reconnects

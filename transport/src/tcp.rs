@@ -284,11 +284,6 @@ impl TcpPeer {
         self.hello()
     }
 
-    /// The session this peer's fetches are lent to.
-    pub fn session(&self) -> u64 {
-        self.session
-    }
-
     /// Whether a Fetch has succeeded whose acknowledgement the server has not received yet
     /// (see [`PageSource::acknowledge`]).
     pub fn ack_pending(&self) -> bool {
@@ -393,21 +388,30 @@ impl TcpPeer {
         debug_assert_eq!(request.payload_len() as usize, out.len());
         let request = request.with_checksum(out);
         let result = self.round_trip(&request, out, into);
-        match &result {
-            // A reply of any status means the server read the request, and its ack.
-            Ok(_) | Err(TransportError::Remote { .. }) => {
-                self.acked = self.acked.max(request.ack());
-                if op == Op::Fetch && result.is_ok() {
-                    self.ack = request_id;
+        let fetched = (op == Op::Fetch && result.is_ok()).then_some(request_id);
+        self.settle(request.ack(), fetched, result.as_ref().err());
+        result
+    }
+
+    /// Books what requests that carried the acknowledgement `ack_sent` came to: `fetched` is
+    /// the id of the last of them that was a Fetch and succeeded, `failure` what stopped
+    /// them, if anything. A reply of any status means the server read the requests (and
+    /// their acknowledgement), and the succeeded Fetch is acknowledged by the next request;
+    /// any other failure may leave the stream out of step, so it poisons the connection.
+    fn settle(&mut self, ack_sent: u64, fetched: Option<u64>, failure: Option<&TransportError>) {
+        match failure {
+            None | Some(TransportError::Remote { .. }) => {
+                self.acked = self.acked.max(ack_sent);
+                if let Some(id) = fetched {
+                    self.ack = self.ack.max(id);
                 }
             }
-            Err(err) => {
+            Some(err) => {
                 if let Some(poison) = Poison::of(err) {
                     self.poison = Some(poison);
                 }
             }
         }
-        result
     }
 
     fn round_trip(
@@ -542,21 +546,16 @@ impl TcpPeer {
         }
         self.next_id = self.next_id.wrapping_add(n as u64);
         let ack_sent = self.ack;
-        let result = self.send_and_receive_batch(op, &headers[..n], out, into);
-        match &result {
-            Ok(last_ok) | Err((last_ok, TransportError::Remote { .. })) => {
-                self.acked = self.acked.max(ack_sent);
-                if let Some(id) = last_ok {
-                    self.ack = self.ack.max(*id);
-                }
+        match self.send_and_receive_batch(op, &headers[..n], out, into) {
+            Ok(fetched) => {
+                self.settle(ack_sent, fetched, None);
+                Ok(())
             }
-            Err((_, err)) => {
-                if let Some(poison) = Poison::of(err) {
-                    self.poison = Some(poison);
-                }
+            Err((fetched, e)) => {
+                self.settle(ack_sent, fetched, Some(&e));
+                Err(e)
             }
         }
-        result.map(drop).map_err(|(_, e)| e)
     }
 
     /// The wire part of [`TcpPeer::batch`]; returns the id of the last Fetch that succeeded
