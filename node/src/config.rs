@@ -7,7 +7,7 @@
 //! | [`file`] | the TOML file (`--config FILE`), whose keys become the flags' defaults |
 //!
 //! A setting's value is the first of: the command line; its environment variable
-//! (`PAGEMESH_COORDINATOR`, `PAGEMESH_LOG`); the config file, where every flag has a key of
+//! (`PAGEMESH_COORDINATOR`, `PAGEMESH_LOG`, `PAGEMESH_CLUSTER_KEY_FILE`); the config file, where every flag has a key of
 //! the same name with `-` as `_` (`--pin-cpu 1` is `pin_cpu = 1`); the built-in default.
 //!
 //! [`Settings`] holds what every node uses and the telemetry settings; [`MemoryOptions`],
@@ -110,6 +110,14 @@ pub struct Settings {
     /// at the handshake [default: none].
     #[arg(long, value_name = "NAME")]
     pub cluster: Option<String>,
+
+    /// File holding the cluster's shared key (one key per line, at least 32 bytes; the first
+    /// proves, every line is accepted, so a key can be rotated). Peers must prove they hold it
+    /// before any page moves, and the coordinator's API takes a token derived from it; the
+    /// file must be private (chmod 600). Without it the node warns and talks to anyone who
+    /// reaches it: for loopback demos only (docs/security.md).
+    #[arg(long, value_name = "FILE", env = "PAGEMESH_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
 
     /// Address the page server listens on (port 0: any free port). Every node serves pages;
     /// a compute-only node's server holds none.
@@ -423,6 +431,14 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The cluster key of `--cluster-key-file`, if one is given.
+    pub fn keyring(&self) -> Result<Option<pagemesh_auth::Keyring>, pagemesh_auth::KeyError> {
+        self.cluster_key_file
+            .as_deref()
+            .map(pagemesh_auth::Keyring::load)
+            .transpose()
     }
 
     /// The role: `--role`, else compute when there is a guest to run, memory otherwise.
