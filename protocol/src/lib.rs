@@ -1,4 +1,4 @@
-//! The binary page protocol, version 3.
+//! The binary page protocol, version 4.
 //!
 //! A compute node's pager talks to each memory node over one TCP connection. Every frame,
 //! request or reply, is a 48-byte little-endian [`Header`] followed by `payload_len` bytes of
@@ -9,8 +9,10 @@
 //! ```text
 //! compute node (TcpPeer)                                memory node (PageServer)
 //!        |                                                       |
-//!        |-- Hello page=<compute id> + session + "<cluster>" --->| same cluster, or
-//!        |<----------------- Ok page=<memory id> + "<cluster>" --| either has none
+//!        |-- Hello page=<compute id> + session + Nc + "<cluster>" ->| same cluster, or
+//!        |<-- Ok page=<memory id> count=<auth> + Ns + "<cluster>" --| either has none
+//!        |-- Auth + HMAC(key, client, transcript) ---------------->| the cluster key?
+//!        |<----------------- Ok + HMAC(key, server, transcript) ---| (count=1: required)
 //!        |-- Load vm=7 ----------------------------------------->| vm_lookup(7), then
 //!        |<------------------------------ Ok page=<held> --------| load its share of VM 7
 //!        |-- Fetch id=5 vm=7 page=12 count=4 ------------------->| copy out, lend
@@ -30,6 +32,12 @@
 //!        |<------------------------------ Ok page=<dropped> -----|
 //! ```
 //!
+//! Nothing but Hello (and then Auth, when the server has a cluster key) is served before the
+//! handshake is done: any other request is refused with [`Status::Unauthenticated`] and no
+//! payload, and the connection closed. The proofs are HMAC-SHA256 tags over a transcript of
+//! both node ids, the session, the cluster name and both nonces (`pagemesh-auth`); the
+//! nonces are fresh per connection, so a recorded handshake cannot be replayed.
+//!
 //! Decoding is two steps, as in mini-redis: [`check`] tells whether a buffer starts with a
 //! whole, valid frame (and how long it is) without copying anything, with
 //! [`FrameError::Incomplete`] as the "need more bytes" state; [`parse`] then hands out the
@@ -48,8 +56,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"PGMS";
 /// The protocol version this module speaks. Version 1 had no checksum and no cluster name;
-/// version 2 had no acknowledgements (a Fetch freed its pages at once) and no session.
-pub const VERSION: u8 = 3;
+/// version 2 had no acknowledgements (a Fetch freed its pages at once) and no session;
+/// version 3 had no nonces and no Auth (anyone could fetch).
+pub const VERSION: u8 = 4;
 /// Bytes in a [`Header`].
 pub const HEADER_LEN: usize = 48;
 /// Most pages one Fetch, Read or WriteBack may carry.
@@ -62,11 +71,44 @@ pub const MAX_MESSAGE_LEN: usize = 1024;
 pub const MAX_CLUSTER_LEN: usize = 64;
 /// Bytes of the session id that starts a Hello request's payload.
 pub const SESSION_LEN: usize = 8;
+/// Bytes of the nonce each side's Hello carries (after the session id in a request, first in
+/// an OK reply).
+pub const NONCE_LEN: usize = 32;
+/// Bytes of the proof an Auth request and its OK reply carry (an HMAC-SHA256 tag).
+pub const PROOF_LEN: usize = 32;
+/// Bytes of a Hello request's payload before the cluster name.
+pub const HELLO_REQUEST_FIXED: usize = SESSION_LEN + NONCE_LEN;
+/// Bytes of a Hello OK reply's payload before the cluster name.
+pub const HELLO_REPLY_FIXED: usize = NONCE_LEN;
+
+/// The `count` of a Hello OK reply: whether the server wants an Auth before anything else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum AuthScheme {
+    /// The server has no cluster key: the Hello is the whole handshake.
+    None = 0,
+    /// The server has a cluster key: the client must send [`Op::Auth`] next.
+    ClusterKey = 1,
+}
+
+impl TryFrom<u32> for AuthScheme {
+    type Error = FrameError;
+
+    fn try_from(value: u32) -> Result<Self, FrameError> {
+        match value {
+            0 => Ok(AuthScheme::None),
+            1 => Ok(AuthScheme::ClusterKey),
+            other => Err(FrameError::UnknownAuth(other)),
+        }
+    }
+}
 /// Most bytes of any frame, header included: the size of a buffer that holds any frame.
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_RUN_BYTES;
 
 /// [`PAGE_SIZE`] as a `u32` (4096 fits).
 const PAGE_BYTES: u32 = PAGE_SIZE as u32;
+/// [`PROOF_LEN`] as a `u32`.
+const PROOF_BYTES: u32 = PROOF_LEN as u32;
 
 /// The fixed 48-byte header of every frame, as it is on the wire (little-endian, no padding).
 ///
@@ -110,12 +152,13 @@ const _: () = assert!(size_of::<Header>() == HEADER_LEN);
 #[repr(u8)]
 pub enum Op {
     /// Introduction: request `page` = the client's node id, payload = its session id
-    /// ([`SESSION_LEN`] bytes, little-endian) and then its cluster name; reply `page` = the
-    /// server's node id, payload = its cluster name. Names are UTF-8 of at most
-    /// [`MAX_CLUSTER_LEN`] bytes, empty for none; the server refuses a client of another
-    /// cluster ([`Status::WrongCluster`]). The session outlives the connection: a client that
+    /// ([`SESSION_LEN`] bytes, little-endian), its nonce ([`NONCE_LEN`]) and then its cluster
+    /// name; reply `page` = the server's node id, `count` = the [`AuthScheme`], payload = the
+    /// server's nonce and its cluster name. Names are UTF-8 of at most [`MAX_CLUSTER_LEN`]
+    /// bytes, empty for none; the server refuses a client of another cluster
+    /// ([`Status::WrongCluster`]). The session outlives the connection: a client that
     /// reconnects says Hello with the same session, and its loans and acknowledgements carry
-    /// over.
+    /// over. A connection says Hello once; a second one after the handshake is refused.
     Hello = 1,
     /// Claim `count` pages from `page` on, in two phases: the reply carries them and the
     /// server *lends* them to the client's session (it still holds them, and lends them again
@@ -137,11 +180,16 @@ pub enum Op {
     /// Nothing but the header's `ack` (see [`Op::Fetch`]); the reply has no payload. A client
     /// sends it when it has an acknowledgement to deliver and no other request to carry it.
     Ack = 8,
+    /// The client's proof that it holds the cluster key ([`PROOF_LEN`] bytes over the Hello's
+    /// transcript); the OK reply carries the server's proof. Sent right after a Hello whose
+    /// reply asked for it ([`AuthScheme::ClusterKey`]); a wrong proof is refused with
+    /// [`Status::Unauthenticated`] and the connection closed.
+    Auth = 9,
 }
 
 impl Op {
     /// Every op, in code order.
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 9] = [
         Op::Hello,
         Op::Fetch,
         Op::Read,
@@ -150,6 +198,7 @@ impl Op {
         Op::Held,
         Op::Release,
         Op::Ack,
+        Op::Auth,
     ];
 
     /// Whether the op names a run of pages with `page` and `count`.
@@ -168,6 +217,7 @@ impl Op {
             Op::Held => "Held",
             Op::Release => "Release",
             Op::Ack => "Ack",
+            Op::Auth => "Auth",
         }
     }
 }
@@ -216,11 +266,14 @@ pub enum Status {
     Unsupported = 6,
     /// A Hello from a node of another cluster.
     WrongCluster = 7,
+    /// The handshake was skipped or failed: no Hello yet, no Auth where the server wants
+    /// one, or a proof made with another key. The connection is closed after this reply.
+    Unauthenticated = 8,
 }
 
 impl Status {
     /// Every status, in code order.
-    pub const ALL: [Status; 8] = [
+    pub const ALL: [Status; 9] = [
         Status::Ok,
         Status::BadRequest,
         Status::UnknownVm,
@@ -229,6 +282,7 @@ impl Status {
         Status::LoadFailed,
         Status::Unsupported,
         Status::WrongCluster,
+        Status::Unauthenticated,
     ];
 }
 
@@ -311,9 +365,18 @@ pub enum FrameError {
     /// A Hello (request or OK reply) with a cluster name over [`MAX_CLUSTER_LEN`] bytes.
     #[error("Hello with a cluster name of {0} bytes; it must be at most 64")]
     ClusterTooLong(u32),
-    /// A Hello request whose payload is too short to hold the session id.
-    #[error("Hello request with a payload of {0} bytes; it must start with an 8-byte session id")]
-    NoSession(u32),
+    /// A Hello whose payload is too short for its fixed part (a request's session id and
+    /// nonce, a reply's nonce).
+    #[error("Hello with a payload of {len} bytes; it must have at least {fixed}")]
+    ShortHello {
+        /// The payload length it carried.
+        len: u32,
+        /// The fixed part's length.
+        fixed: u32,
+    },
+    /// A Hello reply naming an authentication scheme this node does not know.
+    #[error("Hello reply asks for authentication scheme {0}, which this node does not know")]
+    UnknownAuth(u32),
     /// The payload is not the one the header's `crc32c` was computed over: it was damaged on
     /// the way, or the sender computed it wrongly.
     #[error(
@@ -342,7 +405,7 @@ impl FrameError {
                 | FrameError::BadLength { .. }
                 | FrameError::MessageTooLong(_)
                 | FrameError::ClusterTooLong(_)
-                | FrameError::NoSession(_)
+                | FrameError::ShortHello { .. }
                 | FrameError::TooLarge(_)
         )
     }
@@ -406,6 +469,18 @@ impl Header {
     pub fn with_ack(mut self, ack: u64) -> Self {
         self.ack = U64::new(ack);
         self
+    }
+
+    /// This Hello reply with `count` set to the server's [`AuthScheme`].
+    #[must_use]
+    pub fn with_auth_scheme(mut self, scheme: AuthScheme) -> Self {
+        self.count = U32::new(scheme as u32);
+        self
+    }
+
+    /// The [`AuthScheme`] of a Hello OK reply (its `count`).
+    pub fn auth_scheme(&self) -> Result<AuthScheme, FrameError> {
+        AuthScheme::try_from(self.count())
     }
 
     /// This header with `page` replaced.
@@ -547,6 +622,7 @@ impl Header {
                     Op::Hello => return self.hello_request_len(),
                     Op::Fetch | Op::Read => (op, self.run_pages(op).map(|_| 0)?),
                     Op::WriteBack => (op, self.run_pages(op)? * PAGE_BYTES),
+                    Op::Auth => (op, PROOF_BYTES),
                     _ => (op, 0),
                 }
             }
@@ -564,6 +640,7 @@ impl Header {
                 match op {
                     Op::Hello => return self.hello_len(),
                     Op::Fetch | Op::Read => (op, self.run_pages(op)? * PAGE_BYTES),
+                    Op::Auth => (op, PROOF_BYTES),
                     _ => (op, 0),
                 }
             }
@@ -590,23 +667,30 @@ impl Header {
         }
     }
 
-    /// The frame length of a Hello request, whose payload is a session id and a cluster name.
+    /// The frame length of a Hello request, whose payload is a session id, a nonce and a
+    /// cluster name.
     fn hello_request_len(&self) -> Result<usize, FrameError> {
-        let len = self.payload_len();
-        if (len as usize) < SESSION_LEN {
-            return Err(FrameError::NoSession(len));
-        }
-        if len as usize > SESSION_LEN + MAX_CLUSTER_LEN {
-            return Err(FrameError::ClusterTooLong(len - SESSION_LEN as u32));
-        }
-        Ok(self.frame_len())
+        self.hello_payload(HELLO_REQUEST_FIXED)
     }
 
-    /// The frame length of a Hello OK reply, whose payload is a cluster name.
+    /// The frame length of a Hello OK reply, whose payload is a nonce and a cluster name,
+    /// and whose `count` is a known [`AuthScheme`].
     fn hello_len(&self) -> Result<usize, FrameError> {
+        AuthScheme::try_from(self.count())?;
+        self.hello_payload(HELLO_REPLY_FIXED)
+    }
+
+    /// The frame length of a Hello whose payload is `fixed` bytes and a cluster name.
+    fn hello_payload(&self, fixed: usize) -> Result<usize, FrameError> {
         let len = self.payload_len();
-        if len as usize > MAX_CLUSTER_LEN {
-            return Err(FrameError::ClusterTooLong(len));
+        if (len as usize) < fixed {
+            return Err(FrameError::ShortHello {
+                len,
+                fixed: fixed as u32,
+            });
+        }
+        if len as usize > fixed + MAX_CLUSTER_LEN {
+            return Err(FrameError::ClusterTooLong(len - fixed as u32));
         }
         Ok(self.frame_len())
     }
@@ -831,9 +915,13 @@ mod tests {
                 let count = if op.carries_run() { count } else { 0 };
                 let mut h = Header::request(op, id, vm, page, count).with_ack(seed);
                 let mut hello = seed.to_le_bytes().to_vec();
+                hello.extend_from_slice(&noise(seed, NONCE_LEN));
                 hello.extend_from_slice(&cluster);
                 if op == Op::Hello {
                     h = h.with_payload_len(hello.len() as u32);
+                }
+                if op == Op::Auth {
+                    h = h.with_payload_len(PROOF_BYTES);
                 }
                 let payload = match op {
                     Op::Hello => hello,
@@ -854,9 +942,18 @@ mod tests {
                 }
                 Op::WriteBack => {}
                 Op::Hello => {
-                    h = h.with_page(page);
-                    payload = cluster;
+                    h = Header::raw(
+                        Op::Hello.into(),
+                        h.request_id(),
+                        Status::Ok,
+                        0,
+                        page,
+                        (seed & 1) as u32,
+                    );
+                    payload = noise(seed, NONCE_LEN);
+                    payload.extend_from_slice(&cluster);
                 }
+                Op::Auth => payload = noise(seed, PROOF_LEN),
                 _ => h = h.with_page(page),
             }
             let h = h.with_payload_len(payload.len() as u32);
@@ -1056,13 +1153,14 @@ mod tests {
     }
 
     #[test]
-    fn hello_carries_a_session_and_a_cluster_name_of_at_most_64_bytes() {
+    fn hello_carries_a_session_nonces_and_a_cluster_name_of_at_most_64_bytes() {
         for dir in [Direction::Request, Direction::Response] {
             let hello = Header::request(Op::Hello, 1, 0, 3, 0);
-            // A request starts with the 8-byte session id; a reply is the name alone.
+            // A request starts with the 8-byte session id and its nonce; a reply with its
+            // nonce.
             let (hello, session) = match dir {
-                Direction::Request => (hello, SESSION_LEN as u32),
-                Direction::Response => (hello.reply(Status::Ok).with_page(4), 0),
+                Direction::Request => (hello, HELLO_REQUEST_FIXED as u32),
+                Direction::Response => (hello.reply(Status::Ok).with_page(4), NONCE_LEN as u32),
             };
             for len in [0, 1, 64] {
                 assert_eq!(
@@ -1075,9 +1173,43 @@ mod tests {
             assert!(long.unwrap_err().is_fatal());
         }
         let hello = Header::request(Op::Hello, 1, 0, 3, 0);
-        let short = hello.with_payload_len(7).validate(Direction::Request);
-        assert_eq!(short, Err(FrameError::NoSession(7)));
+        let short = hello.with_payload_len(39).validate(Direction::Request);
+        assert_eq!(short, Err(FrameError::ShortHello { len: 39, fixed: 40 }));
         assert!(short.unwrap_err().is_fatal());
+        let reply = hello.reply(Status::Ok).with_page(4);
+        let short = reply.with_payload_len(31).validate(Direction::Response);
+        assert_eq!(short, Err(FrameError::ShortHello { len: 31, fixed: 32 }));
+        // A reply's count is the authentication scheme: 0 or 1.
+        let scheme = |n| {
+            Header::raw(Op::Hello.into(), 1, Status::Ok, 0, 4, n)
+                .with_payload_len(32)
+                .validate(Direction::Response)
+        };
+        assert_eq!(scheme(0), Ok(HEADER_LEN + 32));
+        assert_eq!(scheme(1), Ok(HEADER_LEN + 32));
+        assert_eq!(scheme(2), Err(FrameError::UnknownAuth(2)));
+    }
+
+    #[test]
+    fn auth_carries_a_proof_each_way() {
+        let auth = Header::request(Op::Auth, 2, 0, 0, 0);
+        assert_eq!(
+            auth.with_payload_len(32).validate(Direction::Request),
+            Ok(HEADER_LEN + 32)
+        );
+        assert!(matches!(
+            auth.validate(Direction::Request),
+            Err(FrameError::BadLength {
+                op: Op::Auth,
+                len: 0,
+                expected: 32
+            })
+        ));
+        let ok = auth.reply(Status::Ok).with_payload_len(32);
+        assert_eq!(ok.validate(Direction::Response), Ok(HEADER_LEN + 32));
+        // A refusal carries a message, like any error reply.
+        let no = auth.reply(Status::Unauthenticated).with_payload_len(10);
+        assert_eq!(no.validate(Direction::Response), Ok(HEADER_LEN + 10));
     }
 
     #[test]
@@ -1088,7 +1220,7 @@ mod tests {
             .with_ack(0x0A0B_0C0D);
         let b = h.to_bytes();
         assert_eq!(&b[0..4], b"PGMS");
-        assert_eq!(b[4], 3);
+        assert_eq!(b[4], 4);
         assert_eq!(b[5], 4);
         assert_eq!(&b[6..8], &[0, 0]);
         assert_eq!(&b[8..16], &0x0102_0304_0506_0708u64.to_le_bytes());
@@ -1184,15 +1316,20 @@ mod tests {
         assert!(v1.unwrap_err().is_fatal());
         assert_eq!(
             v1.unwrap_err().to_string(),
-            "protocol version 1 is not supported; this node speaks version 3"
+            "protocol version 1 is not supported; this node speaks version 4"
         );
         // So is version 2, whose Fetch freed pages at once.
         assert_eq!(
             check(b"PGMS\x02", Direction::Request),
             Err(FrameError::BadVersion(2))
         );
+        // And version 3, which had no handshake.
         assert_eq!(
             check(b"PGMS\x03", Direction::Request),
+            Err(FrameError::BadVersion(3))
+        );
+        assert_eq!(
+            check(b"PGMS\x04", Direction::Request),
             Err(FrameError::Incomplete)
         );
         assert_eq!(check(b"", Direction::Response), Err(FrameError::Incomplete));
@@ -1203,18 +1340,21 @@ mod tests {
         let mut b = Header::request(Op::Held, 1, 1, 0, 0).to_bytes();
         b[5] = 0;
         assert_eq!(check(&b, Direction::Request), Err(FrameError::UnknownOp(0)));
-        b[5] = 9;
-        assert_eq!(check(&b, Direction::Request), Err(FrameError::UnknownOp(9)));
+        b[5] = 10;
+        assert_eq!(
+            check(&b, Direction::Request),
+            Err(FrameError::UnknownOp(10))
+        );
         // An error reply may echo an op the server does not know.
         let mut msg = [0u8; HEADER_LEN + 8];
         let len = encode_error(&mut msg, 200, 5, Status::Unsupported, format_args!("nope"));
         assert_eq!(check(&msg[..len], Direction::Response), Ok(HEADER_LEN + 4));
         // But a status it does not know is malformed.
         b[5] = Op::Held as u8;
-        b[6] = 8;
+        b[6] = 9;
         assert_eq!(
             check(&b, Direction::Response),
-            Err(FrameError::UnknownStatus(8))
+            Err(FrameError::UnknownStatus(9))
         );
         assert!(!FrameError::UnknownOp(8).is_fatal());
         assert!(FrameError::BadMagic.is_fatal());

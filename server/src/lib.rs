@@ -39,14 +39,23 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use pagemesh_api::{NodeId, PAGE_SIZE, Vm, VmId};
+use pagemesh_auth::{Keyring, Nonce, Transcript};
 use tracing::{debug, warn};
 
 pub use store::{PageStore, Session, StoreError};
 
 use pagemesh_protocol::{
-    Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_FRAME_LEN, Op, SESSION_LEN,
-    Status, encode_error,
+    AuthScheme, Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_FRAME_LEN,
+    NONCE_LEN, Op, PROOF_LEN, SESSION_LEN, Status, encode_error,
 };
+
+const _: () =
+    assert!(NONCE_LEN == pagemesh_auth::NONCE_LEN && PROOF_LEN == pagemesh_auth::PROOF_LEN);
+
+/// How long a new connection has to finish its handshake (Hello, and Auth where a key is
+/// set) before it is closed, so that connections that never introduce themselves do not
+/// pile up.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 use pagemesh_transport::tcp::spin_read;
 
 /// How the server finds a VM's definition when a client asks it to load it (in the node:
@@ -87,6 +96,8 @@ pub struct ServerContext {
     cluster: String,
     /// How long a connection's thread polls for the next request before it sleeps.
     spin: Duration,
+    /// The cluster key peers must prove they hold; `None`: anyone who says Hello is served.
+    keyring: Option<Keyring>,
     counters: Counters,
 }
 
@@ -104,6 +115,7 @@ struct Counters {
     bad_frames: AtomicU64,
     connections: AtomicU64,
     open_connections: AtomicU64,
+    auth_refusals: AtomicU64,
 }
 
 impl Counters {
@@ -127,6 +139,9 @@ pub struct ServerStats {
     pub connections: u64,
     /// Connections open now.
     pub open_connections: u64,
+    /// Requests refused because the handshake was skipped or failed (no Hello, no Auth, a
+    /// proof made with another key).
+    pub auth_refusals: u64,
 }
 
 impl ServerContext {
@@ -142,6 +157,7 @@ impl ServerContext {
             vm_lookup: Box::new(vm_lookup),
             cluster: String::new(),
             spin: DEFAULT_SERVER_SPIN,
+            keyring: None,
             counters: Counters::default(),
         }
     }
@@ -161,6 +177,18 @@ impl ServerContext {
         }
         self.cluster = cluster;
         Ok(self)
+    }
+
+    /// This context requiring every client to prove it holds a key of `keyring` before
+    /// anything but Hello is served.
+    pub fn with_keyring(mut self, keyring: Keyring) -> Self {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    /// Requests refused because the handshake was skipped or failed.
+    pub fn auth_refusals(&self) -> u64 {
+        self.counters.auth_refusals.load(Ordering::Relaxed)
     }
 
     /// This node's cluster (`""`: none).
@@ -207,6 +235,7 @@ impl ServerContext {
             bad_frames: self.bad_frames(),
             connections: self.connections(),
             open_connections: self.open_connections(),
+            auth_refusals: self.auth_refusals(),
         }
     }
 
@@ -403,6 +432,23 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result
     Ok(ready > 0)
 }
 
+/// How far a connection's handshake has come.
+enum Stage {
+    /// No Hello yet.
+    New,
+    /// Hello accepted, Auth due: what the proofs are bound to.
+    Introduced {
+        client: u64,
+        session: u64,
+        client_nonce: Nonce,
+        server_nonce: Nonce,
+        cluster: [u8; MAX_CLUSTER_LEN],
+        cluster_len: usize,
+    },
+    /// Handshake done: every op is served.
+    Ready,
+}
+
 /// Why a connection ended.
 enum End {
     /// The client closed between frames.
@@ -413,20 +459,36 @@ enum End {
     Io(io::Error),
     /// The client broke the framing; it was told why.
     Framing(FrameError),
+    /// The client skipped or failed the handshake; it was told why.
+    Unauthenticated,
 }
 
 fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &ServerContext) {
     let serial = ctx.counters.connections.fetch_add(1, Ordering::Relaxed);
     Counters::add(&ctx.counters.open_connections, 1);
     debug!(%peer, "page connection opened");
-    let mut buf = vec![0u8; MAX_FRAME_LEN].into_boxed_slice();
+    // Until the handshake is done only Hello and Auth are read, whose frames are small: the
+    // buffer that holds any frame is only allocated for a client that passed it.
+    let mut small = [0u8; HANDSHAKE_FRAME_LEN];
+    let mut big: Option<Box<[u8]>> = None;
     // Until the client says Hello with its session, what it is lent is the connection's own.
     let mut session = Session {
         client: Session::ANONYMOUS,
         id: serial,
     };
+    let mut stage = Stage::New;
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let end = loop {
-        if let Err(end) = serve_request(&mut stream, &mut buf, peer, ctx, &mut session) {
+        let ready = matches!(stage, Stage::Ready);
+        let buf: &mut [u8] = match &mut big {
+            Some(b) => b,
+            None if ready => {
+                let _ = stream.set_read_timeout(None);
+                big.insert(vec![0u8; MAX_FRAME_LEN].into_boxed_slice())
+            }
+            None => &mut small,
+        };
+        if let Err(end) = serve_request(&mut stream, buf, peer, ctx, &mut session, &mut stage) {
             break end;
         }
     };
@@ -438,6 +500,9 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &ServerContext
         }
         End::Io(e) => debug!(%peer, error = %e, "page connection failed"),
         End::Framing(e) => debug!(%peer, error = %e, "page connection closed after a bad frame"),
+        End::Unauthenticated => {
+            debug!(%peer, "page connection closed: handshake skipped or failed")
+        }
     }
     ctx.counters
         .open_connections
@@ -451,6 +516,7 @@ fn serve_request(
     peer: SocketAddr,
     ctx: &ServerContext,
     session: &mut Session,
+    stage: &mut Stage,
 ) -> Result<(), End> {
     let mut head = [0u8; HEADER_LEN];
     let got = spin_read(stream, &mut head, ctx.spin);
@@ -469,14 +535,130 @@ fn serve_request(
             return read_frame_part(stream, &mut buf[HEADER_LEN..skip], 0, false);
         }
     };
+    // Before the handshake is done nothing but Hello and Auth is read any further.
+    if let Err(why) = gate(stage, &request) {
+        return refuse_unauthenticated(stream, buf, peer, ctx, &request, why);
+    }
     read_frame_part(stream, &mut buf[HEADER_LEN..len], 0, false)?;
     // The whole frame is in, so the next one starts right after it: a damaged payload is
     // refused without acting on it, and the connection kept.
     if let Err(e) = request.verify_checksum(&buf[HEADER_LEN..len]) {
         return refuse_frame(stream, buf, peer, ctx, &request, e);
     }
-    let reply_len = dispatch(ctx, &request, buf, peer, session);
+    if request.op() == Ok(Op::Auth) {
+        return authenticate(stream, buf, peer, ctx, &request, session, stage);
+    }
+    let reply_len = dispatch(ctx, &request, buf, peer, session, stage);
     stream.write_all(&buf[..reply_len]).map_err(End::Io)
+}
+
+/// Bytes of the largest frame a client may send before its handshake is done (a Hello with
+/// the longest cluster name; an Auth is shorter).
+const HANDSHAKE_FRAME_LEN: usize =
+    HEADER_LEN + pagemesh_protocol::HELLO_REQUEST_FIXED + MAX_CLUSTER_LEN;
+
+/// Whether `request` may be served at this stage of the handshake; if not, why.
+fn gate(stage: &Stage, request: &Header) -> Result<(), &'static str> {
+    match (stage, request.op()) {
+        (Stage::Ready, _) => Ok(()),
+        (Stage::New, Ok(Op::Hello)) | (Stage::Introduced { .. }, Ok(Op::Auth | Op::Hello)) => {
+            Ok(())
+        }
+        (Stage::New, _) => Err("say Hello first: nothing is served before the handshake"),
+        (Stage::Introduced { .. }, _) => {
+            Err("this node requires the cluster key: prove it with Auth first")
+        }
+    }
+}
+
+/// Refuses a request of a client that skipped or failed the handshake, counts and logs it;
+/// the connection is then closed.
+fn refuse_unauthenticated(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    peer: SocketAddr,
+    ctx: &ServerContext,
+    request: &Header,
+    why: &str,
+) -> Result<(), End> {
+    Counters::add(&ctx.counters.auth_refusals, 1);
+    warn!(%peer, op = request.op_byte(), "refused an unauthenticated page client: {why}");
+    let n = encode_error(
+        buf,
+        request.op_byte(),
+        request.request_id(),
+        Status::Unauthenticated,
+        format_args!("node {} refuses: {why}", ctx.node_id),
+    );
+    stream.write_all(&buf[..n]).map_err(End::Io)?;
+    Err(End::Unauthenticated)
+}
+
+/// Checks an Auth request's proof against the transcript of this connection's Hello: right,
+/// and the reply carries the server's proof and the connection is ready; wrong, and it is
+/// refused and closed.
+fn authenticate(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    peer: SocketAddr,
+    ctx: &ServerContext,
+    request: &Header,
+    session: &mut Session,
+    stage: &mut Stage,
+) -> Result<(), End> {
+    let (
+        Some(keyring),
+        Stage::Introduced {
+            client,
+            session: id,
+            client_nonce,
+            server_nonce,
+            cluster,
+            cluster_len,
+        },
+    ) = (&ctx.keyring, &*stage)
+    else {
+        // gate() let an Auth through only after a Hello; without a key the Hello finished the
+        // handshake.
+        return refuse_unauthenticated(stream, buf, peer, ctx, request, "no Auth is due");
+    };
+    let transcript = Transcript {
+        client: *client,
+        server: u64::from(ctx.node_id),
+        session: *id,
+        cluster: &cluster[..*cluster_len],
+        client_nonce,
+        server_nonce,
+    };
+    let proof = &buf[HEADER_LEN..HEADER_LEN + PROOF_LEN];
+    let Some(index) = keyring.check_client(&transcript, proof) else {
+        let claimed = *client;
+        warn!(%peer, client = claimed, "page client's proof does not match the cluster key");
+        return refuse_unauthenticated(
+            stream,
+            buf,
+            peer,
+            ctx,
+            request,
+            "the cluster key does not match (the proof was made with another key, or none)",
+        );
+    };
+    let ours = keyring.server_proof(index, &transcript);
+    *session = Session {
+        client: *client,
+        id: *id,
+    };
+    debug!(%peer, client = *client, session = *id, "page client authenticated");
+    *stage = Stage::Ready;
+    let reply = request
+        .reply(Status::Ok)
+        .with_payload_len(PROOF_LEN as u32)
+        .with_checksum(&ours);
+    buf[..HEADER_LEN].copy_from_slice(&reply.to_bytes());
+    buf[HEADER_LEN..HEADER_LEN + PROOF_LEN].copy_from_slice(&ours);
+    stream
+        .write_all(&buf[..HEADER_LEN + PROOF_LEN])
+        .map_err(End::Io)
 }
 
 /// Answers a request that broke the rules (the caller then skips its payload or ends the
@@ -531,6 +713,52 @@ fn read_frame_part(
     Ok(())
 }
 
+/// Answers a Hello whose payload is in `body` (session id, nonce, cluster name; validate()
+/// checked the lengths): moves the connection on to Auth (with a key) or to Ready, and
+/// writes the reply's payload (this node's nonce and cluster name) into `body`; returns its
+/// length.
+fn hello(
+    ctx: &ServerContext,
+    request: &Header,
+    body: &mut [u8],
+    peer: SocketAddr,
+    session: &mut Session,
+    stage: &mut Stage,
+) -> Result<u32, Refusal> {
+    if matches!(stage, Stage::Ready) {
+        return Err(Refusal::HelloAgain);
+    }
+    let payload = &body[..request.payload_len() as usize];
+    let (id, rest) = payload.split_at(SESSION_LEN);
+    let (nonce, theirs) = rest.split_at(NONCE_LEN);
+    let id = u64::from_le_bytes(id.try_into().unwrap_or_default());
+    let client_nonce = Nonce(nonce.try_into().unwrap_or_default());
+    let client = request.page();
+    debug!(%peer, client, session = id, cluster = %String::from_utf8_lossy(theirs), "page client said hello");
+    ctx.hello(theirs)?;
+    let server_nonce = Nonce::fresh().map_err(|_| Refusal::NoRandom)?;
+    if ctx.keyring.is_some() {
+        let mut cluster = [0u8; MAX_CLUSTER_LEN];
+        cluster[..theirs.len()].copy_from_slice(theirs);
+        *stage = Stage::Introduced {
+            client,
+            session: id,
+            client_nonce,
+            server_nonce,
+            cluster,
+            cluster_len: theirs.len(),
+        };
+    } else {
+        *session = Session { client, id };
+        *stage = Stage::Ready;
+    }
+    let ours = ctx.cluster.as_bytes();
+    body[..NONCE_LEN].copy_from_slice(&server_nonce.0);
+    body[NONCE_LEN..NONCE_LEN + ours.len()].copy_from_slice(ours);
+    // with_cluster() bounded the name by MAX_CLUSTER_LEN.
+    Ok((NONCE_LEN + ours.len()) as u32)
+}
+
 /// Why a valid request was refused.
 #[derive(thiserror::Error, Debug)]
 enum Refusal {
@@ -546,6 +774,12 @@ enum Refusal {
     WrongVm { vm: VmId, got: VmId },
     #[error("the cluster name is not UTF-8")]
     ClusterNotUtf8,
+    #[error("this connection has said Hello already")]
+    HelloAgain,
+    #[error("no Auth is due: this node has no cluster key, or the handshake is done")]
+    NoAuthDue,
+    #[error("the operating system gave no random numbers for the handshake")]
+    NoRandom,
     #[error("node {node} is in cluster '{ours}', not '{theirs}'")]
     WrongCluster {
         node: NodeId,
@@ -565,7 +799,10 @@ impl Refusal {
                 StoreError::Image { .. } => Status::LoadFailed,
             },
             Refusal::Lookup { .. } | Refusal::WrongVm { .. } => Status::LoadFailed,
-            Refusal::ClusterNotUtf8 => Status::BadRequest,
+            Refusal::ClusterNotUtf8 | Refusal::HelloAgain | Refusal::NoAuthDue => {
+                Status::BadRequest
+            }
+            Refusal::NoRandom => Status::Unsupported,
             Refusal::WrongCluster { .. } => Status::WrongCluster,
         }
     }
@@ -595,6 +832,7 @@ fn dispatch(
     buf: &mut [u8],
     peer: SocketAddr,
     session: &mut Session,
+    stage: &mut Stage,
 ) -> usize {
     if request.ack() != 0 && request.op() != Ok(Op::Hello) {
         let freed = ctx.store.acknowledge(*session, request.ack());
@@ -608,20 +846,17 @@ fn dispatch(
     let ok = request.reply(Status::Ok);
     let (head, body) = buf.split_at_mut(HEADER_LEN);
     let result: Result<Header, Refusal> = match request.op() {
-        Ok(Op::Hello) => {
-            // validate() checked that the payload holds the session id.
-            let (id, theirs) = body[..request.payload_len() as usize].split_at(SESSION_LEN);
-            let id = u64::from_le_bytes(id.try_into().unwrap_or_default());
-            debug!(%peer, client = page, session = id, cluster = %String::from_utf8_lossy(theirs), "page client said hello");
-            ctx.hello(theirs).map(|()| {
-                *session = Session { client: page, id };
-                let ours = ctx.cluster.as_bytes();
-                body[..ours.len()].copy_from_slice(ours);
-                // with_cluster() bounded the name by MAX_CLUSTER_LEN.
-                ok.with_page(ctx.node_id.into())
-                    .with_payload_len(ours.len() as u32)
-            })
-        }
+        Ok(Op::Hello) => hello(ctx, request, body, peer, session, stage).map(|len| {
+            let scheme = if ctx.keyring.is_some() {
+                AuthScheme::ClusterKey
+            } else {
+                AuthScheme::None
+            };
+            ok.with_auth_scheme(scheme)
+                .with_page(ctx.node_id.into())
+                .with_payload_len(len)
+        }),
+        Ok(Op::Auth) => Err(Refusal::NoAuthDue),
         Ok(Op::Fetch) => ctx
             .store
             .lend(vm, page, &mut body[..run], *session, request.request_id())
@@ -705,7 +940,7 @@ mod tests {
     use super::*;
     use pagemesh_api::pattern;
     use pagemesh_protocol::{self, MAX_MESSAGE_LEN};
-    use pagemesh_transport::tcp::TcpPeer;
+    use pagemesh_transport::tcp::{Credentials, TcpOptions, TcpPeer};
     use pagemesh_transport::{PageSource, PeerControl, Run, TransportError};
 
     const ME: NodeId = 2;
@@ -754,6 +989,10 @@ mod tests {
         }
 
         fn start_in(cluster: &str, capacity: u32) -> Self {
+            Self::start_with(cluster, None, capacity)
+        }
+
+        fn start_with(cluster: &str, key: Option<&[u8]>, capacity: u32) -> Self {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap().to_string();
             let ctx = ServerContext::new(ME, PageStore::new(capacity), |vm| {
@@ -763,7 +1002,11 @@ mod tests {
                     Err(format!("the coordinator knows no VM {vm}").into())
                 }
             });
-            let ctx = Arc::new(ctx.with_cluster(cluster.to_owned()).unwrap());
+            let mut ctx = ctx.with_cluster(cluster.to_owned()).unwrap();
+            if let Some(key) = key {
+                ctx = ctx.with_keyring(Keyring::from_secret(key));
+            }
+            let ctx = Arc::new(ctx);
             let shutdown = ShutdownSignal::new();
             let thread = serve(listener, Arc::clone(&ctx), shutdown.clone()).unwrap();
             Running {
@@ -1033,14 +1276,19 @@ mod tests {
         assert!(msg.contains("version 1"), "{msg}");
         check_good(&mut good);
 
-        // A truncated frame, then close: nothing to answer.
+        // A truncated frame after a Hello, then close: nothing to answer but the Hello.
         let fetch = Header::request(Op::WriteBack, 7, 7, 0, 2);
-        let mut cut = fetch.to_bytes().to_vec();
+        let hello = hello_frame(1, 9, b"");
+        let mut cut = hello.clone();
+        cut.extend_from_slice(&fetch.to_bytes());
         cut.extend_from_slice(&[0u8; 5000]);
-        assert_eq!(
-            raw_exchange(&server.addr, &cut, true).unwrap(),
-            Vec::<u8>::new()
-        );
+        let out = raw_exchange(&server.addr, &cut, true).unwrap();
+        let (h, _) = pagemesh_protocol::parse(&out, Direction::Response).unwrap();
+        assert_eq!((h.op(), h.status()), (Ok(Op::Hello), Ok(Status::Ok)));
+        assert_eq!(out.len(), h.frame_len(), "nothing after the Hello's reply");
+        // The same WriteBack without a Hello is refused at its header, and closed.
+        let (h, msg) = error_reply(&raw_exchange(&server.addr, &cut[hello.len()..], true).unwrap());
+        assert_eq!(h.status(), Ok(Status::Unauthenticated), "{msg}");
         assert_eq!(
             raw_exchange(&server.addr, &cut[..20], true).unwrap(),
             Vec::<u8>::new()
@@ -1063,6 +1311,7 @@ mod tests {
         check_good(&mut good);
 
         assert_eq!(server.ctx.bad_frames(), 7);
+        assert_eq!(server.ctx.auth_refusals(), 1);
         assert_eq!(server.ctx.store.held(7).unwrap(), 32);
     }
 
@@ -1090,6 +1339,16 @@ mod tests {
         replies
     }
 
+    /// A keyless Hello frame of session `session` and `cluster`, as node CLIENT.
+    fn hello_frame(id: u64, session: u64, cluster: &[u8]) -> Vec<u8> {
+        let mut payload = session.to_le_bytes().to_vec();
+        payload.extend_from_slice(&[0x11; NONCE_LEN]);
+        payload.extend_from_slice(cluster);
+        let h = Header::request(Op::Hello, id, 0, u64::from(CLIENT), 0)
+            .with_payload_len(payload.len() as u32);
+        frame(h, &payload)
+    }
+
     /// A frame of `header` and `payload`, checksum included.
     fn frame(header: Header, payload: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; header.frame_len()];
@@ -1105,7 +1364,7 @@ mod tests {
         let pages = [0xC3u8; 2 * PAGE_SIZE];
         // Over held pages (0, 1) and onto pages not held (40, 41); one bit of the payload
         // flipped after the checksum was computed.
-        let mut frames = Vec::new();
+        let mut frames = vec![hello_frame(10, 5, b"")];
         for (id, first) in [(1, 0), (2, 40)] {
             let mut f = frame(Header::request(Op::WriteBack, id, 7, first, 2), &pages);
             f[HEADER_LEN + PAGE_SIZE + 17] ^= 0x04;
@@ -1117,7 +1376,8 @@ mod tests {
         frames.push(f);
         // The connection is still usable: the next request is answered.
         frames.push(frame(Header::request(Op::Held, 4, 7, 0, 0), &[]));
-        let replies = replies_on_one_connection(&server.addr, &frames);
+        let mut replies = replies_on_one_connection(&server.addr, &frames);
+        assert_eq!(replies.remove(0).0.status(), Ok(Status::Ok));
         for (h, msg) in &replies[..3] {
             let msg = std::str::from_utf8(msg).unwrap();
             assert_eq!(h.status(), Ok(Status::BadRequest), "{msg}");
@@ -1159,13 +1419,7 @@ mod tests {
 
         // On the wire: the reply carries the server's name; a refusal keeps the connection,
         // a name that is not UTF-8 is a bad request, and one over 64 bytes closes it.
-        let hello = |id, cluster: &[u8]| {
-            let mut payload = 77u64.to_le_bytes().to_vec();
-            payload.extend_from_slice(cluster);
-            let h = Header::request(Op::Hello, id, 0, u64::from(CLIENT), 0)
-                .with_payload_len(payload.len() as u32);
-            frame(h, &payload)
-        };
+        let hello = |id, cluster: &[u8]| hello_frame(id, 77, cluster);
         let replies = replies_on_one_connection(
             &server.addr,
             &[
@@ -1178,10 +1432,12 @@ mod tests {
         assert_eq!(replies[0].0.status(), Ok(Status::WrongCluster));
         assert_eq!(replies[1].0.status(), Ok(Status::BadRequest));
         assert_eq!(replies[1].1, b"the cluster name is not UTF-8");
-        for (h, payload) in &replies[2..] {
-            assert_eq!((h.status(), h.page()), (Ok(Status::Ok), u64::from(ME)));
-            assert_eq!(payload, b"a");
-        }
+        let (h, payload) = &replies[2];
+        assert_eq!((h.status(), h.page()), (Ok(Status::Ok), u64::from(ME)));
+        assert_eq!(&payload[NONCE_LEN..], b"a");
+        // Once introduced, a connection cannot say Hello again.
+        assert_eq!(replies[3].0.status(), Ok(Status::BadRequest));
+        assert_eq!(replies[3].1, b"this connection has said Hello already");
         let long = hello(5, &[b'x'; 65]);
         let (h, msg) = error_reply(&raw_exchange(&server.addr, &long, false).unwrap());
         assert_eq!(h.status(), Ok(Status::BadRequest));
@@ -1191,6 +1447,144 @@ mod tests {
         let long = ServerContext::new(ME, PageStore::new(1), |_| Err("no VMs".into()))
             .with_cluster("x".repeat(65));
         assert!(matches!(long, Err(ServerError::ClusterTooLong(65))));
+    }
+
+    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const OTHER_KEY: &[u8] = b"fedcba9876543210fedcba9876543210";
+
+    fn keyed(key: Option<&[u8]>) -> Credentials {
+        let c = Credentials::keyless(CLUSTER);
+        match key {
+            Some(k) => c.with_key(Arc::new(Keyring::from_secret(k))),
+            None => c,
+        }
+    }
+
+    fn connect_keyed(server: &Running, key: Option<&[u8]>) -> Result<TcpPeer, TransportError> {
+        TcpPeer::connect_with(CLIENT, &keyed(key), ME, &server.addr, TcpOptions::default())
+    }
+
+    #[test]
+    fn only_a_client_with_the_key_is_served() {
+        let server = Running::start_with(CLUSTER, Some(KEY), 100);
+        let mut good = connect_keyed(&server, Some(KEY)).unwrap();
+        assert_eq!(good.load(7).unwrap(), 32);
+        let mut page = vec![0u8; PAGE_SIZE];
+        good.read(7, 3, &mut page).unwrap();
+        assert_pattern(3, &page);
+        let served = server.ctx.pages_served();
+
+        // No key, another key: refused at the handshake, nothing served.
+        let err = connect_keyed(&server, None).unwrap_err();
+        assert!(
+            matches!(err, TransportError::KeyRequired { node: ME }),
+            "{err}"
+        );
+        let err = connect_keyed(&server, Some(OTHER_KEY)).unwrap_err();
+        let (status, message) = remote_status(Err::<(), _>(err));
+        assert_eq!(status, Status::Unauthenticated);
+        assert!(message.contains("cluster key does not match"), "{message}");
+        // A client with a key refuses a server without one.
+        let open = Running::start_in(CLUSTER, 100);
+        let err = connect_keyed(&open, Some(KEY)).unwrap_err();
+        assert!(
+            matches!(err, TransportError::PeerHasNoKey { node: ME }),
+            "{err}"
+        );
+
+        // Skipping Auth after the Hello: refused, no page bytes, closed.
+        let fetch = frame(Header::request(Op::Read, 2, 7, 0, 1), &[]);
+        let mut bytes = hello_frame(1, 5, CLUSTER.as_bytes());
+        bytes.extend_from_slice(&fetch);
+        let out = raw_exchange(&server.addr, &bytes, false).unwrap();
+        let (h, _) = pagemesh_protocol::parse(&out, Direction::Response).unwrap();
+        assert_eq!(
+            h.auth_scheme(),
+            Ok(pagemesh_protocol::AuthScheme::ClusterKey)
+        );
+        let (h, msg) = error_reply(&out[h.frame_len()..]);
+        assert_eq!(
+            (h.op(), h.status()),
+            (Ok(Op::Read), Ok(Status::Unauthenticated))
+        );
+        assert!(msg.contains("Auth first"), "{msg}");
+        assert_eq!(
+            out.len(),
+            2 * HEADER_LEN + NONCE_LEN + CLUSTER.len() + msg.len()
+        );
+        // And without even a Hello.
+        let (h, msg) = error_reply(&raw_exchange(&server.addr, &fetch, false).unwrap());
+        assert_eq!(h.status(), Ok(Status::Unauthenticated));
+        assert!(msg.contains("Hello first"), "{msg}");
+        assert_eq!(server.ctx.pages_served(), served);
+        assert_eq!(server.ctx.auth_refusals(), 3);
+        // The good client was never disturbed.
+        good.read(7, 4, &mut page).unwrap();
+        assert_pattern(4, &page);
+    }
+
+    #[test]
+    fn a_replayed_handshake_is_refused() {
+        let server = Running::start_with(CLUSTER, Some(KEY), 100);
+        let ring = Keyring::from_secret(KEY);
+        // Record a good handshake by hand: the client's Hello and Auth.
+        let client_nonce = Nonce([7; NONCE_LEN]);
+        let hello = |nonce: &Nonce| {
+            let mut payload = 42u64.to_le_bytes().to_vec();
+            payload.extend_from_slice(&nonce.0);
+            payload.extend_from_slice(CLUSTER.as_bytes());
+            let h = Header::request(Op::Hello, 1, 0, u64::from(CLIENT), 0)
+                .with_payload_len(payload.len() as u32);
+            frame(h, &payload)
+        };
+        let auth = |proof: &[u8]| {
+            frame(
+                Header::request(Op::Auth, 2, 0, 0, 0).with_payload_len(PROOF_LEN as u32),
+                proof,
+            )
+        };
+        let handshake = |s: &mut TcpStream| -> (Header, Vec<u8>) {
+            s.write_all(&hello(&client_nonce)).unwrap();
+            let mut head = [0u8; HEADER_LEN];
+            s.read_exact(&mut head).unwrap();
+            let h = Header::peek(&head).unwrap();
+            let mut payload = vec![0u8; h.payload_len() as usize];
+            s.read_exact(&mut payload).unwrap();
+            (h, payload)
+        };
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (_, payload) = handshake(&mut s);
+        let server_nonce = Nonce(payload[..NONCE_LEN].try_into().unwrap());
+        let transcript = Transcript {
+            client: u64::from(CLIENT),
+            server: u64::from(ME),
+            session: 42,
+            cluster: CLUSTER.as_bytes(),
+            client_nonce: &client_nonce,
+            server_nonce: &server_nonce,
+        };
+        let recorded = auth(&ring.client_proof(&transcript));
+        let replies = {
+            s.write_all(&recorded).unwrap();
+            let mut head = [0u8; HEADER_LEN];
+            s.read_exact(&mut head).unwrap();
+            Header::peek(&head).unwrap()
+        };
+        assert_eq!(replies.status(), Ok(Status::Ok), "the original handshake");
+        drop(s);
+        // Replayed on a new connection: the server's nonce is new, so the proof is wrong.
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (_, payload) = handshake(&mut s);
+        assert_ne!(&payload[..NONCE_LEN], &server_nonce.0, "a fresh nonce");
+        s.write_all(&recorded).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let (h, msg) = error_reply(&out);
+        assert_eq!(h.status(), Ok(Status::Unauthenticated), "{msg}");
+        assert_eq!(out.len(), h.frame_len(), "refused, then closed");
+        assert_eq!(server.ctx.auth_refusals(), 1);
     }
 
     #[test]
@@ -1204,15 +1598,10 @@ mod tests {
             .to_bytes();
         unknown[5] = 99;
         let zero = Header::request(Op::Fetch, 2, 7, 0, 0);
-        let session = 5u64.to_le_bytes();
-        let hello = Header::request(Op::Hello, 3, 0, u64::from(CLIENT), 0)
-            .with_payload_len(SESSION_LEN as u32)
-            .with_checksum(&session);
         let mut out = unknown.to_vec();
         out.extend_from_slice(&[0xEE; 10]);
         out.extend_from_slice(zero.as_bytes());
-        out.extend_from_slice(hello.as_bytes());
-        out.extend_from_slice(&session);
+        out.extend_from_slice(&hello_frame(3, 5, b""));
         s.write_all(&out).unwrap();
 
         let mut buf = vec![0u8; 4096];
@@ -1290,12 +1679,7 @@ mod tests {
     fn a_fetch_lends_until_acknowledged_and_can_be_asked_again() {
         let server = Running::start(100);
         server.peer().load(7).unwrap();
-        let hello = |id| {
-            let session = 0xABCDu64.to_le_bytes();
-            let h = Header::request(Op::Hello, id, 0, u64::from(CLIENT), 0)
-                .with_payload_len(SESSION_LEN as u32);
-            frame(h, &session)
-        };
+        let hello = |id| hello_frame(id, 0xABCD, b"");
         let fetch = |id, page, ack| {
             frame(
                 Header::request(Op::Fetch, id, 7, page, 1).with_ack(ack),

@@ -83,6 +83,36 @@ pub enum TransportError {
     /// A cluster name too long for the Hello ([`pagemesh_protocol::MAX_CLUSTER_LEN`]).
     #[error("cluster name of {0} bytes is over the page protocol's limit of 64")]
     ClusterTooLong(usize),
+    /// The peer has a cluster key and this node has none.
+    #[error(
+        "node {node} requires the cluster key; give this node the cluster's key file \
+         (--cluster-key-file)"
+    )]
+    KeyRequired {
+        /// Peer node.
+        node: NodeId,
+    },
+    /// This node has a cluster key and the peer has none, so it cannot prove it belongs.
+    #[error(
+        "node {node} runs without a cluster key, so it cannot prove it belongs to the \
+         cluster; refusing it (start it with --cluster-key-file)"
+    )]
+    PeerHasNoKey {
+        /// Peer node.
+        node: NodeId,
+    },
+    /// The peer's proof was not made with this node's key.
+    #[error(
+        "node {node} does not hold this node's cluster key (its proof does not match); \
+         are the two nodes' key files the same?"
+    )]
+    BadPeerProof {
+        /// Peer node.
+        node: NodeId,
+    },
+    /// The operating system gave no random numbers for the handshake's nonce.
+    #[error("the operating system gave no random numbers for the handshake")]
+    NoRandom,
     /// A page of the wrong size was handed over.
     #[error("invalid page size: expected 4096, got {0}")]
     InvalidPageSize(usize),
@@ -281,10 +311,11 @@ impl ControlPlane {
         }
     }
 
-    /// This control plane for a node of `cluster` (see [`TransportManager::with_cluster`]).
+    /// This control plane for a node with `credentials` (see
+    /// [`TransportManager::with_credentials`]).
     #[must_use]
-    pub fn with_cluster(mut self, cluster: String) -> Self {
-        self.dialer.cluster = cluster;
+    pub fn with_credentials(mut self, credentials: tcp::Credentials) -> Self {
+        self.dialer.credentials = credentials;
         self
     }
 
@@ -347,10 +378,11 @@ impl<T: ?Sized> Peers<T> {
     }
 }
 
-/// Who this node is when it connects: its id, its cluster and its connections' timeout.
+/// Who this node is when it connects: its id, its cluster and key, and its connections'
+/// timeout.
 struct Dialer {
     local: NodeId,
-    cluster: String,
+    credentials: tcp::Credentials,
     timeout: std::time::Duration,
 }
 
@@ -358,7 +390,7 @@ impl Dialer {
     fn new(local: NodeId, timeout: std::time::Duration) -> Self {
         Dialer {
             local,
-            cluster: String::new(),
+            credentials: tcp::Credentials::default(),
             timeout,
         }
     }
@@ -374,7 +406,7 @@ impl Dialer {
         match endpoint.transport {
             pagemesh_api::TransportKind::Tcp => tcp::TcpPeer::connect_with(
                 self.local,
-                &self.cluster,
+                &self.credentials,
                 peer_id,
                 &endpoint.address,
                 tcp::TcpOptions {
@@ -420,11 +452,12 @@ impl TransportManager {
         self.reconnects
     }
 
-    /// This manager for a node of `cluster` (`""`: none): its connections introduce it as
-    /// such and refuse peers of another cluster.
+    /// This manager for a node with `credentials`: its connections introduce it as a node
+    /// of their cluster (`""`: none), refuse peers of another cluster and, with a key, prove
+    /// it and demand the peer's proof.
     #[must_use]
-    pub fn with_cluster(mut self, cluster: String) -> Self {
-        self.dialer.cluster = cluster;
+    pub fn with_credentials(mut self, credentials: tcp::Credentials) -> Self {
+        self.dialer.credentials = credentials;
         self
     }
 

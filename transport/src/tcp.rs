@@ -13,6 +13,11 @@
 //! last Fetch that succeeded, which lets the server free what it lent. A Fetch whose reply
 //! is lost is simply asked again after a reconnect: the pages are still there.
 //!
+//! Where the server has a cluster key (its Hello reply says so), the client proves it holds
+//! the same key with an Auth over both sides' fresh nonces, and checks the server's proof in
+//! return ([`Credentials`], `pagemesh-auth`); a client with a key refuses a server without
+//! one, and a server with a key serves nothing to a client without it.
+//!
 //! Every read and write has a timeout (5 s by default, [`TcpOptions`]) so that a dead peer
 //! turns into an error instead of hanging the pager; [`PeerControl::load`], which may read a
 //! whole image on the peer, waits longer.
@@ -32,12 +37,14 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
+use pagemesh_auth::{Keyring, Nonce, Transcript};
 use pagemesh_protocol::{
-    self, Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_MESSAGE_LEN,
-    MAX_RUN_PAGES, Op, SESSION_LEN, Status,
+    self, AuthScheme, Direction, FrameError, HEADER_LEN, HELLO_REQUEST_FIXED, Header,
+    MAX_CLUSTER_LEN, MAX_MESSAGE_LEN, MAX_RUN_PAGES, NONCE_LEN, Op, PROOF_LEN, SESSION_LEN, Status,
 };
 use zerocopy::IntoBytes;
 
@@ -116,11 +123,38 @@ impl Default for TcpOptions {
     }
 }
 
+/// Who a node says it is when it dials a peer: its cluster (`""`: none) and the cluster key
+/// it proves membership with (`None`: it has none, and only keyless servers serve it).
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// The cluster name sent in Hello.
+    pub cluster: String,
+    /// The cluster key.
+    pub key: Option<Arc<Keyring>>,
+}
+
+impl Credentials {
+    /// Credentials of a node of `cluster` without a key.
+    pub fn keyless(cluster: &str) -> Self {
+        Credentials {
+            cluster: cluster.to_owned(),
+            key: None,
+        }
+    }
+
+    /// These credentials with `key`.
+    #[must_use]
+    pub fn with_key(mut self, key: Arc<Keyring>) -> Self {
+        self.key = Some(key);
+        self
+    }
+}
+
 /// A connection to one peer's page server, speaking [`pagemesh_protocol`] over TCP.
 #[derive(Debug)]
 pub struct TcpPeer {
     local: NodeId,
-    cluster: String,
+    credentials: Credentials,
     peer: NodeId,
     addr: String,
     options: TcpOptions,
@@ -241,24 +275,31 @@ impl TcpPeer {
             connect_timeout: timeout,
             ..TcpOptions::default()
         };
-        Self::connect_with(local_node, cluster, peer, addr, options)
+        Self::connect_with(
+            local_node,
+            &Credentials::keyless(cluster),
+            peer,
+            addr,
+            options,
+        )
     }
 
-    /// [`TcpPeer::connect`] with every timeout given.
+    /// [`TcpPeer::connect`] with credentials (a cluster key) and every timeout given.
     pub fn connect_with(
         local_node: NodeId,
-        cluster: &str,
+        credentials: &Credentials,
         peer: NodeId,
         addr: &str,
         options: TcpOptions,
     ) -> Result<Self, TransportError> {
+        let cluster = &credentials.cluster;
         if cluster.len() > MAX_CLUSTER_LEN {
             return Err(TransportError::ClusterTooLong(cluster.len()));
         }
         let stream = dial(peer, addr, &options)?;
         let mut me = TcpPeer {
             local: local_node,
-            cluster: cluster.to_owned(),
+            credentials: credentials.clone(),
             peer,
             addr: addr.to_owned(),
             options,
@@ -307,7 +348,7 @@ impl TcpPeer {
 
     /// The cluster name this side introduces itself with (`""`: none).
     pub fn cluster(&self) -> &str {
-        &self.cluster
+        &self.credentials.cluster
     }
 
     /// Introduces this node and checks who answers. Any failure poisons the connection: the
@@ -323,19 +364,23 @@ impl TcpPeer {
     fn try_hello(&mut self) -> Result<(), TransportError> {
         let node = self.peer;
         // One allocation per connection, so that `exchange` can borrow `self` mutably.
-        let ours = self.cluster.clone();
-        // The session id, then the cluster name (at most MAX_CLUSTER_LEN, checked by
-        // connect_with).
-        let mut hello = [0u8; SESSION_LEN + MAX_CLUSTER_LEN];
+        let ours = self.credentials.cluster.clone();
+        let key = self.credentials.key.clone();
+        let client_nonce = Nonce::fresh().map_err(|_| TransportError::NoRandom)?;
+        // The session id, the nonce, then the cluster name (at most MAX_CLUSTER_LEN, checked
+        // by connect_with).
+        let mut hello = [0u8; HELLO_REQUEST_FIXED + MAX_CLUSTER_LEN];
         hello[..SESSION_LEN].copy_from_slice(&self.session.to_le_bytes());
-        hello[SESSION_LEN..SESSION_LEN + ours.len()].copy_from_slice(ours.as_bytes());
-        let mut theirs = [0u8; MAX_CLUSTER_LEN];
+        hello[SESSION_LEN..HELLO_REQUEST_FIXED].copy_from_slice(&client_nonce.0);
+        hello[HELLO_REQUEST_FIXED..HELLO_REQUEST_FIXED + ours.len()]
+            .copy_from_slice(ours.as_bytes());
+        let mut theirs = [0u8; NONCE_LEN + MAX_CLUSTER_LEN];
         let reply = self.exchange(
             Op::Hello,
             0,
             u64::from(self.local),
             0,
-            &hello[..SESSION_LEN + ours.len()],
+            &hello[..HELLO_REQUEST_FIXED + ours.len()],
             &mut theirs,
         )?;
         if reply.page() != u64::from(node) {
@@ -344,8 +389,14 @@ impl TcpPeer {
                 what: "the server there is another node",
             });
         }
-        // exchange() checked that the payload fits `theirs`.
-        let Ok(theirs) = std::str::from_utf8(&theirs[..reply.payload_len() as usize]) else {
+        // exchange() checked that the payload fits `theirs`; check() that it holds the nonce
+        // and that the scheme is known.
+        let (server_nonce, name) = theirs[..reply.payload_len() as usize].split_at(NONCE_LEN);
+        let server_nonce = Nonce(server_nonce.try_into().unwrap_or_default());
+        let scheme = reply
+            .auth_scheme()
+            .map_err(|source| TransportError::Malformed { node, source })?;
+        let Ok(theirs) = std::str::from_utf8(name) else {
             return Err(TransportError::Unexpected {
                 node,
                 what: "the server's cluster name is not UTF-8",
@@ -358,7 +409,29 @@ impl TcpPeer {
                 theirs: theirs.to_owned(),
             });
         }
-        Ok(())
+        match (scheme, key) {
+            (AuthScheme::None, None) => Ok(()),
+            (AuthScheme::None, Some(_)) => Err(TransportError::PeerHasNoKey { node }),
+            (AuthScheme::ClusterKey, None) => Err(TransportError::KeyRequired { node }),
+            (AuthScheme::ClusterKey, Some(key)) => {
+                let transcript = Transcript {
+                    client: u64::from(self.local),
+                    server: u64::from(node),
+                    session: self.session,
+                    cluster: ours.as_bytes(),
+                    client_nonce: &client_nonce,
+                    server_nonce: &server_nonce,
+                };
+                let proof = key.client_proof(&transcript);
+                let mut theirs = [0u8; PROOF_LEN];
+                self.exchange(Op::Auth, 0, 0, 0, &proof, &mut theirs)?;
+                if key.check_server(&transcript, &theirs) {
+                    Ok(())
+                } else {
+                    Err(TransportError::BadPeerProof { node })
+                }
+            }
+        }
     }
 
     /// Sends one request with payload `out` and reads its reply; the reply's payload goes into
@@ -379,8 +452,9 @@ impl TcpPeer {
         let request_id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let mut request = Header::request(op, request_id, vm, page, count);
-        if op == Op::Hello {
-            // The session and cluster name, at most SESSION_LEN + MAX_CLUSTER_LEN bytes.
+        if matches!(op, Op::Hello | Op::Auth) {
+            // The handshake's payloads: at most HELLO_REQUEST_FIXED + MAX_CLUSTER_LEN bytes.
+            // No acknowledgement before the handshake is done.
             request = request.with_payload_len(out.len() as u32);
         } else {
             request = request.with_ack(self.ack);
@@ -791,12 +865,15 @@ mod tests {
             let mut theirs = vec![0u8; hello.payload_len() as usize];
             s.read_exact(&mut theirs).unwrap();
             assert_eq!(hello.verify_checksum(&theirs), Ok(()));
+            let mut payload = vec![0x5A; NONCE_LEN];
+            payload.extend_from_slice(cluster.as_bytes());
             let reply = hello
                 .reply(Status::Ok)
+                .with_auth_scheme(AuthScheme::None)
                 .with_page(id.into())
-                .with_payload_len(cluster.len() as u32);
+                .with_payload_len(payload.len() as u32);
             let mut frame = vec![0u8; reply.frame_len()];
-            encode_frame(&reply, cluster.as_bytes(), &mut frame).unwrap();
+            encode_frame(&reply, &payload, &mut frame).unwrap();
             s.write_all(&frame).unwrap();
             while s.read_exact(&mut head).is_ok() {
                 let h = Header::peek(&head).unwrap();
@@ -1007,7 +1084,8 @@ mod tests {
             io_timeout: Duration::from_millis(100),
             ..TcpOptions::default()
         };
-        let mut peer = TcpPeer::connect_with(1, "", 2, &addr, options).unwrap();
+        let mut peer =
+            TcpPeer::connect_with(1, &Credentials::default(), 2, &addr, options).unwrap();
         let err = peer.held(1).unwrap_err();
         assert!(matches!(err, TransportError::Io { node: 2, .. }), "{err}");
         assert!(peer.is_poisoned());
