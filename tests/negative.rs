@@ -32,7 +32,7 @@ fn garbage_frames_do_not_disturb_well_behaved_peers() {
     let addr = c.memory[0].addr.clone();
     // A half-sent frame held open for the whole test.
     let mut stalled = TcpStream::connect(&addr).unwrap();
-    stalled.write_all(b"PGMS\x03").unwrap();
+    stalled.write_all(b"PGMS\x04").unwrap();
 
     let answer = poke(&addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(
@@ -40,7 +40,7 @@ fn garbage_frames_do_not_disturb_well_behaved_peers() {
         "the server answers garbage with an error frame or closes"
     );
     // A WriteBack header (48 bytes) whose payload_len says 4 GiB.
-    let mut oversized = Vec::from(&b"PGMS\x03\x04\x00\x00"[..]);
+    let mut oversized = Vec::from(&b"PGMS\x04\x04\x00\x00"[..]);
     oversized.extend_from_slice(&[0u8; 24]);
     oversized.extend_from_slice(&u32::MAX.to_le_bytes());
     oversized.extend_from_slice(&[0u8; 12]);

@@ -72,6 +72,10 @@ pub struct ServerStats {
     pub connections: u64,
     /// Connections open now.
     pub open_connections: u64,
+    /// Requests refused because the peer skipped or failed the handshake (no Hello, no
+    /// Auth, a proof made with another cluster key).
+    #[serde(default)]
+    pub auth_refusals: u64,
 }
 
 /// The pager of one VM.

@@ -110,6 +110,7 @@ impl AdminState {
             bad_frames: s.bad_frames,
             connections: s.connections,
             open_connections: s.open_connections,
+            auth_refusals: s.auth_refusals,
         };
         let pager = lock(&self.run).as_ref().map(|run| {
             let (remote, local_zero, spurious, errors, bytes) = run.stats.counters();

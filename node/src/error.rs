@@ -12,6 +12,9 @@ pub enum NodeError {
     /// Bad settings.
     #[error("bad configuration")]
     Config(#[from] ConfigError),
+    /// The cluster key file cannot be used.
+    #[error("cannot use the cluster key")]
+    Key(#[from] pagemesh_auth::KeyError),
     /// Bad workload.
     #[error("bad workload")]
     Workload(#[from] pagemesh_vmm::guest::WorkloadError),

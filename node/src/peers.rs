@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use pagemesh_api::{NodeId, Vm, error_chain};
+use pagemesh_transport::tcp::Credentials;
 use pagemesh_transport::{ControlPlane, PeerControl, TransportError, TransportManager};
 
 use crate::config::Settings;
@@ -19,10 +20,13 @@ pub(crate) fn connect_vm_peers(
     vm: &Vm,
 ) -> Result<(TransportManager, ControlPlane), NodeError> {
     let timeout = settings.compute.peer_timeout;
-    let cluster = settings.cluster.clone().unwrap_or_default();
+    let mut credentials = Credentials::keyless(settings.cluster.as_deref().unwrap_or_default());
+    if let Some(keyring) = settings.keyring()? {
+        credentials = credentials.with_key(std::sync::Arc::new(keyring));
+    }
     let wanted = vm.placement.nodes();
-    let mut transport = TransportManager::new(id, timeout).with_cluster(cluster.clone());
-    let mut control = ControlPlane::new(id, timeout).with_cluster(cluster);
+    let mut transport = TransportManager::new(id, timeout).with_credentials(credentials.clone());
+    let mut control = ControlPlane::new(id, timeout).with_credentials(credentials);
     let connected =
         discover_and_connect_peers(coordinator, id, &mut transport, &mut control, Some(&wanted))?;
     for &n in &wanted {

@@ -87,10 +87,24 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         lookup_client.vm(vm).map_err(Into::into)
     });
     let spin = Duration::from_micros(settings.memory.serve_spin_us);
-    let ctx = Arc::new(
-        ctx.with_cluster(settings.cluster.clone().unwrap_or_default())?
-            .with_spin(spin),
-    );
+    let mut ctx = ctx
+        .with_cluster(settings.cluster.clone().unwrap_or_default())?
+        .with_spin(spin);
+    match settings.keyring()? {
+        Some(keyring) => {
+            tracing::info!(
+                "page server requires the cluster key (key {}, {} accepted)",
+                keyring.fingerprint(),
+                keyring.len()
+            );
+            ctx = ctx.with_keyring(keyring);
+        }
+        None => tracing::warn!(
+            "NO CLUSTER KEY: this node serves guest memory to anyone who can reach {bound}; \
+             give it --cluster-key-file (fine only for a loopback demo; see docs/security.md)"
+        ),
+    }
+    let ctx = Arc::new(ctx);
     let shutdown = ShutdownSignal::new();
     let server_thread = pagemesh_server::serve(listener, ctx.clone(), shutdown.clone())?;
 

@@ -131,6 +131,7 @@ pub(crate) fn families(s: &NodeStats) -> Vec<Family> {
             &catalog::ERRORS,
             vec![
                 point(&[("kind", "bad_frame")], Int(server.bad_frames)),
+                point(&[("kind", "unauthenticated")], Int(server.auth_refusals)),
                 point(
                     &[("kind", "fault")],
                     Int(pager.map_or(0, |p| p.fault_errors)),

@@ -1,0 +1,244 @@
+//! Only the cluster's own nodes get its pages, with real processes: memory nodes and a
+//! compute node that share a cluster key file, a compute node with another key or none, a
+//! raw socket that skips the handshake, and a handshake recorded and played again.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use pagemesh_auth::{Keyring, Nonce, Transcript};
+use pagemesh_protocol::{Direction, HEADER_LEN, Header, NONCE_LEN, Op, PROOF_LEN, Status};
+use pagemesh_tests::{Bins, Coordinator, MemoryNode, Proc, http_json, test_dir};
+
+const KEY: &str = "6b1f0c2e9a7d4b5c8e3f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d\n";
+const OTHER_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";
+const CLIENT: u32 = 9;
+
+/// Writes a private key file.
+fn key_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// A coordinator and memory node 1, keyed with `key`.
+struct Keyed {
+    dir: PathBuf,
+    bins: Bins,
+    coordinator: Coordinator,
+    memory: MemoryNode,
+    runs: u32,
+}
+
+impl Keyed {
+    fn start(name: &str) -> Self {
+        let bins = Bins::for_tests().expect("binaries are built");
+        let dir = test_dir(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = key_file(&dir, "cluster.key", KEY);
+        let coordinator = Coordinator::start(&bins, &dir).unwrap();
+        let memory = start_memory(&bins, &dir, &coordinator.url, &key);
+        Keyed {
+            dir,
+            bins,
+            coordinator,
+            memory,
+            runs: 0,
+        }
+    }
+
+    /// Runs a compute node over a 16 MiB `verify` guest with `args` added; returns its exit
+    /// status and log.
+    fn compute(&mut self, args: &[&str]) -> (std::process::ExitStatus, String) {
+        self.runs += 1;
+        let mut proc = Proc::spawn(
+            &format!("compute-run{}", self.runs),
+            &self.dir,
+            Command::new(&self.bins.node)
+                .args(["--role", "compute", "--id", "0", "--replace"])
+                .args(["--coordinator", &self.coordinator.url])
+                .args(["--mem", "16MiB", "--workload", "verify", "--no-ebpf"])
+                .args(["--peer-timeout", "2"])
+                .env_remove("PAGEMESH_CLUSTER_KEY_FILE")
+                .args(args),
+        )
+        .unwrap();
+        let status = proc.wait(Duration::from_secs(300)).unwrap();
+        (status, format!("{}{}", proc.output(), proc.log_tail()))
+    }
+
+    fn server_stats(&self) -> serde_json::Value {
+        http_json(&format!("{}/stats", self.memory.admin)).unwrap()["server"].clone()
+    }
+}
+
+/// Starts memory node 1 with the cluster key `key`.
+fn start_memory(bins: &Bins, dir: &Path, coordinator: &str, key: &Path) -> MemoryNode {
+    let mut proc = Proc::spawn(
+        "node1",
+        dir,
+        Command::new(&bins.node)
+            .args(["--role", "memory", "--id", "1", "--listen", "127.0.0.1:0"])
+            .args(["--coordinator", coordinator, "--capacity", "256MiB"])
+            .arg("--cluster-key-file")
+            .arg(key),
+    )
+    .unwrap();
+    let line = proc
+        .wait_for_line("serving pages on ", Duration::from_secs(30))
+        .unwrap();
+    let addr = line
+        .split("serving pages on ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let admin = proc.admin_url(Duration::from_secs(5)).unwrap();
+    MemoryNode {
+        proc,
+        id: 1,
+        addr,
+        admin,
+    }
+}
+
+#[test]
+fn only_a_compute_node_with_the_key_gets_pages() {
+    let mut c = Keyed::start("security-key");
+    let other = key_file(&c.dir, "other.key", OTHER_KEY);
+    let other = other.to_str().unwrap().to_owned();
+    // Another key: refused at the handshake, a clear error, not one page served.
+    let (status, log) = c.compute(&["--cluster-key-file", &other]);
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("cluster key does not match"), "{log}");
+    // No key at all.
+    let (status, log) = c.compute(&[]);
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("requires the cluster key"), "{log}");
+    let stats = c.server_stats();
+    assert_eq!(stats["pages_served"], 0, "{stats}");
+    // The wrong proof was refused; the keyless node gave up by itself on reading the Hello
+    // reply, having sent nothing to refuse.
+    assert_eq!(stats["auth_refusals"], 1, "{stats}");
+    let log = std::fs::read_to_string(c.dir.join("node1.log")).unwrap();
+    assert!(
+        log.contains("proof does not match the cluster key"),
+        "the refusal is logged:\n{log}"
+    );
+
+    // The same key: the guest runs and sees all its memory.
+    let key = c.dir.join("cluster.key");
+    let (status, log) = c.compute(&["--cluster-key-file", key.to_str().unwrap()]);
+    assert!(status.success(), "{log}");
+    assert_eq!(c.server_stats()["pages_served"], 4096);
+}
+
+/// Reads one frame (header and payload) from `s`.
+fn read_frame(s: &mut TcpStream) -> (Header, Vec<u8>) {
+    let mut head = [0u8; HEADER_LEN];
+    s.read_exact(&mut head).unwrap();
+    let h = Header::peek(&head).unwrap();
+    let mut payload = vec![0u8; h.payload_len() as usize];
+    s.read_exact(&mut payload).unwrap();
+    let mut whole = head.to_vec();
+    whole.extend_from_slice(&payload);
+    assert!(pagemesh_protocol::check(&whole, Direction::Response).is_ok());
+    (h, payload)
+}
+
+fn frame(header: Header, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; header.frame_len()];
+    pagemesh_protocol::encode_frame(&header, payload, &mut out).unwrap();
+    out
+}
+
+fn connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+#[test]
+fn no_page_bytes_without_the_handshake_and_no_replayed_handshake() {
+    let mut c = Keyed::start("security-raw");
+    // Give the memory node a VM to hold, through a compute node that keeps it loaded.
+    let key = c.dir.join("cluster.key");
+    let (status, log) = c.compute(&["--cluster-key-file", key.to_str().unwrap(), "--keep-vm"]);
+    assert!(status.success(), "{log}");
+    let held = c.server_stats()["pages_held"].as_u64().unwrap();
+    let served = c.server_stats()["pages_served"].as_u64().unwrap();
+    let addr = c.memory.addr.clone();
+
+    // A raw socket that skips the handshake and asks for pages of VM 1 gets an error frame
+    // and nothing else, then the node closes.
+    let mut s = connect(&addr);
+    for op in [Op::Fetch, Op::Read] {
+        s.write_all(&frame(Header::request(op, 1, 1, 0, 1), &[]))
+            .unwrap();
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let (h, msg) = pagemesh_protocol::parse(&out, Direction::Response).unwrap();
+    assert_eq!(h.status(), Ok(Status::Unauthenticated), "{out:?}");
+    assert!(String::from_utf8_lossy(msg).contains("Hello first"));
+    assert_eq!(out.len(), h.frame_len(), "one error frame, no page bytes");
+
+    // A handshake done right once, recorded, and played again on a new connection.
+    let ring = Keyring::parse(KEY.as_bytes(), &key).unwrap();
+    let client_nonce = Nonce([3; NONCE_LEN]);
+    let mut hello = 5u64.to_le_bytes().to_vec();
+    hello.extend_from_slice(&client_nonce.0);
+    let hello = frame(
+        Header::request(Op::Hello, 1, 0, u64::from(CLIENT), 0).with_payload_len(hello.len() as u32),
+        &hello,
+    );
+    let mut s = connect(&addr);
+    s.write_all(&hello).unwrap();
+    let (_, payload) = read_frame(&mut s);
+    let server_nonce = Nonce(payload[..NONCE_LEN].try_into().unwrap());
+    let transcript = Transcript {
+        client: u64::from(CLIENT),
+        server: 1,
+        session: 5,
+        cluster: b"",
+        client_nonce: &client_nonce,
+        server_nonce: &server_nonce,
+    };
+    let auth = frame(
+        Header::request(Op::Auth, 2, 0, 0, 0).with_payload_len(PROOF_LEN as u32),
+        &ring.client_proof(&transcript),
+    );
+    s.write_all(&auth).unwrap();
+    let (h, proof) = read_frame(&mut s);
+    assert_eq!(h.status(), Ok(Status::Ok));
+    assert!(
+        ring.check_server(&transcript, &proof),
+        "the node proves the key too"
+    );
+    drop(s);
+    let mut s = connect(&addr);
+    s.write_all(&hello).unwrap();
+    let (_, payload) = read_frame(&mut s);
+    assert_ne!(&payload[..NONCE_LEN], &server_nonce.0[..], "a fresh nonce");
+    s.write_all(&auth).unwrap();
+    s.write_all(&frame(Header::request(Op::Read, 3, 1, 0, 1), &[]))
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let (h, _) = pagemesh_protocol::parse(&out, Direction::Response).unwrap();
+    assert_eq!(
+        h.status(),
+        Ok(Status::Unauthenticated),
+        "the replay is refused"
+    );
+    assert_eq!(out.len(), h.frame_len(), "and nothing else is answered");
+
+    let stats = c.server_stats();
+    assert_eq!(stats["pages_served"].as_u64().unwrap(), served, "{stats}");
+    assert_eq!(stats["pages_held"].as_u64().unwrap(), held, "{stats}");
+    assert!(stats["auth_refusals"].as_u64().unwrap() >= 2, "{stats}");
+}
