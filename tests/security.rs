@@ -242,3 +242,42 @@ fn no_page_bytes_without_the_handshake_and_no_replayed_handshake() {
     assert_eq!(stats["pages_held"].as_u64().unwrap(), held, "{stats}");
     assert!(stats["auth_refusals"].as_u64().unwrap() >= 2, "{stats}");
 }
+
+#[test]
+fn a_thousand_idle_connections_neither_starve_a_peer_nor_exhaust_the_node() {
+    let mut c = Keyed::start("security-idle");
+    let addr = c.memory.addr.clone();
+    let idle: Vec<TcpStream> = (0..1000).map(|_| connect(&addr)).collect();
+    // Wait until the node has accepted them all.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let open = loop {
+        let stats = c.server_stats();
+        if stats["connections"].as_u64().unwrap() >= 1000 {
+            break stats["open_connections"].as_u64().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "{stats}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("1000 idle connections accepted, {open} still open");
+    // A compute node with the key runs its guest meanwhile.
+    let key = c.dir.join("cluster.key");
+    let (status, log) = c.compute(&["--cluster-key-file", key.to_str().unwrap()]);
+    assert!(status.success(), "{log}");
+    assert_eq!(c.server_stats()["pages_served"], 4096);
+    // Connections that never said Hello are closed after the handshake's 5 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = c.server_stats();
+        if stats["open_connections"].as_u64().unwrap() == 0 {
+            assert_eq!(stats["connections"].as_u64().unwrap(), 1000 + 2, "{stats}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{stats}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Each idle client sees its connection closed, with nothing sent to it.
+    for mut s in idle {
+        let mut buf = [0u8; 1];
+        assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)));
+    }
+}

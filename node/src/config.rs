@@ -212,6 +212,17 @@ pub struct MemoryOptions {
     /// hypervisor; see docs/benchmarks.md).
     #[arg(long, value_name = "MICROS", default_value_t = default_serve_spin_us())]
     pub serve_spin_us: u64,
+
+    /// Most page connections open at once; a client past it gets an error frame and is
+    /// closed. A connection that has not finished its handshake within 5 s is closed, so idle
+    /// strangers cannot hold the slots for long.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = pagemesh_server::DEFAULT_MAX_CONNECTIONS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub max_connections: usize,
 }
 
 fn default_serve_spin_us() -> u64 {

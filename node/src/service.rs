@@ -89,7 +89,8 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     let spin = Duration::from_micros(settings.memory.serve_spin_us);
     let mut ctx = ctx
         .with_cluster(settings.cluster.clone().unwrap_or_default())?
-        .with_spin(spin);
+        .with_spin(spin)
+        .with_max_connections(settings.memory.max_connections);
     match settings.keyring()? {
         Some(keyring) => {
             tracing::info!(

@@ -52,6 +52,10 @@ use pagemesh_protocol::{
 const _: () =
     assert!(NONCE_LEN == pagemesh_auth::NONCE_LEN && PROOF_LEN == pagemesh_auth::PROOF_LEN);
 
+/// Default of [`ServerContext::with_max_connections`]. Each connection has a thread (and,
+/// past its handshake, a 1 MiB buffer); a cluster needs a few per compute node.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
 /// How long a new connection has to finish its handshake (Hello, and Auth where a key is
 /// set) before it is closed, so that connections that never introduce themselves do not
 /// pile up.
@@ -98,6 +102,8 @@ pub struct ServerContext {
     spin: Duration,
     /// The cluster key peers must prove they hold; `None`: anyone who says Hello is served.
     keyring: Option<Keyring>,
+    /// Most connections open at once; more are refused at accept.
+    max_connections: usize,
     counters: Counters,
 }
 
@@ -116,6 +122,7 @@ struct Counters {
     connections: AtomicU64,
     open_connections: AtomicU64,
     auth_refusals: AtomicU64,
+    connections_refused: AtomicU64,
 }
 
 impl Counters {
@@ -142,6 +149,8 @@ pub struct ServerStats {
     /// Requests refused because the handshake was skipped or failed (no Hello, no Auth, a
     /// proof made with another key).
     pub auth_refusals: u64,
+    /// Connections refused because the limit was reached.
+    pub connections_refused: u64,
 }
 
 impl ServerContext {
@@ -158,6 +167,7 @@ impl ServerContext {
             cluster: String::new(),
             spin: DEFAULT_SERVER_SPIN,
             keyring: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             counters: Counters::default(),
         }
     }
@@ -183,6 +193,13 @@ impl ServerContext {
     /// anything but Hello is served.
     pub fn with_keyring(mut self, keyring: Keyring) -> Self {
         self.keyring = Some(keyring);
+        self
+    }
+
+    /// This context accepting at most `max` connections at once (at least 1); a client past
+    /// that gets a [`Status::NoCapacity`] error frame and is closed.
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
         self
     }
 
@@ -236,6 +253,7 @@ impl ServerContext {
             connections: self.connections(),
             open_connections: self.open_connections(),
             auth_refusals: self.auth_refusals(),
+            connections_refused: self.counters.connections_refused.load(Ordering::Relaxed),
         }
     }
 
@@ -356,6 +374,14 @@ fn accept_loop(listener: &TcpListener, ctx: &Arc<ServerContext>, shutdown: &Shut
         for done in threads.extract_if(.., |t| t.is_finished()) {
             let _ = done.join();
         }
+        let open = registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        if open >= ctx.max_connections {
+            refuse_connection(stream, peer, ctx);
+            continue;
+        }
         next_id += 1;
         match start_connection(stream, peer, next_id, ctx, &registry) {
             Ok(handle) => threads.push(handle),
@@ -373,6 +399,26 @@ fn accept_loop(listener: &TcpListener, ctx: &Arc<ServerContext>, shutdown: &Shut
     for handle in threads {
         let _ = handle.join();
     }
+}
+
+/// Tells a client past the connection limit so, without reading anything, and closes.
+fn refuse_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &ServerContext) {
+    Counters::add(&ctx.counters.connections_refused, 1);
+    debug!(%peer, limit = ctx.max_connections, "page connection refused: at the limit");
+    let mut buf = [0u8; HEADER_LEN + 128];
+    let n = encode_error(
+        &mut buf,
+        0,
+        0,
+        Status::NoCapacity,
+        format_args!(
+            "node {} has its limit of {} connections open; try again later",
+            ctx.node_id, ctx.max_connections
+        ),
+    );
+    // Best effort: the accept loop must not wait on a client that does not read.
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.write(&buf[..n]);
 }
 
 fn start_connection(
@@ -1631,6 +1677,34 @@ mod tests {
         );
         assert_eq!(replies[2].page(), u64::from(ME));
         assert_eq!(server.ctx.bad_frames(), 2);
+    }
+
+    #[test]
+    fn connections_past_the_limit_are_refused_with_a_reason() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let ctx = ServerContext::new(ME, PageStore::new(1), |_| Err("no VMs".into()))
+            .with_max_connections(2);
+        let ctx = Arc::new(ctx);
+        let shutdown = ShutdownSignal::new();
+        let thread = serve(listener, Arc::clone(&ctx), shutdown.clone()).unwrap();
+        let peer = || TcpPeer::connect(CLIENT, "", ME, &addr, Duration::from_secs(5));
+        let (a, b) = (peer().unwrap(), peer().unwrap());
+        let (status, message) = remote_status(peer().map(|_| ()));
+        assert_eq!(status, Status::NoCapacity);
+        assert!(message.contains("limit of 2 connections"), "{message}");
+        assert_eq!(ctx.stats().connections_refused, 1);
+        // A slot freed is a slot again.
+        drop(a);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while ctx.open_connections() > 1 {
+            assert!(std::time::Instant::now() < deadline);
+            thread::sleep(Duration::from_millis(10));
+        }
+        peer().unwrap();
+        drop(b);
+        shutdown.trigger();
+        thread.join().unwrap();
     }
 
     #[test]

@@ -534,13 +534,17 @@ impl TcpPeer {
             Err(source) => return Err(TransportError::Malformed { node, source }),
         }
         let reply: Header = zerocopy::transmute!(head);
-        if reply.op_byte() != request.op_byte() {
+        // An error with op 0 and request id 0 answers the connection rather than a request
+        // (a server at its connection limit, or one that could not read the header).
+        let about_connection =
+            reply.op_byte() == 0 && reply.request_id() == 0 && reply.status() != Ok(Status::Ok);
+        if !about_connection && reply.op_byte() != request.op_byte() {
             return Err(TransportError::Unexpected {
                 node,
                 what: "the reply is for another op",
             });
         }
-        if reply.request_id() != request.request_id() {
+        if !about_connection && reply.request_id() != request.request_id() {
             return Err(TransportError::Unexpected {
                 node,
                 what: "the reply is for another request",
