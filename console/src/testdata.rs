@@ -192,6 +192,7 @@ fn memory(id: NodeId, served: u64, uptime_s: f64) -> NodeStats {
             bad_frames: 0,
             connections: 1,
             open_connections: 1,
+            auth_refusals: 0,
         },
         pager: None,
         ebpf: None,

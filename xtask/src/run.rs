@@ -81,6 +81,36 @@ pub fn relative(path: &std::path::Path) -> String {
         .to_string()
 }
 
+/// Gives the local cluster a key of its own: a new random key in a private file under
+/// `.pagemesh/`, handed to every process this run starts through `PAGEMESH_CLUSTER_KEY_FILE`
+/// (unless the caller set that variable already), so that even the demo cluster serves its
+/// pages only to its own nodes (docs/security.md).
+fn use_local_cluster_key() -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::env::var_os("PAGEMESH_CLUSTER_KEY_FILE").is_some() {
+        return Ok(());
+    }
+    let path = cmd::project_root().join(".pagemesh").join("cluster.key");
+    if !path.exists() {
+        std::fs::create_dir_all(path.parent().unwrap_or(&path))?;
+        let key = pagemesh_auth::Keyring::generate()?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(key.as_bytes()))
+            .with_context(|| format!("cannot write the cluster key {}", path.display()))?;
+    }
+    pagemesh_auth::Keyring::load(&path)?;
+    eprintln!("xtask: cluster key {}", relative(&path));
+    // SAFETY: xtask is single-threaded here (nothing has been spawned yet), so nothing reads
+    // the environment while it changes.
+    unsafe { std::env::set_var("PAGEMESH_CLUSTER_KEY_FILE", &path) };
+    Ok(())
+}
+
 pub fn run_dir(kind: &str) -> PathBuf {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -93,6 +123,7 @@ pub fn run_dir(kind: &str) -> PathBuf {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     setup::setup()?;
+    use_local_cluster_key()?;
     if args.guest == "linux" {
         return run_linux(&args);
     }
