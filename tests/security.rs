@@ -35,12 +35,15 @@ struct Keyed {
 }
 
 impl Keyed {
-    fn start(name: &str) -> Self {
+    /// Memory node 1 keyed, the coordinator too when `keyed_coordinator`.
+    fn start(name: &str, keyed_coordinator: bool) -> Self {
         let bins = Bins::for_tests().expect("binaries are built");
         let dir = test_dir(name);
         std::fs::create_dir_all(&dir).unwrap();
         let key = key_file(&dir, "cluster.key", KEY);
-        let coordinator = Coordinator::start(&bins, &dir).unwrap();
+        let args = [std::ffi::OsStr::new("--cluster-key-file"), key.as_os_str()];
+        let args: &[&std::ffi::OsStr] = if keyed_coordinator { &args } else { &[] };
+        let coordinator = Coordinator::start_with(&bins, &dir, args).unwrap();
         let memory = start_memory(&bins, &dir, &coordinator.url, &key);
         Keyed {
             dir,
@@ -108,7 +111,7 @@ fn start_memory(bins: &Bins, dir: &Path, coordinator: &str, key: &Path) -> Memor
 
 #[test]
 fn only_a_compute_node_with_the_key_gets_pages() {
-    let mut c = Keyed::start("security-key");
+    let mut c = Keyed::start("security-key", false);
     let other = key_file(&c.dir, "other.key", OTHER_KEY);
     let other = other.to_str().unwrap().to_owned();
     // Another key: refused at the handshake, a clear error, not one page served.
@@ -164,7 +167,7 @@ fn connect(addr: &str) -> TcpStream {
 
 #[test]
 fn no_page_bytes_without_the_handshake_and_no_replayed_handshake() {
-    let mut c = Keyed::start("security-raw");
+    let mut c = Keyed::start("security-raw", true);
     // Give the memory node a VM to hold, through a compute node that keeps it loaded.
     let key = c.dir.join("cluster.key");
     let (status, log) = c.compute(&["--cluster-key-file", key.to_str().unwrap(), "--keep-vm"]);
@@ -245,7 +248,7 @@ fn no_page_bytes_without_the_handshake_and_no_replayed_handshake() {
 
 #[test]
 fn a_thousand_idle_connections_neither_starve_a_peer_nor_exhaust_the_node() {
-    let mut c = Keyed::start("security-idle");
+    let mut c = Keyed::start("security-idle", true);
     let addr = c.memory.addr.clone();
     let idle: Vec<TcpStream> = (0..1000).map(|_| connect(&addr)).collect();
     // Wait until the node has accepted them all.
@@ -280,4 +283,83 @@ fn a_thousand_idle_connections_neither_starve_a_peer_nor_exhaust_the_node() {
         let mut buf = [0u8; 1];
         assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)));
     }
+}
+
+/// `GET url` with `authorization` if given: the status, the `WWW-Authenticate` header and the
+/// body.
+fn get(url: &str, authorization: Option<&str>) -> (u16, Option<String>, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut request = agent.get(url);
+    if let Some(a) = authorization {
+        request = request.header("authorization", a);
+    }
+    let mut response = request.call().unwrap();
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = response.body_mut().read_to_string().unwrap();
+    (response.status().as_u16(), challenge, body)
+}
+
+#[test]
+fn a_keyed_coordinator_answers_only_the_cluster() {
+    let mut c = Keyed::start("security-coordinator", true);
+    let url = c.coordinator.url.clone();
+    // The memory node registered, so it sent the token; a stranger gets 401 and a JSON error.
+    for route in ["/nodes", "/endpoints", "/vms", "/nodes/1"] {
+        let (status, challenge, body) = get(&format!("{url}{route}"), None);
+        assert_eq!(status, 401, "{route}: {body}");
+        assert!(challenge.unwrap().starts_with("Bearer"), "{route}");
+        let error: pagemesh_api::ApiError = serde_json::from_str(&body).unwrap();
+        assert!(error.error.contains("Bearer"), "{route}: {}", error.error);
+        assert!(
+            !body.contains("127.0.0.1"),
+            "{route} reveals an endpoint: {body}"
+        );
+    }
+    let (status, _, body) = get(&format!("{url}/nodes"), Some("Bearer 00ff"));
+    assert_eq!(status, 401, "{body}");
+    // Open routes stay open.
+    assert_eq!(get(&format!("{url}/healthz"), None).0, 200);
+    let (status, _, doc) = get(&format!("{url}/openapi.json"), None);
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(doc["security"], serde_json::json!([{"bearer": []}]));
+
+    // The token `--print-token` prints opens the API.
+    let key = c.dir.join("cluster.key");
+    let printed = Command::new(&c.bins.coordinator)
+        .arg("--cluster-key-file")
+        .arg(&key)
+        .arg("--print-token")
+        .env_remove("PAGEMESH_CLUSTER_KEY_FILE")
+        .output()
+        .unwrap();
+    assert!(printed.status.success(), "{printed:?}");
+    let token = String::from_utf8(printed.stdout).unwrap().trim().to_owned();
+    assert_eq!(
+        token,
+        Keyring::parse(KEY.as_bytes(), &key)
+            .unwrap()
+            .coordinator_token()
+    );
+    let (status, _, body) = get(&format!("{url}/nodes"), Some(&format!("Bearer {token}")));
+    assert_eq!(status, 200, "{body}");
+    let nodes: Vec<pagemesh_api::NodeInfo> = serde_json::from_str(&body).unwrap();
+    assert_eq!(nodes.iter().map(|n| n.node_id).collect::<Vec<_>>(), [1]);
+
+    // A compute node without the key cannot even learn where the pages are.
+    let (status, log) = c.compute(&[]);
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("401"), "{log}");
+    assert!(log.contains("--cluster-key-file"), "{log}");
+    assert_eq!(c.server_stats()["pages_served"], 0);
+    // With the key, the whole keyed cluster works.
+    let (status, log) = c.compute(&["--cluster-key-file", key.to_str().unwrap()]);
+    assert!(status.success(), "{log}");
+    assert_eq!(c.server_stats()["pages_served"], 4096);
 }

@@ -18,6 +18,7 @@
 //! | `GET /vms` | | `Vec<`[`Vm`]`>` |
 //! | `DELETE /vms/{vm_id}` | | 204 |
 //! | `GET /healthz` | | `ok` |
+//! | `GET /openapi.json` | | the OpenAPI document of all of these |
 //!
 //! Every error is an [`ApiError`] body with a non-2xx status.
 //!
@@ -28,6 +29,9 @@
 //! nodes load by, and compute nodes build their page directory from.
 //!
 //! [`pattern`] is the page content memory nodes load and test guests check.
+//!
+//! With the `openapi` feature (only the coordinator enables it) the API types derive
+//! `utoipa::ToSchema`, from which the coordinator generates its `GET /openapi.json`.
 
 pub mod pattern;
 pub mod placement;
@@ -48,6 +52,7 @@ pub const PAGE_SIZE: usize = 4096;
 
 /// What a node does in the cluster.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Runs vCPUs; fetches the pages its guests fault on.
@@ -82,6 +87,7 @@ impl std::fmt::Display for Role {
 
 /// How a node's page server is reached.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
     /// The binary page protocol over TCP (`docs/protocol.md`).
@@ -92,6 +98,7 @@ pub enum TransportKind {
 
 /// `POST /clusters`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateCluster {
     /// Cluster name, unique on this coordinator.
     pub name: String,
@@ -103,6 +110,7 @@ pub struct CreateCluster {
 
 /// A cluster as the coordinator knows it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Cluster {
     /// Cluster name.
     pub name: String,
@@ -120,6 +128,7 @@ pub struct Cluster {
 /// restarting); a different endpoint for a node id that is already registered is a conflict
 /// (409) unless `replace` is set.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterEndpoint {
     /// Transport of the page server.
     pub transport: TransportKind,
@@ -143,6 +152,7 @@ pub struct RegisterEndpoint {
 
 /// `GET /endpoints` element: how to reach one node's page server.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Endpoint {
     /// Node id.
     pub node_id: NodeId,
@@ -154,6 +164,7 @@ pub struct Endpoint {
 
 /// `GET /nodes` element.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeInfo {
     /// Node id.
     pub node_id: NodeId,
@@ -174,6 +185,7 @@ pub struct NodeInfo {
 
 /// Where a VM's pages come from when memory nodes load them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase", tag = "kind")]
 pub enum Content {
     /// Nothing is loaded: every page starts never-written and is zero-filled on first touch.
@@ -196,6 +208,7 @@ pub enum Content {
 
 /// The placement policy requested for a new VM.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase", tag = "policy")]
 pub enum PlacementRequest {
     /// Round-robin over `nodes` (all memory nodes when empty), `granule_pages` pages at a time.
@@ -226,6 +239,7 @@ fn one() -> u32 {
 
 /// `POST /vms`: define a VM and place its pages.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateVm {
     /// The node that runs the VM's vCPUs.
     pub compute_node: NodeId,
@@ -245,6 +259,7 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// A VM as the coordinator knows it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Vm {
     /// Id assigned by the coordinator.
     pub id: VmId,
@@ -260,6 +275,7 @@ pub struct Vm {
 
 /// The body of every error answer.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
     /// What went wrong and, where it helps, what to do.
     pub error: String,

@@ -12,6 +12,7 @@ use crate::NodeId;
 
 /// A run of `pages` pages starting at `start`, all held by `node`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PageRange {
     /// First page index.
     pub start: u64,
@@ -53,6 +54,7 @@ pub enum PlacementError {
 
 /// A resolved placement of a VM's pages.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase", tag = "policy")]
 pub enum Placement {
     /// Page `p` is held by `nodes[(p / granule_pages) % nodes.len()]`.

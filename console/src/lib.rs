@@ -58,6 +58,9 @@ const TICK: Duration = Duration::from_millis(250);
 pub struct Options {
     /// Coordinator base URL.
     pub coordinator: String,
+    /// The coordinator's bearer token (`Keyring::coordinator_token`), when the cluster has
+    /// a key.
+    pub token: Option<String>,
     /// Time between two `/stats` of a node.
     pub interval: Duration,
     /// Longest wait for one HTTP answer.
@@ -72,6 +75,7 @@ impl Options {
     pub fn new(url: &str) -> Self {
         Self {
             coordinator: poll::base_url(url),
+            token: None,
             interval: Duration::from_millis(200),
             timeout: Duration::from_secs(1),
             heat_cells: None,
@@ -83,6 +87,7 @@ impl Options {
             interval: self.interval,
             timeout: self.timeout,
             heat_cells: self.heat_cells,
+            token: self.token.clone(),
             ..PollConfig::new(&self.coordinator)
         }
     }
@@ -174,8 +179,8 @@ pub fn run_terminal(options: &Options) -> Result<(), ConsoleError> {
 pub fn once(options: &Options) -> Result<String, ConsoleError> {
     let agent = poll::agent(options.timeout);
     let start = Instant::now();
-    let nodes =
-        poll::fetch_nodes(&agent, &options.coordinator).map_err(ConsoleError::Coordinator)?;
+    let nodes = poll::fetch_nodes(&agent, &options.coordinator, options.token.as_deref())
+        .map_err(ConsoleError::Coordinator)?;
     let mut app = App::new(&options.coordinator, 120, 40);
     app.handle(Event::Update(Update::Nodes {
         at: start.elapsed(),

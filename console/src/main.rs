@@ -64,6 +64,11 @@ struct Cli {
     /// Seconds to wait for one HTTP answer before calling a node down.
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
     timeout: f64,
+
+    /// The cluster's key file (chmod 600), for a coordinator that has one: the console sends
+    /// the bearer token derived from its first key.
+    #[arg(long, value_name = "FILE", env = "PAGEMESH_CLUSTER_KEY_FILE")]
+    cluster_key_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -75,7 +80,20 @@ fn main() -> ExitCode {
         eprintln!("pagemesh-console: --timeout must be a positive number of seconds");
         return ExitCode::from(2);
     };
+    let token = match cli
+        .cluster_key_file
+        .as_deref()
+        .map(pagemesh_auth::Keyring::load)
+    {
+        None => None,
+        Some(Ok(keyring)) => Some(keyring.coordinator_token()),
+        Some(Err(err)) => {
+            eprintln!("pagemesh-console: {}", pagemesh_api::error_chain(&err));
+            return ExitCode::FAILURE;
+        }
+    };
     let options = Options {
+        token,
         interval: Duration::from_millis(cli.interval),
         timeout,
         heat_cells: cli.heat_cells.and_then(|n| usize::try_from(n).ok()),

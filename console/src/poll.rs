@@ -43,7 +43,11 @@ pub enum PollError {
         source: ureq::Error,
     },
     /// An answer other than 200.
-    #[error("{url} answered HTTP {status}")]
+    #[error("{url} answered HTTP {status}{}", if *status == 401 {
+        " (the coordinator has a cluster key: give the console --cluster-key-file)"
+    } else {
+        ""
+    })]
     Status {
         /// What was asked.
         url: String,
@@ -96,6 +100,8 @@ pub enum Update {
 pub struct PollConfig {
     /// Coordinator base URL (`http://127.0.0.1:7070`).
     pub coordinator: String,
+    /// The coordinator's bearer token, when the cluster has a key.
+    pub token: Option<String>,
     /// Time between two `/stats` of one node.
     pub interval: Duration,
     /// Time between two `GET /nodes`.
@@ -112,6 +118,7 @@ impl PollConfig {
     pub fn new(coordinator: &str) -> Self {
         Self {
             coordinator: coordinator.trim_end_matches('/').to_owned(),
+            token: None,
             interval: Duration::from_millis(200),
             discovery: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
@@ -128,19 +135,30 @@ pub fn agent(timeout: Duration) -> Agent {
         .into()
 }
 
-/// `GET {coordinator}/nodes`.
-pub fn fetch_nodes(agent: &Agent, coordinator: &str) -> Result<Vec<NodeInfo>, PollError> {
+/// `GET {coordinator}/nodes`, with the bearer `token` when given.
+pub fn fetch_nodes(
+    agent: &Agent,
+    coordinator: &str,
+    token: Option<&str>,
+) -> Result<Vec<NodeInfo>, PollError> {
     get_json(
         agent,
         format!("{}/nodes", coordinator.trim_end_matches('/')),
+        token,
     )
 }
 
-/// `GET {coordinator}/nodes/{node}`.
-pub fn fetch_node(agent: &Agent, coordinator: &str, node: NodeId) -> Result<NodeInfo, PollError> {
+/// `GET {coordinator}/nodes/{node}`, with the bearer `token` when given.
+pub fn fetch_node(
+    agent: &Agent,
+    coordinator: &str,
+    token: Option<&str>,
+    node: NodeId,
+) -> Result<NodeInfo, PollError> {
     get_json(
         agent,
         format!("{}/nodes/{node}", coordinator.trim_end_matches('/')),
+        token,
     )
 }
 
@@ -152,7 +170,7 @@ pub fn fetch_stats(
     heat_cells: Option<usize>,
 ) -> Result<NodeStats, PollError> {
     let query = heat_cells.map_or_else(String::new, |n| format!("?cells={n}"));
-    get_json(agent, format!("{}/stats{query}", base_url(admin)))
+    get_json(agent, format!("{}/stats{query}", base_url(admin)), None)
 }
 
 /// `address` as a base URL: `http://` when it has no scheme, no trailing `/`.
@@ -165,8 +183,16 @@ pub(crate) fn base_url(address: &str) -> String {
     }
 }
 
-fn get_json<T: serde::de::DeserializeOwned>(agent: &Agent, url: String) -> Result<T, PollError> {
-    let mut response = match agent.get(&url).call() {
+fn get_json<T: serde::de::DeserializeOwned>(
+    agent: &Agent,
+    url: String,
+    token: Option<&str>,
+) -> Result<T, PollError> {
+    let mut request = agent.get(&url);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let mut response = match request.call() {
         Ok(r) => r,
         Err(ureq::Error::StatusCode(status)) => return Err(PollError::Status { url, status }),
         Err(source) => return Err(PollError::Unreachable { url, source }),
@@ -223,7 +249,7 @@ where
     let mut workers: BTreeMap<NodeId, Worker> = BTreeMap::new();
     while !stop.load(Ordering::Relaxed) {
         let began = Instant::now();
-        let result = fetch_nodes(&agent, &config.coordinator);
+        let result = fetch_nodes(&agent, &config.coordinator, config.token.as_deref());
         if let Ok(nodes) = &result {
             // Dropping a worker stops its thread. A worker whose node left has stopped by
             // itself; should the node be listed again, it gets a new one.
@@ -246,6 +272,7 @@ where
                     node: node.node_id,
                     admin: admin.clone(),
                     coordinator: config.coordinator.clone(),
+                    token: config.token.clone(),
                     start,
                     interval: config.interval,
                     heat_cells: config.heat_cells,
@@ -279,6 +306,7 @@ struct StatsJob<E> {
     node: NodeId,
     admin: String,
     coordinator: String,
+    token: Option<String>,
     start: Instant,
     interval: Duration,
     heat_cells: Option<usize>,
@@ -298,7 +326,12 @@ impl<E: From<Update>> StatsJob<E> {
     /// failure a failure.
     fn left(&self) -> bool {
         matches!(
-            fetch_node(&self.agent, &self.coordinator, self.node),
+            fetch_node(
+                &self.agent,
+                &self.coordinator,
+                self.token.as_deref(),
+                self.node
+            ),
             Err(PollError::Status { status: 404, .. })
         )
     }
@@ -422,6 +455,7 @@ mod tests {
         let err = fetch_nodes(
             &a,
             &format!("http://{}/", serve("503 Service Unavailable", "{}".into())),
+            None,
         )
         .expect_err("503");
         assert!(
@@ -442,6 +476,7 @@ mod tests {
             node: 5,
             admin,
             coordinator: format!("http://{coordinator}"),
+            token: None,
             start: Instant::now(),
             interval: Duration::from_millis(20),
             heat_cells: None,

@@ -1,11 +1,12 @@
 //! [`AppError`]: every way a request fails, and the [`ApiError`] answer each one becomes.
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::{Method, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use pagemesh_api::ApiError;
 
+use crate::auth::AuthError;
 use crate::registry::RegistryError;
 use crate::store::StoreError;
 
@@ -16,6 +17,15 @@ pub enum AppError {
     /// The request breaks a rule of the registry.
     #[error(transparent)]
     Refused(#[from] RegistryError),
+    /// No bearer token the cluster key accepts (the coordinator has one).
+    #[error(transparent)]
+    Unauthenticated(#[from] AuthError),
+    /// The body is larger than [`crate::MAX_BODY_BYTES`].
+    #[error("the request body is larger than {limit} bytes")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// The body is not the JSON the route expects.
     #[error(transparent)]
     Json(#[from] JsonRejection),
@@ -79,6 +89,8 @@ impl AppError {
                 | RegistryError::Placement(_)
                 | RegistryError::BadIdempotencyKey(_) => StatusCode::BAD_REQUEST,
             },
+            AppError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            AppError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             // axum answers 415 here; this API keeps every body problem a 400 or 422.
             AppError::Json(JsonRejection::MissingJsonContentType(_)) => StatusCode::BAD_REQUEST,
             AppError::Json(e) => e.status(),
@@ -101,6 +113,14 @@ impl IntoResponse for AppError {
             tracing::debug!(%status, error = %self, "request refused");
             self.to_string()
         };
-        (status, axum::Json(ApiError { error })).into_response()
+        let mut response = (status, axum::Json(ApiError { error })).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750 §3: a 401 names the scheme the client should use.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"pagemesh-coordinator\""),
+            );
+        }
+        response
     }
 }

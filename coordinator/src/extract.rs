@@ -3,6 +3,7 @@
 //! rejections are plain text). The pattern of axum's `error-handling` example.
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -21,8 +22,14 @@ where
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
-        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
-        Ok(AppJson(value))
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(AppJson(value)),
+            // The body outgrew `DefaultBodyLimit` while it was read.
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(AppError::TooLarge {
+                limit: crate::MAX_BODY_BYTES,
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

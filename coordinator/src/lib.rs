@@ -8,6 +8,8 @@
 //! | `routes` | the handlers: `routes/{clusters,nodes,vms}.rs` |
 //! | `extract` | `Json` and `Path` extractors that reject with [`AppError`] |
 //! | `error` | [`AppError`] and the status and [`pagemesh_api::ApiError`] body of each failure |
+//! | `auth` | the bearer token the protected routes take when there is a cluster key |
+//! | `openapi` | `GET /openapi.json`, generated from the handlers' annotations and the wire types |
 //! | `registry` | the records and the rules for changing them ([`RegistryError`], [`Stored`]) |
 //! | `store` | the [`Store`] seam; [`EmbeddedStore`] keeps the registry in memory and, optionally, a JSON file |
 //! | [`otlp`] | OpenTelemetry metrics export (OTLP/HTTP) and the request-duration middleware |
@@ -15,8 +17,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod auth;
 mod error;
 mod extract;
+mod openapi;
 pub mod otlp;
 mod registry;
 mod routes;
@@ -24,18 +28,30 @@ mod store;
 
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
+use pagemesh_auth::Keyring;
+
+pub use auth::AuthError;
 pub use error::AppError;
 pub use registry::{RegistryError, Stored};
 pub use store::{EmbeddedStore, Store, StoreError};
 
-/// What every handler shares: the store, and the request figures [`otlp`] exports.
+/// The largest request body the coordinator reads, in bytes; a larger one is answered 413.
+/// The largest real body (`POST /vms` with an explicit placement of many ranges) is a few KiB.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What every handler shares: the store, the cluster key (if any), and the request figures
+/// [`otlp`] exports.
 #[derive(Clone)]
 pub struct AppState {
     store: Arc<dyn Store>,
+    keyring: Option<Arc<Keyring>>,
     requests: Arc<otlp::RequestMetrics>,
 }
 
@@ -44,8 +60,21 @@ impl AppState {
     pub fn new(store: impl Store + 'static) -> Self {
         AppState {
             store: Arc::new(store),
+            keyring: None,
             requests: Arc::default(),
         }
+    }
+
+    /// Requires a bearer token made from a key of `keyring` on every route but `GET /healthz`
+    /// and `GET /openapi.json` (`docs/coordinator.md`, "Authentication").
+    pub fn with_keyring(mut self, keyring: Keyring) -> Self {
+        self.keyring = Some(Arc::new(keyring));
+        self
+    }
+
+    /// Whether requests must carry the cluster's bearer token.
+    pub fn is_keyed(&self) -> bool {
+        self.keyring.is_some()
     }
 
     /// State kept in memory only.
@@ -54,11 +83,16 @@ impl AppState {
     }
 }
 
-/// The coordinator's HTTP API. Every failure, including a malformed body and an unknown route,
-/// is answered with an [`pagemesh_api::ApiError`] body.
+/// The coordinator's HTTP API. Every failure, including a malformed body, an oversized one, a
+/// missing token and an unknown route, is answered with an [`pagemesh_api::ApiError`] body.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(routes::healthz))
+    let guard = auth::Guard {
+        keyring: state.keyring.clone(),
+        metrics: state.requests.clone(),
+    };
+    // `route_layer`: the token is checked only on a route that matched, so an unknown path is
+    // a 404 with or without it, and the check runs before any extractor reads the body.
+    let protected = Router::new()
         .route("/clusters", post(routes::clusters::create))
         .route("/clusters/{name}", get(routes::clusters::get))
         .route("/nodes", get(routes::nodes::list))
@@ -73,8 +107,21 @@ pub fn app(state: AppState) -> Router {
             "/vms/{vm_id}",
             get(routes::vms::get).delete(routes::vms::delete),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            guard,
+            auth::require_token,
+        ));
+    let document = Arc::new(openapi::document(state.is_keyed()));
+    Router::new()
+        .route("/healthz", get(routes::healthz))
+        .route(
+            "/openapi.json",
+            get(move || openapi::serve(Arc::clone(&document))),
+        )
+        .merge(protected)
         .fallback(routes::no_route)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
             state.requests.clone(),
             otlp::track,
@@ -89,9 +136,13 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // The peer's address, for the log line of a refused request.
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 #[cfg(test)]

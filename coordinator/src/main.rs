@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
+use pagemesh_auth::Keyring;
 use pagemesh_coordinator::otlp::{self, OtlpConfig};
 use pagemesh_coordinator::{AppState, EmbeddedStore};
 
@@ -49,6 +50,19 @@ struct Cli {
     /// Seconds between OTLP exports [default: $OTEL_METRIC_EXPORT_INTERVAL ms, or 10].
     #[arg(long, value_name = "SECS")]
     otlp_interval: Option<f64>,
+
+    /// The cluster's key file, the one its nodes are given (chmod 600). Every route but
+    /// `GET /healthz` and `GET /openapi.json` then requires `Authorization: Bearer TOKEN`, where
+    /// TOKEN is derived from a key of the file (`--print-token` shows it). Without it the
+    /// coordinator warns and answers anyone who reaches it (docs/security.md).
+    #[arg(long, value_name = "FILE", env = "PAGEMESH_CLUSTER_KEY_FILE")]
+    cluster_key_file: Option<PathBuf>,
+
+    /// Print the bearer token of --cluster-key-file's first key on stdout and exit, for
+    /// clients such as curl: `curl -H "Authorization: Bearer $(pagemesh-coordinator
+    /// --cluster-key-file FILE --print-token)" ...`.
+    #[arg(long, requires = "cluster_key_file")]
+    print_token: bool,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +77,16 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let keyring = cli
+        .cluster_key_file
+        .as_deref()
+        .map(Keyring::load)
+        .transpose()?;
+    if cli.print_token {
+        let keyring = keyring.expect("clap requires --cluster-key-file with --print-token");
+        println!("{}", keyring.coordinator_token());
+        return Ok(());
+    }
     // The parse error's message already ends with its source, so it is not chained.
     let filter = EnvFilter::try_new(&cli.log_level)
         .map_err(|e| anyhow::anyhow!("invalid --log-level {:?}: {e}", cli.log_level))?;
@@ -84,12 +108,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(serve(&cli.listen, store, otlp_config))
+        .block_on(serve(&cli.listen, store, keyring, otlp_config))
 }
 
 async fn serve(
     listen: &str,
     store: EmbeddedStore,
+    keyring: Option<Keyring>,
     otlp_config: Option<OtlpConfig>,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
@@ -108,7 +133,22 @@ async fn serve(
     drop(stdout);
 
     let shutdown = shutdown_signal()?;
-    let state = AppState::new(store);
+    let mut state = AppState::new(store);
+    match keyring {
+        Some(keyring) => {
+            tracing::info!(
+                "the API requires the cluster's bearer token (key {}, {} accepted)",
+                keyring.fingerprint(),
+                keyring.len()
+            );
+            state = state.with_keyring(keyring);
+        }
+        None => tracing::warn!(
+            "NO CLUSTER KEY: anyone who can reach {addr} can register nodes, define VMs and read \
+             where every page server listens; give the coordinator --cluster-key-file (fine \
+             only for a loopback demo; see docs/security.md)"
+        ),
+    }
     let exporter = match otlp_config {
         Some(c) => Some(otlp::start(c, &state, &addr.to_string())?),
         None => None,

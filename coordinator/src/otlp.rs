@@ -24,6 +24,8 @@
 //! - `http.server.request.duration` (histogram, `s`): every API request, by
 //!   `http.request.method`, `http.route` and `http.response.status_code`, as the
 //!   OpenTelemetry HTTP conventions name it. [`track`] records it.
+//! - `pagemesh.coordinator.auth.refusals` (counter, `{request}`, by `reason`: `missing` or
+//!   `rejected`): requests refused for want of a valid cluster token (`crate::auth`).
 //!
 //! Resource: `service.name` = `pagemesh-coordinator`, `service.instance.id` = the address it
 //! listens on, `service.version`. A failed export is logged at warn, with the endpoint, once
@@ -40,7 +42,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
-use opentelemetry::metrics::{Histogram, Meter, MeterProvider as _};
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::{ExporterBuildError, MetricExporter, Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
@@ -54,6 +56,7 @@ use pagemesh_api::Role;
 pub use pagemesh_otlp::{DEFAULT_INTERVAL, OtlpConfig};
 
 use crate::AppState;
+use crate::auth::AuthError;
 
 /// `service.name` of the coordinator.
 pub const SERVICE_NAME: &str = "pagemesh-coordinator";
@@ -80,6 +83,7 @@ pub enum OtlpError {
 #[derive(Default)]
 pub struct RequestMetrics {
     duration: OnceLock<Histogram<f64>>,
+    refusals: OnceLock<Counter<u64>>,
 }
 
 impl RequestMetrics {
@@ -98,6 +102,13 @@ impl RequestMetrics {
             i64::from(status),
         ));
         duration.record(seconds, &attributes);
+    }
+
+    /// Counts one request refused for want of a valid cluster token.
+    pub fn refused(&self, why: AuthError) {
+        if let Some(refusals) = self.refusals.get() {
+            refusals.add(1, &[KeyValue::new("reason", why.reason())]);
+        }
     }
 }
 
@@ -252,6 +263,13 @@ fn instruments(meter: &Meter, state: &AppState) {
     if state.requests.duration.set(duration).is_err() {
         tracing::warn!("requests are already recorded for another OTLP export");
     }
+    let refusals = meter
+        .u64_counter("pagemesh.coordinator.auth.refusals")
+        .with_unit("{request}")
+        .with_description("Requests refused for want of a valid cluster token, by reason.")
+        .build();
+    // Set together with `duration` above: a second export was already warned about.
+    let _ = state.requests.refusals.set(refusals);
 }
 
 /// The SDK's OTLP exporter, whose failures it logs: at warn, with the endpoint, each time

@@ -9,6 +9,14 @@ use axum::http::{Method, StatusCode, Uri};
 use crate::error::AppError;
 
 /// `GET /healthz`: the process is up and serving.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    security(()),
+    responses(
+        (status = 200, description = "The process is up", body = String, content_type = "text/plain")
+    )
+)]
 pub(crate) async fn healthz() -> &'static str {
     "ok"
 }

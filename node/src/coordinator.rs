@@ -72,6 +72,8 @@ pub struct CoordinatorClient {
     agent: ureq::Agent,
     attempts: u32,
     first_backoff: Duration,
+    /// `Authorization` of every request, when the cluster has a key.
+    authorization: Option<String>,
 }
 
 impl CoordinatorClient {
@@ -88,6 +90,22 @@ impl CoordinatorClient {
             agent,
             attempts: attempts.max(1),
             first_backoff: Duration::from_millis(200),
+            authorization: None,
+        }
+    }
+
+    /// Sends `keyring`'s coordinator token with every request, as a keyed coordinator
+    /// requires (`docs/coordinator.md`, "Authentication").
+    pub fn with_keyring(mut self, keyring: &pagemesh_auth::Keyring) -> Self {
+        self.authorization = Some(format!("Bearer {}", keyring.coordinator_token()));
+        self
+    }
+
+    /// `request` with the token, if there is one.
+    fn authorize<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.authorization {
+            Some(value) => request.header("authorization", value),
+            None => request,
         }
     }
 
@@ -106,8 +124,8 @@ impl CoordinatorClient {
     ) -> Result<T, CoordinatorError> {
         let url = format!("{}{}", self.base, path);
         let response = self.send(method, path, self.attempts, || match (method, body) {
-            ("POST", Some(b)) => self.agent.post(&url).send_json(b),
-            _ => self.agent.get(&url).call(),
+            ("POST", Some(b)) => self.authorize(self.agent.post(&url)).send_json(b),
+            _ => self.authorize(self.agent.get(&url)).call(),
         })?;
         read_json(url, response)
     }
@@ -183,8 +201,7 @@ impl CoordinatorClient {
         let path = format!("/nodes/{node_id}");
         let url = format!("{}{path}", self.base);
         let sent = self.send("DELETE", &path, 1, || {
-            self.agent
-                .delete(&url)
+            self.authorize(self.agent.delete(&url))
                 .query("address", address)
                 .config()
                 .timeout_global(Some(Duration::from_secs(2)))
@@ -216,8 +233,7 @@ impl CoordinatorClient {
         let url = format!("{}/vms", self.base);
         let key = idempotency_key();
         let response = self.send("POST", "/vms", self.attempts, || {
-            self.agent
-                .post(&url)
+            self.authorize(self.agent.post(&url))
                 .header(IDEMPOTENCY_KEY, &key)
                 .send_json(request)
         })?;

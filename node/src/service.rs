@@ -61,7 +61,11 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         .coordinator
         .clone()
         .ok_or(ConfigError::Missing("--coordinator"))?;
-    let coordinator = CoordinatorClient::new(&coordinator_url, settings.coordinator_attempts);
+    let keyring = settings.keyring()?;
+    let mut coordinator = CoordinatorClient::new(&coordinator_url, settings.coordinator_attempts);
+    if let Some(keyring) = &keyring {
+        coordinator = coordinator.with_keyring(keyring);
+    }
 
     let capacity = if role.serves_memory() {
         settings.memory.capacity
@@ -91,7 +95,7 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         .with_cluster(settings.cluster.clone().unwrap_or_default())?
         .with_spin(spin)
         .with_max_connections(settings.memory.max_connections);
-    match settings.keyring()? {
+    match keyring {
         Some(keyring) => {
             tracing::info!(
                 "page server requires the cluster key (key {}, {} accepted)",

@@ -216,10 +216,18 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts a coordinator on an ephemeral loopback port.
     pub fn start(bins: &Bins, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(bins, dir, &[])
+    }
+
+    /// Starts a coordinator on an ephemeral loopback port, with `args` added (such as
+    /// `--cluster-key-file FILE`).
+    pub fn start_with(bins: &Bins, dir: &Path, args: &[&std::ffi::OsStr]) -> anyhow::Result<Self> {
         let mut proc = Proc::spawn(
             "coordinator",
             dir,
-            Command::new(&bins.coordinator).args(["--listen", "127.0.0.1:0"]),
+            Command::new(&bins.coordinator)
+                .args(["--listen", "127.0.0.1:0"])
+                .args(args),
         )?;
         let line = proc.wait_for_line("listening on ", Duration::from_secs(20))?;
         let url = line

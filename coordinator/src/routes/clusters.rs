@@ -5,12 +5,24 @@ use axum::http::StatusCode;
 
 use pagemesh_api::{Cluster, CreateCluster};
 
+use pagemesh_api::ApiError;
+
 use super::created_or_ok;
 use crate::AppState;
 use crate::error::AppError;
 use crate::extract::{AppJson, AppPath};
 
 /// `POST /clusters`: 201 when created, 200 when it exists with the same parameters.
+#[utoipa::path(
+    post,
+    path = "/clusters",
+    request_body = CreateCluster,
+    responses(
+        (status = 201, description = "Created", body = Cluster),
+        (status = 200, description = "It exists with the same parameters", body = Cluster),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
     AppJson(req): AppJson<CreateCluster>,
@@ -29,6 +41,15 @@ pub(crate) async fn create(
 }
 
 /// `GET /clusters/{name}`.
+#[utoipa::path(
+    get,
+    path = "/clusters/{name}",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses(
+        (status = 200, description = "The cluster", body = Cluster),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
 pub(crate) async fn get(
     State(state): State<AppState>,
     AppPath(name): AppPath<String>,

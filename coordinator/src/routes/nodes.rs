@@ -7,12 +7,25 @@ use axum::http::StatusCode;
 
 use pagemesh_api::{Endpoint, NodeId, NodeInfo, RegisterEndpoint};
 
+use pagemesh_api::ApiError;
+
 use super::created_or_ok;
 use crate::AppState;
 use crate::error::AppError;
 use crate::extract::{AppJson, AppPath, AppQuery};
 
 /// `POST /nodes/{node_id}/endpoint`: 201 for a new node, 200 for a known one.
+#[utoipa::path(
+    post,
+    path = "/nodes/{node_id}/endpoint",
+    params(("node_id" = u32, Path, description = "Node id")),
+    request_body = RegisterEndpoint,
+    responses(
+        (status = 201, description = "A new node", body = NodeInfo),
+        (status = 200, description = "A known node, refreshed", body = NodeInfo),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
 pub(crate) async fn register(
     State(state): State<AppState>,
     AppPath(id): AppPath<NodeId>,
@@ -34,6 +47,14 @@ pub(crate) async fn register(
 }
 
 /// `GET /nodes`, sorted by id.
+#[utoipa::path(
+    get,
+    path = "/nodes",
+    responses(
+        (status = 200, description = "Every registered node, by id", body = Vec<NodeInfo>),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
 ) -> Result<AppJson<Vec<NodeInfo>>, AppError> {
@@ -41,6 +62,15 @@ pub(crate) async fn list(
 }
 
 /// `GET /nodes/{node_id}`.
+#[utoipa::path(
+    get,
+    path = "/nodes/{node_id}",
+    params(("node_id" = u32, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "The node", body = NodeInfo),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
 pub(crate) async fn get(
     State(state): State<AppState>,
     AppPath(id): AppPath<NodeId>,
@@ -57,6 +87,18 @@ pub(crate) struct Leave {
 }
 
 /// `DELETE /nodes/{node_id}[?address=host:port]`: the node left the cluster; 204.
+#[utoipa::path(
+    delete,
+    path = "/nodes/{node_id}",
+    params(
+        ("node_id" = u32, Path, description = "Node id"),
+        ("address" = Option<String>, Query, description = "Remove the node only if it is registered at this page-server address")
+    ),
+    responses(
+        (status = 204, description = "The node left the cluster"),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
 pub(crate) async fn deregister(
     State(state): State<AppState>,
     AppPath(id): AppPath<NodeId>,
@@ -74,6 +116,14 @@ pub(crate) async fn deregister(
 }
 
 /// `GET /endpoints`, sorted by node id.
+#[utoipa::path(
+    get,
+    path = "/endpoints",
+    responses(
+        (status = 200, description = "Every page server, by node id", body = Vec<Endpoint>),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
 pub(crate) async fn endpoints(
     State(state): State<AppState>,
 ) -> Result<AppJson<Vec<Endpoint>>, AppError> {

@@ -5,6 +5,8 @@ use axum::http::{HeaderMap, StatusCode};
 
 use pagemesh_api::{CreateVm, IDEMPOTENCY_KEY, Vm, VmId};
 
+use pagemesh_api::ApiError;
+
 use super::created_or_ok;
 use crate::AppState;
 use crate::error::AppError;
@@ -13,6 +15,17 @@ use crate::registry::RegistryError;
 
 /// `POST /vms`: 201 with the VM, its id and its resolved placement; 200 with the VM an
 /// `Idempotency-Key` seen before created.
+#[utoipa::path(
+    post,
+    path = "/vms",
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retried request with the same key gets the VM the first one created")),
+    request_body = CreateVm,
+    responses(
+        (status = 201, description = "Created and placed", body = Vm),
+        (status = 200, description = "The VM this key created before", body = Vm),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -45,11 +58,28 @@ pub(crate) async fn create(
 }
 
 /// `GET /vms`, sorted by id.
+#[utoipa::path(
+    get,
+    path = "/vms",
+    responses(
+        (status = 200, description = "Every VM, by id", body = Vec<Vm>),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
 pub(crate) async fn list(State(state): State<AppState>) -> Result<AppJson<Vec<Vm>>, AppError> {
     Ok(AppJson(state.store.vms()?))
 }
 
 /// `GET /vms/{vm_id}`.
+#[utoipa::path(
+    get,
+    path = "/vms/{vm_id}",
+    params(("vm_id" = u32, Path, description = "VM id")),
+    responses(
+        (status = 200, description = "The VM", body = Vm),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
 pub(crate) async fn get(
     State(state): State<AppState>,
     AppPath(id): AppPath<VmId>,
@@ -58,6 +88,15 @@ pub(crate) async fn get(
 }
 
 /// `DELETE /vms/{vm_id}`: 204.
+#[utoipa::path(
+    delete,
+    path = "/vms/{vm_id}",
+    params(("vm_id" = u32, Path, description = "VM id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
 pub(crate) async fn delete(
     State(state): State<AppState>,
     AppPath(id): AppPath<VmId>,
