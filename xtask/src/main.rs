@@ -98,6 +98,7 @@ fn test(args: TestArgs) -> anyhow::Result<()> {
         &[
             ("PAGEMESH_GUEST_KERNEL", guest.kernel.as_os_str()),
             ("PAGEMESH_GUEST_INITRD", guest.initrd.as_os_str()),
+            ("PAGEMESH_SCHEMATHESIS", setup::schemathesis().as_os_str()),
         ],
     )
 }

@@ -1,11 +1,18 @@
 //! `cargo xtask setup`: make this machine able to build and run pagemesh, idempotently
-//! (apt packages, the devices, and the eBPF toolchain of [`crate::ebpf`]).
+//! (apt packages, the devices, the eBPF toolchain of [`crate::ebpf`], and the Python tools the
+//! tests use, in a virtual environment of their own).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::cmd::apt_install;
+use anyhow::Context;
+
+use crate::cmd::{self, apt_install};
 use crate::ebpf;
+
+/// The schema-driven HTTP fuzzer `tests/coordinator_schema.rs` runs against a real
+/// coordinator, pinned so that a new release cannot change what the suite checks.
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";
 
 /// Debian packages and the command each provides (checked before installing).
 const PACKAGES: &[(&str, &str)] = &[
@@ -37,6 +44,7 @@ pub fn setup() -> anyhow::Result<()> {
     // The eBPF probes' toolchain (nightly rust-src, LLVM 22, bpf-linker): without it the
     // node builds but embeds no probes.
     ebpf::install_toolchain()?;
+    python_tools()?;
     for dev in ["/dev/kvm", "/dev/userfaultfd"] {
         if !Path::new(dev).exists() {
             eprintln!(
@@ -46,4 +54,49 @@ pub fn setup() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The virtual environment of the test tools from PyPI (under `target/`, so a `cargo clean`
+/// takes it along and the next setup builds it again).
+pub fn venv() -> PathBuf {
+    cmd::project_root().join("target/tools/venv")
+}
+
+/// The `schemathesis` command of [`venv`].
+pub fn schemathesis() -> PathBuf {
+    venv().join("bin/schemathesis")
+}
+
+/// Installs [`SCHEMATHESIS`] into [`venv`] unless that version is there. Debian's Python is
+/// "externally managed" (PEP 668): tools from PyPI go into a venv, not the system.
+fn python_tools() -> anyhow::Result<()> {
+    let venv = venv();
+    let python = venv.join("bin/python");
+    let (_, version) = SCHEMATHESIS.split_once("==").expect("a pinned requirement");
+    let installed = Command::new(&python)
+        .args(["-c", "import importlib.metadata as m; print(m.version('schemathesis'))"])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == version);
+    if installed {
+        return Ok(());
+    }
+    if !python.exists() {
+        let has_venv = Command::new("python3")
+            .args(["-c", "import venv, ensurepip"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_venv {
+            apt_install(&["python3-venv"])?;
+        }
+        eprintln!("xtask: creating the test tools' Python environment {}", venv.display());
+        cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+            .context("cannot create a Python virtual environment (is python3-venv installed?)")?;
+    }
+    eprintln!("xtask: installing {SCHEMATHESIS} from PyPI");
+    cmd::run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .arg(SCHEMATHESIS),
+    )
+    .context("cannot install the coordinator's schema fuzzer from PyPI")
 }

@@ -44,7 +44,7 @@ pub(crate) async fn create(
 #[utoipa::path(
     get,
     path = "/clusters/{name}",
-    params(("name" = String, Path, description = "Cluster name")),
+    params(("name" = String, Path, description = "Cluster name", example = "demo")),
     responses(
         (status = 200, description = "The cluster", body = Cluster),
         (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)

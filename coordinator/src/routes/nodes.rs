@@ -18,7 +18,7 @@ use crate::extract::{AppJson, AppPath, AppQuery};
 #[utoipa::path(
     post,
     path = "/nodes/{node_id}/endpoint",
-    params(("node_id" = u32, Path, description = "Node id")),
+    params(("node_id" = u32, Path, description = "Node id", example = 1)),
     request_body = RegisterEndpoint,
     responses(
         (status = 201, description = "A new node", body = NodeInfo),
@@ -65,7 +65,7 @@ pub(crate) async fn list(
 #[utoipa::path(
     get,
     path = "/nodes/{node_id}",
-    params(("node_id" = u32, Path, description = "Node id")),
+    params(("node_id" = u32, Path, description = "Node id", example = 1)),
     responses(
         (status = 200, description = "The node", body = NodeInfo),
         (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
@@ -91,7 +91,7 @@ pub(crate) struct Leave {
     delete,
     path = "/nodes/{node_id}",
     params(
-        ("node_id" = u32, Path, description = "Node id"),
+        ("node_id" = u32, Path, description = "Node id", example = 1),
         ("address" = Option<String>, Query, description = "Remove the node only if it is registered at this page-server address")
     ),
     responses(

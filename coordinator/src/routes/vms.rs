@@ -74,7 +74,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<AppJson<Vec<Vm
 #[utoipa::path(
     get,
     path = "/vms/{vm_id}",
-    params(("vm_id" = u32, Path, description = "VM id")),
+    params(("vm_id" = u32, Path, description = "VM id", example = 1)),
     responses(
         (status = 200, description = "The VM", body = Vm),
         (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
@@ -91,7 +91,7 @@ pub(crate) async fn get(
 #[utoipa::path(
     delete,
     path = "/vms/{vm_id}",
-    params(("vm_id" = u32, Path, description = "VM id")),
+    params(("vm_id" = u32, Path, description = "VM id", example = 1)),
     responses(
         (status = 204, description = "Deleted"),
         (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
