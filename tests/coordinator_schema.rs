@@ -64,9 +64,12 @@ fn the_coordinator_keeps_to_its_schema_under_generated_requests() {
     let key = dir.join("cluster.key");
     std::fs::write(&key, Keyring::generate().unwrap()).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut coordinator =
-        Coordinator::start_with(&bins, &dir, &["--cluster-key-file".as_ref(), key.as_os_str()])
-            .unwrap();
+    let mut coordinator = Coordinator::start_with(
+        &bins,
+        &dir,
+        &["--cluster-key-file".as_ref(), key.as_os_str()],
+    )
+    .unwrap();
     let token = Keyring::load(&key).unwrap().coordinator_token();
 
     // Records for the schema's examples (cluster "demo", node 1, VM 1) to find, so that

@@ -363,3 +363,84 @@ fn a_keyed_coordinator_answers_only_the_cluster() {
     assert!(status.success(), "{log}");
     assert_eq!(c.server_stats()["pages_served"], 4096);
 }
+
+/// Defines a VM of one page held by node 1 whose image is `path`; its id.
+fn image_vm(coordinator: &str, path: &str) -> u32 {
+    let body = serde_json::json!({
+        "compute_node": 9, "mem_bytes": 4096,
+        "placement": {"policy": "interleave", "nodes": [1]},
+        "content": {"kind": "image", "path": path},
+    });
+    let mut response = ureq::post(format!("{coordinator}/vms"))
+        .send_json(&body)
+        .unwrap();
+    let vm: pagemesh_api::Vm = response.body_mut().read_json().unwrap();
+    vm.id
+}
+
+#[test]
+fn a_memory_node_loads_images_only_from_its_image_dir() {
+    let bins = Bins::for_tests().expect("binaries are built");
+    // The harness gives memory nodes `--image-dir` = the run folder.
+    let mut c =
+        pagemesh_tests::Cluster::start(bins, test_dir("security-images"), &[1], "64MiB").unwrap();
+    let images = c.dir.clone();
+    let outside = test_dir("security-images-outside");
+    let secret = outside.join("secret.img");
+    std::fs::write(&secret, b"host secret\n".repeat(400)).unwrap();
+    std::fs::write(images.join("guest.img"), vec![7u8; 4096]).unwrap();
+    std::os::unix::fs::symlink(&secret, images.join("link.img")).unwrap();
+    std::os::unix::fs::symlink(&outside, images.join("up")).unwrap();
+    // A registered compute node (id 9) that runs nothing, for the VMs to name.
+    let compute =
+        serde_json::json!({"transport": "tcp", "address": "127.0.0.1:9", "role": "compute"});
+    ureq::post(format!("{}/nodes/9/endpoint", c.coordinator.url))
+        .send_json(&compute)
+        .unwrap();
+
+    let mut peer = pagemesh_transport::tcp::TcpPeer::connect(
+        CLIENT,
+        "",
+        1,
+        &c.memory[0].addr,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let images_s = images.display().to_string();
+    let outside_name = outside.file_name().unwrap().to_str().unwrap();
+    let refused = [
+        (secret.display().to_string(), "outside the image directory"),
+        (
+            format!("{images_s}/../{outside_name}/secret.img"),
+            "contains `..`",
+        ),
+        (format!("{images_s}/link.img"), "through a symlink"),
+        (format!("{images_s}/up/secret.img"), "through a symlink"),
+        (images_s.clone(), "not a regular file"),
+    ];
+    use pagemesh_transport::{PageSource, PeerControl};
+    let mut page = vec![0u8; 4096];
+    for (path, why) in &refused {
+        let vm = image_vm(&c.coordinator.url, path);
+        let err = peer.load(vm).expect_err(path).to_string();
+        assert!(err.contains(why), "{path}: {err}");
+        // Nothing of it is held, so nothing can be fetched.
+        assert!(peer.fetch(vm, 0, &mut page).is_err(), "{path}");
+    }
+    // The same peer goes on being served: an image beneath the directory loads.
+    let vm = image_vm(&c.coordinator.url, &format!("{images_s}/guest.img"));
+    assert_eq!(peer.load(vm).unwrap(), 1);
+    peer.fetch(vm, 0, &mut page).unwrap();
+    assert_eq!(page, vec![7u8; 4096]);
+    let stats = http_json(&format!("{}/stats", c.memory[0].admin)).unwrap();
+    assert_eq!(stats["server"]["pages_served"], 1, "{stats}");
+    let log = std::fs::read_to_string(c.dir.join("node1.log")).unwrap();
+    assert_eq!(
+        log.matches("refused an image outside --image-dir").count(),
+        5,
+        "{log}"
+    );
+    assert!(!log.contains("host secret"));
+    c.stop().unwrap();
+    std::fs::remove_dir_all(&outside).unwrap();
+}

@@ -119,6 +119,14 @@ pub struct Settings {
     #[arg(long, value_name = "FILE", env = "PAGEMESH_CLUSTER_KEY_FILE")]
     pub cluster_key_file: Option<PathBuf>,
 
+    /// The directory VM images live in. A memory node loads an image (`"content": {"kind":
+    /// "image"}`) only from beneath it: a path outside it, with `..`, or through a symlink
+    /// that leads out of it is refused, and without --image-dir no image is loaded at all. A
+    /// compute node writes a Linux guest's boot image here for the memory nodes to load (the
+    /// temporary directory without it).
+    #[arg(long, value_name = "DIR", env = "PAGEMESH_IMAGE_DIR")]
+    pub image_dir: Option<PathBuf>,
+
     /// Address the page server listens on (port 0: any free port). Every node serves pages;
     /// a compute-only node's server holds none.
     #[arg(

@@ -9,7 +9,7 @@
 //!    stop (SIGTERM, Ctrl-C); then tear the VM down and report.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -66,7 +66,11 @@ pub fn run_linux(
         what: "--kernel",
         why: error_chain(&e),
     })?;
-    let image_path = write_image(id, &image).map_err(|e| ConfigError::Invalid {
+    let image_dir = settings
+        .image_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    let image_path = write_image(&image_dir, id, &image).map_err(|e| ConfigError::Invalid {
         what: "the guest image",
         why: e.to_string(),
     })?;
@@ -231,9 +235,9 @@ pub fn run_linux(
     Ok(ok)
 }
 
-/// Writes guest RAM to a temporary image file the memory nodes can read.
-fn write_image(id: NodeId, mem: &GuestMemoryMmap) -> std::io::Result<PathBuf> {
-    let path = std::env::temp_dir().join(format!(
+/// Writes the boot image into `dir` (`--image-dir`, where the memory nodes may load it from).
+fn write_image(dir: &Path, id: NodeId, mem: &GuestMemoryMmap) -> std::io::Result<PathBuf> {
+    let path = std::fs::canonicalize(dir)?.join(format!(
         "pagemesh-node{id}-{}-guest.img",
         std::process::id()
     ));

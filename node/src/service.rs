@@ -17,7 +17,7 @@ use pagemesh_api::{
 };
 use pagemesh_pager::PageDirectory;
 use pagemesh_pager::directory::MAX_NODE_ID;
-use pagemesh_server::{PageStore, ServerContext, ShutdownSignal};
+use pagemesh_server::{ImageDir, PageStore, ServerContext, ShutdownSignal};
 use pagemesh_transport::TransportManager;
 use pagemesh_transport::local::LocalSource;
 use pagemesh_vmm::VcpuError;
@@ -87,7 +87,18 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         .unwrap_or_else(|| bound.to_string());
 
     let lookup_client = coordinator.clone();
-    let ctx = ServerContext::new(id, PageStore::new(capacity_pages), move |vm| {
+    let mut store = PageStore::new(capacity_pages);
+    match &settings.image_dir {
+        Some(dir) if role.serves_memory() => {
+            let images = ImageDir::open(dir).map_err(|e| NodeError::ImageDir(dir.clone(), e))?;
+            tracing::info!("loads VM images only from {}", images.path().display());
+            store = store.with_image_dir(images);
+        }
+        Some(_) => {}
+        None if role.serves_memory() => tracing::info!("loads no VM images (no --image-dir)"),
+        None => {}
+    }
+    let ctx = ServerContext::new(id, store, move |vm| {
         lookup_client.vm(vm).map_err(Into::into)
     });
     let spin = Duration::from_micros(settings.memory.serve_spin_us);

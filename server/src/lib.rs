@@ -25,6 +25,7 @@
 //!
 //! Every reply carries the CRC32C of its payload, computed in place over the buffer.
 
+pub mod images;
 pub mod store;
 
 use std::collections::HashMap;
@@ -42,6 +43,7 @@ use pagemesh_api::{NodeId, PAGE_SIZE, Vm, VmId};
 use pagemesh_auth::{Keyring, Nonce, Transcript};
 use tracing::{debug, warn};
 
+pub use images::{ImageDir, ImageRefusal};
 pub use store::{PageStore, Session, StoreError};
 
 use pagemesh_protocol::{
@@ -509,7 +511,94 @@ enum End {
     Unauthenticated,
 }
 
-fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &ServerContext) {
+/// What a page connection runs over: a TCP socket here; bytes in memory for the fuzz targets
+/// (`fuzz/`) and tests. The connection loop is generic over it, so nothing on the fault path
+/// goes through a virtual call.
+pub trait PageStream: Read + Write {
+    /// Reads what has arrived without blocking, polling for up to `spin` until something
+    /// has; the bytes read, 0 when nothing came (see [`spin_read`]). A stream that cannot
+    /// poll returns 0 and its blocking read does the work.
+    fn spin_read(&mut self, _buf: &mut [u8], _spin: Duration) -> usize {
+        0
+    }
+
+    /// Sets how long a blocking read may wait (`None`: for ever); the handshake's deadline.
+    fn set_read_timeout(&mut self, _timeout: Option<Duration>) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl PageStream for TcpStream {
+    fn spin_read(&mut self, buf: &mut [u8], spin: Duration) -> usize {
+        spin_read(self, buf, spin)
+    }
+
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+}
+
+/// A [`PageStream`] that reads a fixed script of bytes and keeps what is written: a client
+/// that sends `input` and then closes. For the fuzz targets and tests of
+/// [`serve_stream`].
+#[derive(Debug, Default)]
+pub struct ScriptedStream<'a> {
+    input: &'a [u8],
+    /// Everything the server wrote.
+    pub output: Vec<u8>,
+}
+
+impl<'a> ScriptedStream<'a> {
+    /// A client that sends `input`, then closes its side.
+    pub fn new(input: &'a [u8]) -> Self {
+        ScriptedStream {
+            input,
+            output: Vec::new(),
+        }
+    }
+}
+
+impl Read for ScriptedStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl Write for ScriptedStream<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Bounded, so that a fuzz input cannot make the server write without end.
+        if self.output.len() > 64 << 20 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl PageStream for ScriptedStream<'_> {}
+
+impl<S: PageStream + ?Sized> PageStream for &mut S {
+    fn spin_read(&mut self, buf: &mut [u8], spin: Duration) -> usize {
+        (**self).spin_read(buf, spin)
+    }
+
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        (**self).set_read_timeout(timeout)
+    }
+}
+
+/// Serves one page connection over `stream` until it ends, as the server does each accepted
+/// socket (the handshake first, then requests); for tests and fuzzing over streams that are
+/// not sockets. `peer` is only for the logs.
+pub fn serve_stream<S: PageStream>(stream: S, peer: SocketAddr, ctx: &ServerContext) {
+    serve_connection(stream, peer, ctx);
+}
+
+fn serve_connection<S: PageStream>(mut stream: S, peer: SocketAddr, ctx: &ServerContext) {
     let serial = ctx.counters.connections.fetch_add(1, Ordering::Relaxed);
     Counters::add(&ctx.counters.open_connections, 1);
     debug!(%peer, "page connection opened");
@@ -556,8 +645,8 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &ServerContext
 }
 
 /// Reads one request and answers it.
-fn serve_request(
-    stream: &mut TcpStream,
+fn serve_request<S: PageStream>(
+    stream: &mut S,
     buf: &mut [u8],
     peer: SocketAddr,
     ctx: &ServerContext,
@@ -565,7 +654,7 @@ fn serve_request(
     stage: &mut Stage,
 ) -> Result<(), End> {
     let mut head = [0u8; HEADER_LEN];
-    let got = spin_read(stream, &mut head, ctx.spin);
+    let got = stream.spin_read(&mut head, ctx.spin);
     read_frame_part(stream, &mut head, got, true)?;
     let request: Header = zerocopy::transmute!(head);
     let len = match request.validate(Direction::Request) {
@@ -619,8 +708,8 @@ fn gate(stage: &Stage, request: &Header) -> Result<(), &'static str> {
 
 /// Refuses a request of a client that skipped or failed the handshake, counts and logs it;
 /// the connection is then closed.
-fn refuse_unauthenticated(
-    stream: &mut TcpStream,
+fn refuse_unauthenticated<S: PageStream>(
+    stream: &mut S,
     buf: &mut [u8],
     peer: SocketAddr,
     ctx: &ServerContext,
@@ -643,8 +732,8 @@ fn refuse_unauthenticated(
 /// Checks an Auth request's proof against the transcript of this connection's Hello: right,
 /// and the reply carries the server's proof and the connection is ready; wrong, and it is
 /// refused and closed.
-fn authenticate(
-    stream: &mut TcpStream,
+fn authenticate<S: PageStream>(
+    stream: &mut S,
     buf: &mut [u8],
     peer: SocketAddr,
     ctx: &ServerContext,
@@ -709,8 +798,8 @@ fn authenticate(
 
 /// Answers a request that broke the rules (the caller then skips its payload or ends the
 /// connection).
-fn refuse_frame(
-    stream: &mut TcpStream,
+fn refuse_frame<S: PageStream>(
+    stream: &mut S,
     buf: &mut [u8],
     peer: SocketAddr,
     ctx: &ServerContext,
@@ -735,8 +824,8 @@ fn refuse_frame(
 /// Fills `dst` from the stream, past the `got` bytes already read into it. An end of stream
 /// before the first byte of a frame (`at_frame_start`) is a clean close; anywhere else it is
 /// a truncated frame.
-fn read_frame_part(
-    stream: &mut TcpStream,
+fn read_frame_part<S: PageStream>(
+    stream: &mut S,
     dst: &mut [u8],
     mut got: usize,
     at_frame_start: bool,
@@ -842,7 +931,9 @@ impl Refusal {
                 StoreError::NotHeld { .. } => Status::NotHeld,
                 StoreError::NoCapacity { .. } => Status::NoCapacity,
                 StoreError::BadRunLength(_) | StoreError::OutOfRange { .. } => Status::BadRequest,
-                StoreError::Image { .. } => Status::LoadFailed,
+                StoreError::Image { .. }
+                | StoreError::ImageRefused { .. }
+                | StoreError::NoImageDir { .. } => Status::LoadFailed,
             },
             Refusal::Lookup { .. } | Refusal::WrongVm { .. } => Status::LoadFailed,
             Refusal::ClusterNotUtf8 | Refusal::HelloAgain | Refusal::NoAuthDue => {
@@ -1747,6 +1838,48 @@ mod tests {
         }
         assert_eq!(server.ctx.store.held(7).unwrap(), 0);
         assert_eq!(server.ctx.pages_claimed(), 32);
+    }
+
+    /// The frames in `bytes`, split and checked as replies.
+    fn split_replies(mut bytes: &[u8]) -> Vec<(Header, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let len = pagemesh_protocol::check(bytes, Direction::Response).unwrap();
+            let h = Header::peek(bytes).unwrap();
+            out.push((h, bytes[HEADER_LEN..len].to_vec()));
+            bytes = &bytes[len..];
+        }
+        out
+    }
+
+    #[test]
+    fn a_connection_is_served_over_any_stream() {
+        let ctx = ServerContext::new(ME, PageStore::new(100), |_| Ok(vm7()))
+            .with_cluster(CLUSTER.to_owned())
+            .unwrap();
+        let mut script = hello_frame(1, 5, CLUSTER.as_bytes());
+        script.extend(frame(Header::request(Op::Load, 2, 7, 0, 0), &[]));
+        script.extend(frame(Header::request(Op::Fetch, 3, 7, 4, 2), &[]));
+        let mut stream = ScriptedStream::new(&script);
+        serve_connection(&mut stream, "127.0.0.1:9".parse().unwrap(), &ctx);
+        let replies = split_replies(&stream.output);
+        assert_eq!(replies.len(), 3);
+        assert!(replies.iter().all(|(h, _)| h.status() == Ok(Status::Ok)));
+        assert_eq!(replies[1].0.page(), 32);
+        assert_pattern(4, &replies[2].1);
+        assert_eq!(ctx.pages_served(), 2);
+        // Keyed, the same script gets its Hello answered and its Load refused, unread.
+        let keyed = ServerContext::new(ME, PageStore::new(100), |_| Ok(vm7()))
+            .with_cluster(CLUSTER.to_owned())
+            .unwrap()
+            .with_keyring(Keyring::from_secret(&[7; 32]));
+        let mut stream = ScriptedStream::new(&script);
+        serve_stream(&mut stream, "127.0.0.1:9".parse().unwrap(), &keyed);
+        let replies = split_replies(&stream.output);
+        assert_eq!(replies.len(), 2);
+        assert_eq!(replies[1].0.status(), Ok(Status::Unauthenticated));
+        assert_eq!(keyed.pages_served(), 0);
+        assert_eq!(keyed.auth_refusals(), 1);
     }
 
     #[test]

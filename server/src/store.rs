@@ -37,6 +37,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use pagemesh_api::pattern;
 use pagemesh_api::{Content, NodeId, PAGE_SIZE, Vm, VmId};
 
+use crate::images::{ImageDir, ImageRefusal};
+
 /// One page.
 type Page = [u8; PAGE_SIZE];
 
@@ -83,6 +85,28 @@ pub enum StoreError {
         count: u64,
         /// Pages of the VM.
         pages: u64,
+    },
+    /// The VM's image may not be loaded from where it is (`--image-dir`).
+    #[error("refused to load image {path} of VM {vm}: {why}")]
+    ImageRefused {
+        /// The VM.
+        vm: VmId,
+        /// The image path.
+        path: String,
+        /// Why.
+        #[source]
+        why: ImageRefusal,
+    },
+    /// The node was given no `--image-dir`, so it loads no images.
+    #[error(
+        "refused to load image {path} of VM {vm}: this memory node loads images only from \
+         its --image-dir, and it has none; start it with --image-dir DIR holding the image"
+    )]
+    NoImageDir {
+        /// The VM.
+        vm: VmId,
+        /// The image path.
+        path: String,
     },
     /// The VM's image could not be read.
     #[error("cannot read image {path} of VM {vm}")]
@@ -245,6 +269,8 @@ struct Loan {
 #[derive(Debug)]
 pub struct PageStore {
     inner: Mutex<Inner>,
+    /// Where `Content::Image` may be loaded from; none: no images at all.
+    images: Option<ImageDir>,
 }
 
 /// Where a load's pages come from.
@@ -271,7 +297,15 @@ impl PageStore {
                 vms: HashMap::new(),
                 loans: HashMap::new(),
             }),
+            images: None,
         }
+    }
+
+    /// Loads `Content::Image` from beneath `images` only (`--image-dir`); without it the
+    /// store loads no image at all.
+    pub fn with_image_dir(mut self, images: ImageDir) -> Self {
+        self.images = Some(images);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -315,7 +349,27 @@ impl PageStore {
                     path: path.clone(),
                     source,
                 };
-                let file = File::open(path).map_err(failed)?;
+                let images = self.images.as_ref().ok_or_else(|| StoreError::NoImageDir {
+                    vm: id,
+                    path: path.clone(),
+                })?;
+                let file = images.open_image(path).map_err(|why| match why {
+                    // Missing or unreadable: as for any file.
+                    ImageRefusal::Io(e) => failed(e),
+                    why => {
+                        tracing::warn!(
+                            vm = id,
+                            path,
+                            "refused an image outside --image-dir {}: {why}",
+                            images.path().display()
+                        );
+                        StoreError::ImageRefused {
+                            vm: id,
+                            path: path.clone(),
+                            why,
+                        }
+                    }
+                })?;
                 let len = file.metadata().map_err(failed)?.len();
                 let pages = len.div_ceil(PAGE_SIZE as u64).min(total);
                 let path = path.clone();
@@ -768,7 +822,7 @@ mod tests {
         }
         bytes.extend_from_slice(&[0xAB; PAGE_SIZE / 2]);
         let file = TempFile::new("short.img", &bytes);
-        let store = PageStore::new(100);
+        let store = with_temp_images(100);
         let placement = Placement::interleave(vec![1, 2], 1, 8).unwrap();
         let content = Content::Image {
             path: file.0.to_string_lossy().into_owned(),
@@ -781,7 +835,7 @@ mod tests {
             3
         );
         // Node 2 holds 1, 3, 5 (partial), 7 (past the end).
-        let store2 = PageStore::new(100);
+        let store2 = with_temp_images(100);
         assert_eq!(store2.load(&vm(4, placement, content), 2).unwrap(), 3);
         let mut page = page_of(0);
         for (s, p) in [
@@ -815,7 +869,7 @@ mod tests {
             pattern::fill_page(5, p as u64, chunk);
         }
         let file = TempFile::new("long.img", &bytes);
-        let store = PageStore::new(1000);
+        let store = with_temp_images(1000);
         let content = Content::Image {
             path: file.0.to_string_lossy().into_owned(),
         };
@@ -830,17 +884,54 @@ mod tests {
         }
     }
 
+    /// A store that loads images from the temporary directory, where [`TempFile`]s are.
+    fn with_temp_images(capacity: u32) -> PageStore {
+        PageStore::new(capacity).with_image_dir(ImageDir::open(&std::env::temp_dir()).unwrap())
+    }
+
     #[test]
     fn a_missing_image_is_an_error_that_names_it() {
-        let store = PageStore::new(10);
+        let store = with_temp_images(10);
+        let missing = std::env::temp_dir().join("pagemesh-nonexistent.img");
         let content = Content::Image {
-            path: "/nonexistent/pagemesh.img".into(),
+            path: missing.display().to_string(),
         };
         let err = store.load(&vm(1, all_on(1, 4), content), 1).unwrap_err();
         assert!(matches!(err, StoreError::Image { vm: 1, .. }));
-        assert!(err.to_string().contains("/nonexistent/pagemesh.img"));
+        assert!(err.to_string().contains("pagemesh-nonexistent.img"));
         assert!(matches!(store.held(1), Err(StoreError::UnknownVm(1))));
         assert_eq!(store.free_pages(), 10);
+    }
+
+    #[test]
+    fn images_load_only_from_the_image_dir() {
+        let file = TempFile::new("allowed.img", &page_of(7));
+        let image = Content::Image {
+            path: file.0.display().to_string(),
+        };
+        // No --image-dir: no image at all.
+        let store = PageStore::new(10);
+        let err = store
+            .load(&vm(1, all_on(1, 1), image.clone()), 1)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NoImageDir { vm: 1, .. }), "{err}");
+        assert!(err.to_string().contains("--image-dir"), "{err}");
+        // Outside the directory: refused, nothing loaded.
+        let dir = std::env::temp_dir().join(format!("pagemesh-store-{}-dir", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = PageStore::new(10).with_image_dir(ImageDir::open(&dir).unwrap());
+        let err = store.load(&vm(1, all_on(1, 1), image), 1).unwrap_err();
+        assert!(
+            matches!(err, StoreError::ImageRefused { vm: 1, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("outside the image directory"),
+            "{err}"
+        );
+        assert!(matches!(store.held(1), Err(StoreError::UnknownVm(1))));
+        assert_eq!(store.free_pages(), 10);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -278,7 +278,10 @@ impl MemoryNode {
         let mut cmd = Command::new(&bins.node);
         cmd.args(["--role", "memory", "--listen", listen])
             .args(["--id", &id.to_string(), "--coordinator", coordinator])
-            .args(["--capacity", capacity]);
+            .args(["--capacity", capacity])
+            // Images (`--image`, a Linux guest's boot image) are loaded from the run folder.
+            .arg("--image-dir")
+            .arg(dir);
         if let Some(a) = advertise {
             cmd.args(["--advertise", a]);
         }
@@ -361,6 +364,9 @@ impl Cluster {
                 .args(["--coordinator", &self.coordinator.url])
                 .arg("--json")
                 .arg(&json)
+                // Where a Linux guest's boot image goes, for the memory nodes to load.
+                .arg("--image-dir")
+                .arg(&self.dir)
                 .args(args),
         )?;
         Ok((proc, json))

@@ -74,7 +74,10 @@ fn python_tools() -> anyhow::Result<()> {
     let python = venv.join("bin/python");
     let (_, version) = SCHEMATHESIS.split_once("==").expect("a pinned requirement");
     let installed = Command::new(&python)
-        .args(["-c", "import importlib.metadata as m; print(m.version('schemathesis'))"])
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('schemathesis'))",
+        ])
         .output()
         .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == version);
     if installed {
@@ -88,14 +91,23 @@ fn python_tools() -> anyhow::Result<()> {
         if !has_venv {
             apt_install(&["python3-venv"])?;
         }
-        eprintln!("xtask: creating the test tools' Python environment {}", venv.display());
+        eprintln!(
+            "xtask: creating the test tools' Python environment {}",
+            venv.display()
+        );
         cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
             .context("cannot create a Python virtual environment (is python3-venv installed?)")?;
     }
     eprintln!("xtask: installing {SCHEMATHESIS} from PyPI");
     cmd::run(
         Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .arg(SCHEMATHESIS),
     )
     .context("cannot install the coordinator's schema fuzzer from PyPI")
