@@ -31,6 +31,9 @@ pub enum PlacementError {
     /// A VM must have at least one page.
     #[error("a VM needs at least one page of memory")]
     NoPages,
+    /// More pages than [`MAX_PAGES`].
+    #[error("a VM has at most 2^40 pages (4 PiB of memory); this one would have {0}")]
+    TooManyPages(u64),
     /// Interleave granule of zero.
     #[error("granule_pages must be at least 1")]
     ZeroGranule,
@@ -52,10 +55,17 @@ pub enum PlacementError {
     NoCapacity,
 }
 
+/// Most pages a VM may have: 2^40 (4 PiB), so that page arithmetic never overflows.
+pub const MAX_PAGES: u64 = 1 << 40;
+
 /// A resolved placement of a VM's pages.
+///
+/// It is only ever valid: the constructors check it, and so does decoding (through
+/// [`wire::Placement`]), since nodes take placements from the coordinator's JSON and do
+/// arithmetic on them (a zero granule would divide by zero, ranges could overflow).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(rename_all = "lowercase", tag = "policy")]
+#[serde(rename_all = "lowercase", tag = "policy", try_from = "wire::Placement")]
 pub enum Placement {
     /// Page `p` is held by `nodes[(p / granule_pages) % nodes.len()]`.
     Interleave {
@@ -86,6 +96,9 @@ impl Placement {
         if pages == 0 {
             return Err(PlacementError::NoPages);
         }
+        if pages > MAX_PAGES {
+            return Err(PlacementError::TooManyPages(pages));
+        }
         if granule_pages == 0 {
             return Err(PlacementError::ZeroGranule);
         }
@@ -107,6 +120,9 @@ impl Placement {
         if pages == 0 {
             return Err(PlacementError::NoPages);
         }
+        if pages > MAX_PAGES {
+            return Err(PlacementError::TooManyPages(pages));
+        }
         ranges.retain(|r| r.pages > 0);
         ranges.sort_by_key(|r| r.start);
         let mut next = 0u64;
@@ -124,7 +140,11 @@ impl Placement {
                     problem,
                 });
             }
-            next = r.start.saturating_add(r.pages);
+            // r.start == next <= MAX_PAGES, so only a huge run can pass the end here.
+            next = match r.start.checked_add(r.pages) {
+                Some(end) if end <= MAX_PAGES => end,
+                _ => return Err(PlacementError::TooManyPages(r.start.saturating_add(r.pages))),
+            };
             match merged.last_mut() {
                 Some(last) if last.node == r.node => last.pages += r.pages,
                 _ => merged.push(r),
@@ -279,6 +299,33 @@ impl Placement {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn decoding_checks_the_placement() {
+        let bad = [
+            (r#"{"policy":"interleave","nodes":[1],"granule_pages":0,"pages":5}"#, "granule_pages"),
+            (r#"{"policy":"interleave","nodes":[],"granule_pages":1,"pages":5}"#, "no memory nodes"),
+            (r#"{"policy":"interleave","nodes":[1,1],"granule_pages":1,"pages":5}"#, "twice"),
+            (r#"{"policy":"interleave","nodes":[1],"granule_pages":1,"pages":0}"#, "at least one page"),
+            (
+                r#"{"policy":"interleave","nodes":[1],"granule_pages":1,"pages":18446744073709551615}"#,
+                "at most 2^40 pages",
+            ),
+            (r#"{"policy":"ranges","ranges":[{"start":1,"pages":2,"node":1}]}"#, "not covered"),
+            (
+                r#"{"policy":"ranges","ranges":[{"start":0,"pages":18446744073709551615,"node":1},{"start":18446744073709551615,"pages":5,"node":1}]}"#,
+                "at most 2^40 pages",
+            ),
+        ];
+        for (json, why) in bad {
+            let err = serde_json::from_str::<Placement>(json).unwrap_err().to_string();
+            assert!(err.contains(why), "{json}: {err}");
+        }
+        let good = r#"{"policy":"ranges","ranges":[{"start":0,"pages":2,"node":1},{"start":2,"pages":3,"node":2}]}"#;
+        let p: Placement = serde_json::from_str(good).unwrap();
+        assert_eq!((p.pages(), p.count_of(2), p.owner(4)), (5, 3, Some(2)));
+        assert_eq!(serde_json::to_string(&p).unwrap(), good);
+    }
+
     use proptest::prelude::*;
 
     use super::*;
@@ -383,5 +430,54 @@ mod tests {
             json,
             r#"{"policy":"interleave","nodes":[1,2],"granule_pages":1,"pages":4}"#
         );
+    }
+}
+
+/// The placement as it is written, before it is checked: what [`Placement`] decodes through.
+pub mod wire {
+    use serde::Deserialize;
+
+    use super::{PageRange, PlacementError};
+    use crate::NodeId;
+
+    /// [`super::Placement`]'s JSON, unchecked.
+    #[derive(Deserialize)]
+    #[serde(rename_all = "lowercase", tag = "policy")]
+    pub enum Placement {
+        /// See [`super::Placement::Interleave`].
+        Interleave {
+            /// Memory nodes, in round-robin order.
+            nodes: Vec<NodeId>,
+            /// Consecutive pages on one node.
+            granule_pages: u32,
+            /// Pages of the VM.
+            pages: u64,
+        },
+        /// See [`super::Placement::Ranges`].
+        Ranges {
+            /// The runs.
+            ranges: Vec<PageRange>,
+        },
+    }
+
+    impl TryFrom<Placement> for super::Placement {
+        type Error = PlacementError;
+
+        fn try_from(p: Placement) -> Result<Self, PlacementError> {
+            match p {
+                Placement::Interleave {
+                    nodes,
+                    granule_pages,
+                    pages,
+                } => super::Placement::interleave(nodes, granule_pages, pages),
+                Placement::Ranges { ranges } => {
+                    let end = ranges
+                        .iter()
+                        .try_fold(0u64, |sum, r| sum.checked_add(r.pages))
+                        .ok_or(PlacementError::TooManyPages(u64::MAX))?;
+                    super::Placement::ranges(ranges, end)
+                }
+            }
+        }
     }
 }

@@ -6,15 +6,17 @@
 //! | `build-ebpf` | builds the eBPF probe object on its own (the node's build embeds it anyway) |
 //! | `run` | builds, starts a coordinator and three nodes on loopback, runs guests, prints a summary |
 //! | `bench` | the fault-latency benchmark |
-//! | `test` | the whole suite (what CI runs) |
+//! | `test` | the whole suite (what CI runs), a short fuzz run included |
+//! | `fuzz` | every cargo-fuzz target of `fuzz/` for a bounded time |
 //!
-//! A module per command (`setup`, `ebpf`, `run`, `bench`), `guest` for the Linux guest the
+//! A module per command (`setup`, `ebpf`, `run`, `bench`, `fuzz`), `guest` for the Linux guest the
 //! tests boot, `summary` for a run's results, and `cmd` for running programs (cargo, apt-get)
 //! from the workspace root, which all of them use and which uses none of them.
 
 mod bench;
 mod cmd;
 mod ebpf;
+mod fuzz;
 mod guest;
 mod run;
 mod setup;
@@ -44,8 +46,12 @@ enum Command {
     /// Measure fault latency: local demand-zero, userfaultfd from a local buffer, remote
     /// sequential and remote random.
     Bench(bench::BenchArgs),
-    /// Run the whole test suite: formatting, lints, unit and end-to-end tests.
+    /// Run the whole test suite: formatting, lints, unit and end-to-end tests, then each
+    /// fuzz target for a few seconds.
     Test(TestArgs),
+    /// Run every fuzz target (`fuzz/`, cargo-fuzz on nightly) for a bounded time from the
+    /// corpus in the repository; fails if one crashes (docs/fuzzing.md).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(clap::Args)]
@@ -53,6 +59,9 @@ struct TestArgs {
     /// Skip `cargo fmt --check` and `cargo clippy`.
     #[arg(long)]
     no_lint: bool,
+    /// Seconds to run each fuzz target after the tests (0: none).
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    fuzz_seconds: u64,
     /// Extra arguments passed to `cargo test`.
     #[arg(last = true)]
     cargo_args: Vec<String>,
@@ -61,11 +70,14 @@ struct TestArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Setup => setup::setup().and_then(|()| guest::ensure().map(|_| ())),
+        Command::Setup => setup::setup()
+            .and_then(|()| fuzz::install())
+            .and_then(|()| guest::ensure().map(|_| ())),
         Command::BuildEbpf => ebpf::build_ebpf(),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args),
         Command::Test(args) => test(args),
+        Command::Fuzz(args) => fuzz::fuzz(&args).map(drop),
     }
 }
 
@@ -100,5 +112,13 @@ fn test(args: TestArgs) -> anyhow::Result<()> {
             ("PAGEMESH_GUEST_INITRD", guest.initrd.as_os_str()),
             ("PAGEMESH_SCHEMATHESIS", setup::schemathesis().as_os_str()),
         ],
-    )
+    )?;
+    if args.fuzz_seconds > 0 {
+        fuzz::fuzz(&fuzz::FuzzArgs {
+            seconds: args.fuzz_seconds,
+            target: None,
+            json: None,
+        })?;
+    }
+    Ok(())
 }
