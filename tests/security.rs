@@ -81,6 +81,17 @@ impl Keyed {
 
 /// Starts memory node 1 with the cluster key `key`.
 fn start_memory(bins: &Bins, dir: &Path, coordinator: &str, key: &Path) -> MemoryNode {
+    start_memory_with(bins, dir, coordinator, key, &[])
+}
+
+/// Starts memory node 1 with the cluster key `key` and `args`.
+fn start_memory_with(
+    bins: &Bins,
+    dir: &Path,
+    coordinator: &str,
+    key: &Path,
+    args: &[&str],
+) -> MemoryNode {
     let mut proc = Proc::spawn(
         "node1",
         dir,
@@ -88,7 +99,8 @@ fn start_memory(bins: &Bins, dir: &Path, coordinator: &str, key: &Path) -> Memor
             .args(["--role", "memory", "--id", "1", "--listen", "127.0.0.1:0"])
             .args(["--coordinator", coordinator, "--capacity", "256MiB"])
             .arg("--cluster-key-file")
-            .arg(key),
+            .arg(key)
+            .args(args),
     )
     .unwrap();
     let line = proc
@@ -366,10 +378,25 @@ fn a_keyed_coordinator_answers_only_the_cluster() {
 
 /// Defines a VM of one page held by node 1 whose image is `path`; its id.
 fn image_vm(coordinator: &str, path: &str) -> u32 {
+    let content = serde_json::json!({"kind": "image", "path": path});
+    define_vm(coordinator, 4096, content)
+}
+
+/// Registers compute node 9 (it runs nothing) for VMs to name.
+fn register_compute(coordinator: &str) {
+    let compute =
+        serde_json::json!({"transport": "tcp", "address": "127.0.0.1:9", "role": "compute"});
+    ureq::post(format!("{coordinator}/nodes/9/endpoint"))
+        .send_json(&compute)
+        .unwrap();
+}
+
+/// Defines a VM of `mem_bytes` on compute node 9, all its pages on node 1; its id.
+fn define_vm(coordinator: &str, mem_bytes: u64, content: serde_json::Value) -> u32 {
     let body = serde_json::json!({
-        "compute_node": 9, "mem_bytes": 4096,
+        "compute_node": 9, "mem_bytes": mem_bytes,
         "placement": {"policy": "interleave", "nodes": [1]},
-        "content": {"kind": "image", "path": path},
+        "content": content,
     });
     let mut response = ureq::post(format!("{coordinator}/vms"))
         .send_json(&body)
@@ -391,12 +418,7 @@ fn a_memory_node_loads_images_only_from_its_image_dir() {
     std::fs::write(images.join("guest.img"), vec![7u8; 4096]).unwrap();
     std::os::unix::fs::symlink(&secret, images.join("link.img")).unwrap();
     std::os::unix::fs::symlink(&outside, images.join("up")).unwrap();
-    // A registered compute node (id 9) that runs nothing, for the VMs to name.
-    let compute =
-        serde_json::json!({"transport": "tcp", "address": "127.0.0.1:9", "role": "compute"});
-    ureq::post(format!("{}/nodes/9/endpoint", c.coordinator.url))
-        .send_json(&compute)
-        .unwrap();
+    register_compute(&c.coordinator.url);
 
     let mut peer = pagemesh_transport::tcp::TcpPeer::connect(
         CLIENT,
@@ -443,4 +465,62 @@ fn a_memory_node_loads_images_only_from_its_image_dir() {
     assert!(!log.contains("host secret"));
     c.stop().unwrap();
     std::fs::remove_dir_all(&outside).unwrap();
+}
+
+#[test]
+fn idle_connections_are_closed_and_their_clients_come_back() {
+    let bins = Bins::for_tests().expect("binaries are built");
+    let dir = test_dir("security-idle-timeout");
+    let key = key_file(&dir, "cluster.key", KEY);
+    let coordinator = Coordinator::start(&bins, &dir).unwrap();
+    let mut memory = start_memory_with(
+        &bins,
+        &dir,
+        &coordinator.url,
+        &key,
+        &["--idle-timeout", "1"],
+    );
+    register_compute(&coordinator.url);
+    let vm = define_vm(
+        &coordinator.url,
+        1 << 20,
+        serde_json::json!({"kind": "pattern", "seed": 3}),
+    );
+    let credentials = pagemesh_transport::tcp::Credentials::keyless("")
+        .with_key(std::sync::Arc::new(Keyring::load(&key).unwrap()));
+    let peer = pagemesh_transport::tcp::TcpPeer::connect_with(
+        CLIENT,
+        &credentials,
+        1,
+        &memory.addr,
+        pagemesh_transport::tcp::TcpOptions::default(),
+    )
+    .unwrap();
+    let mut control = pagemesh_transport::ControlPlane::new(CLIENT, Duration::from_secs(5));
+    control.add(Box::new(peer));
+    assert_eq!(control.ask(1, |p| p.load(vm)).unwrap(), 256);
+    let server = |field: &str| {
+        http_json(&format!("{}/stats", memory.admin)).unwrap()["server"][field].clone()
+    };
+    assert_eq!(server("open_connections"), 1);
+    // Silent for over a second: the node closes the authenticated connection.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server("open_connections") != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle connection stayed open"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The client finds it closed at its next request, reconnects (the handshake again) and
+    // is answered.
+    assert_eq!(control.ask(1, |p| p.held(vm)).unwrap(), 256);
+    assert_eq!(server("connections"), 2);
+    assert_eq!(server("auth_refusals"), 0);
+    let log = std::fs::read_to_string(dir.join("node1.log")).unwrap();
+    assert!(
+        log.contains("closed a page connection idle for 1s"),
+        "{log}"
+    );
+    memory.proc.stop().unwrap();
 }

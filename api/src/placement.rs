@@ -143,7 +143,11 @@ impl Placement {
             // r.start == next <= MAX_PAGES, so only a huge run can pass the end here.
             next = match r.start.checked_add(r.pages) {
                 Some(end) if end <= MAX_PAGES => end,
-                _ => return Err(PlacementError::TooManyPages(r.start.saturating_add(r.pages))),
+                _ => {
+                    return Err(PlacementError::TooManyPages(
+                        r.start.saturating_add(r.pages),
+                    ));
+                }
             };
             match merged.last_mut() {
                 Some(last) if last.node == r.node => last.pages += r.pages,
@@ -302,22 +306,39 @@ mod tests {
     #[test]
     fn decoding_checks_the_placement() {
         let bad = [
-            (r#"{"policy":"interleave","nodes":[1],"granule_pages":0,"pages":5}"#, "granule_pages"),
-            (r#"{"policy":"interleave","nodes":[],"granule_pages":1,"pages":5}"#, "no memory nodes"),
-            (r#"{"policy":"interleave","nodes":[1,1],"granule_pages":1,"pages":5}"#, "twice"),
-            (r#"{"policy":"interleave","nodes":[1],"granule_pages":1,"pages":0}"#, "at least one page"),
+            (
+                r#"{"policy":"interleave","nodes":[1],"granule_pages":0,"pages":5}"#,
+                "granule_pages",
+            ),
+            (
+                r#"{"policy":"interleave","nodes":[],"granule_pages":1,"pages":5}"#,
+                "no memory nodes",
+            ),
+            (
+                r#"{"policy":"interleave","nodes":[1,1],"granule_pages":1,"pages":5}"#,
+                "twice",
+            ),
+            (
+                r#"{"policy":"interleave","nodes":[1],"granule_pages":1,"pages":0}"#,
+                "at least one page",
+            ),
             (
                 r#"{"policy":"interleave","nodes":[1],"granule_pages":1,"pages":18446744073709551615}"#,
                 "at most 2^40 pages",
             ),
-            (r#"{"policy":"ranges","ranges":[{"start":1,"pages":2,"node":1}]}"#, "not covered"),
+            (
+                r#"{"policy":"ranges","ranges":[{"start":1,"pages":2,"node":1}]}"#,
+                "not covered",
+            ),
             (
                 r#"{"policy":"ranges","ranges":[{"start":0,"pages":18446744073709551615,"node":1},{"start":18446744073709551615,"pages":5,"node":1}]}"#,
                 "at most 2^40 pages",
             ),
         ];
         for (json, why) in bad {
-            let err = serde_json::from_str::<Placement>(json).unwrap_err().to_string();
+            let err = serde_json::from_str::<Placement>(json)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(why), "{json}: {err}");
         }
         let good = r#"{"policy":"ranges","ranges":[{"start":0,"pages":2,"node":1},{"start":2,"pages":3,"node":2}]}"#;

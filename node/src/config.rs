@@ -231,6 +231,12 @@ pub struct MemoryOptions {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
     )]
     pub max_connections: usize,
+
+    /// Seconds an authenticated page connection may send nothing before it is closed (0:
+    /// never). Its client reconnects when it next needs this node, so this only reaps the
+    /// connections of clients that went away without closing them.
+    #[arg(long, value_name = "SECS", default_value_t = pagemesh_server::DEFAULT_IDLE_TIMEOUT.as_secs())]
+    pub idle_timeout: u64,
 }
 
 fn default_serve_spin_us() -> u64 {

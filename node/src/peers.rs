@@ -73,7 +73,7 @@ pub(crate) fn discover_and_connect_peers(
 /// result stands either way).
 pub(crate) fn release_vm(control: &mut ControlPlane, vm: &Vm) {
     for n in vm.placement.nodes() {
-        if let Err(e) = control.peer(n).and_then(|p| p.release(vm.id)) {
+        if let Err(e) = control.ask(n, |p| p.release(vm.id)) {
             tracing::warn!(
                 "node {n} could not release VM {}: {}",
                 vm.id,
@@ -107,19 +107,16 @@ fn ask_each(
     control: &mut ControlPlane,
     vm: &Vm,
     what: &'static str,
-    mut ask: impl FnMut(&mut (dyn PeerControl + 'static)) -> Result<u64, TransportError>,
+    mut ask: impl FnMut(&mut dyn PeerControl) -> Result<u64, TransportError>,
 ) -> Result<BTreeMap<NodeId, u64>, NodeError> {
     let mut out = BTreeMap::new();
     for n in vm.placement.nodes() {
-        let answer = control
-            .peer(n)
-            .and_then(&mut ask)
-            .map_err(|source| NodeError::Peer {
-                node: n,
-                what,
-                vm: vm.id,
-                source,
-            })?;
+        let answer = control.ask(n, &mut ask).map_err(|source| NodeError::Peer {
+            node: n,
+            what,
+            vm: vm.id,
+            source,
+        })?;
         out.insert(n, answer);
     }
     Ok(out)

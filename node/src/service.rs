@@ -105,7 +105,8 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     let mut ctx = ctx
         .with_cluster(settings.cluster.clone().unwrap_or_default())?
         .with_spin(spin)
-        .with_max_connections(settings.memory.max_connections);
+        .with_max_connections(settings.memory.max_connections)
+        .with_idle_timeout(Some(Duration::from_secs(settings.memory.idle_timeout)));
     match keyring {
         Some(keyring) => {
             tracing::info!(

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use pagemesh_api::{NodeId, PAGE_SIZE, Vm, VmId};
 use pagemesh_auth::{Keyring, Nonce, Transcript};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub use images::{ImageDir, ImageRefusal};
 pub use store::{PageStore, Session, StoreError};
@@ -62,6 +62,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// set) before it is closed, so that connections that never introduce themselves do not
 /// pile up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of [`ServerContext::with_idle_timeout`]: an authenticated connection that sends
+/// nothing for this long is closed (its client reconnects when it next needs the node), so
+/// the connections of clients that vanished without a close do not pile up.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 use pagemesh_transport::tcp::spin_read;
 
 /// How the server finds a VM's definition when a client asks it to load it (in the node:
@@ -106,6 +110,7 @@ pub struct ServerContext {
     keyring: Option<Keyring>,
     /// Most connections open at once; more are refused at accept.
     max_connections: usize,
+    idle_timeout: Option<Duration>,
     counters: Counters,
 }
 
@@ -170,6 +175,7 @@ impl ServerContext {
             spin: DEFAULT_SERVER_SPIN,
             keyring: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             counters: Counters::default(),
         }
     }
@@ -202,6 +208,13 @@ impl ServerContext {
     /// that gets a [`Status::NoCapacity`] error frame and is closed.
     pub fn with_max_connections(mut self, max: usize) -> Self {
         self.max_connections = max.max(1);
+        self
+    }
+
+    /// This context closing a connection, once its handshake is done, that sends nothing for
+    /// `idle` (`None`: never). The client sees the connection closed and reconnects.
+    pub fn with_idle_timeout(mut self, idle: Option<Duration>) -> Self {
+        self.idle_timeout = idle.filter(|d| !d.is_zero());
         self
     }
 
@@ -503,6 +516,9 @@ enum End {
     Closed,
     /// The client closed in the middle of a frame.
     Truncated { got: usize, wanted: usize },
+    /// Nothing came within the read timeout, between two frames: the handshake's before it
+    /// is done, the idle timeout after.
+    Idle,
     /// Reading or writing failed (including the shutdown closing the socket).
     Io(io::Error),
     /// The client broke the framing; it was told why.
@@ -618,7 +634,7 @@ fn serve_connection<S: PageStream>(mut stream: S, peer: SocketAddr, ctx: &Server
         let buf: &mut [u8] = match &mut big {
             Some(b) => b,
             None if ready => {
-                let _ = stream.set_read_timeout(None);
+                let _ = stream.set_read_timeout(ctx.idle_timeout);
                 big.insert(vec![0u8; MAX_FRAME_LEN].into_boxed_slice())
             }
             None => &mut small,
@@ -633,6 +649,15 @@ fn serve_connection<S: PageStream>(mut stream: S, peer: SocketAddr, ctx: &Server
             Counters::add(&ctx.counters.bad_frames, 1);
             warn!(%peer, got, wanted, "client closed in the middle of a frame");
         }
+        End::Idle if matches!(stage, Stage::Ready) => info!(
+            %peer,
+            "closed a page connection idle for {:?}",
+            ctx.idle_timeout.unwrap_or_default()
+        ),
+        End::Idle => debug!(
+            %peer,
+            "page connection closed: no handshake within {HANDSHAKE_TIMEOUT:?}"
+        ),
         End::Io(e) => debug!(%peer, error = %e, "page connection failed"),
         End::Framing(e) => debug!(%peer, error = %e, "page connection closed after a bad frame"),
         End::Unauthenticated => {
@@ -842,6 +867,17 @@ fn read_frame_part<S: PageStream>(
             }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A read timeout (SO_RCVTIMEO reports EAGAIN) between frames.
+            Err(e)
+                if got == 0
+                    && at_frame_start
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+            {
+                return Err(End::Idle);
+            }
             Err(e) => return Err(End::Io(e)),
         }
     }
@@ -1130,8 +1166,6 @@ mod tests {
         }
 
         fn start_with(cluster: &str, key: Option<&[u8]>, capacity: u32) -> Self {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap().to_string();
             let ctx = ServerContext::new(ME, PageStore::new(capacity), |vm| {
                 if vm == 7 {
                     Ok(vm7())
@@ -1143,6 +1177,12 @@ mod tests {
             if let Some(key) = key {
                 ctx = ctx.with_keyring(Keyring::from_secret(key));
             }
+            Self::serving(ctx)
+        }
+
+        fn serving(ctx: ServerContext) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
             let ctx = Arc::new(ctx);
             let shutdown = ShutdownSignal::new();
             let thread = serve(listener, Arc::clone(&ctx), shutdown.clone()).unwrap();
@@ -1850,6 +1890,30 @@ mod tests {
             bytes = &bytes[len..];
         }
         out
+    }
+
+    #[test]
+    fn idle_connections_are_closed_and_the_client_comes_back() {
+        let ctx = ServerContext::new(ME, PageStore::new(100), |_| Ok(vm7()))
+            .with_cluster(CLUSTER.to_owned())
+            .unwrap()
+            .with_idle_timeout(Some(Duration::from_millis(200)));
+        let server = Running::serving(ctx);
+        let mut control = pagemesh_transport::ControlPlane::new(CLIENT, Duration::from_secs(5));
+        control.add(Box::new(server.peer()));
+        assert_eq!(control.ask(ME, |p| p.load(7)).unwrap(), 32);
+        assert_eq!(server.ctx.open_connections(), 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while server.ctx.open_connections() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the idle connection stayed open"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        // The next request finds the connection closed, reconnects and is answered.
+        assert_eq!(control.ask(ME, |p| p.held(7)).unwrap(), 32);
+        assert_eq!(server.ctx.connections(), 2);
     }
 
     #[test]

@@ -293,6 +293,12 @@ pub trait PeerControl: Send {
 
     /// Asks the peer to drop every page of `vm`; returns how many it dropped.
     fn release(&mut self, vm: VmId) -> Result<u64, TransportError>;
+
+    /// Drops the connection, if any, and makes a new one to the same peer (see
+    /// [`PageSource::reconnect`]).
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
 }
 
 /// The control connections of a node, one per peer (load, held, release).
@@ -346,6 +352,30 @@ impl ControlPlane {
     /// Nodes with a connection.
     pub fn peer_ids(&self) -> Vec<NodeId> {
         self.peers.ids()
+    }
+
+    /// Runs `op` on the control connection to `node`; if the connection turns out to be
+    /// gone (a transient failure: most often the memory node closed it after its idle
+    /// timeout, or restarted), reconnects once and runs it again. Control requests are
+    /// whole-VM requests that may be repeated (Load replaces what it loaded, Held reads,
+    /// Release of released pages drops nothing); a peer that stays down is the error.
+    pub fn ask<T>(
+        &mut self,
+        node: NodeId,
+        mut op: impl FnMut(&mut dyn PeerControl) -> Result<T, TransportError>,
+    ) -> Result<T, TransportError> {
+        let peer = self.peers.get(node)?;
+        match op(peer) {
+            Err(e) if e.is_transient() => {
+                tracing::info!(
+                    "node {node}: {}; reconnecting the control connection",
+                    pagemesh_api::error_chain(&e)
+                );
+                peer.reconnect()?;
+                op(peer)
+            }
+            done => done,
+        }
     }
 }
 
@@ -573,6 +603,20 @@ impl TransportManager {
         let mut delay = policy.first_backoff;
         let mut last = first;
         let mut attempts = 0u32;
+        if matches!(last, TransportError::Closed { .. }) {
+            // A clean close, most often the server's idle timeout: reconnect at once, quietly.
+            tracing::info!("node {node} closed the connection; reconnecting");
+            attempts += 1;
+            let peer = self.peer(node)?;
+            match peer.reconnect().and_then(|()| op(peer)) {
+                Ok(v) => {
+                    self.reconnects += 1;
+                    return Ok(v);
+                }
+                Err(e) if e.is_transient() => last = e,
+                Err(e) => return Err(e),
+            }
+        }
         tracing::warn!(
             "node {node}: {}; reconnecting",
             pagemesh_api::error_chain(&last)

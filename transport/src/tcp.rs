@@ -841,6 +841,10 @@ impl PeerControl for TcpPeer {
         self.exchange(Op::Release, vm, 0, 0, &[], &mut [])
             .map(|h| h.page())
     }
+
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        TcpPeer::reconnect(self)
+    }
 }
 
 #[cfg(test)]
