@@ -524,3 +524,71 @@ fn idle_connections_are_closed_and_their_clients_come_back() {
     );
     memory.proc.stop().unwrap();
 }
+
+/// Starts a compute node over a 16 MiB `verify` guest of cluster `c` with `args` added and
+/// waits for it; its exit status and output.
+fn compute_in(
+    c: &mut pagemesh_tests::Cluster,
+    args: &[String],
+) -> (std::process::ExitStatus, String) {
+    let mut all: Vec<&str> = vec!["--mem", "16MiB", "--workload", "verify", "--no-ebpf"];
+    all.extend(["--peer-timeout", "2"]);
+    all.extend(args.iter().map(String::as_str));
+    let (mut proc, _) = c.spawn_compute(&all).unwrap();
+    let status = proc.wait(Duration::from_secs(300)).unwrap();
+    (status, format!("{}{}", proc.output(), proc.log_tail()))
+}
+
+#[test]
+fn page_traffic_over_tls_needs_a_certificate_of_the_cluster_ca() {
+    use pagemesh_tests::pki::Ca;
+    let bins = Bins::for_tests().expect("binaries are built");
+    let dir = test_dir("security-tls");
+    let ca = Ca::new(&dir, "cluster-ca").unwrap();
+    let other = Ca::new(&dir, "other-ca").unwrap();
+    let node1 = ca.node(&dir, "node1", None).unwrap();
+    let mut c =
+        pagemesh_tests::Cluster::start_with(bins, dir.clone(), &[1], "256MiB", &node1.args())
+            .unwrap();
+    let admin = c.memory[0].admin.clone();
+    let server =
+        |field: &str| http_json(&format!("{admin}/stats")).unwrap()["server"][field].clone();
+
+    // A client whose certificate another CA signed: the server refuses it.
+    let stranger = other.node(&dir, "stranger", Some(&ca.cert)).unwrap();
+    let (status, log) = compute_in(&mut c, &stranger.args());
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("TLS with node 1"), "{log}");
+    assert!(
+        !log.contains("gave up"),
+        "a TLS refusal is not retried:\n{log}"
+    );
+    assert_eq!(server("pages_served"), 0);
+    let refusals = server("auth_refusals").as_u64().unwrap();
+    assert!(refusals >= 1, "the refusal is counted");
+    let memory_log = std::fs::read_to_string(dir.join("node1.log")).unwrap();
+    assert!(
+        memory_log.contains("refused a TLS page client"),
+        "{memory_log}"
+    );
+
+    // A client that does not trust the cluster CA refuses the server.
+    let doubter = ca.node(&dir, "doubter", Some(&other.cert)).unwrap();
+    let (status, log) = compute_in(&mut c, &doubter.args());
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("invalid peer certificate"), "{log}");
+    assert_eq!(server("pages_served"), 0);
+
+    // A client without TLS is told the node requires it.
+    let (status, log) = compute_in(&mut c, &[]);
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("serves pages over TLS only"), "{log}");
+    assert_eq!(server("pages_served"), 0);
+
+    // A certificate of the cluster CA: the guest runs and sees all its memory, over TLS.
+    let node0 = ca.node(&dir, "node0", None).unwrap();
+    let (status, log) = compute_in(&mut c, &node0.args());
+    assert!(status.success(), "{log}");
+    assert_eq!(server("pages_served"), 4096);
+    c.stop().unwrap();
+}

@@ -127,6 +127,21 @@ pub struct Settings {
     #[arg(long, value_name = "DIR", env = "PAGEMESH_IMAGE_DIR")]
     pub image_dir: Option<PathBuf>,
 
+    /// This node's TLS certificate chain (PEM), signed by the cluster's CA. With --tls-key and
+    /// --tls-ca, page traffic is TLS 1.3 with both sides authenticated: the page server
+    /// accepts only clients with a certificate of the CA, and this node dials its peers over
+    /// TLS, checking theirs (docs/security.md). The cluster key still applies inside.
+    #[arg(long, value_name = "FILE", env = "PAGEMESH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", env = "PAGEMESH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The cluster's CA certificate(s) (PEM), which peers' certificates must chain to.
+    #[arg(long, value_name = "FILE", env = "PAGEMESH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
     /// Address the page server listens on (port 0: any free port). Every node serves pages;
     /// a compute-only node's server holds none.
     #[arg(
@@ -456,6 +471,36 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The TLS identity of `--tls-cert`, `--tls-key` and `--tls-ca`: none without them, an
+    /// error naming the missing one when only some are given.
+    pub fn tls(&self) -> Result<Option<pagemesh_transport::tls::Tls>, crate::NodeError> {
+        let files = match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => return Ok(None),
+            (Some(cert), Some(key), Some(ca)) => pagemesh_transport::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            },
+            (cert, key, _) => {
+                let missing = if cert.is_none() {
+                    "--tls-cert"
+                } else if key.is_none() {
+                    "--tls-key"
+                } else {
+                    "--tls-ca"
+                };
+                return Err(ConfigError::Invalid {
+                    what: missing,
+                    why: "TLS needs all three of --tls-cert, --tls-key and --tls-ca".into(),
+                }
+                .into());
+            }
+        };
+        pagemesh_transport::tls::Tls::load(&files)
+            .map(Some)
+            .map_err(crate::NodeError::Tls)
     }
 
     /// The cluster key of `--cluster-key-file`, if one is given.

@@ -21,6 +21,9 @@ pub enum NodeError {
     /// The `--image` file could not be opened.
     #[error("cannot open the image {}", .0.display())]
     Image(std::path::PathBuf, #[source] std::io::Error),
+    /// The TLS files could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] pagemesh_transport::tls::TlsError),
     /// `--image-dir` is not a directory that can be opened.
     #[error("cannot use --image-dir {}: it must be an existing directory", .0.display())]
     ImageDir(std::path::PathBuf, #[source] std::io::Error),

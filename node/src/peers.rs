@@ -24,6 +24,9 @@ pub(crate) fn connect_vm_peers(
     if let Some(keyring) = settings.keyring()? {
         credentials = credentials.with_key(std::sync::Arc::new(keyring));
     }
+    if let Some(tls) = settings.tls()? {
+        credentials = credentials.with_tls(tls.client);
+    }
     let wanted = vm.placement.nodes();
     let mut transport = TransportManager::new(id, timeout).with_credentials(credentials.clone());
     let mut control = ControlPlane::new(id, timeout).with_credentials(credentials);

@@ -121,6 +121,13 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
              give it --cluster-key-file (fine only for a loopback demo; see docs/security.md)"
         ),
     }
+    match settings.tls()? {
+        Some(tls) => {
+            tracing::info!("page server speaks TLS only, to clients of the cluster's CA");
+            ctx = ctx.with_tls(tls.server);
+        }
+        None => tracing::info!("page traffic is not encrypted (no --tls-cert)"),
+    }
     let ctx = Arc::new(ctx);
     let shutdown = ShutdownSignal::new();
     let server_thread = pagemesh_server::serve(listener, ctx.clone(), shutdown.clone())?;

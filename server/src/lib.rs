@@ -111,6 +111,7 @@ pub struct ServerContext {
     /// Most connections open at once; more are refused at accept.
     max_connections: usize,
     idle_timeout: Option<Duration>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     counters: Counters,
 }
 
@@ -176,6 +177,7 @@ impl ServerContext {
             keyring: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            tls: None,
             counters: Counters::default(),
         }
     }
@@ -215,6 +217,14 @@ impl ServerContext {
     /// `idle` (`None`: never). The client sees the connection closed and reconnects.
     pub fn with_idle_timeout(mut self, idle: Option<Duration>) -> Self {
         self.idle_timeout = idle.filter(|d| !d.is_zero());
+        self
+    }
+
+    /// This context serving page connections over TLS only, with `config`
+    /// ([`pagemesh_transport::tls::Tls::server`]: a client must show a certificate of the
+    /// CA). A plain-TCP client gets one plain error frame saying so, and is closed.
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
         self
     }
 
@@ -455,7 +465,10 @@ fn start_connection(
     let spawned = thread::Builder::new()
         .name(format!("page-conn-{id}"))
         .spawn(move || {
-            serve_connection(stream, peer, &ctx);
+            match &ctx.tls {
+                None => serve_connection(stream, peer, &ctx),
+                Some(config) => serve_tls(stream, Arc::clone(config), peer, &ctx),
+            }
             registry_for_thread
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -468,6 +481,66 @@ fn start_connection(
             .remove(&id);
     }
     spawned
+}
+
+/// Serves a connection of a TLS-only server: refuses a plain page client with a plain error
+/// frame, runs the TLS handshake (within [`HANDSHAKE_TIMEOUT`]; a client without a
+/// certificate of the CA is refused, counted and logged), then serves the connection inside
+/// the TLS session.
+fn serve_tls(
+    mut stream: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    peer: SocketAddr,
+    ctx: &ServerContext,
+) {
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let mut first = [0u8; 4];
+    let n = stream.peek(&mut first).unwrap_or(0);
+    if n > 0 && first[..n] == pagemesh_protocol::MAGIC[..n] {
+        Counters::add(&ctx.counters.auth_refusals, 1);
+        warn!(%peer, "refused a page client without TLS: this node requires it");
+        let mut buf = [0u8; 256];
+        let n = encode_error(
+            &mut buf,
+            0,
+            0,
+            Status::Unauthenticated,
+            format_args!(
+                "node {} serves pages over TLS only; give the client --tls-cert, --tls-key \
+                 and --tls-ca",
+                ctx.node_id
+            ),
+        );
+        let _ = stream.write_all(&buf[..n]);
+        return;
+    }
+    let conn = match rustls::ServerConnection::new(config) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%peer, "cannot start a TLS session: {e}");
+            return;
+        }
+    };
+    let mut tls = rustls::StreamOwned::new(conn, stream);
+    if let Err(e) = pagemesh_transport::tls::handshake(&mut tls) {
+        Counters::add(&ctx.counters.auth_refusals, 1);
+        match pagemesh_transport::tls::tls_cause(&e) {
+            Some(cause) => warn!(%peer, "refused a TLS page client: {cause}"),
+            None => debug!(%peer, error = %e, "TLS handshake did not finish"),
+        }
+        return;
+    }
+    serve_connection(tls, peer, ctx);
+}
+
+impl PageStream for pagemesh_transport::tls::TlsStream<rustls::ServerConnection> {
+    fn spin_read(&mut self, buf: &mut [u8], spin: Duration) -> usize {
+        pagemesh_transport::tls::spin_read_tls(self, buf, spin)
+    }
+
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.sock.set_read_timeout(timeout)
+    }
 }
 
 /// Waits up to `timeout` for `fd` to become readable (for a listener: a connection to

@@ -275,7 +275,23 @@ impl MemoryNode {
         listen: &str,
         advertise: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(bins, dir, coordinator, id, capacity, listen, advertise, &[])
+    }
+
+    /// [`MemoryNode::start_at`] with `args` added (`--tls-cert ...`).
+    #[allow(clippy::too_many_arguments, reason = "each is one flag of the node")]
+    pub fn start_with(
+        bins: &Bins,
+        dir: &Path,
+        coordinator: &str,
+        id: u32,
+        capacity: &str,
+        listen: &str,
+        advertise: Option<&str>,
+        args: &[String],
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(&bins.node);
+        cmd.args(args);
         cmd.args(["--role", "memory", "--listen", listen])
             .args(["--id", &id.to_string(), "--coordinator", coordinator])
             .args(["--capacity", capacity])
@@ -319,11 +335,33 @@ pub struct Cluster {
 impl Cluster {
     /// Starts a coordinator and memory nodes `ids`, each offering `capacity`.
     pub fn start(bins: Bins, dir: PathBuf, ids: &[u32], capacity: &str) -> anyhow::Result<Self> {
+        Self::start_with(bins, dir, ids, capacity, &[])
+    }
+
+    /// [`Cluster::start`] with `memory_args` added to every memory node's command line.
+    pub fn start_with(
+        bins: Bins,
+        dir: PathBuf,
+        ids: &[u32],
+        capacity: &str,
+        memory_args: &[String],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let coordinator = Coordinator::start(&bins, &dir)?;
         let memory = ids
             .iter()
-            .map(|&id| MemoryNode::start(&bins, &dir, &coordinator.url, id, capacity))
+            .map(|&id| {
+                MemoryNode::start_with(
+                    &bins,
+                    &dir,
+                    &coordinator.url,
+                    id,
+                    capacity,
+                    "127.0.0.1:0",
+                    None,
+                    memory_args,
+                )
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
             dir,
@@ -466,4 +504,105 @@ pub fn test_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir is writable");
     dir
+}
+
+/// A cluster CA and node certificates for `--tls-cert/--tls-key/--tls-ca`, made with rcgen
+/// (ECDSA P-256), as PEM files in a folder.
+pub mod pki {
+    use std::path::{Path, PathBuf};
+
+    use anyhow::Context;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+
+    /// A CA whose key signs node certificates.
+    pub struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        /// The CA certificate, PEM (the `--tls-ca` file).
+        pub cert: PathBuf,
+    }
+
+    /// One node's files.
+    pub struct NodeTls {
+        /// `--tls-cert`.
+        pub cert: PathBuf,
+        /// `--tls-key`.
+        pub key: PathBuf,
+        /// `--tls-ca`.
+        pub ca: PathBuf,
+    }
+
+    impl NodeTls {
+        /// The three flags with their files.
+        pub fn args(&self) -> Vec<String> {
+            let s = |p: &Path| p.display().to_string();
+            vec![
+                "--tls-cert".into(),
+                s(&self.cert),
+                "--tls-key".into(),
+                s(&self.key),
+                "--tls-ca".into(),
+                s(&self.ca),
+            ]
+        }
+    }
+
+    fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        // Keys must not be readable by others; certificates may be.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(())
+    }
+
+    impl Ca {
+        /// A new CA named `name`, its certificate written to `dir/<name>.pem`.
+        pub fn new(dir: &Path, name: &str) -> anyhow::Result<Self> {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let cert = params.self_signed(&key)?;
+            let path = dir.join(format!("{name}.pem"));
+            write(&path, &cert.pem())?;
+            Ok(Ca {
+                issuer: Issuer::new(params, key),
+                cert: path,
+            })
+        }
+
+        /// A certificate for node `name`, valid for `localhost` and 127.0.0.1 as a server and
+        /// as a client, signed by this CA, trusting `trust` (this CA unless given).
+        pub fn node(
+            &self,
+            dir: &Path,
+            name: &str,
+            trust: Option<&Path>,
+        ) -> anyhow::Result<NodeTls> {
+            let key = KeyPair::generate()?;
+            let mut params =
+                CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = params.signed_by(&key, &self.issuer)?;
+            let files = NodeTls {
+                cert: dir.join(format!("{name}.crt")),
+                key: dir.join(format!("{name}.key")),
+                ca: trust.unwrap_or(&self.cert).to_path_buf(),
+            };
+            write(&files.cert, &cert.pem())?;
+            write(&files.key, &key.serialize_pem())?;
+            Ok(files)
+        }
+    }
 }

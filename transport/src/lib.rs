@@ -19,6 +19,7 @@
 
 pub mod local;
 pub mod tcp;
+pub mod tls;
 
 use pagemesh_api::{NodeId, VmId};
 
@@ -46,6 +47,20 @@ pub enum TransportError {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The TLS handshake failed: a certificate that does not chain to the CA, a name that is
+    /// not in it, a peer without TLS. Not retried: it will fail the same way.
+    #[error(
+        "TLS with node {node} at {addr} failed: {reason}; both nodes need certificates of the \
+         cluster's CA (--tls-cert, --tls-key, --tls-ca), and the server's must name {addr}'s host"
+    )]
+    Tls {
+        /// Peer node.
+        node: NodeId,
+        /// The address dialled.
+        addr: String,
+        /// rustls' reason.
+        reason: String,
     },
     /// The peer closed the connection.
     #[error("node {node} closed the connection")]

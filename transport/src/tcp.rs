@@ -49,6 +49,7 @@ use pagemesh_protocol::{
 use zerocopy::IntoBytes;
 
 use super::{PageSource, PeerControl, Run, TransportError};
+use crate::tls::Conn;
 
 /// Default read and write timeout of a connection.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -131,6 +132,8 @@ pub struct Credentials {
     pub cluster: String,
     /// The cluster key.
     pub key: Option<Arc<Keyring>>,
+    /// TLS for the connection (`None`: plain TCP); see [`crate::tls`].
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Credentials {
@@ -139,6 +142,7 @@ impl Credentials {
         Credentials {
             cluster: cluster.to_owned(),
             key: None,
+            tls: None,
         }
     }
 
@@ -146,6 +150,13 @@ impl Credentials {
     #[must_use]
     pub fn with_key(mut self, key: Arc<Keyring>) -> Self {
         self.key = Some(key);
+        self
+    }
+
+    /// These credentials dialling over TLS with `config` ([`crate::tls::Tls::client`]).
+    #[must_use]
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
         self
     }
 }
@@ -158,7 +169,7 @@ pub struct TcpPeer {
     peer: NodeId,
     addr: String,
     options: TcpOptions,
-    stream: TcpStream,
+    stream: Conn,
     next_id: u64,
     poison: Option<Poison>,
     /// The session the server lends fetched pages to; the same across reconnections.
@@ -186,6 +197,11 @@ enum Poison {
     Closed,
     Malformed(FrameError),
     Unexpected(&'static str),
+    /// The TLS session failed.
+    Tls {
+        addr: String,
+        reason: String,
+    },
     /// The server refused the Hello.
     Refused {
         status: Status,
@@ -207,6 +223,10 @@ impl Poison {
             TransportError::Closed { .. } => Some(Poison::Closed),
             TransportError::Malformed { source, .. } => Some(Poison::Malformed(*source)),
             TransportError::Unexpected { what, .. } => Some(Poison::Unexpected(what)),
+            TransportError::Tls { addr, reason, .. } => Some(Poison::Tls {
+                addr: addr.clone(),
+                reason: reason.clone(),
+            }),
             TransportError::WrongCluster { ours, theirs, .. } => Some(Poison::WrongCluster {
                 ours: ours.clone(),
                 theirs: theirs.clone(),
@@ -241,6 +261,11 @@ impl Poison {
                 source: *source,
             },
             Poison::Unexpected(what) => TransportError::Unexpected { node, what },
+            Poison::Tls { addr, reason } => TransportError::Tls {
+                node,
+                addr: addr.clone(),
+                reason: reason.clone(),
+            },
             Poison::Refused { status, message } => TransportError::Remote {
                 node,
                 status: *status,
@@ -296,7 +321,7 @@ impl TcpPeer {
         if cluster.len() > MAX_CLUSTER_LEN {
             return Err(TransportError::ClusterTooLong(cluster.len()));
         }
-        let stream = dial(peer, addr, &options)?;
+        let stream = open(peer, addr, &options, credentials)?;
         let mut me = TcpPeer {
             local: local_node,
             credentials: credentials.clone(),
@@ -318,7 +343,7 @@ impl TcpPeer {
     /// any poison, and says Hello with the same session. Request ids keep increasing across
     /// reconnections, and the next request acknowledges what the old connection fetched.
     pub fn reconnect(&mut self) -> Result<(), TransportError> {
-        self.stream = dial(self.peer, &self.addr, &self.options)?;
+        self.stream = open(self.peer, &self.addr, &self.options, &self.credentials)?;
         self.poison = None;
         // Whether the server saw the last acknowledgement is unknown: send it again.
         self.acked = 0;
@@ -507,11 +532,7 @@ impl TcpPeer {
     }
 
     fn io_error(&self, source: io::Error) -> TransportError {
-        let node = self.peer;
-        match source.kind() {
-            io::ErrorKind::UnexpectedEof => TransportError::Closed { node },
-            _ => TransportError::Io { node, source },
-        }
+        stream_error(self.peer, &self.addr, source)
     }
 
     /// Reads the reply to `request` (sent already; the replies to earlier requests read), its
@@ -519,15 +540,13 @@ impl TcpPeer {
     /// at most).
     fn receive(&mut self, request: &Header, into: &mut [u8]) -> Result<Header, TransportError> {
         let node = self.peer;
-        let io_error = |source: io::Error| match source.kind() {
-            io::ErrorKind::UnexpectedEof => TransportError::Closed { node },
-            _ => TransportError::Io { node, source },
-        };
+        let addr = &self.addr;
+        let io_error = |source: io::Error| stream_error(node, addr, source);
         // Wait for the answer awake for a little while before sleeping in read(): on hosts
         // where an idle CPU halts into the outer hypervisor, the wake-up from that sleep
         // costs more than the whole round trip on loopback (docs/benchmarks.md).
         let mut head = [0u8; HEADER_LEN];
-        let got = spin_read(&self.stream, &mut head, self.options.spin);
+        let got = self.stream.spin_read(&mut head, self.options.spin);
         self.stream.read_exact(&mut head[got..]).map_err(io_error)?;
         match pagemesh_protocol::check(&head, Direction::Response) {
             Ok(_) | Err(FrameError::Incomplete) => {}
@@ -687,6 +706,74 @@ impl TcpPeer {
     }
 }
 
+/// What a failed read or write of the connection to `node` at `addr` means: the end of the
+/// stream, a TLS failure (the server refused our certificate after the handshake: TLS 1.3
+/// servers check it then), or an I/O error.
+fn stream_error(node: NodeId, addr: &str, source: io::Error) -> TransportError {
+    if let Some(cause) = crate::tls::tls_cause(&source) {
+        return TransportError::Tls {
+            node,
+            addr: addr.to_owned(),
+            reason: cause.to_string(),
+        };
+    }
+    match source.kind() {
+        io::ErrorKind::UnexpectedEof => TransportError::Closed { node },
+        _ => TransportError::Io { node, source },
+    }
+}
+
+/// Dials `addr` and, with TLS in `credentials`, runs the TLS handshake over the socket,
+/// checking the server's certificate against the host of `addr`.
+fn open(
+    peer: NodeId,
+    addr: &str,
+    options: &TcpOptions,
+    credentials: &Credentials,
+) -> Result<Conn, TransportError> {
+    let stream = dial(peer, addr, options)?;
+    let Some(config) = &credentials.tls else {
+        return Ok(Conn::Plain(stream));
+    };
+    let failed = |reason: String| TransportError::Tls {
+        node: peer,
+        addr: addr.to_owned(),
+        reason,
+    };
+    // The host part of `host:port` (an IPv6 address in brackets loses them).
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| failed(format!("{host:?} is not a host name or address: {e}")))?;
+    let conn = rustls::ClientConnection::new(Arc::clone(config), name)
+        .map_err(|e| failed(e.to_string()))?;
+    let mut tls = Box::new(rustls::StreamOwned::new(conn, stream));
+    match crate::tls::handshake(&mut *tls) {
+        Ok(()) => Ok(Conn::Tls(tls)),
+        Err(e) => match crate::tls::tls_cause(&e) {
+            Some(cause) => Err(failed(cause.to_string())),
+            // The peer closed or reset during the handshake: most often a server that
+            // refused our certificate (its alert may not reach us) or speaks no TLS.
+            None if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+            ) =>
+            {
+                Err(failed(format!(
+                    "the server closed the connection during the handshake ({e})"
+                )))
+            }
+            None => Err(TransportError::Io {
+                node: peer,
+                source: e,
+            }),
+        },
+    }
+}
+
 /// Connects to the first address `addr` resolves to that answers, and sets the socket up.
 fn dial(peer: NodeId, addr: &str, options: &TcpOptions) -> Result<TcpStream, TransportError> {
     let failed = |source: io::Error| TransportError::Connect {
@@ -820,12 +907,12 @@ impl PeerControl for TcpPeer {
                 .set_read_timeout(Some(t))
                 .map_err(|source| TransportError::Io { node, source })
         };
-        if let Err(e) = set(&self.stream, self.options.load_timeout) {
+        if let Err(e) = set(self.stream.socket(), self.options.load_timeout) {
             self.poison = Poison::of(&e);
             return Err(e);
         }
         let reply = self.exchange(Op::Load, vm, 0, 0, &[], &mut []);
-        if let Err(e) = set(&self.stream, self.options.io_timeout) {
+        if let Err(e) = set(self.stream.socket(), self.options.io_timeout) {
             self.poison = Poison::of(&e);
             return Err(e);
         }

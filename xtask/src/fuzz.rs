@@ -138,6 +138,11 @@ pub fn fuzz(args: &FuzzArgs) -> anyhow::Result<Vec<TargetRun>> {
     Ok(runs)
 }
 
+/// Inputs saved in `artifacts`.
+fn findings(artifacts: &Path) -> usize {
+    std::fs::read_dir(artifacts).map_or(0, |d| d.count())
+}
+
 fn names() -> String {
     TARGETS
         .iter()
@@ -160,6 +165,7 @@ fn run_target(
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     eprintln!("xtask: fuzzing {target} for {seconds} s");
+    let found_before = findings(&artifacts);
     let started = Instant::now();
     let output = cargo_fuzz(root)
         .args(["run", "--release", target])
@@ -183,12 +189,17 @@ fn run_target(
             .unwrap_or(0)
     };
     let executions = stat("stat::number_of_executed_units");
-    let crashed = !output.status.success();
-    if crashed {
+    // A finding is an input libFuzzer saved (crash-, leak-, timeout-, oom-...); a failure
+    // without one is cargo fuzz itself failing (a build error), which is no result at all.
+    let crashed = findings(&artifacts) > found_before;
+    if !output.status.success() {
         // The report is what tells what went wrong: show its end.
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
         for line in tail.into_iter().rev() {
             eprintln!("  {line}");
+        }
+        if !crashed {
+            bail!("cargo fuzz run {target} failed without a finding (see above)");
         }
     }
     let corpus_len = std::fs::read_dir(&corpus).map_or(0, |d| d.count() as u64);
