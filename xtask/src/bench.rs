@@ -54,6 +54,8 @@ struct Case {
     name: &'static str,
     args: &'static [&'static str],
     remote: bool,
+    /// On the TLS cluster (a memory node with `--tls-cert ...`), with a certificate of its CA.
+    tls: bool,
 }
 
 const CASES: &[Case] = &[
@@ -68,6 +70,7 @@ const CASES: &[Case] = &[
             "read",
         ],
         remote: false,
+        tls: false,
     },
     Case {
         name: "uffd-local",
@@ -80,22 +83,34 @@ const CASES: &[Case] = &[
             "read",
         ],
         remote: false,
+        tls: false,
     },
     Case {
         name: "remote-seq",
         args: &["--workload", "seq", "--access", "read", "--no-ebpf"],
         remote: true,
+        tls: false,
     },
     Case {
         name: "remote-random",
         args: &["--workload", "random", "--access", "read", "--no-ebpf"],
         remote: true,
+        tls: false,
     },
     // The same with the eBPF probes attached: their overhead is the difference.
     Case {
         name: "remote-random-ebpf",
         args: &["--workload", "random", "--access", "read"],
         remote: true,
+        tls: false,
+    },
+    // `remote-random` with page traffic over TLS (its own cluster): TLS's cost is the
+    // difference.
+    Case {
+        name: "remote-random-tls",
+        args: &["--workload", "random", "--access", "read", "--no-ebpf"],
+        remote: true,
+        tls: true,
     },
 ];
 
@@ -154,7 +169,25 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let bins = build(false)?;
     let dir = run_dir("bench");
     eprintln!("xtask: bench folder {}", dir.display());
-    let mut cluster = Cluster::start(bins, dir.clone(), &[1], "2GiB")?;
+    let cases: Vec<&Case> = CASES
+        .iter()
+        .filter(|c| args.only.as_deref().is_none_or(|o| c.name.contains(o)))
+        .collect();
+    let mut cluster = Cluster::start(bins.clone(), dir.clone(), &[1], "2GiB")?;
+    // The TLS cases' cluster: a CA of its own, certificates for its memory node and for the
+    // compute nodes.
+    let mut tls = match cases.iter().any(|c| c.tls) {
+        false => None,
+        true => {
+            let tls_dir = dir.join("tls");
+            std::fs::create_dir_all(&tls_dir)?;
+            let ca = pagemesh_tests::pki::Ca::new(&tls_dir, "bench-ca")?;
+            let memory = ca.node(&tls_dir, "node1", None)?;
+            let compute = ca.node(&tls_dir, "node0", None)?;
+            let c = Cluster::start_with(bins, tls_dir, &[1], "2GiB", &memory.args())?;
+            Some((c, compute.args()))
+        }
+    };
     // The other build's own coordinator and memory node: builds with different page
     // protocols cannot talk to each other.
     let mut baseline = match baseline_bins {
@@ -176,10 +209,6 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     let pin = args.pin_cpu.map(|c| c.to_string());
 
-    let cases: Vec<&Case> = CASES
-        .iter()
-        .filter(|c| args.only.as_deref().is_none_or(|o| c.name.contains(o)))
-        .collect();
     // Rounds, not case after case: run i of every case happens close together in time, so
     // the machine's drift (other work, CPUs idling into the hypervisor) hits every case
     // alike, and the eBPF overhead can be taken run by run against its neighbour.
@@ -193,15 +222,20 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             order.reverse();
         }
         for i in order {
+            if let Some((c, certs)) = tls.as_mut().filter(|_| cases[i].tls) {
+                // The baseline build may not speak TLS: this build only.
+                per_case[i].push(run_case(c, cases[i], &mem, pin.as_deref(), certs)?);
+                continue;
+            }
             let Some(baseline) = baseline.as_mut() else {
-                per_case[i].push(run_case(&mut cluster, cases[i], &mem, pin.as_deref())?);
+                per_case[i].push(run_case(&mut cluster, cases[i], &mem, pin.as_deref(), &[])?);
                 continue;
             };
             // Both builds back to back, the baseline first every other round (with the
             // case order reversed too, each round is the previous one mirrored).
-            let this = |c: &mut Cluster| run_case(c, cases[i], &mem, pin.as_deref());
+            let this = |c: &mut Cluster| run_case(c, cases[i], &mem, pin.as_deref(), &[]);
             let other = |c: &mut Cluster| {
-                run_case(c, cases[i], &mem, pin.as_deref())
+                run_case(c, cases[i], &mem, pin.as_deref(), &[])
                     .with_context(|| format!("{} on the baseline build", cases[i].name))
             };
             if round % 2 == 0 {
@@ -221,7 +255,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut changes = Vec::new();
     for ((case, per_run), baseline_runs) in cases.iter().zip(&per_case).zip(&baseline_per_case) {
-        let vs_baseline = baseline.is_some().then(|| {
+        let vs_baseline = (!baseline_runs.is_empty()).then(|| {
             let change = paired_change(&us_per_page(per_run), &us_per_page(baseline_runs));
             (case.name, change)
         });
@@ -257,28 +291,16 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let overhead = ebpf_overhead(&cases, &per_case);
     if let Some(o) = &overhead {
-        let ci = match o["ci95_pct"].as_array().map(Vec::as_slice) {
-            Some([lo, hi]) => format!(
-                "95% CI {:+.1}..{:+.1}; ",
-                lo.as_f64().unwrap_or(0.0),
-                hi.as_f64().unwrap_or(0.0)
-            ),
-            _ => String::new(),
-        };
-        println!(
-            "eBPF overhead on remote-random: median of {} paired runs {:+.1}% ({ci}per pair: {})",
-            runs,
-            o["median_pct"].as_f64().unwrap_or(0.0),
-            o["per_pair_pct"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|v| format!("{:+.1}", v.as_f64().unwrap_or(0.0)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
+        println!("{}", overhead_line("eBPF overhead on remote-random", runs, o));
+    }
+    let tls_overhead = paired_overhead(&cases, &per_case, "remote-random", "remote-random-tls");
+    if let Some(o) = &tls_overhead {
+        println!("{}", overhead_line("TLS cost on remote-random", runs, o));
     }
     cluster.stop()?;
+    if let Some((c, _)) = tls.as_mut() {
+        c.stop()?;
+    }
     if let Some(b) = baseline.as_mut() {
         b.stop()?;
     }
@@ -287,6 +309,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "mem": mem,
         "pin_cpu": args.pin_cpu,
         "ebpf_overhead": overhead,
+        "tls_overhead": tls_overhead,
         "baseline_bin": args.baseline_bin,
     });
     if let Some(path) = &args.json {
@@ -295,15 +318,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One run of `case`: a fresh compute node; its `--json` summary.
+/// One run of `case`: a fresh compute node, with `extra` arguments; its `--json` summary.
 fn run_case(
     cluster: &mut Cluster,
     case: &Case,
     mem: &str,
     pin: Option<&str>,
+    extra: &[String],
 ) -> anyhow::Result<RunSummary> {
     let mut a: Vec<&str> = vec!["--mem", mem];
     a.extend_from_slice(case.args);
+    a.extend(extra.iter().map(String::as_str));
     if case.remote {
         a.extend_from_slice(&["--placement", "interleave", "--content", "pattern"]);
     }
@@ -324,8 +349,42 @@ fn run_case(
 /// The probes' cost on `remote-random`, pair by pair: run i with probes against run i
 /// without, taken within the same round. `None` unless both cases ran.
 fn ebpf_overhead(cases: &[&Case], per_case: &[Vec<RunSummary>]) -> Option<Value> {
+    paired_overhead(cases, per_case, "remote-random", "remote-random-ebpf")
+}
+
+/// The line that reports a [`paired_overhead`].
+fn overhead_line(what: &str, runs: usize, o: &Value) -> String {
+    let ci = match o["ci95_pct"].as_array().map(Vec::as_slice) {
+        Some([lo, hi]) => format!(
+            "95% CI {:+.1}..{:+.1}; ",
+            lo.as_f64().unwrap_or(0.0),
+            hi.as_f64().unwrap_or(0.0)
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{what}: median of {runs} paired runs {:+.1}% ({ci}per pair: {})",
+        o["median_pct"].as_f64().unwrap_or(0.0),
+        o["per_pair_pct"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| format!("{:+.1}", v.as_f64().unwrap_or(0.0)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+/// The cost of case `with` over case `without`, pair by pair (run i of each, taken within
+/// the same round). `None` unless both ran.
+fn paired_overhead(
+    cases: &[&Case],
+    per_case: &[Vec<RunSummary>],
+    without: &str,
+    with: &str,
+) -> Option<Value> {
     let find = |name: &str| cases.iter().position(|c| c.name == name);
-    let (plain, probed) = (find("remote-random")?, find("remote-random-ebpf")?);
+    let (plain, probed) = (find(without)?, find(with)?);
     let pct = paired_pct(
         &us_per_page(&per_case[probed]),
         &us_per_page(&per_case[plain]),
