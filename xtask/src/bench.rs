@@ -291,7 +291,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let overhead = ebpf_overhead(&cases, &per_case);
     if let Some(o) = &overhead {
-        println!("{}", overhead_line("eBPF overhead on remote-random", runs, o));
+        println!(
+            "{}",
+            overhead_line("eBPF overhead on remote-random", runs, o)
+        );
     }
     let tls_overhead = paired_overhead(&cases, &per_case, "remote-random", "remote-random-tls");
     if let Some(o) = &tls_overhead {
