@@ -67,11 +67,48 @@ pub struct RunSummary {
     pub linux: Option<LinuxRun>,
     /// The eBPF probes' figures, `None` when they were not loaded.
     pub ebpf: Option<EbpfSummary>,
+    /// The page cache's figures, for a run under a local memory budget (`--local-memory`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSummary>,
     /// Whether the guest saw exactly the memory it should have (and the run did not fail).
     pub ok: bool,
     /// Why the run stopped, for a run that failed before its guest finished.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// What the page cache did in a run under a local memory budget.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct CacheSummary {
+    /// The budget, in pages (mapped and staged together).
+    pub budget_pages: u64,
+    /// Of it, the staging area's slots.
+    pub staging_pages: u64,
+    /// The most pages resident (mapped and staged) at once.
+    pub resident_max_pages: u64,
+    /// Resident at the end.
+    pub resident_pages: u64,
+    /// Pages that left this node (dropped, after a write-back if dirty).
+    pub evictions: u64,
+    /// Of those, pages that were clean: dropped without any transfer.
+    pub clean_drops: u64,
+    /// Pages written back to their homes.
+    pub writeback_pages: u64,
+    /// Evicted pages that were dirty (written back, then dropped).
+    pub dirty_evicted_pages: u64,
+    /// Faults on pages that had been evicted before (fetched or zero-filled again).
+    pub refaults: u64,
+    /// Pages moved from guest memory to the staging area.
+    pub staged: u64,
+    /// Faults on staged pages, put back from the staging area without a transfer.
+    pub staging_hits: u64,
+    /// First writes to write-protected (clean) pages.
+    pub write_protect_faults: u64,
+    /// Faults that had to wait for the reclaimer to free a frame.
+    pub budget_waits: u64,
+    /// Write-back batches that failed (their pages stayed cached).
+    pub writeback_errors: u64,
 }
 
 impl RunSummary {

@@ -1,62 +1,156 @@
-//! The page directory: who owns each guest page.
+//! The page directory: where each guest page lives, and what the cache knows of it.
 //!
-//! One `AtomicU32` per 4 KiB page (4 bytes per page: 1 MiB of directory per GiB of guest
-//! memory), readable without locks by the fault handler, stats and later eviction:
+//! One `AtomicU64` per 4 KiB page (8 bytes per page: 2 MiB of directory per GiB of guest
+//! memory), read and changed without locks by the fault handler, the reclaimer and the
+//! stats:
 //!
 //! ```text
-//!  31 30 29          24 23                        0
-//! +-----+--------------+--------------------------+
-//! |state|     heat     |         node id          |
-//! +-----+--------------+--------------------------+
-//! state: 0 = Zero     never written anywhere: zero-filled locally on first touch
-//!        1 = Local    resident in this node's guest memory
-//!        2 = Remote   held by `node id`; fetched (and claimed) on first touch
+//!  63    60 59              36 35   32 31 30 29    24 23             0
+//! +--------+------------------+-------+--+--+--------+---------------+
+//! | unused |  staging slot    | state |  |H |  heat  | home node id  |
+//! +--------+------------------+-------+--+--+--------+---------------+
+//! state: what the page is now ([`PageState`])
+//! slot:  where a staged page's bytes are in the reclaimer's staging area
+//! H:     1 when the page has a home node (`home node id` is meaningful)
 //! heat:  faults served on this page, saturating at 63 (the console's heat map)
 //! ```
 //!
-//! Node ids are therefore limited to 24 bits ([`MAX_NODE_ID`]).
+//! Every change of state is one compare-and-swap from a known state, so the fault handler
+//! and the reclaimer never both act on a page: whoever moves it out of a state owns the
+//! next step. Node ids are limited to 24 bits ([`MAX_NODE_ID`]).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use pagemesh_api::{NodeId, Placement};
 
 /// Largest node id a directory entry can hold.
 pub const MAX_NODE_ID: NodeId = (1 << 24) - 1;
 
-const STATE_SHIFT: u32 = 30;
+const NODE_MASK: u64 = MAX_NODE_ID as u64;
 const HEAT_SHIFT: u32 = 24;
 /// Largest heat an entry records.
 pub const MAX_HEAT: u32 = 63;
-const HEAT_MASK: u32 = MAX_HEAT << HEAT_SHIFT;
-const ZERO: u32 = 0;
-const LOCAL: u32 = 1;
-const REMOTE: u32 = 2;
+const HEAT_MASK: u64 = (MAX_HEAT as u64) << HEAT_SHIFT;
+const HOME_BIT: u64 = 1 << 30;
+const STATE_SHIFT: u32 = 32;
+const STATE_MASK: u64 = 0b1111 << STATE_SHIFT;
+const SLOT_SHIFT: u32 = 36;
+/// Largest staging slot an entry can name.
+pub const MAX_SLOT: u32 = (1 << 24) - 1;
+const SLOT_MASK: u64 = (MAX_SLOT as u64) << SLOT_SHIFT;
 
-/// Who owns a page.
+/// What a page is now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum PageState {
+    /// Not resident and never written anywhere: it reads as zeros (zero-filled here on its
+    /// first touch). Its home, if it has one, holds nothing for it yet.
+    Zero = 0,
+    /// Not resident: its home holds it.
+    Remote = 1,
+    /// Resident, and the only copy (no budget: fetched pages move here for good).
+    Local = 2,
+    /// Resident and write-protected; its home holds the same bytes, so dropping it costs
+    /// nothing.
+    Clean = 3,
+    /// Resident, write-protected and all zeros, never written: dropping it makes it
+    /// [`PageState::Zero`] again.
+    ZeroClean = 4,
+    /// Resident and written since its home last had it (or it has never been written back):
+    /// it must be written back before it is dropped.
+    Dirty = 5,
+    /// Being taken out of guest memory by the reclaimer (a few microseconds); a fault on it
+    /// waits until it settles.
+    Evicting = 6,
+    /// Out of guest memory, its bytes in a staging slot, the same as its home's: a fault
+    /// on it puts it back from there (a local fault); left alone, it is dropped.
+    StagedClean = 7,
+    /// Out of guest memory, its bytes in a staging slot and newer than its home's: a fault
+    /// on it puts it back; left alone, it is written back, then dropped.
+    StagedDirty = 8,
+    /// Staged and dirty, its bytes on their way home; a fault on it still puts it back
+    /// from the slot (and that write-back is wasted).
+    WritingBack = 9,
+}
+
+impl PageState {
+    fn from_bits(bits: u64) -> Self {
+        match (bits & STATE_MASK) >> STATE_SHIFT {
+            0 => PageState::Zero,
+            1 => PageState::Remote,
+            2 => PageState::Local,
+            3 => PageState::Clean,
+            4 => PageState::ZeroClean,
+            5 => PageState::Dirty,
+            6 => PageState::Evicting,
+            7 => PageState::StagedClean,
+            8 => PageState::StagedDirty,
+            _ => PageState::WritingBack,
+        }
+    }
+
+    fn bits(self) -> u64 {
+        (self as u64) << STATE_SHIFT
+    }
+
+    /// Whether the page is mapped in guest memory.
+    pub fn is_mapped(self) -> bool {
+        matches!(
+            self,
+            PageState::Local | PageState::Clean | PageState::ZeroClean | PageState::Dirty
+        )
+    }
+
+    /// Whether the page's bytes are in a staging slot.
+    pub fn is_staged(self) -> bool {
+        matches!(
+            self,
+            PageState::StagedClean | PageState::StagedDirty | PageState::WritingBack
+        )
+    }
+}
+
+/// Who owns a page, as the heat map and the summary see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PageOwner {
     /// Never written: no node holds it; it reads as zeros.
     Zero,
     /// Resident in this node's guest memory.
     Local,
-    /// Held by another node.
+    /// Held by another node, not resident here.
     Remote(NodeId),
 }
 
-impl PageOwner {
-    fn encode(self) -> u32 {
-        match self {
-            PageOwner::Zero => ZERO << STATE_SHIFT,
-            PageOwner::Local => LOCAL << STATE_SHIFT,
-            PageOwner::Remote(n) => (REMOTE << STATE_SHIFT) | (n & MAX_NODE_ID),
+/// One page's entry, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// What it is now.
+    pub state: PageState,
+    /// Its home node, if it has one.
+    pub home: Option<NodeId>,
+    /// Faults served on it (saturating at [`MAX_HEAT`]).
+    pub heat: u32,
+    /// Its staging slot (meaningful while [`PageState::is_staged`]).
+    pub slot: u32,
+}
+
+impl Entry {
+    fn decode(v: u64) -> Self {
+        Entry {
+            state: PageState::from_bits(v),
+            home: (v & HOME_BIT != 0).then_some((v & NODE_MASK) as NodeId),
+            heat: ((v & HEAT_MASK) >> HEAT_SHIFT) as u32,
+            slot: ((v & SLOT_MASK) >> SLOT_SHIFT) as u32,
         }
     }
 
-    fn decode(raw: u32) -> Self {
-        match raw >> STATE_SHIFT {
-            LOCAL => PageOwner::Local,
-            REMOTE => PageOwner::Remote(raw & MAX_NODE_ID),
-            _ => PageOwner::Zero,
+    /// The owner as the heat map sees it.
+    pub fn owner(&self) -> PageOwner {
+        match (self.state, self.home) {
+            (PageState::Remote, Some(n)) => PageOwner::Remote(n),
+            (PageState::Zero | PageState::Remote, _) => PageOwner::Zero,
+            // Staged pages are still on this node, in its staging area.
+            _ => PageOwner::Local,
         }
     }
 }
@@ -85,30 +179,37 @@ pub enum DirectoryError {
     },
 }
 
-/// Owner of every page of one guest's RAM.
+/// Where every page of one guest's RAM lives.
 #[derive(Debug)]
 pub struct PageDirectory {
-    entries: Box<[AtomicU32]>,
+    entries: Box<[AtomicU64]>,
 }
 
 impl PageDirectory {
-    /// A directory of `pages` never-written pages.
+    /// A directory of `pages` never-written pages without homes.
     pub fn new(pages: u64) -> Self {
-        let entries = (0..pages).map(|_| AtomicU32::new(ZERO)).collect();
+        let entries = (0..pages).map(|_| AtomicU64::new(0)).collect();
         Self { entries }
     }
 
-    /// A directory whose pages are held where `placement` put them.
+    /// A directory whose pages are held where `placement` put them (each page's home is
+    /// its placement's node, and it is [`PageState::Remote`]).
     pub fn from_placement(placement: &Placement) -> Result<Self, DirectoryError> {
-        let pages = placement.pages();
+        Self::homed(placement, PageState::Remote)
+    }
+
+    /// A directory whose pages have their homes where `placement` put them and are all
+    /// `state` (`Remote`: the homes hold them; `Zero`: never written, the homes hold nothing
+    /// yet).
+    pub fn homed(placement: &Placement, state: PageState) -> Result<Self, DirectoryError> {
         for n in placement.nodes() {
             if n > MAX_NODE_ID {
                 return Err(DirectoryError::NodeIdTooLarge(n));
             }
         }
-        let dir = Self::new(pages);
+        let dir = Self::new(placement.pages());
         for n in placement.nodes() {
-            let raw = PageOwner::Remote(n).encode();
+            let raw = state.bits() | HOME_BIT | u64::from(n);
             for p in placement.pages_of(n) {
                 dir.entries[p as usize].store(raw, Ordering::Relaxed);
             }
@@ -126,65 +227,130 @@ impl PageDirectory {
         self.entries.is_empty()
     }
 
+    /// The entry of `page`.
+    #[inline]
+    pub fn entry(&self, page: u64) -> Result<Entry, DirectoryError> {
+        self.slot(page).map(|e| Entry::decode(e.load(Ordering::Acquire)))
+    }
+
     /// Owner of `page`.
     #[inline]
     pub fn owner(&self, page: u64) -> Result<PageOwner, DirectoryError> {
-        self.entry(page)
-            .map(|e| PageOwner::decode(e.load(Ordering::Acquire)))
+        self.entry(page).map(|e| e.owner())
     }
 
-    /// Records `owner` for `page`, keeping its heat.
+    /// Records `owner` for `page` (`Remote(n)`: not resident, home `n`; `Local`: resident
+    /// and the only copy; `Zero`: never written, keeping its home), keeping its heat.
     pub fn set_owner(&self, page: u64, owner: PageOwner) -> Result<(), DirectoryError> {
         if let PageOwner::Remote(n) = owner
             && n > MAX_NODE_ID
         {
             return Err(DirectoryError::NodeIdTooLarge(n));
         }
-        let raw = owner.encode();
         let _ = self
-            .entry(page)?
+            .slot(page)?
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                Some(raw | (v & HEAT_MASK))
+                let keep = v & HEAT_MASK;
+                Some(match owner {
+                    PageOwner::Remote(n) => {
+                        keep | PageState::Remote.bits() | HOME_BIT | u64::from(n)
+                    }
+                    PageOwner::Local => keep | PageState::Local.bits() | (v & (HOME_BIT | NODE_MASK)),
+                    PageOwner::Zero => keep | PageState::Zero.bits() | (v & (HOME_BIT | NODE_MASK)),
+                })
             });
         Ok(())
     }
 
-    /// Marks `page` resident here after a fault served on it, counting the fault in its
-    /// heat, and returns its previous owner.
+    /// Moves `page` from `from` to `now` after a fault installed it (one compare-and-swap,
+    /// counting the fault in its heat); returns its entry from before, or its state when it
+    /// was not `from`.
+    #[inline]
+    pub fn installed(
+        &self,
+        page: u64,
+        from: PageState,
+        now: PageState,
+    ) -> Result<Entry, PageState> {
+        let Ok(slot) = self.slot(page) else {
+            return Err(from);
+        };
+        slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (PageState::from_bits(v) == from).then(|| {
+                let heat = (((v & HEAT_MASK) >> HEAT_SHIFT) + 1).min(u64::from(MAX_HEAT));
+                (v & (HOME_BIT | NODE_MASK)) | now.bits() | (heat << HEAT_SHIFT)
+            })
+        })
+        .map(Entry::decode)
+        .map_err(PageState::from_bits)
+    }
+
+    /// Marks `page` resident here and the only copy after a fault served on it (no budget),
+    /// counting the fault in its heat, and returns its previous owner.
     #[inline]
     pub fn claim(&self, page: u64) -> Result<PageOwner, DirectoryError> {
-        let local = PageOwner::Local.encode();
         let prev = self
-            .entry(page)?
+            .slot(page)?
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                let heat = ((v & HEAT_MASK) >> HEAT_SHIFT)
-                    .saturating_add(1)
-                    .min(MAX_HEAT);
-                Some(local | (heat << HEAT_SHIFT))
+                let heat = (((v & HEAT_MASK) >> HEAT_SHIFT) + 1).min(u64::from(MAX_HEAT));
+                Some((v & (HOME_BIT | NODE_MASK)) | PageState::Local.bits() | (heat << HEAT_SHIFT))
             })
             .unwrap_or_else(|v| v);
-        Ok(PageOwner::decode(prev))
+        Ok(Entry::decode(prev).owner())
+    }
+
+    /// Moves `page` from `from` to `to` if it is in `from` (one compare-and-swap, keeping
+    /// everything else); returns its state when it was not.
+    #[inline]
+    pub fn transition(&self, page: u64, from: PageState, to: PageState) -> Result<(), PageState> {
+        let Ok(slot) = self.slot(page) else {
+            return Err(from);
+        };
+        slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (PageState::from_bits(v) == from).then_some((v & !STATE_MASK) | to.bits())
+        })
+        .map(|_| ())
+        .map_err(PageState::from_bits)
+    }
+
+    /// Moves `page` from [`PageState::Evicting`] to `staged` (`StagedClean` or
+    /// `StagedDirty`) with its bytes in staging slot `at`.
+    pub fn stage(&self, page: u64, at: u32, staged: PageState) -> Result<(), PageState> {
+        debug_assert!(staged.is_staged() && at <= MAX_SLOT);
+        let Ok(slot) = self.slot(page) else {
+            return Err(PageState::Zero);
+        };
+        slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (PageState::from_bits(v) == PageState::Evicting).then(|| {
+                (v & !(STATE_MASK | SLOT_MASK)) | staged.bits() | (u64::from(at) << SLOT_SHIFT)
+            })
+        })
+        .map(|_| ())
+        .map_err(PageState::from_bits)
     }
 
     /// Faults served on `page` (saturating at [`MAX_HEAT`]).
     pub fn heat(&self, page: u64) -> Result<u32, DirectoryError> {
-        self.entry(page)
-            .map(|e| (e.load(Ordering::Relaxed) & HEAT_MASK) >> HEAT_SHIFT)
+        self.entry(page).map(|e| e.heat)
     }
 
     /// Owner and heat of every page, in order.
     pub fn scan(&self) -> impl Iterator<Item = (PageOwner, u32)> + '_ {
-        self.entries.iter().map(|e| {
-            let v = e.load(Ordering::Relaxed);
-            (PageOwner::decode(v), (v & HEAT_MASK) >> HEAT_SHIFT)
-        })
+        self.entries().map(|e| (e.owner(), e.heat))
+    }
+
+    /// Every page's entry, in order.
+    pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
+        self.entries
+            .iter()
+            .map(|e| Entry::decode(e.load(Ordering::Relaxed)))
     }
 
     /// Pages per owner kind: (zero, local, remote).
     pub fn counts(&self) -> (u64, u64, u64) {
         let mut c = (0, 0, 0);
-        for e in self.entries.iter() {
-            match PageOwner::decode(e.load(Ordering::Relaxed)) {
+        for e in self.entries() {
+            match e.owner() {
                 PageOwner::Zero => c.0 += 1,
                 PageOwner::Local => c.1 += 1,
                 PageOwner::Remote(_) => c.2 += 1,
@@ -193,7 +359,7 @@ impl PageDirectory {
         c
     }
 
-    fn entry(&self, page: u64) -> Result<&AtomicU32, DirectoryError> {
+    fn slot(&self, page: u64) -> Result<&AtomicU64, DirectoryError> {
         usize::try_from(page)
             .ok()
             .and_then(|i| self.entries.get(i))
@@ -215,6 +381,7 @@ mod tests {
         let d = PageDirectory::new(10);
         assert_eq!(d.len(), 10);
         assert_eq!(d.owner(9), Ok(PageOwner::Zero));
+        assert_eq!(d.entry(9).unwrap().home, None);
         assert_eq!(
             d.owner(10),
             Err(DirectoryError::OutOfRange {
@@ -241,6 +408,7 @@ mod tests {
         }
         assert_eq!(d.heat(2), Ok(MAX_HEAT));
         assert_eq!(d.owner(2), Ok(PageOwner::Local));
+        assert_eq!(d.entry(2).unwrap().home, Some(3));
     }
 
     #[test]
@@ -252,11 +420,52 @@ mod tests {
         );
     }
 
+    #[test]
+    fn transitions_are_compare_and_swap() {
+        let p = Placement::interleave(vec![4], 1, 2).unwrap();
+        let d = PageDirectory::homed(&p, PageState::Zero).unwrap();
+        assert_eq!(d.entry(1).unwrap().home, Some(4));
+        assert_eq!(d.entry(1).unwrap().state, PageState::Zero);
+        let before = d.installed(1, PageState::Zero, PageState::ZeroClean).unwrap();
+        assert_eq!(before.state, PageState::Zero);
+        assert_eq!(
+            d.installed(1, PageState::Zero, PageState::Dirty),
+            Err(PageState::ZeroClean),
+            "installed only once"
+        );
+        assert_eq!(
+            d.transition(1, PageState::Clean, PageState::Dirty),
+            Err(PageState::ZeroClean)
+        );
+        d.transition(1, PageState::ZeroClean, PageState::Dirty).unwrap();
+        d.transition(1, PageState::Dirty, PageState::Evicting).unwrap();
+        d.stage(1, 77, PageState::StagedDirty).unwrap();
+        let e = d.entry(1).unwrap();
+        assert_eq!(
+            (e.state, e.home, e.heat, e.slot),
+            (PageState::StagedDirty, Some(4), 1, 77)
+        );
+        assert_eq!(d.owner(1), Ok(PageOwner::Local));
+        assert_eq!(d.stage(1, 3, PageState::StagedClean), Err(PageState::StagedDirty));
+        d.transition(1, PageState::StagedDirty, PageState::WritingBack).unwrap();
+        // The guest wants it back while it is being written back: the handler wins.
+        d.installed(1, PageState::WritingBack, PageState::Dirty).unwrap();
+        assert_eq!(
+            d.transition(1, PageState::WritingBack, PageState::Remote),
+            Err(PageState::Dirty)
+        );
+        assert_eq!(d.heat(1), Ok(2));
+    }
+
     proptest! {
         #[test]
-        fn owners_round_trip(node in 0u32..=MAX_NODE_ID, kind in 0u8..3) {
-            let owner = match kind { 0 => PageOwner::Zero, 1 => PageOwner::Local, _ => PageOwner::Remote(node) };
-            prop_assert_eq!(PageOwner::decode(owner.encode()), owner);
+        fn entries_round_trip(node in 0u32..=MAX_NODE_ID, state in 0u64..10, heat in 0u64..64, slot in 0u64..=u64::from(MAX_SLOT), homed: bool) {
+            let v = (state << STATE_SHIFT) | (heat << HEAT_SHIFT) | (slot << SLOT_SHIFT)
+                | if homed { HOME_BIT | u64::from(node) } else { 0 };
+            let e = Entry::decode(v);
+            prop_assert_eq!(e.state.bits() >> STATE_SHIFT, state);
+            prop_assert_eq!(e.home, homed.then_some(node));
+            prop_assert_eq!((u64::from(e.heat), u64::from(e.slot)), (heat, slot));
         }
 
         #[test]

@@ -4,19 +4,27 @@
 //! page one request/response on an already-connected blocking socket straight into a
 //! preallocated buffer, one `UFFDIO_COPY`, a directory store and two counter updates. No
 //! async runtime, no allocation, no lock but the (uncontended) histogram's.
+//!
+//! With a budget ([`crate::cache`]) it also: takes a free frame (normally a counter
+//! increment), installs read faults write-protected, turns the write-protect fault of a
+//! clean page into a dirty page, puts staged pages back from the staging area, and sends the
+//! reclaimer the page it installed (a bounded channel with room for every frame, so the send
+//! never blocks or allocates). It never reclaims itself.
 
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::mpsc::SyncSender;
+use std::time::{Duration, Instant};
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 use pagemesh_transport::TransportManager;
 
 use super::PagerError;
-use super::directory::{PageDirectory, PageOwner};
+use super::cache::{Counter, Shared};
+use super::directory::{PageDirectory, PageOwner, PageState};
 use super::stats::{FaultKind, PagerStats};
-use super::uffd::{Installed, Uffd};
+use super::uffd::{Fault, Installed, Uffd};
 
 /// Everything the handler thread owns.
 pub(crate) struct Handler {
@@ -28,11 +36,31 @@ pub(crate) struct Handler {
     pub(crate) transport: TransportManager,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) trace: crate::FaultTrace,
+    pub(crate) cache: Option<CacheSide>,
+}
+
+/// The handler's end of the cache.
+pub(crate) struct CacheSide {
+    pub(crate) shared: Arc<Shared>,
+    /// Pages installed, to the reclaimer.
+    pub(crate) installs: SyncSender<u32>,
+    /// Staging slots emptied, to the reclaimer.
+    pub(crate) returned: SyncSender<u32>,
+    /// How long a fault may wait for a free frame before the pager gives up.
+    pub(crate) patience: Duration,
 }
 
 /// A page-aligned, page-sized buffer (the fetch target and the zero page).
 #[repr(C, align(4096))]
 struct PageBuf([u8; PAGE_SIZE]);
+
+/// What serving one fault did.
+struct Served {
+    kind: FaultKind,
+    installed: io::Result<Installed>,
+    transfer: Option<(NodeId, Duration)>,
+    install_start: u64,
+}
 
 impl Handler {
     /// Serves faults until `stop` is set (and the thread is kicked) or a fault cannot be
@@ -64,49 +92,25 @@ impl Handler {
             let start = crate::trace::monotonic_ns();
             let addr = fault.address & !(PAGE_SIZE as u64 - 1);
             let page = (addr - self.base) / PAGE_SIZE as u64;
-            let owner = self.directory.owner(page).map_err(PagerError::Directory)?;
-            let mut transfer = None;
-            let mut install_start = start;
-            let (kind, installed) = match owner {
-                PageOwner::Remote(node) => {
-                    if let Err(e) = self.fetch_remote_page(page, node, &mut buf.0, start) {
-                        self.stats.record_error();
-                        return Err(e);
-                    }
-                    install_start = crate::trace::monotonic_ns();
-                    transfer = Some((node, since(start, install_start)));
-                    // SAFETY: `buf` is one readable page; `addr` is a page-aligned address
-                    // inside the registered range (it came from a fault on it).
-                    let r = unsafe { self.uffd.copy(addr, buf.0.as_ptr(), PAGE_SIZE as u64) };
-                    (FaultKind::Remote, r)
-                }
-                PageOwner::Zero => {
-                    // SAFETY: as above, with the zero page as the source. UFFDIO_COPY of
-                    // zeros rather than UFFDIO_ZEROPAGE: the guest usually writes next, and
-                    // a copied page takes the write without a second (COW) fault.
-                    let r = unsafe { self.uffd.copy(addr, zero.0.as_ptr(), PAGE_SIZE as u64) };
-                    (FaultKind::LocalZero, r)
-                }
-                PageOwner::Local => (
-                    FaultKind::Spurious,
-                    self.uffd
-                        .wake(addr, 4096)
-                        .map(|()| Installed::AlreadyPresent),
-                ),
+            let served = if self.cache.is_some() {
+                self.serve_cached(&fault, addr, page, &mut buf.0, &zero.0, start)?
+            } else {
+                self.serve(addr, page, &mut buf.0, &zero.0, start)?
             };
             let done = crate::trace::monotonic_ns();
             let latency = since(start, done);
-            match installed {
-                Ok(Installed::Done) if kind != FaultKind::Spurious => {
-                    // The page is ours now (a fetched page was freed by its holder).
-                    let _ = self.directory.claim(page);
-                    let install = since(install_start, done);
-                    self.stats.record(kind, latency, transfer, Some(install));
+            match served.installed {
+                Ok(Installed::Done) if served.kind != FaultKind::Spurious => {
+                    let install = since(served.install_start, done);
+                    self.stats
+                        .record(served.kind, latency, served.transfer, Some(install));
                 }
                 Ok(_) => {
-                    // Already present: another path installed it. It is resident, so the
-                    // directory must say so; no fault was served, so no heat.
-                    let _ = self.directory.set_owner(page, PageOwner::Local);
+                    if self.cache.is_none() {
+                        // Already present: another path installed it. It is resident, so
+                        // the directory must say so; no fault was served, so no heat.
+                        let _ = self.directory.set_owner(page, PageOwner::Local);
+                    }
                     self.stats.record(FaultKind::Spurious, latency, None, None);
                 }
                 Err(e) => {
@@ -117,18 +121,285 @@ impl Handler {
         }
     }
 
-    /// Fetches `page` from `node` into `dst`, claiming it (the holder frees it when the next
-    /// request acknowledges the fetch), reconnecting and asking again while the node fails
-    /// for less than the peer timeout. Once installed it is recorded as ours. `began` ([`crate::trace::monotonic_ns`]) is when the
-    /// handler took the fault on, for the transfer marker.
-    fn fetch_remote_page(
+    /// A fault without a budget: fetched pages move here for good (their holder frees them).
+    fn serve(
+        &mut self,
+        addr: u64,
+        page: u64,
+        buf: &mut [u8; PAGE_SIZE],
+        zero: &[u8; PAGE_SIZE],
+        start: u64,
+    ) -> Result<Served, PagerError> {
+        let owner = self.directory.owner(page).map_err(PagerError::Directory)?;
+        let mut served = Served {
+            kind: FaultKind::Spurious,
+            installed: Ok(Installed::AlreadyPresent),
+            transfer: None,
+            install_start: start,
+        };
+        match owner {
+            PageOwner::Remote(node) => {
+                if let Err(e) = self.fetch(page, node, buf, start, false) {
+                    self.stats.record_error();
+                    return Err(e);
+                }
+                served.install_start = crate::trace::monotonic_ns();
+                served.transfer = Some((node, since(start, served.install_start)));
+                // SAFETY: `buf` is one readable page; `addr` is a page-aligned address
+                // inside the registered range (it came from a fault on it).
+                served.installed = unsafe { self.uffd.copy(addr, buf.as_ptr(), PAGE_SIZE as u64) };
+                served.kind = FaultKind::Remote;
+            }
+            PageOwner::Zero => {
+                // SAFETY: as above, with the zero page as the source. UFFDIO_COPY of
+                // zeros rather than UFFDIO_ZEROPAGE: the guest usually writes next, and
+                // a copied page takes the write without a second (COW) fault.
+                served.installed = unsafe { self.uffd.copy(addr, zero.as_ptr(), PAGE_SIZE as u64) };
+                served.kind = FaultKind::LocalZero;
+            }
+            PageOwner::Local => {
+                served.installed = self
+                    .uffd
+                    .wake(addr, PAGE_SIZE as u64)
+                    .map(|()| Installed::AlreadyPresent);
+            }
+        }
+        if matches!(served.installed, Ok(Installed::Done)) {
+            // The page is ours now (a fetched page was freed by its holder).
+            let _ = self.directory.claim(page);
+        }
+        Ok(served)
+    }
+
+    /// A fault under a budget (see the module docs and [`crate::cache`]).
+    fn serve_cached(
+        &mut self,
+        fault: &Fault,
+        addr: u64,
+        page: u64,
+        buf: &mut [u8; PAGE_SIZE],
+        zero: &[u8; PAGE_SIZE],
+        start: u64,
+    ) -> Result<Served, PagerError> {
+        let mut served = Served {
+            kind: FaultKind::Spurious,
+            installed: Ok(Installed::AlreadyPresent),
+            transfer: None,
+            install_start: start,
+        };
+        let write = fault.is_write();
+        loop {
+            let entry = self.directory.entry(page).map_err(PagerError::Directory)?;
+            if fault.is_write_protect() {
+                match entry.state {
+                    PageState::Clean | PageState::ZeroClean => {
+                        if self
+                            .directory
+                            .transition(page, entry.state, PageState::Dirty)
+                            .is_err()
+                        {
+                            continue;
+                        }
+                        self.cache_side().shared.stats.count(Counter::WriteProtectFault, 1);
+                        served.kind = FaultKind::WriteProtect;
+                        served.installed = self
+                            .uffd
+                            .write_protect(addr, PAGE_SIZE as u64, false)
+                            .map(|()| Installed::Done);
+                    }
+                    PageState::Evicting => {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    // Dirty already (a second vCPU's write), or it left guest memory: the
+                    // writer retries and faults again if it must.
+                    PageState::Dirty | PageState::Local => {
+                        served.installed = self
+                            .uffd
+                            .write_protect(addr, PAGE_SIZE as u64, false)
+                            .map(|()| Installed::AlreadyPresent);
+                    }
+                    _ => {
+                        served.installed = self
+                            .uffd
+                            .wake(addr, PAGE_SIZE as u64)
+                            .map(|()| Installed::AlreadyPresent);
+                    }
+                }
+                return Ok(served);
+            }
+            match entry.state {
+                PageState::Evicting => {
+                    // The reclaimer is taking it out (a copy and a madvise): wait for it.
+                    std::thread::yield_now();
+                    continue;
+                }
+                PageState::Local | PageState::Clean | PageState::ZeroClean | PageState::Dirty => {
+                    served.installed = self
+                        .uffd
+                        .wake(addr, PAGE_SIZE as u64)
+                        .map(|()| Installed::AlreadyPresent);
+                    return Ok(served);
+                }
+                PageState::StagedClean | PageState::StagedDirty | PageState::WritingBack => {
+                    let to = if entry.state == PageState::StagedClean && !write {
+                        PageState::Clean
+                    } else {
+                        PageState::Dirty
+                    };
+                    self.take_frame()?;
+                    if self.directory.installed(page, entry.state, to).is_err() {
+                        // The reclaimer moved it on (dropped or started its write-back).
+                        self.give_frame_back();
+                        continue;
+                    }
+                    let side = self.cache_side();
+                    let src = side.shared.staging.slot_ptr(entry.slot);
+                    served.install_start = crate::trace::monotonic_ns();
+                    // SAFETY: the slot holds the page's bytes and is ours to read until we
+                    // return it (our compare-and-swap took the page from the staged
+                    // state); `addr` is a registered, aligned page (it faulted).
+                    served.installed = unsafe { self.install(addr, src, to) };
+                    let side = self.cache_side();
+                    let _ = side.returned.try_send(entry.slot);
+                    side.shared.stats.count(Counter::StagingHit, 1);
+                    served.kind = FaultKind::StagingHit;
+                    self.installed(page);
+                    return Ok(served);
+                }
+                PageState::Zero | PageState::Remote => {
+                    self.take_frame()?;
+                    let to = if write { PageState::Dirty } else { PageState::Clean };
+                    let src = if entry.state == PageState::Remote {
+                        let node = entry.home.unwrap_or_default();
+                        if let Err(e) = self.fetch(page, node, buf, start, true) {
+                            self.stats.record_error();
+                            return Err(e);
+                        }
+                        served.install_start = crate::trace::monotonic_ns();
+                        served.transfer = Some((node, since(start, served.install_start)));
+                        served.kind = FaultKind::Remote;
+                        buf.as_ptr()
+                    } else {
+                        served.kind = FaultKind::LocalZero;
+                        zero.as_ptr()
+                    };
+                    let to = match (entry.state, to) {
+                        (PageState::Zero, PageState::Clean) => PageState::ZeroClean,
+                        (_, to) => to,
+                    };
+                    if entry.heat > 0 {
+                        self.cache_side().shared.stats.count(Counter::Refault, 1);
+                    }
+                    // Only this thread installs, so the page is still where it was.
+                    let _ = self.directory.installed(page, entry.state, to);
+                    // SAFETY: `src` is one readable page (the fetch buffer or the zero
+                    // page); `addr` is a registered, aligned page.
+                    served.installed = unsafe { self.install(addr, src, to) };
+                    self.installed(page);
+                    return Ok(served);
+                }
+            }
+        }
+    }
+
+    /// Installs the page at `src` at `addr`, write-protected unless it is to be `Dirty`.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of a page; `addr` a registered, aligned guest page.
+    unsafe fn install(&self, addr: u64, src: *const u8, to: PageState) -> io::Result<Installed> {
+        // SAFETY: the caller's guarantees.
+        unsafe {
+            if to == PageState::Dirty {
+                self.uffd.copy(addr, src, PAGE_SIZE as u64)
+            } else {
+                self.uffd.copy_protected(addr, src, PAGE_SIZE as u64)
+            }
+        }
+    }
+
+    fn cache_side(&self) -> &CacheSide {
+        self.cache.as_ref().expect("called on the cached path only")
+    }
+
+    /// Takes a free frame: normally a counter increment; when there is none, waits for the
+    /// reclaimer (counted) up to the patience, then fails the VM with the reclaimer's last
+    /// failure, if it had one.
+    #[inline]
+    fn take_frame(&self) -> Result<(), PagerError> {
+        let side = self.cache_side();
+        let shared = &side.shared;
+        if shared.free_frames() == 0 {
+            self.wait_for_frame()?;
+        }
+        let mapped = shared.stats.mapped.fetch_add(1, Ordering::AcqRel) + 1;
+        if shared.frames.saturating_sub(mapped) < shared.low {
+            shared.wake_reclaimer();
+        }
+        shared.stats.note_resident();
+        Ok(())
+    }
+
+    #[cold]
+    fn wait_for_frame(&self) -> Result<(), PagerError> {
+        let side = self.cache_side();
+        let shared = &side.shared;
+        shared.stats.count(Counter::BudgetWait, 1);
+        let began = Instant::now();
+        while shared.free_frames() == 0 {
+            shared.wake_reclaimer();
+            if began.elapsed() > side.patience {
+                let why = shared
+                    .failure
+                    .lock()
+                    .ok()
+                    .and_then(|f| f.clone())
+                    .unwrap_or_else(|| "the reclaimer freed nothing".to_owned());
+                return Err(PagerError::NoFrame {
+                    budget: shared.stats.snapshot().budget_pages,
+                    waited: began.elapsed(),
+                    why,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        Ok(())
+    }
+
+    fn give_frame_back(&self) {
+        self.cache_side()
+            .shared
+            .stats
+            .mapped
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Tells the reclaimer `page` is mapped now.
+    #[inline]
+    fn installed(&self, page: u64) {
+        // Room for every frame: a page is sent once per install, and only after the
+        // reclaimer took the last one out.
+        let _ = self.cache_side().installs.try_send(page as u32);
+    }
+
+    /// Fetches `page` from `node` into `dst`: claiming it (the holder frees it when the next
+    /// request acknowledges the fetch), or, with `keep`, reading it (the holder keeps its
+    /// copy: it is the page's home). Reconnects and asks again while the node fails for less
+    /// than the peer timeout. `began` ([`crate::trace::monotonic_ns`]) is when the handler took
+    /// the fault on, for the transfer marker.
+    fn fetch(
         &mut self,
         page: u64,
         node: NodeId,
         dst: &mut [u8],
         began: u64,
+        keep: bool,
     ) -> Result<(), PagerError> {
-        let r = self.transport.fetch_page(self.vm, page, node, dst);
+        let r = if keep {
+            self.transport.read_page(self.vm, page, node, dst)
+        } else {
+            self.transport.fetch_page(self.vm, page, node, dst)
+        };
         // The marker for the eBPF transfer probe (a uprobe on a 5-byte nop; see the probes
         // crate).
         if let Some(fetch_done) = self.trace.fetch_done {

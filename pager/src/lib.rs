@@ -9,15 +9,21 @@
 //! | module | what it is |
 //! |---|---|
 //! | [`uffd`] | the userfaultfd ioctls the pager uses |
-//! | [`directory`] | where each guest page lives |
+//! | [`directory`] | where each guest page lives, and what the cache knows of it |
 //! | `handler` | the fault handler thread |
+//! | [`cache`] | a local memory budget: its configuration, counters and staging area |
+//! | [`policy`] | which pages leave, and the reference policies (LRU, FIFO, MIN) |
+//! | `reclaim` | the reclaimer thread that keeps frames free |
 //! | [`stats`] | fault counts and latency histograms |
 //! | [`trace`] | the hook that lets outside tracers (the eBPF probes) time a fault, and their clock |
 //! | `kick` | interrupting the handler's blocking read |
 
+pub mod cache;
 pub mod directory;
 mod handler;
 mod kick;
+pub mod policy;
+mod reclaim;
 pub mod stats;
 pub mod trace;
 pub mod uffd;
@@ -28,7 +34,9 @@ use std::thread::JoinHandle;
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 
-pub use directory::{DirectoryError, PageDirectory, PageOwner};
+pub use cache::{BudgetError, CacheConfig, CacheSnapshot, CacheStats};
+pub use directory::{DirectoryError, PageDirectory, PageOwner, PageState};
+pub use policy::Policy;
 pub use stats::{PagerStats, StatsSnapshot};
 
 use pagemesh_transport::{TransportError, TransportManager};
@@ -70,9 +78,28 @@ pub enum PagerError {
     /// Installing the signal handler that stops the handler thread failed.
     #[error("cannot install the pager's kick signal handler")]
     Kick(#[source] std::io::Error),
-    /// Spawning the handler thread failed.
-    #[error("cannot start the fault handler thread")]
+    /// Spawning the handler or reclaimer thread failed.
+    #[error("cannot start the pager's threads")]
     Spawn(#[source] std::io::Error),
+    /// The budget cannot work.
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
+    /// The staging area could not be mapped.
+    #[error("cannot map the page cache's staging area")]
+    Staging(#[source] std::io::Error),
+    /// No frame came free within the budget.
+    #[error(
+        "no page of the {budget}-page local memory budget came free in {:.1} s: {why}",
+        waited.as_secs_f64()
+    )]
+    NoFrame {
+        /// The budget.
+        budget: u64,
+        /// How long the fault waited.
+        waited: std::time::Duration,
+        /// The reclaimer's last failure.
+        why: String,
+    },
     /// The handler thread panicked.
     #[error("the fault handler thread panicked")]
     Panicked,
@@ -122,11 +149,15 @@ pub struct PagerConfig<'ram> {
     pub trace: FaultTrace,
     /// Called once, from the handler thread, if it stops on an error (e.g. to kick the vCPU).
     pub on_failure: Box<dyn Fn() + Send>,
+    /// A local memory budget; `None`: unlimited, fetched pages move here for good.
+    pub cache: Option<CacheConfig>,
 }
 
 /// A running pager.
 pub struct Pager<'ram> {
     stats: Arc<PagerStats>,
+    cache: Option<Arc<CacheStats>>,
+    reclaimer: Option<JoinHandle<()>>,
     directory: Arc<PageDirectory>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), PagerError>>>,
@@ -144,11 +175,61 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
     let ram = config.ram;
     debug_assert_eq!(ram.base as usize % PAGE_SIZE, 0);
     debug_assert_eq!(ram.len as u64, config.directory.len() * PAGE_SIZE as u64);
+    if let Some(c) = &config.cache {
+        check_budget(c, &config.directory)?;
+    }
     kick::install().map_err(PagerError::Kick)?;
     let uffd = Arc::new(uffd::Uffd::new()?);
-    uffd.register_missing(ram.base as u64, ram.len as u64)?;
+    if config.cache.is_some() {
+        uffd.register_missing_and_wp(ram.base as u64, ram.len as u64)?;
+    } else {
+        uffd.register_missing(ram.base as u64, ram.len as u64)?;
+    }
     let stats = Arc::new(PagerStats::default());
     let stop = Arc::new(AtomicBool::new(false));
+    let mut cache_stats = None;
+    let mut cache_side = None;
+    let mut reclaimer = None;
+    if let Some(c) = config.cache {
+        let cstats = Arc::new(CacheStats::default());
+        let shared = Arc::new(cache::Shared::new(&c, cstats.clone()).map_err(PagerError::Staging)?);
+        // Room for every frame and every slot: a send never blocks (see the handler).
+        let (installs, installed) = std::sync::mpsc::sync_channel(shared.frames as usize + 1);
+        let (returned, returns) =
+            std::sync::mpsc::sync_channel(shared.staging.slots() as usize + 1);
+        let patience = c.patience;
+        let r = reclaim::Reclaimer {
+            shared: shared.clone(),
+            directory: config.directory.clone(),
+            uffd: uffd.clone(),
+            base: ram.base as u64,
+            vm: config.vm,
+            writeback: c.writeback,
+            stop: stop.clone(),
+            installs: installed,
+            returned: returns,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("reclaim-vm{}", config.vm))
+            .spawn(move || r.run())
+            .map_err(PagerError::Spawn)?;
+        let _ = shared.reclaimer.set(thread.thread().clone());
+        tracing::info!(
+            "page cache: a budget of {} pages ({} MiB), {} of them staging, {} eviction",
+            c.budget_pages,
+            c.budget_pages * PAGE_SIZE as u64 >> 20,
+            shared.staging.slots(),
+            c.policy
+        );
+        reclaimer = Some(thread);
+        cache_stats = Some(cstats);
+        cache_side = Some(handler::CacheSide {
+            shared,
+            installs,
+            returned,
+            patience,
+        });
+    }
     let handler = handler::Handler {
         uffd: uffd.clone(),
         base: ram.base as u64,
@@ -158,6 +239,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         transport: config.transport,
         stop: stop.clone(),
         trace: config.trace,
+        cache: cache_side,
     };
     let on_failure = config.on_failure;
     let cpu = config.cpu;
@@ -177,6 +259,8 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         .map_err(PagerError::Spawn)?;
     Ok(Pager {
         stats,
+        cache: cache_stats,
+        reclaimer,
         directory: config.directory,
         stop,
         thread: Some(thread),
@@ -185,10 +269,28 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
     })
 }
 
+/// Refuses a budget below the minimum, or over pages without a home to write back to.
+fn check_budget(c: &CacheConfig, directory: &PageDirectory) -> Result<(), BudgetError> {
+    if c.budget_pages < cache::MIN_BUDGET_PAGES {
+        return Err(BudgetError::TooSmall {
+            pages: c.budget_pages,
+        });
+    }
+    if let Some(page) = directory.entries().position(|e| e.home.is_none()) {
+        return Err(BudgetError::NoHome { page: page as u64 });
+    }
+    Ok(())
+}
+
 impl Pager<'_> {
     /// The pager's statistics.
     pub fn stats(&self) -> &Arc<PagerStats> {
         &self.stats
+    }
+
+    /// The page cache's counters, with a budget.
+    pub fn cache(&self) -> Option<&Arc<CacheStats>> {
+        self.cache.as_ref()
     }
 
     /// The page directory.
@@ -210,7 +312,14 @@ impl Pager<'_> {
             kick::kick(&thread);
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        thread.join().map_err(|_| PagerError::Panicked)?
+        let ended = thread.join().map_err(|_| PagerError::Panicked);
+        if let Some(r) = self.reclaimer.take() {
+            r.thread().unpark();
+            if r.join().is_err() {
+                tracing::error!("the reclaimer thread panicked");
+            }
+        }
+        ended?
     }
 }
 

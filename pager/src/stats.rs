@@ -20,6 +20,8 @@ pub struct PagerStats {
     remote: AtomicU64,
     local_zero: AtomicU64,
     spurious: AtomicU64,
+    staging_hits: AtomicU64,
+    write_protect: AtomicU64,
     bytes_fetched: AtomicU64,
     errors: AtomicU64,
     /// One lock for every histogram: the handler takes it once per fault.
@@ -56,6 +58,10 @@ pub enum FaultKind {
     LocalZero,
     /// The page was already present (raced with another install).
     Spurious,
+    /// Put back from the cache's staging area (no transfer).
+    StagingHit,
+    /// The first write to a write-protected (clean) page: it became dirty.
+    WriteProtect,
 }
 
 /// A point-in-time copy of the stats.
@@ -67,6 +73,10 @@ pub struct StatsSnapshot {
     pub local_zero: u64,
     /// Faults on pages already present.
     pub spurious: u64,
+    /// Faults on pages in the cache's staging area, put back without a transfer.
+    pub staging_hits: u64,
+    /// First writes to write-protected pages (the cache's dirty tracking).
+    pub write_protect: u64,
     /// Bytes fetched from other nodes.
     pub bytes_fetched: u64,
     /// Faults that could not be served.
@@ -100,6 +110,8 @@ impl Default for PagerStats {
             remote: AtomicU64::new(0),
             local_zero: AtomicU64::new(0),
             spurious: AtomicU64::new(0),
+            staging_hits: AtomicU64::new(0),
+            write_protect: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             hists: Mutex::new(Hists {
@@ -186,6 +198,12 @@ impl PagerStats {
             FaultKind::Spurious => {
                 self.spurious.fetch_add(1, Ordering::Relaxed);
             }
+            FaultKind::StagingHit => {
+                self.staging_hits.fetch_add(1, Ordering::Relaxed);
+            }
+            FaultKind::WriteProtect => {
+                self.write_protect.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let mut h = lock(&self.hists);
         h.all.saturating_record(latency);
@@ -255,6 +273,8 @@ impl PagerStats {
             remote: self.remote_faults(),
             local_zero: self.local_faults(),
             spurious: self.spurious.load(Ordering::Relaxed),
+            staging_hits: self.staging_hits.load(Ordering::Relaxed),
+            write_protect: self.write_protect.load(Ordering::Relaxed),
             bytes_fetched: self.bytes_fetched.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             remote_miss_ratio: self.remote_miss_ratio(),

@@ -1,4 +1,5 @@
-//! Minimal userfaultfd wrappers: create, register MISSING, read events, COPY, ZEROPAGE, WAKE.
+//! Minimal userfaultfd wrappers: create, register (MISSING, and WP for dirty tracking),
+//! read events, COPY (optionally write-protected), ZEROPAGE, WRITEPROTECT, WAKE.
 //!
 //! Written against the kernel ABI (`include/uapi/linux/userfaultfd.h`) rather than the
 //! `userfaultfd` crate: that crate needs libclang at build time, and reports `EAGAIN` from
@@ -19,8 +20,13 @@ const UFFDIO: u64 = 0xAA;
 const UFFD_API: u64 = 0xAA;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 /// Set in a page-fault event's flags when the access was a write.
 pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
+/// Set in a page-fault event's flags when it is a write to a write-protected page.
+pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 /// Request the faulting thread id in events (used by the eBPF probes later).
 const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 
@@ -61,6 +67,12 @@ struct UffdioCopy {
 }
 
 #[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+#[repr(C)]
 struct UffdioZeropage {
     range: UffdioRange,
     mode: u64,
@@ -86,6 +98,7 @@ const _: () = assert!(size_of::<UffdioRange>() == 16);
 const _: () = assert!(size_of::<UffdioRegister>() == 32);
 const _: () = assert!(size_of::<UffdioCopy>() == 40);
 const _: () = assert!(size_of::<UffdioZeropage>() == 32);
+const _: () = assert!(size_of::<UffdioWriteprotect>() == 24);
 const _: () = assert!(size_of::<UffdMsg>() == 32);
 
 const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, 0x3F, size_of::<UffdioApi>());
@@ -93,6 +106,7 @@ const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, 0x00, size_of::<UffdioReg
 const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
 const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, 0x03, size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, 0x04, size_of::<UffdioZeropage>());
+const UFFDIO_WRITEPROTECT: u64 = ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<UffdioWriteprotect>());
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`: `_IO(0xAA, 0x00)`.
 const USERFAULTFD_IOC_NEW: u64 = UFFDIO << 8;
 
@@ -101,6 +115,7 @@ const _: () = assert!(UFFDIO_REGISTER == 0xC020_AA00);
 const _: () = assert!(UFFDIO_COPY == 0xC028_AA03);
 const _: () = assert!(UFFDIO_ZEROPAGE == 0xC020_AA04);
 const _: () = assert!(UFFDIO_WAKE == 0x8010_AA02);
+const _: () = assert!(UFFDIO_WRITEPROTECT == 0xC018_AA06);
 
 /// Errors setting up a userfaultfd.
 #[derive(thiserror::Error, Debug)]
@@ -144,6 +159,18 @@ pub struct Fault {
     pub flags: u64,
     /// Faulting thread id.
     pub tid: u32,
+}
+
+impl Fault {
+    /// A write to a write-protected page (the page is there).
+    pub fn is_write_protect(&self) -> bool {
+        self.flags & UFFD_PAGEFAULT_FLAG_WP != 0
+    }
+
+    /// The access was a write.
+    pub fn is_write(&self) -> bool {
+        self.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0
+    }
 }
 
 /// An owned userfaultfd.
@@ -205,6 +232,43 @@ impl Uffd {
         })
     }
 
+    /// Registers `[start, start + len)` for missing-page and write-protect faults: pages
+    /// installed with [`Uffd::copy_protected`] (or protected with [`Uffd::write_protect`])
+    /// fault on their next write, which is how the cache learns a page is dirty.
+    pub fn register_missing_and_wp(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        ioctl(self.fd.as_fd(), UFFDIO_REGISTER, &mut reg).map_err(|source| UffdError::Register {
+            start,
+            len,
+            source,
+        })
+    }
+
+    /// Write-protects `[start, start + len)` (`protect`), so that the next write to any of
+    /// its pages faults, or lifts the protection and wakes the threads waiting on a write
+    /// there. Present pages only; the kernel invalidates secondary MMUs (KVM's) first, so a
+    /// guest write after this returns faults too.
+    pub fn write_protect(&self, start: u64, len: u64, protect: bool) -> io::Result<()> {
+        let mut arg = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode: if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
+        };
+        loop {
+            match ioctl(self.fd.as_fd(), UFFDIO_WRITEPROTECT, &mut arg) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+                r => return r,
+            }
+        }
+    }
+
     /// Blocks until a page fault arrives. Returns `Ok(None)` for events that are not page
     /// faults and `Err` with `ErrorKind::Interrupted` when a signal interrupted the wait.
     pub fn read_fault(&self) -> io::Result<Option<Fault>> {
@@ -244,13 +308,35 @@ impl Uffd {
     /// `src` must be valid for reads of `len` bytes; `dst..dst+len` must lie in a range
     /// registered with this descriptor, page aligned.
     pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64) -> io::Result<Installed> {
+        // SAFETY: the caller's guarantees are this function's.
+        unsafe { self.copy_mode(dst, src, len, 0) }
+    }
+
+    /// Like [`Uffd::copy`], but the pages are installed write-protected (in a range
+    /// registered with [`Uffd::register_missing_and_wp`]): their first write faults.
+    ///
+    /// # Safety
+    /// As for [`Uffd::copy`].
+    pub unsafe fn copy_protected(
+        &self,
+        dst: u64,
+        src: *const u8,
+        len: u64,
+    ) -> io::Result<Installed> {
+        // SAFETY: the caller's guarantees are this function's.
+        unsafe { self.copy_mode(dst, src, len, UFFDIO_COPY_MODE_WP) }
+    }
+
+    /// # Safety
+    /// As for [`Uffd::copy`].
+    unsafe fn copy_mode(&self, dst: u64, src: *const u8, len: u64, mode: u64) -> io::Result<Installed> {
         let mut done = 0u64;
         loop {
             let mut arg = UffdioCopy {
                 dst: dst + done,
                 src: src as u64 + done,
                 len: len - done,
-                mode: 0,
+                mode,
                 copy: 0,
             };
             match ioctl(self.fd.as_fd(), UFFDIO_COPY, &mut arg) {

@@ -554,6 +554,22 @@ impl TransportManager {
         self.with_retries(remote_node, |p| p.fetch(vm, page, dst))
     }
 
+    /// Reads `page` of `vm` from `remote_node` into `dst`, one page; the node keeps its copy
+    /// (it is the page's home). Retried like [`TransportManager::fetch_page`].
+    #[inline]
+    pub fn read_page(
+        &mut self,
+        vm: VmId,
+        page: u64,
+        remote_node: NodeId,
+        dst: &mut [u8],
+    ) -> Result<(), TransportError> {
+        if dst.len() != pagemesh_api::PAGE_SIZE {
+            return Err(TransportError::InvalidPageSize(dst.len()));
+        }
+        self.with_retries(remote_node, |p| p.read(vm, page, dst))
+    }
+
     /// Fetches (and claims) several runs of `vm` from `remote_node`, each into its own
     /// buffer, with the requests of a batch outstanding together; retried like
     /// [`TransportManager::fetch_page`] (the whole batch again: fetching is idempotent).
