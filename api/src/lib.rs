@@ -250,6 +250,10 @@ pub struct CreateVm {
     /// What the memory nodes load.
     #[serde(default)]
     pub content: Content,
+    /// The compute node's local memory budget for the VM (`--local-memory`), bytes; `None`:
+    /// unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_memory_bytes: Option<u64>,
 }
 
 /// The request header of `POST /vms` that makes it safe to retry: the coordinator answers a
@@ -271,6 +275,9 @@ pub struct Vm {
     pub placement: Placement,
     /// What the memory nodes load.
     pub content: Content,
+    /// The compute node's local memory budget for the VM, bytes; `None`: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_memory_bytes: Option<u64>,
 }
 
 /// The body of every error answer.

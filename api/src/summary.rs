@@ -255,6 +255,7 @@ mod tests {
             }),
             ok: true,
             error: None,
+            cache: None,
         }
     }
 

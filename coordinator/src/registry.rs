@@ -377,6 +377,7 @@ impl Registry {
             mem_bytes: req.mem_bytes,
             placement,
             content: req.content,
+            local_memory_bytes: req.local_memory_bytes,
         };
         self.vms.insert(id, vm.clone());
         if let Some(key) = key {
@@ -411,6 +412,7 @@ impl Registry {
         if vm.compute_node != req.compute_node
             || vm.mem_bytes != req.mem_bytes
             || vm.content != req.content
+            || vm.local_memory_bytes != req.local_memory_bytes
         {
             return Err(RegistryError::KeyReused {
                 key: key.to_owned(),
@@ -898,6 +900,7 @@ mod tests {
                 granule_pages: 1,
             },
             content: Content::Zero,
+            local_memory_bytes: None,
         }
     }
 
@@ -946,6 +949,7 @@ mod tests {
                 granule_pages: 1,
             },
             content: Content::Zero,
+            local_memory_bytes: None,
         };
         r.create_vm(vm, Some("k")).unwrap();
         let json = serde_json::to_string(&r).unwrap();

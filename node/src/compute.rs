@@ -22,6 +22,8 @@ pub struct RunOutcome {
     pub result: WorkloadResult,
     /// Pager statistics (all zero for demand-zero runs).
     pub stats: StatsSnapshot,
+    /// The page cache's figures, under a budget.
+    pub cache: Option<pagemesh_pager::CacheSnapshot>,
     /// Wall time of the guest's run (from first instruction to the done report).
     pub elapsed: Duration,
     /// The checksum the run should have produced, when known.
@@ -103,6 +105,7 @@ pub fn run_guest(
     Ok(RunOutcome {
         result: exit.result,
         stats: ended.stats,
+        cache: ended.cache,
         elapsed: exit.elapsed,
         expected_checksum: opts.workload.expected_checksum(opts.initial),
     })

@@ -28,8 +28,8 @@ use pagemesh_vmm::linux::MAX_LINUX_RAM;
 
 pub use self::file::FileError;
 use self::values::{
-    AccessArg, AdminArg, BackingArg, ByteRange, ByteSize, ContentArg, PlacementArg, RoleArg,
-    WorkloadArg,
+    AccessArg, AdminArg, BackingArg, ByteRange, ByteSize, ContentArg, EvictionArg, PlacementArg,
+    RoleArg, WorkloadArg,
 };
 
 /// Errors reading the configuration, and settings that do not go together.
@@ -328,6 +328,19 @@ pub struct ComputeOptions {
     )]
     pub peer_timeout: Duration,
 
+    /// Keep at most this much of the VM's memory on this node: a page cache over the memory
+    /// nodes, which keep every page's copy. Clean pages leave for nothing, dirty ones are
+    /// written back first, by a background reclaimer; at least 1MiB. Recorded in the VM's
+    /// definition [default: unlimited: fetched pages move here for good].
+    #[arg(long, value_name = "SIZE", value_parser = values::local_memory)]
+    pub local_memory: Option<ByteSize>,
+
+    /// How the page cache (--local-memory) picks pages to evict: `clock` passes the oldest
+    /// pages through a staging area from which a page touched again comes back without a
+    /// transfer; `fifo` drops them in the order they came.
+    #[arg(long, value_enum, default_value_t = EvictionArg::Clock)]
+    pub eviction: EvictionArg,
+
     /// Pin vCPU 0 and the fault handler to this CPU (fastest here: a fault handler woken on
     /// the vCPU's own CPU avoids a cross-CPU wake-up) [default: not pinned].
     #[arg(long, value_name = "CPU")]
@@ -452,6 +465,12 @@ impl Settings {
                     ),
                 });
             }
+        }
+        if c.local_memory.is_some() && c.backing != BackingArg::Remote {
+            return Err(ConfigError::Invalid {
+                what: "--local-memory",
+                why: "a local memory budget needs remote memory (--backing remote)".into(),
+            });
         }
         if self.linux.kernel.is_some() {
             if c.backing != BackingArg::Remote {

@@ -350,6 +350,7 @@ mod tests {
             mem_bytes: 8192,
             placement: Placement::interleave(vec![1], 1, 2).unwrap(),
             content: Content::Zero,
+            local_memory_bytes: None,
         }
     }
 
@@ -359,6 +360,7 @@ mod tests {
             mem_bytes: 8192,
             placement: PlacementRequest::Weighted { nodes: vec![] },
             content: Content::Zero,
+            local_memory_bytes: None,
         }
     }
 

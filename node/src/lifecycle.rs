@@ -12,7 +12,10 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use pagemesh_api::VmId;
-use pagemesh_pager::{GuestRam, PageDirectory, PagerConfig, PagerError, PagerStats, StatsSnapshot};
+use pagemesh_pager::{
+    CacheConfig, CacheSnapshot, GuestRam, PageDirectory, PagerConfig, PagerError, PagerStats,
+    StatsSnapshot,
+};
 use pagemesh_transport::TransportManager;
 use pagemesh_vmm::VcpuError;
 use pagemesh_vmm::run::install_kick_handler;
@@ -53,6 +56,8 @@ pub enum Backing {
         directory: Arc<PageDirectory>,
         /// The peers.
         transport: TransportManager,
+        /// A local memory budget, `None` for unlimited.
+        cache: Option<CacheConfig>,
     },
 }
 
@@ -76,6 +81,8 @@ pub struct Ended<E> {
     pub vcpus: Vec<Result<E, VcpuError>>,
     /// The pager's statistics (all zero without a pager).
     pub stats: StatsSnapshot,
+    /// The page cache's figures, under a budget.
+    pub cache: Option<CacheSnapshot>,
     /// The error that stopped the pager, if one did.
     pub pager_failure: Option<PagerError>,
     /// Whether a stop signal ended the run.
@@ -114,6 +121,7 @@ pub fn run_vm<M: GuestMachine>(
         Backing::Pager {
             directory,
             transport,
+            cache,
         } => {
             let on_failure = {
                 let stop = stop.clone();
@@ -127,6 +135,7 @@ pub fn run_vm<M: GuestMachine>(
                 cpu: launch.cpu,
                 trace: crate::probes::fault_trace(),
                 on_failure,
+                cache,
             })
             .map_err(ComputeError::PagerStart)?;
             observe(pager.stats(), pager.directory());
@@ -219,19 +228,21 @@ pub fn run_vm<M: GuestMachine>(
     })?;
     let elapsed = started.elapsed();
 
-    let (stats, pager_failure) = match pager {
+    let (stats, cache, pager_failure) = match pager {
         Some(p) => {
             // Stop first: the guest is woken by the install, before the handler has counted
             // the last fault. A handler that failed returns its error here.
             let counters = p.stats().clone();
+            let cache = p.cache().cloned();
             let failure = p.stop().err();
-            (counters.snapshot(), failure)
+            (counters.snapshot(), cache.map(|c| c.snapshot()), failure)
         }
-        None => (StatsSnapshot::default(), None),
+        None => (StatsSnapshot::default(), None, None),
     };
     Ok(Ended {
         vcpus: ends,
         stats,
+        cache,
         pager_failure,
         signalled,
         elapsed,

@@ -29,7 +29,7 @@ use crate::coordinator::CoordinatorClient;
 use crate::define::placement_request;
 use crate::error::NodeError;
 use crate::lifecycle::{Backing, ComputeError, Launch, run_vm};
-use crate::peers::{connect_vm_peers, held, load_vm};
+use crate::peers::{VmPeers, connect_vm_peers, held, load_vm};
 use crate::signals::StopSignals;
 
 /// The command line used when `--cmdline` is not given: a serial console, and the
@@ -84,6 +84,7 @@ pub fn run_linux(
         content: Content::Image {
             path: image_path.display().to_string(),
         },
+        local_memory_bytes: settings.compute.local_memory.map(|b| b.bytes()),
     })?;
     tracing::info!(
         "created VM {} for kernel {} ({} pages on nodes {:?})",
@@ -92,7 +93,11 @@ pub fn run_linux(
         pages,
         vm.placement.nodes()
     );
-    let (transport, mut control) = connect_vm_peers(id, settings, coordinator, &vm)?;
+    let VmPeers {
+        transport,
+        mut control,
+        writeback,
+    } = connect_vm_peers(id, settings, coordinator, &vm)?;
     load_vm(&mut control, &vm)?;
     let held_before = held(&mut control, &vm)?;
     let directory = Arc::new(PageDirectory::from_placement(&vm.placement).map_err(|e| {
@@ -119,6 +124,7 @@ pub fn run_linux(
         backing: Backing::Pager {
             directory,
             transport,
+            cache: crate::service::cache_config(settings, &vm, writeback),
         },
         cpu: settings.compute.pin_cpu,
         signals: Some(signals),
@@ -188,6 +194,9 @@ pub fn run_linux(
         stats.fault_p50_us,
         stats.fault_p99_us
     );
+    if let Some(c) = &ended.cache {
+        crate::summary::print_cache(c);
+    }
     println!(
         "  console: {} lines; instructions emulated by the VMM: {fixups}",
         log.count
@@ -221,6 +230,7 @@ pub fn run_linux(
             held_before,
             held_after,
             ebpf: probes.as_ref().map(|p| p.summary()),
+            cache: ended.cache,
             ok,
             // A Linux guest reports no pages or checksum, and its errors are returned below.
             ..RunSummary::default()

@@ -11,14 +11,24 @@ use crate::config::Settings;
 use crate::coordinator::CoordinatorClient;
 use crate::error::NodeError;
 
-/// Connects to every node holding pages of `vm`, twice: once for the pager (the fault path
-/// owns those connections) and once for control requests (load, held, release).
+/// A compute node's connections for one VM.
+pub(crate) struct VmPeers {
+    /// The pager's (the fault path owns them).
+    pub(crate) transport: TransportManager,
+    /// For control requests (load, held, release).
+    pub(crate) control: ControlPlane,
+    /// The page cache's reclaimer's, for write-back, under a budget.
+    pub(crate) writeback: Option<TransportManager>,
+}
+
+/// Connects to every node holding pages of `vm`: once for the pager, once for control
+/// requests and, for a VM under a local memory budget, once for the reclaimer's write-backs.
 pub(crate) fn connect_vm_peers(
     id: NodeId,
     settings: &Settings,
     coordinator: &CoordinatorClient,
     vm: &Vm,
-) -> Result<(TransportManager, ControlPlane), NodeError> {
+) -> Result<VmPeers, NodeError> {
     let timeout = settings.compute.peer_timeout;
     let mut credentials = Credentials::keyless(settings.cluster.as_deref().unwrap_or_default());
     if let Some(keyring) = settings.keyring()? {
@@ -29,9 +39,18 @@ pub(crate) fn connect_vm_peers(
     }
     let wanted = vm.placement.nodes();
     let mut transport = TransportManager::new(id, timeout).with_credentials(credentials.clone());
+    let mut writeback = vm
+        .local_memory_bytes
+        .map(|_| TransportManager::new(id, timeout).with_credentials(credentials.clone()));
     let mut control = ControlPlane::new(id, timeout).with_credentials(credentials);
-    let connected =
-        discover_and_connect_peers(coordinator, id, &mut transport, &mut control, Some(&wanted))?;
+    let connected = discover_and_connect_peers(
+        coordinator,
+        id,
+        &mut transport,
+        &mut control,
+        writeback.as_mut(),
+        Some(&wanted),
+    )?;
     for &n in &wanted {
         if !connected.contains(&n) {
             return Err(NodeError::Peer {
@@ -42,17 +61,22 @@ pub(crate) fn connect_vm_peers(
             });
         }
     }
-    Ok((transport, control))
+    Ok(VmPeers {
+        transport,
+        control,
+        writeback,
+    })
 }
 
-/// Fetches every endpoint once from the coordinator and connects `transport` (page traffic)
-/// and `control` to each peer in `wanted` (all peers when `None`) other than `local`: the
-/// design note's flow. Returns the peers connected.
+/// Fetches every endpoint once from the coordinator and connects `transport` (page traffic),
+/// `control` and `writeback`, if any, to each peer in `wanted` (all peers when `None`) other
+/// than `local`: the design note's flow. Returns the peers connected.
 pub(crate) fn discover_and_connect_peers(
     coordinator: &CoordinatorClient,
     local: NodeId,
     transport: &mut TransportManager,
     control: &mut ControlPlane,
+    mut writeback: Option<&mut TransportManager>,
     wanted: Option<&[NodeId]>,
 ) -> Result<Vec<NodeId>, NodeError> {
     let mut connected = Vec::new();
@@ -66,6 +90,9 @@ pub(crate) fn discover_and_connect_peers(
         };
         transport.connect_peer(ep.node_id, &ep).map_err(failed)?;
         control.connect_peer(ep.node_id, &ep).map_err(failed)?;
+        if let Some(w) = writeback.as_deref_mut() {
+            w.connect_peer(ep.node_id, &ep).map_err(failed)?;
+        }
         tracing::info!("connected to node {} at {}", ep.node_id, ep.address);
         connected.push(ep.node_id);
     }
@@ -143,6 +170,7 @@ mod tests {
             mem_bytes: PAGES * 4096,
             placement: Placement::interleave(nodes, 1, PAGES).unwrap(),
             content: Content::Pattern { seed: 1 },
+            local_memory_bytes: None,
         }
     }
 

@@ -15,8 +15,8 @@ use std::time::Duration;
 use pagemesh_api::{
     Content, CreateVm, NodeId, PAGE_SIZE, RegisterEndpoint, Role, TransportKind, error_chain,
 };
-use pagemesh_pager::PageDirectory;
 use pagemesh_pager::directory::MAX_NODE_ID;
+use pagemesh_pager::{CacheConfig, PageDirectory, PageState};
 use pagemesh_server::{ImageDir, PageStore, ServerContext, ShutdownSignal};
 use pagemesh_transport::TransportManager;
 use pagemesh_transport::local::LocalSource;
@@ -32,7 +32,7 @@ use crate::coordinator::CoordinatorClient;
 use crate::define::{content, placement_request, seed, workload};
 use crate::error::NodeError;
 use crate::lifecycle::{Backing, ComputeError};
-use crate::peers::{connect_vm_peers, held, load_vm, release_vm};
+use crate::peers::{VmPeers, connect_vm_peers, held, load_vm, release_vm};
 use crate::probes::load_probes;
 use crate::signals::{StopSignals, block_stop_signals, wait_for_stop_signal};
 use crate::summary::{report, write_failure};
@@ -237,6 +237,7 @@ fn run_compute(
         mem_bytes: mem,
         placement: placement_request(settings, coordinator, pages)?,
         content: content.clone(),
+        local_memory_bytes: c.local_memory.map(|b| b.bytes()),
     })?;
     tracing::info!(
         "created VM {} ({} pages) placed on nodes {:?}",
@@ -244,9 +245,24 @@ fn run_compute(
         pages,
         vm.placement.nodes()
     );
-    let (transport, mut control) = connect_vm_peers(id, settings, coordinator, &vm)?;
+    let VmPeers {
+        transport,
+        mut control,
+        writeback,
+    } = connect_vm_peers(id, settings, coordinator, &vm)?;
+    let budgeted = vm.local_memory_bytes.is_some();
 
     let directory = match &content {
+        // Under a budget every page needs a home to write back to, which must know the VM.
+        Content::Zero if budgeted => {
+            load_vm(&mut control, &vm)?;
+            PageDirectory::homed(&vm.placement, PageState::Zero).map_err(|e| {
+                ConfigError::Invalid {
+                    what: "placement",
+                    why: e.to_string(),
+                }
+            })?
+        }
         Content::Zero => PageDirectory::new(pages),
         Content::Pattern { .. } | Content::Image { .. } => {
             load_vm(&mut control, &vm)?;
@@ -266,8 +282,9 @@ fn run_compute(
             dir
         }
     };
-    // With zero content nothing was loaded, so there is nothing to count or release.
-    let loaded = !matches!(content, Content::Zero);
+    // With zero content nothing was loaded (unless under a budget), so there is nothing to
+    // count or release.
+    let loaded = budgeted || !matches!(content, Content::Zero);
     let held_before = if loaded {
         held(&mut control, &vm)?
     } else {
@@ -297,6 +314,7 @@ fn run_compute(
         Backing::Pager {
             directory: Arc::new(directory),
             transport,
+            cache: cache_config(settings, &vm, writeback),
         },
         Some(signals),
         |live| *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(live),
@@ -328,6 +346,21 @@ fn run_compute(
     )
 }
 
+/// The page cache of `vm`, if it has a local memory budget.
+pub(crate) fn cache_config(
+    settings: &Settings,
+    vm: &pagemesh_api::Vm,
+    writeback: Option<TransportManager>,
+) -> Option<CacheConfig> {
+    let budget = vm.local_memory_bytes?;
+    Some(CacheConfig {
+        budget_pages: budget / PAGE_SIZE as u64,
+        policy: settings.compute.eviction.into(),
+        writeback: writeback?,
+        patience: settings.compute.peer_timeout,
+    })
+}
+
 fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<bool, NodeError> {
     let c = &settings.compute;
     let mem = c.mem().bytes();
@@ -347,6 +380,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
                 Backing::Pager {
                     directory: Arc::new(directory),
                     transport,
+                    cache: None,
                 },
                 Initial::Pattern(seed),
             )

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use pagemesh_api::summary::{EbpfSummary, FaultCounts, GuestResult, RunSummary};
+use pagemesh_api::summary::{CacheSummary, EbpfSummary, FaultCounts, GuestResult, RunSummary};
 use pagemesh_api::{NodeId, Vm, error_chain};
 use pagemesh_pager::StatsSnapshot;
 use pagemesh_vmm::WorkloadResult;
@@ -45,6 +45,29 @@ pub(crate) fn faults(s: &StatsSnapshot) -> FaultCounts {
     }
 }
 
+/// The page cache's lines of a run summary.
+pub(crate) fn print_cache(c: &CacheSummary) {
+    println!(
+        "  cache: budget {} pages ({} staging), resident at most {}; {} evicted ({} clean \
+         drops, {} dirty written back), {} refaults, {} staging hits, {} pages written back",
+        c.budget_pages,
+        c.staging_pages,
+        c.resident_max_pages,
+        c.evictions,
+        c.clean_drops,
+        c.dirty_evicted_pages,
+        c.refaults,
+        c.staging_hits,
+        c.writeback_pages
+    );
+    if c.budget_waits > 0 || c.writeback_errors > 0 {
+        println!(
+            "  cache: {} faults waited for a free page, {} write-backs failed",
+            c.budget_waits, c.writeback_errors
+        );
+    }
+}
+
 fn guest_result(w: &WorkloadResult) -> GuestResult {
     GuestResult {
         pages_done: w.pages_done,
@@ -82,6 +105,9 @@ pub(crate) fn report(
         "  fault latency: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
         s.fault_p50_us, s.fault_p90_us, s.fault_p99_us, s.fault_max_us
     );
+    if let Some(c) = &o.cache {
+        print_cache(c);
+    }
     for (n, before) in held_before {
         println!(
             "  node {n}: held {before} pages before, {} after",
@@ -122,6 +148,7 @@ pub(crate) fn report(
             held_after: held_after.clone(),
             linux: None,
             ebpf,
+            cache: o.cache,
             ok,
             error: None,
         },

@@ -22,6 +22,7 @@ fn pager_backing(seed: u64) -> Backing {
     Backing::Pager {
         directory,
         transport,
+        cache: None,
     }
 }
 
@@ -88,6 +89,7 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
     let zero = Backing::Pager {
         directory: Arc::new(PageDirectory::new(PAGES)),
         transport: TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT),
+        cache: None,
     };
     let out = run_guest(
         &opts("stride:16", "write", Initial::Zero),

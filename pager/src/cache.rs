@@ -204,13 +204,8 @@ impl Staging {
     /// Gives `slot`'s memory back to the kernel (it reads as zeros until written again).
     pub(crate) fn release(&self, slot: u32) {
         // SAFETY: one page of our own mapping that nobody uses any more (the caller freed it).
-        let rc = unsafe {
-            libc::madvise(
-                self.slot_ptr(slot).cast(),
-                PAGE_SIZE,
-                libc::MADV_DONTNEED,
-            )
-        };
+        let rc =
+            unsafe { libc::madvise(self.slot_ptr(slot).cast(), PAGE_SIZE, libc::MADV_DONTNEED) };
         debug_assert_eq!(rc, 0);
     }
 }
@@ -238,11 +233,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(config: &CacheConfig, stats: std::sync::Arc<CacheStats>) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        config: &CacheConfig,
+        stats: std::sync::Arc<CacheStats>,
+    ) -> std::io::Result<Self> {
         let staging = crate::policy::staging_slots(config.policy, config.budget_pages);
         let frames = config.budget_pages - staging;
         let low = (frames / 64).clamp(8, BATCH_PAGES as u64);
-        stats.budget_pages.store(config.budget_pages, Ordering::Relaxed);
+        stats
+            .budget_pages
+            .store(config.budget_pages, Ordering::Relaxed);
         stats.staging_pages.store(staging, Ordering::Relaxed);
         Ok(Shared {
             frames,

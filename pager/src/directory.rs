@@ -230,7 +230,8 @@ impl PageDirectory {
     /// The entry of `page`.
     #[inline]
     pub fn entry(&self, page: u64) -> Result<Entry, DirectoryError> {
-        self.slot(page).map(|e| Entry::decode(e.load(Ordering::Acquire)))
+        self.slot(page)
+            .map(|e| Entry::decode(e.load(Ordering::Acquire)))
     }
 
     /// Owner of `page`.
@@ -255,7 +256,9 @@ impl PageDirectory {
                     PageOwner::Remote(n) => {
                         keep | PageState::Remote.bits() | HOME_BIT | u64::from(n)
                     }
-                    PageOwner::Local => keep | PageState::Local.bits() | (v & (HOME_BIT | NODE_MASK)),
+                    PageOwner::Local => {
+                        keep | PageState::Local.bits() | (v & (HOME_BIT | NODE_MASK))
+                    }
                     PageOwner::Zero => keep | PageState::Zero.bits() | (v & (HOME_BIT | NODE_MASK)),
                 })
             });
@@ -426,7 +429,9 @@ mod tests {
         let d = PageDirectory::homed(&p, PageState::Zero).unwrap();
         assert_eq!(d.entry(1).unwrap().home, Some(4));
         assert_eq!(d.entry(1).unwrap().state, PageState::Zero);
-        let before = d.installed(1, PageState::Zero, PageState::ZeroClean).unwrap();
+        let before = d
+            .installed(1, PageState::Zero, PageState::ZeroClean)
+            .unwrap();
         assert_eq!(before.state, PageState::Zero);
         assert_eq!(
             d.installed(1, PageState::Zero, PageState::Dirty),
@@ -437,8 +442,10 @@ mod tests {
             d.transition(1, PageState::Clean, PageState::Dirty),
             Err(PageState::ZeroClean)
         );
-        d.transition(1, PageState::ZeroClean, PageState::Dirty).unwrap();
-        d.transition(1, PageState::Dirty, PageState::Evicting).unwrap();
+        d.transition(1, PageState::ZeroClean, PageState::Dirty)
+            .unwrap();
+        d.transition(1, PageState::Dirty, PageState::Evicting)
+            .unwrap();
         d.stage(1, 77, PageState::StagedDirty).unwrap();
         let e = d.entry(1).unwrap();
         assert_eq!(
@@ -446,10 +453,15 @@ mod tests {
             (PageState::StagedDirty, Some(4), 1, 77)
         );
         assert_eq!(d.owner(1), Ok(PageOwner::Local));
-        assert_eq!(d.stage(1, 3, PageState::StagedClean), Err(PageState::StagedDirty));
-        d.transition(1, PageState::StagedDirty, PageState::WritingBack).unwrap();
+        assert_eq!(
+            d.stage(1, 3, PageState::StagedClean),
+            Err(PageState::StagedDirty)
+        );
+        d.transition(1, PageState::StagedDirty, PageState::WritingBack)
+            .unwrap();
         // The guest wants it back while it is being written back: the handler wins.
-        d.installed(1, PageState::WritingBack, PageState::Dirty).unwrap();
+        d.installed(1, PageState::WritingBack, PageState::Dirty)
+            .unwrap();
         assert_eq!(
             d.transition(1, PageState::WritingBack, PageState::Remote),
             Err(PageState::Dirty)

@@ -200,7 +200,10 @@ impl Handler {
                         {
                             continue;
                         }
-                        self.cache_side().shared.stats.count(Counter::WriteProtectFault, 1);
+                        self.cache_side()
+                            .shared
+                            .stats
+                            .count(Counter::WriteProtectFault, 1);
                         served.kind = FaultKind::WriteProtect;
                         served.installed = self
                             .uffd
@@ -269,7 +272,11 @@ impl Handler {
                 }
                 PageState::Zero | PageState::Remote => {
                     self.take_frame()?;
-                    let to = if write { PageState::Dirty } else { PageState::Clean };
+                    let to = if write {
+                        PageState::Dirty
+                    } else {
+                        PageState::Clean
+                    };
                     let src = if entry.state == PageState::Remote {
                         let node = entry.home.unwrap_or_default();
                         if let Err(e) = self.fetch(page, node, buf, start, true) {

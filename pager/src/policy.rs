@@ -164,7 +164,9 @@ pub fn simulate(budget: u64, staging: u64, trace: &[u32]) -> Simulated {
         mapped.push_back((p, generation));
         n_mapped += 1;
         while n_mapped > mapped_cap {
-            let Some((q, g)) = mapped.pop_front() else { break };
+            let Some((q, g)) = mapped.pop_front() else {
+                break;
+            };
             if state.get(&q) != Some(&(1, g)) {
                 continue;
             }
@@ -177,7 +179,9 @@ pub fn simulate(budget: u64, staging: u64, trace: &[u32]) -> Simulated {
             staged.push_back((q, g));
             n_staged += 1;
             while n_staged > staging {
-                let Some((r, h)) = staged.pop_front() else { break };
+                let Some((r, h)) = staged.pop_front() else {
+                    break;
+                };
                 if state.get(&r) == Some(&(2, h)) {
                     state.remove(&r);
                     n_staged -= 1;
@@ -306,7 +310,10 @@ mod tests {
         let clock = simulate(8, 2, &trace);
         let fifo = simulate(8, 0, &trace);
         assert_eq!(fifo.misses, fifo_misses(8, &trace));
-        assert_eq!(clock.misses, 200, "page 0 misses once, every other page once");
+        assert_eq!(
+            clock.misses, 200,
+            "page 0 misses once, every other page once"
+        );
         assert!(fifo.misses > clock.misses, "{fifo:?} {clock:?}");
         assert!(clock.staging_hits > 0);
     }

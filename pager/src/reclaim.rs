@@ -61,8 +61,7 @@ impl Reclaimer {
                 std::thread::park_timeout(IDLE);
                 continue;
             }
-            while self.shared.free_frames() < self.shared.high
-                && !self.stop.load(Ordering::Acquire)
+            while self.shared.free_frames() < self.shared.high && !self.stop.load(Ordering::Acquire)
             {
                 if free_slots.is_empty() {
                     self.drop_staged(&mut queues, &mut free_slots, &mut out, &mut buf);
@@ -239,7 +238,13 @@ impl Reclaimer {
         while start < out.len() {
             let home = out[start].home;
             let end = start + out[start..].iter().take_while(|o| o.home == home).count();
-            self.write_back(home, &out[start..end], &buf[start * PAGE_SIZE..end * PAGE_SIZE], queues, free_slots);
+            self.write_back(
+                home,
+                &out[start..end],
+                &buf[start * PAGE_SIZE..end * PAGE_SIZE],
+                queues,
+                free_slots,
+            );
             start = end;
         }
     }
@@ -277,9 +282,7 @@ impl Reclaimer {
                         .is_ok()
                     {
                         self.free_slot(o.slot, free_slots);
-                        self.shared
-                            .stats
-                            .count(Counter::Evicted { dirty: true }, 1);
+                        self.shared.stats.count(Counter::Evicted { dirty: true }, 1);
                     }
                     // Otherwise the handler took it back: it returns the slot.
                 }
@@ -313,7 +316,8 @@ impl Reclaimer {
         // SAFETY: one page of guest memory, which the pager serves; the page's directory
         // state (Evicting) tells the handler it is going, and a fault on it is served
         // again from where the state then says it is.
-        let rc = unsafe { libc::madvise(addr as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
+        let rc =
+            unsafe { libc::madvise(addr as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
         if rc != 0 {
             tracing::warn!(
                 "cannot drop guest page at {addr:#x}: {}",

@@ -329,7 +329,13 @@ impl Uffd {
 
     /// # Safety
     /// As for [`Uffd::copy`].
-    unsafe fn copy_mode(&self, dst: u64, src: *const u8, len: u64, mode: u64) -> io::Result<Installed> {
+    unsafe fn copy_mode(
+        &self,
+        dst: u64,
+        src: *const u8,
+        len: u64,
+        mode: u64,
+    ) -> io::Result<Installed> {
         let mut done = 0u64;
         loop {
             let mut arg = UffdioCopy {

@@ -83,9 +83,18 @@ enum Op {
 /// pages `p % threads == t`), skewed so that some pages come back, under a `budget`; checks
 /// every word read against the pattern plus what that thread added, and returns the cache's
 /// figures.
-fn run(pages: u64, budget: u64, policy: Policy, op: Op, threads: u64, accesses: u64) -> CacheSnapshot {
+fn run(
+    pages: u64,
+    budget: u64,
+    policy: Policy,
+    op: Op,
+    threads: u64,
+    accesses: u64,
+) -> CacheSnapshot {
     let ram = Ram::new(pages as usize);
-    let home = Shared(Arc::new(Mutex::new(LocalSource::with_pattern(HOME, VM, pages, SEED))));
+    let home = Shared(Arc::new(Mutex::new(LocalSource::with_pattern(
+        HOME, VM, pages, SEED,
+    ))));
     let placement = Placement::interleave(vec![HOME], 1, pages).unwrap();
     let directory = Arc::new(PageDirectory::from_placement(&placement).unwrap());
     let mut transport = TransportManager::new(0, Duration::from_secs(5));
@@ -128,7 +137,11 @@ fn run(pages: u64, budget: u64, policy: Policy, op: Op, threads: u64, accesses: 
                     x ^= x << 17;
                     // Half the accesses to the first eighth of the pages: they come back.
                     let n = mine.len() as u64;
-                    let i = if x & 1 == 0 { (x >> 1) % n.div_ceil(8) } else { (x >> 1) % n } as usize;
+                    let i = if x & 1 == 0 {
+                        (x >> 1) % n.div_ceil(8)
+                    } else {
+                        (x >> 1) % n
+                    } as usize;
                     let page = mine[i];
                     let at = (base + page as usize * PAGE_SIZE) as *mut u64;
                     // SAFETY: inside the mapping the pager serves; a fault blocks until the
@@ -140,7 +153,11 @@ fn run(pages: u64, budget: u64, policy: Policy, op: Op, threads: u64, accesses: 
                         "page {page}: first word"
                     );
                     let last = unsafe { std::ptr::read_volatile(at.add(511)) };
-                    assert_eq!(last, pattern::word(SEED, page, 511), "page {page}: last word");
+                    assert_eq!(
+                        last,
+                        pattern::word(SEED, page, 511),
+                        "page {page}: last word"
+                    );
                     if op == Op::Rmw {
                         // SAFETY: as above; a write to a clean page faults (write-protect).
                         unsafe { std::ptr::write_volatile(at, first.wrapping_add(1)) };
@@ -163,7 +180,10 @@ fn run(pages: u64, budget: u64, policy: Policy, op: Op, threads: u64, accesses: 
 fn rmw_through_a_small_budget_loses_no_write() {
     let c = run(2048, 256, Policy::Clock, Op::Rmw, 2, 20_000);
     assert!(c.evictions > 1000, "several eviction cycles: {c:?}");
-    assert!(c.dirty_evicted_pages > 0 && c.writeback_pages >= c.dirty_evicted_pages, "{c:?}");
+    assert!(
+        c.dirty_evicted_pages > 0 && c.writeback_pages >= c.dirty_evicted_pages,
+        "{c:?}"
+    );
     assert!(c.staging_hits > 0 && c.refaults > 0, "{c:?}");
     assert!(c.write_protect_faults > 0, "{c:?}");
 }

@@ -1219,6 +1219,7 @@ mod tests {
             mem_bytes: 64 * PAGE_SIZE as u64,
             placement,
             content: Content::Pattern { seed: SEED },
+            local_memory_bytes: None,
         }
     }
 

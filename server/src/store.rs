@@ -702,6 +702,7 @@ mod tests {
             mem_bytes: placement.pages() * PAGE_SIZE as u64,
             placement,
             content,
+            local_memory_bytes: None,
         }
     }
 

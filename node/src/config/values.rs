@@ -43,6 +43,12 @@ pub enum ValueError {
         /// The largest.
         max: ByteSize,
     },
+    /// A page cache budget below the minimum or not whole pages.
+    #[error(
+        "--local-memory must be a multiple of 4 KiB and at least 1 MiB (the page cache needs \
+         room for its watermarks and a write-back batch), got {0}"
+    )]
+    LocalMemory(ByteSize),
     /// A capacity whose pages do not fit the page store's 32-bit count.
     #[error("capacity must be less than 16 TiB, got {0}")]
     Capacity(ByteSize),
@@ -168,6 +174,18 @@ pub fn capacity(s: &str) -> Result<ByteSize, ValueError> {
     }
     Ok(size)
 }
+
+/// `--local-memory`: a page cache budget, a whole number of pages of at least 1 MiB.
+pub fn local_memory(s: &str) -> Result<ByteSize, ValueError> {
+    let size: ByteSize = s.parse()?;
+    if size.0 < MIN_LOCAL_MEMORY || !size.0.is_multiple_of(PAGE) {
+        return Err(ValueError::LocalMemory(size));
+    }
+    Ok(size)
+}
+
+/// The smallest `--local-memory`: the pager's minimum budget.
+pub const MIN_LOCAL_MEMORY: u64 = pagemesh_pager::cache::MIN_BUDGET_PAGES * PAGE;
 
 /// `--range OFFSET:LEN`: a part of guest RAM, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -306,6 +324,24 @@ pub enum BackingArg {
     UffdLocal,
     /// No userfaultfd: the kernel zero-fills (benchmark floor, no cluster).
     DemandZero,
+}
+
+/// `--eviction`: the page cache's replacement policy.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictionArg {
+    /// CLOCK through a staging area (pages touched again come back without a transfer).
+    Clock,
+    /// First in, first out.
+    Fifo,
+}
+
+impl From<EvictionArg> for pagemesh_pager::Policy {
+    fn from(e: EvictionArg) -> Self {
+        match e {
+            EvictionArg::Clock => pagemesh_pager::Policy::Clock,
+            EvictionArg::Fifo => pagemesh_pager::Policy::Fifo,
+        }
+    }
 }
 
 /// `--placement`: how the VM's pages are spread over the memory nodes.
