@@ -47,6 +47,10 @@ pub enum ComputeError {
 }
 
 /// How guest memory is served during a run.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made once per run and moved into the pager: its size costs nothing"
+)]
 pub enum Backing {
     /// Plain anonymous memory: the kernel zero-fills on demand, no userfaultfd.
     DemandZero,

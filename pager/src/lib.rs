@@ -217,7 +217,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         tracing::info!(
             "page cache: a budget of {} pages ({} MiB), {} of them staging, {} eviction",
             c.budget_pages,
-            c.budget_pages * PAGE_SIZE as u64 >> 20,
+            (c.budget_pages * PAGE_SIZE as u64) >> 20,
             shared.staging.slots(),
             c.policy
         );

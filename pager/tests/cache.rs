@@ -152,6 +152,7 @@ fn run(
                         pattern::first_word(SEED, page).wrapping_add(added[i]),
                         "page {page}: first word"
                     );
+                    // SAFETY: the same page's last word.
                     let last = unsafe { std::ptr::read_volatile(at.add(511)) };
                     assert_eq!(
                         last,
