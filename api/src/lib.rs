@@ -37,6 +37,7 @@ pub mod pattern;
 pub mod placement;
 pub mod stats;
 pub mod summary;
+pub mod trace;
 
 use serde::{Deserialize, Serialize};
 

@@ -264,16 +264,24 @@ fn default_serve_spin_us() -> u64 {
 pub struct ComputeOptions {
     /// Built-in guest workload: `verify` (read every word of every page and check it against
     /// the pattern), or `seq`, `random` (a pseudo-random permutation) or `stride:K` (every
-    /// K-th page, then the next offset), each doing --access to every page. A compute node
+    /// K-th page, then the next offset), each doing --access to every page, or `zipf:S`
+    /// (skewed: page of rank r drawn with probability ~ 1/r^S, e.g. zipf:0.99) or `hotset:H:P`
+    /// (P% of the accesses to H% of the pages, e.g. hotset:10:90), doing --access to each of
+    /// --accesses pages, which repeat (fixed sequences, the same on every run). A compute node
     /// with neither --workload nor --kernel runs no guest: it registers and serves until
     /// stopped [default with --backing uffd-local or demand-zero: verify].
     #[arg(long, value_name = "WORKLOAD", value_parser = clap::value_parser!(WorkloadArg))]
     pub workload: Option<WorkloadArg>,
 
-    /// What `seq`, `random` and `stride:K` do to each page (`verify` reads every word whatever
-    /// this says).
+    /// What the workload does to each page it visits (the `verify` workload reads every word
+    /// whatever this says).
     #[arg(long, value_enum, default_value_t = AccessArg::Read)]
     pub access: AccessArg,
+
+    /// Accesses of a `zipf:S` or `hotset:H:P` workload, at most 67108864 [default: four per
+    /// page of the range].
+    #[arg(long, value_name = "N")]
+    pub accesses: Option<u64>,
 
     /// The part of guest RAM the workload visits, as OFFSET:LEN sizes (e.g. 0:64MiB): every
     /// page those bytes touch [default: all of guest RAM].

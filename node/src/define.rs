@@ -33,7 +33,11 @@ pub(crate) fn workload(c: &ComputeOptions) -> Result<Workload, NodeError> {
         .workload
         .unwrap_or(WorkloadArg::Verify)
         .order_and_access(c.access);
-    Ok(Workload::new(order, access, first, pages, ram_pages)?)
+    let w = Workload::new(order, access, first, pages, ram_pages)?;
+    Ok(match c.accesses {
+        Some(n) => w.with_accesses(n)?,
+        None => w,
+    })
 }
 
 /// What the memory nodes load: the `--image` file, else `--content`.

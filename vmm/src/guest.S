@@ -8,9 +8,10 @@
  * itself never runs at CPL0.
  *
  * Entry: rdi = address of the parameter block (vm/guest.rs `Params`, identity mapped):
- *   +0 base   +8 pages   +16 order (0 seq, 1 random, 2 stride)   +24 op (0 read, 1 write,
+ *   +0 base   +8 pages   +16 order (0 seq, 1 random, 2 stride, 3 trace)   +24 op (0 read, 1 write,
  *   2 rmw, 3 verify)   +32 arg (stride: K pages; random: mask 2^k-1)   +40 seed
  *   +48 progress mask   +56 random shift   +104 pattern index of the first page
+ *   +112 trace address (order 3: arg u32 page indices, one per access)
  * Results written back: +64 pages done  +72 checksum  +80 first bad page (-1: none)
  *   +88 bad pages  +96 0x600D when finished.
  * Port 0xF0 <- pages done, every (mask + 1) pages; port 0xF1 <- pages done, at the end.
@@ -52,6 +53,8 @@ _start:
     je      random_loop
     cmp     rax, 2
     je      stride_loop
+    cmp     rax, 3
+    je      trace_loop
 
 seq_loop:
     cmp     r13, r9
@@ -102,6 +105,16 @@ stride_loop:
     add     r13, r10
     call    visit
     jmp     stride_loop
+
+    /* arg accesses: the page of access i is the u32 at trace + 4 * i; pages repeat. */
+trace_loop:
+    cmp     r13, r10
+    jae     finish
+    mov     rsi, [rdi + 112]
+    mov     eax, dword ptr [rsi + r13 * 4]
+    inc     r13
+    call    visit
+    jmp     trace_loop
 
     /* Touch page rax. Keeps rdi, r8-r13; clobbers rax, rcx, rdx, rsi. */
 visit:

@@ -63,6 +63,27 @@ pub enum Order {
     Random,
     /// 0, K, 2K, ..., then 1, 1+K, ...
     Stride(u64),
+    /// `accesses` pages drawn from a Zipf distribution of exponent `milli / 1000` over the
+    /// range ([`pagemesh_api::trace::zipf`]); pages are visited again.
+    Zipf {
+        /// The exponent in thousandths (`zipf:0.99` is 990).
+        milli: u32,
+    },
+    /// `accesses` pages, `access_pct` percent of them to a hot set of `hot_pct` percent of
+    /// the range ([`pagemesh_api::trace::hotset`]).
+    Hotset {
+        /// Percent of the pages that are hot.
+        hot_pct: u8,
+        /// Percent of the accesses that go to them.
+        access_pct: u8,
+    },
+}
+
+impl Order {
+    /// Whether the order visits pages again (a trace of `accesses` pages).
+    pub fn is_trace(self) -> bool {
+        matches!(self, Order::Zipf { .. } | Order::Hotset { .. })
+    }
 }
 
 /// What the guest does to each page.
@@ -89,16 +110,38 @@ pub struct Workload {
     pub first_page: u64,
     /// Pages in the range.
     pub pages: u64,
+    /// Pages visited: `pages` for the orders that visit each once, `--accesses` for traces.
+    pub accesses: u64,
 }
 
 /// Why a workload description does not parse.
 #[derive(thiserror::Error, Debug, PartialEq, Eq)]
 pub enum WorkloadError {
     /// Unknown order.
-    #[error("unknown workload '{0}'; expected seq, random, stride:K or verify")]
+    #[error(
+        "unknown workload '{0}'; expected seq, random, stride:K, zipf:S (e.g. zipf:0.99), \
+         hotset:H:P (e.g. hotset:10:90) or verify"
+    )]
     UnknownOrder(String),
+    /// A bad `zipf:S`.
+    #[error("zipf exponent must be a number from 0 to 10 with at most 3 decimals, got '{0}'")]
+    BadZipf(String),
+    /// A bad `hotset:H:P`.
+    #[error(
+        "hotset wants H:P, whole percentages from 1 to 100 (H% of the pages get P% of the \
+         accesses), got '{0}'"
+    )]
+    BadHotset(String),
+    /// Too many accesses for the trace region.
+    #[error("--accesses must be from 1 to {max}, got {got}")]
+    BadAccesses {
+        /// What was asked for.
+        got: u64,
+        /// The most the trace region holds.
+        max: u64,
+    },
     /// Unknown access.
-    #[error("unknown access '{0}'; expected read, write or rmw")]
+    #[error("unknown access '{0}'; expected read, write, rmw or verify")]
     UnknownAccess(String),
     /// Bad stride.
     #[error("stride must be a whole number of pages >= 1, got '{0}'")]
@@ -122,13 +165,38 @@ impl FromStr for Order {
         match s {
             "seq" => Ok(Order::Seq),
             "random" => Ok(Order::Random),
-            _ => match s.strip_prefix("stride:") {
-                Some(k) => match k.parse::<u64>() {
-                    Ok(k) if k >= 1 => Ok(Order::Stride(k)),
-                    _ => Err(WorkloadError::BadStride(k.to_owned())),
-                },
-                None => Err(WorkloadError::UnknownOrder(s.to_owned())),
-            },
+            _ => {
+                if let Some(k) = s.strip_prefix("stride:") {
+                    return match k.parse::<u64>() {
+                        Ok(k) if k >= 1 => Ok(Order::Stride(k)),
+                        _ => Err(WorkloadError::BadStride(k.to_owned())),
+                    };
+                }
+                if let Some(e) = s.strip_prefix("zipf:") {
+                    let bad = || WorkloadError::BadZipf(e.to_owned());
+                    let decimals = e.split_once('.').map_or(0, |(_, d)| d.len());
+                    let v: f64 = e.parse().map_err(|_| bad())?;
+                    if decimals > 3 || !(0.0..=10.0).contains(&v) {
+                        return Err(bad());
+                    }
+                    return Ok(Order::Zipf {
+                        milli: (v * 1000.0).round() as u32,
+                    });
+                }
+                if let Some(hp) = s.strip_prefix("hotset:") {
+                    let bad = || WorkloadError::BadHotset(hp.to_owned());
+                    let (h, p) = hp.split_once(':').ok_or_else(bad)?;
+                    let pct = |x: &str| x.parse::<u8>().ok().filter(|v| (1..=100).contains(v));
+                    return match (pct(h), pct(p)) {
+                        (Some(hot_pct), Some(access_pct)) => Ok(Order::Hotset {
+                            hot_pct,
+                            access_pct,
+                        }),
+                        _ => Err(bad()),
+                    };
+                }
+                Err(WorkloadError::UnknownOrder(s.to_owned()))
+            }
         }
     }
 }
@@ -141,6 +209,7 @@ impl FromStr for Access {
             "read" => Ok(Access::Read),
             "write" => Ok(Access::Write),
             "rmw" => Ok(Access::Rmw),
+            "verify" => Ok(Access::Verify),
             _ => Err(WorkloadError::UnknownAccess(s.to_owned())),
         }
     }
@@ -149,20 +218,29 @@ impl FromStr for Access {
 impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.order, self.access) {
-            (_, Access::Verify) => write!(f, "verify")?,
+            (o, Access::Verify) if !o.is_trace() => write!(f, "verify")?,
             (o, a) => {
                 match o {
                     Order::Seq => write!(f, "seq")?,
                     Order::Random => write!(f, "random")?,
                     Order::Stride(k) => write!(f, "stride:{k}")?,
+                    Order::Zipf { milli } => write!(f, "zipf:{}", f64::from(milli) / 1000.0)?,
+                    Order::Hotset {
+                        hot_pct,
+                        access_pct,
+                    } => write!(f, "hotset:{hot_pct}:{access_pct}")?,
                 }
                 let a = match a {
                     Access::Read => "read",
                     Access::Write => "write",
-                    Access::Rmw | Access::Verify => "rmw",
+                    Access::Rmw => "rmw",
+                    Access::Verify => "verify",
                 };
                 write!(f, " {a}")?;
             }
+        }
+        if self.order.is_trace() {
+            write!(f, ", {} accesses", self.accesses)?;
         }
         write!(
             f,
@@ -173,8 +251,12 @@ impl fmt::Display for Workload {
     }
 }
 
+/// The most accesses a trace can have: what the trace region holds.
+pub const MAX_ACCESSES: u64 = crate::memory::TRACE_SIZE / 4;
+
 impl Workload {
-    /// Parses `--workload` (`seq`, `random`, `stride:K`, `verify`) and `--access`.
+    /// Parses `--workload` (`seq`, `random`, `stride:K`, `zipf:S`, `hotset:H:P`, `verify`)
+    /// and `--access`.
     pub fn parse(
         workload: &str,
         access: &str,
@@ -191,7 +273,8 @@ impl Workload {
     }
 
     /// `access` to each of `pages` pages from `first_page`, in `order`, checked to lie within
-    /// RAM of `ram_pages` pages.
+    /// RAM of `ram_pages` pages. A trace order makes four accesses per page unless
+    /// [`Workload::with_accesses`] says otherwise.
     pub fn new(
         order: Order,
         access: Access,
@@ -200,6 +283,7 @@ impl Workload {
         ram_pages: u64,
     ) -> Result<Self, WorkloadError> {
         if pages == 0
+            || pages > u64::from(u32::MAX)
             || first_page
                 .checked_add(pages)
                 .is_none_or(|end| end > ram_pages)
@@ -210,27 +294,94 @@ impl Workload {
                 ram_pages,
             });
         }
+        let accesses = if order.is_trace() {
+            (4 * pages).min(MAX_ACCESSES)
+        } else {
+            pages
+        };
         Ok(Self {
             order,
             access,
             first_page,
             pages,
+            accesses,
         })
+    }
+
+    /// This trace workload with `accesses` accesses (`--accesses`); the other orders visit
+    /// each page once whatever it says.
+    pub fn with_accesses(mut self, accesses: u64) -> Result<Self, WorkloadError> {
+        if !self.order.is_trace() {
+            return Ok(self);
+        }
+        if accesses == 0 || accesses > MAX_ACCESSES {
+            return Err(WorkloadError::BadAccesses {
+                got: accesses,
+                max: MAX_ACCESSES,
+            });
+        }
+        self.accesses = accesses;
+        Ok(self)
+    }
+
+    /// The pages a trace order visits, in order, as indices into the range; `None` for the
+    /// orders that visit each page once.
+    pub fn trace(&self) -> Option<Vec<u32>> {
+        match self.order {
+            Order::Zipf { milli } => Some(pagemesh_api::trace::zipf(
+                f64::from(milli) / 1000.0,
+                self.pages,
+                self.accesses,
+            )),
+            Order::Hotset {
+                hot_pct,
+                access_pct,
+            } => Some(pagemesh_api::trace::hotset(
+                hot_pct,
+                access_pct,
+                self.pages,
+                self.accesses,
+            )),
+            Order::Seq | Order::Random | Order::Stride(_) => None,
+        }
     }
 
     /// The checksum a correct run produces on memory holding `initial` before the run.
     /// `None` when it cannot be known in advance (an image of unknown bytes).
     pub fn expected_checksum(&self, initial: Initial) -> Option<u64> {
-        let range = self.first_page..self.first_page + self.pages;
-        match (self.access, initial) {
-            (Access::Write, _) => {
+        let first_word = |p: u64| match initial {
+            Initial::Pattern(seed) => Some(pattern::first_word(seed, self.first_page + p)),
+            Initial::Zero => Some(0),
+            Initial::Unknown => None,
+        };
+        if let Some(trace) = self.trace() {
+            // Every access adds the first word it reads (rmw: what the earlier visits left
+            // there) or writes.
+            let mut visits = std::collections::HashMap::new();
+            let mut sum = 0u64;
+            for &p in &trace {
+                let p = u64::from(p);
+                let word = match self.access {
+                    Access::Write => p | (1 << 63),
+                    Access::Rmw => {
+                        let n = visits.entry(p).or_insert(0u64);
+                        let w = first_word(p)?.wrapping_add(*n);
+                        *n += 1;
+                        w
+                    }
+                    // The last write of a page wins: reads after a write see it (no trace
+                    // workload mixes them).
+                    Access::Read | Access::Verify => first_word(p)?,
+                };
+                sum = sum.wrapping_add(word);
+            }
+            return Some(sum);
+        }
+        match self.access {
+            Access::Write => {
                 Some((0..self.pages).fold(0u64, |acc, p| acc.wrapping_add(p | (1 << 63))))
             }
-            (_, Initial::Pattern(seed)) => Some(range.fold(0u64, |acc, p| {
-                acc.wrapping_add(pattern::first_word(seed, p))
-            })),
-            (_, Initial::Zero) => Some(0),
-            (_, Initial::Unknown) => None,
+            _ => (0..self.pages).try_fold(0u64, |acc, p| Some(acc.wrapping_add(first_word(p)?))),
         }
     }
 }
@@ -274,9 +425,10 @@ pub struct Params {
     bad_pages: u64,
     magic: u64,
     pattern_first: u64,
+    trace: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<Params>() == 112);
+const _: () = assert!(std::mem::size_of::<Params>() == 120);
 
 // SAFETY: Params is repr(C), made of u64s only: no padding, every bit pattern valid.
 unsafe impl vm_memory::ByteValued for Params {}
@@ -366,7 +518,12 @@ pub fn install(
             ((1), (1u64 << bits) - 1, (bits / 2).max(1))
         }
         Order::Stride(k) => (2, k, 0),
+        Order::Zipf { .. } | Order::Hotset { .. } => (3, workload.accesses, 0),
     };
+    if let Some(trace) = workload.trace() {
+        let bytes: Vec<u8> = trace.iter().flat_map(|p| p.to_le_bytes()).collect();
+        w(crate::memory::TRACE_BASE, &bytes).map_err(GuestError::Write)?;
+    }
     let op = match workload.access {
         Access::Read => 0,
         Access::Write => 1,
@@ -384,6 +541,7 @@ pub fn install(
         random_shift,
         first_bad: u64::MAX,
         pattern_first: workload.first_page,
+        trace: crate::memory::TRACE_BASE,
         ..Params::default()
     };
     mem.write_obj(params, GuestAddress(PARAMS_ADDR))

@@ -4,6 +4,9 @@
 //! GPA 0x0000_0000  system region (2 MiB, anonymous, written by the VMM before the pager
 //!                  starts, never faulted on): GDT, TSS, parameter block, page tables, code,
 //!                  stack
+//! GPA 0x1000_0000  trace region (256 MiB, anonymous, `MAP_NORESERVE`): the page sequence of a
+//!                  skewed workload (`zipf:S`, `hotset:H:P`), one u32 per access, written by
+//!                  the VMM; untouched (and free) for every other workload
 //! GPA 0x4000_0000  RAM (`--mem` bytes): registered with userfaultfd; page i of the VM is the
 //!                  4 KiB at RAM_BASE + i * 4096
 //! ```
@@ -18,6 +21,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 pub const SYSTEM_BASE: u64 = 0;
 /// Size of the system region.
 pub const SYSTEM_SIZE: u64 = 2 << 20;
+/// Guest-physical address of the trace region.
+pub const TRACE_BASE: u64 = 256 << 20;
+/// Size of the trace region.
+pub const TRACE_SIZE: u64 = 256 << 20;
 /// Guest-physical address of RAM.
 pub const RAM_BASE: u64 = 1 << 30;
 /// Largest RAM the identity page tables cover (RAM_BASE + this <= 64 GiB).
@@ -51,6 +58,7 @@ impl GuestLayout {
         let ram_len = usize::try_from(ram_size).map_err(|_| MemoryError::BadSize(ram_size))?;
         let memory = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(SYSTEM_BASE), SYSTEM_SIZE as usize),
+            (GuestAddress(TRACE_BASE), TRACE_SIZE as usize),
             (GuestAddress(RAM_BASE), ram_len),
         ])
         .map_err(|e| MemoryError::Map(ram_size, e))?;
@@ -68,6 +76,15 @@ impl GuestLayout {
             .memory
             .find_region(GuestAddress(RAM_BASE))
             .expect("RAM region exists by construction");
+        region.as_ptr()
+    }
+
+    /// Host virtual address of the trace region.
+    pub fn trace_host_addr(&self) -> *mut u8 {
+        let region = self
+            .memory
+            .find_region(GuestAddress(TRACE_BASE))
+            .expect("trace region exists by construction");
         region.as_ptr()
     }
 

@@ -9,7 +9,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use super::error::VcpuError;
 use super::guest::{self, PORT_DONE, PORT_PROGRESS, Workload, WorkloadResult};
-use super::memory::{GuestLayout, RAM_BASE, SYSTEM_BASE, SYSTEM_SIZE};
+use super::memory::{GuestLayout, RAM_BASE, SYSTEM_BASE, SYSTEM_SIZE, TRACE_BASE, TRACE_SIZE};
 use super::run::{GuestMachine, RunVcpu, Stop};
 
 /// A VM with its memory and one vCPU, which runs the built-in workload guest.
@@ -49,6 +49,7 @@ impl Machine {
         let regions = [
             (SYSTEM_BASE, SYSTEM_SIZE, layout.system_host_addr()),
             (RAM_BASE, layout.ram_size, layout.ram_host_addr()),
+            (TRACE_BASE, TRACE_SIZE, layout.trace_host_addr()),
         ];
         for (slot, (gpa, size, host)) in regions.into_iter().enumerate() {
             let region = kvm_userspace_memory_region {
@@ -245,20 +246,15 @@ mod tests {
     fn run(order: Order, access: Access, pages: u64) -> WorkloadResult {
         let layout = GuestLayout::new(pages * 4096).unwrap();
         let mut m = Machine::new(layout).unwrap();
-        let w = Workload {
-            order,
-            access,
-            first_page: 0,
-            pages,
-        };
+        let w = Workload::new(order, access, 0, pages, pages).unwrap();
         m.prepare(&w, 0).unwrap();
         let mut vcpus = m.take_vcpus();
         assert_eq!(vcpus.len(), 1);
         assert!(m.take_vcpus().is_empty(), "taken once");
         let r = vcpus[0].run(&Stop::new()).unwrap().result;
         assert_eq!(
-            r.pages_done, pages,
-            "{order:?} {access:?} must visit every page"
+            r.pages_done, w.accesses,
+            "{order:?} {access:?} must visit every page (or make every access)"
         );
         r
     }
@@ -270,14 +266,29 @@ mod tests {
             assert_eq!(r.checksum, 0, "zeroed memory reads as zero");
         }
         let w = run(Order::Random, Access::Write, 777);
-        let expect = Workload {
-            order: Order::Random,
-            access: Access::Write,
-            first_page: 0,
-            pages: 777,
-        }
-        .expected_checksum(crate::guest::Initial::Zero);
+        let expect = Workload::new(Order::Random, Access::Write, 0, 777, 777)
+            .unwrap()
+            .expected_checksum(crate::guest::Initial::Zero);
         assert_eq!(Some(w.checksum), expect);
+    }
+
+    #[test]
+    fn trace_orders_revisit_pages_as_their_trace_says() {
+        for order in [
+            Order::Zipf { milli: 990 },
+            Order::Hotset {
+                hot_pct: 10,
+                access_pct: 90,
+            },
+        ] {
+            let r = run(order, Access::Rmw, 500);
+            assert_eq!(r.pages_done, 2000, "four accesses per page by default");
+            let w = Workload::new(order, Access::Rmw, 0, 500, 500).unwrap();
+            // Zeroed memory: each access reads how often its page was visited before.
+            let expect = w.expected_checksum(crate::guest::Initial::Zero).unwrap();
+            assert_eq!(r.checksum, expect, "{order:?}");
+            assert!(expect > 0, "pages were visited again");
+        }
     }
 
     #[test]

@@ -269,6 +269,13 @@ impl fmt::Display for WorkloadArg {
             WorkloadArg::Visit(Order::Seq) => f.write_str("seq"),
             WorkloadArg::Visit(Order::Random) => f.write_str("random"),
             WorkloadArg::Visit(Order::Stride(k)) => write!(f, "stride:{k}"),
+            WorkloadArg::Visit(Order::Zipf { milli }) => {
+                write!(f, "zipf:{}", f64::from(*milli) / 1000.0)
+            }
+            WorkloadArg::Visit(Order::Hotset {
+                hot_pct,
+                access_pct,
+            }) => write!(f, "hotset:{hot_pct}:{access_pct}"),
         }
     }
 }
@@ -282,6 +289,8 @@ pub enum AccessArg {
     Write,
     /// Read its first word, add one, write it back.
     Rmw,
+    /// Read every word and check it against the pattern.
+    Verify,
 }
 
 impl From<AccessArg> for Access {
@@ -290,6 +299,7 @@ impl From<AccessArg> for Access {
             AccessArg::Read => Access::Read,
             AccessArg::Write => Access::Write,
             AccessArg::Rmw => Access::Rmw,
+            AccessArg::Verify => Access::Verify,
         }
     }
 }
