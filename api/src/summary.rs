@@ -97,6 +97,10 @@ pub struct CacheSummary {
     pub writeback_pages: u64,
     /// Evicted pages that were dirty (written back, then dropped).
     pub dirty_evicted_pages: u64,
+    /// Pages written back that the guest took back from staging while their write-back
+    /// was on the wire, so they stayed: `writeback_pages` is `dirty_evicted_pages` plus
+    /// these, exactly.
+    pub writeback_retained_pages: u64,
     /// Faults on pages that had been evicted before (fetched or zero-filled again).
     pub refaults: u64,
     /// Pages moved from guest memory to the staging area.

@@ -77,6 +77,7 @@ pub struct CacheStats {
     clean_drops: AtomicU64,
     writeback_pages: AtomicU64,
     dirty_evicted: AtomicU64,
+    retained: AtomicU64,
     refaults: AtomicU64,
     staged: AtomicU64,
     staging_hits: AtomicU64,
@@ -103,6 +104,7 @@ impl CacheStats {
             clean_drops: get(&self.clean_drops),
             writeback_pages: get(&self.writeback_pages),
             dirty_evicted_pages: get(&self.dirty_evicted),
+            writeback_retained_pages: get(&self.retained),
             refaults: get(&self.refaults),
             staged: get(&self.staged),
             staging_hits: get(&self.staging_hits),
@@ -123,6 +125,7 @@ impl CacheStats {
                 &self.evictions
             }
             Counter::WrittenBack => &self.writeback_pages,
+            Counter::Retained => &self.retained,
             Counter::Refault => &self.refaults,
             Counter::Staged => &self.staged,
             Counter::StagingHit => &self.staging_hits,
@@ -144,6 +147,7 @@ impl CacheStats {
 pub(crate) enum Counter {
     Evicted { dirty: bool },
     WrittenBack,
+    Retained,
     Refault,
     Staged,
     StagingHit,

@@ -275,6 +275,9 @@ impl Reclaimer {
                 self.shared
                     .stats
                     .count(Counter::WrittenBack, pages.len() as u64);
+                if let Ok(mut f) = self.shared.failure.lock() {
+                    *f = None;
+                }
                 for o in pages {
                     if self
                         .directory
@@ -283,8 +286,10 @@ impl Reclaimer {
                     {
                         self.free_slot(o.slot, free_slots);
                         self.shared.stats.count(Counter::Evicted { dirty: true }, 1);
+                    } else {
+                        // The handler took it back: it returns the slot.
+                        self.shared.stats.count(Counter::Retained, 1);
                     }
-                    // Otherwise the handler took it back: it returns the slot.
                 }
             }
             Err(e) => {

@@ -56,7 +56,23 @@ struct Case {
     remote: bool,
     /// On the TLS cluster (a memory node with `--tls-cert ...`), with a certificate of its CA.
     tls: bool,
+    /// A page cache case: its own VM size and budget, and the reference policies beside it.
+    tier: Option<Tier>,
 }
+
+/// A page cache case (`tier-*`): the VM, its budget and the access sequence it replays.
+#[derive(Clone, Copy)]
+struct Tier {
+    /// `--local-memory` as a percentage of the VM; `None`: no budget (the reference).
+    budget_pct: Option<u64>,
+    /// The workload's order, which [`tier_trace`] replays for LRU, FIFO and MIN.
+    workload: &'static str,
+}
+
+/// Guest memory of the page cache cases (at least 256 MiB, as the issue asks).
+const TIER_MEM_MIB: u64 = 256;
+/// Accesses per page of the skewed page cache cases.
+const TIER_ACCESSES_PER_PAGE: u64 = 4;
 
 const CASES: &[Case] = &[
     Case {
@@ -71,6 +87,7 @@ const CASES: &[Case] = &[
         ],
         remote: false,
         tls: false,
+        tier: None,
     },
     Case {
         name: "uffd-local",
@@ -84,18 +101,21 @@ const CASES: &[Case] = &[
         ],
         remote: false,
         tls: false,
+        tier: None,
     },
     Case {
         name: "remote-seq",
         args: &["--workload", "seq", "--access", "read", "--no-ebpf"],
         remote: true,
         tls: false,
+        tier: None,
     },
     Case {
         name: "remote-random",
         args: &["--workload", "random", "--access", "read", "--no-ebpf"],
         remote: true,
         tls: false,
+        tier: None,
     },
     // The same with the eBPF probes attached: their overhead is the difference.
     Case {
@@ -103,6 +123,7 @@ const CASES: &[Case] = &[
         args: &["--workload", "random", "--access", "read"],
         remote: true,
         tls: false,
+        tier: None,
     },
     // `remote-random` with page traffic over TLS (its own cluster): TLS's cost is the
     // difference.
@@ -111,6 +132,66 @@ const CASES: &[Case] = &[
         args: &["--workload", "random", "--access", "read", "--no-ebpf"],
         remote: true,
         tls: true,
+        tier: None,
+    },
+    // The page cache (--local-memory): a skewed read-modify-write through half and a quarter
+    // of the VM, a hot set read through half, a sequential write through half; and the skewed
+    // one without a budget, whose fault latency the others are held to.
+    Case {
+        name: "tier-zipf-unlimited",
+        args: &["--workload", "zipf:0.99", "--access", "rmw", "--no-ebpf"],
+        remote: true,
+        tls: false,
+        tier: Some(Tier {
+            budget_pct: None,
+            workload: "zipf:0.99",
+        }),
+    },
+    Case {
+        name: "tier-zipf-50",
+        args: &["--workload", "zipf:0.99", "--access", "rmw", "--no-ebpf"],
+        remote: true,
+        tls: false,
+        tier: Some(Tier {
+            budget_pct: Some(50),
+            workload: "zipf:0.99",
+        }),
+    },
+    Case {
+        name: "tier-zipf-25",
+        args: &["--workload", "zipf:0.99", "--access", "rmw", "--no-ebpf"],
+        remote: true,
+        tls: false,
+        tier: Some(Tier {
+            budget_pct: Some(25),
+            workload: "zipf:0.99",
+        }),
+    },
+    Case {
+        name: "tier-hotset-50",
+        args: &[
+            "--workload",
+            "hotset:20:80",
+            "--access",
+            "read",
+            "--no-ebpf",
+        ],
+        remote: true,
+        tls: false,
+        tier: Some(Tier {
+            budget_pct: Some(50),
+            workload: "hotset:20:80",
+        }),
+    },
+    Case {
+        name: "tier-seq-50",
+        args: &["--workload", "seq", "--access", "write", "--no-ebpf"],
+        remote: true,
+        tls: false,
+        tier: Some(Tier {
+            budget_pct: Some(50),
+            workload: "seq",
+        }),
     },
 ];
 
@@ -254,7 +335,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     let mut results = Vec::new();
     let mut changes = Vec::new();
+    let mut tiers = Vec::new();
     for ((case, per_run), baseline_runs) in cases.iter().zip(&per_case).zip(&baseline_per_case) {
+        if let Some(t) = case.tier {
+            tiers.push(tier_row(case, t, per_run, &mem));
+            continue;
+        }
         let vs_baseline = (!baseline_runs.is_empty()).then(|| {
             let change = paired_change(&us_per_page(per_run), &us_per_page(baseline_runs));
             (case.name, change)
@@ -286,6 +372,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         results.push(row);
         changes.extend(vs_baseline);
     }
+    print_tiers(&tiers);
     for (name, c) in &changes {
         println!("{}", c.line(name));
     }
@@ -309,6 +396,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let out = json!({
         "cases": results,
+        "page_cache": tiers,
         "mem": mem,
         "pin_cpu": args.pin_cpu,
         "ebpf_overhead": overhead,
@@ -329,8 +417,17 @@ fn run_case(
     pin: Option<&str>,
     extra: &[String],
 ) -> anyhow::Result<RunSummary> {
-    let mut a: Vec<&str> = vec!["--mem", mem];
+    let tier_args = case.tier.map(|t| tier_args(t, tier_mem_mib(mem)));
+    let mem_arg;
+    let mut a: Vec<&str> = match &tier_args {
+        Some(_) => {
+            mem_arg = format!("{}MiB", tier_mem_mib(mem));
+            vec!["--mem", &mem_arg]
+        }
+        None => vec!["--mem", mem],
+    };
     a.extend_from_slice(case.args);
+    a.extend(tier_args.iter().flatten().map(String::as_str));
     a.extend(extra.iter().map(String::as_str));
     if case.remote {
         a.extend_from_slice(&["--placement", "interleave", "--content", "pattern"]);
@@ -347,6 +444,140 @@ fn run_case(
         );
     }
     Ok(summary)
+}
+
+/// The page cache cases' VM: [`TIER_MEM_MIB`], or 32 MiB in a quick run (16 MiB `mem`).
+fn tier_mem_mib(mem: &str) -> u64 {
+    if mem == "16MiB" { 32 } else { TIER_MEM_MIB }
+}
+
+/// `--local-memory` and `--accesses` of a page cache case over a VM of `mem_mib`.
+fn tier_args(t: Tier, mem_mib: u64) -> Vec<String> {
+    let pages = mem_mib << 8;
+    let mut a = vec![
+        "--accesses".to_owned(),
+        (pages * TIER_ACCESSES_PER_PAGE).to_string(),
+    ];
+    if let Some(pct) = t.budget_pct {
+        a.push("--local-memory".to_owned());
+        a.push(format!("{}KiB", pages * pct / 100 * 4));
+    }
+    a
+}
+
+/// The access sequence a page cache case's guest makes over `pages` pages: what exact LRU,
+/// FIFO and MIN are replayed on.
+fn tier_trace(t: Tier, pages: u64) -> Vec<u32> {
+    let accesses = pages * TIER_ACCESSES_PER_PAGE;
+    match t.workload {
+        "zipf:0.99" => pagemesh_api::trace::zipf(0.99, pages, accesses),
+        "hotset:20:80" => pagemesh_api::trace::hotset(20, 80, pages, accesses),
+        // `seq` visits each page once.
+        _ => (0..pages as u32).collect(),
+    }
+}
+
+/// What a page cache case measured beside what the reference policies miss on its very
+/// access sequence, for the JSON and the table.
+fn tier_row(case: &Case, t: Tier, per_run: &[RunSummary], mem: &str) -> Value {
+    let pages = tier_mem_mib(mem) << 8;
+    let get = |f: &dyn Fn(&RunSummary) -> f64| median(per_run.iter().map(f).collect());
+    let cache = |f: fn(&pagemesh_api::summary::CacheSummary) -> u64| {
+        get(&|s: &RunSummary| s.cache.map_or(0, |c| f(&c)) as f64)
+    };
+    let misses = get(&|s| (s.faults.remote + s.faults.local_zero) as f64);
+    let mut row = json!({
+        "name": case.name,
+        "us_per_access": get(&|s| s.us_per_page),
+        "misses": misses,
+        "fault_p50_us": get(&|s| s.fault_p50_us),
+        "fault_p99_us": get(&|s| s.fault_p99_us),
+        "misses_each_run": per_run.iter().map(|s| s.faults.remote + s.faults.local_zero).collect::<Vec<_>>(),
+    });
+    if let Some(pct) = t.budget_pct {
+        let budget = pages * pct / 100;
+        let trace = tier_trace(t, pages);
+        let staging = pagemesh_pager::policy::staging_slots(pagemesh_pager::Policy::Clock, budget);
+        row["budget_pages"] = json!(budget);
+        row["lru_misses"] = json!(pagemesh_pager::policy::lru_misses(budget, &trace));
+        row["fifo_misses"] = json!(pagemesh_pager::policy::fifo_misses(budget, &trace));
+        row["min_misses"] = json!(pagemesh_pager::policy::min_misses(budget, &trace));
+        row["clock_simulated_misses"] =
+            json!(pagemesh_pager::policy::simulate(budget, staging, &trace).misses);
+        row["writeback_pages"] = json!(cache(|c| c.writeback_pages));
+        row["dirty_evicted_pages"] = json!(cache(|c| c.dirty_evicted_pages));
+        row["writeback_retained_pages"] = json!(cache(|c| c.writeback_retained_pages));
+        row["clean_drops"] = json!(cache(|c| c.clean_drops));
+        row["evictions"] = json!(cache(|c| c.evictions));
+        row["staging_hits"] = json!(cache(|c| c.staging_hits));
+        row["resident_max_pages"] = json!(cache(|c| c.resident_max_pages));
+        row["budget_waits"] = json!(cache(|c| c.budget_waits));
+    }
+    row
+}
+
+/// The page cache cases' table: measured misses against LRU, FIFO and MIN on the same
+/// accesses, write-backs against dirty evictions, and fault latency against the VM without
+/// a budget.
+fn print_tiers(rows: &[Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8}",
+        "page cache",
+        "µs/acc",
+        "misses",
+        "lru",
+        "fifo",
+        "min",
+        "writeback",
+        "dirty-ev",
+        "p50 µs",
+        "p99 µs"
+    );
+    let num = |r: &Value, k: &str| r[k].as_f64().map_or("-".to_owned(), |v| format!("{v:.0}"));
+    for r in rows {
+        println!(
+            "{:<20} {:>9.2} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8.1} {:>8.1}",
+            r["name"].as_str().unwrap_or(""),
+            r["us_per_access"].as_f64().unwrap_or(0.0),
+            num(r, "misses"),
+            num(r, "lru_misses"),
+            num(r, "fifo_misses"),
+            num(r, "min_misses"),
+            num(r, "writeback_pages"),
+            num(r, "dirty_evicted_pages"),
+            r["fault_p50_us"].as_f64().unwrap_or(0.0),
+            r["fault_p99_us"].as_f64().unwrap_or(0.0),
+        );
+    }
+    for r in rows {
+        if let (Some(m), Some(lru), Some(fifo)) = (
+            r["misses"].as_f64(),
+            r["lru_misses"].as_f64(),
+            r["fifo_misses"].as_f64(),
+        ) {
+            println!(
+                "{}: misses {:.3}× exact LRU's, {:.3}× FIFO's (simulated CLOCK {:.3}× LRU's)",
+                r["name"].as_str().unwrap_or(""),
+                m / lru,
+                m / fifo,
+                r["clock_simulated_misses"].as_f64().unwrap_or(0.0) / lru
+            );
+        }
+    }
+    let p50 = |name: &str| {
+        rows.iter()
+            .find(|r| r["name"] == name)
+            .and_then(|r| r["fault_p50_us"].as_f64())
+    };
+    if let (Some(base), Some(tier)) = (p50("tier-zipf-unlimited"), p50("tier-zipf-50")) {
+        println!(
+            "fault p50 under reclaim (tier-zipf-50) {:.2}× the same VM's without a budget",
+            tier / base
+        );
+    }
 }
 
 /// The probes' cost on `remote-random`, pair by pair: run i with probes against run i
