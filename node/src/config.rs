@@ -665,9 +665,16 @@ mod tests {
             (&["--mem", "1000"], "non-zero multiple of 4 KiB"),
             (
                 &["--workload", "zigzag"],
-                "unknown workload 'zigzag'; expected seq, random, stride:K or verify",
+                "unknown workload 'zigzag'; expected seq, random, stride:K, zipf:S (e.g. zipf:0.99), hotset:H:P (e.g. hotset:10:90) or verify",
             ),
-            (&["--access", "poke"], "[possible values: read, write, rmw]"),
+            (
+                &["--access", "poke"],
+                "[possible values: read, write, rmw, verify]",
+            ),
+            (
+                &["--local-memory", "512KiB"],
+                "--local-memory must be a multiple of 4 KiB and at least 1 MiB",
+            ),
             (&["--range", "64MiB"], "'64MiB' is not OFFSET:LEN"),
             (
                 &["--placement", "random"],

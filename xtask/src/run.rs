@@ -24,6 +24,11 @@ pub struct RunArgs {
     /// Guest memory, interleaved over the two memory nodes.
     #[arg(long, default_value = "256MiB")]
     mem: String,
+    /// Run the guests through a page cache of this size on the compute node (e.g. 64MiB,
+    /// at least 1MiB): pages are evicted, written back and fetched again while they run
+    /// (docs/page-cache.md) [default: unlimited].
+    #[arg(long, value_name = "SIZE")]
+    local_memory: Option<String>,
     /// Build and run the debug binaries instead of release.
     #[arg(long)]
     debug: bool,
@@ -136,14 +141,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         cluster.coordinator.url, cluster.memory[0].addr, cluster.memory[1].addr
     );
     let (mut cluster, runs, held) = if args.headless {
-        run_workloads(cluster, &args.mem, false, true)?
+        run_workloads(
+            cluster,
+            &args.mem,
+            args.local_memory.as_deref(),
+            false,
+            true,
+        )?
     } else {
         // The console in the foreground; the workloads in the background. The last run
         // holds its node up so the console keeps showing its figures until `q`.
         let console_bin = cluster.bins.node.with_file_name("pagemesh-console");
         let url = cluster.coordinator.url.clone();
         let mem = args.mem.clone();
-        let work = std::thread::spawn(move || run_workloads(cluster, &mem, true, false));
+        let budget = args.local_memory.clone();
+        let work = std::thread::spawn(move || {
+            run_workloads(cluster, &mem, budget.as_deref(), true, false)
+        });
         let status = std::process::Command::new(&console_bin)
             .args(["--coordinator", &url])
             .status()
@@ -190,15 +204,23 @@ fn run_linux(args: &RunArgs) -> anyhow::Result<()> {
     let dir = run_dir("runs");
     eprintln!("xtask: run folder {}", relative(&dir));
     let mut cluster = Cluster::start(bins, dir.clone(), &[1, 2], "1GiB")?;
-    let (mut compute, json) = cluster.spawn_compute(&[
+    let (kernel, initrd) = (
+        guest.kernel.display().to_string(),
+        guest.initrd.display().to_string(),
+    );
+    let mut a = vec![
         "--mem",
         &args.mem,
         "--kernel",
-        &guest.kernel.display().to_string(),
+        &kernel,
         "--initrd",
-        &guest.initrd.display().to_string(),
+        &initrd,
         "--console",
-    ])?;
+    ];
+    if let Some(b) = &args.local_memory {
+        a.extend(["--local-memory", b.as_str()]);
+    }
+    let (mut compute, json) = cluster.spawn_compute(&a)?;
     eprintln!(
         "xtask: booting {} on a 2-memory-node cluster; the console follows (Ctrl-C stops it).\n\
          xtask: on hosts without hardware virtualization the kernel's own code is emulated: \
@@ -263,6 +285,7 @@ type RunResult = (NamedRun, String);
 fn run_workloads(
     mut cluster: Cluster,
     mem: &str,
+    local_memory: Option<&str>,
     hold_last: bool,
     echo: bool,
 ) -> anyhow::Result<(Cluster, Vec<RunResult>, Option<pagemesh_tests::Proc>)> {
@@ -278,6 +301,9 @@ fn run_workloads(
     for (i, (name, extra)) in plan.into_iter().enumerate() {
         let mut a = vec!["--mem", mem, "--placement", "interleave"];
         a.extend(extra);
+        if let Some(b) = local_memory {
+            a.extend(["--local-memory", b]);
+        }
         let last = i == 1;
         if echo {
             eprintln!("xtask: running {name} on freshly loaded remote memory");

@@ -562,8 +562,35 @@ mod tests {
         );
         assert_eq!(
             err("zigzag".parse::<WorkloadArg>()),
-            "unknown workload 'zigzag'; expected seq, random, stride:K or verify"
+            "unknown workload 'zigzag'; expected seq, random, stride:K, zipf:S (e.g. zipf:0.99), hotset:H:P (e.g. hotset:10:90) or verify"
         );
+        assert_eq!(
+            "zipf:0.99".parse::<WorkloadArg>(),
+            Ok(WorkloadArg::Visit(Order::Zipf { milli: 990 }))
+        );
+        assert_eq!(
+            "hotset:10:90".parse::<WorkloadArg>(),
+            Ok(WorkloadArg::Visit(Order::Hotset {
+                hot_pct: 10,
+                access_pct: 90
+            }))
+        );
+        assert_eq!(
+            WorkloadArg::Visit(Order::Zipf { milli: 990 }).to_string(),
+            "zipf:0.99"
+        );
+        for bad in ["zipf:x", "zipf:0.9999", "zipf:-1"] {
+            assert!(
+                err(bad.parse::<WorkloadArg>()).starts_with("zipf exponent must be"),
+                "{bad}"
+            );
+        }
+        for bad in ["hotset:10", "hotset:0:50", "hotset:10:101"] {
+            assert!(
+                err(bad.parse::<WorkloadArg>()).starts_with("hotset wants H:P"),
+                "{bad}"
+            );
+        }
         assert_eq!(
             err("stride:0".parse::<WorkloadArg>()),
             "stride must be a whole number of pages >= 1, got '0'"
