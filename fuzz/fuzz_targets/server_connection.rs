@@ -26,6 +26,7 @@ fn vm(id: u32) -> Vm {
         mem_bytes: 64 * PAGE_SIZE as u64,
         placement: Placement::interleave(vec![ME, 2], 4, 64).expect("a valid placement"),
         content: Content::Pattern { seed: 7 },
+        local_memory_bytes: None,
     }
 }
 
