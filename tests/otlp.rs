@@ -258,6 +258,9 @@ fn a_node_exports_the_fault_counters_its_stats_show() {
             "random",
             "--access",
             "read",
+            // Through a page cache of 1 MiB: its figures are exported too.
+            "--local-memory",
+            "1MiB",
             "--hold",
             "--otlp-endpoint",
             &rx.url,
@@ -332,6 +335,34 @@ fn a_node_exports_the_fault_counters_its_stats_show() {
         &[("vm", &vm)],
     ));
     assert_eq!(bytes, Some(remote * 4096));
+    let cache = &pager["cache"];
+    let cached = |name, labels: &[(&str, &str)]| int(number(&export, name, labels));
+    assert_eq!(cached("pagemesh.cache.budget", &[("vm", &vm)]), Some(256));
+    assert_eq!(
+        cached("pagemesh.cache.resident", &[("vm", &vm)]),
+        cache["resident_pages"].as_i64()
+    );
+    assert_eq!(
+        cached(
+            "pagemesh.cache.evictions",
+            &[("kind", "clean"), ("vm", &vm)]
+        ),
+        cache["clean_drops"].as_i64()
+    );
+    assert!(cache["clean_drops"].as_i64() > Some(3000), "{stats}");
+    assert_eq!(
+        cached(
+            "pagemesh.cache.evictions",
+            &[("kind", "dirty"), ("vm", &vm)]
+        ),
+        Some(0),
+        "a read-only guest dirties nothing"
+    );
+    assert_eq!(cached("pagemesh.cache.writebacks", &[("vm", &vm)]), Some(0));
+    assert_eq!(
+        metric(&export, "pagemesh.cache.evictions").unwrap().unit,
+        "{page}"
+    );
     assert!(compute.stop().unwrap().success());
 
     // Without --hold a compute node exits right after its guest: its last export goes out

@@ -172,3 +172,107 @@ fn a_budget_below_the_minimum_is_refused_at_start() {
         "{out}"
     );
 }
+
+#[test]
+fn a_full_memory_node_refuses_write_backs_and_the_vm_stops_saying_so() {
+    // Memory nodes of 2 MiB each under a 16 MiB VM of zero pages: they load nothing, so the
+    // VM starts; every page the guest writes must go home when evicted, and after 512 pages
+    // a home is full.
+    let mut c = cluster("cache-full", "2MiB");
+    let (status, s, proc) = c
+        .run_compute(
+            &[
+                "--mem",
+                "16MiB",
+                "--content",
+                "zero",
+                "--workload",
+                "seq",
+                "--access",
+                "write",
+                "--local-memory",
+                "1MiB",
+                "--peer-timeout",
+                "2",
+            ],
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    let log = proc.log_tail();
+    assert!(!status.success(), "{log}");
+    assert!(!s.ok, "{s:#?}");
+    // The refused pages stayed cached (the reclaimer says so) until no frame came free.
+    assert!(log.contains("they stay cached"), "{log}");
+    let error = s.error.as_deref().unwrap_or_default();
+    assert!(error.contains("local memory budget came free"), "{error}");
+    assert!(error.contains("no room"), "{error}");
+    assert!(error.contains("back to node"), "{error}");
+    // The memory nodes are fine and took what they had room for.
+    for m in &mut c.memory {
+        assert!(
+            m.proc.try_wait().unwrap().is_none(),
+            "{}",
+            m.proc.log_tail()
+        );
+    }
+    let held: u64 = s.held_after.values().sum();
+    assert!(held <= 1024, "{s:#?}");
+}
+
+#[test]
+fn a_memory_node_killed_while_holding_written_back_pages_stops_the_vm_naming_it() {
+    let mut c = cluster("cache-kill", "512MiB");
+    // A long skewed read-modify-write through a small budget: pages keep going home dirty
+    // and coming back.
+    let (mut compute, json) = c
+        .spawn_compute(&[
+            "--mem",
+            "64MiB",
+            "--workload",
+            "zipf:0.99",
+            "--access",
+            "rmw",
+            "--accesses",
+            "4000000",
+            "--local-memory",
+            "4MiB",
+            "--peer-timeout",
+            "2",
+        ])
+        .unwrap();
+    let admin = compute.admin_url(Duration::from_secs(60)).unwrap();
+    // Once node 2 holds pages the guest wrote (written back), kill it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let stats = pagemesh_tests::http_json(&format!("{admin}/stats")).unwrap();
+        let written = stats["pager"]["cache"]["writeback_pages"].as_u64();
+        if written.is_some_and(|w| w > 2000) {
+            break;
+        }
+        assert!(
+            compute.try_wait().unwrap().is_none(),
+            "the run ended before node 2 was killed: {}",
+            compute.log_tail()
+        );
+        assert!(std::time::Instant::now() < deadline, "{stats}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.memory[1].proc.kill();
+    let killed = std::time::Instant::now();
+    let status = compute.wait(Duration::from_secs(60)).unwrap();
+    assert!(!status.success());
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "took {:?} to stop",
+        killed.elapsed()
+    );
+    let s = pagemesh_tests::read_summary(&json)
+        .unwrap()
+        .expect("a failure summary");
+    assert!(!s.ok);
+    let error = s.error.as_deref().unwrap_or_default();
+    assert!(error.contains("node 2"), "{error}");
+    assert!(error.contains("page"), "{error}");
+    // Node 1 keeps serving.
+    assert!(c.memory[0].proc.try_wait().unwrap().is_none());
+}

@@ -111,6 +111,10 @@ pub struct PagerStats {
     pub peers: Vec<PeerStats>,
     /// Guest memory as a coarse map of heat and owners.
     pub heat: Heat,
+    /// The page cache, when the VM runs under a local memory budget (`--local-memory`):
+    /// the same figures as the run summary's `cache` object, as they are now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::summary::CacheSummary>,
 }
 
 /// Transfers from one peer.
@@ -147,6 +151,10 @@ pub struct HeatCell {
     pub owner: Option<NodeId>,
     /// Pages held by other nodes.
     pub remote: u64,
+    /// Of the pages not resident (`remote` and `zero`), those that were resident before and
+    /// were evicted (under a local memory budget; 0 without one).
+    #[serde(default)]
+    pub evicted: u64,
     /// vCPU stalls on the region's pages as the eBPF probes counted them in the kernel:
     /// exact (`faults` saturates at 63 per page), and including faults KVM resolved without
     /// the pager. Absent when the probes are not loaded.

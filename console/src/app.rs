@@ -126,6 +126,12 @@ pub struct Node {
     pub faults: Rate,
     /// Pages served per second.
     pub served: Rate,
+    /// Page cache evictions per second (under a local memory budget).
+    pub evictions: Rate,
+    /// Page cache write-backs per second.
+    pub writebacks: Rate,
+    /// Page cache refaults per second (evicted pages fetched or zero-filled again).
+    pub refaults: Rate,
     /// Recent fault rates, oldest first.
     pub fault_history: VecDeque<u64>,
     /// Each heat cell's faults in the snapshot before [`Node::stats`] (same VM), for the
@@ -147,9 +153,18 @@ impl Node {
             stats: None,
             faults: Rate::default(),
             served: Rate::default(),
+            evictions: Rate::default(),
+            writebacks: Rate::default(),
+            refaults: Rate::default(),
             fault_history: VecDeque::new(),
             heat_previous: Vec::new(),
         }
+    }
+
+    fn reset_cache_rates(&mut self) {
+        self.evictions.reset();
+        self.writebacks.reset();
+        self.refaults.reset();
     }
 
     /// Whether its figures are current: listed and answering.
@@ -542,6 +557,7 @@ impl App {
             notes.push((Level::Warn, format!("node {id} restarted")));
             node.faults.reset();
             node.served.reset();
+            node.reset_cache_rates();
             node.fault_history.clear();
             None
         } else {
@@ -563,6 +579,14 @@ impl App {
                     }
                     node.fault_history.push_back(rate.round() as u64);
                 }
+                match &pager.cache {
+                    Some(c) => {
+                        node.evictions.push(at, c.evictions);
+                        node.writebacks.push(at, c.writeback_pages);
+                        node.refaults.push(at, c.refaults);
+                    }
+                    None => node.reset_cache_rates(),
+                }
                 if let Some(before) = previous.as_ref().and_then(|p| p.pager.as_ref())
                     && before.vm == pager.vm
                     && before.heat.cells.len() == pager.heat.cells.len()
@@ -572,6 +596,7 @@ impl App {
             }
             None => {
                 node.faults.reset();
+                node.reset_cache_rates();
                 node.fault_history.clear();
             }
         }

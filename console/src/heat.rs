@@ -26,6 +26,9 @@ pub struct Region {
     pub zero: u64,
     /// Pages held by other nodes.
     pub remote: u64,
+    /// Of the pages not resident, those evicted (resident before, under a local memory
+    /// budget).
+    pub evicted: u64,
     /// The node holding most of the remote pages.
     pub owner: Option<NodeId>,
 }
@@ -43,8 +46,19 @@ pub enum Look {
 
 impl Region {
     /// The region's glyph: its owner node's id as a digit or letter, `•` when its pages are
-    /// resident on the compute node and none is elsewhere, `·` when never written.
+    /// resident on the compute node and none is elsewhere, `·` when never written. Under a
+    /// local memory budget, once some of its pages were evicted, whichever is the most of
+    /// its pages: `•` resident, `○` evicted, or the glyph of the rest (never fetched).
     pub fn glyph(&self) -> char {
+        if self.evicted > 0 {
+            let rest = (self.remote + self.zero).saturating_sub(self.evicted);
+            if self.local >= self.evicted && self.local >= rest {
+                return RESIDENT;
+            }
+            if self.evicted >= rest {
+                return EVICTED;
+            }
+        }
         match self.owner {
             Some(id) if self.remote > 0 => owner_glyph(id),
             _ if self.local > 0 => RESIDENT,
@@ -68,6 +82,9 @@ impl Region {
 
 /// Glyph of a region whose pages are resident on the compute node.
 pub const RESIDENT: char = '•';
+/// Glyph of a region whose pages were evicted from the compute node's page cache (their
+/// homes hold them).
+pub const EVICTED: char = '○';
 /// Glyph of a region that was never written.
 pub const NEVER_WRITTEN: char = '·';
 
@@ -105,6 +122,7 @@ pub fn regions(heat: &Heat, guest_pages: u64, previous: &[u64], per_glyph: usize
                 region.local += cell.local;
                 region.zero += cell.zero;
                 region.remote += cell.remote;
+                region.evicted += cell.evicted;
                 if let Some(&before) = previous.get(first_cell + i) {
                     region.recent += cell.faults.saturating_sub(before);
                 }
@@ -233,6 +251,7 @@ mod tests {
             zero,
             owner,
             remote,
+            evicted: 0,
             stalls: None,
         }
     }
@@ -340,6 +359,25 @@ mod tests {
         assert_eq!(g(3, 0, Some(2), 1), '2', "any remote page shows its owner");
         assert_eq!(g(4, 0, None, 0), RESIDENT);
         assert_eq!(g(0, 4, None, 0), NEVER_WRITTEN);
+        // Under a budget, the most of resident, evicted and never fetched.
+        let e = |local, owner, remote, evicted| {
+            Region {
+                local,
+                owner,
+                remote,
+                evicted,
+                ..Region::default()
+            }
+            .glyph()
+        };
+        assert_eq!(e(1, Some(2), 3, 3), EVICTED);
+        assert_eq!(e(2, Some(2), 2, 1), RESIDENT);
+        assert_eq!(e(0, Some(2), 4, 1), '2', "mostly never fetched");
+        assert_eq!(
+            e(1, Some(2), 3, 0),
+            '2',
+            "nothing evicted: as without a budget"
+        );
         assert_eq!(owner_glyph(0), '0');
         assert_eq!(owner_glyph(9), '9');
         assert_eq!(owner_glyph(10), 'a');

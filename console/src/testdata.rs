@@ -114,6 +114,7 @@ fn heat(touched: u64) -> Heat {
                     zero: PAGES_PER_CELL - done,
                     owner: None,
                     remote: 0,
+                    evicted: 0,
                     stalls: None,
                 };
             }
@@ -124,6 +125,7 @@ fn heat(touched: u64) -> Heat {
                 zero: 0,
                 owner: (remote > 0).then_some(if i < CELLS / 2 { 1 } else { 2 }),
                 remote,
+                evicted: 0,
                 stalls: None,
             }
         })
@@ -173,6 +175,7 @@ fn compute(remote: u64, uptime_s: f64, ebpf: Option<EbpfStats>) -> NodeStats {
                 },
             ],
             heat: heat(touched),
+            cache: None,
         }),
         ebpf,
     }

@@ -176,6 +176,55 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_under_a_budget_shows_its_cache_and_its_evicted_pages() {
+        let mut app = testdata::app(W, H, None);
+        // Two snapshots a second apart of node 0 under a 1024-page budget: the first half
+        // of guest memory evicted, 500 evictions and 200 write-backs in that second.
+        for (at_ms, evictions, writebacks) in [(4200, 5000, 1000), (5200, 5500, 1200)] {
+            let mut stats = testdata::last_compute(None);
+            let p = stats.pager.as_mut().unwrap();
+            let half = p.heat.cells.len() / 2;
+            for cell in &mut p.heat.cells[..half] {
+                cell.remote += cell.local;
+                cell.evicted = cell.local;
+                cell.local = 0;
+            }
+            p.cache = Some(pagemesh_api::summary::CacheSummary {
+                budget_pages: 1024,
+                resident_pages: 1000,
+                evictions,
+                writeback_pages: writebacks,
+                refaults: 70,
+                staging_hits: 30,
+                ..Default::default()
+            });
+            stats.uptime_s = at_ms as f64 / 1000.0;
+            app.handle(Event::Update(Update::Stats {
+                at: Duration::from_millis(at_ms),
+                node: 0,
+                result: Ok(Box::new(stats)),
+            }));
+        }
+        let out = cluster::text(&app);
+        assert!(
+            out.contains(
+                "cache 1000 of 1024 pages resident (4 MiB budget) · evictions 5500 (500/s) · \
+                 write-backs 1200 (200/s) · refaults 70 (0/s) · staging hits 30"
+            ),
+            "{out}"
+        );
+        assert!(text(&draw(&app)).contains("evictions 5500 (500/s)"));
+        key(&mut app, KeyCode::Char('2'));
+        let heat = text(&draw(&app));
+        assert!(heat.contains(crate::heat::EVICTED), "{heat}");
+        assert!(
+            heat.contains("evicted"),
+            "the legend says what it is: {heat}"
+        );
+        assert!(heat.contains(crate::heat::RESIDENT), "{heat}");
+    }
+
+    #[test]
     fn heat_view_zoomed_out_and_in() {
         // 20 rows: 14 for the grid.
         let mut app = testdata::app(W, 20, None);

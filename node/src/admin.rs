@@ -16,7 +16,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use pagemesh_api::stats::{Heat, HeatCell, NodeStats, PagerStats as ApiPagerStats, ServerStats};
 use pagemesh_api::{NodeId, Role, VmId};
-use pagemesh_pager::{PageDirectory, PageOwner, PagerStats};
+use pagemesh_pager::{CacheStats, PageDirectory, PageOwner, PagerStats};
 use pagemesh_server::ServerContext;
 
 /// Errors starting the admin endpoint.
@@ -44,6 +44,8 @@ pub struct LiveRun {
     pub pages_done: Arc<AtomicU64>,
     /// Whether the guest runs.
     pub running: Arc<AtomicBool>,
+    /// The page cache's counters, when the VM runs under a local memory budget.
+    pub cache: Option<Arc<CacheStats>>,
 }
 
 /// What the endpoint reports on.
@@ -130,6 +132,7 @@ impl AdminState {
                 install_latency: hists.install,
                 peers: hists.peers,
                 heat: cells.map_or_else(Heat::default, |n| heat(&run.directory, n)),
+                cache: run.cache.as_ref().map(|c| c.snapshot()),
             }
         });
         let probes = lock(&self.ebpf);
@@ -169,8 +172,13 @@ pub fn heat(directory: &PageDirectory, cells: usize) -> Heat {
         out.push(std::mem::take(cell));
         owners.clear();
     };
-    for (i, (owner, h)) in directory.scan().enumerate() {
-        cell.faults += u64::from(h);
+    for (i, entry) in directory.entries().enumerate() {
+        cell.faults += u64::from(entry.heat);
+        let owner = entry.owner();
+        // Served before and not resident now: it was evicted (only a budget does that).
+        if owner != PageOwner::Local && entry.heat > 0 {
+            cell.evicted += 1;
+        }
         match owner {
             PageOwner::Zero => cell.zero += 1,
             PageOwner::Local => cell.local += 1,

@@ -81,14 +81,15 @@ pub fn run_guest(
         signals,
         idle: Duration::MAX,
     };
-    let ended = run_vm(&mut machine, launch, |stats, directory| {
+    let ended = run_vm(&mut machine, launch, |pager| {
         observe(LiveRun {
             vm: opts.vm,
-            guest_pages: directory.len(),
-            stats: stats.clone(),
-            directory: directory.clone(),
+            guest_pages: pager.directory().len(),
+            stats: pager.stats().clone(),
+            directory: pager.directory().clone(),
             pages_done,
             running: running.clone(),
+            cache: pager.cache().cloned(),
         });
     });
     running.store(false, Ordering::Relaxed);

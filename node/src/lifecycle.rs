@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use pagemesh_api::VmId;
 use pagemesh_pager::{
-    CacheConfig, CacheSnapshot, GuestRam, PageDirectory, PagerConfig, PagerError, PagerStats,
+    CacheConfig, CacheSnapshot, GuestRam, PageDirectory, Pager, PagerConfig, PagerError,
     StatsSnapshot,
 };
 use pagemesh_transport::TransportManager;
@@ -107,7 +107,7 @@ enum Event {
 pub fn run_vm<M: GuestMachine>(
     machine: &mut M,
     launch: Launch<'_>,
-    observe: impl FnOnce(&Arc<PagerStats>, &Arc<PageDirectory>),
+    observe: impl FnOnce(&Pager<'_>),
 ) -> Result<Ended<<M::Vcpu as RunVcpu>::Exit>, ComputeError> {
     install_kick_handler().map_err(ComputeError::KickHandler)?;
     let vcpus = machine.take_vcpus();
@@ -142,7 +142,7 @@ pub fn run_vm<M: GuestMachine>(
                 cache,
             })
             .map_err(ComputeError::PagerStart)?;
-            observe(pager.stats(), pager.directory());
+            observe(&pager);
             Some(pager)
         }
     };

@@ -131,14 +131,15 @@ pub fn run_linux(
         // Every 10 s without news, log where the guest is.
         idle: Duration::from_secs(10),
     };
-    let ended = run_vm(&mut machine, launch, |stats, directory| {
+    let ended = run_vm(&mut machine, launch, |pager| {
         *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveRun {
             vm: vm.id,
             guest_pages: pages,
-            stats: stats.clone(),
-            directory: directory.clone(),
+            stats: pager.stats().clone(),
+            directory: pager.directory().clone(),
             pages_done: Arc::new(AtomicU64::new(0)),
             running: running.clone(),
+            cache: pager.cache().cloned(),
         });
     });
     running.store(false, Ordering::Relaxed);

@@ -136,6 +136,11 @@ mod tests {
                     pages: 5,
                     transfer: hist(),
                 }],
+                cache: Some(pagemesh_api::summary::CacheSummary {
+                    budget_pages: 256,
+                    resident_pages: 200,
+                    ..Default::default()
+                }),
                 ..PagerStats::default()
             }),
             ebpf: Some(EbpfStats {
@@ -164,6 +169,8 @@ mod tests {
             "pagemesh_uptime_seconds{node=\"3\"} 12.5",
             "pagemesh_pages_held{node=\"3\"} 0",
             "pagemesh_install_duration_seconds_count{node=\"3\",source=\"ebpf\"} 5",
+            "pagemesh_cache_resident_pages{node=\"3\",vm=\"7\"} 200",
+            "pagemesh_cache_evictions_total{node=\"3\",kind=\"dirty\",vm=\"7\"} 0",
         ] {
             assert!(t.lines().any(|l| l == line), "no {line:?} in\n{t}");
         }

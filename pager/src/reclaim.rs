@@ -295,8 +295,9 @@ impl Reclaimer {
             Err(e) => {
                 self.shared.stats.count(Counter::WritebackError, 1);
                 let why = format!(
-                    "cannot write {} pages back to node {home}: {}; they stay cached",
+                    "cannot write {} pages ({}) back to node {home}: {}; they stay cached",
                     pages.len(),
+                    page_list(pages.iter().map(|o| o.page)),
                     error_chain(&e)
                 );
                 tracing::warn!("{why}");
@@ -329,5 +330,33 @@ impl Reclaimer {
                 std::io::Error::last_os_error()
             );
         }
+    }
+}
+
+/// Up to four page numbers of `pages`, and how many more: what an error names.
+fn page_list(pages: impl ExactSizeIterator<Item = u64>) -> String {
+    const SHOWN: usize = 4;
+    let n = pages.len();
+    let shown: Vec<String> = pages.take(SHOWN).map(|p| p.to_string()).collect();
+    let list = shown.join(", ");
+    match n.saturating_sub(SHOWN) {
+        0 if n == 1 => format!("page {list}"),
+        0 => format!("pages {list}"),
+        more => format!("pages {list} and {more} more"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_list;
+
+    #[test]
+    fn errors_name_a_few_pages_and_count_the_rest() {
+        assert_eq!(page_list([7].into_iter()), "page 7");
+        assert_eq!(page_list([1, 5].into_iter()), "pages 1, 5");
+        assert_eq!(
+            page_list((10..74).collect::<Vec<_>>().into_iter()),
+            "pages 10, 11, 12, 13 and 60 more"
+        );
     }
 }

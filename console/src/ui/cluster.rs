@@ -10,8 +10,12 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph, Row, Table, TableState};
 
 use super::log;
+use pagemesh_api::PAGE_SIZE;
+use pagemesh_api::summary::CacheSummary;
+
 use crate::app::{App, Health, Link, Node};
 use crate::format::{bytes, micros, per_second, percent};
+use crate::rate::Rate;
 
 const HEADER: [&str; 10] = [
     "node",
@@ -61,8 +65,8 @@ fn cells(node: &Node) -> [String; 10] {
     ]
 }
 
-/// Two lines about each guest.
-fn guests(app: &App) -> Vec<[String; 2]> {
+/// Two lines about each guest, three under a local memory budget.
+fn guests(app: &App) -> Vec<Vec<String>> {
     app.nodes
         .values()
         .filter_map(|n| Some((n, n.stats.as_ref()?.pager.as_ref()?)))
@@ -72,7 +76,7 @@ fn guests(app: &App) -> Vec<[String; 2]> {
             } else {
                 0.0
             };
-            [
+            let mut lines = vec![
                 format!(
                     "vm {} on node {}: {}, {} of {} pages done ({})",
                     p.vm,
@@ -90,9 +94,34 @@ fn guests(app: &App) -> Vec<[String; 2]> {
                     p.fault_errors,
                     bytes(p.bytes_fetched),
                 ),
-            ]
+            ];
+            if let Some(c) = &p.cache {
+                lines.push(cache_line(node, c));
+            }
+            lines
         })
         .collect()
+}
+
+/// A guest's page cache: how full it is, and evictions, write-backs and refaults, each as a
+/// total and, once two snapshots are in, per second.
+fn cache_line(node: &Node, c: &CacheSummary) -> String {
+    let up = node.is_up();
+    let with_rate = |total: u64, rate: &Rate| match rate.per_second().filter(|_| up) {
+        Some(r) => format!("{total} ({}/s)", per_second(r)),
+        None => total.to_string(),
+    };
+    format!(
+        "  cache {} of {} pages resident ({} budget) · evictions {} · write-backs {} · \
+         refaults {} · staging hits {}",
+        c.resident_pages,
+        c.budget_pages,
+        bytes(c.budget_pages * PAGE_SIZE as u64),
+        with_rate(c.evictions, &node.evictions),
+        with_rate(c.writeback_pages, &node.writebacks),
+        with_rate(c.refaults, &node.refaults),
+        c.staging_hits,
+    )
 }
 
 fn widths(rows: &[[String; 10]]) -> [usize; 10] {
@@ -127,12 +156,15 @@ pub(crate) fn render(app: &App, frame: &mut Frame, area: Rect) {
             Style::new().fg(Color::Red),
         ));
     }
-    for [first, second] in guests(app) {
-        lines.push(Line::from(Span::styled(
-            first,
-            Style::new().add_modifier(Modifier::BOLD),
-        )));
-        lines.push(Line::raw(second));
+    for guest in guests(app) {
+        let mut guest = guest.into_iter();
+        if let Some(first) = guest.next() {
+            lines.push(Line::from(Span::styled(
+                first,
+                Style::new().add_modifier(Modifier::BOLD),
+            )));
+        }
+        lines.extend(guest.map(Line::raw));
     }
     if lines.is_empty() {
         lines.push(Line::styled(
@@ -208,8 +240,10 @@ pub(crate) fn text(app: &App) -> String {
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
-    for [first, second] in guests(app) {
-        let _ = writeln!(out, "{first}\n{second}");
+    for guest in guests(app) {
+        for line in guest {
+            let _ = writeln!(out, "{line}");
+        }
     }
     for node in app.nodes.values() {
         if let Health::Down(why) = &node.health {

@@ -14,7 +14,7 @@ use ratatui::widgets::{Block, Paragraph, Widget};
 
 use crate::app::App;
 use crate::format::size;
-use crate::heat::{Geometry, Look, NEVER_WRITTEN, RESIDENT, Region, owner_glyph, regions};
+use crate::heat::{EVICTED, Geometry, Look, NEVER_WRITTEN, RESIDENT, Region, owner_glyph, regions};
 use crate::layout;
 
 /// The colours of a region.
@@ -110,8 +110,12 @@ fn legend(regions: &[Region], compute: pagemesh_api::NodeId) -> Paragraph<'stati
         glyphs.push(Span::raw(format!("{owners} held by that node   ")));
     }
     glyphs.push(Span::raw(format!(
-        "{RESIDENT} resident on node {compute}   {NEVER_WRITTEN} never written"
+        "{RESIDENT} resident on node {compute}   "
     )));
+    if regions.iter().any(|r| r.evicted > 0) {
+        glyphs.push(Span::raw(format!("{EVICTED} evicted (back home)   ")));
+    }
+    glyphs.push(Span::raw(format!("{NEVER_WRITTEN} never written")));
     let swatch = |look| Span::styled("  ", look_style(look));
     let colours = vec![
         Span::styled("colour ", dim),
@@ -195,6 +199,7 @@ mod tests {
             local: faults,
             zero: 0,
             remote: 4 - faults,
+            evicted: 0,
             owner,
         }
     }

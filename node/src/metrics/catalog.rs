@@ -74,7 +74,7 @@ pub(crate) const ERRORS: Metric = Metric {
     otlp: "pagemesh.errors",
     unit: "{error}",
     kind: Kind::Counter,
-    help: "Errors by kind: bad_frame (malformed requests to the page server), fault (faults that could not be served).",
+    help: "Errors by kind: bad_frame (malformed requests to the page server), unauthenticated (peers refused), fault (faults that could not be served), writeback (page cache write-back batches that failed; their pages stayed cached).",
 };
 
 pub(crate) const FAULTS: Metric = Metric {
@@ -133,9 +133,49 @@ pub(crate) const VCPU_STALL_DURATION: Metric = Metric {
     help: "vCPU stall per fault measured in the kernel (eBPF): MMU fault entry to page resolved.",
 };
 
+pub(crate) const CACHE_BUDGET: Metric = Metric {
+    prom: "pagemesh_cache_budget_pages",
+    otlp: "pagemesh.cache.budget",
+    unit: "{page}",
+    kind: Kind::Gauge,
+    help: "The VM's local memory budget (--local-memory), in guest pages; only under a budget.",
+};
+
+pub(crate) const CACHE_RESIDENT: Metric = Metric {
+    prom: "pagemesh_cache_resident_pages",
+    otlp: "pagemesh.cache.resident",
+    unit: "{page}",
+    kind: Kind::Gauge,
+    help: "Guest pages resident on this compute node now (mapped and staged), at most the budget.",
+};
+
+pub(crate) const CACHE_EVICTIONS: Metric = Metric {
+    prom: "pagemesh_cache_evictions_total",
+    otlp: "pagemesh.cache.evictions",
+    unit: "{page}",
+    kind: Kind::Counter,
+    help: "Pages evicted from the page cache, by kind: clean (dropped without a transfer), dirty (written back first).",
+};
+
+pub(crate) const CACHE_WRITEBACKS: Metric = Metric {
+    prom: "pagemesh_cache_writeback_pages_total",
+    otlp: "pagemesh.cache.writebacks",
+    unit: "{page}",
+    kind: Kind::Counter,
+    help: "Dirty pages the page cache wrote back to their home memory nodes.",
+};
+
+pub(crate) const CACHE_REFAULTS: Metric = Metric {
+    prom: "pagemesh_cache_refaults_total",
+    otlp: "pagemesh.cache.refaults",
+    unit: "{fault}",
+    kind: Kind::Counter,
+    help: "Faults on pages evicted before, by where they came back from: staging (put back without a transfer), home (fetched or zero-filled again).",
+};
+
 /// Every metric.
 #[cfg(test)]
-pub(crate) const ALL: [&Metric; 13] = [
+pub(crate) const ALL: [&Metric; 18] = [
     &UPTIME,
     &PAGES_HELD,
     &CAPACITY,
@@ -149,6 +189,11 @@ pub(crate) const ALL: [&Metric; 13] = [
     &INSTALL_DURATION,
     &TRANSFER_DURATION,
     &VCPU_STALL_DURATION,
+    &CACHE_BUDGET,
+    &CACHE_RESIDENT,
+    &CACHE_EVICTIONS,
+    &CACHE_WRITEBACKS,
+    &CACHE_REFAULTS,
 ];
 
 #[cfg(test)]

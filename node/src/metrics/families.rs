@@ -103,6 +103,7 @@ pub(crate) fn families(s: &NodeStats) -> Vec<Family> {
     let pager = s.pager.as_ref();
     let vm = pager.map(|p| p.vm.to_string());
     let vm = vm.as_deref().unwrap_or_default();
+    let cache = pager.and_then(|p| p.cache.as_ref());
     let mut out = vec![
         family(&catalog::UPTIME, vec![point(&[], Float(s.uptime_s))]),
         family(
@@ -136,7 +137,10 @@ pub(crate) fn families(s: &NodeStats) -> Vec<Family> {
                     &[("kind", "fault")],
                     Int(pager.map_or(0, |p| p.fault_errors)),
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(cache.map(|c| point(&[("kind", "writeback")], Int(c.writeback_errors))))
+            .collect(),
         ),
     ];
     if let Some(p) = pager {
@@ -179,6 +183,37 @@ pub(crate) fn families(s: &NodeStats) -> Vec<Family> {
             ),
         ]);
     }
+    if let Some(c) = cache {
+        let vm_only = [("vm", vm)];
+        out.extend([
+            family(
+                &catalog::CACHE_BUDGET,
+                vec![point(&vm_only, Int(c.budget_pages))],
+            ),
+            family(
+                &catalog::CACHE_RESIDENT,
+                vec![point(&vm_only, Int(c.resident_pages))],
+            ),
+            family(
+                &catalog::CACHE_EVICTIONS,
+                vec![
+                    point(&[("kind", "clean"), ("vm", vm)], Int(c.clean_drops)),
+                    point(&[("kind", "dirty"), ("vm", vm)], Int(c.dirty_evicted_pages)),
+                ],
+            ),
+            family(
+                &catalog::CACHE_WRITEBACKS,
+                vec![point(&vm_only, Int(c.writeback_pages))],
+            ),
+            family(
+                &catalog::CACHE_REFAULTS,
+                vec![
+                    point(&[("source", "home"), ("vm", vm)], Int(c.refaults)),
+                    point(&[("source", "staging"), ("vm", vm)], Int(c.staging_hits)),
+                ],
+            ),
+        ]);
+    }
     if let Some(e) = &s.ebpf {
         out.push(family(
             &catalog::VCPU_STALL_DURATION,
@@ -203,6 +238,7 @@ pub(crate) fn families(s: &NodeStats) -> Vec<Family> {
 #[cfg(test)]
 mod tests {
     use pagemesh_api::stats::{Bucket, EbpfStats, PagerStats, PeerStats};
+    use pagemesh_api::summary::CacheSummary;
 
     use super::*;
 
@@ -293,6 +329,12 @@ mod tests {
                     pages: 5,
                     transfer: h.clone(),
                 }],
+                cache: Some(CacheSummary {
+                    budget_pages: 256,
+                    clean_drops: 3,
+                    dirty_evicted_pages: 4,
+                    ..CacheSummary::default()
+                }),
                 ..PagerStats::default()
             }),
             ebpf: Some(EbpfStats {
@@ -325,5 +367,44 @@ mod tests {
             .unwrap();
         assert_eq!(labels(&faults.points[0]), [("kind", "remote"), ("vm", "7")]);
         assert!(matches!(faults.points[0].value, Value::Int(5)));
+        let evictions = f
+            .iter()
+            .find(|f| f.metric.prom == catalog::CACHE_EVICTIONS.prom)
+            .unwrap();
+        let kinds: Vec<_> = evictions.points.iter().map(labels).collect();
+        assert_eq!(
+            kinds,
+            [
+                vec![("kind", "clean"), ("vm", "7")],
+                vec![("kind", "dirty"), ("vm", "7")]
+            ]
+        );
+        assert!(matches!(evictions.points[1].value, Value::Int(4)));
+        let errors = f
+            .iter()
+            .find(|f| f.metric.prom == catalog::ERRORS.prom)
+            .unwrap();
+        assert_eq!(
+            labels(errors.points.last().unwrap()),
+            [("kind", "writeback")]
+        );
+    }
+
+    #[test]
+    fn a_compute_node_without_a_budget_has_no_cache_series() {
+        let s = NodeStats {
+            pager: Some(PagerStats::default()),
+            ..NodeStats::default()
+        };
+        let f = families(&s);
+        assert!(
+            f.iter()
+                .all(|f| !f.metric.prom.starts_with("pagemesh_cache_"))
+        );
+        let errors = f
+            .iter()
+            .find(|f| f.metric.prom == catalog::ERRORS.prom)
+            .unwrap();
+        assert_eq!(errors.points.len(), 3);
     }
 }
