@@ -7,6 +7,10 @@
 //! run is stopped cleanly with nothing left behind. The VM has two vCPUs, which the kernel
 //! finds in the ACPI MADT; the stop tears down both vCPU threads.
 //!
+//! The boot runs under a local memory budget of 24 MiB (`--local-memory`), a tenth of its
+//! RAM: the kernel's pages are evicted, written back and fetched again while it boots, and
+//! it gets as far as it would without one.
+//!
 //! The kernel and initramfs come from `cargo xtask setup` (`.pagemesh/guest/`), passed in
 //! `PAGEMESH_GUEST_KERNEL` / `PAGEMESH_GUEST_INITRD` by `cargo xtask test`.
 
@@ -53,6 +57,8 @@ fn debian_kernel_boots_on_remote_memory_as_far_as_this_host_allows() {
             "--vcpus",
             "2",
             "--console",
+            "--local-memory",
+            "24MiB",
         ])
         .unwrap();
     let admin = compute.admin_url(Duration::from_secs(60)).unwrap();
@@ -80,6 +86,10 @@ fn debian_kernel_boots_on_remote_memory_as_far_as_this_host_allows() {
         std::thread::sleep(Duration::from_secs(1));
     };
     assert!(remote >= 10_000, "only {remote} remote faults");
+    let stats = http_json(&format!("{admin}/stats?cells=1")).unwrap();
+    let cache = &stats["pager"]["cache"];
+    assert_eq!(cache["budget_pages"], 6144, "{stats}");
+    assert!(cache["evictions"].as_u64() > Some(1000), "{stats}");
 
     // Stop it: the VM is torn down and every node exits 0.
     let status = compute.stop().unwrap();
@@ -94,6 +104,17 @@ fn debian_kernel_boots_on_remote_memory_as_far_as_this_host_allows() {
     assert!(linux.reached_memory);
     assert_eq!(linux.exit, "stopped by signal");
     assert!(summary.faults.remote >= 10_000);
+    let cache = summary.cache.expect("the page cache's figures");
+    assert!(cache.resident_max_pages <= cache.budget_pages, "{cache:#?}");
+    assert!(
+        cache.dirty_evicted_pages > 0,
+        "the kernel wrote pages that went home: {cache:#?}"
+    );
+    assert_eq!(
+        cache.writeback_pages,
+        cache.dirty_evicted_pages + cache.writeback_retained_pages,
+        "{cache:#?}"
+    );
     let mut pids = vec![compute.pid()];
     for m in &mut c.memory {
         pids.push(m.proc.pid());
