@@ -216,6 +216,8 @@ pub fn run_linux(
             fault_p90_us: stats.fault_p90_us,
             fault_p99_us: stats.fault_p99_us,
             fault_max_us: stats.fault_max_us,
+            remote_p50_us: stats.remote_p50_us,
+            remote_p99_us: stats.remote_p99_us,
             bytes_fetched: stats.bytes_fetched,
             elapsed_s: elapsed.as_secs_f64(),
             linux: Some(LinuxRun {

@@ -139,6 +139,8 @@ pub(crate) fn report(
             fault_p90_us: s.fault_p90_us,
             fault_p99_us: s.fault_p99_us,
             fault_max_us: s.fault_max_us,
+            remote_p50_us: s.remote_p50_us,
+            remote_p99_us: s.remote_p99_us,
             bytes_fetched: s.bytes_fetched,
             us_per_page: o.us_per_page(),
             elapsed_s: o.elapsed.as_secs_f64(),
