@@ -13,6 +13,7 @@
 //! | `handler` | the fault handler thread |
 //! | [`cache`] | a local memory budget: its configuration, counters and staging area |
 //! | [`policy`] | which pages leave, and the reference policies (LRU, FIFO, MIN) |
+//! | [`prefetch`] | stream detection: which pages a guest touches next (not wired to the handler yet) |
 //! | `reclaim` | the reclaimer thread that keeps frames free |
 //! | [`stats`] | fault counts and latency histograms |
 //! | [`trace`] | the hook that lets outside tracers (the eBPF probes) time a fault, and their clock |
@@ -23,6 +24,7 @@ pub mod directory;
 mod handler;
 mod kick;
 pub mod policy;
+pub mod prefetch;
 mod reclaim;
 pub mod stats;
 pub mod trace;
