@@ -335,8 +335,10 @@ impl TcpPeer {
             ack: 0,
             acked: 0,
         };
-        me.hello()?;
-        Ok(me)
+        match me.hello() {
+            Ok(()) => Ok(me),
+            Err(e) => Err(refused_after_handshake(e, credentials, peer, addr)),
+        }
     }
 
     /// Drops the connection and dials the peer again (same address and options), clearing
@@ -759,7 +761,9 @@ fn open(
             // refused our certificate (its alert may not reach us) or speaks no TLS.
             None if matches!(
                 e.kind(),
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
             ) =>
             {
                 Err(failed(format!(
@@ -771,6 +775,42 @@ fn open(
                 source: e,
             }),
         },
+    }
+}
+
+/// The first Hello's error `e`, read as a TLS refusal when it can only be one: a TLS 1.3
+/// server checks the client's certificate after the client's handshake has finished, so a
+/// refusal reaches the client as the server closing before its first reply, and its alert
+/// is often lost to the reset. Only for the first connection: on a reconnection the same
+/// close is more likely a server that died, which is worth retrying.
+fn refused_after_handshake(
+    e: TransportError,
+    credentials: &Credentials,
+    peer: NodeId,
+    addr: &str,
+) -> TransportError {
+    let closed = match &e {
+        TransportError::Closed { .. } => true,
+        TransportError::Io { source, .. } => matches!(
+            source.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        ),
+        _ => false,
+    };
+    if credentials.tls.is_none() || !closed {
+        return e;
+    }
+    let detail = match std::error::Error::source(&e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    };
+    TransportError::Tls {
+        node: peer,
+        addr: addr.to_owned(),
+        reason: format!(
+            "the server closed the connection right after the handshake, most often because \
+             it refused our certificate ({detail})"
+        ),
     }
 }
 
