@@ -1349,10 +1349,7 @@ mod tests {
         let mut runs: Vec<Run<'_>> = bufs
             .iter_mut()
             .enumerate()
-            .map(|(i, b)| Run {
-                first: 19 - i as u64,
-                pages: b,
-            })
+            .map(|(i, b)| Run::new(19 - i as u64, b))
             .collect();
         peer.fetch_runs(7, &mut runs).unwrap();
         for run in &runs {
@@ -1367,26 +1364,34 @@ mod tests {
         let mut b = vec![0u8; PAGE_SIZE];
         let mut c = vec![0u8; PAGE_SIZE];
         let mut runs = [
-            Run {
-                first: 20,
-                pages: &mut a,
-            },
-            Run {
-                first: 0,
-                pages: &mut b,
-            },
-            Run {
-                first: 25,
-                pages: &mut c,
-            },
+            Run::new(20, &mut a),
+            Run::new(0, &mut b),
+            Run::new(25, &mut c),
         ];
         let (status, message) = remote_status(peer.fetch_runs(7, &mut runs));
         assert_eq!(status, Status::NotHeld, "{message}");
         assert_pattern(20, runs[0].pages);
         assert_pattern(25, runs[2].pages);
+        let filled: Vec<bool> = runs.iter().map(|r| r.filled).collect();
+        assert_eq!(
+            filled,
+            [true, false, true],
+            "the caller knows which runs it was lent"
+        );
         assert!(!peer.is_poisoned());
         peer.acknowledge().unwrap();
         assert_eq!(server.ctx.store.held(7).unwrap(), 9);
+
+        // Reads in one batch: the server keeps its copies; a refusal is marked the same way.
+        let mut a = vec![0u8; 3 * PAGE_SIZE];
+        let mut b = vec![0u8; PAGE_SIZE];
+        let mut runs = [Run::new(26, &mut a), Run::new(1, &mut b)];
+        let (status, _) = remote_status(peer.read_runs(7, &mut runs));
+        assert_eq!(status, Status::NotHeld);
+        assert_pattern(26, runs[0].pages);
+        assert_eq!((runs[0].filled, runs[1].filled), (true, false));
+        peer.acknowledge().unwrap();
+        assert_eq!(server.ctx.store.held(7).unwrap(), 9, "reads keep the pages");
 
         // Write-backs in one batch, read back.
         let ones = vec![1u8; 2 * PAGE_SIZE];

@@ -219,6 +219,22 @@ pub struct Run<'a> {
     pub first: u64,
     /// Where its pages go; a non-zero multiple of 4096 bytes, at most 256 pages.
     pub pages: &'a mut [u8],
+    /// Set by the source when `pages` holds the run's pages. A batch that fails part-way
+    /// (one run refused, a connection lost) may still have filled others: a claimed page
+    /// that was filled is lent to the caller, which must install it or lose it at the next
+    /// acknowledgement, so callers install every filled run whatever the batch returned.
+    pub filled: bool,
+}
+
+impl<'a> Run<'a> {
+    /// A run from `first` into `pages`, not filled yet.
+    pub fn new(first: u64, pages: &'a mut [u8]) -> Self {
+        Run {
+            first,
+            pages,
+            filled: false,
+        }
+    }
 }
 
 /// Where remote pages come from: one peer node, over one transport.
@@ -241,18 +257,13 @@ pub trait PageSource: Send {
     /// (e.g. [`Status::NotHeld`]) does not stop the others; the first is returned once all
     /// are done. By default, one [`PageSource::fetch`] after another.
     fn fetch_runs(&mut self, vm: VmId, runs: &mut [Run<'_>]) -> Result<(), TransportError> {
-        let mut first_refusal = Ok(());
-        for run in runs {
-            match self.fetch(vm, run.first, run.pages) {
-                Err(e @ TransportError::Remote { .. }) => {
-                    if first_refusal.is_ok() {
-                        first_refusal = Err(e);
-                    }
-                }
-                other => other?,
-            }
-        }
-        first_refusal
+        one_run_after_another(runs, |run| self.fetch(vm, run.first, run.pages))
+    }
+
+    /// Reads several runs of `vm` (see [`PageSource::read`]: the peer keeps its copies),
+    /// like [`PageSource::fetch_runs`]. By default, one [`PageSource::read`] after another.
+    fn read_runs(&mut self, vm: VmId, runs: &mut [Run<'_>]) -> Result<(), TransportError> {
+        one_run_after_another(runs, |run| self.read(vm, run.first, run.pages))
     }
 
     /// Hands several runs of `vm` to the peer (see [`PageSource::write_back`]), `(first
@@ -291,6 +302,28 @@ pub trait PageSource: Send {
     fn reconnect(&mut self) -> Result<(), TransportError> {
         Ok(())
     }
+}
+
+/// Runs `op` on every run, marking those it filled; a refusal does not stop the others
+/// and the first is returned at the end; any other error stops the batch.
+fn one_run_after_another(
+    runs: &mut [Run<'_>],
+    mut op: impl FnMut(&mut Run<'_>) -> Result<(), TransportError>,
+) -> Result<(), TransportError> {
+    let mut first_refusal = Ok(());
+    for run in runs {
+        run.filled = false;
+        match op(run) {
+            Ok(()) => run.filled = true,
+            Err(e @ TransportError::Remote { .. }) => {
+                if first_refusal.is_ok() {
+                    first_refusal = Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    first_refusal
 }
 
 /// The control plane of one peer: what a compute node asks of a memory node about a whole
@@ -580,6 +613,17 @@ impl TransportManager {
         runs: &mut [Run<'_>],
     ) -> Result<(), TransportError> {
         self.with_retries(remote_node, |p| p.fetch_runs(vm, runs))
+    }
+
+    /// Reads several runs of `vm` from `remote_node` (it keeps its copies), each into its
+    /// own buffer, as a batch; retried like [`TransportManager::fetch_page`].
+    pub fn read_runs(
+        &mut self,
+        vm: VmId,
+        remote_node: NodeId,
+        runs: &mut [Run<'_>],
+    ) -> Result<(), TransportError> {
+        self.with_retries(remote_node, |p| p.read_runs(vm, runs))
     }
 
     /// Writes several runs of `vm` back to `remote_node`, `(first page, pages)` each, with

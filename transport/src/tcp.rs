@@ -608,9 +608,9 @@ impl TcpPeer {
         }
     }
 
-    /// Sends one request per run (`op` Fetch or WriteBack, with `out[i]` as run `i`'s pages
-    /// for a WriteBack) in one write, then reads the replies in order, each Fetch's pages
-    /// into `into[i]`. Every request carries the same acknowledgement; the replies to the
+    /// Sends one request per run (`op` Fetch, Read or WriteBack, with `out[i]` as run `i`'s
+    /// pages for a WriteBack) in one write, then reads the replies in order, each Fetch's or
+    /// Read's pages into `into[i]`, setting `filled[i]` when they arrived. Every request carries the same acknowledgement; the replies to the
     /// Fetches that succeed are acknowledged by the next request. A refusal of one run
     /// ([`TransportError::Remote`]) does not stop the others; the first one is returned
     /// after every reply is read, and the connection stays usable. Any other failure
@@ -623,7 +623,9 @@ impl TcpPeer {
         firsts: &[u64],
         out: &[&[u8]],
         into: &mut [&mut [u8]],
+        filled: &mut [bool; MAX_BATCH],
     ) -> Result<(), TransportError> {
+        *filled = [false; MAX_BATCH];
         if let Some(poison) = &self.poison {
             return Err(poison.to_error(self.peer));
         }
@@ -645,7 +647,7 @@ impl TcpPeer {
         }
         self.next_id = self.next_id.wrapping_add(n as u64);
         let ack_sent = self.ack;
-        match self.send_and_receive_batch(op, &headers[..n], out, into) {
+        match self.send_and_receive_batch(op, &headers[..n], out, into, filled) {
             Ok(fetched) => {
                 self.settle(ack_sent, fetched, None);
                 Ok(())
@@ -669,6 +671,7 @@ impl TcpPeer {
         headers: &[Header],
         out: &[&[u8]],
         into: &mut [&mut [u8]],
+        filled: &mut [bool; MAX_BATCH],
     ) -> Result<Option<u64>, (Option<u64>, TransportError)> {
         let sent = if op == Op::WriteBack {
             let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
@@ -684,13 +687,14 @@ impl TcpPeer {
         let mut last_ok = None;
         let mut refused = None;
         for (i, h) in headers.iter().enumerate() {
-            let into: &mut [u8] = if op == Op::Fetch {
-                &mut *into[i]
-            } else {
+            let into: &mut [u8] = if op == Op::WriteBack {
                 &mut []
+            } else {
+                &mut *into[i]
             };
             match self.receive(h, into) {
                 Ok(_) => {
+                    filled[i] = true;
                     if op == Op::Fetch {
                         last_ok = Some(h.request_id());
                     }
@@ -893,17 +897,11 @@ impl PageSource for TcpPeer {
     }
 
     fn fetch_runs(&mut self, vm: VmId, runs: &mut [Run<'_>]) -> Result<(), TransportError> {
-        for chunk in runs.chunks_mut(MAX_BATCH) {
-            let mut firsts = [0u64; MAX_BATCH];
-            let mut into: [&mut [u8]; MAX_BATCH] = Default::default();
-            let n = chunk.len();
-            for (i, run) in chunk.iter_mut().enumerate() {
-                firsts[i] = run.first;
-                into[i] = &mut *run.pages;
-            }
-            self.batch(Op::Fetch, vm, &firsts[..n], &[], &mut into[..n])?;
-        }
-        Ok(())
+        self.runs(Op::Fetch, vm, runs)
+    }
+
+    fn read_runs(&mut self, vm: VmId, runs: &mut [Run<'_>]) -> Result<(), TransportError> {
+        self.runs(Op::Read, vm, runs)
     }
 
     fn write_back_runs(&mut self, vm: VmId, runs: &[(u64, &[u8])]) -> Result<(), TransportError> {
@@ -915,7 +913,15 @@ impl PageSource for TcpPeer {
                 out[i] = pages;
             }
             let n = chunk.len();
-            self.batch(Op::WriteBack, vm, &firsts[..n], &out[..n], &mut [])?;
+            let mut unused = [false; MAX_BATCH];
+            self.batch(
+                Op::WriteBack,
+                vm,
+                &firsts[..n],
+                &out[..n],
+                &mut [],
+                &mut unused,
+            )?;
         }
         Ok(())
     }
@@ -929,6 +935,37 @@ impl PageSource for TcpPeer {
 
     fn reconnect(&mut self) -> Result<(), TransportError> {
         TcpPeer::reconnect(self)
+    }
+}
+
+impl TcpPeer {
+    /// Fetches or reads `runs` in batches of [`MAX_BATCH`], marking the runs filled; the
+    /// first refusal is returned once every batch is done, any other failure at once.
+    fn runs(&mut self, op: Op, vm: VmId, runs: &mut [Run<'_>]) -> Result<(), TransportError> {
+        let mut first_refusal = Ok(());
+        for chunk in runs.chunks_mut(MAX_BATCH) {
+            let mut firsts = [0u64; MAX_BATCH];
+            let mut into: [&mut [u8]; MAX_BATCH] = Default::default();
+            let mut filled = [false; MAX_BATCH];
+            let n = chunk.len();
+            for (i, run) in chunk.iter_mut().enumerate() {
+                firsts[i] = run.first;
+                into[i] = &mut *run.pages;
+            }
+            let r = self.batch(op, vm, &firsts[..n], &[], &mut into[..n], &mut filled);
+            for (run, filled) in chunk.iter_mut().zip(filled) {
+                run.filled = filled;
+            }
+            match r {
+                Err(e @ TransportError::Remote { .. }) => {
+                    if first_refusal.is_ok() {
+                        first_refusal = Err(e);
+                    }
+                }
+                other => other?,
+            }
+        }
+        first_refusal
     }
 }
 
