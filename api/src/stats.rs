@@ -22,6 +22,33 @@ pub struct NodeStats {
     pub ebpf: Option<EbpfStats>,
 }
 
+/// What a pager's prefetcher did (`--prefetch`). Prefetched pages count as transfers
+/// wherever transfers are counted (bytes fetched, a peer's pages, the memory node's pages
+/// served), not as faults.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
+#[serde(default)]
+pub struct PrefetchStats {
+    /// Pages prefetched: fetched and installed ahead of the guest.
+    pub issued: u64,
+    /// Of those, pages seen used: touched while on their way, or gone past by the stream
+    /// that brought them (docs/prefetch.md says why this is a lower bound).
+    pub used: u64,
+    /// used / issued; 0 when nothing was issued.
+    pub accuracy: f64,
+    /// Faults avoided / faults there would have been without prefetch: (used - in_flight)
+    /// / (used + remote faults); 0 when there were none.
+    pub coverage: f64,
+    /// Faults on pages prefetch was bringing: the guest waited for the prefetch, not for a
+    /// fetch of its own.
+    pub in_flight: u64,
+    /// Windows planned.
+    pub windows: u64,
+    /// Faults the fault handler could not tell the prefetcher of (its queue was full).
+    pub dropped_hints: u64,
+    /// Prefetch batches that failed; their pages were left to demand faults.
+    pub failed: u64,
+}
+
 /// A latency distribution.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct Histogram {
@@ -115,6 +142,9 @@ pub struct PagerStats {
     /// the same figures as the run summary's `cache` object, as they are now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<crate::summary::CacheSummary>,
+    /// What prefetch did, when it is on (`--prefetch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<PrefetchStats>,
 }
 
 /// Transfers from one peer.

@@ -78,6 +78,9 @@ pub struct RunSummary {
     /// The page cache's figures, for a run under a local memory budget (`--local-memory`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheSummary>,
+    /// What prefetch did, for a run with `--prefetch`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<crate::stats::PrefetchStats>,
     /// Whether the guest saw exactly the memory it should have (and the run did not fail).
     pub ok: bool,
     /// Why the run stopped, for a run that failed before its guest finished.
@@ -271,6 +274,7 @@ mod tests {
             ok: true,
             error: None,
             cache: None,
+            prefetch: None,
         }
     }
 

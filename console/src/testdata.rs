@@ -176,6 +176,7 @@ fn compute(remote: u64, uptime_s: f64, ebpf: Option<EbpfStats>) -> NodeStats {
             ],
             heat: heat(touched),
             cache: None,
+            prefetch: None,
         }),
         ebpf,
     }

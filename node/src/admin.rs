@@ -133,6 +133,7 @@ impl AdminState {
                 peers: hists.peers,
                 heat: cells.map_or_else(Heat::default, |n| heat(&run.directory, n)),
                 cache: run.cache.as_ref().map(|c| c.snapshot()),
+                prefetch: run.stats.prefetch_snapshot(),
             }
         });
         let probes = lock(&self.ebpf);

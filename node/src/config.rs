@@ -349,6 +349,14 @@ pub struct ComputeOptions {
     #[arg(long, value_enum, default_value_t = EvictionArg::Clock)]
     pub eviction: EvictionArg,
 
+    /// Prefetch: follow the guest's sequential and strided fault streams (the majority
+    /// trend of recent fault deltas, several streams at once) and bring their next pages in
+    /// ahead of it, on connections of their own, so demand faults never wait behind them.
+    /// Random access prefetches nothing. Under --local-memory prefetch only takes frames
+    /// above the reclaimer's low watermark.
+    #[arg(long)]
+    pub prefetch: bool,
+
     /// Pin vCPU 0 and the fault handler to this CPU (fastest here: a fault handler woken on
     /// the vCPU's own CPU avoids a cross-CPU wake-up) [default: not pinned].
     #[arg(long, value_name = "CPU")]

@@ -62,6 +62,8 @@ pub enum Backing {
         transport: TransportManager,
         /// A local memory budget, `None` for unlimited.
         cache: Option<CacheConfig>,
+        /// The prefetcher's connections; `None`: no prefetch.
+        prefetch: Option<TransportManager>,
     },
 }
 
@@ -126,6 +128,7 @@ pub fn run_vm<M: GuestMachine>(
             directory,
             transport,
             cache,
+            prefetch,
         } => {
             let on_failure = {
                 let stop = stop.clone();
@@ -140,6 +143,7 @@ pub fn run_vm<M: GuestMachine>(
                 trace: crate::probes::fault_trace(),
                 on_failure,
                 cache,
+                prefetch,
             })
             .map_err(ComputeError::PagerStart)?;
             observe(&pager);

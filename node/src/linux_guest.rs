@@ -97,6 +97,7 @@ pub fn run_linux(
         transport,
         mut control,
         writeback,
+        prefetch,
     } = connect_vm_peers(id, settings, coordinator, &vm)?;
     load_vm(&mut control, &vm)?;
     let held_before = held(&mut control, &vm)?;
@@ -125,6 +126,7 @@ pub fn run_linux(
             directory,
             transport,
             cache: crate::service::cache_config(settings, &vm, writeback),
+            prefetch,
         },
         cpu: settings.compute.pin_cpu,
         signals: Some(signals),
@@ -198,6 +200,9 @@ pub fn run_linux(
     if let Some(c) = &ended.cache {
         crate::summary::print_cache(c);
     }
+    if let Some(p) = &stats.prefetch {
+        crate::summary::print_prefetch(p);
+    }
     println!(
         "  console: {} lines; instructions emulated by the VMM: {fixups}",
         log.count
@@ -234,6 +239,7 @@ pub fn run_linux(
             held_after,
             ebpf: probes.as_ref().map(|p| p.summary()),
             cache: ended.cache,
+            prefetch: stats.prefetch,
             ok,
             // A Linux guest reports no pages or checksum, and its errors are returned below.
             ..RunSummary::default()

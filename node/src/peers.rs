@@ -19,10 +19,13 @@ pub(crate) struct VmPeers {
     pub(crate) control: ControlPlane,
     /// The page cache's reclaimer's, for write-back, under a budget.
     pub(crate) writeback: Option<TransportManager>,
+    /// The prefetcher's, with `--prefetch`.
+    pub(crate) prefetch: Option<TransportManager>,
 }
 
 /// Connects to every node holding pages of `vm`: once for the pager, once for control
-/// requests and, for a VM under a local memory budget, once for the reclaimer's write-backs.
+/// requests, for a VM under a local memory budget once for the reclaimer's write-backs and,
+/// with `--prefetch`, once for the prefetcher.
 pub(crate) fn connect_vm_peers(
     id: NodeId,
     settings: &Settings,
@@ -42,13 +45,17 @@ pub(crate) fn connect_vm_peers(
     let mut writeback = vm
         .local_memory_bytes
         .map(|_| TransportManager::new(id, timeout).with_credentials(credentials.clone()));
+    let mut prefetch = settings
+        .compute
+        .prefetch
+        .then(|| TransportManager::new(id, timeout).with_credentials(credentials.clone()));
     let mut control = ControlPlane::new(id, timeout).with_credentials(credentials);
     let connected = discover_and_connect_peers(
         coordinator,
         id,
         &mut transport,
         &mut control,
-        writeback.as_mut(),
+        &mut [writeback.as_mut(), prefetch.as_mut()],
         Some(&wanted),
     )?;
     for &n in &wanted {
@@ -65,18 +72,19 @@ pub(crate) fn connect_vm_peers(
         transport,
         control,
         writeback,
+        prefetch,
     })
 }
 
 /// Fetches every endpoint once from the coordinator and connects `transport` (page traffic),
-/// `control` and `writeback`, if any, to each peer in `wanted` (all peers when `None`) other
+/// `control` and each of `more` that is there (write-back, prefetch) to each peer in `wanted` (all peers when `None`) other
 /// than `local`: the design note's flow. Returns the peers connected.
 pub(crate) fn discover_and_connect_peers(
     coordinator: &CoordinatorClient,
     local: NodeId,
     transport: &mut TransportManager,
     control: &mut ControlPlane,
-    mut writeback: Option<&mut TransportManager>,
+    more: &mut [Option<&mut TransportManager>],
     wanted: Option<&[NodeId]>,
 ) -> Result<Vec<NodeId>, NodeError> {
     let mut connected = Vec::new();
@@ -90,8 +98,8 @@ pub(crate) fn discover_and_connect_peers(
         };
         transport.connect_peer(ep.node_id, &ep).map_err(failed)?;
         control.connect_peer(ep.node_id, &ep).map_err(failed)?;
-        if let Some(w) = writeback.as_deref_mut() {
-            w.connect_peer(ep.node_id, &ep).map_err(failed)?;
+        for m in more.iter_mut().flatten() {
+            m.connect_peer(ep.node_id, &ep).map_err(failed)?;
         }
         tracing::info!("connected to node {} at {}", ep.node_id, ep.address);
         connected.push(ep.node_id);

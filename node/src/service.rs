@@ -249,6 +249,7 @@ fn run_compute(
         transport,
         mut control,
         writeback,
+        prefetch,
     } = connect_vm_peers(id, settings, coordinator, &vm)?;
     let budgeted = vm.local_memory_bytes.is_some();
 
@@ -315,6 +316,7 @@ fn run_compute(
             directory: Arc::new(directory),
             transport,
             cache: cache_config(settings, &vm, writeback),
+            prefetch,
         },
         Some(signals),
         |live| *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(live),
@@ -381,6 +383,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
                     directory: Arc::new(directory),
                     transport,
                     cache: None,
+                    prefetch: None,
                 },
                 Initial::Pattern(seed),
             )

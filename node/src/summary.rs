@@ -68,6 +68,15 @@ pub(crate) fn print_cache(c: &CacheSummary) {
     }
 }
 
+/// The prefetch line of a run summary.
+pub(crate) fn print_prefetch(p: &pagemesh_api::stats::PrefetchStats) {
+    println!(
+        "  prefetch: {} pages in {} windows, {} seen used (accuracy {:.3}, coverage {:.3}), \
+         {} touched in flight, {} batches failed, {} hints dropped",
+        p.issued, p.windows, p.used, p.accuracy, p.coverage, p.in_flight, p.failed, p.dropped_hints
+    );
+}
+
 fn guest_result(w: &WorkloadResult) -> GuestResult {
     GuestResult {
         pages_done: w.pages_done,
@@ -107,6 +116,9 @@ pub(crate) fn report(
     );
     if let Some(c) = &o.cache {
         print_cache(c);
+    }
+    if let Some(p) = &s.prefetch {
+        print_prefetch(p);
     }
     for (n, before) in held_before {
         println!(
@@ -151,6 +163,7 @@ pub(crate) fn report(
             linux: None,
             ebpf,
             cache: o.cache,
+            prefetch: s.prefetch,
             ok,
             error: None,
         },

@@ -33,6 +33,7 @@ fn backing(seed: u64, nodes: &[u32]) -> Backing {
         directory,
         transport,
         cache: None,
+        prefetch: None,
     }
 }
 

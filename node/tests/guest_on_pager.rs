@@ -23,6 +23,7 @@ fn pager_backing(seed: u64) -> Backing {
         directory,
         transport,
         cache: None,
+        prefetch: None,
     }
 }
 
@@ -90,6 +91,7 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
         directory: Arc::new(PageDirectory::new(PAGES)),
         transport: TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT),
         cache: None,
+        prefetch: None,
     };
     let out = run_guest(
         &opts("stride:16", "write", Initial::Zero),

@@ -5,10 +5,11 @@
 //! stats:
 //!
 //! ```text
-//!  63    60 59              36 35   32 31 30 29    24 23             0
-//! +--------+------------------+-------+--+--+--------+---------------+
-//! | unused |  staging slot    | state |  |H |  heat  | home node id  |
-//! +--------+------------------+-------+--+--+--------+---------------+
+//!  63  61 60 59              36 35   32 31 30 29    24 23             0
+//! +------+--+------------------+-------+--+--+--------+---------------+
+//! |unused|P |  staging slot    | state |  |H |  heat  | home node id  |
+//! +------+--+------------------+-------+--+--+--------+---------------+
+//! P:     1 when prefetch installed the page and no sign of its use has been seen yet
 //! state: what the page is now ([`PageState`])
 //! slot:  where a staged page's bytes are in the reclaimer's staging area
 //! H:     1 when the page has a home node (`home node id` is meaningful)
@@ -38,6 +39,7 @@ const SLOT_SHIFT: u32 = 36;
 /// Largest staging slot an entry can name.
 pub const MAX_SLOT: u32 = (1 << 24) - 1;
 const SLOT_MASK: u64 = (MAX_SLOT as u64) << SLOT_SHIFT;
+const PREFETCHED_BIT: u64 = 1 << 60;
 
 /// What a page is now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -71,6 +73,11 @@ pub enum PageState {
     /// Staged and dirty, its bytes on their way home; a fault on it still puts it back
     /// from the slot (and that write-back is wasted).
     WritingBack = 9,
+    /// Not resident, its home holds it, and a fetch of it is under way (by the fault handler
+    /// or the prefetcher, whichever moved it here from [`PageState::Remote`]): nobody else
+    /// fetches it. A fault on it needs nothing more: the install wakes the guest, and a
+    /// fetch that fails puts the page back to `Remote` and wakes the guest to fault again.
+    Fetching = 10,
 }
 
 impl PageState {
@@ -85,7 +92,9 @@ impl PageState {
             6 => PageState::Evicting,
             7 => PageState::StagedClean,
             8 => PageState::StagedDirty,
-            _ => PageState::WritingBack,
+            9 => PageState::WritingBack,
+            // 11..=15 are never stored.
+            _ => PageState::Fetching,
         }
     }
 
@@ -132,6 +141,8 @@ pub struct Entry {
     pub heat: u32,
     /// Its staging slot (meaningful while [`PageState::is_staged`]).
     pub slot: u32,
+    /// Prefetch installed it and no use of it has been seen yet.
+    pub prefetched: bool,
 }
 
 impl Entry {
@@ -141,13 +152,14 @@ impl Entry {
             home: (v & HOME_BIT != 0).then_some((v & NODE_MASK) as NodeId),
             heat: ((v & HEAT_MASK) >> HEAT_SHIFT) as u32,
             slot: ((v & SLOT_MASK) >> SLOT_SHIFT) as u32,
+            prefetched: v & PREFETCHED_BIT != 0,
         }
     }
 
     /// The owner as the heat map sees it.
     pub fn owner(&self) -> PageOwner {
         match (self.state, self.home) {
-            (PageState::Remote, Some(n)) => PageOwner::Remote(n),
+            (PageState::Remote | PageState::Fetching, Some(n)) => PageOwner::Remote(n),
             (PageState::Zero | PageState::Remote, _) => PageOwner::Zero,
             // Staged pages are still on this node, in its staging area.
             _ => PageOwner::Local,
@@ -303,17 +315,46 @@ impl PageDirectory {
     }
 
     /// Moves `page` from `from` to `to` if it is in `from` (one compare-and-swap, keeping
-    /// everything else); returns its state when it was not.
+    /// everything else but the prefetched mark of a page being evicted: its use was not
+    /// seen before it left); returns its state when it was not.
     #[inline]
     pub fn transition(&self, page: u64, from: PageState, to: PageState) -> Result<(), PageState> {
         let Ok(slot) = self.slot(page) else {
             return Err(from);
         };
+        let clear = if to == PageState::Evicting {
+            STATE_MASK | PREFETCHED_BIT
+        } else {
+            STATE_MASK
+        };
         slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-            (PageState::from_bits(v) == from).then_some((v & !STATE_MASK) | to.bits())
+            (PageState::from_bits(v) == from).then_some((v & !clear) | to.bits())
         })
         .map(|_| ())
         .map_err(PageState::from_bits)
+    }
+
+    /// Moves `page` from [`PageState::Fetching`] to `now` after the prefetcher installed it,
+    /// marking it prefetched (its heat stays: no fault was served); returns its state when
+    /// it was not `Fetching`.
+    pub fn prefetched(&self, page: u64, now: PageState) -> Result<(), PageState> {
+        let Ok(slot) = self.slot(page) else {
+            return Err(PageState::Zero);
+        };
+        slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (PageState::from_bits(v) == PageState::Fetching)
+                .then_some((v & !STATE_MASK) | now.bits() | PREFETCHED_BIT)
+        })
+        .map(|_| ())
+        .map_err(PageState::from_bits)
+    }
+
+    /// Clears `page`'s prefetched mark; whether it was set (so each prefetched page is
+    /// counted used at most once).
+    #[inline]
+    pub fn take_prefetched(&self, page: u64) -> bool {
+        self.slot(page)
+            .is_ok_and(|e| e.fetch_and(!PREFETCHED_BIT, Ordering::AcqRel) & PREFETCHED_BIT != 0)
     }
 
     /// Moves `page` from [`PageState::Evicting`] to `staged` (`StagedClean` or
@@ -469,9 +510,37 @@ mod tests {
         assert_eq!(d.heat(1), Ok(2));
     }
 
+    #[test]
+    fn a_fetch_under_way_excludes_the_others_and_prefetch_marks_its_pages() {
+        let p = Placement::interleave(vec![4], 1, 3).unwrap();
+        let d = PageDirectory::from_placement(&p).unwrap();
+        d.transition(0, PageState::Remote, PageState::Fetching)
+            .unwrap();
+        assert_eq!(
+            d.transition(0, PageState::Remote, PageState::Fetching),
+            Err(PageState::Fetching),
+            "one fetch at a time"
+        );
+        assert_eq!(d.owner(0), Ok(PageOwner::Remote(4)), "still held there");
+        d.prefetched(0, PageState::Local).unwrap();
+        let e = d.entry(0).unwrap();
+        assert_eq!((e.state, e.heat, e.prefetched), (PageState::Local, 0, true));
+        assert!(d.take_prefetched(0));
+        assert!(!d.take_prefetched(0), "used once");
+        assert_eq!(d.prefetched(1, PageState::Clean), Err(PageState::Remote));
+        // A prefetched page a fault installs again (after an eviction) loses its mark.
+        d.transition(2, PageState::Remote, PageState::Fetching)
+            .unwrap();
+        d.prefetched(2, PageState::Clean).unwrap();
+        d.transition(2, PageState::Clean, PageState::Remote)
+            .unwrap();
+        d.installed(2, PageState::Remote, PageState::Clean).unwrap();
+        assert!(!d.entry(2).unwrap().prefetched);
+    }
+
     proptest! {
         #[test]
-        fn entries_round_trip(node in 0u32..=MAX_NODE_ID, state in 0u64..10, heat in 0u64..64, slot in 0u64..=u64::from(MAX_SLOT), homed: bool) {
+        fn entries_round_trip(node in 0u32..=MAX_NODE_ID, state in 0u64..11, heat in 0u64..64, slot in 0u64..=u64::from(MAX_SLOT), homed: bool) {
             let v = (state << STATE_SHIFT) | (heat << HEAT_SHIFT) | (slot << SLOT_SHIFT)
                 | if homed { HOME_BIT | u64::from(node) } else { 0 };
             let e = Entry::decode(v);

@@ -10,6 +10,12 @@
 //! clean page into a dirty page, puts staged pages back from the staging area, and sends the
 //! reclaimer the page it installed (a bounded channel with room for every frame, so the send
 //! never blocks or allocates). It never reclaims itself.
+//!
+//! With prefetch on it also tells the prefetch thread (`crate::prefetcher`) of every fault
+//! (`try_send` on a bounded channel: a full one drops the hint, counted). A remote page is
+//! fetched by whoever moves it from `Remote` to `Fetching` first; a fault on a page the
+//! prefetcher is fetching needs nothing from the handler (the prefetcher's install wakes the
+//! guest), so a demand fault never waits behind a prefetch batch it did not ask for.
 
 use std::io;
 use std::sync::Arc;
@@ -37,6 +43,9 @@ pub(crate) struct Handler {
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) trace: crate::FaultTrace,
     pub(crate) cache: Option<CacheSide>,
+    /// The prefetcher's ear: every demand fault's page, when prefetch is on. A full channel
+    /// drops the hint (counted): the fault path never waits for the prefetcher.
+    pub(crate) hints: Option<SyncSender<u64>>,
 }
 
 /// The handler's end of the cache.
@@ -57,6 +66,9 @@ struct PageBuf([u8; PAGE_SIZE]);
 /// What serving one fault did.
 struct Served {
     kind: FaultKind,
+    /// Whether the prefetcher hears of this fault (a guest access, not a write-protect
+    /// fault or a stale event).
+    hint: bool,
     installed: io::Result<Installed>,
     transfer: Option<(NodeId, Duration)>,
     install_start: u64,
@@ -99,7 +111,23 @@ impl Handler {
             };
             let done = crate::trace::monotonic_ns();
             let latency = since(start, done);
+            let hint = if served.kind == FaultKind::InFlight {
+                page | crate::prefetcher::IN_FLIGHT
+            } else {
+                page
+            };
+            if let Some(hints) = &self.hints
+                && served.hint
+                && hints.try_send(hint).is_err()
+            {
+                self.stats.prefetch.count_dropped_hint();
+            }
             match served.installed {
+                Ok(Installed::Done | Installed::AlreadyPresent)
+                    if served.kind == FaultKind::InFlight =>
+                {
+                    self.stats.record(served.kind, latency, None, None);
+                }
                 Ok(Installed::Done) if served.kind != FaultKind::Spurious => {
                     let install = since(served.install_start, done);
                     self.stats
@@ -130,16 +158,38 @@ impl Handler {
         zero: &[u8; PAGE_SIZE],
         start: u64,
     ) -> Result<Served, PagerError> {
-        let owner = self.directory.owner(page).map_err(PagerError::Directory)?;
         let mut served = Served {
+            hint: true,
             kind: FaultKind::Spurious,
             installed: Ok(Installed::AlreadyPresent),
             transfer: None,
             install_start: start,
         };
-        match owner {
+        let entry = loop {
+            let entry = self.directory.entry(page).map_err(PagerError::Directory)?;
+            // A remote page is ours to fetch once we move it to Fetching (the prefetcher
+            // may take it first).
+            if entry.state != PageState::Remote
+                || self
+                    .directory
+                    .transition(page, PageState::Remote, PageState::Fetching)
+                    .is_ok()
+            {
+                break entry;
+            }
+        };
+        match entry.owner() {
+            _ if entry.state == PageState::Fetching || entry.prefetched => {
+                // The prefetcher is installing it, or just did: its install wakes the
+                // guest (a failed prefetch wakes it to fault again). Nothing to do.
+                served.kind = FaultKind::InFlight;
+                return Ok(served);
+            }
             PageOwner::Remote(node) => {
                 if let Err(e) = self.fetch(page, node, buf, start, false) {
+                    let _ = self
+                        .directory
+                        .transition(page, PageState::Fetching, PageState::Remote);
                     self.stats.record_error();
                     return Err(e);
                 }
@@ -158,6 +208,7 @@ impl Handler {
                 served.kind = FaultKind::LocalZero;
             }
             PageOwner::Local => {
+                served.hint = false;
                 served.installed = self
                     .uffd
                     .wake(addr, PAGE_SIZE as u64)
@@ -182,6 +233,7 @@ impl Handler {
         start: u64,
     ) -> Result<Served, PagerError> {
         let mut served = Served {
+            hint: false,
             kind: FaultKind::Spurious,
             installed: Ok(Installed::AlreadyPresent),
             transfer: None,
@@ -237,7 +289,17 @@ impl Handler {
                     std::thread::yield_now();
                     continue;
                 }
+                PageState::Fetching => {
+                    // The prefetcher is installing it: see `serve`.
+                    served.kind = FaultKind::InFlight;
+                    served.hint = true;
+                    return Ok(served);
+                }
                 PageState::Local | PageState::Clean | PageState::ZeroClean | PageState::Dirty => {
+                    if entry.prefetched {
+                        served.kind = FaultKind::InFlight;
+                        served.hint = true;
+                    }
                     served.installed = self
                         .uffd
                         .wake(addr, PAGE_SIZE as u64)
@@ -256,6 +318,7 @@ impl Handler {
                         self.give_frame_back();
                         continue;
                     }
+                    served.hint = true;
                     let side = self.cache_side();
                     let src = side.shared.staging.slot_ptr(entry.slot);
                     served.install_start = crate::trace::monotonic_ns();
@@ -271,7 +334,24 @@ impl Handler {
                     return Ok(served);
                 }
                 PageState::Zero | PageState::Remote => {
-                    self.take_frame()?;
+                    // Ours to fetch once it is Fetching (the prefetcher may take it first).
+                    let from = if entry.state == PageState::Remote {
+                        if self
+                            .directory
+                            .transition(page, PageState::Remote, PageState::Fetching)
+                            .is_err()
+                        {
+                            continue;
+                        }
+                        PageState::Fetching
+                    } else {
+                        PageState::Zero
+                    };
+                    served.hint = true;
+                    if let Err(e) = self.take_frame() {
+                        let _ = self.directory.transition(page, from, entry.state);
+                        return Err(e);
+                    }
                     let to = if write {
                         PageState::Dirty
                     } else {
@@ -280,6 +360,7 @@ impl Handler {
                     let src = if entry.state == PageState::Remote {
                         let node = entry.home.unwrap_or_default();
                         if let Err(e) = self.fetch(page, node, buf, start, true) {
+                            let _ = self.directory.transition(page, from, entry.state);
                             self.stats.record_error();
                             return Err(e);
                         }
@@ -298,8 +379,9 @@ impl Handler {
                     if entry.heat > 0 {
                         self.cache_side().shared.stats.count(Counter::Refault, 1);
                     }
-                    // Only this thread installs, so the page is still where it was.
-                    let _ = self.directory.installed(page, entry.state, to);
+                    // Nobody else moves a Fetching or Zero page (the prefetcher takes only
+                    // Remote ones, the reclaimer only mapped or staged ones).
+                    let _ = self.directory.installed(page, from, to);
                     // SAFETY: `src` is one readable page (the fetch buffer or the zero
                     // page); `addr` is a registered, aligned page.
                     served.installed = unsafe { self.install(addr, src, to) };

@@ -13,7 +13,8 @@
 //! | `handler` | the fault handler thread |
 //! | [`cache`] | a local memory budget: its configuration, counters and staging area |
 //! | [`policy`] | which pages leave, and the reference policies (LRU, FIFO, MIN) |
-//! | [`prefetch`] | stream detection: which pages a guest touches next (not wired to the handler yet) |
+//! | [`prefetch`] | stream detection: which pages a guest touches next |
+//! | `prefetcher` | the prefetch thread that brings them in ahead of the guest |
 //! | `reclaim` | the reclaimer thread that keeps frames free |
 //! | [`stats`] | fault counts and latency histograms |
 //! | [`trace`] | the hook that lets outside tracers (the eBPF probes) time a fault, and their clock |
@@ -25,6 +26,7 @@ mod handler;
 mod kick;
 pub mod policy;
 pub mod prefetch;
+mod prefetcher;
 mod reclaim;
 pub mod stats;
 pub mod trace;
@@ -153,6 +155,9 @@ pub struct PagerConfig<'ram> {
     pub on_failure: Box<dyn Fn() + Send>,
     /// A local memory budget; `None`: unlimited, fetched pages move here for good.
     pub cache: Option<CacheConfig>,
+    /// Prefetch along the guest's fault streams over these connections (its own, apart
+    /// from `transport`'s, so demand fetches never queue behind it); `None`: off.
+    pub prefetch: Option<TransportManager>,
 }
 
 /// A running pager.
@@ -160,6 +165,7 @@ pub struct Pager<'ram> {
     stats: Arc<PagerStats>,
     cache: Option<Arc<CacheStats>>,
     reclaimer: Option<JoinHandle<()>>,
+    prefetcher: Option<JoinHandle<()>>,
     directory: Arc<PageDirectory>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), PagerError>>>,
@@ -192,6 +198,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
     let mut cache_stats = None;
     let mut cache_side = None;
     let mut reclaimer = None;
+    let mut prefetch_cache = None;
     if let Some(c) = config.cache {
         let cstats = Arc::new(CacheStats::default());
         let shared = Arc::new(cache::Shared::new(&c, cstats.clone()).map_err(PagerError::Staging)?);
@@ -225,12 +232,35 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         );
         reclaimer = Some(thread);
         cache_stats = Some(cstats);
+        prefetch_cache = Some((shared.clone(), installs.clone()));
         cache_side = Some(handler::CacheSide {
             shared,
             installs,
             returned,
             patience,
         });
+    }
+    let mut hints = None;
+    let mut prefetcher = None;
+    if let Some(transport) = config.prefetch {
+        let (tell, heard) = std::sync::mpsc::sync_channel(prefetcher::HINTS);
+        let p = prefetcher::Prefetcher {
+            uffd: uffd.clone(),
+            base: ram.base as u64,
+            vm: config.vm,
+            directory: config.directory.clone(),
+            stats: stats.clone(),
+            transport,
+            hints: heard,
+            cache: prefetch_cache,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("prefetch-vm{}", config.vm))
+            .spawn(move || p.run())
+            .map_err(PagerError::Spawn)?;
+        tracing::info!("prefetch on: streams of faults are fetched ahead on their own connections");
+        hints = Some(tell);
+        prefetcher = Some(thread);
     }
     let handler = handler::Handler {
         uffd: uffd.clone(),
@@ -242,6 +272,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         stop: stop.clone(),
         trace: config.trace,
         cache: cache_side,
+        hints,
     };
     let on_failure = config.on_failure;
     let cpu = config.cpu;
@@ -263,6 +294,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         stats,
         cache: cache_stats,
         reclaimer,
+        prefetcher,
         directory: config.directory,
         stop,
         thread: Some(thread),
@@ -315,6 +347,12 @@ impl Pager<'_> {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let ended = thread.join().map_err(|_| PagerError::Panicked);
+        // The handler has hung up on the prefetcher, which ends after its current batch.
+        if let Some(p) = self.prefetcher.take()
+            && p.join().is_err()
+        {
+            tracing::error!("the prefetch thread panicked");
+        }
         if let Some(r) = self.reclaimer.take() {
             r.thread().unpark();
             if r.join().is_err() {

@@ -14,6 +14,13 @@
 //! A trigger reached doubles the stream's depth (up to [`MAX_DEPTH`]); a stream that
 //! breaks halves it.
 //!
+//! The same trigger faults say which prefetched pages were used: when the stream reaches a
+//! trigger, the guest has gone past every page of its stream since the trigger before
+//! ([`StreamDetector::take_passed`]). That is an inference, not an observation (this
+//! kernel has no accessed bit a process can read for its own pages, and a used prefetched
+//! page never faults); it undercounts the pages of a stream's last window, which no
+//! trigger follows.
+//!
 //! This module plans; it fetches nothing. It is pure arithmetic, so the prefetch thread
 //! can call it for every fault it hears of without allocating.
 
@@ -42,6 +49,24 @@ pub struct Window {
     pub trigger: u64,
 }
 
+/// Pages a stream went past: `count` pages from `first` on, `stride` apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// First page.
+    pub first: u64,
+    /// Pages between two of its pages.
+    pub stride: i64,
+    /// Pages in it.
+    pub count: u64,
+}
+
+impl Span {
+    /// Its pages.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.count).map(move |i| self.first.wrapping_add_signed(i as i64 * self.stride))
+    }
+}
+
 impl Window {
     /// Its pages, the trigger left out.
     pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
@@ -58,15 +83,33 @@ struct Tracker {
     deltas: [i64; HISTORY],
     len: usize,
     at: usize,
+    /// The first page of the last window planned.
+    first: Option<u64>,
     /// The page after the last window planned, in the stream's direction.
     next: Option<u64>,
     trigger: Option<u64>,
+    /// The first page of the stream not yet known to be passed.
+    unpassed: Option<u64>,
     depth: u32,
     /// For replacing the least recently used tracker.
     used: u64,
 }
 
 impl Tracker {
+    /// The finer stride that `page`'s fault shows, if it fell inside the last window
+    /// planned with stride `s` but between its pages.
+    fn denser(&self, page: u64, s: i64) -> Option<i64> {
+        let (first, next) = (self.first?, self.next?);
+        let inside = if s > 0 {
+            first < page && page < next
+        } else {
+            next < page && page < first
+        };
+        let off = page.abs_diff(first);
+        let step = s.unsigned_abs();
+        (inside && step > 1 && off % step != 0).then(|| gcd(off, step) as i64 * s.signum())
+    }
+
     fn push(&mut self, delta: i64) {
         self.deltas[self.at] = delta;
         self.at = (self.at + 1) % HISTORY;
@@ -99,6 +142,7 @@ pub struct StreamDetector {
     pages: u64,
     trackers: [Tracker; STREAMS],
     clock: u64,
+    passed: Option<Span>,
 }
 
 impl StreamDetector {
@@ -108,6 +152,7 @@ impl StreamDetector {
             pages,
             trackers: [Tracker::default(); STREAMS],
             clock: 0,
+            passed: None,
         }
     }
 
@@ -137,6 +182,20 @@ impl StreamDetector {
             return None;
         }
         let had = t.trend();
+        if let Some(s) = had
+            && let Some(g) = t.denser(page, s)
+        {
+            // A fault between the pages of the last window: the guest touches more pages
+            // than the stride says (a stride-2 trend formed while every other page was
+            // still on its way would otherwise hold for good, prefetching half the
+            // stream). Follow the finer stride from here.
+            t.deltas = [g; HISTORY];
+            t.len = HISTORY;
+            t.next = None;
+            t.trigger = None;
+            t.unpassed = None;
+        }
+        let had = t.trend();
         let reached_trigger = t.trigger == Some(page);
         if let Some(s) = had
             && (reached_trigger || t.next == Some(page))
@@ -152,11 +211,21 @@ impl StreamDetector {
                 t.depth = (t.depth / 2).max(MIN_DEPTH);
                 t.next = None;
                 t.trigger = None;
+                t.unpassed = None;
             }
             return None;
         };
         if reached_trigger {
             t.depth = (t.depth * 2).min(MAX_DEPTH);
+            if let Some(from) = t.unpassed {
+                let count = page.abs_diff(from) / stride.unsigned_abs();
+                self.passed = Some(Span {
+                    first: from,
+                    stride,
+                    count,
+                });
+            }
+            t.unpassed = Some(page.wrapping_add_signed(stride));
         }
         // Plan when the stream starts, and then at each trigger.
         if t.next.is_some() && !reached_trigger && t.next != Some(page) {
@@ -167,6 +236,10 @@ impl StreamDetector {
             _ => page.wrapping_add_signed(stride),
         };
         let window = clamp(from, stride, t.depth, self.pages)?;
+        t.first = Some(window.first);
+        if t.unpassed.is_none() {
+            t.unpassed = Some(window.first);
+        }
         let half = i64::from(window.count / 2);
         let trigger = window.first.wrapping_add_signed(half * stride);
         t.trigger = Some(trigger);
@@ -176,6 +249,12 @@ impl StreamDetector {
                 .wrapping_add_signed(i64::from(window.count) * stride),
         );
         Some(Window { trigger, ..window })
+    }
+
+    /// The pages the last [`StreamDetector::observe`] found passed (the stream reached a
+    /// trigger: the guest went past them), once.
+    pub fn take_passed(&mut self) -> Option<Span> {
+        self.passed.take()
     }
 
     /// The tracker `page` belongs to: the live one whose last fault is nearest (within
@@ -205,6 +284,13 @@ impl StreamDetector {
         self.trackers[i].live = false;
         i
     }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// `depth` pages from `from` on, `stride` apart, cut at the VM's ends; `None` when not one
@@ -309,6 +395,73 @@ mod tests {
         }
         assert!(last.is_some(), "a stream at the end was not seen");
         assert_eq!(d.observe(100), None);
+    }
+
+    #[test]
+    fn the_pages_a_stream_passed_are_each_reported_once() {
+        for stride in [1i64, 4, -1] {
+            let pages = 8_192u64;
+            let order: Vec<u64> = if stride > 0 {
+                (0..pages).step_by(stride as usize).collect()
+            } else {
+                (0..pages).rev().collect()
+            };
+            let mut d = StreamDetector::new(pages);
+            let mut planned = vec![false; pages as usize];
+            let mut passed = vec![false; pages as usize];
+            for &p in &order {
+                if planned[p as usize] {
+                    // Prefetched: no fault (a trigger is never planned, so it faults).
+                    continue;
+                }
+                if let Some(w) = d.observe(p) {
+                    for q in w.pages() {
+                        planned[q as usize] = true;
+                    }
+                }
+                if let Some(span) = d.take_passed() {
+                    for q in span.pages() {
+                        assert!(
+                            !passed[q as usize],
+                            "page {q} passed twice (stride {stride})"
+                        );
+                        passed[q as usize] = true;
+                    }
+                }
+            }
+            let used = (0..pages as usize)
+                .filter(|&q| planned[q] && passed[q])
+                .count();
+            let wrong = (0..pages as usize)
+                .filter(|&q| passed[q] && !order.contains(&(q as u64)))
+                .count();
+            let issued = planned.iter().filter(|&&x| x).count();
+            assert_eq!(
+                wrong, 0,
+                "stride {stride}: passed pages the guest never touched"
+            );
+            assert!(
+                used * 100 >= issued * 95,
+                "stride {stride}: {used} of {issued} seen used"
+            );
+        }
+    }
+
+    #[test]
+    fn faults_between_a_windows_pages_refine_its_stride() {
+        // A sequential guest whose every other page was still on its way when it touched
+        // it: the faults the detector saw were two apart.
+        let mut d = StreamDetector::new(1 << 20);
+        let mut w = None;
+        for p in (0..10).step_by(2) {
+            w = d.observe(p).or(w);
+        }
+        let w = w.expect("a stride-2 stream");
+        assert_eq!(w.stride, 2);
+        // The guest faults on the pages in between: the stream is sequential.
+        let between = w.first + 1;
+        let refined = d.observe(between).expect("a window at the finer stride");
+        assert_eq!((refined.stride, refined.first), (1, between + 1));
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct PagerStats {
     write_protect: AtomicU64,
     bytes_fetched: AtomicU64,
     errors: AtomicU64,
+    in_flight: AtomicU64,
+    /// What the prefetcher did, when it runs.
+    pub prefetch: PrefetchStats,
     /// One lock for every histogram: the handler takes it once per fault.
     hists: Mutex<Hists>,
 }
@@ -62,6 +65,43 @@ pub enum FaultKind {
     StagingHit,
     /// The first write to a write-protected (clean) page: it became dirty.
     WriteProtect,
+    /// A touch of a page the prefetcher was bringing (or had just brought): its install
+    /// woke the guest; no fetch of its own.
+    InFlight,
+}
+
+/// The prefetcher's counters (all zero when prefetch is off).
+#[derive(Debug, Default)]
+pub struct PrefetchStats {
+    on: std::sync::atomic::AtomicBool,
+    issued: AtomicU64,
+    used: AtomicU64,
+    windows: AtomicU64,
+    dropped_hints: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl PrefetchStats {
+    /// Marks prefetch as running (its figures appear in snapshots).
+    pub(crate) fn enable(&self) {
+        self.on.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_dropped_hint(&self) {
+        self.dropped_hints.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_used(&self, pages: u64) {
+        self.used.fetch_add(pages, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_window(&self) {
+        self.windows.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A point-in-time copy of the stats.
@@ -95,6 +135,8 @@ pub struct StatsSnapshot {
     pub remote_p50_us: f64,
     /// 99th percentile of remote faults only, µs.
     pub remote_p99_us: f64,
+    /// The prefetcher's figures, when it runs.
+    pub prefetch: Option<api::PrefetchStats>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -114,6 +156,8 @@ impl Default for PagerStats {
             write_protect: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            prefetch: PrefetchStats::default(),
             hists: Mutex::new(Hists {
                 all: histogram(),
                 remote: histogram(),
@@ -204,6 +248,9 @@ impl PagerStats {
             FaultKind::WriteProtect => {
                 self.write_protect.fetch_add(1, Ordering::Relaxed);
             }
+            FaultKind::InFlight => {
+                self.in_flight.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let mut h = lock(&self.hists);
         h.all.saturating_record(latency);
@@ -224,6 +271,47 @@ impl PagerStats {
             };
             h.peers[i].1.saturating_record(ns(t));
         }
+    }
+
+    /// Records `pages` pages the prefetcher fetched from `node` in `transfer` (a batch's
+    /// time) and installed: they count as transfers from that node (bytes fetched, the
+    /// peer's pages and transfer times), not as faults.
+    pub(crate) fn record_prefetch(&self, node: NodeId, pages: u64, transfer: Duration) {
+        self.prefetch.issued.fetch_add(pages, Ordering::Relaxed);
+        self.bytes_fetched
+            .fetch_add(pages * PAGE_SIZE as u64, Ordering::Relaxed);
+        let mut h = lock(&self.hists);
+        let i = match h.peers.iter().position(|(n, _)| *n == node) {
+            Some(i) => i,
+            None => {
+                h.peers.push((node, histogram()));
+                h.peers.len() - 1
+            }
+        };
+        h.peers[i].1.saturating_record_n(ns(transfer), pages);
+    }
+
+    /// The prefetcher's figures, if it runs.
+    pub fn prefetch_snapshot(&self) -> Option<api::PrefetchStats> {
+        let p = &self.prefetch;
+        if !p.on.load(Ordering::Relaxed) {
+            return None;
+        }
+        let issued = p.issued.load(Ordering::Relaxed);
+        let used = p.used.load(Ordering::Relaxed);
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        let remote = self.remote_faults();
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        Some(api::PrefetchStats {
+            issued,
+            used,
+            in_flight,
+            windows: p.windows.load(Ordering::Relaxed),
+            dropped_hints: p.dropped_hints.load(Ordering::Relaxed),
+            failed: p.failed.load(Ordering::Relaxed),
+            accuracy: ratio(used, issued),
+            coverage: ratio(used.saturating_sub(in_flight), used + remote),
+        })
     }
 
     /// Records a fault that could not be served.
@@ -288,6 +376,7 @@ impl PagerStats {
             },
             remote_p50_us: us(&remote, 0.5),
             remote_p99_us: us(&remote, 0.99),
+            prefetch: self.prefetch_snapshot(),
         }
     }
 

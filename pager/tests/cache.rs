@@ -116,6 +116,7 @@ fn run(
         cpu: None,
         trace: FaultTrace::default(),
         on_failure,
+        prefetch: None,
         cache: Some(CacheConfig {
             budget_pages: budget,
             policy,
@@ -222,6 +223,7 @@ fn a_budget_below_the_minimum_is_refused() {
         cpu: None,
         trace: FaultTrace::default(),
         on_failure: Box::new(|| {}),
+        prefetch: None,
         cache: Some(CacheConfig {
             budget_pages: 100,
             policy: Policy::Clock,

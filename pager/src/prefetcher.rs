@@ -1,0 +1,293 @@
+//! The prefetch thread: hears of every demand fault, plans windows with the
+//! [`StreamDetector`] and brings their pages in ahead of the guest, on connections of its
+//! own, so a demand fetch never queues behind a prefetch.
+//!
+//! Per window: every page of it still [`PageState::Remote`] is moved to
+//! [`PageState::Fetching`] (a page the handler is fetching is skipped: whoever moves it
+//! first fetches it), the pages are sorted into runs of consecutive pages with the same
+//! home, each home gets one batch, and each run that arrived is installed with one
+//! `UFFDIO_COPY`, which also wakes a vCPU that touched one of its pages meanwhile. A run
+//! that did not arrive goes back to `Remote` and is woken, so a vCPU waiting on it faults
+//! again and the handler fetches it on demand.
+//!
+//! Without a budget the pages are claimed (they move here for good, as a demand fetch's
+//! do). Under a budget they are read (their home keeps them) and installed clean
+//! (write-protected); the prefetcher only takes frames above the reclaimer's low
+//! watermark, so it never makes a demand fault wait for a frame, and hands the pages to
+//! the reclaimer like the handler's.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::time::Instant;
+
+use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
+use pagemesh_transport::{Run, TransportManager};
+
+use crate::cache::Shared;
+use crate::directory::{PageDirectory, PageState};
+use crate::prefetch::{MAX_DEPTH, StreamDetector, Window};
+use crate::stats::PagerStats;
+use crate::uffd::{Installed, Uffd};
+
+/// Hints the handler may have outstanding before it drops some.
+pub(crate) const HINTS: usize = 4096;
+
+/// Set in a hint when the fault was on a page prefetch was bringing.
+pub(crate) const IN_FLIGHT: u64 = 1 << 63;
+
+/// Everything the prefetch thread owns.
+pub(crate) struct Prefetcher {
+    pub(crate) uffd: Arc<Uffd>,
+    pub(crate) base: u64,
+    pub(crate) vm: VmId,
+    pub(crate) directory: Arc<PageDirectory>,
+    pub(crate) stats: Arc<PagerStats>,
+    pub(crate) transport: TransportManager,
+    pub(crate) hints: Receiver<u64>,
+    /// The page cache's frames and the reclaimer's ear, under a budget.
+    pub(crate) cache: Option<(Arc<Shared>, SyncSender<u32>)>,
+}
+
+/// One window's pages, sorted, each with its home.
+struct Claimed {
+    pages: [(u64, NodeId); MAX_DEPTH as usize],
+    len: usize,
+}
+
+/// A page-aligned page (the fetch buffer is made of them).
+#[repr(C, align(4096))]
+struct PageBuf([u8; PAGE_SIZE]);
+
+impl Prefetcher {
+    /// Runs until the handler hangs up (it has stopped), then delivers its last
+    /// acknowledgements.
+    pub(crate) fn run(mut self) {
+        self.stats.prefetch.enable();
+        let mut detector = StreamDetector::new(self.directory.len());
+        // One window's pages: made once, reused for every batch.
+        let mut buf: Box<[PageBuf]> = (0..MAX_DEPTH).map(|_| PageBuf([0; PAGE_SIZE])).collect();
+        let mut claimed = Box::new(Claimed {
+            pages: [(0, 0); MAX_DEPTH as usize],
+            len: 0,
+        });
+        while let Ok(hint) = self.hints.recv() {
+            let page = hint & !IN_FLIGHT;
+            // A touch of a page we brought: used (counted once).
+            let mut used = u64::from(self.directory.take_prefetched(page));
+            if hint & IN_FLIGHT != 0 {
+                // The stream is inside a window already planned. Its faults come in the
+                // order the window's runs were installed, not the guest's: the detector
+                // would read a wrong stride into them.
+                if used > 0 {
+                    self.stats.prefetch.count_used(used);
+                }
+                continue;
+            }
+            let window = detector.observe(page);
+            if let Some(span) = detector.take_passed() {
+                used += span
+                    .pages()
+                    .filter(|&p| self.directory.take_prefetched(p))
+                    .count() as u64;
+            }
+            if used > 0 {
+                self.stats.prefetch.count_used(used);
+            }
+            if let Some(w) = window {
+                tracing::debug!("fault on {page}: prefetching {w:?}");
+                self.stats.prefetch.count_window();
+                if let Err(e) = self.prefetch(&w, &mut claimed, &mut buf) {
+                    tracing::warn!("prefetch stopped: {e}");
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.transport.acknowledge_all() {
+            tracing::warn!(
+                "cannot acknowledge the last prefetches: {}",
+                pagemesh_api::error_chain(&e)
+            );
+        }
+    }
+
+    /// Brings in the pages of `w` that are still remote. Errs only when installing fails
+    /// (the guest's memory is going away); a failed fetch leaves its pages to demand.
+    fn prefetch(
+        &mut self,
+        w: &Window,
+        claimed: &mut Claimed,
+        buf: &mut [PageBuf],
+    ) -> Result<(), String> {
+        let room = self.reserve_frames(u64::from(w.count));
+        claimed.len = 0;
+        for p in w.pages() {
+            if claimed.len as u64 == room {
+                break;
+            }
+            let Ok(e) = self.directory.entry(p) else {
+                continue;
+            };
+            if e.state != PageState::Remote
+                || self
+                    .directory
+                    .transition(p, PageState::Remote, PageState::Fetching)
+                    .is_err()
+            {
+                continue;
+            }
+            claimed.pages[claimed.len] = (p, e.home.unwrap_or_default());
+            claimed.len += 1;
+        }
+        self.give_frames_back(room - claimed.len as u64);
+        tracing::debug!("claimed {} of {} pages", claimed.len, w.count);
+        if claimed.len == 0 {
+            return Ok(());
+        }
+        let pages = &mut claimed.pages[..claimed.len];
+        // By home, then page: runs of consecutive pages with one home.
+        pages.sort_unstable_by_key(|&(p, n)| (n, p));
+        let mut at = 0;
+        while at < pages.len() {
+            let node = pages[at].1;
+            let end = at + pages[at..].iter().take_while(|&&(_, n)| n == node).count();
+            self.fetch_and_install(node, &pages[at..end], &mut buf[..end - at])?;
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Fetches `pages` (sorted, all of home `node`, all Fetching) as runs into `buf` and
+    /// installs those that arrived; the others go back to Remote and are woken.
+    fn fetch_and_install(
+        &mut self,
+        node: NodeId,
+        pages: &[(u64, NodeId)],
+        buf: &mut [PageBuf],
+    ) -> Result<(), String> {
+        // The runs' (first page, pages): at most one per page.
+        let mut spans = [(0u64, 0usize); MAX_DEPTH as usize];
+        let mut n = 0;
+        for &(p, _) in pages {
+            if n > 0 && spans[n - 1].0 + spans[n - 1].1 as u64 == p {
+                spans[n - 1].1 += 1;
+            } else {
+                spans[n] = (p, 1);
+                n += 1;
+            }
+        }
+        let spans = &spans[..n];
+        // One Vec per window (not per page, and off the fault path): the runs borrow `buf`.
+        let mut runs: Vec<Run<'_>> = Vec::with_capacity(n);
+        let mut rest: &mut [PageBuf] = buf;
+        for &(first, len) in spans {
+            let (this, tail) = rest.split_at_mut(len);
+            rest = tail;
+            runs.push(Run::new(first, bytes_mut(this)));
+        }
+        let began = Instant::now();
+        let fetched = if self.cache.is_some() {
+            self.transport.read_runs(self.vm, node, &mut runs)
+        } else {
+            self.transport.fetch_runs(self.vm, node, &mut runs)
+        };
+        let took = began.elapsed();
+        if let Err(e) = &fetched {
+            self.stats.prefetch.count_failed();
+            tracing::debug!(
+                "prefetch from node {node}: {}",
+                pagemesh_api::error_chain(e)
+            );
+        }
+        let to = if self.cache.is_some() {
+            PageState::Clean
+        } else {
+            PageState::Local
+        };
+        let mut installed = 0u64;
+        let mut failure = None;
+        for run in &runs {
+            let count = (run.pages.len() / PAGE_SIZE) as u64;
+            let addr = self.base + run.first * PAGE_SIZE as u64;
+            let len = run.pages.len() as u64;
+            let result = if !run.filled || failure.is_some() {
+                None
+            } else if self.cache.is_some() {
+                // SAFETY: the run's buffer holds `len` readable bytes; `addr` is inside the
+                // registered range (the window is inside the VM) and page aligned; nobody
+                // else installs these pages while they are Fetching.
+                Some(unsafe { self.uffd.copy_protected(addr, run.pages.as_ptr(), len) })
+            } else {
+                // SAFETY: as above.
+                Some(unsafe { self.uffd.copy(addr, run.pages.as_ptr(), len) })
+            };
+            match result {
+                Some(Ok(Installed::Done | Installed::AlreadyPresent)) => {
+                    for p in run.first..run.first + count {
+                        let _ = self.directory.prefetched(p, to);
+                        if let Some((_, installs)) = &self.cache {
+                            // Room for every frame, as for the handler's sends.
+                            let _ = installs.try_send(p as u32);
+                        }
+                    }
+                    installed += count;
+                }
+                other => {
+                    if let Some(Err(e)) = other {
+                        failure = Some(format!("cannot install pages {}..: {e}", run.first));
+                    }
+                    for p in run.first..run.first + count {
+                        let _ =
+                            self.directory
+                                .transition(p, PageState::Fetching, PageState::Remote);
+                    }
+                    self.give_frames_back(count);
+                    // After the state is back: a vCPU woken now faults on a Remote page.
+                    let _ = self.uffd.wake(addr, len);
+                }
+            }
+        }
+        if installed > 0 {
+            self.stats.record_prefetch(node, installed, took);
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Takes up to `want` frames above the low watermark (all `want` without a budget);
+    /// how many it took.
+    fn reserve_frames(&self, want: u64) -> u64 {
+        let Some((shared, _)) = &self.cache else {
+            return want;
+        };
+        let cap = shared.frames.saturating_sub(shared.low);
+        let mut got = 0;
+        let _ = shared
+            .stats
+            .mapped
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |mapped| {
+                got = cap.saturating_sub(mapped).min(want);
+                (got > 0).then_some(mapped + got)
+            });
+        if got > 0 {
+            shared.stats.note_resident();
+        }
+        got
+    }
+
+    fn give_frames_back(&self, n: u64) {
+        if let Some((shared, _)) = &self.cache
+            && n > 0
+        {
+            shared.stats.mapped.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The bytes of `pages`.
+fn bytes_mut(pages: &mut [PageBuf]) -> &mut [u8] {
+    const { assert!(size_of::<PageBuf>() == PAGE_SIZE) };
+    // SAFETY: `PageBuf` is `repr(C)` over `[u8; PAGE_SIZE]` and exactly that size (checked
+    // above), so `pages` is `pages.len() * PAGE_SIZE` initialized, contiguous bytes, borrowed
+    // mutably for as long as the result.
+    unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr().cast::<u8>(), size_of_val(pages)) }
+}
