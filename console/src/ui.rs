@@ -225,6 +225,33 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_with_prefetch_shows_its_accuracy() {
+        let mut app = testdata::app(W, H, None);
+        let mut stats = testdata::last_compute(None);
+        stats.pager.as_mut().unwrap().prefetch = Some(pagemesh_api::stats::PrefetchStats {
+            issued: 8000,
+            used: 7600,
+            accuracy: 0.95,
+            coverage: 0.9,
+            in_flight: 40,
+            ..Default::default()
+        });
+        stats.uptime_s = 4.2;
+        app.handle(Event::Update(Update::Stats {
+            at: Duration::from_millis(4200),
+            node: 0,
+            result: Ok(Box::new(stats)),
+        }));
+        let out = cluster::text(&app);
+        assert!(
+            out.contains(
+                "prefetch 8000 pages · accuracy 95.0% · coverage 90.0% · 40 touched in flight"
+            ),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn heat_view_zoomed_out_and_in() {
         // 20 rows: 14 for the grid.
         let mut app = testdata::app(W, 20, None);

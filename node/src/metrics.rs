@@ -141,6 +141,11 @@ mod tests {
                     resident_pages: 200,
                     ..Default::default()
                 }),
+                prefetch: Some(pagemesh_api::stats::PrefetchStats {
+                    issued: 40,
+                    used: 38,
+                    ..Default::default()
+                }),
                 ..PagerStats::default()
             }),
             ebpf: Some(EbpfStats {
@@ -171,6 +176,7 @@ mod tests {
             "pagemesh_install_duration_seconds_count{node=\"3\",source=\"ebpf\"} 5",
             "pagemesh_cache_resident_pages{node=\"3\",vm=\"7\"} 200",
             "pagemesh_cache_evictions_total{node=\"3\",kind=\"dirty\",vm=\"7\"} 0",
+            "pagemesh_prefetch_pages_total{node=\"3\",kind=\"used\",vm=\"7\"} 38",
         ] {
             assert!(t.lines().any(|l| l == line), "no {line:?} in\n{t}");
         }

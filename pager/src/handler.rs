@@ -11,8 +11,9 @@
 //! reclaimer the page it installed (a bounded channel with room for every frame, so the send
 //! never blocks or allocates). It never reclaims itself.
 //!
-//! With prefetch on it also tells the prefetch thread (`crate::prefetcher`) of every fault
-//! (`try_send` on a bounded channel: a full one drops the hint, counted). A remote page is
+//! With prefetch on it also runs the stream detector on every fault and sends the prefetch
+//! thread (`crate::prefetcher`) the windows it plans (`try_send` on a bounded channel: a
+//! full one drops the hint, counted; random access plans nothing and sends nothing). A remote page is
 //! fetched by whoever moves it from `Remote` to `Fetching` first; a fault on a page the
 //! prefetcher is fetching needs nothing from the handler (the prefetcher's install wakes the
 //! guest), so a demand fault never waits behind a prefetch batch it did not ask for.
@@ -29,6 +30,8 @@ use pagemesh_transport::TransportManager;
 use super::PagerError;
 use super::cache::{Counter, Shared};
 use super::directory::{PageDirectory, PageOwner, PageState};
+use super::prefetch::StreamDetector;
+use super::prefetcher::Hint;
 use super::stats::{FaultKind, PagerStats};
 use super::uffd::{Fault, Installed, Uffd};
 
@@ -43,9 +46,8 @@ pub(crate) struct Handler {
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) trace: crate::FaultTrace,
     pub(crate) cache: Option<CacheSide>,
-    /// The prefetcher's ear: every demand fault's page, when prefetch is on. A full channel
-    /// drops the hint (counted): the fault path never waits for the prefetcher.
-    pub(crate) hints: Option<SyncSender<u64>>,
+    /// Prefetch's stream detector and the prefetch thread's ear, when prefetch is on.
+    pub(crate) prefetch: Option<PrefetchSide>,
 }
 
 /// The handler's end of the cache.
@@ -57,6 +59,39 @@ pub(crate) struct CacheSide {
     pub(crate) returned: SyncSender<u32>,
     /// How long a fault may wait for a free frame before the pager gives up.
     pub(crate) patience: Duration,
+}
+
+/// The handler's end of prefetch: it runs the detector on its faults and sends the prefetch
+/// thread what to do. A full channel drops the hint (counted): the fault path never waits
+/// for the prefetcher.
+pub(crate) struct PrefetchSide {
+    pub(crate) detector: StreamDetector,
+    pub(crate) hints: SyncSender<Hint>,
+}
+
+impl PrefetchSide {
+    /// Takes a served fault on `page` into account.
+    #[inline]
+    fn heard(&mut self, page: u64, kind: FaultKind, stats: &PagerStats) {
+        let send = |h: Hint| {
+            if self.hints.try_send(h).is_err() {
+                stats.prefetch.count_dropped_hint();
+            }
+        };
+        if kind == FaultKind::InFlight {
+            // Inside a window already planned: its faults come in the order the window's
+            // runs were installed, not the guest's, and would teach the detector a wrong
+            // stride.
+            send(Hint::Touched(page));
+            return;
+        }
+        if let Some(w) = self.detector.observe(page) {
+            send(Hint::Window(w));
+        }
+        if let Some(span) = self.detector.take_passed() {
+            send(Hint::Passed(span));
+        }
+    }
 }
 
 /// A page-aligned, page-sized buffer (the fetch target and the zero page).
@@ -111,16 +146,10 @@ impl Handler {
             };
             let done = crate::trace::monotonic_ns();
             let latency = since(start, done);
-            let hint = if served.kind == FaultKind::InFlight {
-                page | crate::prefetcher::IN_FLIGHT
-            } else {
-                page
-            };
-            if let Some(hints) = &self.hints
+            if let Some(p) = &mut self.prefetch
                 && served.hint
-                && hints.try_send(hint).is_err()
             {
-                self.stats.prefetch.count_dropped_hint();
+                p.heard(page, served.kind, &self.stats);
             }
             match served.installed {
                 Ok(Installed::Done | Installed::AlreadyPresent)

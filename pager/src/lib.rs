@@ -240,7 +240,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
             patience,
         });
     }
-    let mut hints = None;
+    let mut prefetch_side = None;
     let mut prefetcher = None;
     if let Some(transport) = config.prefetch {
         let (tell, heard) = std::sync::mpsc::sync_channel(prefetcher::HINTS);
@@ -259,7 +259,10 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
             .spawn(move || p.run())
             .map_err(PagerError::Spawn)?;
         tracing::info!("prefetch on: streams of faults are fetched ahead on their own connections");
-        hints = Some(tell);
+        prefetch_side = Some(handler::PrefetchSide {
+            detector: prefetch::StreamDetector::new(config.directory.len()),
+            hints: tell,
+        });
         prefetcher = Some(thread);
     }
     let handler = handler::Handler {
@@ -272,7 +275,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         stop: stop.clone(),
         trace: config.trace,
         cache: cache_side,
-        hints,
+        prefetch: prefetch_side,
     };
     let on_failure = config.on_failure;
     let cpu = config.cpu;

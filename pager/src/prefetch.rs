@@ -21,8 +21,8 @@
 //! page never faults); it undercounts the pages of a stream's last window, which no
 //! trigger follows.
 //!
-//! This module plans; it fetches nothing. It is pure arithmetic, so the prefetch thread
-//! can call it for every fault it hears of without allocating.
+//! This module plans; it fetches nothing. It is pure arithmetic on fixed arrays, so the
+//! fault handler runs it on every fault without allocating.
 
 /// Trackers, so at most this many interleaved streams are followed at once.
 pub const STREAMS: usize = 8;

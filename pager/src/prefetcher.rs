@@ -1,6 +1,11 @@
-//! The prefetch thread: hears of every demand fault, plans windows with the
-//! [`StreamDetector`] and brings their pages in ahead of the guest, on connections of its
-//! own, so a demand fetch never queues behind a prefetch.
+//! The prefetch thread: brings in the windows the fault handler's [`StreamDetector`]
+//! plans, ahead of the guest, on connections of its own, so a demand fetch never queues
+//! behind a prefetch.
+//!
+//! The handler runs the detector itself (a few dozen integer operations per fault, no
+//! allocation) and sends this thread only what needs doing: a window to fetch, the pages a
+//! stream went past, a touch of a page in flight. Random access plans nothing, so it sends
+//! nothing: no wake-up of this thread per fault.
 //!
 //! Per window: every page of it still [`PageState::Remote`] is moved to
 //! [`PageState::Fetching`] (a page the handler is fetching is skipped: whoever moves it
@@ -26,15 +31,23 @@ use pagemesh_transport::{Run, TransportManager};
 
 use crate::cache::Shared;
 use crate::directory::{PageDirectory, PageState};
-use crate::prefetch::{MAX_DEPTH, StreamDetector, Window};
+use crate::prefetch::{MAX_DEPTH, Span, Window};
 use crate::stats::PagerStats;
 use crate::uffd::{Installed, Uffd};
 
 /// Hints the handler may have outstanding before it drops some.
-pub(crate) const HINTS: usize = 4096;
+pub(crate) const HINTS: usize = 1024;
 
-/// Set in a hint when the fault was on a page prefetch was bringing.
-pub(crate) const IN_FLIGHT: u64 = 1 << 63;
+/// What the handler tells the prefetch thread.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Hint {
+    /// Fetch these pages.
+    Window(Window),
+    /// The guest went past these pages: the prefetched ones among them were used.
+    Passed(Span),
+    /// The guest touched this page while prefetch was bringing it: used.
+    Touched(u64),
+}
 
 /// Everything the prefetch thread owns.
 pub(crate) struct Prefetcher {
@@ -44,7 +57,7 @@ pub(crate) struct Prefetcher {
     pub(crate) directory: Arc<PageDirectory>,
     pub(crate) stats: Arc<PagerStats>,
     pub(crate) transport: TransportManager,
-    pub(crate) hints: Receiver<u64>,
+    pub(crate) hints: Receiver<Hint>,
     /// The page cache's frames and the reclaimer's ear, under a budget.
     pub(crate) cache: Option<(Arc<Shared>, SyncSender<u32>)>,
 }
@@ -64,7 +77,6 @@ impl Prefetcher {
     /// acknowledgements.
     pub(crate) fn run(mut self) {
         self.stats.prefetch.enable();
-        let mut detector = StreamDetector::new(self.directory.len());
         // One window's pages: made once, reused for every batch.
         let mut buf: Box<[PageBuf]> = (0..MAX_DEPTH).map(|_| PageBuf([0; PAGE_SIZE])).collect();
         let mut claimed = Box::new(Claimed {
@@ -72,34 +84,25 @@ impl Prefetcher {
             len: 0,
         });
         while let Ok(hint) = self.hints.recv() {
-            let page = hint & !IN_FLIGHT;
-            // A touch of a page we brought: used (counted once).
-            let mut used = u64::from(self.directory.take_prefetched(page));
-            if hint & IN_FLIGHT != 0 {
-                // The stream is inside a window already planned. Its faults come in the
-                // order the window's runs were installed, not the guest's: the detector
-                // would read a wrong stride into them.
-                if used > 0 {
-                    self.stats.prefetch.count_used(used);
+            match hint {
+                Hint::Touched(page) => {
+                    if self.directory.take_prefetched(page) {
+                        self.stats.prefetch.count_used(1);
+                    }
                 }
-                continue;
-            }
-            let window = detector.observe(page);
-            if let Some(span) = detector.take_passed() {
-                used += span
-                    .pages()
-                    .filter(|&p| self.directory.take_prefetched(p))
-                    .count() as u64;
-            }
-            if used > 0 {
-                self.stats.prefetch.count_used(used);
-            }
-            if let Some(w) = window {
-                tracing::debug!("fault on {page}: prefetching {w:?}");
-                self.stats.prefetch.count_window();
-                if let Err(e) = self.prefetch(&w, &mut claimed, &mut buf) {
-                    tracing::warn!("prefetch stopped: {e}");
-                    break;
+                Hint::Passed(span) => {
+                    let used = span
+                        .pages()
+                        .filter(|&p| self.directory.take_prefetched(p))
+                        .count();
+                    self.stats.prefetch.count_used(used as u64);
+                }
+                Hint::Window(w) => {
+                    self.stats.prefetch.count_window();
+                    if let Err(e) = self.prefetch(&w, &mut claimed, &mut buf) {
+                        tracing::warn!("prefetch stopped: {e}");
+                        break;
+                    }
                 }
             }
         }
@@ -140,7 +143,6 @@ impl Prefetcher {
             claimed.len += 1;
         }
         self.give_frames_back(room - claimed.len as u64);
-        tracing::debug!("claimed {} of {} pages", claimed.len, w.count);
         if claimed.len == 0 {
             return Ok(());
         }

@@ -36,7 +36,7 @@ pub struct BenchArgs {
     /// Pin the vCPU and its fault handler to this CPU.
     #[arg(long, value_name = "CPU")]
     pin_cpu: Option<usize>,
-    /// Only the cases whose name contains this.
+    /// Only the cases whose name contains this (several, comma-separated: any of them).
     #[arg(long)]
     only: Option<String>,
     /// Write the results as JSON to this file.
@@ -121,6 +121,51 @@ const CASES: &[Case] = &[
     Case {
         name: "remote-random-ebpf",
         args: &["--workload", "random", "--access", "read"],
+        remote: true,
+        tls: false,
+        tier: None,
+    },
+    // Prefetch (--prefetch): a sequential and a stride-4 scan, held to the kernel's own
+    // first touch of local memory, and random access, held to `remote-random` (prefetch
+    // must never hurt).
+    Case {
+        name: "remote-seq-prefetch",
+        args: &[
+            "--workload",
+            "seq",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--prefetch",
+        ],
+        remote: true,
+        tls: false,
+        tier: None,
+    },
+    Case {
+        name: "remote-stride-prefetch",
+        args: &[
+            "--workload",
+            "stride:4",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--prefetch",
+        ],
+        remote: true,
+        tls: false,
+        tier: None,
+    },
+    Case {
+        name: "remote-random-prefetch",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--prefetch",
+        ],
         remote: true,
         tls: false,
         tier: None,
@@ -252,7 +297,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!("xtask: bench folder {}", dir.display());
     let cases: Vec<&Case> = CASES
         .iter()
-        .filter(|c| args.only.as_deref().is_none_or(|o| c.name.contains(o)))
+        .filter(|c| {
+            args.only
+                .as_deref()
+                .is_none_or(|o| o.split(',').any(|o| c.name.contains(o)))
+        })
         .collect();
     let mut cluster = Cluster::start(bins.clone(), dir.clone(), &[1], "2GiB")?;
     // The TLS cases' cluster: a CA of its own, certificates for its memory node and for the
@@ -364,11 +413,24 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "us_per_page_each_run": per_run.iter().map(|s| s.us_per_page).collect::<Vec<_>>(),
             "ebpf_last_run": per_run.last().and_then(|s| s.ebpf),
             "vs_baseline": vs_baseline.as_ref().map(|(_, c)| c),
+            "remote_p50_us": get(|s| s.remote_p50_us),
+            "prefetch": prefetch_medians(per_run),
         });
         println!(
             "{:<18} {:>8} {:>5} {:>10.2} {:>9.1} {:>9.1} {:>9.1}",
             case.name, pages, runs, us_per_page, p50, p90, p99
         );
+        if let Some(p) = row["prefetch"].as_object() {
+            let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+            println!(
+                "{:<18} prefetch: {:.0} pages, accuracy {:.3}, coverage {:.3}, {:.0} touched in flight",
+                "",
+                f("issued"),
+                f("accuracy"),
+                f("coverage"),
+                f("in_flight")
+            );
+        }
         results.push(row);
         changes.extend(vs_baseline);
     }
@@ -387,6 +449,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(o) = &tls_overhead {
         println!("{}", overhead_line("TLS cost on remote-random", runs, o));
     }
+    let mut ratios = serde_json::Map::new();
+    for (new, old) in RATIOS {
+        if let Some(o) = paired_overhead(&cases, &per_case, old, new) {
+            println!("{}", ratio_line(&format!("{new} / {old}"), runs, &o));
+            ratios.insert(format!("{new}/{old}"), o);
+        }
+    }
     cluster.stop()?;
     if let Some((c, _)) = tls.as_mut() {
         c.stop()?;
@@ -401,6 +470,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "pin_cpu": args.pin_cpu,
         "ebpf_overhead": overhead,
         "tls_overhead": tls_overhead,
+        "ratios": ratios,
         "baseline_bin": args.baseline_bin,
     });
     if let Some(path) = &args.json {
@@ -594,6 +664,47 @@ fn print_tiers(rows: &[Value]) {
 /// without, taken within the same round. `None` unless both cases ran.
 fn ebpf_overhead(cases: &[&Case], per_case: &[Vec<RunSummary>]) -> Option<Value> {
     paired_overhead(cases, per_case, "remote-random", "remote-random-ebpf")
+}
+
+/// The µs/page ratios the bench reports, `(case, against)`: the issues' targets.
+const RATIOS: &[(&str, &str)] = &[
+    ("remote-seq-prefetch", "local-demand-zero"),
+    ("remote-stride-prefetch", "local-demand-zero"),
+    ("remote-seq-prefetch", "remote-seq"),
+    ("remote-random-prefetch", "remote-random"),
+];
+
+/// The medians over runs of what prefetch did, for a case with `--prefetch`.
+fn prefetch_medians(runs: &[RunSummary]) -> Option<Value> {
+    let p: Vec<_> = runs.iter().filter_map(|s| s.prefetch).collect();
+    if p.is_empty() {
+        return None;
+    }
+    let get = |f: fn(&pagemesh_api::stats::PrefetchStats) -> f64| median(p.iter().map(f).collect());
+    Some(json!({
+        "issued": get(|p| p.issued as f64),
+        "used": get(|p| p.used as f64),
+        "accuracy": get(|p| p.accuracy),
+        "coverage": get(|p| p.coverage),
+        "in_flight": get(|p| p.in_flight as f64),
+    }))
+}
+
+/// The line that reports a [`paired_overhead`] as a ratio of µs/page.
+fn ratio_line(what: &str, runs: usize, o: &Value) -> String {
+    let x = |pct: f64| 1.0 + pct / 100.0;
+    let ci = match o["ci95_pct"].as_array().map(Vec::as_slice) {
+        Some([lo, hi]) => format!(
+            " (95% CI {:.3}..{:.3})",
+            x(lo.as_f64().unwrap_or(0.0)),
+            x(hi.as_f64().unwrap_or(0.0))
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{what}: {:.3}x µs/page, median of {runs} paired runs{ci}",
+        x(o["median_pct"].as_f64().unwrap_or(0.0))
+    )
 }
 
 /// The line that reports a [`paired_overhead`].

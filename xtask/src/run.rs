@@ -29,6 +29,9 @@ pub struct RunArgs {
     /// (docs/page-cache.md) [default: unlimited].
     #[arg(long, value_name = "SIZE")]
     local_memory: Option<String>,
+    /// Prefetch along the guests' fault streams (docs/prefetch.md).
+    #[arg(long)]
+    prefetch: bool,
     /// Build and run the debug binaries instead of release.
     #[arg(long)]
     debug: bool,
@@ -141,23 +144,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         cluster.coordinator.url, cluster.memory[0].addr, cluster.memory[1].addr
     );
     let (mut cluster, runs, held) = if args.headless {
-        run_workloads(
-            cluster,
-            &args.mem,
-            args.local_memory.as_deref(),
-            false,
-            true,
-        )?
+        run_workloads(cluster, &args.mem, &compute_args(&args), false, true)?
     } else {
         // The console in the foreground; the workloads in the background. The last run
         // holds its node up so the console keeps showing its figures until `q`.
         let console_bin = cluster.bins.node.with_file_name("pagemesh-console");
         let url = cluster.coordinator.url.clone();
         let mem = args.mem.clone();
-        let budget = args.local_memory.clone();
-        let work = std::thread::spawn(move || {
-            run_workloads(cluster, &mem, budget.as_deref(), true, false)
-        });
+        let extra = compute_args(&args);
+        let work = std::thread::spawn(move || run_workloads(cluster, &mem, &extra, true, false));
         let status = std::process::Command::new(&console_bin)
             .args(["--coordinator", &url])
             .status()
@@ -217,9 +212,8 @@ fn run_linux(args: &RunArgs) -> anyhow::Result<()> {
         &initrd,
         "--console",
     ];
-    if let Some(b) = &args.local_memory {
-        a.extend(["--local-memory", b.as_str()]);
-    }
+    let extra = compute_args(args);
+    a.extend(extra.iter().map(String::as_str));
     let (mut compute, json) = cluster.spawn_compute(&a)?;
     eprintln!(
         "xtask: booting {} on a 2-memory-node cluster; the console follows (Ctrl-C stops it).\n\
@@ -277,6 +271,18 @@ fn run_linux(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The compute node flags `run` passes on: `--local-memory`, `--prefetch`.
+fn compute_args(args: &RunArgs) -> Vec<String> {
+    let mut a = Vec::new();
+    if let Some(b) = &args.local_memory {
+        a.extend(["--local-memory".to_owned(), b.clone()]);
+    }
+    if args.prefetch {
+        a.push("--prefetch".to_owned());
+    }
+    a
+}
+
 /// One finished run and the compute node's stdout.
 type RunResult = (NamedRun, String);
 
@@ -285,7 +291,7 @@ type RunResult = (NamedRun, String);
 fn run_workloads(
     mut cluster: Cluster,
     mem: &str,
-    local_memory: Option<&str>,
+    extra: &[String],
     hold_last: bool,
     echo: bool,
 ) -> anyhow::Result<(Cluster, Vec<RunResult>, Option<pagemesh_tests::Proc>)> {
@@ -298,12 +304,10 @@ fn run_workloads(
     ];
     let mut runs = Vec::new();
     let mut held = None;
-    for (i, (name, extra)) in plan.into_iter().enumerate() {
+    for (i, (name, extra_workload)) in plan.into_iter().enumerate() {
         let mut a = vec!["--mem", mem, "--placement", "interleave"];
-        a.extend(extra);
-        if let Some(b) = local_memory {
-            a.extend(["--local-memory", b]);
-        }
+        a.extend(extra_workload);
+        a.extend(extra.iter().map(String::as_str));
         let last = i == 1;
         if echo {
             eprintln!("xtask: running {name} on freshly loaded remote memory");

@@ -98,6 +98,15 @@ fn guests(app: &App) -> Vec<Vec<String>> {
             if let Some(c) = &p.cache {
                 lines.push(cache_line(node, c));
             }
+            if let Some(f) = &p.prefetch {
+                lines.push(format!(
+                    "  prefetch {} pages · accuracy {} · coverage {} · {} touched in flight",
+                    f.issued,
+                    percent(f.accuracy),
+                    percent(f.coverage),
+                    f.in_flight,
+                ));
+            }
             lines
         })
         .collect()

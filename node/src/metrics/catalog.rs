@@ -173,9 +173,17 @@ pub(crate) const CACHE_REFAULTS: Metric = Metric {
     help: "Faults on pages evicted before, by where they came back from: staging (put back without a transfer), home (fetched or zero-filled again).",
 };
 
+pub(crate) const PREFETCH_PAGES: Metric = Metric {
+    prom: "pagemesh_prefetch_pages_total",
+    otlp: "pagemesh.prefetch.pages",
+    unit: "{page}",
+    kind: Kind::Counter,
+    help: "Pages prefetch brought in ahead of the guest (kind issued), and of those the pages seen used (kind used, a lower bound; docs/prefetch.md).",
+};
+
 /// Every metric.
 #[cfg(test)]
-pub(crate) const ALL: [&Metric; 18] = [
+pub(crate) const ALL: [&Metric; 19] = [
     &UPTIME,
     &PAGES_HELD,
     &CAPACITY,
@@ -194,6 +202,7 @@ pub(crate) const ALL: [&Metric; 18] = [
     &CACHE_EVICTIONS,
     &CACHE_WRITEBACKS,
     &CACHE_REFAULTS,
+    &PREFETCH_PAGES,
 ];
 
 #[cfg(test)]

@@ -214,6 +214,15 @@ pub(crate) fn families(s: &NodeStats) -> Vec<Family> {
             ),
         ]);
     }
+    if let Some(f) = pager.and_then(|p| p.prefetch.as_ref()) {
+        out.push(family(
+            &catalog::PREFETCH_PAGES,
+            vec![
+                point(&[("kind", "issued"), ("vm", vm)], Int(f.issued)),
+                point(&[("kind", "used"), ("vm", vm)], Int(f.used)),
+            ],
+        ));
+    }
     if let Some(e) = &s.ebpf {
         out.push(family(
             &catalog::VCPU_STALL_DURATION,
@@ -335,6 +344,7 @@ mod tests {
                     dirty_evicted_pages: 4,
                     ..CacheSummary::default()
                 }),
+                prefetch: Some(pagemesh_api::stats::PrefetchStats::default()),
                 ..PagerStats::default()
             }),
             ebpf: Some(EbpfStats {
