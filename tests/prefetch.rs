@@ -130,3 +130,101 @@ fn prefetch_under_a_budget_keeps_it_and_loses_no_write() {
     // Homes keep their copies under a budget (reads, not claims), prefetched or not.
     assert_eq!(s.held_after.values().sum::<u64>(), 8192, "{s:#?}");
 }
+
+#[test]
+fn a_replayed_working_set_is_there_before_the_guest_asks_and_is_right() {
+    let mut c = cluster("prefetch-replay");
+    let ws = c.dir.join("random.ws.json");
+    let ws = ws.to_str().unwrap();
+    // The same VM twice: the pattern's seed is given (it comes from the clock otherwise).
+    let random = [
+        "--mem",
+        "32MiB",
+        "--seed",
+        "11",
+        "--workload",
+        "random",
+        "--access",
+        "verify",
+    ];
+    // The recording run: every page is a demand fault, each written to the file once, in
+    // the order the guest asked for it.
+    let (status, rec, proc) = c
+        .run_compute(
+            &[&random[..], &["--record-working-set", ws]].concat(),
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    assert!(status.success() && rec.ok, "{rec:#?}\n{}", proc.log_tail());
+    assert_eq!(rec.faults.remote, 8192, "{rec:#?}");
+    assert!(
+        rec.prefetch.is_none(),
+        "recording alone starts no prefetcher"
+    );
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws).unwrap()).unwrap();
+    assert_eq!(file["format"], "pagemesh-working-set/1");
+    assert_eq!(
+        file["pages"].as_array().unwrap().len(),
+        8192,
+        "every page once"
+    );
+
+    // The replay: the same guest finds most pages there already, fetched in batches ahead
+    // of it, and reads every one of them right.
+    let (s, p) = run_ok(
+        &mut c,
+        &[&random[..], &["--replay-working-set", ws]].concat(),
+    );
+    assert!(
+        s.faults.remote < rec.faults.remote / 2,
+        "the replay came first for most pages: {} demand faults against {}; {p:#?}",
+        s.faults.remote,
+        rec.faults.remote
+    );
+    assert_eq!(p.issued, 0, "no stream prefetch without --prefetch: {p:#?}");
+    // Each page crossed the wire once, replayed or demanded.
+    assert_eq!(s.faults.remote + p.replayed, 8192, "{s:#?}");
+    assert_eq!(s.bytes_fetched, 8192 * 4096, "{s:#?}");
+}
+
+#[test]
+fn a_working_set_of_another_vm_is_refused_with_what_differs() {
+    let mut c = cluster("prefetch-replay-other");
+    let ws = c.dir.join("seq.ws.json");
+    let ws = ws.to_str().unwrap();
+    let (status, rec, proc) = c
+        .run_compute(
+            &[
+                "--mem",
+                "16MiB",
+                "--seed",
+                "5",
+                "--workload",
+                "seq",
+                "--record-working-set",
+                ws,
+            ],
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    assert!(status.success() && rec.ok, "{rec:#?}\n{}", proc.log_tail());
+    for (other, says) in [
+        (&["--mem", "32MiB", "--seed", "5"][..], "guest pages 4096"),
+        (&["--mem", "16MiB", "--seed", "99"][..], "or give --seed 5"),
+    ] {
+        let (mut proc, _) = c
+            .spawn_compute(&[other, &["--workload", "seq", "--replay-working-set", ws]].concat())
+            .unwrap();
+        let status = proc.wait(RUN_TIMEOUT).unwrap();
+        assert!(
+            !status.success(),
+            "{other:?} ran on another VM's working set"
+        );
+        let log = proc.log_tail();
+        assert!(
+            log.contains(says) && log.contains("record one for this VM with --record-working-set"),
+            "{other:?}: {log}"
+        );
+    }
+}

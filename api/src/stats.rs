@@ -41,9 +41,12 @@ pub struct PrefetchStats {
     /// Faults on pages prefetch was bringing: the guest waited for the prefetch, not for a
     /// fetch of its own.
     pub in_flight: u64,
+    /// Pages of a recorded working set brought in from the start (`--replay-working-set`),
+    /// not counted in `issued`.
+    pub replayed: u64,
     /// Windows planned.
     pub windows: u64,
-    /// Faults the fault handler could not tell the prefetcher of (its queue was full).
+    /// Hints the fault handler could not send the prefetcher (its queue was full).
     pub dropped_hints: u64,
     /// Prefetch batches that failed; their pages were left to demand faults.
     pub failed: u64,

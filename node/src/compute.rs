@@ -28,6 +28,9 @@ pub struct RunOutcome {
     pub elapsed: Duration,
     /// The checksum the run should have produced, when known.
     pub expected_checksum: Option<u64>,
+    /// The pages the guest faulted on, in order, if recorded.
+    #[serde(skip)]
+    pub working_set: Option<Vec<u32>>,
 }
 
 impl RunOutcome {
@@ -109,5 +112,6 @@ pub fn run_guest(
         cache: ended.cache,
         elapsed: exit.elapsed,
         expected_checksum: opts.workload.expected_checksum(opts.initial),
+        working_set: ended.working_set,
     })
 }

@@ -357,6 +357,20 @@ pub struct ComputeOptions {
     #[arg(long)]
     pub prefetch: bool,
 
+    /// Write the pages the guest faulted on, each once in the order of its first fault, to
+    /// this file (JSON) when the run ends, for --replay-working-set on later runs of the same
+    /// VM (give the built-in guest a --seed to run it again). Record without --prefetch: pages
+    /// brought in ahead of a fault are not faulted on.
+    #[arg(long, value_name = "FILE", conflicts_with = "replay_working_set")]
+    pub record_working_set: Option<PathBuf>,
+
+    /// Bring the pages of a working set recorded by --record-working-set in from the start of
+    /// the run, in their recorded order, on the prefetcher's connections (demand faults go
+    /// first, on their own). The file must be of a VM of the same size and content (the
+    /// same --seed or --image); another VM's is refused.
+    #[arg(long, value_name = "FILE")]
+    pub replay_working_set: Option<PathBuf>,
+
     /// Pin vCPU 0 and the fault handler to this CPU (fastest here: a fault handler woken on
     /// the vCPU's own CPU avoids a cross-CPU wake-up) [default: not pinned].
     #[arg(long, value_name = "CPU")]

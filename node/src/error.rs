@@ -70,6 +70,9 @@ pub enum NodeError {
     /// The admin endpoint could not start.
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    /// A working set cannot be recorded or replayed.
+    #[error(transparent)]
+    WorkingSet(#[from] crate::working_set::WorkingSetError),
     /// Waiting for a stop signal failed.
     #[error("cannot wait for signals")]
     Signals(#[source] std::io::Error),

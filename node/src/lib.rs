@@ -29,6 +29,7 @@
 //! | [`probes`] | loading the eBPF probes for a guest |
 //! | [`signals`] | the stop signals the main thread waits for |
 //! | [`summary`] | a run's summary, printed and as JSON |
+//! | [`working_set`] | a recorded working set: the file `--record-working-set` writes and `--replay-working-set` reads |
 //! | [`error`] | the node's error |
 //! | [`service`] | what a node process does, role by role: the wiring |
 //! | [`admin`] | the admin HTTP endpoint: `/stats`, `/metrics`, `/healthz` |
@@ -50,5 +51,6 @@ pub mod probes;
 pub mod service;
 pub mod signals;
 pub mod summary;
+pub mod working_set;
 
 pub use error::NodeError;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use pagemesh_api::VmId;
 use pagemesh_pager::{
     CacheConfig, CacheSnapshot, GuestRam, PageDirectory, Pager, PagerConfig, PagerError,
-    StatsSnapshot,
+    PrefetchConfig, StatsSnapshot,
 };
 use pagemesh_transport::TransportManager;
 use pagemesh_vmm::VcpuError;
@@ -62,8 +62,10 @@ pub enum Backing {
         transport: TransportManager,
         /// A local memory budget, `None` for unlimited.
         cache: Option<CacheConfig>,
-        /// The prefetcher's connections; `None`: no prefetch.
-        prefetch: Option<TransportManager>,
+        /// The prefetch thread (streams, a replayed working set); `None`: no prefetch.
+        prefetch: Option<PrefetchConfig>,
+        /// Record the pages the guest faults on ([`Ended::working_set`]).
+        record_working_set: bool,
     },
 }
 
@@ -91,6 +93,8 @@ pub struct Ended<E> {
     pub cache: Option<CacheSnapshot>,
     /// The error that stopped the pager, if one did.
     pub pager_failure: Option<PagerError>,
+    /// The pages the guest faulted on, in order, if recorded.
+    pub working_set: Option<Vec<u32>>,
     /// Whether a stop signal ended the run.
     pub signalled: bool,
     /// From the first vCPU's start to the last one's end.
@@ -129,6 +133,7 @@ pub fn run_vm<M: GuestMachine>(
             transport,
             cache,
             prefetch,
+            record_working_set,
         } => {
             let on_failure = {
                 let stop = stop.clone();
@@ -144,6 +149,7 @@ pub fn run_vm<M: GuestMachine>(
                 on_failure,
                 cache,
                 prefetch,
+                record_working_set,
             })
             .map_err(ComputeError::PagerStart)?;
             observe(&pager);
@@ -236,22 +242,30 @@ pub fn run_vm<M: GuestMachine>(
     })?;
     let elapsed = started.elapsed();
 
-    let (stats, cache, pager_failure) = match pager {
+    let (stats, cache, pager_failure, working_set) = match pager {
         Some(p) => {
             // Stop first: the guest is woken by the install, before the handler has counted
             // the last fault. A handler that failed returns its error here.
             let counters = p.stats().clone();
             let cache = p.cache().cloned();
+            let recorded = p.recorded();
             let failure = p.stop().err();
-            (counters.snapshot(), cache.map(|c| c.snapshot()), failure)
+            let working_set = recorded.and_then(|r| r.take());
+            (
+                counters.snapshot(),
+                cache.map(|c| c.snapshot()),
+                failure,
+                working_set,
+            )
         }
-        None => (StatsSnapshot::default(), None, None),
+        None => (StatsSnapshot::default(), None, None, None),
     };
     Ok(Ended {
         vcpus: ends,
         stats,
         cache,
         pager_failure,
+        working_set,
         signalled,
         elapsed,
     })

@@ -31,6 +31,7 @@ use crate::error::NodeError;
 use crate::lifecycle::{Backing, ComputeError, Launch, run_vm};
 use crate::peers::{VmPeers, connect_vm_peers, held, load_vm};
 use crate::signals::StopSignals;
+use crate::working_set::VmIdentity;
 
 /// The command line used when `--cmdline` is not given: a serial console, and the
 /// features the instruction emulator of software-assisted KVM cannot handle turned off
@@ -76,6 +77,15 @@ pub fn run_linux(
     })?;
     drop(image);
     let _cleanup = RemoveOnDrop(image_path.clone());
+    // The boot image is written anew each run: the kernel file is what a working set
+    // belongs to.
+    let identity = VmIdentity::new(
+        pages,
+        Content::Image {
+            path: kernel.display().to_string(),
+        },
+    );
+    let replay = crate::working_set::to_replay(settings, &identity)?;
 
     let vm = coordinator.create_vm(&CreateVm {
         compute_node: id,
@@ -126,7 +136,8 @@ pub fn run_linux(
             directory,
             transport,
             cache: crate::service::cache_config(settings, &vm, writeback),
-            prefetch,
+            prefetch: crate::working_set::prefetch_config(settings, prefetch, replay),
+            record_working_set: settings.compute.record_working_set.is_some(),
         },
         cpu: settings.compute.pin_cpu,
         signals: Some(signals),
@@ -167,6 +178,9 @@ pub fn run_linux(
         if i == 0 || (decisive && matches!(exit, Ok(LinuxExit::Stopped))) {
             exit = end;
         }
+    }
+    if let Err(e) = crate::working_set::record(settings, &identity, ended.working_set.as_deref()) {
+        tracing::error!("{}", error_chain(&e));
     }
     let held_after = held(&mut control, &vm).unwrap_or_default();
     if !settings.compute.keep_vm {

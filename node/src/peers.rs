@@ -19,13 +19,13 @@ pub(crate) struct VmPeers {
     pub(crate) control: ControlPlane,
     /// The page cache's reclaimer's, for write-back, under a budget.
     pub(crate) writeback: Option<TransportManager>,
-    /// The prefetcher's, with `--prefetch`.
+    /// The prefetcher's, with `--prefetch` or `--replay-working-set`.
     pub(crate) prefetch: Option<TransportManager>,
 }
 
 /// Connects to every node holding pages of `vm`: once for the pager, once for control
 /// requests, for a VM under a local memory budget once for the reclaimer's write-backs and,
-/// with `--prefetch`, once for the prefetcher.
+/// with `--prefetch` or `--replay-working-set`, once for the prefetcher.
 pub(crate) fn connect_vm_peers(
     id: NodeId,
     settings: &Settings,
@@ -45,9 +45,8 @@ pub(crate) fn connect_vm_peers(
     let mut writeback = vm
         .local_memory_bytes
         .map(|_| TransportManager::new(id, timeout).with_credentials(credentials.clone()));
-    let mut prefetch = settings
-        .compute
-        .prefetch
+    let c = &settings.compute;
+    let mut prefetch = (c.prefetch || c.replay_working_set.is_some())
         .then(|| TransportManager::new(id, timeout).with_credentials(credentials.clone()));
     let mut control = ControlPlane::new(id, timeout).with_credentials(credentials);
     let connected = discover_and_connect_peers(

@@ -36,6 +36,7 @@ use crate::peers::{VmPeers, connect_vm_peers, held, load_vm, release_vm};
 use crate::probes::load_probes;
 use crate::signals::{StopSignals, block_stop_signals, wait_for_stop_signal};
 use crate::summary::{report, write_failure};
+use crate::working_set::{self, VmIdentity};
 
 /// Runs the node as configured; returns whether the run was good (exit code 0).
 pub fn run(settings: Settings) -> Result<bool, NodeError> {
@@ -232,6 +233,8 @@ fn run_compute(
     let pages = c.mem().pages();
     let content = content(c)?;
     let workload = workload(c)?;
+    let identity = VmIdentity::new(pages, content.clone());
+    let replay = working_set::to_replay(settings, &identity)?;
     let vm = coordinator.create_vm(&CreateVm {
         compute_node: id,
         mem_bytes: mem,
@@ -316,7 +319,8 @@ fn run_compute(
             directory: Arc::new(directory),
             transport,
             cache: cache_config(settings, &vm, writeback),
-            prefetch,
+            prefetch: working_set::prefetch_config(settings, prefetch, replay),
+            record_working_set: c.record_working_set.is_some(),
         },
         Some(signals),
         |live| *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(live),
@@ -328,6 +332,7 @@ fn run_compute(
             return Err(e.into());
         }
     };
+    working_set::record(settings, &identity, outcome.working_set.as_deref())?;
     let held_after = if loaded {
         held(&mut control, &vm)?
     } else {
@@ -365,6 +370,15 @@ pub(crate) fn cache_config(
 
 fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<bool, NodeError> {
     let c = &settings.compute;
+    if c.record_working_set.is_some() || c.replay_working_set.is_some() {
+        return Err(ConfigError::Invalid {
+            what: "--record-working-set/--replay-working-set",
+            why: "a working set is recorded and replayed on a VM of the cluster: drop --backing, \
+                  or give --backing remote"
+                .into(),
+        }
+        .into());
+    }
     let mem = c.mem().bytes();
     let pages = c.mem().pages();
     let workload = workload(c)?;
@@ -384,6 +398,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
                     transport,
                     cache: None,
                     prefetch: None,
+                    record_working_set: false,
                 },
                 Initial::Pattern(seed),
             )

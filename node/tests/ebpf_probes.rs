@@ -34,6 +34,7 @@ fn backing(seed: u64, nodes: &[u32]) -> Backing {
         transport,
         cache: None,
         prefetch: None,
+        record_working_set: false,
     }
 }
 

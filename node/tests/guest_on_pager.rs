@@ -24,6 +24,7 @@ fn pager_backing(seed: u64) -> Backing {
         transport,
         cache: None,
         prefetch: None,
+        record_working_set: false,
     }
 }
 
@@ -92,6 +93,7 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
         transport: TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT),
         cache: None,
         prefetch: None,
+        record_working_set: false,
     };
     let out = run_guest(
         &opts("stride:16", "write", Initial::Zero),

@@ -335,15 +335,16 @@ impl PageDirectory {
     }
 
     /// Moves `page` from [`PageState::Fetching`] to `now` after the prefetcher installed it,
-    /// marking it prefetched (its heat stays: no fault was served); returns its state when
-    /// it was not `Fetching`.
-    pub fn prefetched(&self, page: u64, now: PageState) -> Result<(), PageState> {
+    /// marking it prefetched if `mark` (its heat stays: no fault was served); returns its
+    /// state when it was not `Fetching`.
+    pub fn prefetched(&self, page: u64, now: PageState, mark: bool) -> Result<(), PageState> {
+        let bit = if mark { PREFETCHED_BIT } else { 0 };
         let Ok(slot) = self.slot(page) else {
             return Err(PageState::Zero);
         };
         slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
             (PageState::from_bits(v) == PageState::Fetching)
-                .then_some((v & !STATE_MASK) | now.bits() | PREFETCHED_BIT)
+                .then_some((v & !STATE_MASK) | now.bits() | bit)
         })
         .map(|_| ())
         .map_err(PageState::from_bits)
@@ -522,16 +523,19 @@ mod tests {
             "one fetch at a time"
         );
         assert_eq!(d.owner(0), Ok(PageOwner::Remote(4)), "still held there");
-        d.prefetched(0, PageState::Local).unwrap();
+        d.prefetched(0, PageState::Local, true).unwrap();
         let e = d.entry(0).unwrap();
         assert_eq!((e.state, e.heat, e.prefetched), (PageState::Local, 0, true));
         assert!(d.take_prefetched(0));
         assert!(!d.take_prefetched(0), "used once");
-        assert_eq!(d.prefetched(1, PageState::Clean), Err(PageState::Remote));
+        assert_eq!(
+            d.prefetched(1, PageState::Clean, true),
+            Err(PageState::Remote)
+        );
         // A prefetched page a fault installs again (after an eviction) loses its mark.
         d.transition(2, PageState::Remote, PageState::Fetching)
             .unwrap();
-        d.prefetched(2, PageState::Clean).unwrap();
+        d.prefetched(2, PageState::Clean, true).unwrap();
         d.transition(2, PageState::Clean, PageState::Remote)
             .unwrap();
         d.installed(2, PageState::Remote, PageState::Clean).unwrap();

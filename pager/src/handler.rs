@@ -48,6 +48,36 @@ pub(crate) struct Handler {
     pub(crate) cache: Option<CacheSide>,
     /// Prefetch's stream detector and the prefetch thread's ear, when prefetch is on.
     pub(crate) prefetch: Option<PrefetchSide>,
+    /// The pages faulted on, in order, when recording.
+    pub(crate) record: Option<Record>,
+}
+
+/// The pages of a VM in the order of their first faults: made with room for every page and
+/// a bit per page, so recording never allocates on the fault path.
+pub(crate) struct Record {
+    pub(crate) order: Vec<u32>,
+    seen: Vec<u64>,
+}
+
+impl Record {
+    pub(crate) fn new(pages: u64) -> Self {
+        Record {
+            order: Vec::with_capacity(pages as usize),
+            seen: vec![0; pages.div_ceil(64) as usize],
+        }
+    }
+
+    /// Notes a fault on `page`: listed if it is its first.
+    fn note(&mut self, page: u64) {
+        let Some(word) = self.seen.get_mut((page / 64) as usize) else {
+            return;
+        };
+        let bit = 1u64 << (page % 64);
+        if *word & bit == 0 {
+            *word |= bit;
+            self.order.push(page as u32);
+        }
+    }
 }
 
 /// The handler's end of the cache.
@@ -65,7 +95,10 @@ pub(crate) struct CacheSide {
 /// thread what to do. A full channel drops the hint (counted): the fault path never waits
 /// for the prefetcher.
 pub(crate) struct PrefetchSide {
-    pub(crate) detector: StreamDetector,
+    /// `None` when only a working set is replayed: the handler then sends nothing, and
+    /// its end of the channel only tells the prefetch thread, by hanging up, that the
+    /// guest is gone.
+    pub(crate) detector: Option<StreamDetector>,
     pub(crate) hints: SyncSender<Hint>,
 }
 
@@ -73,6 +106,9 @@ impl PrefetchSide {
     /// Takes a served fault on `page` into account.
     #[inline]
     fn heard(&mut self, page: u64, kind: FaultKind, stats: &PagerStats) {
+        let Some(detector) = &mut self.detector else {
+            return;
+        };
         let send = |h: Hint| {
             if self.hints.try_send(h).is_err() {
                 stats.prefetch.count_dropped_hint();
@@ -85,10 +121,10 @@ impl PrefetchSide {
             send(Hint::Touched(page));
             return;
         }
-        if let Some(w) = self.detector.observe(page) {
+        if let Some(w) = detector.observe(page) {
             send(Hint::Window(w));
         }
-        if let Some(span) = self.detector.take_passed() {
+        if let Some(span) = detector.take_passed() {
             send(Hint::Passed(span));
         }
     }
@@ -113,7 +149,7 @@ impl Handler {
     /// Serves faults until `stop` is set (and the thread is kicked) or a fault cannot be
     /// served. On a stop it first delivers the acknowledgements of its last fetches, so that
     /// the memory nodes free what they lent.
-    pub(crate) fn run(mut self) -> Result<(), PagerError> {
+    pub(crate) fn run(&mut self) -> Result<(), PagerError> {
         let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
         let zero = Box::new(PageBuf([0; PAGE_SIZE]));
         loop {
@@ -146,10 +182,13 @@ impl Handler {
             };
             let done = crate::trace::monotonic_ns();
             let latency = since(start, done);
-            if let Some(p) = &mut self.prefetch
-                && served.hint
-            {
-                p.heard(page, served.kind, &self.stats);
+            if served.hint {
+                if let Some(p) = &mut self.prefetch {
+                    p.heard(page, served.kind, &self.stats);
+                }
+                if let Some(r) = &mut self.record {
+                    r.note(page);
+                }
             }
             match served.installed {
                 Ok(Installed::Done | Installed::AlreadyPresent)

@@ -155,9 +155,34 @@ pub struct PagerConfig<'ram> {
     pub on_failure: Box<dyn Fn() + Send>,
     /// A local memory budget; `None`: unlimited, fetched pages move here for good.
     pub cache: Option<CacheConfig>,
-    /// Prefetch along the guest's fault streams over these connections (its own, apart
-    /// from `transport`'s, so demand fetches never queue behind it); `None`: off.
-    pub prefetch: Option<TransportManager>,
+    /// The prefetch thread (stream prefetch, a replayed working set); `None`: off.
+    pub prefetch: Option<PrefetchConfig>,
+    /// Record the pages the guest faults on, each once, in the order of their first faults
+    /// ([`Pager::recorded`]).
+    pub record_working_set: bool,
+}
+
+/// What the prefetch thread does.
+pub struct PrefetchConfig {
+    /// Its connections: its own, apart from the handler's, so demand fetches never queue
+    /// behind it.
+    pub transport: TransportManager,
+    /// Follow the guest's fault streams and fetch ahead of them (`--prefetch`).
+    pub streams: bool,
+    /// Pages to bring in from the start, in this order, behind demand faults (a working
+    /// set an earlier run of the same image recorded); pages outside the VM are ignored.
+    pub replay: Vec<u64>,
+}
+
+/// The pages a pager's guest faulted on, in order ([`Pager::recorded`]).
+pub struct Recording(Arc<std::sync::Mutex<Option<Vec<u32>>>>);
+
+impl Recording {
+    /// The pages, each once, in the order of their first faults, once the pager has
+    /// stopped; `None` before, or after the first call.
+    pub fn take(&self) -> Option<Vec<u32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 /// A running pager.
@@ -166,6 +191,8 @@ pub struct Pager<'ram> {
     cache: Option<Arc<CacheStats>>,
     reclaimer: Option<JoinHandle<()>>,
     prefetcher: Option<JoinHandle<()>>,
+    recorded: Arc<std::sync::Mutex<Option<Vec<u32>>>>,
+    recording: bool,
     directory: Arc<PageDirectory>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), PagerError>>>,
@@ -242,7 +269,12 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
     }
     let mut prefetch_side = None;
     let mut prefetcher = None;
-    if let Some(transport) = config.prefetch {
+    if let Some(PrefetchConfig {
+        transport,
+        streams,
+        replay,
+    }) = config.prefetch
+    {
         let (tell, heard) = std::sync::mpsc::sync_channel(prefetcher::HINTS);
         let p = prefetcher::Prefetcher {
             uffd: uffd.clone(),
@@ -253,14 +285,19 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
             transport,
             hints: heard,
             cache: prefetch_cache,
+            replay,
         };
         let thread = std::thread::Builder::new()
             .name(format!("prefetch-vm{}", config.vm))
             .spawn(move || p.run())
             .map_err(PagerError::Spawn)?;
-        tracing::info!("prefetch on: streams of faults are fetched ahead on their own connections");
+        if streams {
+            tracing::info!(
+                "prefetch on: streams of faults are fetched ahead on their own connections"
+            );
+        }
         prefetch_side = Some(handler::PrefetchSide {
-            detector: prefetch::StreamDetector::new(config.directory.len()),
+            detector: streams.then(|| prefetch::StreamDetector::new(config.directory.len())),
             hints: tell,
         });
         prefetcher = Some(thread);
@@ -276,16 +313,26 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         trace: config.trace,
         cache: cache_side,
         prefetch: prefetch_side,
+        record: config
+            .record_working_set
+            .then(|| handler::Record::new(config.directory.len())),
     };
+    let recorded = Arc::new(std::sync::Mutex::new(None));
     let on_failure = config.on_failure;
     let cpu = config.cpu;
+    let record_to = recorded.clone();
     let thread = std::thread::Builder::new()
         .name(format!("pager-vm{}", config.vm))
         .spawn(move || {
             if let Some(cpu) = cpu {
                 pin_to_cpu(cpu);
             }
+            let mut handler = handler;
             let result = handler.run();
+            *record_to.lock().unwrap_or_else(|p| p.into_inner()) =
+                handler.record.take().map(|r| r.order);
+            // Hangs up on the prefetcher, which ends after its current batch.
+            drop(handler);
             if let Err(e) = &result {
                 tracing::error!("pager stopped: {}", pagemesh_api::error_chain(e));
                 on_failure();
@@ -298,6 +345,8 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         cache: cache_stats,
         reclaimer,
         prefetcher,
+        recorded,
+        recording: config.record_working_set,
         directory: config.directory,
         stop,
         thread: Some(thread),
@@ -333,6 +382,12 @@ impl Pager<'_> {
     /// The page directory.
     pub fn directory(&self) -> &Arc<PageDirectory> {
         &self.directory
+    }
+
+    /// Where the pages the guest faults on are recorded, if the pager was asked to
+    /// ([`PagerConfig::record_working_set`]): readable once the pager has stopped.
+    pub fn recorded(&self) -> Option<Recording> {
+        self.recording.then(|| Recording(self.recorded.clone()))
     }
 
     /// Stops the handler thread and returns how it ended.

@@ -60,6 +60,8 @@ pub(crate) struct Prefetcher {
     pub(crate) hints: Receiver<Hint>,
     /// The page cache's frames and the reclaimer's ear, under a budget.
     pub(crate) cache: Option<(Arc<Shared>, SyncSender<u32>)>,
+    /// A working set to bring in first, in order.
+    pub(crate) replay: Vec<u64>,
 }
 
 /// One window's pages, sorted, each with its home.
@@ -83,28 +85,11 @@ impl Prefetcher {
             pages: [(0, 0); MAX_DEPTH as usize],
             len: 0,
         });
-        while let Ok(hint) = self.hints.recv() {
-            match hint {
-                Hint::Touched(page) => {
-                    if self.directory.take_prefetched(page) {
-                        self.stats.prefetch.count_used(1);
-                    }
-                }
-                Hint::Passed(span) => {
-                    let used = span
-                        .pages()
-                        .filter(|&p| self.directory.take_prefetched(p))
-                        .count();
-                    self.stats.prefetch.count_used(used as u64);
-                }
-                Hint::Window(w) => {
-                    self.stats.prefetch.count_window();
-                    if let Err(e) = self.prefetch(&w, &mut claimed, &mut buf) {
-                        tracing::warn!("prefetch stopped: {e}");
-                        break;
-                    }
-                }
-            }
+        let replay = std::mem::take(&mut self.replay);
+        let mut open = self.replay(&replay, &mut claimed, &mut buf);
+        while open {
+            let Ok(hint) = self.hints.recv() else { break };
+            open = self.heard(hint, &mut claimed, &mut buf);
         }
         if let Err(e) = self.transport.acknowledge_all() {
             tracing::warn!(
@@ -114,17 +99,84 @@ impl Prefetcher {
         }
     }
 
-    /// Brings in the pages of `w` that are still remote. Errs only when installing fails
+    /// Brings in `pages` in order, a window's worth at a time, taking the handler's hints
+    /// first between two (its windows follow the guest's faults of now); whether to go on.
+    fn replay(&mut self, pages: &[u64], claimed: &mut Claimed, buf: &mut [PageBuf]) -> bool {
+        if pages.is_empty() {
+            return true;
+        }
+        let began = Instant::now();
+        let inside = self.directory.len();
+        let mut done = 0;
+        for chunk in pages.chunks(MAX_DEPTH as usize) {
+            loop {
+                match self.hints.try_recv() {
+                    Ok(hint) => {
+                        if !self.heard(hint, claimed, buf) {
+                            return false;
+                        }
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    // The handler stopped: the guest is gone.
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
+                }
+            }
+            let pages = chunk.iter().copied().filter(|&p| p < inside);
+            if let Err(e) = self.fetch_pages(pages, chunk.len() as u64, true, claimed, buf) {
+                tracing::warn!("replay stopped: {e}");
+                return false;
+            }
+            done += chunk.len();
+        }
+        tracing::info!(
+            "replayed a working set of {done} pages in {:.3} s",
+            began.elapsed().as_secs_f64()
+        );
+        true
+    }
+
+    /// Acts on one hint; whether to go on.
+    fn heard(&mut self, hint: Hint, claimed: &mut Claimed, buf: &mut [PageBuf]) -> bool {
+        match hint {
+            Hint::Touched(page) => {
+                if self.directory.take_prefetched(page) {
+                    self.stats.prefetch.count_used(1);
+                }
+            }
+            Hint::Passed(span) => {
+                let used = span
+                    .pages()
+                    .filter(|&p| self.directory.take_prefetched(p))
+                    .count();
+                self.stats.prefetch.count_used(used as u64);
+            }
+            Hint::Window(w) => {
+                self.stats.prefetch.count_window();
+                if let Err(e) = self.fetch_pages(w.pages(), u64::from(w.count), false, claimed, buf)
+                {
+                    tracing::warn!("prefetch stopped: {e}");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Brings in those of `pages` that are still remote. Errs only when installing fails
     /// (the guest's memory is going away); a failed fetch leaves its pages to demand.
-    fn prefetch(
+    /// `count` bounds how many `pages` yields, at most [`MAX_DEPTH`]. Replayed pages
+    /// (`replay`) are not marked prefetched: their use is the replay's point, not a guess.
+    fn fetch_pages(
         &mut self,
-        w: &Window,
+        pages: impl Iterator<Item = u64>,
+        count: u64,
+        replay: bool,
         claimed: &mut Claimed,
         buf: &mut [PageBuf],
     ) -> Result<(), String> {
-        let room = self.reserve_frames(u64::from(w.count));
+        let room = self.reserve_frames(count.min(u64::from(MAX_DEPTH)));
         claimed.len = 0;
-        for p in w.pages() {
+        for p in pages {
             if claimed.len as u64 == room {
                 break;
             }
@@ -153,7 +205,7 @@ impl Prefetcher {
         while at < pages.len() {
             let node = pages[at].1;
             let end = at + pages[at..].iter().take_while(|&&(_, n)| n == node).count();
-            self.fetch_and_install(node, &pages[at..end], &mut buf[..end - at])?;
+            self.fetch_and_install(node, &pages[at..end], &mut buf[..end - at], replay)?;
             at = end;
         }
         Ok(())
@@ -166,6 +218,7 @@ impl Prefetcher {
         node: NodeId,
         pages: &[(u64, NodeId)],
         buf: &mut [PageBuf],
+        replay: bool,
     ) -> Result<(), String> {
         // The runs' (first page, pages): at most one per page.
         let mut spans = [(0u64, 0usize); MAX_DEPTH as usize];
@@ -226,7 +279,7 @@ impl Prefetcher {
             match result {
                 Some(Ok(Installed::Done | Installed::AlreadyPresent)) => {
                     for p in run.first..run.first + count {
-                        let _ = self.directory.prefetched(p, to);
+                        let _ = self.directory.prefetched(p, to, !replay);
                         if let Some((_, installs)) = &self.cache {
                             // Room for every frame, as for the handler's sends.
                             let _ = installs.try_send(p as u32);
@@ -250,7 +303,7 @@ impl Prefetcher {
             }
         }
         if installed > 0 {
-            self.stats.record_prefetch(node, installed, took);
+            self.stats.record_prefetch(node, installed, took, replay);
         }
         failure.map_or(Ok(()), Err)
     }

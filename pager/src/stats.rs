@@ -75,6 +75,7 @@ pub enum FaultKind {
 pub struct PrefetchStats {
     on: std::sync::atomic::AtomicBool,
     issued: AtomicU64,
+    replayed: AtomicU64,
     used: AtomicU64,
     windows: AtomicU64,
     dropped_hints: AtomicU64,
@@ -276,8 +277,19 @@ impl PagerStats {
     /// Records `pages` pages the prefetcher fetched from `node` in `transfer` (a batch's
     /// time) and installed: they count as transfers from that node (bytes fetched, the
     /// peer's pages and transfer times), not as faults.
-    pub(crate) fn record_prefetch(&self, node: NodeId, pages: u64, transfer: Duration) {
-        self.prefetch.issued.fetch_add(pages, Ordering::Relaxed);
+    pub(crate) fn record_prefetch(
+        &self,
+        node: NodeId,
+        pages: u64,
+        transfer: Duration,
+        replay: bool,
+    ) {
+        let counter = if replay {
+            &self.prefetch.replayed
+        } else {
+            &self.prefetch.issued
+        };
+        counter.fetch_add(pages, Ordering::Relaxed);
         self.bytes_fetched
             .fetch_add(pages * PAGE_SIZE as u64, Ordering::Relaxed);
         let mut h = lock(&self.hists);
@@ -306,6 +318,7 @@ impl PagerStats {
             issued,
             used,
             in_flight,
+            replayed: p.replayed.load(Ordering::Relaxed),
             windows: p.windows.load(Ordering::Relaxed),
             dropped_hints: p.dropped_hints.load(Ordering::Relaxed),
             failed: p.failed.load(Ordering::Relaxed),

@@ -117,6 +117,7 @@ fn run(
         trace: FaultTrace::default(),
         on_failure,
         prefetch: None,
+        record_working_set: false,
         cache: Some(CacheConfig {
             budget_pages: budget,
             policy,
@@ -224,6 +225,7 @@ fn a_budget_below_the_minimum_is_refused() {
         trace: FaultTrace::default(),
         on_failure: Box::new(|| {}),
         prefetch: None,
+        record_working_set: false,
         cache: Some(CacheConfig {
             budget_pages: 100,
             policy: Policy::Clock,

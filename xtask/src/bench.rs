@@ -56,6 +56,9 @@ struct Case {
     remote: bool,
     /// On the TLS cluster (a memory node with `--tls-cert ...`), with a certificate of its CA.
     tls: bool,
+    /// Each run is two: one with `--record-working-set`, then the measured one replaying
+    /// what it recorded (`--replay-working-set`).
+    replay: bool,
     /// A page cache case: its own VM size and budget, and the reference policies beside it.
     tier: Option<Tier>,
 }
@@ -87,6 +90,7 @@ const CASES: &[Case] = &[
         ],
         remote: false,
         tls: false,
+        replay: false,
         tier: None,
     },
     Case {
@@ -101,6 +105,7 @@ const CASES: &[Case] = &[
         ],
         remote: false,
         tls: false,
+        replay: false,
         tier: None,
     },
     Case {
@@ -108,6 +113,7 @@ const CASES: &[Case] = &[
         args: &["--workload", "seq", "--access", "read", "--no-ebpf"],
         remote: true,
         tls: false,
+        replay: false,
         tier: None,
     },
     Case {
@@ -115,6 +121,7 @@ const CASES: &[Case] = &[
         args: &["--workload", "random", "--access", "read", "--no-ebpf"],
         remote: true,
         tls: false,
+        replay: false,
         tier: None,
     },
     // The same with the eBPF probes attached: their overhead is the difference.
@@ -123,6 +130,7 @@ const CASES: &[Case] = &[
         args: &["--workload", "random", "--access", "read"],
         remote: true,
         tls: false,
+        replay: false,
         tier: None,
     },
     // Prefetch (--prefetch): a sequential and a stride-4 scan, held to the kernel's own
@@ -140,6 +148,7 @@ const CASES: &[Case] = &[
         ],
         remote: true,
         tls: false,
+        replay: false,
         tier: None,
     },
     Case {
@@ -154,6 +163,7 @@ const CASES: &[Case] = &[
         ],
         remote: true,
         tls: false,
+        replay: false,
         tier: None,
     },
     Case {
@@ -168,6 +178,25 @@ const CASES: &[Case] = &[
         ],
         remote: true,
         tls: false,
+        replay: false,
+        tier: None,
+    },
+    // Record and replay: a random scan records its working set, the next run replays it
+    // from the start (the seed makes it the same VM).
+    Case {
+        name: "replay",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--seed",
+            "7",
+        ],
+        remote: true,
+        tls: false,
+        replay: true,
         tier: None,
     },
     // `remote-random` with page traffic over TLS (its own cluster): TLS's cost is the
@@ -177,6 +206,7 @@ const CASES: &[Case] = &[
         args: &["--workload", "random", "--access", "read", "--no-ebpf"],
         remote: true,
         tls: true,
+        replay: false,
         tier: None,
     },
     // The page cache (--local-memory): a skewed read-modify-write through half and a quarter
@@ -187,6 +217,7 @@ const CASES: &[Case] = &[
         args: &["--workload", "zipf:0.99", "--access", "rmw", "--no-ebpf"],
         remote: true,
         tls: false,
+        replay: false,
         tier: Some(Tier {
             budget_pct: None,
             workload: "zipf:0.99",
@@ -197,6 +228,7 @@ const CASES: &[Case] = &[
         args: &["--workload", "zipf:0.99", "--access", "rmw", "--no-ebpf"],
         remote: true,
         tls: false,
+        replay: false,
         tier: Some(Tier {
             budget_pct: Some(50),
             workload: "zipf:0.99",
@@ -207,6 +239,7 @@ const CASES: &[Case] = &[
         args: &["--workload", "zipf:0.99", "--access", "rmw", "--no-ebpf"],
         remote: true,
         tls: false,
+        replay: false,
         tier: Some(Tier {
             budget_pct: Some(25),
             workload: "zipf:0.99",
@@ -223,6 +256,7 @@ const CASES: &[Case] = &[
         ],
         remote: true,
         tls: false,
+        replay: false,
         tier: Some(Tier {
             budget_pct: Some(50),
             workload: "hotset:20:80",
@@ -233,6 +267,7 @@ const CASES: &[Case] = &[
         args: &["--workload", "seq", "--access", "write", "--no-ebpf"],
         remote: true,
         tls: false,
+        replay: false,
         tier: Some(Tier {
             budget_pct: Some(50),
             workload: "seq",
@@ -344,6 +379,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // alike, and the eBPF overhead can be taken run by run against its neighbour.
     let mut per_case: Vec<Vec<RunSummary>> = vec![Vec::new(); cases.len()];
     let mut baseline_per_case: Vec<Vec<RunSummary>> = vec![Vec::new(); cases.len()];
+    // The recording runs of the replay cases.
+    let mut recordings: Vec<Vec<RunSummary>> = vec![Vec::new(); cases.len()];
     for round in 0..runs {
         eprintln!("xtask: bench round {}/{runs}", round + 1);
         // Every other round in reverse, so that no case always runs right after another.
@@ -355,6 +392,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             if let Some((c, certs)) = tls.as_mut().filter(|_| cases[i].tls) {
                 // The baseline build may not speak TLS: this build only.
                 per_case[i].push(run_case(c, cases[i], &mem, pin.as_deref(), certs)?);
+                continue;
+            }
+            if cases[i].replay {
+                // The baseline build may not know the flags: this build only.
+                let ws = dir.join("replay.ws.json");
+                let run = |c: &mut Cluster, flag: &str| {
+                    let extra = [flag.to_owned(), ws.display().to_string()];
+                    run_case(c, cases[i], &mem, pin.as_deref(), &extra)
+                };
+                recordings[i].push(run(&mut cluster, "--record-working-set")?);
+                per_case[i].push(run(&mut cluster, "--replay-working-set")?);
                 continue;
             }
             let Some(baseline) = baseline.as_mut() else {
@@ -385,7 +433,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut changes = Vec::new();
     let mut tiers = Vec::new();
-    for ((case, per_run), baseline_runs) in cases.iter().zip(&per_case).zip(&baseline_per_case) {
+    for (((case, per_run), baseline_runs), recorded) in cases
+        .iter()
+        .zip(&per_case)
+        .zip(&baseline_per_case)
+        .zip(&recordings)
+    {
         if let Some(t) = case.tier {
             tiers.push(tier_row(case, t, per_run, &mem));
             continue;
@@ -415,12 +468,15 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "vs_baseline": vs_baseline.as_ref().map(|(_, c)| c),
             "remote_p50_us": get(|s| s.remote_p50_us),
             "prefetch": prefetch_medians(per_run),
+            "replay": replay_figures(per_run, recorded),
         });
         println!(
             "{:<18} {:>8} {:>5} {:>10.2} {:>9.1} {:>9.1} {:>9.1}",
             case.name, pages, runs, us_per_page, p50, p90, p99
         );
-        if let Some(p) = row["prefetch"].as_object() {
+        if let Some(p) = row["prefetch"].as_object()
+            && !case.replay
+        {
             let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
             println!(
                 "{:<18} prefetch: {:.0} pages, accuracy {:.3}, coverage {:.3}, {:.0} touched in flight",
@@ -428,6 +484,19 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 f("issued"),
                 f("accuracy"),
                 f("coverage"),
+                f("in_flight")
+            );
+        }
+        if let Some(r) = row["replay"].as_object() {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            println!(
+                "{:<18} replay: {:.0} demand faults against {:.0} in the recording run \
+                 ({:.1}% fewer), {:.0} pages replayed, {:.0} touched in flight",
+                "",
+                f("demand_faults"),
+                f("recording_demand_faults"),
+                f("fewer_pct"),
+                f("replayed"),
                 f("in_flight")
             );
         }
@@ -672,7 +741,41 @@ const RATIOS: &[(&str, &str)] = &[
     ("remote-stride-prefetch", "local-demand-zero"),
     ("remote-seq-prefetch", "remote-seq"),
     ("remote-random-prefetch", "remote-random"),
+    ("replay", "local-demand-zero"),
+    ("replay", "remote-random"),
 ];
+
+/// A replay case's figures against its recording runs (run i replayed what run i of
+/// `recorded` recorded); `None` for other cases. Demand faults are the faults the fault
+/// handler fetched itself; faults on pages the replay was bringing are `in_flight`.
+fn replay_figures(runs: &[RunSummary], recorded: &[RunSummary]) -> Option<Value> {
+    if recorded.is_empty() {
+        return None;
+    }
+    let demand = |runs: &[RunSummary]| runs.iter().map(|s| s.faults.remote as f64).collect();
+    let fewer: Vec<f64> = runs
+        .iter()
+        .zip(recorded)
+        .filter(|(_, r)| r.faults.remote > 0)
+        .map(|(s, r)| (1.0 - s.faults.remote as f64 / r.faults.remote as f64) * 100.0)
+        .collect();
+    let prefetch = |f: fn(&pagemesh_api::stats::PrefetchStats) -> u64| {
+        median(
+            runs.iter()
+                .map(|s| s.prefetch.map_or(0, |p| f(&p)) as f64)
+                .collect(),
+        )
+    };
+    Some(json!({
+        "demand_faults": median(demand(runs)),
+        "recording_demand_faults": median(demand(recorded)),
+        "fewer_pct": median(fewer.clone()),
+        "fewer_pct_each_run": fewer,
+        "replayed": prefetch(|p| p.replayed),
+        "in_flight": prefetch(|p| p.in_flight),
+        "recording_us_per_page": median(us_per_page(recorded)),
+    }))
+}
 
 /// The medians over runs of what prefetch did, for a case with `--prefetch`.
 fn prefetch_medians(runs: &[RunSummary]) -> Option<Value> {
@@ -687,6 +790,7 @@ fn prefetch_medians(runs: &[RunSummary]) -> Option<Value> {
         "accuracy": get(|p| p.accuracy),
         "coverage": get(|p| p.coverage),
         "in_flight": get(|p| p.in_flight as f64),
+        "replayed": get(|p| p.replayed as f64),
     }))
 }
 
