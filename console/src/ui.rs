@@ -234,6 +234,7 @@ mod tests {
             accuracy: 0.95,
             coverage: 0.9,
             in_flight: 40,
+            replayed: 3000,
             ..Default::default()
         });
         stats.uptime_s = 4.2;
@@ -249,6 +250,7 @@ mod tests {
             ),
             "{out}"
         );
+        assert!(out.contains("replayed working set 3000 pages"), "{out}");
     }
 
     #[test]

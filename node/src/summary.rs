@@ -75,6 +75,9 @@ pub(crate) fn print_prefetch(p: &pagemesh_api::stats::PrefetchStats) {
          {} touched in flight, {} batches failed, {} hints dropped",
         p.issued, p.windows, p.used, p.accuracy, p.coverage, p.in_flight, p.failed, p.dropped_hints
     );
+    if p.replayed > 0 {
+        println!("  replay: {} pages of a working set brought in ahead", p.replayed);
+    }
 }
 
 fn guest_result(w: &WorkloadResult) -> GuestResult {

@@ -106,6 +106,9 @@ fn guests(app: &App) -> Vec<Vec<String>> {
                     percent(f.coverage),
                     f.in_flight,
                 ));
+                if f.replayed > 0 {
+                    lines.push(format!("  replayed working set {} pages", f.replayed));
+                }
             }
             lines
         })

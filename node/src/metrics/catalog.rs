@@ -178,7 +178,7 @@ pub(crate) const PREFETCH_PAGES: Metric = Metric {
     otlp: "pagemesh.prefetch.pages",
     unit: "{page}",
     kind: Kind::Counter,
-    help: "Pages prefetch brought in ahead of the guest (kind issued), and of those the pages seen used (kind used, a lower bound; docs/prefetch.md).",
+    help: "Pages prefetch brought in ahead of the guest (kind issued), of those the pages seen used (kind used, a lower bound; docs/prefetch.md), and pages of a replayed working set (kind replayed).",
 };
 
 /// Every metric.

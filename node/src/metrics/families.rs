@@ -220,6 +220,7 @@ pub(crate) fn families(s: &NodeStats) -> Vec<Family> {
             vec![
                 point(&[("kind", "issued"), ("vm", vm)], Int(f.issued)),
                 point(&[("kind", "used"), ("vm", vm)], Int(f.used)),
+                point(&[("kind", "replayed"), ("vm", vm)], Int(f.replayed)),
             ],
         ));
     }
