@@ -54,6 +54,13 @@ fn check_probed_run(s: &RunSummary) -> u64 {
         probed >= pager && probed <= pager + SYSTEM_REGION_FAULTS,
         "eBPF counted {probed} stalls for {pager} pager faults"
     );
+    // The probes' own kernel time: at least the stall's two ends and the install's two
+    // ioctl points ran per fault, each for some nanoseconds, far less than the stall.
+    assert!(e.runs_per_fault >= 2.0, "{e:?}");
+    assert!(
+        e.cost_ns_per_fault > 0.0 && e.cost_ns_per_fault < e.stall_p50_us * 1000.0,
+        "{e:?}"
+    );
     let (stall_p50, stall_p99, install_p50) = (e.stall_p50_us, e.stall_p99_us, e.install_p50_us);
     // Install is non-empty and part of the stall.
     assert!(install_p50 > 0.0, "{e:?}");
@@ -99,6 +106,20 @@ fn probes_measure_remote_faults_next_to_the_pager() {
     let per_cell = PAGES / 64;
     for (i, cell) in cells.iter().enumerate() {
         assert_eq!(cell["stalls"], json!(per_cell), "cell {i}: {cell}");
+    }
+    // The probes' own cost, per program, from the kernel's BPF statistics: the stall's
+    // two ends ran once per stall at least, and every program that ran took time.
+    let programs = stats["ebpf"]["programs"].as_array().expect("program costs");
+    let runs = |name: &str| {
+        programs
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["runs"].as_u64())
+            .unwrap_or_else(|| panic!("no {name} in {programs:?}"))
+    };
+    assert!(runs("stall_walk") >= PAGES, "{programs:?}");
+    for p in programs.iter().filter(|p| p["runs"].as_u64() > Some(0)) {
+        assert!(p["run_time_ns"].as_u64() > Some(0), "{p}");
     }
     proc.stop().unwrap();
     assert_eq!(s.faults.remote, PAGES, "{s:#?}");

@@ -206,6 +206,22 @@ pub struct EbpfStats {
     pub install: Histogram,
     /// Transfer time per peer.
     pub transfer: Vec<PeerStats>,
+    /// The probes' own cost, per program, from the kernel's BPF statistics; empty when they
+    /// could not be turned on.
+    #[serde(default)]
+    pub programs: Vec<ProgramCost>,
+}
+
+/// What one eBPF program cost since the probes were loaded, as the kernel measures it
+/// (`BPF_ENABLE_STATS`: the program's own run time, not the trap or tracepoint around it).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ProgramCost {
+    /// The program's name.
+    pub name: String,
+    /// Times it ran.
+    pub runs: u64,
+    /// Time it ran in all, ns.
+    pub run_time_ns: u64,
 }
 
 fn null_is_infinite<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {

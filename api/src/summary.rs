@@ -226,6 +226,11 @@ pub struct EbpfSummary {
     pub install_p50_us: f64,
     /// Median page transfer time over all peers, µs.
     pub transfer_p50_us: f64,
+    /// The probes' own kernel time per stall: every program's run time (the kernel's BPF
+    /// statistics) summed, over `faults`, ns. 0 when the statistics could not be turned on.
+    pub cost_ns_per_fault: f64,
+    /// Program runs per stall (every program, every tracepoint hit of the node's threads).
+    pub runs_per_fault: f64,
 }
 
 #[cfg(test)]
@@ -270,6 +275,8 @@ mod tests {
                 stall_p99_us: 114.25,
                 install_p50_us: 3.25,
                 transfer_p50_us: 25.5,
+                cost_ns_per_fault: 410.5,
+                runs_per_fault: 6.5,
             }),
             ok: true,
             error: None,

@@ -224,6 +224,7 @@ pub(crate) fn ebpf() -> EbpfStats {
                 transfer: transfer(3),
             },
         ],
+        programs: Vec::new(),
     }
 }
 

@@ -76,7 +76,10 @@ pub(crate) fn print_prefetch(p: &pagemesh_api::stats::PrefetchStats) {
         p.issued, p.windows, p.used, p.accuracy, p.coverage, p.in_flight, p.failed, p.dropped_hints
     );
     if p.replayed > 0 {
-        println!("  replay: {} pages of a working set brought in ahead", p.replayed);
+        println!(
+            "  replay: {} pages of a working set brought in ahead",
+            p.replayed
+        );
     }
 }
 
@@ -122,6 +125,13 @@ pub(crate) fn report(
     }
     if let Some(p) = &s.prefetch {
         print_prefetch(p);
+    }
+    if let Some(e) = &ebpf {
+        println!(
+            "  eBPF: {} vCPU stalls, p50 {:.1} µs, p99 {:.1} µs; the probes' own kernel time \
+             {:.0} ns per stall ({:.1} program runs)",
+            e.faults, e.stall_p50_us, e.stall_p99_us, e.cost_ns_per_fault, e.runs_per_fault
+        );
     }
     for (n, before) in held_before {
         println!(

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{RawTracePoint, TracePoint, UProbe, uprobe::UProbeScope};
 use aya::{Ebpf, EbpfLoader};
-use pagemesh_api::stats::{Bucket, EbpfStats, Histogram, PeerStats};
+use pagemesh_api::stats::{Bucket, EbpfStats, Histogram, PeerStats, ProgramCost};
 use pagemesh_api::summary::EbpfSummary;
 use pagemesh_node_common::{
     CONFIG_RESUME, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT, CTR_SAMPLES_THROTTLED,
@@ -198,8 +198,11 @@ struct State {
     transfer: PerCpuHashMap<MapData, u32, Hist>,
     ring: RingBuf<MapData>,
     samples: VecDeque<StallSample>,
+    /// Keeps the kernel's BPF run-time statistics on while the probes live; `None` when
+    /// they could not be turned on (the programs' costs then read as nothing).
+    _run_time_stats: Option<std::os::fd::OwnedFd>,
     /// Owns the programs and their links: dropping it detaches everything.
-    _bpf: Ebpf,
+    bpf: Ebpf,
 }
 
 /// A tracepoint program and where it goes.
@@ -341,6 +344,16 @@ impl Probes {
         let frames = u32::try_from(frames)
             .unwrap_or(u32::MAX)
             .clamp(1, HEAT_MAX_FRAMES);
+        // Before anything is attached, so that every run is counted. The statistics are the
+        // kernel's, for every BPF program while one holder keeps them on: two clock reads
+        // per program run.
+        let run_time_stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::info!("eBPF: the probes' own cost is not measured: {e}");
+                None
+            }
+        };
         let mut bpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
             .map_max_entries("HEAT", frames)
@@ -394,7 +407,8 @@ impl Probes {
             transfer: take(&mut bpf, "TRANSFER")?,
             ring: take(&mut bpf, "SAMPLES")?,
             samples: VecDeque::new(),
-            _bpf: bpf,
+            _run_time_stats: run_time_stats,
+            bpf,
         };
         let state = Arc::new(Mutex::new(state));
         let stop = Arc::new(AtomicBool::new(false));
@@ -439,6 +453,7 @@ impl Probes {
                     transfer: histogram(&h),
                 })
                 .collect(),
+            programs: state.costs(),
         }
     }
 
@@ -461,12 +476,16 @@ impl Probes {
         for (_, h) in state.transfer_by_peer() {
             transfer.merge(&h);
         }
+        let costs = state.costs();
+        let per_fault = |total: u64| total as f64 / stall.count.max(1) as f64;
         EbpfSummary {
             faults: stall.count,
             stall_p50_us: percentile_us(&stall, 0.50),
             stall_p99_us: percentile_us(&stall, 0.99),
             install_p50_us: percentile_us(&install, 0.50),
             transfer_p50_us: percentile_us(&transfer, 0.50),
+            cost_ns_per_fault: per_fault(costs.iter().map(|c| c.run_time_ns).sum()),
+            runs_per_fault: per_fault(costs.iter().map(|c| c.runs).sum()),
         }
     }
 
@@ -532,6 +551,22 @@ impl State {
             total.merge(&s);
         }
         total
+    }
+
+    /// Each loaded program's runs and run time so far, by name (nothing while the
+    /// statistics are off: the kernel then counts neither).
+    fn costs(&self) -> Vec<ProgramCost> {
+        self.bpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some(ProgramCost {
+                    name: name.to_owned(),
+                    runs: info.run_count(),
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                })
+            })
+            .collect()
     }
 
     /// Transfer histograms of the peers with any fetch, summed over CPUs.

@@ -465,6 +465,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "fault_p99_us": p99,
             "us_per_page_each_run": per_run.iter().map(|s| s.us_per_page).collect::<Vec<_>>(),
             "ebpf_last_run": per_run.last().and_then(|s| s.ebpf),
+            "ebpf_cost_ns_per_fault": ebpf_cost(per_run),
             "vs_baseline": vs_baseline.as_ref().map(|(_, c)| c),
             "remote_p50_us": get(|s| s.remote_p50_us),
             "prefetch": prefetch_medians(per_run),
@@ -514,6 +515,20 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             overhead_line("eBPF overhead on remote-random", runs, o)
         );
     }
+    let probe_cost = cases
+        .iter()
+        .zip(&per_case)
+        .find(|(c, _)| c.name == "remote-random-ebpf")
+        .and_then(|(_, runs)| probe_cost(runs));
+    if let Some(c) = &probe_cost {
+        println!(
+            "eBPF programs' kernel time on remote-random-ebpf: {:.0} ns per fault, {:.2}% of \
+             the median vCPU stall ({:.1} µs); medians of {runs} runs",
+            c["ns_per_fault"].as_f64().unwrap_or(0.0),
+            c["pct_of_stall_p50"].as_f64().unwrap_or(0.0),
+            c["stall_p50_us"].as_f64().unwrap_or(0.0),
+        );
+    }
     let tls_overhead = paired_overhead(&cases, &per_case, "remote-random", "remote-random-tls");
     if let Some(o) = &tls_overhead {
         println!("{}", overhead_line("TLS cost on remote-random", runs, o));
@@ -539,6 +554,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "pin_cpu": args.pin_cpu,
         "ebpf_overhead": overhead,
         "tls_overhead": tls_overhead,
+        "ebpf_cost": probe_cost,
         "ratios": ratios,
         "baseline_bin": args.baseline_bin,
     });
@@ -744,6 +760,43 @@ const RATIOS: &[(&str, &str)] = &[
     ("replay", "local-demand-zero"),
     ("replay", "remote-random"),
 ];
+
+/// The median over runs of the probes' own kernel time per fault (the kernel's BPF
+/// statistics), ns; `None` for a case without probes.
+fn ebpf_cost(runs: &[RunSummary]) -> Option<f64> {
+    let cost: Vec<f64> = runs
+        .iter()
+        .filter_map(|s| s.ebpf)
+        .filter(|e| e.faults > 0)
+        .map(|e| e.cost_ns_per_fault)
+        .collect();
+    (!cost.is_empty()).then(|| median(cost))
+}
+
+/// The probes' kernel time per fault against the fault's whole stall, run by run: the
+/// issue's target is ≤ 3% at the median.
+fn probe_cost(runs: &[RunSummary]) -> Option<Value> {
+    let e: Vec<_> = runs
+        .iter()
+        .filter_map(|s| s.ebpf)
+        .filter(|e| e.faults > 0)
+        .collect();
+    if e.is_empty() {
+        return None;
+    }
+    let pct: Vec<f64> = e
+        .iter()
+        .filter(|e| e.stall_p50_us > 0.0)
+        .map(|e| e.cost_ns_per_fault / (e.stall_p50_us * 1000.0) * 100.0)
+        .collect();
+    Some(json!({
+        "ns_per_fault": median(e.iter().map(|e| e.cost_ns_per_fault).collect()),
+        "runs_per_fault": median(e.iter().map(|e| e.runs_per_fault).collect()),
+        "stall_p50_us": median(e.iter().map(|e| e.stall_p50_us).collect()),
+        "pct_of_stall_p50": median(pct.clone()),
+        "pct_of_stall_p50_each_run": pct,
+    }))
+}
 
 /// A replay case's figures against its recording runs (run i replayed what run i of
 /// `recorded` recorded); `None` for other cases. Demand faults are the faults the fault
