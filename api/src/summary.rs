@@ -55,6 +55,10 @@ pub struct RunSummary {
     /// 99th percentile of those, µs.
     #[serde(default)]
     pub remote_p99_us: f64,
+    /// The pager's fault latency at the quantiles 0, 0.01, ..., 1 (the last the slowest
+    /// fault), µs: its CDF (`cargo xtask bench --plot` draws it); empty without faults.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fault_cdf_us: Vec<f64>,
     /// Bytes fetched from memory nodes.
     pub bytes_fetched: u64,
     /// Guest wall time per page visited, µs (0 for a Linux guest, which visits no pages).
@@ -256,6 +260,7 @@ mod tests {
             // Not in summaries written before it existed.
             remote_p50_us: 0.0,
             remote_p99_us: 0.0,
+            fault_cdf_us: Vec::new(),
             bytes_fetched: 16384 * 4096,
             us_per_page: 60.5,
             elapsed_s: 0.991,
@@ -275,8 +280,9 @@ mod tests {
                 stall_p99_us: 114.25,
                 install_p50_us: 3.25,
                 transfer_p50_us: 25.5,
-                cost_ns_per_fault: 410.5,
-                runs_per_fault: 6.5,
+                // Not in summaries written before they existed.
+                cost_ns_per_fault: 0.0,
+                runs_per_fault: 0.0,
             }),
             ok: true,
             error: None,

@@ -166,6 +166,7 @@ pub(crate) fn report(
             fault_max_us: s.fault_max_us,
             remote_p50_us: s.remote_p50_us,
             remote_p99_us: s.remote_p99_us,
+            fault_cdf_us: s.fault_cdf_us.clone(),
             bytes_fetched: s.bytes_fetched,
             us_per_page: o.us_per_page(),
             elapsed_s: o.elapsed.as_secs_f64(),

@@ -138,7 +138,13 @@ pub struct StatsSnapshot {
     pub remote_p99_us: f64,
     /// The prefetcher's figures, when it runs.
     pub prefetch: Option<api::PrefetchStats>,
+    /// Fault latency at the quantiles 0, 1/[`CDF_STEPS`], ..., 1 (the last the slowest
+    /// fault), µs: the distribution's CDF; empty without faults.
+    pub fault_cdf_us: Vec<f64>,
 }
+
+/// Steps of [`StatsSnapshot::fault_cdf_us`] (one point more than steps).
+pub const CDF_STEPS: usize = 100;
 
 fn histogram() -> Histogram<u64> {
     // 1 ns .. 100 s at 2 significant figures (a value is known to within 1%): fixed size, so
@@ -390,6 +396,13 @@ impl PagerStats {
             remote_p50_us: us(&remote, 0.5),
             remote_p99_us: us(&remote, 0.99),
             prefetch: self.prefetch_snapshot(),
+            fault_cdf_us: if all.is_empty() {
+                Vec::new()
+            } else {
+                (0..=CDF_STEPS)
+                    .map(|i| us(&all, i as f64 / CDF_STEPS as f64))
+                    .collect()
+            },
         }
     }
 

@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// and report this build's paired change against it.
     #[arg(long, value_name = "DIR")]
     baseline_bin: Option<PathBuf>,
+    /// Draw the cases into this SVG file: each case's fault-latency CDF (the pager's,
+    /// median over runs at each percentile) beside its µs/page (page cache cases left out).
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
 }
 
 struct Case {
@@ -431,6 +435,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "case", "pages", "runs", "µs/page", "p50 µs", "p90 µs", "p99 µs"
     );
     let mut results = Vec::new();
+    let mut drawn = Vec::new();
     let mut changes = Vec::new();
     let mut tiers = Vec::new();
     for (((case, per_run), baseline_runs), recorded) in cases
@@ -454,6 +459,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             get(|s| s.fault_p90_us),
             get(|s| s.fault_p99_us),
         );
+        drawn.push(crate::plot::Case {
+            name: case.name,
+            cdf_us: median_cdf(per_run),
+            us_per_page,
+        });
         let pages = per_run[0].pages_done();
         let row = json!({
             "name": case.name,
@@ -561,7 +571,28 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         write_json(path, &out)?;
     }
+    if let Some(path) = &args.plot {
+        let title = format!("cargo xtask bench: {mem} per run, medians of {runs} runs");
+        crate::plot::draw(path, &title, &drawn)?;
+        eprintln!("xtask: plot written to {}", path.display());
+    }
     Ok(())
+}
+
+/// The median over runs of each point of their fault-latency CDFs (runs without faults
+/// left out); empty when no run had any.
+fn median_cdf(runs: &[RunSummary]) -> Vec<f64> {
+    let cdfs: Vec<&[f64]> = runs
+        .iter()
+        .map(|s| s.fault_cdf_us.as_slice())
+        .filter(|c| !c.is_empty())
+        .collect();
+    let Some(len) = cdfs.iter().map(|c| c.len()).min() else {
+        return Vec::new();
+    };
+    (0..len)
+        .map(|i| median(cdfs.iter().map(|c| c[i]).collect()))
+        .collect()
 }
 
 /// One run of `case`: a fresh compute node, with `extra` arguments; its `--json` summary.

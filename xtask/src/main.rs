@@ -18,6 +18,7 @@ mod cmd;
 mod ebpf;
 mod fuzz;
 mod guest;
+mod plot;
 mod run;
 mod setup;
 mod summary;
