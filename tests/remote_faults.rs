@@ -221,3 +221,83 @@ fn the_admin_endpoint_reports_the_run_and_the_coordinator_lists_it() {
     let status = compute.stop().unwrap();
     assert!(status.success(), "a held node exits 0 on SIGTERM");
 }
+
+#[test]
+fn two_fault_handlers_share_the_faults_and_every_page_is_right() {
+    let mut c = cluster("two-handlers");
+    let ws = c.dir.join("two-handlers.ws.json");
+    let ws = ws.to_str().unwrap();
+    // Two handler threads read the one userfaultfd, each on its own connections; the
+    // guest checks every word of every page, and its working set is recorded across both.
+    let (status, s, proc) = c
+        .run_compute(
+            &[
+                "--mem",
+                "32MiB",
+                "--seed",
+                "3",
+                "--workload",
+                "random",
+                "--access",
+                "verify",
+                "--fault-handlers",
+                "2",
+                "--record-working-set",
+                ws,
+                "--log",
+                "info",
+            ],
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    assert!(status.success() && s.ok, "{s:#?}\n{}", proc.log_tail());
+    assert_eq!(s.result.as_ref().unwrap().bad_pages, 0, "{s:#?}");
+    assert_eq!(s.faults.remote, 8192, "{s:#?}");
+    assert_eq!(
+        s.held_after.values().sum::<u64>(),
+        0,
+        "every page claimed: {s:#?}"
+    );
+    let log = std::fs::read_to_string(&proc.stderr).unwrap();
+    assert!(log.contains("2 fault handler threads"), "{log}");
+    let served: u64 = log
+        .lines()
+        .filter_map(|l| l.split("fault handler ").nth(1))
+        .filter_map(|l| l.split(" served ").nth(1))
+        .filter_map(|l| l.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        served >= 8192,
+        "the handlers served {served} faults in all:\n{log}"
+    );
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws).unwrap()).unwrap();
+    let mut pages: Vec<u64> = file["pages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    pages.sort_unstable();
+    assert_eq!(pages, (0..8192).collect::<Vec<_>>(), "each page once");
+
+    // Under a budget one handler serves every fault: asking for two is refused, saying so.
+    let (mut proc, _) = c
+        .spawn_compute(&[
+            "--mem",
+            "32MiB",
+            "--workload",
+            "seq",
+            "--local-memory",
+            "4MiB",
+            "--fault-handlers",
+            "2",
+        ])
+        .unwrap();
+    assert!(!proc.wait(RUN_TIMEOUT).unwrap().success());
+    assert!(
+        proc.log_tail().contains("--fault-handlers 1"),
+        "{}",
+        proc.log_tail()
+    );
+}

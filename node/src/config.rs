@@ -371,6 +371,13 @@ pub struct ComputeOptions {
     #[arg(long, value_name = "FILE")]
     pub replay_working_set: Option<PathBuf>,
 
+    /// Fault handler threads, each on its own connections to the memory nodes, reading the
+    /// same userfaultfd: the faults of several vCPUs are served at once (1 to 16; one under
+    /// --local-memory) [default: one per vCPU: 1 for the built-in guest, --vcpus for a Linux
+    /// guest].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub fault_handlers: Option<u8>,
+
     /// Pin vCPU 0 and the fault handler to this CPU (fastest here: a fault handler woken on
     /// the vCPU's own CPU avoids a cross-CPU wake-up) [default: not pinned].
     #[arg(long, value_name = "CPU")]

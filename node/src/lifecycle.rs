@@ -58,8 +58,10 @@ pub enum Backing {
     Pager {
         /// The directory.
         directory: Arc<PageDirectory>,
-        /// The peers.
+        /// The peers, for the first fault handler.
         transport: TransportManager,
+        /// The peers again for each more fault handler.
+        more_handlers: Vec<TransportManager>,
         /// A local memory budget, `None` for unlimited.
         cache: Option<CacheConfig>,
         /// The prefetch thread (streams, a replayed working set); `None`: no prefetch.
@@ -131,6 +133,7 @@ pub fn run_vm<M: GuestMachine>(
         Backing::Pager {
             directory,
             transport,
+            more_handlers,
             cache,
             prefetch,
             record_working_set,
@@ -144,6 +147,7 @@ pub fn run_vm<M: GuestMachine>(
                 ram,
                 directory,
                 transport,
+                more_handlers,
                 cpu: launch.cpu,
                 trace: crate::probes::fault_trace(),
                 on_failure,

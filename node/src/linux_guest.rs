@@ -86,6 +86,7 @@ pub fn run_linux(
         },
     );
     let replay = crate::working_set::to_replay(settings, &identity)?;
+    let handlers = crate::service::fault_handlers(settings, usize::from(vcpus))?;
 
     let vm = coordinator.create_vm(&CreateVm {
         compute_node: id,
@@ -105,10 +106,11 @@ pub fn run_linux(
     );
     let VmPeers {
         transport,
+        more_handlers,
         mut control,
         writeback,
         prefetch,
-    } = connect_vm_peers(id, settings, coordinator, &vm)?;
+    } = connect_vm_peers(id, settings, coordinator, &vm, handlers)?;
     load_vm(&mut control, &vm)?;
     let held_before = held(&mut control, &vm)?;
     let directory = Arc::new(PageDirectory::from_placement(&vm.placement).map_err(|e| {
@@ -135,6 +137,7 @@ pub fn run_linux(
         backing: Backing::Pager {
             directory,
             transport,
+            more_handlers,
             cache: crate::service::cache_config(settings, &vm, writeback),
             prefetch: crate::working_set::prefetch_config(settings, prefetch, replay),
             record_working_set: settings.compute.record_working_set.is_some(),

@@ -15,6 +15,8 @@ use crate::error::NodeError;
 pub(crate) struct VmPeers {
     /// The pager's (the fault path owns them).
     pub(crate) transport: TransportManager,
+    /// The more fault handlers' (one set each).
+    pub(crate) more_handlers: Vec<TransportManager>,
     /// For control requests (load, held, release).
     pub(crate) control: ControlPlane,
     /// The page cache's reclaimer's, for write-back, under a budget.
@@ -25,12 +27,14 @@ pub(crate) struct VmPeers {
 
 /// Connects to every node holding pages of `vm`: once for the pager, once for control
 /// requests, for a VM under a local memory budget once for the reclaimer's write-backs and,
-/// with `--prefetch` or `--replay-working-set`, once for the prefetcher.
+/// with `--prefetch` or `--replay-working-set`, once for the prefetcher, and once more for
+/// each of `handlers` fault handlers past the first.
 pub(crate) fn connect_vm_peers(
     id: NodeId,
     settings: &Settings,
     coordinator: &CoordinatorClient,
     vm: &Vm,
+    handlers: usize,
 ) -> Result<VmPeers, NodeError> {
     let timeout = settings.compute.peer_timeout;
     let mut credentials = Credentials::keyless(settings.cluster.as_deref().unwrap_or_default());
@@ -48,13 +52,19 @@ pub(crate) fn connect_vm_peers(
     let c = &settings.compute;
     let mut prefetch = (c.prefetch || c.replay_working_set.is_some())
         .then(|| TransportManager::new(id, timeout).with_credentials(credentials.clone()));
+    let mut more_handlers: Vec<_> = (1..handlers)
+        .map(|_| TransportManager::new(id, timeout).with_credentials(credentials.clone()))
+        .collect();
     let mut control = ControlPlane::new(id, timeout).with_credentials(credentials);
     let connected = discover_and_connect_peers(
         coordinator,
         id,
         &mut transport,
         &mut control,
-        &mut [writeback.as_mut(), prefetch.as_mut()],
+        &mut [writeback.as_mut(), prefetch.as_mut()]
+            .into_iter()
+            .chain(more_handlers.iter_mut().map(Some))
+            .collect::<Vec<_>>(),
         Some(&wanted),
     )?;
     for &n in &wanted {
@@ -69,6 +79,7 @@ pub(crate) fn connect_vm_peers(
     }
     Ok(VmPeers {
         transport,
+        more_handlers,
         control,
         writeback,
         prefetch,

@@ -235,6 +235,7 @@ fn run_compute(
     let workload = workload(c)?;
     let identity = VmIdentity::new(pages, content.clone());
     let replay = working_set::to_replay(settings, &identity)?;
+    let handlers = fault_handlers(settings, 1)?;
     let vm = coordinator.create_vm(&CreateVm {
         compute_node: id,
         mem_bytes: mem,
@@ -248,13 +249,14 @@ fn run_compute(
         pages,
         vm.placement.nodes()
     );
+    let budgeted = vm.local_memory_bytes.is_some();
     let VmPeers {
         transport,
+        more_handlers,
         mut control,
         writeback,
         prefetch,
-    } = connect_vm_peers(id, settings, coordinator, &vm)?;
-    let budgeted = vm.local_memory_bytes.is_some();
+    } = connect_vm_peers(id, settings, coordinator, &vm, handlers)?;
 
     let directory = match &content {
         // Under a budget every page needs a home to write back to, which must know the VM.
@@ -318,6 +320,7 @@ fn run_compute(
         Backing::Pager {
             directory: Arc::new(directory),
             transport,
+            more_handlers,
             cache: cache_config(settings, &vm, writeback),
             prefetch: working_set::prefetch_config(settings, prefetch, replay),
             record_working_set: c.record_working_set.is_some(),
@@ -351,6 +354,28 @@ fn run_compute(
         &held_after,
         ebpf,
     )
+}
+
+/// How many fault handlers serve a VM of `vcpus` vCPUs: `--fault-handlers`, else one per
+/// vCPU; one under a budget (`--local-memory`), where more are refused. Checked before the
+/// VM is defined, so that a refusal leaves nothing loaded.
+pub(crate) fn fault_handlers(settings: &Settings, vcpus: usize) -> Result<usize, ConfigError> {
+    let budgeted = settings.compute.local_memory.is_some();
+    match settings.compute.fault_handlers {
+        Some(n) if budgeted && n > 1 => Err(ConfigError::Invalid {
+            what: "--fault-handlers",
+            why: pagemesh_pager::BudgetError::OneHandler.to_string(),
+        }),
+        Some(n) => Ok(usize::from(n)),
+        None if budgeted && vcpus > 1 => {
+            tracing::info!(
+                "under --local-memory one fault handler serves all {vcpus} vCPUs (the page \
+                 cache's fault path is not concurrent yet)"
+            );
+            Ok(1)
+        }
+        None => Ok(vcpus),
+    }
 }
 
 /// The page cache of `vm`, if it has a local memory budget.
@@ -396,6 +421,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
                 Backing::Pager {
                     directory: Arc::new(directory),
                     transport,
+                    more_handlers: Vec::new(),
                     cache: None,
                     prefetch: None,
                     record_working_set: false,

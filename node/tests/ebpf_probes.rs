@@ -32,6 +32,7 @@ fn backing(seed: u64, nodes: &[u32]) -> Backing {
     Backing::Pager {
         directory,
         transport,
+        more_handlers: Vec::new(),
         cache: None,
         prefetch: None,
         record_working_set: false,

@@ -22,6 +22,7 @@ fn pager_backing(seed: u64) -> Backing {
     Backing::Pager {
         directory,
         transport,
+        more_handlers: Vec::new(),
         cache: None,
         prefetch: None,
         record_working_set: false,
@@ -91,6 +92,7 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
     let zero = Backing::Pager {
         directory: Arc::new(PageDirectory::new(PAGES)),
         transport: TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT),
+        more_handlers: Vec::new(),
         cache: None,
         prefetch: None,
         record_working_set: false,

@@ -65,6 +65,12 @@ pub enum BudgetError {
         /// The first page without one.
         page: u64,
     },
+    /// Several fault handlers asked for under a budget.
+    #[error(
+        "under a local memory budget one fault handler serves every fault; give one \
+         (--fault-handlers 1)"
+    )]
+    OneHandler,
 }
 
 /// Counters of a cache, shared between the handler, the reclaimer and readers.

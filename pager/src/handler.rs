@@ -1,4 +1,8 @@
-//! The fault handler: one thread that reads userfaultfd events and resolves them.
+//! The fault handler: a thread that reads userfaultfd events and resolves them. Without a
+//! budget there may be several, each with its own connections, reading the same
+//! userfaultfd: the kernel hands each event to one of them, so the faults of several vCPUs
+//! are served at once; whoever moves a remote page to `Fetching` fetches it, and the others'
+//! faults on it wait for that install.
 //!
 //! The hot path, per fault: a blocking `read` of one event, a directory lookup, for a remote
 //! page one request/response on an already-connected blocking socket straight into a
@@ -20,7 +24,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
@@ -50,37 +54,61 @@ pub(crate) struct Handler {
     pub(crate) prefetch: Option<PrefetchSide>,
     /// The pages faulted on, in order, when recording.
     pub(crate) record: Option<Record>,
+    /// Faults this handler read and served (of every kind).
+    pub(crate) served: u64,
 }
 
-/// The pages of a VM in the order of their first faults: made with room for every page and
-/// a bit per page, so recording never allocates on the fault path.
+/// The first faults of a VM's pages over every handler: a bit per page says whether the
+/// page has faulted before, a counter orders the first faults.
+pub(crate) struct RecordShared {
+    seen: Box<[AtomicU64]>,
+    next: AtomicU32,
+}
+
+impl RecordShared {
+    pub(crate) fn new(pages: u64) -> Self {
+        RecordShared {
+            seen: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            next: AtomicU32::new(0),
+        }
+    }
+}
+
+/// One handler's share of the record: (order, page) of the first faults it served, made with
+/// room for every page, so recording never allocates on the fault path.
 pub(crate) struct Record {
-    pub(crate) order: Vec<u32>,
-    seen: Vec<u64>,
+    pub(crate) shared: Arc<RecordShared>,
+    pub(crate) firsts: Vec<(u32, u32)>,
 }
 
 impl Record {
-    pub(crate) fn new(pages: u64) -> Self {
+    pub(crate) fn new(shared: Arc<RecordShared>) -> Self {
+        let pages = shared.seen.len() * 64;
         Record {
-            order: Vec::with_capacity(pages as usize),
-            seen: vec![0; pages.div_ceil(64) as usize],
+            shared,
+            firsts: Vec::with_capacity(pages),
         }
     }
 
-    /// Notes a fault on `page`: listed if it is its first.
+    /// Notes a fault on `page`: listed if it is the page's first, whichever handler served
+    /// the others.
     fn note(&mut self, page: u64) {
-        let Some(word) = self.seen.get_mut((page / 64) as usize) else {
+        let Some(word) = self.shared.seen.get((page / 64) as usize) else {
             return;
         };
         let bit = 1u64 << (page % 64);
-        if *word & bit == 0 {
-            *word |= bit;
-            self.order.push(page as u32);
+        if word.load(Ordering::Relaxed) & bit == 0
+            && word.fetch_or(bit, Ordering::Relaxed) & bit == 0
+            && self.firsts.len() < self.firsts.capacity()
+        {
+            let order = self.shared.next.fetch_add(1, Ordering::Relaxed);
+            self.firsts.push((order, page as u32));
         }
     }
 }
 
 /// The handler's end of the cache.
+#[derive(Clone)]
 pub(crate) struct CacheSide {
     pub(crate) shared: Arc<Shared>,
     /// Pages installed, to the reclaimer.
@@ -182,6 +210,7 @@ impl Handler {
             };
             let done = crate::trace::monotonic_ns();
             let latency = since(start, done);
+            self.served += 1;
             if served.hint {
                 if let Some(p) = &mut self.prefetch {
                     p.heard(page, served.kind, &self.stats);

@@ -145,14 +145,18 @@ pub struct PagerConfig<'ram> {
     pub ram: GuestRam<'ram>,
     /// Owner of every page; one entry per 4096 bytes of `ram`.
     pub directory: Arc<PageDirectory>,
-    /// Connections to the nodes holding pages.
+    /// Connections to the nodes holding pages, for the first fault handler.
     pub transport: TransportManager,
-    /// Pin the handler thread to this CPU (same CPU as the vCPU is fastest here).
+    /// More fault handler threads, one on each of these connections, reading the same
+    /// userfaultfd: the faults of several vCPUs are then served at once. Empty: one
+    /// handler. Not under a budget (`cache`), where one handler serves every fault.
+    pub more_handlers: Vec<TransportManager>,
+    /// Pin the (first) handler thread to this CPU (same CPU as the vCPU is fastest here).
     pub cpu: Option<usize>,
     /// What the handler tells outside tracers about each fault.
     pub trace: FaultTrace,
-    /// Called once, from the handler thread, if it stops on an error (e.g. to kick the vCPU).
-    pub on_failure: Box<dyn Fn() + Send>,
+    /// Called from a handler thread that stops on an error (e.g. to kick the vCPUs).
+    pub on_failure: Box<dyn Fn() + Send + Sync>,
     /// A local memory budget; `None`: unlimited, fetched pages move here for good.
     pub cache: Option<CacheConfig>,
     /// The prefetch thread (stream prefetch, a replayed working set); `None`: off.
@@ -175,13 +179,28 @@ pub struct PrefetchConfig {
 }
 
 /// The pages a pager's guest faulted on, in order ([`Pager::recorded`]).
-pub struct Recording(Arc<std::sync::Mutex<Option<Vec<u32>>>>);
+pub struct Recording(Arc<std::sync::Mutex<Recorded>>);
+
+/// What the handlers recorded: each adds its first faults as it ends.
+#[derive(Default)]
+struct Recorded {
+    /// Handlers that have not ended yet.
+    running: usize,
+    /// (order, page) of every first fault; `None` once taken.
+    firsts: Option<Vec<(u32, u32)>>,
+}
 
 impl Recording {
-    /// The pages, each once, in the order of their first faults, once the pager has
+    /// The pages, each once, in the order of their first faults, once every handler has
     /// stopped; `None` before, or after the first call.
     pub fn take(&self) -> Option<Vec<u32>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        let mut r = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if r.running > 0 {
+            return None;
+        }
+        let mut firsts = r.firsts.take()?;
+        firsts.sort_unstable();
+        Some(firsts.into_iter().map(|(_, page)| page).collect())
     }
 }
 
@@ -191,11 +210,12 @@ pub struct Pager<'ram> {
     cache: Option<Arc<CacheStats>>,
     reclaimer: Option<JoinHandle<()>>,
     prefetcher: Option<JoinHandle<()>>,
-    recorded: Arc<std::sync::Mutex<Option<Vec<u32>>>>,
+    recorded: Arc<std::sync::Mutex<Recorded>>,
     recording: bool,
     directory: Arc<PageDirectory>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<(), PagerError>>>,
+    /// The fault handler threads; empty once stopped.
+    threads: Vec<JoinHandle<Result<(), PagerError>>>,
     /// Keeps the userfaultfd (and thus the registration) alive as long as the pager.
     _uffd: Arc<uffd::Uffd>,
     /// The RAM it serves, which must stay mapped while it does.
@@ -212,6 +232,9 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
     debug_assert_eq!(ram.len as u64, config.directory.len() * PAGE_SIZE as u64);
     if let Some(c) = &config.cache {
         check_budget(c, &config.directory)?;
+        if !config.more_handlers.is_empty() {
+            return Err(BudgetError::OneHandler.into());
+        }
     }
     kick::install().map_err(PagerError::Kick)?;
     let uffd = Arc::new(uffd::Uffd::new()?);
@@ -302,44 +325,89 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         });
         prefetcher = Some(thread);
     }
-    let handler = handler::Handler {
-        uffd: uffd.clone(),
-        base: ram.base as u64,
-        vm: config.vm,
-        directory: config.directory.clone(),
-        stats: stats.clone(),
-        transport: config.transport,
-        stop: stop.clone(),
-        trace: config.trace,
-        cache: cache_side,
-        prefetch: prefetch_side,
-        record: config
-            .record_working_set
-            .then(|| handler::Record::new(config.directory.len())),
-    };
-    let recorded = Arc::new(std::sync::Mutex::new(None));
-    let on_failure = config.on_failure;
-    let cpu = config.cpu;
-    let record_to = recorded.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("pager-vm{}", config.vm))
-        .spawn(move || {
+    let handlers = 1 + config.more_handlers.len();
+    let record = config
+        .record_working_set
+        .then(|| Arc::new(handler::RecordShared::new(config.directory.len())));
+    let recorded = Arc::new(std::sync::Mutex::new(Recorded {
+        running: handlers,
+        firsts: Some(Vec::new()),
+    }));
+    let on_failure: Arc<dyn Fn() + Send + Sync> = Arc::from(config.on_failure);
+    let mut threads = Vec::with_capacity(handlers);
+    let transports = std::iter::once(config.transport).chain(config.more_handlers);
+    for (i, transport) in transports.enumerate() {
+        let mut handler = handler::Handler {
+            uffd: uffd.clone(),
+            base: ram.base as u64,
+            vm: config.vm,
+            directory: config.directory.clone(),
+            stats: stats.clone(),
+            transport,
+            stop: stop.clone(),
+            trace: config.trace,
+            cache: cache_side.clone(),
+            // Each handler its own detector: the streams of the vCPUs whose faults it reads.
+            prefetch: prefetch_side.as_ref().map(|p: &handler::PrefetchSide| {
+                handler::PrefetchSide {
+                    detector: p
+                        .detector
+                        .as_ref()
+                        .map(|_| prefetch::StreamDetector::new(config.directory.len())),
+                    hints: p.hints.clone(),
+                }
+            }),
+            record: record.clone().map(handler::Record::new),
+            served: 0,
+        };
+        let (cpu, on_failure, record_to) = (
+            config.cpu.filter(|_| i == 0),
+            on_failure.clone(),
+            recorded.clone(),
+        );
+        let name = match i {
+            0 => format!("pager-vm{}", config.vm),
+            i => format!("pager-vm{}-{i}", config.vm),
+        };
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
             if let Some(cpu) = cpu {
                 pin_to_cpu(cpu);
             }
-            let mut handler = handler;
             let result = handler.run();
-            *record_to.lock().unwrap_or_else(|p| p.into_inner()) =
-                handler.record.take().map(|r| r.order);
-            // Hangs up on the prefetcher, which ends after its current batch.
+            if handlers > 1 {
+                tracing::info!("fault handler {i} served {} faults", handler.served);
+            }
+            {
+                let mut r = record_to.lock().unwrap_or_else(|p| p.into_inner());
+                r.running -= 1;
+                if let (Some(mine), Some(all)) = (handler.record.take(), r.firsts.as_mut()) {
+                    all.extend(mine.firsts);
+                }
+            }
+            // Hangs up on the prefetcher, which ends after its current batch once every
+            // handler has.
             drop(handler);
             if let Err(e) = &result {
                 tracing::error!("pager stopped: {}", pagemesh_api::error_chain(e));
                 on_failure();
             }
             result
-        })
-        .map_err(PagerError::Spawn)?;
+        });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // The spawn's error is the one to report; the others have served nothing.
+                let _ = stop_handlers(&stop, &mut threads);
+                return Err(PagerError::Spawn(e));
+            }
+        }
+    }
+    // The template the handlers' prefetch sides were made from: its sender must go, or the
+    // prefetcher would never hear that they ended.
+    drop(prefetch_side);
+    if handlers > 1 {
+        tracing::info!("{handlers} fault handler threads, each on its own connections");
+    }
     Ok(Pager {
         stats,
         cache: cache_stats,
@@ -349,7 +417,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         recording: config.record_working_set,
         directory: config.directory,
         stop,
-        thread: Some(thread),
+        threads,
         _uffd: uffd,
         _ram: ram,
     })
@@ -396,15 +464,10 @@ impl Pager<'_> {
     }
 
     fn shutdown(&mut self) -> Result<(), PagerError> {
-        let Some(thread) = self.thread.take() else {
+        if self.threads.is_empty() {
             return Ok(());
-        };
-        self.stop.store(true, Ordering::Release);
-        while !thread.is_finished() {
-            kick::kick(&thread);
-            std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        let ended = thread.join().map_err(|_| PagerError::Panicked);
+        let ended = stop_handlers(&self.stop, &mut self.threads);
         // The handler has hung up on the prefetcher, which ends after its current batch.
         if let Some(p) = self.prefetcher.take()
             && p.join().is_err()
@@ -417,8 +480,31 @@ impl Pager<'_> {
                 tracing::error!("the reclaimer thread panicked");
             }
         }
-        ended?
+        ended
     }
+}
+
+/// Stops the fault handler `threads` and joins them; the first error one ended with.
+fn stop_handlers(
+    stop: &AtomicBool,
+    threads: &mut Vec<JoinHandle<Result<(), PagerError>>>,
+) -> Result<(), PagerError> {
+    stop.store(true, Ordering::Release);
+    let mut ended = Ok(());
+    for thread in threads.drain(..) {
+        while !thread.is_finished() {
+            kick::kick(&thread);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let result = thread
+            .join()
+            .map_err(|_| PagerError::Panicked)
+            .and_then(|r| r);
+        if ended.is_ok() {
+            ended = result;
+        }
+    }
+    ended
 }
 
 impl Drop for Pager<'_> {
