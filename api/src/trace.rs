@@ -95,9 +95,48 @@ pub fn hotset(hot_pct: u8, access_pct: u8, pages: u64, accesses: u64) -> Vec<u32
         .collect()
 }
 
+/// Every page below `pages` once: the first half in order, interleaved one for one with
+/// the second half in a pseudo-random order (a sequential stream beside random accesses, for
+/// measuring demand faults while prefetch streams run).
+pub fn mixed(pages: u64) -> Vec<u32> {
+    assert!(pages > 0 && pages <= u64::from(u32::MAX));
+    let half = pages / 2;
+    let mut random: Vec<u32> = (half as u32..pages as u32).collect();
+    // Fisher-Yates with the traces' fixed seed: the same order on every run.
+    let mut rng = SplitMix(TRACE_SEED);
+    for i in (1..random.len()).rev() {
+        random.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let mut out = Vec::with_capacity(pages as usize);
+    for (i, r) in random.into_iter().enumerate() {
+        if (i as u64) < half {
+            out.push(i as u32);
+        }
+        out.push(r);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mixed_visits_every_page_once_half_in_order() {
+        for pages in [1, 2, 7, 1000] {
+            let t = mixed(pages);
+            let mut sorted = t.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..pages as u32).collect::<Vec<_>>(), "{pages}");
+            let seq: Vec<u32> = t
+                .iter()
+                .copied()
+                .filter(|&p| u64::from(p) < pages / 2)
+                .collect();
+            assert_eq!(seq, (0..(pages / 2) as u32).collect::<Vec<_>>());
+        }
+        assert_eq!(mixed(1000), mixed(1000));
+    }
 
     #[test]
     fn traces_are_deterministic_and_in_range() {

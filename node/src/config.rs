@@ -267,7 +267,9 @@ pub struct ComputeOptions {
     /// K-th page, then the next offset), each doing --access to every page, or `zipf:S`
     /// (skewed: page of rank r drawn with probability ~ 1/r^S, e.g. zipf:0.99) or `hotset:H:P`
     /// (P% of the accesses to H% of the pages, e.g. hotset:10:90), doing --access to each of
-    /// --accesses pages, which repeat (fixed sequences, the same on every run). A compute node
+    /// --accesses pages, which repeat (fixed sequences, the same on every run), or `mixed`
+    /// (every page once: the first half in order interleaved with the second half in random
+    /// order: a stream beside demand faults). A compute node
     /// with neither --workload nor --kernel runs no guest: it registers and serves until
     /// stopped [default with --backing uffd-local or demand-zero: verify].
     #[arg(long, value_name = "WORKLOAD", value_parser = clap::value_parser!(WorkloadArg))]

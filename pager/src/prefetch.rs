@@ -34,6 +34,9 @@ pub const NEAR: u64 = 64;
 pub const MIN_DEPTH: u32 = 16;
 /// Most pages in one window.
 pub const MAX_DEPTH: u32 = 256;
+/// A stream waiting for its trigger keeps its tracker against new ones for this many times
+/// its window's pages in faults since its last.
+pub const KEEP_WINDOWS: u64 = 4;
 
 /// Pages to prefetch: `count` pages from `first` on, `stride` pages apart, leaving out
 /// `trigger` (the page whose fault plans the next window).
@@ -258,7 +261,11 @@ impl StreamDetector {
     }
 
     /// The tracker `page` belongs to: the live one whose last fault is nearest (within
-    /// [`NEAR`] pages, or on its planned window), else the least recently used.
+    /// [`NEAR`] pages, or on its planned window), else a new one in place of the least
+    /// recently used that is not a stream waiting for its trigger. A stream is kept that
+    /// way for [`KEEP_WINDOWS`] windows' worth of faults after its last, so that random
+    /// faults between its triggers (demand faults of another part of the guest) do not
+    /// push it out and start it again from a small window.
     fn tracker_of(&mut self, page: u64) -> usize {
         let mut best: Option<(usize, u64)> = None;
         for (i, t) in self.trackers.iter().enumerate() {
@@ -274,11 +281,15 @@ impl StreamDetector {
         if let Some((i, _)) = best {
             return i;
         }
+        let clock = self.clock;
+        let kept = |t: &Tracker| {
+            t.trigger.is_some() && clock - t.used <= u64::from(t.depth) * KEEP_WINDOWS
+        };
         let (i, _) = self
             .trackers
             .iter()
             .enumerate()
-            .min_by_key(|(_, t)| (t.live, t.used))
+            .min_by_key(|(_, t)| (t.live, kept(t), t.used))
             .expect("STREAMS > 0");
         // A new stream in this tracker.
         self.trackers[i].live = false;
@@ -381,6 +392,39 @@ mod tests {
         let order: Vec<u64> = (0..16_384).flat_map(|i| [i, 16_384 + i]).collect();
         let (faults, _) = scan(pages, &order);
         assert!(faults < pages / 40, "{faults} faults");
+    }
+
+    #[test]
+    fn a_stream_among_random_faults_keeps_its_tracker_and_grows() {
+        // The `mixed` workload: a sequential half interleaved one for one with random
+        // faults over the other half.
+        let pages = 32_768u64;
+        let half = pages / 2;
+        let order: Vec<u64> = (0..half)
+            .flat_map(|i| [i, half + (i * 40_503 + 7) % half])
+            .collect();
+        let mut d = StreamDetector::new(pages);
+        let (mut windows, mut passed, mut deepest) = (0, 0, 0);
+        let mut present = vec![false; pages as usize];
+        for &p in &order {
+            if std::mem::replace(&mut present[p as usize], true) {
+                continue;
+            }
+            if let Some(w) = d.observe(p) {
+                windows += 1;
+                deepest = deepest.max(w.count);
+                for q in w.pages() {
+                    present[q as usize] = true;
+                }
+            }
+            passed += d.take_passed().map_or(0, |s| s.count);
+        }
+        assert_eq!(deepest, MAX_DEPTH, "the stream's windows grew");
+        assert!(windows < 200, "{windows} windows");
+        assert!(
+            passed > half * 9 / 10,
+            "{passed} of {half} pages seen passed"
+        );
     }
 
     #[test]

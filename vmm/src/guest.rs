@@ -77,12 +77,18 @@ pub enum Order {
         /// Percent of the accesses that go to them.
         access_pct: u8,
     },
+    /// Every page once: the first half in order, interleaved one for one with the second
+    /// half in a pseudo-random order ([`pagemesh_api::trace::mixed`]).
+    Mixed,
 }
 
 impl Order {
     /// Whether the order visits pages again (a trace of `accesses` pages).
     pub fn is_trace(self) -> bool {
-        matches!(self, Order::Zipf { .. } | Order::Hotset { .. })
+        matches!(
+            self,
+            Order::Zipf { .. } | Order::Hotset { .. } | Order::Mixed
+        )
     }
 }
 
@@ -165,6 +171,7 @@ impl FromStr for Order {
         match s {
             "seq" => Ok(Order::Seq),
             "random" => Ok(Order::Random),
+            "mixed" => Ok(Order::Mixed),
             _ => {
                 if let Some(k) = s.strip_prefix("stride:") {
                     return match k.parse::<u64>() {
@@ -229,6 +236,7 @@ impl fmt::Display for Workload {
                         hot_pct,
                         access_pct,
                     } => write!(f, "hotset:{hot_pct}:{access_pct}")?,
+                    Order::Mixed => write!(f, "mixed")?,
                 }
                 let a = match a {
                     Access::Read => "read",
@@ -294,10 +302,10 @@ impl Workload {
                 ram_pages,
             });
         }
-        let accesses = if order.is_trace() {
-            (4 * pages).min(MAX_ACCESSES)
-        } else {
-            pages
+        let accesses = match order {
+            Order::Mixed => pages.min(MAX_ACCESSES),
+            o if o.is_trace() => (4 * pages).min(MAX_ACCESSES),
+            _ => pages,
         };
         Ok(Self {
             order,
@@ -311,7 +319,7 @@ impl Workload {
     /// This trace workload with `accesses` accesses (`--accesses`); the other orders visit
     /// each page once whatever it says.
     pub fn with_accesses(mut self, accesses: u64) -> Result<Self, WorkloadError> {
-        if !self.order.is_trace() {
+        if !self.order.is_trace() || self.order == Order::Mixed {
             return Ok(self);
         }
         if accesses == 0 || accesses > MAX_ACCESSES {
@@ -342,6 +350,7 @@ impl Workload {
                 self.pages,
                 self.accesses,
             )),
+            Order::Mixed => Some(pagemesh_api::trace::mixed(self.pages)),
             Order::Seq | Order::Random | Order::Stride(_) => None,
         }
     }
@@ -518,7 +527,7 @@ pub fn install(
             ((1), (1u64 << bits) - 1, (bits / 2).max(1))
         }
         Order::Stride(k) => (2, k, 0),
-        Order::Zipf { .. } | Order::Hotset { .. } => (3, workload.accesses, 0),
+        Order::Zipf { .. } | Order::Hotset { .. } | Order::Mixed => (3, workload.accesses, 0),
     };
     if let Some(trace) = workload.trace() {
         let bytes: Vec<u8> = trace.iter().flat_map(|p| p.to_le_bytes()).collect();

@@ -185,6 +185,31 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
     },
+    // A sequential stream interleaved with random demand faults (`mixed`), without and
+    // with prefetch: the demand faults' p50 while prefetch streams run against without.
+    Case {
+        name: "remote-mixed",
+        args: &["--workload", "mixed", "--access", "read", "--no-ebpf"],
+        remote: true,
+        tls: false,
+        replay: false,
+        tier: None,
+    },
+    Case {
+        name: "remote-mixed-prefetch",
+        args: &[
+            "--workload",
+            "mixed",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--prefetch",
+        ],
+        remote: true,
+        tls: false,
+        replay: false,
+        tier: None,
+    },
     // Record and replay: a random scan records its working set, the next run replays it
     // from the start (the seed makes it the same VM).
     Case {
@@ -543,6 +568,19 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(o) = &tls_overhead {
         println!("{}", overhead_line("TLS cost on remote-random", runs, o));
     }
+    let demand = paired_demand_p50(&cases, &per_case, "remote-mixed", "remote-mixed-prefetch");
+    if let Some(o) = &demand {
+        let x = |v: &Value| 1.0 + v.as_f64().unwrap_or(0.0) / 100.0;
+        let ci = match o["ci95_pct"].as_array().map(Vec::as_slice) {
+            Some([lo, hi]) => format!(" (95% CI {:.3}..{:.3})", x(lo), x(hi)),
+            _ => String::new(),
+        };
+        println!(
+            "demand-fault p50 while prefetch streams run (remote-mixed-prefetch / remote-mixed): \
+             {:.3}x, median of {runs} paired runs{ci}",
+            x(&o["median_pct"])
+        );
+    }
     let mut ratios = serde_json::Map::new();
     for (new, old) in RATIOS {
         if let Some(o) = paired_overhead(&cases, &per_case, old, new) {
@@ -565,6 +603,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "ebpf_overhead": overhead,
         "tls_overhead": tls_overhead,
         "ebpf_cost": probe_cost,
+        "demand_p50_with_streams": demand,
         "ratios": ratios,
         "baseline_bin": args.baseline_bin,
     });
@@ -788,6 +827,7 @@ const RATIOS: &[(&str, &str)] = &[
     ("remote-stride-prefetch", "local-demand-zero"),
     ("remote-seq-prefetch", "remote-seq"),
     ("remote-random-prefetch", "remote-random"),
+    ("remote-mixed-prefetch", "remote-mixed"),
     ("replay", "local-demand-zero"),
     ("replay", "remote-random"),
 ];
@@ -936,6 +976,28 @@ fn paired_overhead(
         "median_pct": median(pct.clone()),
         "ci95_pct": median_ci95(&pct).map(|(lo, hi)| [lo, hi]),
         "per_pair_pct": pct,
+    }))
+}
+
+/// The median latency of the faults the handler fetched itself (`remote_p50_us`: demand
+/// fetches, not faults on pages in flight) in case `with` against case `without`, pair by
+/// pair. `None` unless both ran.
+fn paired_demand_p50(
+    cases: &[&Case],
+    per_case: &[Vec<RunSummary>],
+    without: &str,
+    with: &str,
+) -> Option<Value> {
+    let find = |name: &str| cases.iter().position(|c| c.name == name);
+    let (plain, streams) = (find(without)?, find(with)?);
+    let p50 = |runs: &[RunSummary]| runs.iter().map(|s| s.remote_p50_us).collect::<Vec<_>>();
+    let pct = paired_pct(&p50(&per_case[streams]), &p50(&per_case[plain]));
+    Some(json!({
+        "median_pct": median(pct.clone()),
+        "ci95_pct": median_ci95(&pct).map(|(lo, hi)| [lo, hi]),
+        "per_pair_pct": pct,
+        "without_us": median(p50(&per_case[plain])),
+        "with_us": median(p50(&per_case[streams])),
     }))
 }
 

@@ -276,6 +276,7 @@ impl fmt::Display for WorkloadArg {
                 hot_pct,
                 access_pct,
             }) => write!(f, "hotset:{hot_pct}:{access_pct}"),
+            WorkloadArg::Visit(Order::Mixed) => f.write_str("mixed"),
         }
     }
 }
