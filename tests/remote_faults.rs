@@ -301,3 +301,39 @@ fn two_fault_handlers_share_the_faults_and_every_page_is_right() {
         proc.log_tail()
     );
 }
+
+#[test]
+fn a_guest_on_2mib_pages_gets_each_huge_page_in_one_fault_from_its_home() {
+    let _pool = pagemesh_vmm::memory::HugePool::reserve(40).expect("root sizes the pool");
+    let mut c = cluster("huge-pages");
+    let (status, s, proc) = c
+        .run_compute(
+            &["--mem", "64MiB", "--workload", "verify", "--huge-pages"],
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    assert!(status.success() && s.ok, "{s:#?}\n{}", proc.log_tail());
+    assert_eq!(s.result.as_ref().unwrap().bad_pages, 0, "{s:#?}");
+    // 32 huge pages, one fault and 512 pages on the wire each, 2 MiB at a time from each
+    // home in turn.
+    assert_eq!(s.faults.remote, 32, "{s:#?}");
+    assert_eq!(s.bytes_fetched, 64 << 20, "{s:#?}");
+    assert_eq!(s.held_before.get(&1), Some(&8192), "{s:#?}");
+    assert_eq!(s.held_after.values().sum::<u64>(), 0, "{s:#?}");
+
+    // What does not work with huge pages yet is refused before anything starts.
+    for (flags, says) in [
+        (&["--mem", "64MiB", "--prefetch"][..], "--prefetch"),
+        (&["--mem", "63MiB"][..], "multiple of 2MiB"),
+    ] {
+        let (mut proc, _) = c
+            .spawn_compute(&[flags, &["--workload", "seq", "--huge-pages"]].concat())
+            .unwrap();
+        assert!(!proc.wait(RUN_TIMEOUT).unwrap().success(), "{flags:?}");
+        assert!(
+            proc.log_tail().contains(says),
+            "{flags:?}: {}",
+            proc.log_tail()
+        );
+    }
+}

@@ -8,6 +8,7 @@ use pagemesh_api::VmId;
 use pagemesh_pager::StatsSnapshot;
 use pagemesh_vmm::VcpuError;
 use pagemesh_vmm::guest::{Initial, WorkloadResult};
+use pagemesh_vmm::memory::RamPages;
 use pagemesh_vmm::vcpu::Machine;
 use pagemesh_vmm::{GuestLayout, Workload};
 
@@ -61,6 +62,8 @@ pub struct RunOptions {
     pub initial: Initial,
     /// Pin the vCPU and the fault handler to this CPU.
     pub cpu: Option<usize>,
+    /// Map guest RAM in 2 MiB huge pages.
+    pub huge_pages: bool,
 }
 
 /// Creates the VM and runs the workload to its end through the [`run_vm`] lifecycle, or
@@ -72,7 +75,12 @@ pub fn run_guest(
     signals: Option<&StopSignals>,
     observe: impl FnOnce(LiveRun),
 ) -> Result<RunOutcome, ComputeError> {
-    let layout = GuestLayout::new(opts.mem_bytes)?;
+    let pages = if opts.huge_pages {
+        RamPages::Huge
+    } else {
+        RamPages::Small
+    };
+    let layout = GuestLayout::with_pages(opts.mem_bytes, pages)?;
     let mut machine = Machine::new(layout)?;
     machine.prepare(&opts.workload, opts.initial.seed())?;
     let pages_done = machine.progress().clone();

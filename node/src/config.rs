@@ -373,6 +373,15 @@ pub struct ComputeOptions {
     #[arg(long, value_name = "FILE")]
     pub replay_working_set: Option<PathBuf>,
 
+    /// Back guest RAM with 2 MiB huge pages from the host's hugetlb pool (reserve them
+    /// first, as root: `echo N > /proc/sys/vm/nr_hugepages`): a fault fetches and installs a
+    /// whole 2 MiB page, in batched runs, and interleaved placement deals out 2 MiB at a time.
+    /// --mem must be a multiple of 2 MiB; not with --local-memory, --prefetch or
+    /// --replay-working-set yet. (Transparent huge pages cannot do this: userfaultfd resolves
+    /// anonymous memory 4 KiB at a time.)
+    #[arg(long)]
+    pub huge_pages: bool,
+
     /// Fault handler threads, each on its own connections to the memory nodes, reading the
     /// same userfaultfd: the faults of several vCPUs are served at once (1 to 16; one under
     /// --local-memory) [default: one per vCPU: 1 for the built-in guest, --vcpus for a Linux
@@ -502,6 +511,26 @@ impl Settings {
                         "it ends at {}, past the end of guest RAM (--mem {mem})",
                         ByteSize(range.offset.bytes() + range.len.bytes())
                     ),
+                });
+            }
+        }
+        if c.huge_pages {
+            let with = [
+                (c.local_memory.is_some(), "--local-memory"),
+                (c.prefetch, "--prefetch"),
+                (c.replay_working_set.is_some(), "--replay-working-set"),
+                (c.backing == BackingArg::DemandZero, "--backing demand-zero"),
+            ];
+            if let Some((_, other)) = with.iter().find(|(on, _)| *on) {
+                return Err(ConfigError::Invalid {
+                    what: "--huge-pages",
+                    why: format!("2 MiB huge pages do not work with {other} yet"),
+                });
+            }
+            if !mem.bytes().is_multiple_of(2 << 20) {
+                return Err(ConfigError::Invalid {
+                    what: "--huge-pages",
+                    why: format!("--mem must be a multiple of 2MiB, got {mem}"),
                 });
             }
         }

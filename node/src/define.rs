@@ -68,7 +68,8 @@ pub(crate) fn placement_request(
     Ok(match c.placement {
         PlacementArg::Interleave => PlacementRequest::Interleave {
             nodes,
-            granule_pages: 1,
+            // A huge page is fetched at once: all of it from one home.
+            granule_pages: if c.huge_pages { 512 } else { 1 },
         },
         PlacementArg::Weighted => PlacementRequest::Weighted { nodes },
         PlacementArg::Ranges => {

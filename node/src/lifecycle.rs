@@ -68,6 +68,8 @@ pub enum Backing {
         prefetch: Option<PrefetchConfig>,
         /// Record the pages the guest faults on ([`Ended::working_set`]).
         record_working_set: bool,
+        /// Guest RAM is mapped in 2 MiB huge pages.
+        huge_pages: bool,
     },
 }
 
@@ -137,6 +139,7 @@ pub fn run_vm<M: GuestMachine>(
             cache,
             prefetch,
             record_working_set,
+            huge_pages,
         } => {
             let on_failure = {
                 let stop = stop.clone();
@@ -154,6 +157,7 @@ pub fn run_vm<M: GuestMachine>(
                 cache,
                 prefetch,
                 record_working_set,
+                huge_pages,
             })
             .map_err(ComputeError::PagerStart)?;
             observe(&pager);

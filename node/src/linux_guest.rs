@@ -20,7 +20,7 @@ use pagemesh_api::{Content, CreateVm, NodeId};
 use pagemesh_pager::PageDirectory;
 use pagemesh_vmm::boot;
 use pagemesh_vmm::linux::{LinuxExit, LinuxMachine};
-use pagemesh_vmm::memory::MemoryError;
+use pagemesh_vmm::memory::{MemoryError, RamPages};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::admin::{AdminState, LiveRun};
@@ -120,8 +120,15 @@ pub fn run_linux(
         }
     })?);
 
-    let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem as usize)])
-        .map_err(|e| ComputeError::Memory(MemoryError::Map(mem, e)))?;
+    let pages_of_ram = if settings.compute.huge_pages {
+        RamPages::Huge
+    } else {
+        RamPages::Small
+    };
+    let region = pagemesh_vmm::memory::ram_region(GuestAddress(0), mem as usize, pages_of_ram)
+        .map_err(ComputeError::Memory)?;
+    let ram = GuestMemoryMmap::from_regions(vec![region])
+        .map_err(|e| ComputeError::Memory(MemoryError::Map(mem, e.into())))?;
     let mut machine = LinuxMachine::new(ram, entry, linux.console, vcpus)?;
     let console = machine.console.clone();
 
@@ -141,6 +148,7 @@ pub fn run_linux(
             cache: crate::service::cache_config(settings, &vm, writeback),
             prefetch: crate::working_set::prefetch_config(settings, prefetch, replay),
             record_working_set: settings.compute.record_working_set.is_some(),
+            huge_pages: settings.compute.huge_pages,
         },
         cpu: settings.compute.pin_cpu,
         signals: Some(signals),

@@ -307,6 +307,7 @@ fn run_compute(
         workload,
         initial,
         cpu: c.pin_cpu,
+        huge_pages: c.huge_pages,
     };
     let probes = load_probes(
         settings,
@@ -324,6 +325,7 @@ fn run_compute(
             cache: cache_config(settings, &vm, writeback),
             prefetch: working_set::prefetch_config(settings, prefetch, replay),
             record_working_set: c.record_working_set.is_some(),
+            huge_pages: c.huge_pages,
         },
         Some(signals),
         |live| *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(live),
@@ -425,6 +427,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
                     cache: None,
                     prefetch: None,
                     record_working_set: false,
+                    huge_pages: c.huge_pages,
                 },
                 Initial::Pattern(seed),
             )
@@ -436,6 +439,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
         workload,
         initial,
         cpu: c.pin_cpu,
+        huge_pages: c.huge_pages,
     };
     let outcome = run_guest(&opts, backing, None, |_| {})?;
     report(

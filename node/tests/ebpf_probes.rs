@@ -36,6 +36,7 @@ fn backing(seed: u64, nodes: &[u32]) -> Backing {
         cache: None,
         prefetch: None,
         record_working_set: false,
+        huge_pages: false,
     }
 }
 
@@ -53,6 +54,7 @@ fn opts(workload: &str, access: &str, first: u64, pages: u64) -> RunOptions {
         workload: Workload::parse(workload, access, first, pages, PAGES).unwrap(),
         initial: Initial::Pattern(11),
         cpu: None,
+        huge_pages: false,
     }
 }
 

@@ -26,6 +26,7 @@ fn pager_backing(seed: u64) -> Backing {
         cache: None,
         prefetch: None,
         record_working_set: false,
+        huge_pages: false,
     }
 }
 
@@ -36,6 +37,7 @@ fn opts(workload: &str, access: &str, initial: Initial) -> RunOptions {
         workload: Workload::parse(workload, access, 0, PAGES, PAGES).unwrap(),
         initial,
         cpu: None,
+        huge_pages: false,
     }
 }
 
@@ -96,6 +98,7 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
         cache: None,
         prefetch: None,
         record_working_set: false,
+        huge_pages: false,
     };
     let out = run_guest(
         &opts("stride:16", "write", Initial::Zero),
@@ -108,4 +111,49 @@ fn random_rmw_checksums_and_zero_pages_stay_local() {
     assert_eq!(out.stats.local_zero, PAGES);
     assert_eq!(out.stats.remote, 0);
     assert_eq!(out.stats.remote_miss_ratio, 0.0);
+}
+
+#[test]
+fn a_guest_on_2mib_pages_faults_once_per_huge_page_and_reads_every_page_right() {
+    let huge = 2 << 20;
+    let _pool = pagemesh_vmm::memory::HugePool::reserve(PAGES * 4096 / huge + 1).unwrap();
+    // Two homes, 2 MiB (512 pages) each in turn: each huge page comes from one of them.
+    let placement = Placement::interleave(vec![1, 2], 512, PAGES).unwrap();
+    let mut transport = TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT);
+    transport.add_source(Box::new(LocalSource::with_pattern(1, 9, PAGES, 21)));
+    transport.add_source(Box::new(LocalSource::with_pattern(2, 9, PAGES, 21)));
+    let backing = Backing::Pager {
+        directory: Arc::new(PageDirectory::from_placement(&placement).unwrap()),
+        transport,
+        more_handlers: Vec::new(),
+        cache: None,
+        prefetch: None,
+        record_working_set: false,
+        huge_pages: true,
+    };
+    let mut o = opts("verify", "verify", Initial::Pattern(21));
+    o.huge_pages = true;
+    let out = run_guest(&o, backing, None, |_| {}).unwrap();
+    assert!(out.ok(), "{out:?}");
+    assert_eq!(out.result.bad_pages, 0);
+    // 4096 pages, 8 huge pages: one fault each, every byte fetched.
+    assert_eq!(out.stats.remote, PAGES * 4096 / huge, "{:?}", out.stats);
+    assert_eq!(out.stats.bytes_fetched, PAGES * 4096);
+
+    // Never-written memory in huge pages: zero-filled locally, one fault per huge page.
+    let zero = Backing::Pager {
+        directory: Arc::new(PageDirectory::new(PAGES)),
+        transport: TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT),
+        more_handlers: Vec::new(),
+        cache: None,
+        prefetch: None,
+        record_working_set: false,
+        huge_pages: true,
+    };
+    let mut o = opts("random", "rmw", Initial::Zero);
+    o.huge_pages = true;
+    let out = run_guest(&o, zero, None, |_| {}).unwrap();
+    assert!(out.ok(), "{out:?}");
+    assert_eq!(out.stats.local_zero, PAGES * 4096 / huge);
+    assert_eq!(out.stats.remote, 0);
 }

@@ -29,7 +29,7 @@ use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
-use pagemesh_transport::TransportManager;
+use pagemesh_transport::{Run, TransportManager};
 
 use super::PagerError;
 use super::cache::{Counter, Shared};
@@ -56,6 +56,16 @@ pub(crate) struct Handler {
     pub(crate) record: Option<Record>,
     /// Faults this handler read and served (of every kind).
     pub(crate) served: u64,
+    /// Guest RAM is in 2 MiB huge pages: a fault installs the whole huge page.
+    pub(crate) huge: bool,
+}
+
+/// Pages in a 2 MiB huge page.
+pub(crate) const HUGE_PAGES: u64 = (2 << 20) / PAGE_SIZE as u64;
+
+/// A 2 MiB buffer, page aligned (allocated when the handler starts, for huge pages only).
+fn huge_buffer() -> Box<[PageBuf]> {
+    (0..HUGE_PAGES).map(|_| PageBuf([0; PAGE_SIZE])).collect()
 }
 
 /// The first faults of a VM's pages over every handler: a bit per page says whether the
@@ -160,7 +170,16 @@ impl PrefetchSide {
 
 /// A page-aligned, page-sized buffer (the fetch target and the zero page).
 #[repr(C, align(4096))]
-struct PageBuf([u8; PAGE_SIZE]);
+pub(crate) struct PageBuf(pub(crate) [u8; PAGE_SIZE]);
+
+/// The bytes of `pages`.
+pub(crate) fn bytes_mut(pages: &mut [PageBuf]) -> &mut [u8] {
+    const { assert!(size_of::<PageBuf>() == PAGE_SIZE) };
+    // SAFETY: `PageBuf` is `repr(C)` over `[u8; PAGE_SIZE]` and exactly that size (checked
+    // above), so `pages` is `pages.len() * PAGE_SIZE` initialized, contiguous bytes, borrowed
+    // mutably for as long as the result.
+    unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr().cast::<u8>(), size_of_val(pages)) }
+}
 
 /// What serving one fault did.
 struct Served {
@@ -180,6 +199,7 @@ impl Handler {
     pub(crate) fn run(&mut self) -> Result<(), PagerError> {
         let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
         let zero = Box::new(PageBuf([0; PAGE_SIZE]));
+        let mut huge = self.huge.then(|| (huge_buffer(), huge_buffer()));
         loop {
             if self.stop.load(Ordering::Acquire) {
                 if let Err(e) = self.transport.acknowledge_all() {
@@ -203,7 +223,9 @@ impl Handler {
             let start = crate::trace::monotonic_ns();
             let addr = fault.address & !(PAGE_SIZE as u64 - 1);
             let page = (addr - self.base) / PAGE_SIZE as u64;
-            let served = if self.cache.is_some() {
+            let served = if let Some((buf, zero)) = &mut huge {
+                self.serve_huge(page, buf, zero, start)?
+            } else if self.cache.is_some() {
                 self.serve_cached(&fault, addr, page, &mut buf.0, &zero.0, start)?
             } else {
                 self.serve(addr, page, &mut buf.0, &zero.0, start)?
@@ -317,6 +339,161 @@ impl Handler {
             let _ = self.directory.claim(page);
         }
         Ok(served)
+    }
+
+    /// A fault in a RAM of 2 MiB huge pages: the whole huge page around `page` is fetched
+    /// (its runs per home in batches of [`pagemesh_transport::MAX_RUN_PAGES`]; never-written
+    /// pages of it zeroed) into `buf` and installed with one `UFFDIO_COPY`. The 512 pages'
+    /// directory entries move together: whoever moves the first remote one to Fetching
+    /// fetches the huge page; another handler's fault on it waits for that install.
+    fn serve_huge(
+        &mut self,
+        page: u64,
+        buf: &mut [PageBuf],
+        zero: &[PageBuf],
+        start: u64,
+    ) -> Result<Served, PagerError> {
+        let first = page - page % HUGE_PAGES;
+        let addr = self.base + first * PAGE_SIZE as u64;
+        let len = HUGE_PAGES * PAGE_SIZE as u64;
+        let mut served = Served {
+            hint: true,
+            kind: FaultKind::Spurious,
+            installed: Ok(Installed::AlreadyPresent),
+            transfer: None,
+            install_start: start,
+        };
+        // Claim every remote page; the first one another handler holds means the huge page
+        // is that handler's.
+        let (mut remote, mut local) = (0u64, 0u64);
+        for p in first..first + HUGE_PAGES {
+            let e = self.directory.entry(p).map_err(PagerError::Directory)?;
+            match e.owner() {
+                _ if e.state == PageState::Fetching => {
+                    self.unclaim(first, p);
+                    served.kind = FaultKind::InFlight;
+                    return Ok(served);
+                }
+                PageOwner::Remote(_) => {
+                    if self
+                        .directory
+                        .transition(p, PageState::Remote, PageState::Fetching)
+                        .is_err()
+                    {
+                        self.unclaim(first, p);
+                        served.kind = FaultKind::InFlight;
+                        return Ok(served);
+                    }
+                    remote += 1;
+                }
+                PageOwner::Zero => {}
+                PageOwner::Local => local += 1,
+            }
+        }
+        if local == HUGE_PAGES {
+            // Installed already (by another handler's fault): make sure nobody sleeps on it.
+            served.hint = false;
+            served.installed = self
+                .uffd
+                .wake(addr, len)
+                .map(|()| Installed::AlreadyPresent);
+            return Ok(served);
+        }
+        let src = if remote == 0 {
+            zero.as_ptr().cast::<u8>()
+        } else {
+            if let Err(e) = self.fetch_huge(first, buf, start, &mut served) {
+                self.unclaim(first, first + HUGE_PAGES);
+                self.stats.record_error();
+                return Err(e);
+            }
+            buf.as_ptr().cast::<u8>()
+        };
+        served.install_start = crate::trace::monotonic_ns();
+        // SAFETY: `src` is one of the handler's 2 MiB buffers (readable, `len` bytes);
+        // `addr` is the huge-page-aligned start of the huge page the fault is in, inside
+        // the registered range.
+        served.installed = unsafe { self.uffd.copy(addr, src, len) };
+        served.kind = if remote > 0 {
+            // One fault, `remote` pages on the wire: the fault's record counts one.
+            self.stats.add_fetched(remote - 1);
+            FaultKind::Remote
+        } else {
+            FaultKind::LocalZero
+        };
+        if served.installed.is_ok() {
+            for p in first..first + HUGE_PAGES {
+                let _ = self.directory.claim(p);
+            }
+        } else {
+            self.unclaim(first, first + HUGE_PAGES);
+        }
+        Ok(served)
+    }
+
+    /// Fetches the remote pages of the huge page from `first` into `buf` (zeroing the
+    /// never-written ones), a run of consecutive pages with one home at a time.
+    fn fetch_huge(
+        &mut self,
+        first: u64,
+        buf: &mut [PageBuf],
+        began: u64,
+        served: &mut Served,
+    ) -> Result<(), PagerError> {
+        let mut at = 0u64;
+        while at < HUGE_PAGES {
+            let p = first + at;
+            let e = self.directory.entry(p).map_err(PagerError::Directory)?;
+            let owner = e.home;
+            if e.state != PageState::Fetching {
+                // Never written: zero in the huge page.
+                buf[at as usize].0.fill(0);
+                at += 1;
+                continue;
+            }
+            let node = owner.unwrap_or_default();
+            let mut end = at + 1;
+            while end < HUGE_PAGES
+                && end - at < u64::from(pagemesh_transport::MAX_RUN_PAGES)
+                && self
+                    .directory
+                    .entry(first + end)
+                    .is_ok_and(|e| e.state == PageState::Fetching && e.home == owner)
+            {
+                end += 1;
+            }
+            let mut runs = [Run::new(p, bytes_mut(&mut buf[at as usize..end as usize]))];
+            let fetched = self.transport.fetch_runs(self.vm, node, &mut runs);
+            if let Some(fetch_done) = self.trace.fetch_done {
+                fetch_done(node, p, began);
+            }
+            fetched.map_err(|source| PagerError::Fetch {
+                page: p,
+                node,
+                source,
+            })?;
+            if !runs[0].filled {
+                return Err(PagerError::Fetch {
+                    page: p,
+                    node,
+                    source: pagemesh_transport::TransportError::UnknownPeer(node),
+                });
+            }
+            if served.transfer.is_none() {
+                served.transfer = Some((node, since(began, crate::trace::monotonic_ns())));
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Puts the pages of `first..end` this handler moved to Fetching back to Remote.
+    fn unclaim(&self, first: u64, end: u64) {
+        for p in first..end {
+            let _ = self
+                .directory
+                .transition(p, PageState::Fetching, PageState::Remote);
+        }
     }
 
     /// A fault under a budget (see the module docs and [`crate::cache`]).

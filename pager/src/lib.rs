@@ -56,6 +56,20 @@ pub enum PagerError {
     /// Reading fault events failed.
     #[error("cannot read userfaultfd events")]
     Read(#[source] std::io::Error),
+    /// Huge-page RAM that is not made of whole, aligned huge pages.
+    #[error("guest RAM at {base:#x} of {len} bytes is not whole 2 MiB huge pages")]
+    HugeAlignment {
+        /// Start of the RAM.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// A budget or prefetch with huge pages.
+    #[error(
+        "2 MiB huge pages work without --local-memory, --prefetch and --replay-working-set \
+         for now; drop --huge-pages or those"
+    )]
+    HugeUnsupported,
     /// A fault outside the directory.
     #[error("fault outside guest memory")]
     Directory(#[source] DirectoryError),
@@ -164,6 +178,10 @@ pub struct PagerConfig<'ram> {
     /// Record the pages the guest faults on, each once, in the order of their first faults
     /// ([`Pager::recorded`]).
     pub record_working_set: bool,
+    /// `ram` is a hugetlb mapping of 2 MiB pages (its start and length multiples of 2 MiB):
+    /// each fault fetches and installs the whole huge page. Neither a budget nor prefetch
+    /// work in 2 MiB pages yet, and are refused with them.
+    pub huge_pages: bool,
 }
 
 /// What the prefetch thread does.
@@ -230,6 +248,18 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
     let ram = config.ram;
     debug_assert_eq!(ram.base as usize % PAGE_SIZE, 0);
     debug_assert_eq!(ram.len as u64, config.directory.len() * PAGE_SIZE as u64);
+    if config.huge_pages {
+        let huge = handler::HUGE_PAGES * PAGE_SIZE as u64;
+        if !(ram.base as u64).is_multiple_of(huge) || !(ram.len as u64).is_multiple_of(huge) {
+            return Err(PagerError::HugeAlignment {
+                base: ram.base as u64,
+                len: ram.len as u64,
+            });
+        }
+        if config.cache.is_some() || config.prefetch.is_some() {
+            return Err(PagerError::HugeUnsupported);
+        }
+    }
     if let Some(c) = &config.cache {
         check_budget(c, &config.directory)?;
         if !config.more_handlers.is_empty() {
@@ -359,6 +389,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
             }),
             record: record.clone().map(handler::Record::new),
             served: 0,
+            huge: config.huge_pages,
         };
         let (cpu, on_failure, record_to) = (
             config.cpu.filter(|_| i == 0),

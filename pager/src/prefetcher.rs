@@ -31,6 +31,7 @@ use pagemesh_transport::{Run, TransportManager};
 
 use crate::cache::Shared;
 use crate::directory::{PageDirectory, PageState};
+use crate::handler::{PageBuf, bytes_mut};
 use crate::prefetch::{MAX_DEPTH, Span, Window};
 use crate::stats::PagerStats;
 use crate::uffd::{Installed, Uffd};
@@ -69,10 +70,6 @@ struct Claimed {
     pages: [(u64, NodeId); MAX_DEPTH as usize],
     len: usize,
 }
-
-/// A page-aligned page (the fetch buffer is made of them).
-#[repr(C, align(4096))]
-struct PageBuf([u8; PAGE_SIZE]);
 
 impl Prefetcher {
     /// Runs until the handler hangs up (it has stopped), then delivers its last
@@ -336,13 +333,4 @@ impl Prefetcher {
             shared.stats.mapped.fetch_sub(n, Ordering::AcqRel);
         }
     }
-}
-
-/// The bytes of `pages`.
-fn bytes_mut(pages: &mut [PageBuf]) -> &mut [u8] {
-    const { assert!(size_of::<PageBuf>() == PAGE_SIZE) };
-    // SAFETY: `PageBuf` is `repr(C)` over `[u8; PAGE_SIZE]` and exactly that size (checked
-    // above), so `pages` is `pages.len() * PAGE_SIZE` initialized, contiguous bytes, borrowed
-    // mutably for as long as the result.
-    unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr().cast::<u8>(), size_of_val(pages)) }
 }

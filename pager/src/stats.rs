@@ -280,6 +280,13 @@ impl PagerStats {
         }
     }
 
+    /// Counts `pages` more pages fetched by a fault already recorded (a huge page's: one
+    /// fault, 512 pages on the wire).
+    pub(crate) fn add_fetched(&self, pages: u64) {
+        self.bytes_fetched
+            .fetch_add(pages * PAGE_SIZE as u64, Ordering::Relaxed);
+    }
+
     /// Records `pages` pages the prefetcher fetched from `node` in `transfer` (a batch's
     /// time) and installed: they count as transfers from that node (bytes fetched, the
     /// peer's pages and transfer times), not as faults.

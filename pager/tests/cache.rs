@@ -119,6 +119,7 @@ fn run(
         on_failure,
         prefetch: None,
         record_working_set: false,
+        huge_pages: false,
         cache: Some(CacheConfig {
             budget_pages: budget,
             policy,
@@ -228,6 +229,7 @@ fn a_budget_below_the_minimum_is_refused() {
         on_failure: Box::new(|| {}),
         prefetch: None,
         record_working_set: false,
+        huge_pages: false,
         cache: Some(CacheConfig {
             budget_pages: 100,
             policy: Policy::Clock,

@@ -23,7 +23,7 @@ pub mod tls;
 
 use pagemesh_api::{NodeId, VmId};
 
-pub use pagemesh_protocol::{FrameError, Status};
+pub use pagemesh_protocol::{FrameError, MAX_RUN_PAGES, Status};
 
 /// Errors talking to a peer's page server.
 #[derive(thiserror::Error, Debug)]

@@ -185,6 +185,22 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
     },
+    // Guest RAM in 2 MiB huge pages: a sequential scan takes one fault per 512 pages.
+    Case {
+        name: "remote-seq-2m",
+        args: &[
+            "--workload",
+            "seq",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--huge-pages",
+        ],
+        remote: true,
+        tls: false,
+        replay: false,
+        tier: None,
+    },
     // A sequential stream interleaved with random demand faults (`mixed`), without and
     // with prefetch: the demand faults' p50 while prefetch streams run against without.
     Case {
@@ -367,6 +383,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 .is_none_or(|o| o.split(',').any(|o| c.name.contains(o)))
         })
         .collect();
+    // The huge-page cases' RAM, from the host's hugetlb pool while the bench runs.
+    let _pool = match cases.iter().any(|c| c.args.contains(&"--huge-pages")) {
+        true => {
+            let pages = parse_mib(&mem)?.div_ceil(2) + 8;
+            Some(
+                pagemesh_vmm::memory::HugePool::reserve(pages)
+                    .context("the 2 MiB cases need huge pages (and root to reserve them)")?,
+            )
+        }
+        false => None,
+    };
     let mut cluster = Cluster::start(bins.clone(), dir.clone(), &[1], "2GiB")?;
     // The TLS cases' cluster: a CA of its own, certificates for its memory node and for the
     // compute nodes.
@@ -671,6 +698,17 @@ fn run_case(
     Ok(summary)
 }
 
+/// `--mem` in MiB (`64MiB`, `1GiB`).
+fn parse_mib(mem: &str) -> anyhow::Result<u64> {
+    let (n, unit) = mem.split_at(mem.find(|c: char| !c.is_ascii_digit()).unwrap_or(mem.len()));
+    let n: u64 = n.parse().with_context(|| format!("--mem {mem}"))?;
+    Ok(match unit {
+        "GiB" => n << 10,
+        "MiB" => n,
+        _ => bail!("--mem {mem}: give MiB or GiB"),
+    })
+}
+
 /// The page cache cases' VM: [`TIER_MEM_MIB`], or 32 MiB in a quick run (16 MiB `mem`).
 fn tier_mem_mib(mem: &str) -> u64 {
     if mem == "16MiB" { 32 } else { TIER_MEM_MIB }
@@ -828,6 +866,8 @@ const RATIOS: &[(&str, &str)] = &[
     ("remote-seq-prefetch", "remote-seq"),
     ("remote-random-prefetch", "remote-random"),
     ("remote-mixed-prefetch", "remote-mixed"),
+    ("remote-seq-2m", "local-demand-zero"),
+    ("remote-seq-2m", "remote-seq"),
     ("replay", "local-demand-zero"),
     ("replay", "remote-random"),
 ];
