@@ -124,6 +124,16 @@ fn probes_measure_remote_faults_next_to_the_pager() {
     proc.stop().unwrap();
     assert_eq!(s.faults.remote, PAGES, "{s:#?}");
     let e = s.ebpf.expect("checked above");
+    // The sampled stalls, matched with the handler's record of their faults, cut in four:
+    // nearly every sample matched (the others are the system region's first touches), the
+    // four parts add up to the stall, and each remote fault spent time in every part.
+    let b = e.breakdown.expect("a stall breakdown");
+    assert!(b.samples > 0 && b.samples * 10 >= b.of_samples * 9, "{b:?}");
+    let sum = b.delivery_us + b.fetch_us + b.install_us + b.resume_us;
+    assert!((sum - b.stall_us).abs() <= b.stall_us * 0.01, "{b:?}");
+    for part in [b.delivery_us, b.fetch_us, b.install_us, b.resume_us] {
+        assert!(part > 0.0, "{b:?}");
+    }
     // Every fault fetched its page from a peer: transfers were timed, and each is a part
     // of its fault's stall.
     assert!(e.transfer_p50_us > 0.0, "{e:?}");

@@ -210,6 +210,9 @@ pub struct EbpfStats {
     /// could not be turned on.
     #[serde(default)]
     pub programs: Vec<ProgramCost>,
+    /// Where the sampled stalls' time went (see the type); `None` before any match.
+    #[serde(default)]
+    pub breakdown: Option<crate::summary::StallBreakdown>,
 }
 
 /// What one eBPF program cost since the probes were loaded, as the kernel measures it

@@ -235,6 +235,45 @@ pub struct EbpfSummary {
     pub cost_ns_per_fault: f64,
     /// Program runs per stall (every program, every tracepoint hit of the node's threads).
     pub runs_per_fault: f64,
+    /// Where the sampled stalls' time went; `None` when no sample could be matched with the
+    /// fault handler's record of its fault.
+    pub breakdown: Option<StallBreakdown>,
+}
+
+/// A vCPU stall cut in four at the fault handler's clock readings, for the sampled stalls
+/// (`StallSample`s) matched with the handler's record of the same fault: **delivery** (the
+/// stall's start in KVM's MMU to the handler's `read` of the event returning), **fetch**
+/// (then to the install ioctl's start: the transfer, 0 for a zero-fill), **install** (the
+/// `UFFDIO_COPY`), **resume** (the install's end to the page resolved in KVM: the vCPU woken
+/// and back in its fault). The four means add up to `stall_us` exactly; `stall_all_us` is the
+/// mean of every sampled stall, matched or not, which they are held to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
+#[serde(default)]
+pub struct StallBreakdown {
+    /// Sampled stalls matched with a handler record.
+    pub samples: u64,
+    /// Sampled stalls in all.
+    pub of_samples: u64,
+    /// Mean delivery, µs.
+    pub delivery_us: f64,
+    /// Mean fetch, µs.
+    pub fetch_us: f64,
+    /// Mean install, µs.
+    pub install_us: f64,
+    /// Mean resume, µs.
+    pub resume_us: f64,
+    /// Mean stall of the matched samples, µs (the four means' sum).
+    pub stall_us: f64,
+    /// Mean stall of every sample, µs.
+    pub stall_all_us: f64,
+    /// Median delivery, µs.
+    pub delivery_p50_us: f64,
+    /// Median fetch, µs.
+    pub fetch_p50_us: f64,
+    /// Median install, µs.
+    pub install_p50_us: f64,
+    /// Median resume, µs.
+    pub resume_p50_us: f64,
 }
 
 #[cfg(test)]
@@ -283,6 +322,7 @@ mod tests {
                 // Not in summaries written before they existed.
                 cost_ns_per_fault: 0.0,
                 runs_per_fault: 0.0,
+                breakdown: None,
             }),
             ok: true,
             error: None,

@@ -225,6 +225,7 @@ pub(crate) fn ebpf() -> EbpfStats {
             },
         ],
         programs: Vec::new(),
+        breakdown: None,
     }
 }
 

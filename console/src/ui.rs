@@ -294,6 +294,29 @@ mod tests {
     }
 
     #[test]
+    fn latency_view_says_where_the_stall_went() {
+        let mut ebpf = testdata::ebpf();
+        ebpf.breakdown = Some(pagemesh_api::summary::StallBreakdown {
+            samples: 900,
+            of_samples: 910,
+            delivery_us: 25.1,
+            fetch_us: 30.4,
+            install_us: 4.1,
+            resume_us: 10.5,
+            stall_us: 70.1,
+            stall_all_us: 70.0,
+            ..Default::default()
+        });
+        let mut app = testdata::app(W, H, Some(ebpf));
+        key(&mut app, KeyCode::Char('3'));
+        let out = text(&draw(&app));
+        assert!(
+            out.contains("stall 70.1 µs = delivery 25.1 + fetch 30.4"),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn latency_view_shows_the_pagers_install_time_once_it_has_samples() {
         let mut app = testdata::app(W, H, None);
         key(&mut app, KeyCode::Char('3'));

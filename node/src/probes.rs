@@ -23,6 +23,7 @@ pub(crate) fn load_probes(
     }
     match Probes::load(std::process::id(), frames) {
         Ok(p) => {
+            p.set_first_gfn(first_gfn);
             let p = Arc::new(p);
             tracing::info!("eBPF probes attached: {}", p.attached().join(", "));
             *admin.ebpf.lock().unwrap_or_else(|e| e.into_inner()) = Some(KernelProbes {
@@ -47,5 +48,6 @@ pub(crate) fn load_probes(
 pub fn fault_trace() -> pagemesh_pager::FaultTrace {
     pagemesh_pager::FaultTrace {
         fetch_done: Some(pagemesh_probes::pagemesh_fetch_done),
+        served: Some(pagemesh_probes::pagemesh_fault_served),
     }
 }

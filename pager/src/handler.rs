@@ -248,6 +248,9 @@ impl Handler {
                     self.stats.record(served.kind, latency, None, None);
                 }
                 Ok(Installed::Done) if served.kind != FaultKind::Spurious => {
+                    if let Some(hook) = self.trace.served {
+                        hook(page, start, served.install_start, done);
+                    }
                     let install = since(served.install_start, done);
                     self.stats
                         .record(served.kind, latency, served.transfer, Some(install));

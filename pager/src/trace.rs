@@ -11,11 +11,18 @@ use pagemesh_api::NodeId;
 /// on it (the eBPF probes' `pagemesh_fetch_done`).
 pub type FetchDone = extern "C" fn(node: NodeId, page: u64, began_ns: u64);
 
+/// Called after the handler installed a page it served on a fault: VM page `page`, whose
+/// event it read at `read_ns`, whose install began at `install_ns` and ended at `done_ns`
+/// (all [`monotonic_ns`]); for the eBPF probes' stall breakdown.
+pub type FaultServed = fn(page: u64, read_ns: u64, install_ns: u64, done_ns: u64);
+
 /// The hooks the handler calls on each fault.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FaultTrace {
     /// After each remote fetch.
     pub fetch_done: Option<FetchDone>,
+    /// After each fault it installed a page for.
+    pub served: Option<FaultServed>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, so that a time the

@@ -42,7 +42,7 @@ use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{RawTracePoint, TracePoint, UProbe, uprobe::UProbeScope};
 use aya::{Ebpf, EbpfLoader};
 use pagemesh_api::stats::{Bucket, EbpfStats, Histogram, PeerStats, ProgramCost};
-use pagemesh_api::summary::EbpfSummary;
+use pagemesh_api::summary::{EbpfSummary, StallBreakdown};
 use pagemesh_node_common::{
     CONFIG_RESUME, CTR_HEAT_DROPPED, CTR_SAMPLES_LOST, CTR_SAMPLES_SENT, CTR_SAMPLES_THROTTLED,
     CTR_UNMATCHED_END, Config, CpuStats, HEAT_MAX_FRAMES, HIST_BUCKETS, HIST_INSTALL, HIST_RESUME,
@@ -87,6 +87,145 @@ pub extern "C" fn pagemesh_fetch_done(node: u32, page: u64, began_ns: u64) {
 #[inline(never)]
 pub extern "C" fn pagemesh_fetch_done(node: u32, page: u64, began_ns: u64) {
     std::hint::black_box((node, page, began_ns));
+}
+
+/// Faults the handler has recorded for the stall breakdown and the join has not seen yet
+/// may be this many (a power of two): a second of faults at 15 µs each.
+const SERVED_SLOTS: usize = 1 << 16;
+
+/// One fault as the handler served it ([`pagemesh_fault_served`]).
+struct ServedSlot {
+    page: AtomicU64,
+    read_ns: AtomicU64,
+    install_ns: AtomicU64,
+    /// Written last (0 while the slot is being written).
+    done_ns: AtomicU64,
+}
+
+/// The faults the handlers served lately, for [`State::drain_samples`] to match with the
+/// kernel's stall samples. A process serves one VM at a time, so one ring per process.
+static SERVED: [ServedSlot; SERVED_SLOTS] = [const {
+    ServedSlot {
+        page: AtomicU64::new(0),
+        read_ns: AtomicU64::new(0),
+        install_ns: AtomicU64::new(0),
+        done_ns: AtomicU64::new(0),
+    }
+}; SERVED_SLOTS];
+static SERVED_NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// The fault handler's record of a fault it served: VM page `page`, its event read at
+/// `read_ns`, its install begun at `install_ns` and done at `done_ns` (CLOCK_MONOTONIC, the
+/// probes' clock). Seven relaxed stores and an atomic add: cheap enough for every fault.
+pub fn pagemesh_fault_served(page: u64, read_ns: u64, install_ns: u64, done_ns: u64) {
+    let i = SERVED_NEXT.fetch_add(1, Ordering::Relaxed) as usize & (SERVED_SLOTS - 1);
+    let s = &SERVED[i];
+    s.done_ns.store(0, Ordering::Relaxed);
+    s.page.store(page, Ordering::Relaxed);
+    s.read_ns.store(read_ns, Ordering::Relaxed);
+    s.install_ns.store(install_ns, Ordering::Relaxed);
+    s.done_ns.store(done_ns, Ordering::Release);
+}
+
+/// The stall breakdown's running sums: matched samples' parts and every sample's stall.
+struct Breakdown {
+    samples: u64,
+    stall_all_ns: u64,
+    /// Delivery, fetch, install, resume, and the matched stall (whose count is the
+    /// matched samples').
+    parts: [Hist; 5],
+    /// The handler records by VM page, rebuilt at each drain (kept for its allocation).
+    by_page: std::collections::HashMap<u64, Vec<[u64; 3]>>,
+}
+
+impl Breakdown {
+    fn new() -> Self {
+        Breakdown {
+            samples: 0,
+            stall_all_ns: 0,
+            parts: [Hist::ZERO; 5],
+            by_page: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Matches `samples` (guest frame numbers from `first_gfn` on are VM pages) with the
+    /// handler records in [`SERVED`] and adds them up.
+    fn add(&mut self, samples: &[StallSample], first_gfn: u64) {
+        if samples.is_empty() {
+            return;
+        }
+        for v in self.by_page.values_mut() {
+            v.clear();
+        }
+        for s in &SERVED {
+            let done = s.done_ns.load(Ordering::Acquire);
+            if done == 0 {
+                continue;
+            }
+            let (page, read, install) = (
+                s.page.load(Ordering::Relaxed),
+                s.read_ns.load(Ordering::Relaxed),
+                s.install_ns.load(Ordering::Relaxed),
+            );
+            // Rewritten while read: skip it.
+            if s.done_ns.load(Ordering::Acquire) != done {
+                continue;
+            }
+            self.by_page
+                .entry(page)
+                .or_default()
+                .push([read, install, done]);
+        }
+        for s in samples {
+            self.samples += 1;
+            self.stall_all_ns += s.stall_ns;
+            let (start, end) = (s.ts_ns.saturating_sub(s.stall_ns), s.ts_ns);
+            let Some(records) = s
+                .gfn
+                .checked_sub(first_gfn)
+                .and_then(|page| self.by_page.get(&page))
+            else {
+                continue;
+            };
+            let Some(&[read, install, done]) = records
+                .iter()
+                .find(|[r, i, d]| start <= *r && r <= i && i <= d && *d <= end)
+            else {
+                continue;
+            };
+            for (h, ns) in self.parts.iter_mut().zip([
+                read - start,
+                install - read,
+                done - install,
+                end - done,
+                end - start,
+            ]) {
+                h.record(ns);
+            }
+        }
+    }
+
+    fn summary(&self) -> Option<StallBreakdown> {
+        let [delivery, fetch, install, resume, stall] = &self.parts;
+        if stall.count == 0 {
+            return None;
+        }
+        let mean = |h: &Hist| h.sum_ns as f64 / h.count.max(1) as f64 / 1000.0;
+        Some(StallBreakdown {
+            samples: stall.count,
+            of_samples: self.samples,
+            delivery_us: mean(delivery),
+            fetch_us: mean(fetch),
+            install_us: mean(install),
+            resume_us: mean(resume),
+            stall_us: mean(stall),
+            stall_all_us: self.stall_all_ns as f64 / self.samples.max(1) as f64 / 1000.0,
+            delivery_p50_us: percentile_us(delivery, 0.5),
+            fetch_p50_us: percentile_us(fetch, 0.5),
+            install_p50_us: percentile_us(install, 0.5),
+            resume_p50_us: percentile_us(resume, 0.5),
+        })
+    }
 }
 
 /// Errors loading the probes.
@@ -198,6 +337,9 @@ struct State {
     transfer: PerCpuHashMap<MapData, u32, Hist>,
     ring: RingBuf<MapData>,
     samples: VecDeque<StallSample>,
+    /// The stall breakdown so far, and the guest frame of VM page 0 it matches with.
+    breakdown: Breakdown,
+    first_gfn: u64,
     /// Keeps the kernel's BPF run-time statistics on while the probes live; `None` when
     /// they could not be turned on (the programs' costs then read as nothing).
     _run_time_stats: Option<std::os::fd::OwnedFd>,
@@ -407,6 +549,8 @@ impl Probes {
             transfer: take(&mut bpf, "TRANSFER")?,
             ring: take(&mut bpf, "SAMPLES")?,
             samples: VecDeque::new(),
+            breakdown: Breakdown::new(),
+            first_gfn: 0,
             _run_time_stats: run_time_stats,
             bpf,
         };
@@ -437,7 +581,8 @@ impl Probes {
 
     /// Everything measured so far.
     pub fn snapshot(&self) -> EbpfStats {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.drain_samples();
         let totals = state.totals();
         let stall = totals.hists[HIST_STALL as usize];
         EbpfStats {
@@ -454,6 +599,7 @@ impl Probes {
                 })
                 .collect(),
             programs: state.costs(),
+            breakdown: state.breakdown.summary(),
         }
     }
 
@@ -466,7 +612,8 @@ impl Probes {
     /// The `"ebpf"` object of the node's `--json` summary: stall count and the median figures.
     /// A figure with no samples is 0.
     pub fn summary(&self) -> EbpfSummary {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.drain_samples();
         let totals = state.totals();
         let (stall, install) = (
             totals.hists[HIST_STALL as usize],
@@ -486,7 +633,14 @@ impl Probes {
             transfer_p50_us: percentile_us(&transfer, 0.50),
             cost_ns_per_fault: per_fault(costs.iter().map(|c| c.run_time_ns).sum()),
             runs_per_fault: per_fault(costs.iter().map(|c| c.runs).sum()),
+            breakdown: state.breakdown.summary(),
         }
+    }
+
+    /// Says which guest frame VM page 0 is (for matching stalls with the fault handler's
+    /// records of its faults; 0 until set).
+    pub fn set_first_gfn(&self, first_gfn: u64) {
+        self.lock().first_gfn = first_gfn;
     }
 
     /// Faults resolved per guest frame number (guest-physical address / 4096) since the
@@ -595,6 +749,7 @@ impl State {
     }
 
     fn drain_samples(&mut self) {
+        let mut fresh = Vec::new();
         while let Some(item) = self.ring.next() {
             if item.len() < size_of::<StallSample>() {
                 continue;
@@ -606,7 +761,10 @@ impl State {
                 self.samples.pop_front();
             }
             self.samples.push_back(s);
+            fresh.push(s);
         }
+        let first_gfn = self.first_gfn;
+        self.breakdown.add(&fresh, first_gfn);
     }
 }
 

@@ -591,6 +591,32 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             c["stall_p50_us"].as_f64().unwrap_or(0.0),
         );
     }
+    let breakdown = cases
+        .iter()
+        .zip(&per_case)
+        .find(|(c, _)| c.name == "remote-random-ebpf")
+        .and_then(|(_, runs)| stall_breakdown(runs));
+    if let Some(b) = &breakdown {
+        let f = |k: &str| b[k].as_f64().unwrap_or(0.0);
+        println!(
+            "stall breakdown on remote-random-ebpf (means, µs): delivery {:.1} + fetch {:.1} + \
+             install {:.1} + resume {:.1} = {:.1}, against {:.1} for every sampled stall \
+             ({:+.1}%); medians {:.1} / {:.1} / {:.1} / {:.1}; {:.0} of {:.0} samples matched",
+            f("delivery_us"),
+            f("fetch_us"),
+            f("install_us"),
+            f("resume_us"),
+            f("sum_us"),
+            f("stall_all_us"),
+            f("sum_vs_stall_pct"),
+            f("delivery_p50_us"),
+            f("fetch_p50_us"),
+            f("install_p50_us"),
+            f("resume_p50_us"),
+            f("samples"),
+            f("of_samples"),
+        );
+    }
     let tls_overhead = paired_overhead(&cases, &per_case, "remote-random", "remote-random-tls");
     if let Some(o) = &tls_overhead {
         println!("{}", overhead_line("TLS cost on remote-random", runs, o));
@@ -630,6 +656,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "ebpf_overhead": overhead,
         "tls_overhead": tls_overhead,
         "ebpf_cost": probe_cost,
+        "stall_breakdown": breakdown,
         "demand_p50_with_streams": demand,
         "ratios": ratios,
         "baseline_bin": args.baseline_bin,
@@ -882,6 +909,38 @@ fn ebpf_cost(runs: &[RunSummary]) -> Option<f64> {
         .map(|e| e.cost_ns_per_fault)
         .collect();
     (!cost.is_empty()).then(|| median(cost))
+}
+
+/// The stall breakdown's medians over runs (each run's means and medians of its matched
+/// samples), with the four means' sum against every sampled stall's mean.
+fn stall_breakdown(runs: &[RunSummary]) -> Option<Value> {
+    let b: Vec<_> = runs
+        .iter()
+        .filter_map(|s| s.ebpf.and_then(|e| e.breakdown))
+        .collect();
+    if b.is_empty() {
+        return None;
+    }
+    let m =
+        |f: fn(&pagemesh_api::summary::StallBreakdown) -> f64| median(b.iter().map(f).collect());
+    fn sum(b: &pagemesh_api::summary::StallBreakdown) -> f64 {
+        b.delivery_us + b.fetch_us + b.install_us + b.resume_us
+    }
+    Some(json!({
+        "delivery_us": m(|b| b.delivery_us),
+        "fetch_us": m(|b| b.fetch_us),
+        "install_us": m(|b| b.install_us),
+        "resume_us": m(|b| b.resume_us),
+        "sum_us": m(sum),
+        "stall_all_us": m(|b| b.stall_all_us),
+        "sum_vs_stall_pct": m(|b| (sum(b) / b.stall_all_us - 1.0) * 100.0),
+        "delivery_p50_us": m(|b| b.delivery_p50_us),
+        "fetch_p50_us": m(|b| b.fetch_p50_us),
+        "install_p50_us": m(|b| b.install_p50_us),
+        "resume_p50_us": m(|b| b.resume_p50_us),
+        "samples": m(|b| b.samples as f64),
+        "of_samples": m(|b| b.of_samples as f64),
+    }))
 }
 
 /// The probes' kernel time per fault against the fault's whole stall, run by run: the

@@ -65,6 +65,30 @@ pub(crate) fn render(app: &App, frame: &mut Frame, area: Rect) {
         Some(ebpf) => {
             let [stall, install] =
                 Layout::vertical([Constraint::Fill(1), Constraint::Fill(1)]).areas(right);
+            // Where the stall's time went, once samples were matched with the handler's.
+            let stall = match &ebpf.breakdown {
+                Some(b) => {
+                    let [line, rest] =
+                        Layout::vertical([Constraint::Length(2), Constraint::Fill(1)]).areas(stall);
+                    frame.render_widget(
+                        Paragraph::new(format!(
+                            "stall {:.1} µs = delivery {:.1} + fetch {:.1} + install {:.1} + \
+                             resume {:.1} (means of {} sampled stalls)",
+                            b.stall_us,
+                            b.delivery_us,
+                            b.fetch_us,
+                            b.install_us,
+                            b.resume_us,
+                            b.samples
+                        ))
+                        .style(Style::new().fg(Color::Magenta))
+                        .wrap(Wrap { trim: true }),
+                        line,
+                    );
+                    rest
+                }
+                None => stall,
+            };
             histogram(
                 frame,
                 stall,
