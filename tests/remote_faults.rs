@@ -337,3 +337,43 @@ fn a_guest_on_2mib_pages_gets_each_huge_page_in_one_fault_from_its_home() {
         );
     }
 }
+
+#[test]
+fn two_vcpus_fault_at_once_on_two_handlers_and_every_page_is_right() {
+    let mut c = cluster("two-vcpus");
+    // Two vCPUs each verify half of the VM in random order; a fault handler each.
+    let (status, s, proc) = c
+        .run_compute(
+            &[
+                "--mem",
+                "32MiB",
+                "--workload",
+                "random",
+                "--access",
+                "verify",
+                "--vcpus",
+                "2",
+                "--log",
+                "info",
+            ],
+            RUN_TIMEOUT,
+        )
+        .unwrap();
+    assert!(status.success() && s.ok, "{s:#?}\n{}", proc.log_tail());
+    let result = s.result.as_ref().unwrap();
+    assert_eq!((result.pages_done, result.bad_pages), (8192, 0), "{s:#?}");
+    assert_eq!(s.faults.remote, 8192, "{s:#?}");
+    let log = std::fs::read_to_string(&proc.stderr).unwrap();
+    assert!(log.contains("2 fault handler threads"), "{log}");
+
+    // A trace order cannot be shared out: refused before anything starts.
+    let (mut proc, _) = c
+        .spawn_compute(&["--mem", "32MiB", "--workload", "zipf:0.99", "--vcpus", "2"])
+        .unwrap();
+    assert!(!proc.wait(RUN_TIMEOUT).unwrap().success());
+    assert!(
+        proc.log_tail().contains("share a workload's pages"),
+        "{}",
+        proc.log_tail()
+    );
+}

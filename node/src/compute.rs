@@ -64,6 +64,8 @@ pub struct RunOptions {
     pub cpu: Option<usize>,
     /// Map guest RAM in 2 MiB huge pages.
     pub huge_pages: bool,
+    /// vCPUs, which share the workload's pages out between them.
+    pub vcpus: u8,
 }
 
 /// Creates the VM and runs the workload to its end through the [`run_vm`] lifecycle, or
@@ -81,7 +83,7 @@ pub fn run_guest(
         RamPages::Small
     };
     let layout = GuestLayout::with_pages(opts.mem_bytes, pages)?;
-    let mut machine = Machine::new(layout)?;
+    let mut machine = Machine::with_vcpus(layout, opts.vcpus.max(1))?;
     machine.prepare(&opts.workload, opts.initial.seed())?;
     let pages_done = machine.progress().clone();
     let running = Arc::new(AtomicBool::new(true));
@@ -108,18 +110,44 @@ pub fn run_guest(
     if let Some(f) = ended.pager_failure {
         return Err(ComputeError::PagerFailed(f));
     }
-    // The built-in machine has one vCPU.
-    let exit = ended
-        .vcpus
-        .into_iter()
-        .next()
-        .unwrap_or(Err(VcpuError::Stopped))?;
+    // Each vCPU did its share of the pages: the run's result is their sum, its time the
+    // slowest one's.
+    let mut result = WorkloadResult {
+        pages_done: 0,
+        checksum: 0,
+        first_bad_page: None,
+        bad_pages: 0,
+    };
+    let mut elapsed = Duration::ZERO;
+    if ended.vcpus.is_empty() {
+        return Err(VcpuError::Stopped.into());
+    }
+    for exit in ended.vcpus {
+        let exit = exit?;
+        let r = exit.result;
+        result.pages_done += r.pages_done;
+        result.checksum = result.checksum.wrapping_add(r.checksum);
+        result.bad_pages += r.bad_pages;
+        result.first_bad_page = match (result.first_bad_page, r.first_bad_page) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        elapsed = elapsed.max(exit.elapsed);
+    }
+    let shares = opts
+        .workload
+        .split(u64::from(opts.vcpus.max(1)))
+        .map_err(VcpuError::from)?;
+    let expected_checksum = shares
+        .iter()
+        .map(|w| w.expected_checksum(opts.initial))
+        .try_fold(0u64, |sum, c| c.map(|c| sum.wrapping_add(c)));
     Ok(RunOutcome {
-        result: exit.result,
+        result,
         stats: ended.stats,
         cache: ended.cache,
-        elapsed: exit.elapsed,
-        expected_checksum: opts.workload.expected_checksum(opts.initial),
+        elapsed,
+        expected_checksum,
         working_set: ended.working_set,
     })
 }

@@ -443,7 +443,10 @@ pub struct LinuxOptions {
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
 
-    /// vCPUs, 1 to 32; each runs on a thread of its own.
+    /// vCPUs, 1 to 32, each on a thread of its own, with a fault handler each by default
+    /// (--fault-handlers). The built-in guest (--workload) also takes 1 to 8: its vCPUs share
+    /// the workload's pages out between them, each doing its own consecutive part (seq,
+    /// random, stride:K and verify only).
     #[arg(
         long,
         value_name = "N",

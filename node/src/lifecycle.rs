@@ -1,7 +1,8 @@
 //! One lifecycle for every guest, the built-in test guest and a Linux kernel alike: take the
 //! machine's vCPUs, start the pager over its RAM, run each vCPU on a thread of its own,
-//! wait for the first to end (or for a stop signal), stop the rest, stop the pager, and only
-//! then let the machine (and its RAM) go.
+//! wait for the first to end (the built-in guest: for all, each doing its share) or for a
+//! stop signal, stop the rest, stop the pager, and only then let the machine (and its RAM)
+//! go.
 //!
 //! One [`Stop`] stops every vCPU (the pager's failure and the node's stop signals request
 //! it), and one channel tells the waiting thread what happened. The pager borrows guest RAM
@@ -216,9 +217,22 @@ pub fn run_vm<M: GuestMachine>(
         }
         drop(events);
         let mut signalled = false;
+        // Ends on the first vCPU's end, or on the last one's for a machine whose vCPUs each
+        // finish on their own.
+        let mut running = if machine.ends_with_first_vcpu() {
+            1
+        } else {
+            handles.len()
+        };
         while spawn_error.is_none() {
             match heard.recv_timeout(launch.idle) {
-                Ok(Event::VcpuEnded) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Ok(Event::VcpuEnded) => {
+                    running -= 1;
+                    if running == 0 {
+                        break;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Ok(Event::Signal(sig)) => {
                     tracing::info!("signal {sig} received; stopping the guest");
                     signalled = true;

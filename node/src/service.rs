@@ -235,7 +235,10 @@ fn run_compute(
     let workload = workload(c)?;
     let identity = VmIdentity::new(pages, content.clone());
     let replay = working_set::to_replay(settings, &identity)?;
-    let handlers = fault_handlers(settings, 1)?;
+    // The vCPUs share the workload out: refused now if they cannot.
+    let vcpus = settings.linux.vcpus;
+    workload.split(u64::from(vcpus))?;
+    let handlers = fault_handlers(settings, usize::from(vcpus))?;
     let vm = coordinator.create_vm(&CreateVm {
         compute_node: id,
         mem_bytes: mem,
@@ -308,6 +311,7 @@ fn run_compute(
         initial,
         cpu: c.pin_cpu,
         huge_pages: c.huge_pages,
+        vcpus: settings.linux.vcpus,
     };
     let probes = load_probes(
         settings,
@@ -409,6 +413,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
     let mem = c.mem().bytes();
     let pages = c.mem().pages();
     let workload = workload(c)?;
+    workload.split(u64::from(settings.linux.vcpus))?;
     let seed = seed(c);
     let (backing, initial) = match backing {
         BackingArg::DemandZero => (Backing::DemandZero, Initial::Zero),
@@ -440,6 +445,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
         initial,
         cpu: c.pin_cpu,
         huge_pages: c.huge_pages,
+        vcpus: settings.linux.vcpus,
     };
     let outcome = run_guest(&opts, backing, None, |_| {})?;
     report(

@@ -55,6 +55,7 @@ fn opts(workload: &str, access: &str, first: u64, pages: u64) -> RunOptions {
         initial: Initial::Pattern(11),
         cpu: None,
         huge_pages: false,
+        vcpus: 1,
     }
 }
 

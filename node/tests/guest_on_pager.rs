@@ -38,6 +38,7 @@ fn opts(workload: &str, access: &str, initial: Initial) -> RunOptions {
         initial,
         cpu: None,
         huge_pages: false,
+        vcpus: 1,
     }
 }
 

@@ -14,6 +14,9 @@ pub enum VcpuError {
     /// Setting up guest memory failed.
     #[error("cannot set up the guest")]
     Guest(#[from] GuestError),
+    /// The workload cannot run on these vCPUs.
+    #[error(transparent)]
+    Workload(#[from] crate::guest::WorkloadError),
     /// The guest triple-faulted.
     #[error("the guest shut down unexpectedly (triple fault) at rip {rip:#x}")]
     Shutdown {

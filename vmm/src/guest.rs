@@ -126,7 +126,7 @@ pub enum WorkloadError {
     /// Unknown order.
     #[error(
         "unknown workload '{0}'; expected seq, random, stride:K, zipf:S (e.g. zipf:0.99), \
-         hotset:H:P (e.g. hotset:10:90) or verify"
+         hotset:H:P (e.g. hotset:10:90), mixed or verify"
     )]
     UnknownOrder(String),
     /// A bad `zipf:S`.
@@ -145,6 +145,27 @@ pub enum WorkloadError {
         got: u64,
         /// The most the trace region holds.
         max: u64,
+    },
+    /// A trace workload cannot be shared out between vCPUs.
+    #[error(
+        "{vcpus} vCPUs share a workload's pages out between them: give seq, random, stride:K \
+         or verify (a trace order like {order} revisits pages across vCPUs)"
+    )]
+    Unshared {
+        /// vCPUs asked for.
+        vcpus: u64,
+        /// The order.
+        order: String,
+    },
+    /// More vCPUs than pages, or than the built-in guest has room for.
+    #[error(
+        "the built-in guest runs 1 to {MAX_GUEST_VCPUS} vCPUs over at least one page each, got {vcpus} over {pages} pages"
+    )]
+    TooManyVcpus {
+        /// vCPUs asked for.
+        vcpus: u64,
+        /// Pages of the workload.
+        pages: u64,
     },
     /// Unknown access.
     #[error("unknown access '{0}'; expected read, write, rmw or verify")]
@@ -469,11 +490,61 @@ pub enum GuestError {
 /// Pages visited between two progress reports.
 const PROGRESS_EVERY: u64 = 4096;
 
-/// Writes GDT, TSS, page tables, code and parameters for `workload` into guest memory.
+/// vCPUs the built-in guest can run: each has a parameter block (below the page tables) and
+/// a 64 KiB stack (below the top of the system region, above the code).
+pub const MAX_GUEST_VCPUS: u64 = 8;
+
+/// Where vCPU `i`'s parameter block is.
+pub fn params_addr(i: u64) -> u64 {
+    PARAMS_ADDR + i * 0x80
+}
+
+/// vCPU `i`'s initial stack pointer.
+pub fn stack_top(i: u64) -> u64 {
+    STACK_TOP - i * 0x1_0000
+}
+
+impl Workload {
+    /// This workload shared out between `vcpus` vCPUs: vCPU `i` does the same to the `i`-th
+    /// of `vcpus` consecutive parts of the range. Trace orders revisit pages and cannot be
+    /// shared out.
+    pub fn split(&self, vcpus: u64) -> Result<Vec<Workload>, WorkloadError> {
+        if vcpus == 0 || vcpus > MAX_GUEST_VCPUS || vcpus > self.pages {
+            return Err(WorkloadError::TooManyVcpus {
+                vcpus,
+                pages: self.pages,
+            });
+        }
+        if vcpus == 1 {
+            return Ok(vec![*self]);
+        }
+        if self.order.is_trace() {
+            return Err(WorkloadError::Unshared {
+                vcpus,
+                order: format!("{self}"),
+            });
+        }
+        Ok((0..vcpus)
+            .map(|i| {
+                let from = self.pages * i / vcpus;
+                let to = self.pages * (i + 1) / vcpus;
+                Workload {
+                    first_page: self.first_page + from,
+                    pages: to - from,
+                    accesses: to - from,
+                    ..*self
+                }
+            })
+            .collect())
+    }
+}
+
+/// Writes GDT, TSS, page tables, code and a parameter block per vCPU, vCPU `i` doing
+/// `workloads[i]` (a trace order: one vCPU), into guest memory.
 pub fn install(
     mem: &GuestMemoryMmap,
     ram_pages: u64,
-    workload: &Workload,
+    workloads: &[Workload],
     seed: u64,
 ) -> Result<(), GuestError> {
     let w = |addr: u64, bytes: &[u8]| mem.write_slice(bytes, GuestAddress(addr));
@@ -518,7 +589,20 @@ pub fn install(
     }
 
     w(CODE_ADDR, GUEST_CODE).map_err(GuestError::Write)?;
+    for (i, workload) in workloads.iter().enumerate() {
+        write_params(mem, i as u64, workload, seed)?;
+    }
+    Ok(())
+}
 
+/// vCPU `i`'s parameter block for `workload`.
+fn write_params(
+    mem: &GuestMemoryMmap,
+    i: u64,
+    workload: &Workload,
+    seed: u64,
+) -> Result<(), GuestError> {
+    let w = |addr: u64, bytes: &[u8]| mem.write_slice(bytes, GuestAddress(addr));
     let (order, arg, random_shift) = match workload.order {
         Order::Seq => (0, 0, 0),
         Order::Random => {
@@ -553,17 +637,18 @@ pub fn install(
         trace: crate::memory::TRACE_BASE,
         ..Params::default()
     };
-    mem.write_obj(params, GuestAddress(PARAMS_ADDR))
+    mem.write_obj(params, GuestAddress(params_addr(i)))
         .map_err(GuestError::Write)
 }
 
-/// Reads the guest's result block after it reported done.
+/// Reads vCPU `i`'s result block after it reported done.
 pub fn read_result(
     mem: &GuestMemoryMmap,
+    i: u64,
     workload: &Workload,
 ) -> Result<WorkloadResult, GuestError> {
     let p: Params = mem
-        .read_obj(GuestAddress(PARAMS_ADDR))
+        .read_obj(GuestAddress(params_addr(i)))
         .map_err(GuestError::Write)?;
     if p.magic != DONE_MAGIC {
         return Err(GuestError::NoResult(p.magic));
@@ -588,6 +673,30 @@ fn tss_descriptor_low(base: u64, limit: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workload_is_shared_out_in_consecutive_parts() {
+        let w = Workload::parse("random", "verify", 10, 101, 200).unwrap();
+        let parts = w.split(3).unwrap();
+        let spans: Vec<_> = parts.iter().map(|p| (p.first_page, p.pages)).collect();
+        assert_eq!(spans, [(10, 33), (43, 34), (77, 34)]);
+        // The parts' checksums add up to the whole's.
+        let sum = parts
+            .iter()
+            .map(|p| p.expected_checksum(Initial::Pattern(4)).unwrap())
+            .fold(0u64, u64::wrapping_add);
+        assert_eq!(Some(sum), w.expected_checksum(Initial::Pattern(4)));
+        assert!(matches!(
+            Workload::parse("zipf:0.99", "read", 0, 64, 64)
+                .unwrap()
+                .split(2),
+            Err(WorkloadError::Unshared { .. })
+        ));
+        assert!(matches!(
+            w.split(9),
+            Err(WorkloadError::TooManyVcpus { .. })
+        ));
+    }
 
     #[test]
     fn parses_workloads() {

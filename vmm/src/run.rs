@@ -26,6 +26,12 @@ pub trait GuestMachine {
     /// The vCPUs, vCPU 0 first; a second call returns none.
     fn take_vcpus(&mut self) -> Vec<Self::Vcpu>;
 
+    /// Whether the VM ends when its first vCPU does (a Linux guest's reset or triple fault),
+    /// rather than when every vCPU has (the built-in guest's vCPUs each finish their share).
+    fn ends_with_first_vcpu(&self) -> bool {
+        true
+    }
+
     /// Called while the VM runs whenever nothing has happened for a while (e.g. to log where
     /// the guest is); `stop` can kick a vCPU. Nothing by default.
     fn on_idle(&self, stop: &Stop) {

@@ -1,4 +1,5 @@
-//! A KVM VM with one vCPU running the built-in guest.
+//! A KVM VM whose vCPUs (one by default) run the built-in guest, each over its share of the
+//! workload's pages.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,22 +13,27 @@ use super::guest::{self, PORT_DONE, PORT_PROGRESS, Workload, WorkloadResult};
 use super::memory::{GuestLayout, RAM_BASE, SYSTEM_BASE, SYSTEM_SIZE, TRACE_BASE, TRACE_SIZE};
 use super::run::{GuestMachine, RunVcpu, Stop};
 
-/// A VM with its memory and one vCPU, which runs the built-in workload guest.
+/// A VM with its memory and vCPUs, which run the built-in workload guest.
 pub struct Machine {
     _kvm: Kvm,
     _vm: VmFd,
-    vcpu: Option<VcpuFd>,
+    /// Taken by [`GuestMachine::take_vcpus`].
+    vcpus: Vec<VcpuFd>,
     layout: GuestLayout,
-    workload: Option<Workload>,
+    /// Each vCPU's share of the workload, once prepared.
+    workloads: Vec<Workload>,
     progress: Arc<AtomicU64>,
 }
 
 /// The built-in guest's vCPU, taken out of its [`Machine`] to run on a thread of its own.
 pub struct BuiltinVcpu {
+    id: u8,
     vcpu: VcpuFd,
     memory: vm_memory::GuestMemoryMmap,
     workload: Workload,
+    /// Pages done by every vCPU, and by this one at its last report.
     progress: Arc<AtomicU64>,
+    reported: u64,
 }
 
 /// What a built-in guest's run produced.
@@ -42,6 +48,12 @@ pub struct BuiltinExit {
 impl Machine {
     /// Creates a VM over `layout` with one vCPU.
     pub fn new(layout: GuestLayout) -> Result<Self, VcpuError> {
+        Self::with_vcpus(layout, 1)
+    }
+
+    /// Creates a VM over `layout` with `vcpus` vCPUs (1 to
+    /// [`guest::MAX_GUEST_VCPUS`]), which share the workload's pages out between them.
+    pub fn with_vcpus(layout: GuestLayout, vcpus: u8) -> Result<Self, VcpuError> {
         let kvm = Kvm::new().map_err(VcpuError::OpenKvm)?;
         let vm = kvm
             .create_vm()
@@ -64,15 +76,18 @@ impl Machine {
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(|e| VcpuError::Kvm("SET_USER_MEMORY_REGION", e))?;
         }
-        let vcpu = vm
-            .create_vcpu(0)
-            .map_err(|e| VcpuError::Kvm("CREATE_VCPU", e))?;
+        let vcpus = (0..vcpus)
+            .map(|i| {
+                vm.create_vcpu(u64::from(i))
+                    .map_err(|e| VcpuError::Kvm("CREATE_VCPU", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             _kvm: kvm,
             _vm: vm,
-            vcpu: Some(vcpu),
+            vcpus,
             layout,
-            workload: None,
+            workloads: Vec::new(),
             progress: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -87,15 +102,26 @@ impl Machine {
         &self.layout
     }
 
-    /// Loads `workload` and points the vCPU at it, in 64-bit mode at CPL0; the guest's first
-    /// seven instructions drop it to CPL3.
+    /// Loads `workload`, shared out between the vCPUs, and points each vCPU at its share,
+    /// in 64-bit mode at CPL0; the guest's first seven instructions drop it to CPL3.
     pub fn prepare(&mut self, workload: &Workload, seed: u64) -> Result<(), VcpuError> {
-        guest::install(&self.layout.memory, self.layout.ram_pages(), workload, seed)?;
-        self.workload = Some(*workload);
-        let Some(vcpu) = &self.vcpu else {
+        if self.vcpus.is_empty() {
             return Err(VcpuError::Taken);
-        };
+        }
+        let shares = workload.split(self.vcpus.len() as u64)?;
+        guest::install(&self.layout.memory, self.layout.ram_pages(), &shares, seed)?;
+        for (i, vcpu) in self.vcpus.iter().enumerate() {
+            point_at_guest(vcpu, i as u64)?;
+        }
+        self.workloads = shares;
+        Ok(())
+    }
+}
 
+/// Sets vCPU `i`'s registers for the guest's entry: 64-bit mode, CPL0, its parameter block
+/// in rdi and its own stack.
+fn point_at_guest(vcpu: &VcpuFd, i: u64) -> Result<(), VcpuError> {
+    {
         let mut sregs = vcpu
             .get_sregs()
             .map_err(|e| VcpuError::Kvm("GET_SREGS", e))?;
@@ -156,8 +182,8 @@ impl Machine {
 
         let regs = kvm_bindings::kvm_regs {
             rip: guest::CODE_ADDR,
-            rsp: guest::STACK_TOP,
-            rdi: guest::PARAMS_ADDR,
+            rsp: guest::stack_top(i),
+            rdi: guest::params_addr(i),
             rflags: 0x2,
             ..Default::default()
         };
@@ -174,17 +200,29 @@ impl GuestMachine for Machine {
         (self.layout.ram_host_addr(), self.layout.ram_size)
     }
 
-    /// The vCPU, once [`Machine::prepare`] has loaded a workload (none before).
+    /// Each vCPU ends when its share is done; the run when they all are.
+    fn ends_with_first_vcpu(&self) -> bool {
+        false
+    }
+
+    /// The vCPUs, once [`Machine::prepare`] has loaded a workload (none before).
     fn take_vcpus(&mut self) -> Vec<BuiltinVcpu> {
-        let (Some(vcpu), Some(workload)) = (self.vcpu.take(), self.workload) else {
+        if self.workloads.len() != self.vcpus.len() {
             return Vec::new();
-        };
-        vec![BuiltinVcpu {
-            vcpu,
-            memory: self.layout.memory.clone(),
-            workload,
-            progress: self.progress.clone(),
-        }]
+        }
+        self.vcpus
+            .drain(..)
+            .zip(&self.workloads)
+            .enumerate()
+            .map(|(i, (vcpu, &workload))| BuiltinVcpu {
+                id: i as u8,
+                vcpu,
+                memory: self.layout.memory.clone(),
+                workload,
+                progress: self.progress.clone(),
+                reported: 0,
+            })
+            .collect()
     }
 }
 
@@ -192,7 +230,7 @@ impl RunVcpu for BuiltinVcpu {
     type Exit = BuiltinExit;
 
     fn id(&self) -> u8 {
-        0
+        self.id
     }
 
     /// Runs the vCPU until the guest reports done, recording its progress reports. Returns
@@ -206,14 +244,16 @@ impl RunVcpu for BuiltinVcpu {
             let outcome = match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(PORT_PROGRESS, data)) => {
                     let done = le_u32(data);
-                    self.progress.store(done, Ordering::Relaxed);
-                    tracing::debug!("guest: {done} pages done");
+                    let all = report(&self.progress, &mut self.reported, done);
+                    tracing::debug!("guest: {all} pages done");
                     continue;
                 }
                 Ok(VcpuExit::IoOut(PORT_DONE, data)) => {
                     let elapsed = started.elapsed();
-                    self.progress.store(le_u32(data), Ordering::Relaxed);
-                    let result = guest::read_result(&self.memory, &self.workload)?;
+                    let done = le_u32(data);
+                    report(&self.progress, &mut self.reported, done);
+                    let result =
+                        guest::read_result(&self.memory, u64::from(self.id), &self.workload)?;
                     return Ok(BuiltinExit { result, elapsed });
                 }
                 Ok(VcpuExit::Shutdown) => Ok(None),
@@ -229,6 +269,14 @@ impl RunVcpu for BuiltinVcpu {
             });
         }
     }
+}
+
+/// Takes a vCPU's report of `done` pages (it had `reported` at its last) into the shared
+/// count; returns that count.
+fn report(progress: &AtomicU64, reported: &mut u64, done: u64) -> u64 {
+    let more = done.saturating_sub(*reported);
+    *reported = done;
+    progress.fetch_add(more, Ordering::Relaxed) + more
 }
 
 fn le_u32(data: &[u8]) -> u64 {

@@ -185,6 +185,42 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
     },
+    // Two vCPUs, each over half the pages, with a fault handler each and with one for both:
+    // how much serving faults at once gives.
+    Case {
+        name: "remote-random-2vcpu",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--vcpus",
+            "2",
+        ],
+        remote: true,
+        tls: false,
+        replay: false,
+        tier: None,
+    },
+    Case {
+        name: "remote-random-2vcpu-1handler",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--vcpus",
+            "2",
+            "--fault-handlers",
+            "1",
+        ],
+        remote: true,
+        tls: false,
+        replay: false,
+        tier: None,
+    },
     // Guest RAM in 2 MiB huge pages: a sequential scan takes one fault per 512 pages.
     Case {
         name: "remote-seq-2m",
@@ -893,6 +929,8 @@ const RATIOS: &[(&str, &str)] = &[
     ("remote-seq-prefetch", "remote-seq"),
     ("remote-random-prefetch", "remote-random"),
     ("remote-mixed-prefetch", "remote-mixed"),
+    ("remote-random-2vcpu", "remote-random"),
+    ("remote-random-2vcpu", "remote-random-2vcpu-1handler"),
     ("remote-seq-2m", "local-demand-zero"),
     ("remote-seq-2m", "remote-seq"),
     ("replay", "local-demand-zero"),
