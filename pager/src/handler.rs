@@ -7,7 +7,8 @@
 //! The hot path, per fault: a blocking `read` of one event, a directory lookup, for a remote
 //! page one request/response on an already-connected blocking socket straight into a
 //! preallocated buffer, one `UFFDIO_COPY`, a directory store and two counter updates. No
-//! async runtime, no allocation, no lock but the (uncontended) histogram's.
+//! async runtime, no allocation, no lock but the (uncontended) histogram's and, with
+//! prefetch, the stream detector's.
 //!
 //! With a budget ([`crate::cache`]) it also: takes a free frame (normally a counter
 //! increment), installs read faults write-protected, turns the write-protect fault of a
@@ -135,8 +136,11 @@ pub(crate) struct CacheSide {
 pub(crate) struct PrefetchSide {
     /// `None` when only a working set is replayed: the handler then sends nothing, and
     /// its end of the channel only tells the prefetch thread, by hanging up, that the
-    /// guest is gone.
-    pub(crate) detector: Option<StreamDetector>,
+    /// guest is gone. One detector for every handler: a vCPU's faults go to whichever
+    /// handler reads them, so a detector per handler would see each stream with holes.
+    /// The lock is held for the detector's few dozen operations (uncontended with one
+    /// handler).
+    pub(crate) detector: Option<Arc<std::sync::Mutex<StreamDetector>>>,
     pub(crate) hints: SyncSender<Hint>,
 }
 
@@ -144,7 +148,7 @@ impl PrefetchSide {
     /// Takes a served fault on `page` into account.
     #[inline]
     fn heard(&mut self, page: u64, kind: FaultKind, stats: &PagerStats) {
-        let Some(detector) = &mut self.detector else {
+        let Some(detector) = &self.detector else {
             return;
         };
         let send = |h: Hint| {
@@ -159,10 +163,14 @@ impl PrefetchSide {
             send(Hint::Touched(page));
             return;
         }
-        if let Some(w) = detector.observe(page) {
+        let (window, passed) = {
+            let mut d = detector.lock().unwrap_or_else(|p| p.into_inner());
+            (d.observe(page), d.take_passed())
+        };
+        if let Some(w) = window {
             send(Hint::Window(w));
         }
-        if let Some(span) = detector.take_passed() {
+        if let Some(span) = passed {
             send(Hint::Passed(span));
         }
     }

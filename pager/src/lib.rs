@@ -350,7 +350,11 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
             );
         }
         prefetch_side = Some(handler::PrefetchSide {
-            detector: streams.then(|| prefetch::StreamDetector::new(config.directory.len())),
+            detector: streams.then(|| {
+                Arc::new(std::sync::Mutex::new(prefetch::StreamDetector::new(
+                    config.directory.len(),
+                )))
+            }),
             hints: tell,
         });
         prefetcher = Some(thread);
@@ -377,15 +381,9 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
             stop: stop.clone(),
             trace: config.trace,
             cache: cache_side.clone(),
-            // Each handler its own detector: the streams of the vCPUs whose faults it reads.
-            prefetch: prefetch_side.as_ref().map(|p: &handler::PrefetchSide| {
-                handler::PrefetchSide {
-                    detector: p
-                        .detector
-                        .as_ref()
-                        .map(|_| prefetch::StreamDetector::new(config.directory.len())),
-                    hints: p.hints.clone(),
-                }
+            prefetch: prefetch_side.as_ref().map(|p| handler::PrefetchSide {
+                detector: p.detector.clone(),
+                hints: p.hints.clone(),
             }),
             record: record.clone().map(handler::Record::new),
             served: 0,
