@@ -384,8 +384,7 @@ pub struct ComputeOptions {
 
     /// Fault handler threads, each on its own connections to the memory nodes, reading the
     /// same userfaultfd: the faults of several vCPUs are served at once (1 to 16; one under
-    /// --local-memory) [default: one per vCPU: 1 for the built-in guest, --vcpus for a Linux
-    /// guest].
+    /// --local-memory) [default: one per vCPU (--vcpus)].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=16))]
     pub fault_handlers: Option<u8>,
 
@@ -728,7 +727,7 @@ mod tests {
             (&["--mem", "1000"], "non-zero multiple of 4 KiB"),
             (
                 &["--workload", "zigzag"],
-                "unknown workload 'zigzag'; expected seq, random, stride:K, zipf:S (e.g. zipf:0.99), hotset:H:P (e.g. hotset:10:90) or verify",
+                "unknown workload 'zigzag'; expected seq, random, stride:K, zipf:S (e.g. zipf:0.99), hotset:H:P (e.g. hotset:10:90), mixed or verify",
             ),
             (
                 &["--access", "poke"],

@@ -563,7 +563,7 @@ mod tests {
         );
         assert_eq!(
             err("zigzag".parse::<WorkloadArg>()),
-            "unknown workload 'zigzag'; expected seq, random, stride:K, zipf:S (e.g. zipf:0.99), hotset:H:P (e.g. hotset:10:90) or verify"
+            "unknown workload 'zigzag'; expected seq, random, stride:K, zipf:S (e.g. zipf:0.99), hotset:H:P (e.g. hotset:10:90), mixed or verify"
         );
         assert_eq!(
             "zipf:0.99".parse::<WorkloadArg>(),
