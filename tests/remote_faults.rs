@@ -325,6 +325,10 @@ fn a_guest_on_2mib_pages_gets_each_huge_page_in_one_fault_from_its_home() {
     for (flags, says) in [
         (&["--mem", "64MiB", "--prefetch"][..], "--prefetch"),
         (&["--mem", "63MiB"][..], "multiple of 2MiB"),
+        (
+            &["--mem", "64MiB", "--placement", "ranges"][..],
+            "placed whole, by --placement interleave",
+        ),
     ] {
         let (mut proc, _) = c
             .spawn_compute(&[flags, &["--workload", "seq", "--huge-pages"]].concat())

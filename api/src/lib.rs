@@ -41,7 +41,9 @@ pub mod trace;
 
 use serde::{Deserialize, Serialize};
 
-pub use placement::{PageRange, Placement, PlacementError};
+pub use placement::{
+    Homes, MAX_REPLICAS, PageRange, Placement, PlacementError, ReplicaError, Replicas,
+};
 
 /// A node's identifier within a cluster.
 pub type NodeId = u32;
@@ -127,7 +129,11 @@ pub struct Cluster {
 ///
 /// Registering the same node again with the same transport and address is accepted (a node
 /// restarting); a different endpoint for a node id that is already registered is a conflict
-/// (409) unless `replace` is set.
+/// (409) unless `replace` is set or the node's lease has run out (it is down: whoever
+/// registers it now is that node back).
+///
+/// The registration grants a lease of [`NodeInfo::lease_ms`]; the node keeps it with
+/// `PUT /nodes/{node_id}/lease` ([`RenewLease`]) before it runs out, or is down.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterEndpoint {
@@ -182,6 +188,34 @@ pub struct NodeInfo {
     /// `host:port` of the node's admin HTTP endpoint, if it has one.
     #[serde(default)]
     pub admin: Option<String>,
+    /// Length of the node's lease, in milliseconds: it renews it well within that.
+    #[serde(default)]
+    pub lease_ms: u64,
+    /// Milliseconds since the Unix epoch (on the coordinator's clock) when the lease runs
+    /// out unless renewed.
+    #[serde(default)]
+    pub lease_expires_ms: u64,
+    /// Whether the lease was current when the coordinator answered; a node whose lease ran
+    /// out is down: `GET /endpoints` leaves it out and no new VM is placed on it.
+    #[serde(default)]
+    pub up: bool,
+}
+
+impl NodeInfo {
+    /// Whether the node's lease is current at `now_ms`.
+    pub fn lease_current(&self, now_ms: u64) -> bool {
+        self.lease_expires_ms > now_ms
+    }
+}
+
+/// `PUT /nodes/{node_id}/lease`: the node is alive and still at `address`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RenewLease {
+    /// `host:port` of the node's page server, as registered: a node another process has
+    /// replaced (`replace`) cannot keep its successor's lease.
+    pub address: String,
 }
 
 /// Where a VM's pages come from when memory nodes load them.

@@ -301,8 +301,135 @@ impl Placement {
     }
 }
 
+/// Most homes a page can have (`--replicas`).
+pub const MAX_REPLICAS: u32 = 4;
+
+/// Where the copies of a VM's pages are, with `replicas` copies of each page.
+///
+/// Copy 0 of a page is where the [`Placement`] puts it; copy `k` is on the node `k` places
+/// after that one in [`Placement::nodes`] (wrapping round). So a page's homes are distinct
+/// nodes, and a node's death leaves each of its pages on the next nodes of the list: the
+/// load spreads over the survivors rather than falling on one. Made once per VM: the homes
+/// of a page are then found without allocating.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replicas {
+    /// [`Placement::nodes`], in order.
+    nodes: Vec<NodeId>,
+    /// Copies of each page.
+    copies: u32,
+}
+
+/// Why a VM cannot have the replicas asked for.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaError {
+    /// Zero or more than [`MAX_REPLICAS`] copies.
+    #[error("replicas must be 1 to {MAX_REPLICAS}, got {0}")]
+    OutOfRange(u32),
+    /// More copies than nodes to put them on.
+    #[error(
+        "{replicas} replicas need {replicas} memory nodes, and the placement has {nodes}; start \
+         more memory nodes or ask for fewer replicas"
+    )]
+    TooFewNodes {
+        /// Copies asked for.
+        replicas: u32,
+        /// Distinct nodes of the placement.
+        nodes: usize,
+    },
+}
+
+/// The homes of one page: its copies' nodes, copy 0 first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Homes {
+    nodes: [NodeId; MAX_REPLICAS as usize],
+    len: usize,
+}
+
+impl std::ops::Deref for Homes {
+    type Target = [NodeId];
+
+    fn deref(&self) -> &[NodeId] {
+        &self.nodes[..self.len]
+    }
+}
+
+impl Replicas {
+    /// `copies` copies of every page of `placement`.
+    pub fn new(placement: &Placement, copies: u32) -> Result<Self, ReplicaError> {
+        if copies == 0 || copies > MAX_REPLICAS {
+            return Err(ReplicaError::OutOfRange(copies));
+        }
+        let nodes = placement.nodes();
+        if nodes.len() < copies as usize {
+            return Err(ReplicaError::TooFewNodes {
+                replicas: copies,
+                nodes: nodes.len(),
+            });
+        }
+        Ok(Replicas { nodes, copies })
+    }
+
+    /// Copies of each page.
+    pub fn copies(&self) -> u32 {
+        self.copies
+    }
+
+    /// The homes of a page whose copy 0 is on `first`: `first`, then the next nodes in
+    /// turn. A node that is not in the placement is the only home.
+    pub fn homes(&self, first: NodeId) -> Homes {
+        let mut out = Homes {
+            nodes: [first; MAX_REPLICAS as usize],
+            len: 1,
+        };
+        if let Some(at) = self.nodes.iter().position(|&n| n == first) {
+            let m = self.nodes.len();
+            for k in 1..self.copies as usize {
+                out.nodes[k] = self.nodes[(at + k) % m];
+            }
+            out.len = self.copies as usize;
+        }
+        out
+    }
+
+    /// The pages of `placement` (the one these replicas were made for) of which `node`
+    /// holds a copy, in increasing order.
+    pub fn pages_held_by(&self, placement: &Placement, node: NodeId) -> Vec<u64> {
+        let Some(at) = self.nodes.iter().position(|&n| n == node) else {
+            return Vec::new();
+        };
+        let m = self.nodes.len();
+        // `node` holds copy k of the pages whose copy 0 is k nodes before it.
+        let mut pages: Vec<u64> = (0..self.copies as usize)
+            .flat_map(|k| placement.pages_of(self.nodes[(at + m - k) % m]))
+            .collect();
+        pages.sort_unstable();
+        pages
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn two_copies_of_each_page_are_on_distinct_nodes_and_each_node_holds_its_share() {
+        let p = Placement::interleave(vec![3, 1, 2], 1, 9).unwrap();
+        let r = Replicas::new(&p, 2).unwrap();
+        assert_eq!(&*r.homes(3), [3, 1]);
+        assert_eq!(&*r.homes(2), [2, 3]);
+        assert_eq!(&*r.homes(7), [7], "not in the placement");
+        // Node 1 holds copy 0 of pages 1, 4, 7 and copy 1 of those of node 3: 0, 3, 6.
+        assert_eq!(r.pages_held_by(&p, 1), [0, 1, 3, 4, 6, 7]);
+        assert_eq!(r.pages_held_by(&p, 9), [] as [u64; 0]);
+        assert_eq!(
+            Replicas::new(&p, 4),
+            Err(ReplicaError::TooFewNodes {
+                replicas: 4,
+                nodes: 3
+            })
+        );
+        assert_eq!(Replicas::new(&p, 0), Err(ReplicaError::OutOfRange(0)));
+        assert_eq!(&*Replicas::new(&p, 1).unwrap().homes(1), [1]);
+    }
+
     #[test]
     fn decoding_checks_the_placement() {
         let bad = [
@@ -356,6 +483,31 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn every_copy_of_every_page_is_held_where_its_homes_say(nodes in node_list(), g in 1u32..5, pages in 1u64..500, copies in 1u32..=MAX_REPLICAS) {
+            let p = Placement::interleave(nodes.clone(), g, pages).unwrap();
+            let Ok(r) = Replicas::new(&p, copies) else {
+                prop_assert!(copies as usize > nodes.len());
+                return Ok(());
+            };
+            let mut held = std::collections::BTreeSet::new();
+            for &n in &nodes {
+                for pg in r.pages_held_by(&p, n) {
+                    prop_assert!(held.insert((pg, n)), "page {} twice on {}", pg, n);
+                }
+            }
+            for pg in 0..pages {
+                let homes = r.homes(p.owner(pg).unwrap());
+                prop_assert_eq!(homes.len(), copies as usize);
+                let distinct: std::collections::BTreeSet<_> = homes.iter().collect();
+                prop_assert_eq!(distinct.len(), homes.len());
+                for &h in homes.iter() {
+                    prop_assert!(held.remove(&(pg, h)));
+                }
+            }
+            prop_assert!(held.is_empty());
+        }
+
         #[test]
         fn interleave_partitions_pages(nodes in node_list(), g in 1u32..9, pages in 1u64..3000) {
             let p = Placement::interleave(nodes.clone(), g, pages).unwrap();

@@ -169,13 +169,17 @@ impl Node {
 
     /// Whether its figures are current: listed and answering.
     pub fn is_up(&self) -> bool {
-        self.listed && self.health == Health::Up
+        self.listed && self.info.up && self.health == Health::Up
     }
 
     /// Short state for tables: `up`, `down`, `left`, `no admin` or `waiting`.
     pub fn state(&self) -> &'static str {
         if !self.listed {
             return "left";
+        }
+        if !self.info.up {
+            // The coordinator has not heard from it within its lease.
+            return "down";
         }
         match self.health {
             Health::Up => "up",
@@ -495,6 +499,17 @@ impl App {
             || node.info.admin != info.admin
             || node.info.registered_at_ms != info.registered_at_ms;
         let admin_changed = node.info.admin != info.admin;
+        let lease = match (node.info.up, info.up) {
+            (true, false) => Some((
+                Level::Error,
+                format!(
+                    "node {id} is down: the coordinator has not heard from it within its {:.1} s lease",
+                    info.lease_ms as f64 / 1e3
+                ),
+            )),
+            (false, true) => Some((Level::Info, format!("node {id} renewed its lease: up"))),
+            _ => None,
+        };
         node.info = info.clone();
         if admin_changed {
             *node = Node::new(info.clone());
@@ -508,6 +523,9 @@ impl App {
                     info.admin.as_deref().unwrap_or("none")
                 ),
             );
+        }
+        if let Some((level, text)) = lease {
+            self.note(level, text);
         }
     }
 
@@ -837,6 +855,38 @@ mod tests {
                 .iter()
                 .any(|e| e.text == "node 1 has no admin endpoint: its figures cannot be shown")
         );
+    }
+
+    #[test]
+    fn a_node_whose_lease_runs_out_is_down_until_it_renews() {
+        let mut app = testdata::app(100, 30, None);
+        let ms = Duration::from_millis;
+        assert_eq!(app.nodes()[&1].state(), "up");
+        let mut nodes = testdata::nodes();
+        nodes[1].up = false;
+        app.handle(Event::Update(Update::Nodes {
+            at: ms(4100),
+            result: Ok(nodes.clone()),
+        }));
+        assert_eq!(app.nodes()[&1].state(), "down");
+        assert!(!app.nodes()[&1].is_up());
+        assert_eq!(
+            last_log(&app),
+            "node 1 is down: the coordinator has not heard from it within its 10.0 s lease"
+        );
+        assert_eq!(app.log().last().map(|e| e.level), Some(Level::Error));
+        let entries = app.log().len();
+        app.handle(Event::Update(Update::Nodes {
+            at: ms(4200),
+            result: Ok(nodes),
+        }));
+        assert_eq!(app.log().len(), entries, "said once");
+        app.handle(Event::Update(Update::Nodes {
+            at: ms(4300),
+            result: Ok(testdata::nodes()),
+        }));
+        assert_eq!(last_log(&app), "node 1 renewed its lease: up");
+        assert_eq!(app.nodes()[&1].state(), "up");
     }
 
     #[test]

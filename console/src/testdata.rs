@@ -33,6 +33,9 @@ fn info(id: NodeId, role: Role) -> NodeInfo {
         },
         registered_at_ms: 1_700_000_000_000,
         admin: Some(format!("127.0.0.1:{}", 9100 + id)),
+        lease_ms: 10_000,
+        lease_expires_ms: 1_700_000_010_000,
+        up: true,
     }
 }
 

@@ -76,6 +76,7 @@ impl AppError {
                 RegistryError::ClusterExists { .. }
                 | RegistryError::EndpointConflict { .. }
                 | RegistryError::NotAtAddress { .. }
+                | RegistryError::NodeDown { .. }
                 | RegistryError::KeyOfDeletedVm { .. } => StatusCode::CONFLICT,
                 RegistryError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 RegistryError::VmIdsExhausted => StatusCode::SERVICE_UNAVAILABLE,

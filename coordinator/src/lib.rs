@@ -29,17 +29,18 @@ mod store;
 use std::sync::Arc;
 
 use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use tokio::net::TcpListener;
 
 use pagemesh_auth::Keyring;
 
 pub use auth::AuthError;
 pub use error::AppError;
-pub use registry::{RegistryError, Stored};
+pub use registry::{Lease, RegistryError, Stored};
 pub use store::{EmbeddedStore, Store, StoreError};
 
 /// The largest request body the coordinator reads, in bytes; a larger one is answered 413.
@@ -53,7 +54,31 @@ pub struct AppState {
     store: Arc<dyn Store>,
     keyring: Option<Arc<Keyring>>,
     requests: Arc<otlp::RequestMetrics>,
+    leases: Leases,
 }
+
+/// How long nodes' leases last, and when a node that stopped renewing is forgotten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leases {
+    /// Length of a lease: a node that does not renew within it is down.
+    pub ttl: Duration,
+    /// A node down this long is forgotten (as if it had left).
+    pub forget_after: Duration,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Leases {
+            ttl: DEFAULT_LEASE,
+            forget_after: DEFAULT_FORGET_AFTER,
+        }
+    }
+}
+
+/// Length of a node's lease unless `--lease-secs` says otherwise.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// How long a down node stays listed unless `--forget-after-secs` says otherwise.
+pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(600);
 
 impl AppState {
     /// State kept in `store`.
@@ -62,6 +87,21 @@ impl AppState {
             store: Arc::new(store),
             keyring: None,
             requests: Arc::default(),
+            leases: Leases::default(),
+        }
+    }
+
+    /// Grants leases of `leases.ttl` and forgets nodes down for `leases.forget_after`.
+    pub fn with_leases(mut self, leases: Leases) -> Self {
+        self.leases = leases;
+        self
+    }
+
+    /// A lease granted now.
+    fn lease(&self) -> Lease {
+        Lease {
+            now_ms: now_ms(),
+            ttl_ms: u64::try_from(self.leases.ttl.as_millis()).unwrap_or(u64::MAX),
         }
     }
 
@@ -101,6 +141,7 @@ pub fn app(state: AppState) -> Router {
             get(routes::nodes::get).delete(routes::nodes::deregister),
         )
         .route("/nodes/{node_id}/endpoint", post(routes::nodes::register))
+        .route("/nodes/{node_id}/lease", put(routes::nodes::renew))
         .route("/endpoints", get(routes::nodes::endpoints))
         .route("/vms", get(routes::vms::list).post(routes::vms::create))
         .route(
@@ -136,13 +177,71 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let watch = tokio::spawn(watch_leases(state.clone()));
     // The peer's address, for the log line of a refused request.
-    axum::serve(
+    let served = axum::serve(
         listener,
         app(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
-    .await
+    .await;
+    watch.abort();
+    served
+}
+
+/// Every few seconds: logs each node whose lease has run out (once, until it is up again)
+/// and forgets those down for [`Leases::forget_after`].
+async fn watch_leases(state: AppState) {
+    let every = (state.leases.ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let after_ms = u64::try_from(state.leases.forget_after.as_millis()).unwrap_or(u64::MAX);
+    let mut down = std::collections::BTreeSet::new();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let now = now_ms();
+        let nodes = match state.store.nodes() {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                tracing::warn!("cannot read the nodes to check their leases: {e}");
+                continue;
+            }
+        };
+        for n in &nodes {
+            if n.lease_current(now) {
+                if down.remove(&n.node_id) {
+                    tracing::info!(node = n.node_id, "node is up again (it renewed its lease)");
+                }
+            } else if down.insert(n.node_id) {
+                tracing::warn!(
+                    node = n.node_id,
+                    role = %n.role,
+                    address = %n.endpoint.address,
+                    "node is down: its lease ran out {} ms ago",
+                    now - n.lease_expires_ms
+                );
+            }
+        }
+        match state.store.forget_down(now, after_ms) {
+            Ok(gone) => {
+                for n in gone {
+                    down.remove(&n.node_id);
+                    tracing::info!(
+                        node = n.node_id,
+                        "forgot node: down for {} s",
+                        state.leases.forget_after.as_secs()
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("cannot forget nodes that are down: {e}"),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch; 0 if the clock is before it.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

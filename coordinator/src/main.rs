@@ -6,6 +6,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -15,7 +16,7 @@ use tracing_subscriber::EnvFilter;
 
 use pagemesh_auth::Keyring;
 use pagemesh_coordinator::otlp::{self, OtlpConfig};
-use pagemesh_coordinator::{AppState, EmbeddedStore};
+use pagemesh_coordinator::{AppState, EmbeddedStore, Leases};
 
 /// The pagemesh coordinator: keeps the clusters, the node endpoints and the VMs, decides which
 /// memory node holds each page of a VM, and serves all of it as JSON over HTTP.
@@ -63,6 +64,26 @@ struct Cli {
     /// --cluster-key-file FILE --print-token)" ...`.
     #[arg(long, requires = "cluster_key_file")]
     print_token: bool,
+
+    /// Seconds a node's lease lasts. Nodes renew it every third of that; a node that has
+    /// not renewed it in time is down: `GET /endpoints` leaves it out, `GET /nodes` shows it
+    /// with `"up": false`, and no new VM places pages on it, until it renews or registers
+    /// again.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = positive_secs)]
+    lease_secs: f64,
+
+    /// Seconds a node stays listed after its lease ran out; then it is forgotten, as if it
+    /// had left (a crashed node does not stay listed forever).
+    #[arg(long, value_name = "SECS", default_value_t = 600.0, value_parser = positive_secs)]
+    forget_after_secs: f64,
+}
+
+/// A positive number of seconds, at most a day.
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds in (0, 86400]")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -100,6 +121,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         OtlpConfig::resolve(cli.otlp_endpoint.as_deref(), cli.otlp_interval, |key| {
             std::env::var(key).ok()
         })?;
+    let leases = Leases {
+        ttl: Duration::from_secs_f64(cli.lease_secs),
+        forget_after: Duration::from_secs_f64(cli.forget_after_secs),
+    };
     let store = match &cli.state {
         Some(path) => EmbeddedStore::open(path)?,
         None => EmbeddedStore::in_memory(),
@@ -108,7 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(serve(&cli.listen, store, keyring, otlp_config))
+        .block_on(serve(&cli.listen, store, keyring, otlp_config, leases))
 }
 
 async fn serve(
@@ -116,6 +141,7 @@ async fn serve(
     store: EmbeddedStore,
     keyring: Option<Keyring>,
     otlp_config: Option<OtlpConfig>,
+    leases: Leases,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
@@ -133,7 +159,12 @@ async fn serve(
     drop(stdout);
 
     let shutdown = shutdown_signal()?;
-    let mut state = AppState::new(store);
+    let mut state = AppState::new(store).with_leases(leases);
+    tracing::info!(
+        "node leases last {:?}; nodes down for {:?} are forgotten",
+        leases.ttl,
+        leases.forget_after
+    );
     match keyring {
         Some(keyring) => {
             tracing::info!(

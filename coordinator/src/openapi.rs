@@ -28,6 +28,7 @@ const BEARER: &str = "bearer";
         routes::clusters::create,
         routes::clusters::get,
         routes::nodes::register,
+        routes::nodes::renew,
         routes::nodes::list,
         routes::nodes::get,
         routes::nodes::deregister,

@@ -65,6 +65,17 @@ pub enum RegistryError {
     /// No node with that id has registered.
     #[error("unknown node {0}")]
     UnknownNode(NodeId),
+    /// Pages placed on a node whose lease has run out.
+    #[error(
+        "node {node} is down: its lease ran out {ago_ms} ms ago; start it again, or place the \
+         pages on other nodes"
+    )]
+    NodeDown {
+        /// Node id.
+        node: NodeId,
+        /// How long ago the lease ran out.
+        ago_ms: u64,
+    },
     /// A node leaving from an address its id is no longer registered at: another node took
     /// the id (`replace`), and stays.
     #[error(
@@ -145,6 +156,21 @@ pub enum RegistryError {
     },
 }
 
+/// The time of a request and the lease it grants, on the coordinator's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// Milliseconds since the Unix epoch.
+    pub now_ms: u64,
+    /// Length of a node's lease, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+impl Lease {
+    fn expires_ms(self) -> u64 {
+        self.now_ms.saturating_add(self.ttl_ms)
+    }
+}
+
 /// A record written by a create-or-update operation, and whether it is new.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stored<T> {
@@ -217,16 +243,18 @@ impl Registry {
             .ok_or_else(|| RegistryError::UnknownCluster(name.to_owned()))
     }
 
-    /// Records where node `id`'s page server listens, at `now_ms` (Unix epoch).
+    /// Records where node `id`'s page server listens, granting it `lease`.
     ///
     /// The same endpoint again is a node restarting: its role, capacity, cluster and time are
-    /// refreshed. Another endpoint for a registered id is refused unless `req.replace`.
+    /// refreshed. Another endpoint for a registered id is refused unless `req.replace`, or
+    /// the registered node is down (its lease ran out): then this is that node back.
     pub(crate) fn register(
         &mut self,
         id: NodeId,
         req: RegisterEndpoint,
-        now_ms: u64,
+        lease: Lease,
     ) -> Result<Stored<NodeInfo>, RegistryError> {
+        let now_ms = lease.now_ms;
         check_address(&req.address)?;
         if let Some(admin) = &req.admin {
             check_address(admin)?;
@@ -238,7 +266,7 @@ impl Registry {
         if let Some(old) = previous {
             let same =
                 old.endpoint.transport == req.transport && old.endpoint.address == req.address;
-            if !same && !req.replace {
+            if !same && !req.replace && old.lease_current(now_ms) {
                 return Err(RegistryError::EndpointConflict {
                     node: id,
                     existing: format!(
@@ -273,12 +301,65 @@ impl Registry {
             },
             registered_at_ms: now_ms,
             admin: req.admin,
+            lease_ms: lease.ttl_ms,
+            lease_expires_ms: lease.expires_ms(),
+            up: true,
         };
         self.nodes.insert(id, info.clone());
         Ok(Stored {
             value: info,
             created,
         })
+    }
+
+    /// Renews the lease of node `id`, registered at `address`, for `lease`. A node whose
+    /// lease had run out is up again (it was only unreachable for a while).
+    pub(crate) fn renew(
+        &mut self,
+        id: NodeId,
+        address: &str,
+        lease: Lease,
+    ) -> Result<NodeInfo, RegistryError> {
+        self.check_at(id, address)?;
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or(RegistryError::UnknownNode(id))?;
+        node.lease_ms = lease.ttl_ms;
+        node.lease_expires_ms = lease.expires_ms();
+        node.up = true;
+        Ok(node.clone())
+    }
+
+    /// Forgets the nodes whose lease ran out at least `after_ms` before `now_ms` (they
+    /// crashed, or were stopped without leaving), and returns them.
+    pub(crate) fn forget_down(&mut self, now_ms: u64, after_ms: u64) -> Vec<NodeInfo> {
+        let gone: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.lease_expires_ms.saturating_add(after_ms) <= now_ms)
+            .map(|n| n.node_id)
+            .collect();
+        gone.into_iter()
+            .filter_map(|id| self.deregister(id, None).ok())
+            .collect()
+    }
+
+    /// An error unless node `id` is registered at `address`.
+    fn check_at(&self, id: NodeId, address: &str) -> Result<(), RegistryError> {
+        let node = self.node(id)?;
+        if node.endpoint.address != address {
+            return Err(RegistryError::NotAtAddress {
+                node: id,
+                existing: format!(
+                    "{}://{}",
+                    scheme(node.endpoint.transport),
+                    node.endpoint.address
+                ),
+                given: address.to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// Every registered node, sorted by id.
@@ -301,19 +382,11 @@ impl Registry {
         id: NodeId,
         address: Option<&str>,
     ) -> Result<NodeInfo, RegistryError> {
-        let node = self.node(id)?;
-        if let Some(given) = address
-            && node.endpoint.address != given
-        {
-            return Err(RegistryError::NotAtAddress {
-                node: id,
-                existing: format!(
-                    "{}://{}",
-                    scheme(node.endpoint.transport),
-                    node.endpoint.address
-                ),
-                given: given.to_owned(),
-            });
+        match address {
+            Some(given) => self.check_at(id, given)?,
+            None => {
+                self.node(id)?;
+            }
         }
         let node = self
             .nodes
@@ -334,6 +407,7 @@ impl Registry {
         &mut self,
         req: CreateVm,
         key: Option<&str>,
+        now_ms: u64,
     ) -> Result<Stored<Vm>, RegistryError> {
         if let Some(key) = key {
             check_key(key)?;
@@ -363,6 +437,7 @@ impl Registry {
         let scope = Scope {
             cluster: compute.cluster.clone(),
             compute: compute.node_id,
+            now_ms,
         };
         let placement = self.place(req.placement, pages, &scope)?;
         self.warn_if_short(&placement, req.mem_bytes);
@@ -469,6 +544,7 @@ impl Registry {
                     n.role.serves_memory()
                         && n.cluster == scope.cluster
                         && n.node_id != scope.compute
+                        && n.lease_current(scope.now_ms)
                 })
                 .collect());
         }
@@ -699,15 +775,22 @@ impl TryFrom<StateFile> for Registry {
     }
 }
 
-/// Where a VM's pages may go: memory nodes of the compute node's cluster.
+/// Where a VM's pages may go: memory nodes of the compute node's cluster that are up.
 struct Scope {
     cluster: Option<String>,
     compute: NodeId,
+    now_ms: u64,
 }
 
 impl Scope {
     fn check<'a>(&self, node: &'a NodeInfo) -> Result<&'a NodeInfo, RegistryError> {
         if node.cluster == self.cluster {
+            if !node.lease_current(self.now_ms) {
+                return Err(RegistryError::NodeDown {
+                    node: node.node_id,
+                    ago_ms: self.now_ms - node.lease_expires_ms,
+                });
+            }
             return Ok(node);
         }
         let describe = |c: &Option<String>| match c {
@@ -727,6 +810,14 @@ mod tests {
     use pagemesh_api::PageRange;
 
     use super::*;
+
+    /// A request at `now_ms` granting a lease of ten seconds.
+    fn at(now_ms: u64) -> Lease {
+        Lease {
+            now_ms,
+            ttl_ms: 10_000,
+        }
+    }
 
     fn endpoint(address: &str, role: Role, capacity_bytes: u64) -> RegisterEndpoint {
         RegisterEndpoint {
@@ -789,10 +880,10 @@ mod tests {
         }
         let mut req = endpoint("127.0.0.1:7001", Role::Memory, 0);
         req.cluster = Some("a".to_owned());
-        r.register(1, req.clone(), 1).unwrap();
+        r.register(1, req.clone(), at(1)).unwrap();
         assert_eq!(r.cluster("a").unwrap().registered, [1]);
         req.cluster = Some("b".to_owned());
-        r.register(1, req, 2).unwrap();
+        r.register(1, req, at(2)).unwrap();
         assert_eq!(r.cluster("a").unwrap().registered, [] as [NodeId; 0]);
         assert_eq!(r.cluster("b").unwrap().registered, [1]);
     }
@@ -800,11 +891,12 @@ mod tests {
     #[test]
     fn placement_uses_memory_nodes_in_id_order_and_their_capacity() {
         let mut r = Registry::default();
-        r.register(3, endpoint("h:3", Role::Memory, 3 << 20), 0)
+        r.register(3, endpoint("h:3", Role::Memory, 3 << 20), at(0))
             .unwrap();
-        r.register(1, endpoint("h:1", Role::Both, 1 << 20), 0)
+        r.register(1, endpoint("h:1", Role::Both, 1 << 20), at(0))
             .unwrap();
-        r.register(2, endpoint("h:2", Role::Compute, 0), 0).unwrap();
+        r.register(2, endpoint("h:2", Role::Compute, 0), at(0))
+            .unwrap();
         let interleave = r
             .place(
                 PlacementRequest::Interleave {
@@ -845,6 +937,7 @@ mod tests {
     const COMPUTE_2: Scope = Scope {
         cluster: None,
         compute: 2,
+        now_ms: 0,
     };
 
     #[test]
@@ -861,7 +954,7 @@ mod tests {
         let mut join = |id: NodeId, role: Role, cluster: &str| {
             let mut e = endpoint(&format!("h:{}", id + 1), role, 1 << 20);
             e.cluster = Some(cluster.into());
-            r.register(id, e, 0).unwrap();
+            r.register(id, e, at(0)).unwrap();
         };
         join(1, Role::Memory, "a");
         join(2, Role::Memory, "b");
@@ -870,6 +963,7 @@ mod tests {
         let in_a = Scope {
             cluster: Some("a".into()),
             compute: 3,
+            now_ms: 0,
         };
         let p = r
             .place(
@@ -905,23 +999,79 @@ mod tests {
     }
 
     #[test]
+    fn a_node_whose_lease_runs_out_is_down_until_it_renews_or_comes_back() {
+        let mut r = Registry::default();
+        r.register(1, endpoint("h:1", Role::Compute, 0), at(0))
+            .unwrap();
+        r.register(2, endpoint("h:2", Role::Memory, 1 << 20), at(0))
+            .unwrap();
+        r.register(3, endpoint("h:3", Role::Memory, 1 << 20), at(5_000))
+            .unwrap();
+        assert_eq!(r.node(2).unwrap().lease_expires_ms, 10_000);
+        // At 12 s node 2's lease (to 10 s) has run out, node 3's (to 15 s) has not: new VMs
+        // go to node 3 only, and naming node 2 is refused.
+        let vm = r.create_vm(small_vm(), None, 12_000).unwrap().value;
+        assert_eq!(vm.placement.nodes(), [3]);
+        let mut req = small_vm();
+        req.placement = PlacementRequest::Interleave {
+            nodes: vec![2],
+            granule_pages: 1,
+        };
+        assert_eq!(
+            r.create_vm(req, None, 12_000).unwrap_err(),
+            RegistryError::NodeDown {
+                node: 2,
+                ago_ms: 2_000
+            }
+        );
+        // A down node's id is free for that node back at another address; a live one's is
+        // not.
+        r.register(2, endpoint("h:22", Role::Memory, 1 << 20), at(12_000))
+            .unwrap();
+        assert!(matches!(
+            r.register(3, endpoint("h:33", Role::Memory, 0), at(12_000)),
+            Err(RegistryError::EndpointConflict { node: 3, .. })
+        ));
+        // Renewing: only at the registered address, only a known node.
+        assert!(matches!(
+            r.renew(3, "h:33", at(14_000)),
+            Err(RegistryError::NotAtAddress { node: 3, .. })
+        ));
+        assert_eq!(
+            r.renew(9, "h:9", at(14_000)),
+            Err(RegistryError::UnknownNode(9))
+        );
+        assert_eq!(
+            r.renew(3, "h:3", at(14_000)).unwrap().lease_expires_ms,
+            24_000
+        );
+        // Node 1 has been down for 30 s: forgotten after 20 s down; the others stay.
+        let gone = r.forget_down(40_000, 20_000);
+        assert_eq!(gone.iter().map(|n| n.node_id).collect::<Vec<_>>(), [1]);
+        assert_eq!(r.nodes().map(|n| n.node_id).collect::<Vec<_>>(), [2, 3]);
+    }
+
+    #[test]
     fn idempotency_keys_are_kept_for_the_last_vms() {
         let mut r = Registry::default();
-        r.register(1, endpoint("h:1", Role::Both, 0), 0).unwrap();
-        r.register(2, endpoint("h:2", Role::Memory, 0), 0).unwrap();
-        let first = r.create_vm(small_vm(), Some("key-0")).unwrap();
+        r.register(1, endpoint("h:1", Role::Both, 0), at(0))
+            .unwrap();
+        r.register(2, endpoint("h:2", Role::Memory, 0), at(0))
+            .unwrap();
+        let first = r.create_vm(small_vm(), Some("key-0"), 0).unwrap();
         assert!(first.created);
-        let again = r.create_vm(small_vm(), Some("key-0")).unwrap();
+        let again = r.create_vm(small_vm(), Some("key-0"), 0).unwrap();
         assert_eq!((again.value.id, again.created), (1, false));
         for i in 1..KEYS_KEPT {
-            r.create_vm(small_vm(), Some(&format!("key-{i}"))).unwrap();
+            r.create_vm(small_vm(), Some(&format!("key-{i}")), 0)
+                .unwrap();
         }
         assert_eq!(r.keys.len(), KEYS_KEPT);
-        assert!(!r.create_vm(small_vm(), Some("key-0")).unwrap().created);
+        assert!(!r.create_vm(small_vm(), Some("key-0"), 0).unwrap().created);
         // One more: the oldest key is forgotten, so it creates a VM again.
-        let id = r.create_vm(small_vm(), Some("new")).unwrap().value.id;
+        let id = r.create_vm(small_vm(), Some("new"), 0).unwrap().value.id;
         assert_eq!(r.keys.len(), KEYS_KEPT);
-        let forgotten = r.create_vm(small_vm(), Some("key-0")).unwrap();
+        let forgotten = r.create_vm(small_vm(), Some("key-0"), 0).unwrap();
         assert!(forgotten.created);
         assert_eq!(forgotten.value.id, id + 1);
     }
@@ -929,18 +1079,22 @@ mod tests {
     #[test]
     fn a_refused_request_records_no_key() {
         let mut r = Registry::default();
-        r.register(1, endpoint("h:1", Role::Compute, 0), 0).unwrap();
-        let err = r.create_vm(small_vm(), Some("k")).unwrap_err();
+        r.register(1, endpoint("h:1", Role::Compute, 0), at(0))
+            .unwrap();
+        let err = r.create_vm(small_vm(), Some("k"), 0).unwrap_err();
         assert!(matches!(err, RegistryError::Placement(_)), "{err:?}");
-        r.register(2, endpoint("h:2", Role::Memory, 0), 0).unwrap();
-        assert!(r.create_vm(small_vm(), Some("k")).unwrap().created);
+        r.register(2, endpoint("h:2", Role::Memory, 0), at(0))
+            .unwrap();
+        assert!(r.create_vm(small_vm(), Some("k"), 0).unwrap().created);
     }
 
     #[test]
     fn state_file_round_trip_and_checks() {
         let mut r = Registry::default();
-        r.register(1, endpoint("h:1", Role::Both, 0), 5).unwrap();
-        r.register(2, endpoint("h:2", Role::Memory, 0), 5).unwrap();
+        r.register(1, endpoint("h:1", Role::Both, 0), at(5))
+            .unwrap();
+        r.register(2, endpoint("h:2", Role::Memory, 0), at(5))
+            .unwrap();
         let vm = CreateVm {
             compute_node: 1,
             mem_bytes: 8192,
@@ -951,7 +1105,7 @@ mod tests {
             content: Content::Zero,
             local_memory_bytes: None,
         };
-        r.create_vm(vm, Some("k")).unwrap();
+        r.create_vm(vm, Some("k"), 0).unwrap();
         let json = serde_json::to_string(&r).unwrap();
         assert!(
             json.contains(r#""idempotency_keys":[{"key":"k","vm":1}]"#),

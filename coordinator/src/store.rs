@@ -15,7 +15,7 @@ use pagemesh_api::{
 
 pub use embedded::EmbeddedStore;
 
-use crate::registry::{RegistryError, Stored};
+use crate::registry::{Lease, RegistryError, Stored};
 
 /// Why a store operation failed.
 #[derive(thiserror::Error, Debug)]
@@ -67,14 +67,20 @@ pub trait Store: Send + Sync {
     /// The cluster named `name`.
     fn cluster(&self, name: &str) -> Result<Cluster, StoreError>;
 
-    /// Records node `id`'s endpoint, registered at `now_ms` (milliseconds since the Unix
-    /// epoch); see [`pagemesh_api::RegisterEndpoint`] for when this is a conflict.
+    /// Records node `id`'s endpoint, granting it `lease`; see
+    /// [`pagemesh_api::RegisterEndpoint`] for when this is a conflict.
     fn register_endpoint(
         &self,
         id: NodeId,
         req: RegisterEndpoint,
-        now_ms: u64,
+        lease: Lease,
     ) -> Result<Stored<NodeInfo>, StoreError>;
+
+    /// Renews the lease of node `id`, registered at `address`.
+    fn renew_lease(&self, id: NodeId, address: &str, lease: Lease) -> Result<NodeInfo, StoreError>;
+
+    /// Forgets the nodes down for at least `after_ms` at `now_ms`, and returns them.
+    fn forget_down(&self, now_ms: u64, after_ms: u64) -> Result<Vec<NodeInfo>, StoreError>;
 
     /// Every registered node, sorted by id.
     fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
@@ -86,9 +92,15 @@ pub trait Store: Send + Sync {
     /// only if the node is still registered at that address.
     fn deregister(&self, id: NodeId, address: Option<&str>) -> Result<NodeInfo, StoreError>;
 
-    /// Defines a VM with the next id and places its pages; or, for an idempotency `key`
-    /// seen before, returns the VM that key created (`created: false`).
-    fn create_vm(&self, req: CreateVm, key: Option<&str>) -> Result<Stored<Vm>, StoreError>;
+    /// Defines a VM with the next id and places its pages on nodes that are up at `now_ms`;
+    /// or, for an idempotency `key` seen before, returns the VM that key created
+    /// (`created: false`).
+    fn create_vm(
+        &self,
+        req: CreateVm,
+        key: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Stored<Vm>, StoreError>;
 
     /// VM `id`.
     fn vm(&self, id: VmId) -> Result<Vm, StoreError>;

@@ -535,6 +535,15 @@ impl Settings {
                     why: format!("--mem must be a multiple of 2MiB, got {mem}"),
                 });
             }
+            if c.placement != PlacementArg::Interleave {
+                // The directory has an entry per huge page: one home for all of it.
+                return Err(ConfigError::Invalid {
+                    what: "--huge-pages",
+                    why: "2 MiB huge pages are placed whole, by --placement interleave (512 \
+                          pages at a time); weighted and ranges would split them between nodes"
+                        .into(),
+                });
+            }
         }
         if c.local_memory.is_some() && c.backing != BackingArg::Remote {
             return Err(ConfigError::Invalid {
@@ -772,6 +781,16 @@ mod tests {
     #[test]
     fn settings_that_do_not_go_together_are_refused() {
         for (args, needle) in [
+            (
+                &[
+                    "--workload",
+                    "seq",
+                    "--huge-pages",
+                    "--placement",
+                    "weighted",
+                ][..],
+                "2 MiB huge pages are placed whole, by --placement interleave",
+            ),
             (
                 &["--workload", "seq", "--range", "256MiB:4KiB"][..],
                 "invalid --range: it ends at 262148 KiB, past the end of guest RAM (--mem 256 MiB)",

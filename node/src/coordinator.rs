@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! register_with_coordinator    POST /nodes/{id}/endpoint
+//! renew_lease                  PUT /nodes/{id}/lease, every third of the lease (lease.rs)
 //! endpoints                    GET /endpoints (peers.rs connects to each peer)
 //! ...
 //! deregister                   DELETE /nodes/{id}?address=...   (the run is over)
@@ -21,7 +22,8 @@ use std::hash::{BuildHasher, Hasher, RandomState};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pagemesh_api::{
-    ApiError, CreateVm, Endpoint, IDEMPOTENCY_KEY, NodeId, NodeInfo, RegisterEndpoint, Vm, VmId,
+    ApiError, CreateVm, Endpoint, IDEMPOTENCY_KEY, NodeId, NodeInfo, RegisterEndpoint, RenewLease,
+    Vm, VmId,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -98,6 +100,17 @@ impl CoordinatorClient {
     /// requires (`docs/coordinator.md`, "Authentication").
     pub fn with_keyring(mut self, keyring: &pagemesh_auth::Keyring) -> Self {
         self.authorization = Some(format!("Bearer {}", keyring.coordinator_token()));
+        self
+    }
+
+    /// The same client, trying each request `attempts` times, each within `timeout`.
+    pub fn with_patience(mut self, attempts: u32, timeout: Duration) -> Self {
+        self.attempts = attempts.max(1);
+        self.agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .build()
+            .into();
         self
     }
 
@@ -190,6 +203,23 @@ impl CoordinatorClient {
             &format!("/nodes/{node_id}/endpoint"),
             Some(registration),
         )
+    }
+
+    /// `PUT /nodes/{node_id}/lease`: this node, whose page server is at `address`, is alive.
+    pub fn renew_lease(
+        &self,
+        node_id: NodeId,
+        address: &str,
+    ) -> Result<NodeInfo, CoordinatorError> {
+        let path = format!("/nodes/{node_id}/lease");
+        let url = format!("{}{path}", self.base);
+        let body = RenewLease {
+            address: address.to_owned(),
+        };
+        let response = self.send("PUT", &path, self.attempts, || {
+            self.authorize(self.agent.put(&url)).send_json(&body)
+        })?;
+        read_json(url, response)
     }
 
     /// `DELETE /nodes/{node_id}?address=...`: this node, whose page server is at `address`,

@@ -23,6 +23,7 @@
 //! | [`compute`] | running the built-in guest's workload on pager-served memory |
 //! | [`linux_guest`] | booting a Linux kernel on pager-served memory |
 //! | [`coordinator`] | the coordinator client (register, discover, VMs) |
+//! | [`lease`] | the thread that renews this node's lease with the coordinator |
 //! | [`config`] | the settings, typed: flags, environment and the TOML config file |
 //! | [`define`] | the VM a compute node defines: size, content, placement, workload |
 //! | [`peers`] | a compute node's connections to its VM's memory nodes |
@@ -42,6 +43,7 @@ pub mod config;
 pub mod coordinator;
 pub mod define;
 pub mod error;
+pub mod lease;
 pub mod lifecycle;
 pub mod linux_guest;
 pub mod metrics;

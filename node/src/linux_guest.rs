@@ -17,7 +17,6 @@ use std::time::Duration;
 use pagemesh_api::error_chain;
 use pagemesh_api::summary::{LinuxRun, RunSummary};
 use pagemesh_api::{Content, CreateVm, NodeId};
-use pagemesh_pager::PageDirectory;
 use pagemesh_vmm::boot;
 use pagemesh_vmm::linux::{LinuxExit, LinuxMachine};
 use pagemesh_vmm::memory::{MemoryError, RamPages};
@@ -113,12 +112,10 @@ pub fn run_linux(
     } = connect_vm_peers(id, settings, coordinator, &vm, handlers)?;
     load_vm(&mut control, &vm)?;
     let held_before = held(&mut control, &vm)?;
-    let directory = Arc::new(PageDirectory::from_placement(&vm.placement).map_err(|e| {
-        ConfigError::Invalid {
-            what: "placement",
-            why: e.to_string(),
-        }
-    })?);
+    let directory = Arc::new(crate::service::directory_of(
+        &vm.placement,
+        settings.compute.huge_pages,
+    )?);
 
     let pages_of_ram = if settings.compute.huge_pages {
         RamPages::Huge

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagemesh_api::{
-    Content, CreateVm, NodeId, PAGE_SIZE, RegisterEndpoint, Role, TransportKind, error_chain,
+    Content, CreateVm, NodeId, PAGE_SIZE, Placement, RegisterEndpoint, Role, TransportKind,
+    error_chain,
 };
 use pagemesh_pager::directory::MAX_NODE_ID;
 use pagemesh_pager::{CacheConfig, PageDirectory, PageState};
@@ -31,6 +32,7 @@ use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::define::{content, placement_request, seed, workload};
 use crate::error::NodeError;
+use crate::lease::LeaseKeeper;
 use crate::lifecycle::{Backing, ComputeError};
 use crate::peers::{VmPeers, connect_vm_peers, held, load_vm, release_vm};
 use crate::probes::load_probes;
@@ -145,18 +147,17 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         }
     };
 
-    let info = coordinator.register_with_coordinator(
-        id,
-        &RegisterEndpoint {
-            transport: TransportKind::Tcp,
-            address: advertise.clone(),
-            role,
-            capacity_bytes: capacity.bytes(),
-            cluster: settings.cluster.clone(),
-            replace: settings.replace,
-            admin: admin_addr.clone(),
-        },
-    )?;
+    let registration = RegisterEndpoint {
+        transport: TransportKind::Tcp,
+        address: advertise.clone(),
+        role,
+        capacity_bytes: capacity.bytes(),
+        cluster: settings.cluster.clone(),
+        replace: settings.replace,
+        admin: admin_addr.clone(),
+    };
+    let info = coordinator.register_with_coordinator(id, &registration)?;
+    let lease = LeaseKeeper::start(&coordinator, &info, registration);
     tracing::info!(
         "registered node {id} ({role}) at {advertise} with {}",
         coordinator.url()
@@ -191,7 +192,9 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
             .map(|()| true)
             .map_err(NodeError::Signals)
     };
-    // Before the page server stops, so that no peer is sent to a closed port.
+    // The lease first (a renewal after leaving would register the node again), then
+    // before the page server stops, so that no peer is sent to a closed port.
+    drop(lease);
     leave(&coordinator, id, &advertise);
     shutdown.trigger();
     let _ = server_thread.join();
@@ -275,18 +278,12 @@ fn run_compute(
         Content::Zero => PageDirectory::new(pages),
         Content::Pattern { .. } | Content::Image { .. } => {
             load_vm(&mut control, &vm)?;
-            let dir =
-                PageDirectory::from_placement(&vm.placement).map_err(|e| ConfigError::Invalid {
-                    what: "placement",
-                    why: e.to_string(),
-                })?;
+            let mut dir = directory_of(&vm.placement, settings.compute.huge_pages)?;
             if let Content::Image { path } = &content
                 && let Ok(meta) = std::fs::metadata(path)
             {
                 // Pages past the end of the image were not loaded: they are never-written.
-                for p in meta.len().div_ceil(PAGE_SIZE as u64)..pages {
-                    let _ = dir.set_owner(p, pagemesh_pager::PageOwner::Zero);
-                }
+                dir.never_written_from(meta.len().div_ceil(PAGE_SIZE as u64));
             }
             dir
         }
@@ -384,6 +381,23 @@ pub(crate) fn fault_handlers(settings: &Settings, vcpus: usize) -> Result<usize,
     }
 }
 
+/// The page directory of a VM whose pages are where `placement` put them: an entry per
+/// 2 MiB huge page with `huge` (each fault resolves a whole one), per 4 KiB page otherwise.
+pub(crate) fn directory_of(
+    placement: &Placement,
+    huge: bool,
+) -> Result<PageDirectory, ConfigError> {
+    if huge {
+        PageDirectory::coarse(placement, pagemesh_pager::PAGES_PER_HUGE_PAGE)
+    } else {
+        PageDirectory::from_placement(placement)
+    }
+    .map_err(|e| ConfigError::Invalid {
+        what: "placement",
+        why: e.to_string(),
+    })
+}
+
 /// The page cache of `vm`, if it has a local memory budget.
 pub(crate) fn cache_config(
     settings: &Settings,
@@ -422,8 +436,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
             transport.add_source(Box::new(LocalSource::with_pattern(1, 0, pages, seed)));
             let placement = pagemesh_api::Placement::interleave(vec![1], 1, pages)
                 .expect("one node, one-page granule, non-empty VM");
-            let directory = PageDirectory::from_placement(&placement)
-                .expect("node 1 fits in a directory entry");
+            let directory = directory_of(&placement, c.huge_pages)?;
             (
                 Backing::Pager {
                     directory: Arc::new(directory),

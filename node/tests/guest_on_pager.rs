@@ -123,8 +123,15 @@ fn a_guest_on_2mib_pages_faults_once_per_huge_page_and_reads_every_page_right() 
     let mut transport = TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT);
     transport.add_source(Box::new(LocalSource::with_pattern(1, 9, PAGES, 21)));
     transport.add_source(Box::new(LocalSource::with_pattern(2, 9, PAGES, 21)));
-    let backing = Backing::Pager {
-        directory: Arc::new(PageDirectory::from_placement(&placement).unwrap()),
+    let per = pagemesh_pager::PAGES_PER_HUGE_PAGE;
+    // An entry per huge page; a 4 KiB directory is refused with huge pages.
+    let coarse = |loaded: u64| {
+        let mut d = PageDirectory::coarse(&placement, per).unwrap();
+        d.never_written_from(loaded);
+        Arc::new(d)
+    };
+    let huge_backing = |directory, transport| Backing::Pager {
+        directory,
         transport,
         more_handlers: Vec::new(),
         cache: None,
@@ -132,18 +139,46 @@ fn a_guest_on_2mib_pages_faults_once_per_huge_page_and_reads_every_page_right() 
         record_working_set: false,
         huge_pages: true,
     };
+    let sources = || {
+        let mut transport = TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT);
+        transport.add_source(Box::new(LocalSource::with_pattern(1, 9, PAGES, 21)));
+        transport.add_source(Box::new(LocalSource::with_pattern(2, 9, PAGES, 21)));
+        transport
+    };
     let mut o = opts("verify", "verify", Initial::Pattern(21));
     o.huge_pages = true;
-    let out = run_guest(&o, backing, None, |_| {}).unwrap();
+    let out = run_guest(&o, huge_backing(coarse(PAGES), transport), None, |_| {}).unwrap();
     assert!(out.ok(), "{out:?}");
     assert_eq!(out.result.bad_pages, 0);
     // 4096 pages, 8 huge pages: one fault each, every byte fetched.
     assert_eq!(out.stats.remote, PAGES * 4096 / huge, "{:?}", out.stats);
     assert_eq!(out.stats.bytes_fetched, PAGES * 4096);
 
+    let fine = Arc::new(PageDirectory::from_placement(&placement).unwrap());
+    let refused = run_guest(&o, huge_backing(fine, sources()), None, |_| {}).unwrap_err();
+    assert!(
+        format!("{:#}", anyhow::Error::from(refused)).contains("an entry per huge page"),
+        "a directory of 4 KiB entries is refused"
+    );
+
+    // An image that ends 100 pages before the VM does: the last huge page is fetched up to
+    // there and the rest of it is zero (the verifying guest finds exactly those 100 pages
+    // without their pattern).
+    let out = run_guest(
+        &o,
+        huge_backing(coarse(PAGES - 100), sources()),
+        None,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(out.result.bad_pages, 100, "{out:?}");
+    assert_eq!(out.result.first_bad_page, Some(PAGES - 100));
+    assert_eq!(out.stats.remote, PAGES * 4096 / huge);
+    assert_eq!(out.stats.bytes_fetched, (PAGES - 100) * 4096);
+
     // Never-written memory in huge pages: zero-filled locally, one fault per huge page.
     let zero = Backing::Pager {
-        directory: Arc::new(PageDirectory::new(PAGES)),
+        directory: coarse(0),
         transport: TransportManager::new(0, pagemesh_transport::DEFAULT_TIMEOUT),
         more_handlers: Vec::new(),
         cache: None,

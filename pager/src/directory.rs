@@ -1,8 +1,9 @@
 //! The page directory: where each guest page lives, and what the cache knows of it.
 //!
 //! One `AtomicU64` per 4 KiB page (8 bytes per page: 2 MiB of directory per GiB of guest
-//! memory), read and changed without locks by the fault handler, the reclaimer and the
-//! stats:
+//! memory), or per 2 MiB huge page for RAM of huge pages ([`PageDirectory::coarse`]: 4 KiB
+//! of directory per GiB), read and changed without locks by the fault handler, the
+//! reclaimer and the stats:
 //!
 //! ```text
 //!  63  61 60 59              36 35   32 31 30 29    24 23             0
@@ -19,6 +20,10 @@
 //! Every change of state is one compare-and-swap from a known state, so the fault handler
 //! and the reclaimer never both act on a page: whoever moves it out of a state owns the
 //! next step. Node ids are limited to 24 bits ([`MAX_NODE_ID`]).
+//!
+//! A coarse directory keeps the same per-page interface: every page of an entry reads that
+//! entry, and a change made through any of its pages changes them all (a huge page is
+//! fetched, installed and counted as one).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -181,6 +186,25 @@ pub enum DirectoryError {
     /// A node id does not fit in an entry.
     #[error("node id {0} is too large for the page directory (at most {MAX_NODE_ID})")]
     NodeIdTooLarge(NodeId),
+    /// A coarse entry's pages would have more than one home.
+    #[error(
+        "pages {first}..{end} share a directory entry (a 2 MiB huge page) but the placement \
+         puts them on more than one node; place whole huge pages (2 MiB-aligned ranges)"
+    )]
+    SplitEntry {
+        /// The entry's first page.
+        first: u64,
+        /// Its end.
+        end: u64,
+    },
+    /// A coarse directory's pages are not whole entries.
+    #[error("{pages} pages are not whole directory entries of {per} pages")]
+    PartialEntry {
+        /// Pages in the placement.
+        pages: u64,
+        /// Pages per entry.
+        per: u64,
+    },
     /// The placement is for a different number of pages.
     #[error("the placement covers {placement} pages but the guest has {pages}")]
     SizeMismatch {
@@ -195,13 +219,25 @@ pub enum DirectoryError {
 #[derive(Debug)]
 pub struct PageDirectory {
     entries: Box<[AtomicU64]>,
+    /// Pages of guest RAM.
+    pages: u64,
+    /// log2 of the pages per entry: 0, or 9 for 2 MiB huge pages.
+    shift: u32,
+    /// Pages from here on were never loaded (past the end of an image); in a coarse entry
+    /// that holds both kinds, they read as zeros.
+    loaded_end: u64,
 }
 
 impl PageDirectory {
     /// A directory of `pages` never-written pages without homes.
     pub fn new(pages: u64) -> Self {
         let entries = (0..pages).map(|_| AtomicU64::new(0)).collect();
-        Self { entries }
+        Self {
+            entries,
+            pages,
+            shift: 0,
+            loaded_end: pages,
+        }
     }
 
     /// A directory whose pages are held where `placement` put them (each page's home is
@@ -229,14 +265,73 @@ impl PageDirectory {
         Ok(dir)
     }
 
+    /// A directory like [`Self::from_placement`] with one entry per `per` consecutive pages
+    /// (a power of two: 512 for 2 MiB huge pages), for RAM whose faults resolve `per` pages
+    /// at a time. Each entry's pages must have one home.
+    pub fn coarse(placement: &Placement, per: u64) -> Result<Self, DirectoryError> {
+        debug_assert!(per.is_power_of_two());
+        let pages = placement.pages();
+        if !pages.is_multiple_of(per) {
+            return Err(DirectoryError::PartialEntry { pages, per });
+        }
+        let entries = (0..pages / per)
+            .map(|i| {
+                let (first, end) = (i * per, (i + 1) * per);
+                let home = placement.owner(first);
+                if (first + 1..end).any(|p| placement.owner(p) != home) {
+                    return Err(DirectoryError::SplitEntry { first, end });
+                }
+                Ok(AtomicU64::new(match home {
+                    Some(n) if n > MAX_NODE_ID => return Err(DirectoryError::NodeIdTooLarge(n)),
+                    Some(n) => PageState::Remote.bits() | HOME_BIT | u64::from(n),
+                    None => 0,
+                }))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            entries,
+            pages,
+            shift: per.trailing_zeros(),
+            loaded_end: pages,
+        })
+    }
+
+    /// Pages each entry covers (1, or 512 for 2 MiB huge pages).
+    pub fn pages_per_entry(&self) -> u64 {
+        1 << self.shift
+    }
+
+    /// Records that the pages from `page` on were never written (not loaded: past the end
+    /// of an image): their entries become [`PageState::Zero`], keeping their homes. In a
+    /// coarse directory the entry that holds both kinds stays as it was, its pages from
+    /// `page` on reading as zeros ([`Self::loaded_end`]).
+    pub fn never_written_from(&mut self, page: u64) {
+        let page = page.min(self.loaded_end);
+        self.loaded_end = page;
+        let first_whole = page.div_ceil(self.pages_per_entry());
+        for e in &self.entries[first_whole as usize..] {
+            let v = e.load(Ordering::Relaxed);
+            e.store(
+                (v & !STATE_MASK) | PageState::Zero.bits(),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// The end of the pages whose homes hold them: the pages from here on were never
+    /// written ([`Self::never_written_from`]).
+    pub fn loaded_end(&self) -> u64 {
+        self.loaded_end
+    }
+
     /// Number of pages.
     pub fn len(&self) -> u64 {
-        self.entries.len() as u64
+        self.pages
     }
 
     /// Whether the directory has no pages.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.pages == 0
     }
 
     /// The entry of `page`.
@@ -384,30 +479,31 @@ impl PageDirectory {
         self.entries().map(|e| (e.owner(), e.heat))
     }
 
-    /// Every page's entry, in order.
+    /// Every page's entry, in order (a coarse entry once for each of its pages).
     pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
+        let per = 1usize << self.shift;
         self.entries
             .iter()
-            .map(|e| Entry::decode(e.load(Ordering::Relaxed)))
+            .flat_map(move |e| std::iter::repeat_n(Entry::decode(e.load(Ordering::Relaxed)), per))
     }
 
     /// Pages per owner kind: (zero, local, remote).
     pub fn counts(&self) -> (u64, u64, u64) {
+        let per = self.pages_per_entry();
         let mut c = (0, 0, 0);
-        for e in self.entries() {
-            match e.owner() {
-                PageOwner::Zero => c.0 += 1,
-                PageOwner::Local => c.1 += 1,
-                PageOwner::Remote(_) => c.2 += 1,
+        for e in self.entries.iter() {
+            match Entry::decode(e.load(Ordering::Relaxed)).owner() {
+                PageOwner::Zero => c.0 += per,
+                PageOwner::Local => c.1 += per,
+                PageOwner::Remote(_) => c.2 += per,
             }
         }
         c
     }
 
     fn slot(&self, page: u64) -> Result<&AtomicU64, DirectoryError> {
-        usize::try_from(page)
-            .ok()
-            .and_then(|i| self.entries.get(i))
+        (page < self.pages)
+            .then(|| &self.entries[(page >> self.shift) as usize])
             .ok_or(DirectoryError::OutOfRange {
                 page,
                 pages: self.len(),
@@ -540,6 +636,75 @@ mod tests {
             .unwrap();
         d.installed(2, PageState::Remote, PageState::Clean).unwrap();
         assert!(!d.entry(2).unwrap().prefetched);
+    }
+
+    #[test]
+    fn a_coarse_directory_moves_a_huge_page_as_one() {
+        let p = Placement::interleave(vec![4, 5], 512, 2048).unwrap();
+        let mut d = PageDirectory::coarse(&p, 512).unwrap();
+        assert_eq!(
+            (d.len(), d.pages_per_entry(), d.entries.len()),
+            (2048, 512, 4)
+        );
+        assert_eq!(d.owner(1023), Ok(PageOwner::Remote(5)));
+        d.transition(600, PageState::Remote, PageState::Fetching)
+            .unwrap();
+        assert_eq!(
+            d.transition(1023, PageState::Remote, PageState::Fetching),
+            Err(PageState::Fetching),
+            "one fetch for the whole huge page"
+        );
+        assert_eq!(d.claim(512), Ok(PageOwner::Remote(5)));
+        assert_eq!(d.counts(), (0, 512, 1536));
+        assert_eq!(d.heat(1000), Ok(1));
+        assert_eq!(
+            d.owner(2048).unwrap_err(),
+            DirectoryError::OutOfRange {
+                page: 2048,
+                pages: 2048
+            }
+        );
+        // An image of 1.5 huge pages and a bit: the third and fourth entries are never
+        // written, the second reads as loaded up to page 800.
+        d.never_written_from(800);
+        assert_eq!(d.loaded_end(), 800);
+        assert_eq!(d.owner(1024), Ok(PageOwner::Zero));
+        assert_eq!(d.entry(2047).unwrap().home, Some(5));
+        assert_eq!(d.owner(0), Ok(PageOwner::Remote(4)));
+        assert_eq!(d.counts(), (1024, 512, 512));
+        assert_eq!(d.entries().count(), 2048);
+        assert_eq!(
+            d.scan().filter(|(o, _)| *o == PageOwner::Local).count(),
+            512
+        );
+    }
+
+    #[test]
+    fn a_coarse_directory_refuses_a_huge_page_of_two_homes_or_a_partial_one() {
+        let p = Placement::interleave(vec![4, 5], 1, 1024).unwrap();
+        assert_eq!(
+            PageDirectory::coarse(&p, 512).unwrap_err(),
+            DirectoryError::SplitEntry { first: 0, end: 512 }
+        );
+        let p = Placement::interleave(vec![4], 1, 1000).unwrap();
+        assert_eq!(
+            PageDirectory::coarse(&p, 512).unwrap_err(),
+            DirectoryError::PartialEntry {
+                pages: 1000,
+                per: 512
+            }
+        );
+    }
+
+    #[test]
+    fn never_written_pages_of_a_fine_directory_are_zero() {
+        let p = Placement::interleave(vec![4], 1, 10).unwrap();
+        let mut d = PageDirectory::from_placement(&p).unwrap();
+        d.never_written_from(7);
+        assert_eq!(d.counts(), (3, 0, 7));
+        assert_eq!(d.entry(9).unwrap().home, Some(4));
+        d.never_written_from(20);
+        assert_eq!(d.loaded_end(), 7, "never written stays so");
     }
 
     proptest! {

@@ -352,11 +352,11 @@ impl Handler {
         Ok(served)
     }
 
-    /// A fault in a RAM of 2 MiB huge pages: the whole huge page around `page` is fetched
-    /// (its runs per home in batches of [`pagemesh_transport::MAX_RUN_PAGES`]; never-written
-    /// pages of it zeroed) into `buf` and installed with one `UFFDIO_COPY`. The 512 pages'
-    /// directory entries move together: whoever moves the first remote one to Fetching
-    /// fetches the huge page; another handler's fault on it waits for that install.
+    /// A fault in a RAM of 2 MiB huge pages, whose directory has an entry per huge page
+    /// ([`PageDirectory::coarse`]): the whole huge page around `page` is fetched (in runs of
+    /// [`pagemesh_transport::MAX_RUN_PAGES`]; pages past the loaded ones zeroed) into `buf`
+    /// and installed with one `UFFDIO_COPY`. Whoever moves its entry to Fetching fetches it;
+    /// another handler's fault on it waits for that install.
     fn serve_huge(
         &mut self,
         page: u64,
@@ -374,106 +374,80 @@ impl Handler {
             transfer: None,
             install_start: start,
         };
-        // Claim every remote page; the first one another handler holds means the huge page
-        // is that handler's.
-        let (mut remote, mut local) = (0u64, 0u64);
-        for p in first..first + HUGE_PAGES {
-            let e = self.directory.entry(p).map_err(PagerError::Directory)?;
-            match e.owner() {
-                _ if e.state == PageState::Fetching => {
-                    self.unclaim(first, p);
+        let e = self.directory.entry(first).map_err(PagerError::Directory)?;
+        let src = match (e.state, e.home) {
+            (PageState::Remote, Some(node)) => {
+                if self
+                    .directory
+                    .transition(first, PageState::Remote, PageState::Fetching)
+                    .is_err()
+                {
                     served.kind = FaultKind::InFlight;
                     return Ok(served);
                 }
-                PageOwner::Remote(_) => {
-                    if self
-                        .directory
-                        .transition(p, PageState::Remote, PageState::Fetching)
-                        .is_err()
-                    {
-                        self.unclaim(first, p);
-                        served.kind = FaultKind::InFlight;
-                        return Ok(served);
-                    }
-                    remote += 1;
+                let loaded = self.directory.loaded_end().clamp(first, first + HUGE_PAGES) - first;
+                if let Err(e) =
+                    self.fetch_huge(node, first, &mut buf[..loaded as usize], start, &mut served)
+                {
+                    self.unclaim(first);
+                    self.stats.record_error();
+                    return Err(e);
                 }
-                PageOwner::Zero => {}
-                PageOwner::Local => local += 1,
+                buf[loaded as usize..].iter_mut().for_each(|b| b.0.fill(0));
+                // One fault, `loaded` pages on the wire: the fault's record counts one.
+                self.stats.add_fetched(loaded.saturating_sub(1));
+                served.kind = FaultKind::Remote;
+                buf.as_ptr().cast::<u8>()
             }
-        }
-        if local == HUGE_PAGES {
-            // Installed already (by another handler's fault): make sure nobody sleeps on it.
-            served.hint = false;
-            served.installed = self
-                .uffd
-                .wake(addr, len)
-                .map(|()| Installed::AlreadyPresent);
-            return Ok(served);
-        }
-        let src = if remote == 0 {
-            zero.as_ptr().cast::<u8>()
-        } else {
-            if let Err(e) = self.fetch_huge(first, buf, start, &mut served) {
-                self.unclaim(first, first + HUGE_PAGES);
-                self.stats.record_error();
-                return Err(e);
+            (PageState::Fetching, _) => {
+                served.kind = FaultKind::InFlight;
+                return Ok(served);
             }
-            buf.as_ptr().cast::<u8>()
+            (PageState::Zero | PageState::Remote, _) => {
+                served.kind = FaultKind::LocalZero;
+                zero.as_ptr().cast::<u8>()
+            }
+            _ => {
+                // Installed already (by another handler's fault): make sure nobody sleeps
+                // on it.
+                served.hint = false;
+                served.installed = self
+                    .uffd
+                    .wake(addr, len)
+                    .map(|()| Installed::AlreadyPresent);
+                return Ok(served);
+            }
         };
         served.install_start = crate::trace::monotonic_ns();
         // SAFETY: `src` is one of the handler's 2 MiB buffers (readable, `len` bytes);
         // `addr` is the huge-page-aligned start of the huge page the fault is in, inside
         // the registered range.
         served.installed = unsafe { self.uffd.copy(addr, src, len) };
-        served.kind = if remote > 0 {
-            // One fault, `remote` pages on the wire: the fault's record counts one.
-            self.stats.add_fetched(remote - 1);
-            FaultKind::Remote
-        } else {
-            FaultKind::LocalZero
-        };
-        if served.installed.is_ok() {
-            for p in first..first + HUGE_PAGES {
-                let _ = self.directory.claim(p);
+        match served.installed {
+            Ok(_) => {
+                let _ = self.directory.claim(first);
             }
-        } else {
-            self.unclaim(first, first + HUGE_PAGES);
+            Err(_) => self.unclaim(first),
         }
         Ok(served)
     }
 
-    /// Fetches the remote pages of the huge page from `first` into `buf` (zeroing the
-    /// never-written ones), a run of consecutive pages with one home at a time.
+    /// Fetches the first `buf.len()` pages of the huge page from `first` from `node`, a run
+    /// of at most [`pagemesh_transport::MAX_RUN_PAGES`] at a time.
     fn fetch_huge(
         &mut self,
+        node: NodeId,
         first: u64,
         buf: &mut [PageBuf],
         began: u64,
         served: &mut Served,
     ) -> Result<(), PagerError> {
-        let mut at = 0u64;
-        while at < HUGE_PAGES {
-            let p = first + at;
-            let e = self.directory.entry(p).map_err(PagerError::Directory)?;
-            let owner = e.home;
-            if e.state != PageState::Fetching {
-                // Never written: zero in the huge page.
-                buf[at as usize].0.fill(0);
-                at += 1;
-                continue;
-            }
-            let node = owner.unwrap_or_default();
-            let mut end = at + 1;
-            while end < HUGE_PAGES
-                && end - at < u64::from(pagemesh_transport::MAX_RUN_PAGES)
-                && self
-                    .directory
-                    .entry(first + end)
-                    .is_ok_and(|e| e.state == PageState::Fetching && e.home == owner)
-            {
-                end += 1;
-            }
-            let mut runs = [Run::new(p, bytes_mut(&mut buf[at as usize..end as usize]))];
+        for (i, chunk) in buf
+            .chunks_mut(pagemesh_transport::MAX_RUN_PAGES as usize)
+            .enumerate()
+        {
+            let p = first + (i * pagemesh_transport::MAX_RUN_PAGES as usize) as u64;
+            let mut runs = [Run::new(p, bytes_mut(chunk))];
             let fetched = self.transport.fetch_runs(self.vm, node, &mut runs);
             if let Some(fetch_done) = self.trace.fetch_done {
                 fetch_done(node, p, began);
@@ -493,18 +467,15 @@ impl Handler {
             if served.transfer.is_none() {
                 served.transfer = Some((node, since(began, crate::trace::monotonic_ns())));
             }
-            at = end;
         }
         Ok(())
     }
 
-    /// Puts the pages of `first..end` this handler moved to Fetching back to Remote.
-    fn unclaim(&self, first: u64, end: u64) {
-        for p in first..end {
-            let _ = self
-                .directory
-                .transition(p, PageState::Fetching, PageState::Remote);
-        }
+    /// Gives back a huge page whose fetch or install failed: it is remote again.
+    fn unclaim(&self, first: u64) {
+        let _ = self
+            .directory
+            .transition(first, PageState::Fetching, PageState::Remote);
     }
 
     /// A fault under a budget (see the module docs and [`crate::cache`]).

@@ -40,6 +40,9 @@ use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 
 pub use cache::{BudgetError, CacheConfig, CacheSnapshot, CacheStats};
 pub use directory::{DirectoryError, PageDirectory, PageOwner, PageState};
+
+/// Pages in a 2 MiB huge page: the pages per entry of a huge-page RAM's directory.
+pub const PAGES_PER_HUGE_PAGE: u64 = handler::HUGE_PAGES;
 pub use policy::Policy;
 pub use stats::{PagerStats, StatsSnapshot};
 
@@ -64,6 +67,9 @@ pub enum PagerError {
         /// Its length.
         len: u64,
     },
+    /// Huge-page RAM with a directory of 4 KiB entries.
+    #[error("the page directory of 2 MiB huge pages must have an entry per huge page")]
+    HugeDirectory,
     /// A budget or prefetch with huge pages.
     #[error(
         "2 MiB huge pages work without --local-memory, --prefetch and --replay-working-set \
@@ -179,7 +185,8 @@ pub struct PagerConfig<'ram> {
     /// ([`Pager::recorded`]).
     pub record_working_set: bool,
     /// `ram` is a hugetlb mapping of 2 MiB pages (its start and length multiples of 2 MiB):
-    /// each fault fetches and installs the whole huge page. Neither a budget nor prefetch
+    /// each fault fetches and installs the whole huge page. The directory must be
+    /// [`PageDirectory::coarse`], an entry per huge page. Neither a budget nor prefetch
     /// work in 2 MiB pages yet, and are refused with them.
     pub huge_pages: bool,
 }
@@ -258,6 +265,9 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         }
         if config.cache.is_some() || config.prefetch.is_some() {
             return Err(PagerError::HugeUnsupported);
+        }
+        if config.directory.pages_per_entry() != handler::HUGE_PAGES {
+            return Err(PagerError::HugeDirectory);
         }
     }
     if let Some(c) = &config.cache {

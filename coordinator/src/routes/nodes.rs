@@ -1,18 +1,16 @@
 //! `/nodes` and `/endpoints`: where each node's page server listens, and what the node does.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::extract::State;
 use axum::http::StatusCode;
 
-use pagemesh_api::{Endpoint, NodeId, NodeInfo, RegisterEndpoint};
+use pagemesh_api::{Endpoint, NodeId, NodeInfo, RegisterEndpoint, RenewLease};
 
 use pagemesh_api::ApiError;
 
 use super::created_or_ok;
-use crate::AppState;
 use crate::error::AppError;
 use crate::extract::{AppJson, AppPath, AppQuery};
+use crate::{AppState, now_ms};
 
 /// `POST /nodes/{node_id}/endpoint`: 201 for a new node, 200 for a known one.
 #[utoipa::path(
@@ -31,7 +29,7 @@ pub(crate) async fn register(
     AppPath(id): AppPath<NodeId>,
     AppJson(req): AppJson<RegisterEndpoint>,
 ) -> Result<(StatusCode, AppJson<NodeInfo>), AppError> {
-    let stored = state.store.register_endpoint(id, req, now_ms())?;
+    let stored = state.store.register_endpoint(id, req, state.lease())?;
     let node = stored.value;
     tracing::info!(
         node = node.node_id,
@@ -58,7 +56,7 @@ pub(crate) async fn register(
 pub(crate) async fn list(
     State(state): State<AppState>,
 ) -> Result<AppJson<Vec<NodeInfo>>, AppError> {
-    Ok(AppJson(state.store.nodes()?))
+    Ok(AppJson(as_of_now(state.store.nodes()?)))
 }
 
 /// `GET /nodes/{node_id}`.
@@ -75,7 +73,35 @@ pub(crate) async fn get(
     State(state): State<AppState>,
     AppPath(id): AppPath<NodeId>,
 ) -> Result<AppJson<NodeInfo>, AppError> {
-    Ok(AppJson(state.store.node(id)?))
+    let node = as_of_now(vec![state.store.node(id)?]);
+    Ok(AppJson(
+        node.into_iter().next().expect("one node in, one out"),
+    ))
+}
+
+/// `PUT /nodes/{node_id}/lease`: 200 with the renewed lease; 404 for a node the coordinator
+/// does not know (it forgot it, or it restarted without its state): register again.
+#[utoipa::path(
+    put,
+    path = "/nodes/{node_id}/lease",
+    params(("node_id" = u32, Path, description = "Node id", example = 1)),
+    request_body = RenewLease,
+    responses(
+        (status = 200, description = "The lease, renewed", body = NodeInfo),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
+pub(crate) async fn renew(
+    State(state): State<AppState>,
+    AppPath(id): AppPath<NodeId>,
+    AppJson(req): AppJson<RenewLease>,
+) -> Result<AppJson<NodeInfo>, AppError> {
+    // A node that was down is up again with this; the lease watch logs it.
+    Ok(AppJson(state.store.renew_lease(
+        id,
+        &req.address,
+        state.lease(),
+    )?))
 }
 
 /// The query of `DELETE /nodes/{node_id}`.
@@ -127,15 +153,23 @@ pub(crate) async fn deregister(
 pub(crate) async fn endpoints(
     State(state): State<AppState>,
 ) -> Result<AppJson<Vec<Endpoint>>, AppError> {
-    let nodes = state.store.nodes()?;
-    Ok(AppJson(nodes.into_iter().map(|n| n.endpoint).collect()))
+    let nodes = as_of_now(state.store.nodes()?);
+    Ok(AppJson(
+        nodes
+            .into_iter()
+            .filter(|n| n.up)
+            .map(|n| n.endpoint)
+            .collect(),
+    ))
 }
 
-/// Milliseconds since the Unix epoch; 0 if the clock is before it.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+/// `nodes` as of now: each one `up` if its lease is current.
+fn as_of_now(mut nodes: Vec<NodeInfo>) -> Vec<NodeInfo> {
+    let now = now_ms();
+    for n in &mut nodes {
+        n.up = n.lease_current(now);
+    }
+    nodes
 }
 
 #[cfg(test)]

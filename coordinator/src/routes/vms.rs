@@ -37,7 +37,7 @@ pub(crate) async fn create(
             RegistryError::BadIdempotencyKey(String::from_utf8_lossy(value.as_bytes()).into())
         })?),
     };
-    let stored = state.store.create_vm(req, key)?;
+    let stored = state.store.create_vm(req, key, crate::now_ms())?;
     let vm = stored.value;
     if stored.created {
         tracing::info!(

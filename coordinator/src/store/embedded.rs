@@ -10,7 +10,7 @@ use pagemesh_api::{
 };
 
 use super::{Store, StoreError};
-use crate::registry::{Registry, RegistryError, Stored};
+use crate::registry::{Lease, Registry, RegistryError, Stored};
 
 /// The registry in memory, behind a mutex; with a state file, every change is written to it
 /// before it takes effect, and the file is loaded at start.
@@ -97,9 +97,27 @@ impl Store for EmbeddedStore {
         &self,
         id: NodeId,
         req: RegisterEndpoint,
-        now_ms: u64,
+        lease: Lease,
     ) -> Result<Stored<NodeInfo>, StoreError> {
-        self.update(|r| r.register(id, req, now_ms))
+        self.update(|r| r.register(id, req, lease))
+    }
+
+    fn renew_lease(&self, id: NodeId, address: &str, lease: Lease) -> Result<NodeInfo, StoreError> {
+        // Not written to the state file: a lease is about this process's clock, and a
+        // restarted coordinator lets each node renew (or register) again.
+        let mut r = self.lock();
+        Ok(r.renew(id, address, lease)?)
+    }
+
+    fn forget_down(&self, now_ms: u64, after_ms: u64) -> Result<Vec<NodeInfo>, StoreError> {
+        let down = self.read(|r| {
+            Ok(r.nodes()
+                .any(|n| n.lease_expires_ms.saturating_add(after_ms) <= now_ms))
+        })?;
+        if !down {
+            return Ok(Vec::new());
+        }
+        self.update(|r| Ok(r.forget_down(now_ms, after_ms)))
     }
 
     fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
@@ -114,8 +132,13 @@ impl Store for EmbeddedStore {
         self.update(|r| r.deregister(id, address))
     }
 
-    fn create_vm(&self, req: CreateVm, key: Option<&str>) -> Result<Stored<Vm>, StoreError> {
-        self.update(|r| r.create_vm(req, key))
+    fn create_vm(
+        &self,
+        req: CreateVm,
+        key: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Stored<Vm>, StoreError> {
+        self.update(|r| r.create_vm(req, key, now_ms))
     }
 
     fn vm(&self, id: VmId) -> Result<Vm, StoreError> {
@@ -182,13 +205,22 @@ mod tests {
         }
     }
 
+    fn at(now_ms: u64) -> Lease {
+        Lease {
+            now_ms,
+            ttl_ms: 10_000,
+        }
+    }
+
     #[test]
     fn creates_a_missing_file_and_reloads_changes() {
         let path = temp_state("reload");
         let store = EmbeddedStore::open(&path).unwrap();
         assert!(path.exists());
         assert_eq!(store.path(), Some(path.as_path()));
-        store.register_endpoint(1, memory_node("h:1"), 7).unwrap();
+        store
+            .register_endpoint(1, memory_node("h:1"), at(7))
+            .unwrap();
         drop(store);
 
         let store = EmbeddedStore::open(&path).unwrap();
@@ -203,9 +235,11 @@ mod tests {
     fn refused_and_failed_changes_change_nothing() {
         let path = temp_state("refused");
         let store = EmbeddedStore::open(&path).unwrap();
-        store.register_endpoint(1, memory_node("h:1"), 1).unwrap();
+        store
+            .register_endpoint(1, memory_node("h:1"), at(1))
+            .unwrap();
         let before = fs::read(&path).unwrap();
-        let conflict = store.register_endpoint(1, memory_node("h:2"), 2);
+        let conflict = store.register_endpoint(1, memory_node("h:2"), at(2));
         assert!(matches!(
             conflict,
             Err(StoreError::Refused(RegistryError::EndpointConflict { .. }))
@@ -215,7 +249,7 @@ mod tests {
         // A directory in place of the file makes the rename fail.
         fs::remove_file(&path).unwrap();
         fs::create_dir(&path).unwrap();
-        let failed = store.register_endpoint(2, memory_node("h:2"), 3);
+        let failed = store.register_endpoint(2, memory_node("h:2"), at(3));
         assert!(
             matches!(failed, Err(StoreError::Write { .. })),
             "{failed:?}"
