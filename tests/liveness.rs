@@ -74,10 +74,14 @@ fn a_node_that_stops_renewing_is_down_within_its_lease_and_up_when_it_renews() {
     two.proc.signal(libc::SIGCONT);
     wait_until(3 * lease, "node 2 up again", || endpoints(&url) == [1, 2]);
     let log = || std::fs::read_to_string(&coordinator.proc.stderr).unwrap_or_default();
-    wait_until(Duration::from_secs(5), "the coordinator logging both", || {
-        let log = log();
-        log.contains("node is down: its lease ran out") && log.contains("node is up again")
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "the coordinator logging both",
+        || {
+            let log = log();
+            log.contains("node is down: its lease ran out") && log.contains("node is up again")
+        },
+    );
 
     // Killed, it is down; started again on another port, it registers without --replace
     // (the id's holder is down: this is that node back).

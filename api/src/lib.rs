@@ -289,6 +289,19 @@ pub struct CreateVm {
     /// unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_memory_bytes: Option<u64>,
+    /// Copies of each page, on distinct memory nodes (`--replicas`, 1 to
+    /// [`MAX_REPLICAS`]; [`Replicas`] says where).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[cfg_attr(feature = "openapi", schema(default = 1, minimum = 1, maximum = 4))]
+    pub replicas: u32,
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if takes a reference"
+)]
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// The request header of `POST /vms` that makes it safe to retry: the coordinator answers a
@@ -313,6 +326,17 @@ pub struct Vm {
     /// The compute node's local memory budget for the VM, bytes; `None`: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_memory_bytes: Option<u64>,
+    /// Copies of each page, on distinct memory nodes ([`Vm::replicas`]).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[cfg_attr(feature = "openapi", schema(default = 1, minimum = 1, maximum = 4))]
+    pub replicas: u32,
+}
+
+impl Vm {
+    /// Where the copies of the VM's pages are.
+    pub fn replicas(&self) -> Result<Replicas, ReplicaError> {
+        Replicas::new(&self.placement, self.replicas)
+    }
 }
 
 /// The body of every error answer.

@@ -345,6 +345,16 @@ pub struct Homes {
     len: usize,
 }
 
+impl Homes {
+    /// `node` alone.
+    pub fn only(node: NodeId) -> Self {
+        Homes {
+            nodes: [node; MAX_REPLICAS as usize],
+            len: 1,
+        }
+    }
+}
+
 impl std::ops::Deref for Homes {
     type Target = [NodeId];
 
@@ -377,10 +387,7 @@ impl Replicas {
     /// The homes of a page whose copy 0 is on `first`: `first`, then the next nodes in
     /// turn. A node that is not in the placement is the only home.
     pub fn homes(&self, first: NodeId) -> Homes {
-        let mut out = Homes {
-            nodes: [first; MAX_REPLICAS as usize],
-            len: 1,
-        };
+        let mut out = Homes::only(first);
         if let Some(at) = self.nodes.iter().position(|&n| n == first) {
             let m = self.nodes.len();
             for k in 1..self.copies as usize {
@@ -391,19 +398,30 @@ impl Replicas {
         out
     }
 
-    /// The pages of `placement` (the one these replicas were made for) of which `node`
-    /// holds a copy, in increasing order.
-    pub fn pages_held_by(&self, placement: &Placement, node: NodeId) -> Vec<u64> {
-        let Some(at) = self.nodes.iter().position(|&n| n == node) else {
-            return Vec::new();
-        };
+    /// The nodes whose pages `node` holds a copy of: itself (copy 0), then the one before
+    /// it (copy 1), and so on.
+    fn copied_from(&self, node: NodeId) -> impl Iterator<Item = NodeId> + '_ {
         let m = self.nodes.len();
-        // `node` holds copy k of the pages whose copy 0 is k nodes before it.
-        let mut pages: Vec<u64> = (0..self.copies as usize)
-            .flat_map(|k| placement.pages_of(self.nodes[(at + m - k) % m]))
-            .collect();
-        pages.sort_unstable();
-        pages
+        let at = self.nodes.iter().position(|&n| n == node);
+        at.into_iter().flat_map(move |at| {
+            (0..self.copies as usize).map(move |k| self.nodes[(at + m - k) % m])
+        })
+    }
+
+    /// The pages of `placement` (the one these replicas were made for) of which `node`
+    /// holds a copy: its own pages in increasing order, then those it holds copy 1 of, and
+    /// so on (each part in increasing order; no page twice).
+    pub fn pages_held_by<'a>(
+        &'a self,
+        placement: &'a Placement,
+        node: NodeId,
+    ) -> impl Iterator<Item = u64> + 'a {
+        self.copied_from(node).flat_map(|n| placement.pages_of(n))
+    }
+
+    /// How many pages of `placement` `node` holds a copy of.
+    pub fn count_held_by(&self, placement: &Placement, node: NodeId) -> u64 {
+        self.copied_from(node).map(|n| placement.count_of(n)).sum()
     }
 }
 
@@ -417,8 +435,12 @@ mod tests {
         assert_eq!(&*r.homes(2), [2, 3]);
         assert_eq!(&*r.homes(7), [7], "not in the placement");
         // Node 1 holds copy 0 of pages 1, 4, 7 and copy 1 of those of node 3: 0, 3, 6.
-        assert_eq!(r.pages_held_by(&p, 1), [0, 1, 3, 4, 6, 7]);
-        assert_eq!(r.pages_held_by(&p, 9), [] as [u64; 0]);
+        assert_eq!(
+            r.pages_held_by(&p, 1).collect::<Vec<_>>(),
+            [1, 4, 7, 0, 3, 6]
+        );
+        assert_eq!(r.count_held_by(&p, 1), 6);
+        assert_eq!(r.pages_held_by(&p, 9).count(), 0);
         assert_eq!(
             Replicas::new(&p, 4),
             Err(ReplicaError::TooFewNodes {
@@ -492,6 +514,7 @@ mod tests {
             };
             let mut held = std::collections::BTreeSet::new();
             for &n in &nodes {
+                prop_assert_eq!(r.pages_held_by(&p, n).count() as u64, r.count_held_by(&p, n));
                 for pg in r.pages_held_by(&p, n) {
                     prop_assert!(held.insert((pg, n)), "page {} twice on {}", pg, n);
                 }

@@ -88,6 +88,7 @@ impl AppError {
                 | RegistryError::BadMemSize(_)
                 | RegistryError::RelativeImage(_)
                 | RegistryError::Placement(_)
+                | RegistryError::Replicas(_)
                 | RegistryError::BadIdempotencyKey(_) => StatusCode::BAD_REQUEST,
             },
             AppError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use pagemesh_api::{
     Cluster, Content, CreateCluster, CreateVm, Endpoint, NodeId, NodeInfo, PAGE_SIZE, Placement,
-    PlacementError, PlacementRequest, RegisterEndpoint, Role, TransportKind, Vm, VmId,
+    PlacementError, PlacementRequest, RegisterEndpoint, ReplicaError, Replicas, Role,
+    TransportKind, Vm, VmId,
 };
 
 /// [`PAGE_SIZE`] for arithmetic on byte counts.
@@ -126,6 +127,9 @@ pub enum RegistryError {
     /// The placement cannot be built.
     #[error(transparent)]
     Placement(#[from] PlacementError),
+    /// The replicas cannot be placed.
+    #[error(transparent)]
+    Replicas(#[from] ReplicaError),
     /// No VM with that id.
     #[error("unknown VM {0}")]
     UnknownVm(VmId),
@@ -440,7 +444,11 @@ impl Registry {
             now_ms,
         };
         let placement = self.place(req.placement, pages, &scope)?;
-        self.warn_if_short(&placement, req.mem_bytes);
+        Replicas::new(&placement, req.replicas)?;
+        self.warn_if_short(
+            &placement,
+            req.mem_bytes.saturating_mul(u64::from(req.replicas)),
+        );
         let id = self
             .last_vm_id
             .checked_add(1)
@@ -453,6 +461,7 @@ impl Registry {
             placement,
             content: req.content,
             local_memory_bytes: req.local_memory_bytes,
+            replicas: req.replicas,
         };
         self.vms.insert(id, vm.clone());
         if let Some(key) = key {
@@ -488,6 +497,7 @@ impl Registry {
             || vm.mem_bytes != req.mem_bytes
             || vm.content != req.content
             || vm.local_memory_bytes != req.local_memory_bytes
+            || vm.replicas != req.replicas
         {
             return Err(RegistryError::KeyReused {
                 key: key.to_owned(),
@@ -995,6 +1005,7 @@ mod tests {
             },
             content: Content::Zero,
             local_memory_bytes: None,
+            replicas: 1,
         }
     }
 
@@ -1052,6 +1063,33 @@ mod tests {
     }
 
     #[test]
+    fn replicas_need_as_many_memory_nodes() {
+        let mut r = Registry::default();
+        r.register(1, endpoint("h:1", Role::Both, 1 << 20), at(0))
+            .unwrap();
+        for id in [2, 3] {
+            r.register(
+                id,
+                endpoint(&format!("h:{id}"), Role::Memory, 1 << 20),
+                at(0),
+            )
+            .unwrap();
+        }
+        let mut req = small_vm();
+        req.replicas = 2;
+        let vm = r.create_vm(req.clone(), None, 0).unwrap().value;
+        assert_eq!((vm.replicas, vm.placement.nodes()), (2, vec![2, 3]));
+        req.replicas = 3;
+        assert_eq!(
+            r.create_vm(req, None, 0).unwrap_err(),
+            RegistryError::Replicas(ReplicaError::TooFewNodes {
+                replicas: 3,
+                nodes: 2
+            })
+        );
+    }
+
+    #[test]
     fn idempotency_keys_are_kept_for_the_last_vms() {
         let mut r = Registry::default();
         r.register(1, endpoint("h:1", Role::Both, 0), at(0))
@@ -1104,6 +1142,7 @@ mod tests {
             },
             content: Content::Zero,
             local_memory_bytes: None,
+            replicas: 1,
         };
         r.create_vm(vm, Some("k"), 0).unwrap();
         let json = serde_json::to_string(&r).unwrap();

@@ -27,6 +27,7 @@ fn vm(id: u32) -> Vm {
         placement: Placement::interleave(vec![ME, 2], 4, 64).expect("a valid placement"),
         content: Content::Pattern { seed: 7 },
         local_memory_bytes: None,
+        replicas: 1,
     }
 }
 

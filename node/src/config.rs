@@ -299,6 +299,13 @@ pub struct ComputeOptions {
     #[arg(long, value_enum, default_value_t = PlacementArg::Interleave)]
     pub placement: PlacementArg,
 
+    /// Copies of each page, on distinct memory nodes (1 to 4): a fetch goes to the first
+    /// that answers, so the guest runs on when a memory node dies or its link is cut (each
+    /// memory node holds its pages and a copy of the ones before it in the placement).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(pagemesh_api::MAX_REPLICAS)))]
+    pub replicas: u32,
+
     /// Memory nodes to place pages on, comma-separated ids [default: every memory node of
     /// this node's cluster registered with the coordinator].
     #[arg(long, value_delimiter = ',', value_name = "IDS")]

@@ -381,6 +381,7 @@ mod tests {
             placement: Placement::interleave(vec![1], 1, 2).unwrap(),
             content: Content::Zero,
             local_memory_bytes: None,
+            replicas: 1,
         }
     }
 
@@ -391,6 +392,7 @@ mod tests {
             placement: PlacementRequest::Weighted { nodes: vec![] },
             content: Content::Zero,
             local_memory_bytes: None,
+            replicas: 1,
         }
     }
 

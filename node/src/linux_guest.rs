@@ -95,6 +95,7 @@ pub fn run_linux(
             path: image_path.display().to_string(),
         },
         local_memory_bytes: settings.compute.local_memory.map(|b| b.bytes()),
+        replicas: settings.compute.replicas,
     })?;
     tracing::info!(
         "created VM {} for kernel {} ({} pages on nodes {:?})",

@@ -7,7 +7,7 @@ use pagemesh_api::{NodeId, Vm, error_chain};
 use pagemesh_transport::tcp::Credentials;
 use pagemesh_transport::{ControlPlane, PeerControl, TransportError, TransportManager};
 
-use crate::config::Settings;
+use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::error::NodeError;
 
@@ -45,16 +45,21 @@ pub(crate) fn connect_vm_peers(
         credentials = credentials.with_tls(tls.client);
     }
     let wanted = vm.placement.nodes();
-    let mut transport = TransportManager::new(id, timeout).with_credentials(credentials.clone());
-    let mut writeback = vm
-        .local_memory_bytes
-        .map(|_| TransportManager::new(id, timeout).with_credentials(credentials.clone()));
+    let replicas = vm.replicas().map_err(|e| ConfigError::Invalid {
+        what: "--replicas",
+        why: e.to_string(),
+    })?;
+    // Every connection knows each page's homes, so that any of them fails over.
+    let manager = || {
+        TransportManager::new(id, timeout)
+            .with_credentials(credentials.clone())
+            .with_replicas(replicas.clone())
+    };
+    let mut transport = manager();
+    let mut writeback = vm.local_memory_bytes.map(|_| manager());
     let c = &settings.compute;
-    let mut prefetch = (c.prefetch || c.replay_working_set.is_some())
-        .then(|| TransportManager::new(id, timeout).with_credentials(credentials.clone()));
-    let mut more_handlers: Vec<_> = (1..handlers)
-        .map(|_| TransportManager::new(id, timeout).with_credentials(credentials.clone()))
-        .collect();
+    let mut prefetch = (c.prefetch || c.replay_working_set.is_some()).then(manager);
+    let mut more_handlers: Vec<_> = (1..handlers).map(|_| manager()).collect();
     let mut control = ControlPlane::new(id, timeout).with_credentials(credentials);
     let connected = discover_and_connect_peers(
         coordinator,
@@ -139,14 +144,31 @@ pub(crate) fn load_vm(control: &mut ControlPlane, vm: &Vm) -> Result<(), NodeErr
     Ok(())
 }
 
-/// Pages each node holding pages of `vm` holds now.
+/// Pages each node holding pages of `vm` holds now. With replicas, a node that cannot say
+/// (it died, and the guest ran on its pages' other homes) is left out, with a warning.
 pub(crate) fn held(
     control: &mut ControlPlane,
     vm: &Vm,
 ) -> Result<BTreeMap<NodeId, u64>, NodeError> {
-    ask_each(control, vm, "report the pages it holds of", |p| {
-        p.held(vm.id)
-    })
+    if vm.replicas <= 1 {
+        return ask_each(control, vm, "report the pages it holds of", |p| {
+            p.held(vm.id)
+        });
+    }
+    let mut out = BTreeMap::new();
+    for n in vm.placement.nodes() {
+        match control.ask(n, |p| p.held(vm.id)) {
+            Ok(held) => {
+                out.insert(n, held);
+            }
+            Err(e) => tracing::warn!(
+                "node {n} cannot say what it holds of VM {} (left out): {}",
+                vm.id,
+                error_chain(&e)
+            ),
+        }
+    }
+    Ok(out)
 }
 
 /// Asks every node holding pages of `vm` the same thing, in turn; the first that cannot
@@ -189,6 +211,7 @@ mod tests {
             placement: Placement::interleave(nodes, 1, PAGES).unwrap(),
             content: Content::Pattern { seed: 1 },
             local_memory_bytes: None,
+            replicas: 1,
         }
     }
 

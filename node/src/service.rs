@@ -248,6 +248,7 @@ fn run_compute(
         placement: placement_request(settings, coordinator, pages)?,
         content: content.clone(),
         local_memory_bytes: c.local_memory.map(|b| b.bytes()),
+        replicas: c.replicas,
     })?;
     tracing::info!(
         "created VM {} ({} pages) placed on nodes {:?}",

@@ -1042,6 +1042,7 @@ impl Refusal {
                 StoreError::BadRunLength(_) | StoreError::OutOfRange { .. } => Status::BadRequest,
                 StoreError::Image { .. }
                 | StoreError::ImageRefused { .. }
+                | StoreError::Replicas { .. }
                 | StoreError::NoImageDir { .. } => Status::LoadFailed,
             },
             Refusal::Lookup { .. } | Refusal::WrongVm { .. } => Status::LoadFailed,
@@ -1220,6 +1221,7 @@ mod tests {
             placement,
             content: Content::Pattern { seed: SEED },
             local_memory_bytes: None,
+            replicas: 1,
         }
     }
 

@@ -86,6 +86,15 @@ pub enum StoreError {
         /// Pages of the VM.
         pages: u64,
     },
+    /// The VM's replicas cannot be placed on its placement's nodes.
+    #[error("VM {vm} cannot have its replicas")]
+    Replicas {
+        /// The VM.
+        vm: VmId,
+        /// Why.
+        #[source]
+        source: pagemesh_api::ReplicaError,
+    },
     /// The VM's image may not be loaded from where it is (`--image-dir`).
     #[error("refused to load image {path} of VM {vm}: {why}")]
     ImageRefused {
@@ -330,8 +339,9 @@ impl PageStore {
         self.lock().slab.available()
     }
 
-    /// Loads this node's share of `vm`: every page [`pagemesh_api::Placement::pages_of`]
-    /// gives `me`, filled from the VM's [`Content`]. Returns the pages now held for `vm`.
+    /// Loads this node's share of `vm`: every page of which [`pagemesh_api::Replicas`] puts
+    /// a copy on `me` (with one copy, what [`pagemesh_api::Placement::pages_of`] gives it),
+    /// filled from the VM's [`Content`]. Returns the pages now held for `vm`.
     ///
     /// `Pattern` fills each page with [`pattern::fill_page`]; `Image` reads page `p` from
     /// offset `p * 4096` of the file, skipping pages past its end and zero-padding a partial
@@ -376,10 +386,19 @@ impl PageStore {
                 (Source::Image { file, path }, pages)
             }
         };
+        // With replicas, this node holds a copy of other nodes' pages too.
+        let replicas = vm
+            .replicas()
+            .map_err(|e| StoreError::Replicas { vm: id, source: e })?;
+        let mine = || {
+            replicas
+                .pages_held_by(&vm.placement, me)
+                .filter(move |&p| p < limit)
+        };
         let needed = if limit >= total {
-            vm.placement.count_of(me)
+            replicas.count_held_by(&vm.placement, me)
         } else {
-            vm.placement.pages_of(me).take_while(|&p| p < limit).count() as u64
+            mine().count() as u64
         };
 
         // Check, drop the old pages, reserve.
@@ -406,8 +425,7 @@ impl PageStore {
         let filled = if needed == 0 {
             Ok(())
         } else {
-            let pages = vm.placement.pages_of(me).take_while(|&p| p < limit);
-            self.fill(id, &source, pages, &mut staged)
+            self.fill(id, &source, mine(), &mut staged)
         };
 
         let mut inner = self.lock();
@@ -703,6 +721,7 @@ mod tests {
             placement,
             content,
             local_memory_bytes: None,
+            replicas: 1,
         }
     }
 

@@ -155,6 +155,15 @@ pub enum TransportError {
     /// No connection to this node.
     #[error("no connection to node {0}; is it registered with the coordinator?")]
     UnknownPeer(NodeId),
+    /// Every home of a page failed (with replicas).
+    #[error("every home of the page failed (nodes {homes})")]
+    NoHomeLeft {
+        /// The homes, as `1, 2`.
+        homes: String,
+        /// The last failure, if one was tried.
+        #[source]
+        last: Option<Box<TransportError>>,
+    },
     /// The peer did not answer for longer than the retry policy allows.
     #[error("node {node} did not answer for {:.1} s ({attempts} reconnection attempts)", after.as_secs_f64())]
     GaveUp {
@@ -170,7 +179,25 @@ pub enum TransportError {
     },
 }
 
+/// `nodes` as `1, 2, 3`.
+fn list(nodes: &[NodeId]) -> String {
+    nodes
+        .iter()
+        .map(NodeId::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl TransportError {
+    /// Whether the failure is the peer's (it died, cannot be reached, refused the page), so
+    /// that another home of the page may answer; not a request this side got wrong.
+    pub fn is_peers(&self) -> bool {
+        !matches!(
+            self,
+            TransportError::InvalidPageSize(_) | TransportError::UnknownPeer(_)
+        )
+    }
+
     /// Whether a new connection may cure the failure, so that an idempotent request is worth
     /// repeating on one: the connection failed, closed, carried a damaged frame or a reply
     /// out of turn, or could not be made. A refusal, another cluster or a request this side
@@ -505,11 +532,21 @@ impl Dialer {
 pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One connection per peer node; what the pager fetches through.
+///
+/// With [`TransportManager::with_replicas`], every page has several homes, and the node a
+/// request names is the page's first home: a read or fetch goes to the next home when one
+/// fails for good (after its retries, or refusing the page), and a write-back goes to every
+/// home that is alive. A home that failed is left out of later requests (it is *lost*),
+/// unless every other home of a page has failed too: then it is asked again, as the last
+/// chance. With one copy per page, a failure is the caller's at once, as before.
 pub struct TransportManager {
     dialer: Dialer,
     retry: RetryPolicy,
     reconnects: u64,
     peers: Peers<dyn PageSource>,
+    replicas: Option<pagemesh_api::Replicas>,
+    /// Homes that failed for good, in the order they did.
+    lost: Vec<NodeId>,
 }
 
 impl TransportManager {
@@ -522,7 +559,22 @@ impl TransportManager {
             retry: RetryPolicy::for_timeout(timeout),
             reconnects: 0,
             peers: Peers::default(),
+            replicas: None,
+            lost: Vec::new(),
         }
+    }
+
+    /// This manager for a VM whose pages have the homes `replicas` gives them (see the
+    /// type's docs); with one copy, nothing changes.
+    #[must_use]
+    pub fn with_replicas(mut self, replicas: pagemesh_api::Replicas) -> Self {
+        self.replicas = (replicas.copies() > 1).then_some(replicas);
+        self
+    }
+
+    /// The homes that failed for good, in the order they did.
+    pub fn lost(&self) -> &[NodeId] {
+        &self.lost
     }
 
     /// Reconnections that succeeded since the manager was made.
@@ -584,7 +636,7 @@ impl TransportManager {
         if dst.len() != pagemesh_api::PAGE_SIZE {
             return Err(TransportError::InvalidPageSize(dst.len()));
         }
-        self.with_retries(remote_node, |p| p.fetch(vm, page, dst))
+        self.on_homes(remote_node, |p| p.fetch(vm, page, dst))
     }
 
     /// Reads `page` of `vm` from `remote_node` into `dst`, one page; the node keeps its copy
@@ -600,7 +652,7 @@ impl TransportManager {
         if dst.len() != pagemesh_api::PAGE_SIZE {
             return Err(TransportError::InvalidPageSize(dst.len()));
         }
-        self.with_retries(remote_node, |p| p.read(vm, page, dst))
+        self.on_homes(remote_node, |p| p.read(vm, page, dst))
     }
 
     /// Fetches (and claims) several runs of `vm` from `remote_node`, each into its own
@@ -612,7 +664,7 @@ impl TransportManager {
         remote_node: NodeId,
         runs: &mut [Run<'_>],
     ) -> Result<(), TransportError> {
-        self.with_retries(remote_node, |p| p.fetch_runs(vm, runs))
+        self.on_homes(remote_node, |p| p.fetch_runs(vm, runs))
     }
 
     /// Reads several runs of `vm` from `remote_node` (it keeps its copies), each into its
@@ -623,26 +675,149 @@ impl TransportManager {
         remote_node: NodeId,
         runs: &mut [Run<'_>],
     ) -> Result<(), TransportError> {
-        self.with_retries(remote_node, |p| p.read_runs(vm, runs))
+        self.on_homes(remote_node, |p| p.read_runs(vm, runs))
     }
 
     /// Writes several runs of `vm` back to `remote_node`, `(first page, pages)` each, with
     /// the requests of a batch outstanding together; retried like
-    /// [`TransportManager::fetch_page`] (a write-back stores the same bytes again).
+    /// [`TransportManager::fetch_page`] (a write-back stores the same bytes again). With
+    /// replicas, to every home of the runs that is alive: `Ok` means each of those has them
+    /// (a home that failed is lost, and no longer counts).
     pub fn write_back_runs(
         &mut self,
         vm: VmId,
         remote_node: NodeId,
         runs: &[(u64, &[u8])],
     ) -> Result<(), TransportError> {
-        self.with_retries(remote_node, |p| p.write_back_runs(vm, runs))
+        let Some(replicas) = &self.replicas else {
+            return self.with_retries(remote_node, |p| p.write_back_runs(vm, runs));
+        };
+        let homes = replicas.homes(remote_node);
+        let mut last = None;
+        let mut wrote = false;
+        let mut tried = [false; pagemesh_api::MAX_REPLICAS as usize];
+        // Every live home; only when none took it, the lost ones, as the last chance.
+        for last_chance in [false, true] {
+            for (i, &home) in homes.iter().enumerate() {
+                if wrote && last_chance || tried[i] || self.lost.contains(&home) != last_chance {
+                    continue;
+                }
+                tried[i] = true;
+                match self.with_retries(home, |p| p.write_back_runs(vm, runs)) {
+                    Ok(()) => {
+                        wrote = true;
+                        self.found(home);
+                    }
+                    Err(e) if !e.is_peers() => return Err(e),
+                    Err(e) => {
+                        self.lose(home, &e);
+                        last = Some(e);
+                    }
+                }
+            }
+        }
+        match (wrote, last) {
+            (true, _) => Ok(()),
+            (false, last) => Err(TransportError::NoHomeLeft {
+                homes: list(&homes),
+                last: last.map(Box::new),
+            }),
+        }
+    }
+
+    /// Runs `op` on the page's first home, `first`; with replicas, on the next homes in
+    /// turn after it failed for good (see the type's docs).
+    #[inline]
+    fn on_homes<T>(
+        &mut self,
+        first: NodeId,
+        mut op: impl FnMut(&mut dyn PageSource) -> Result<T, TransportError>,
+    ) -> Result<T, TransportError> {
+        if self.replicas.is_none() {
+            return self.with_retries(first, op);
+        }
+        let tried_first = !self.lost.contains(&first);
+        if tried_first {
+            match self.with_retries(first, &mut op) {
+                Ok(v) => return Ok(v),
+                Err(e) if !e.is_peers() => return Err(e),
+                Err(e) => self.lose(first, &e),
+            }
+        }
+        self.fail_over(first, tried_first, &mut op)
+    }
+
+    /// Tries the homes of the page whose first home is `first` (tried already if
+    /// `tried_first`): first those not lost, in order, then, as the last chance, the lost
+    /// ones; each once.
+    #[cold]
+    fn fail_over<T>(
+        &mut self,
+        first: NodeId,
+        tried_first: bool,
+        op: &mut dyn FnMut(&mut dyn PageSource) -> Result<T, TransportError>,
+    ) -> Result<T, TransportError> {
+        let homes = self
+            .replicas
+            .as_ref()
+            .map_or(pagemesh_api::Homes::only(first), |r| r.homes(first));
+        let mut tried = [false; pagemesh_api::MAX_REPLICAS as usize];
+        tried[0] = tried_first;
+        let mut last = None;
+        for last_chance in [false, true] {
+            for (i, &home) in homes.iter().enumerate() {
+                if tried[i] || self.lost.contains(&home) != last_chance {
+                    continue;
+                }
+                tried[i] = true;
+                match self.with_retries(home, &mut *op) {
+                    Ok(v) => {
+                        self.found(home);
+                        return Ok(v);
+                    }
+                    Err(e) if !e.is_peers() => return Err(e),
+                    Err(e) => {
+                        self.lose(home, &e);
+                        last = Some(e);
+                    }
+                }
+            }
+        }
+        Err(TransportError::NoHomeLeft {
+            homes: list(&homes),
+            last: last.map(Box::new),
+        })
+    }
+
+    /// Records that `node` answered: it is not lost (any more).
+    fn found(&mut self, node: NodeId) {
+        if let Some(at) = self.lost.iter().position(|&n| n == node) {
+            tracing::info!("node {node} answers again");
+            self.lost.remove(at);
+        }
+    }
+
+    /// Records that `node` failed for good with `e`.
+    #[cold]
+    fn lose(&mut self, node: NodeId, e: &TransportError) {
+        if !self.lost.contains(&node) {
+            tracing::warn!(
+                "node {node} is lost ({}); its pages come from their other homes",
+                pagemesh_api::error_chain(e)
+            );
+            self.lost.push(node);
+        }
     }
 
     /// Delivers every peer's pending acknowledgement (see [`PageSource::acknowledge`]), with
-    /// retries; returns the first failure after trying them all.
+    /// retries; returns the first failure after trying them all. Lost homes are left out:
+    /// what they lent died with them.
     pub fn acknowledge_all(&mut self) -> Result<(), TransportError> {
         let mut first = Ok(());
         for node in self.peer_ids() {
+            if self.lost.contains(&node) {
+                continue;
+            }
             let r = self.with_retries(node, |p| p.acknowledge());
             if first.is_ok() {
                 first = r;
@@ -774,6 +949,107 @@ mod tests {
             self.broken = false;
             Ok(())
         }
+    }
+
+    /// A peer that is gone: every request and reconnection fails, counted.
+    struct Gone {
+        node: NodeId,
+        calls: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl Gone {
+        fn fail(&self) -> Result<(), TransportError> {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(TransportError::Io {
+                node: self.node,
+                source: std::io::ErrorKind::ConnectionRefused.into(),
+            })
+        }
+    }
+
+    impl PageSource for Gone {
+        fn peer(&self) -> NodeId {
+            self.node
+        }
+
+        fn fetch(&mut self, _: VmId, _: u64, _: &mut [u8]) -> Result<(), TransportError> {
+            self.fail()
+        }
+
+        fn read(&mut self, _: VmId, _: u64, _: &mut [u8]) -> Result<(), TransportError> {
+            self.fail()
+        }
+
+        fn write_back(&mut self, _: VmId, _: u64, _: &[u8]) -> Result<(), TransportError> {
+            self.fail()
+        }
+
+        fn reconnect(&mut self) -> Result<(), TransportError> {
+            self.fail()
+        }
+    }
+
+    #[test]
+    fn with_replicas_a_lost_home_is_passed_over_and_the_others_answer() {
+        let placement = pagemesh_api::Placement::interleave(vec![1, 2, 3], 1, 6).unwrap();
+        let replicas = pagemesh_api::Replicas::new(&placement, 2).unwrap();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut m = TransportManager::new(0, Duration::from_millis(30)).with_replicas(replicas);
+        m.add_source(Box::new(Gone {
+            node: 1,
+            calls: calls.clone(),
+        }));
+        m.add_source(Box::new(local::LocalSource::with_pattern(2, 9, 6, 5)));
+        m.add_source(Box::new(local::LocalSource::with_pattern(3, 9, 6, 5)));
+        let mut page = vec![0u8; pagemesh_api::PAGE_SIZE];
+        // Page 0's homes are 1 and 2: node 1 is tried for its timeout, lost, and node 2
+        // answers.
+        m.read_page(9, 0, 1, &mut page).unwrap();
+        assert_eq!(m.lost(), [1]);
+        let mut want = vec![0u8; pagemesh_api::PAGE_SIZE];
+        pagemesh_api::pattern::fill_page(5, 0, &mut want);
+        assert_eq!(page, want);
+        // Lost, it is not asked again while another home answers.
+        let before = calls.load(std::sync::atomic::Ordering::Relaxed);
+        m.read_page(9, 3, 1, &mut page).unwrap();
+        m.write_back_runs(9, 1, &[(3, &want)]).unwrap();
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::Relaxed),
+            before,
+            "node 1 left alone"
+        );
+        // Page 2's homes are 3 and 1: node 3 answers first, node 1 is not needed.
+        m.read_page(9, 2, 3, &mut page).unwrap();
+        assert_eq!(m.lost(), [1]);
+    }
+
+    #[test]
+    fn with_replicas_a_page_whose_homes_all_fail_is_an_error_naming_them() {
+        let placement = pagemesh_api::Placement::interleave(vec![1, 2], 1, 4).unwrap();
+        let replicas = pagemesh_api::Replicas::new(&placement, 2).unwrap();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut m = TransportManager::new(0, Duration::from_millis(20)).with_replicas(replicas);
+        for node in [1, 2] {
+            m.add_source(Box::new(Gone {
+                node,
+                calls: calls.clone(),
+            }));
+        }
+        let mut page = vec![0u8; pagemesh_api::PAGE_SIZE];
+        let e = m.fetch_page(9, 0, 1, &mut page).unwrap_err();
+        assert!(matches!(e, TransportError::NoHomeLeft { .. }), "{e:?}");
+        assert!(
+            pagemesh_api::error_chain(&e)
+                .starts_with("every home of the page failed (nodes 1, 2): node 2 did not answer"),
+            "{}",
+            pagemesh_api::error_chain(&e)
+        );
+        assert_eq!(m.lost(), [1, 2]);
+        // Both lost: each is asked again, as the last chance, before the next page fails.
+        let before = calls.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(m.write_back_runs(9, 2, &[(1, &page)]).is_err());
+        assert!(calls.load(std::sync::atomic::Ordering::Relaxed) > before);
     }
 
     fn manager(failures: u32, give_up_after: Duration) -> TransportManager {

@@ -1,0 +1,99 @@
+//! Replicated pages (`--replicas 2`): a memory node killed in the middle of a run loses
+//! nothing; the guest runs on its pages' other homes and finishes with every page right,
+//! reads and write-backs alike.
+
+use std::time::{Duration, Instant};
+
+use pagemesh_tests::{Bins, Cluster, Proc, read_summary, test_dir};
+
+/// Waits until the guest of `compute` (started with `--log debug`) has reported `pages`
+/// pages done.
+fn wait_for_pages(compute: &mut Proc, pages: u64) {
+    let needle = format!("guest: {pages} pages done");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = std::fs::read_to_string(&compute.stderr).unwrap_or_default();
+        if log.contains(&needle) {
+            return;
+        }
+        assert!(
+            compute.try_wait().unwrap().is_none(),
+            "compute node ended early:\n{}",
+            compute.log_tail()
+        );
+        assert!(Instant::now() < deadline, "the guest never got going");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `args` on a compute node over memory nodes 1, 2 and 3 with two replicas, kills node
+/// 2 once the guest has done `kill_at` pages, and checks the run ended well without it.
+fn run_through_a_kill(
+    name: &str,
+    args: &[&str],
+    kill_at: u64,
+) -> pagemesh_api::summary::RunSummary {
+    let bins = Bins::for_tests().unwrap();
+    let mut c = Cluster::start(bins, test_dir(name), &[1, 2, 3], "1GiB").unwrap();
+    let common = ["--replicas", "2", "--peer-timeout", "1", "--log", "debug"];
+    let (mut compute, json_path) = c.spawn_compute(&[args, &common].concat()).unwrap();
+    wait_for_pages(&mut compute, kill_at);
+    c.memory[1].proc.kill();
+    let status = compute.wait(Duration::from_secs(180)).unwrap();
+    let log = std::fs::read_to_string(&compute.stderr).unwrap();
+    let summary = read_summary(&json_path).unwrap().expect("a summary");
+    assert!(
+        status.success() && summary.ok,
+        "{summary:#?}\n{}",
+        compute.log_tail()
+    );
+    let result = summary.result.as_ref().expect("a result");
+    assert_eq!(result.bad_pages, 0, "{summary:#?}");
+    assert!(
+        log.contains("node 2 is lost"),
+        "the failover is logged:\n{}",
+        compute.log_tail()
+    );
+    // The survivors serve on.
+    for m in [0, 2] {
+        assert!(c.memory[m].proc.try_wait().unwrap().is_none());
+    }
+    summary
+}
+
+#[test]
+fn a_guest_verifies_every_page_through_a_memory_nodes_death() {
+    let summary = run_through_a_kill(
+        "replicas-verify",
+        &["--mem", "256MiB", "--workload", "verify"],
+        16384,
+    );
+    // Every page was loaded twice, each copy on a node of its own: 2/3 of the pages on each.
+    assert_eq!(
+        summary.held_before.values().collect::<Vec<_>>(),
+        [&43691, &43691, &43690],
+        "{summary:#?}"
+    );
+    assert_eq!(summary.faults.remote, 65536, "{summary:#?}");
+}
+
+#[test]
+fn a_guest_writing_through_a_budget_loses_no_write_when_a_memory_node_dies() {
+    // Random read-modify-writes on 64 MiB through a 16 MiB budget: dirty pages are written
+    // back to both homes and fetched again, before and after node 2's death; the checksum
+    // of every value read is the run's test.
+    run_through_a_kill(
+        "replicas-rmw",
+        &[
+            "--mem",
+            "64MiB",
+            "--local-memory",
+            "16MiB",
+            "--workload",
+            "random",
+            "--access",
+            "rmw",
+        ],
+        8192,
+    );
+}
