@@ -1,10 +1,11 @@
-//! Replicated pages (`--replicas 2`): a memory node killed in the middle of a run loses
-//! nothing; the guest runs on its pages' other homes and finishes with every page right,
-//! reads and write-backs alike.
+//! Replicated pages (`--replicas 2`): a memory node killed in the middle of a run, or cut off
+//! by its link going down, loses nothing; the guest runs on its pages' other homes and
+//! finishes with every page right, reads and write-backs alike.
 
 use std::time::{Duration, Instant};
 
-use pagemesh_tests::{Bins, Cluster, Proc, read_summary, test_dir};
+use pagemesh_tests::netns::Netns;
+use pagemesh_tests::{Bins, Cluster, Coordinator, MemoryNode, Proc, read_summary, test_dir};
 
 /// Waits until the guest of `compute` (started with `--log debug`) has reported `pages`
 /// pages done.
@@ -96,4 +97,72 @@ fn a_guest_writing_through_a_budget_loses_no_write_when_a_memory_node_dies() {
         ],
         8192,
     );
+}
+
+#[test]
+fn a_cut_link_to_a_memory_node_fails_over_within_the_peer_timeout() {
+    let bins = Bins::for_tests().unwrap();
+    let dir = test_dir("replicas-cut");
+    // Memory node 2 lives in a network namespace of its own, reached over a veth pair; the
+    // others, the coordinator and the compute node on this host's loopback.
+    let netns = Netns::create().unwrap();
+    let mut coordinator = Coordinator::start_on(&bins, &dir, "0.0.0.0:0", &[]).unwrap();
+    let port = coordinator.url.rsplit(':').next().unwrap().to_owned();
+    coordinator.url = format!("http://127.0.0.1:{port}");
+    let from_netns = format!("http://{}:{port}", netns.host_ip);
+    let url = coordinator.url.clone();
+    let memory = vec![
+        MemoryNode::start(&bins, &dir, &url, 1, "1GiB").unwrap(),
+        MemoryNode::start_in(&netns, &bins, &dir, &from_netns, 2, "1GiB", &[]).unwrap(),
+        MemoryNode::start(&bins, &dir, &url, 3, "1GiB").unwrap(),
+    ];
+    assert!(
+        memory[1].addr.starts_with(&netns.ns_ip),
+        "{}",
+        memory[1].addr
+    );
+    let mut c = Cluster::from_parts(bins, dir, coordinator, memory);
+    let (mut compute, json_path) = c
+        .spawn_compute(&[
+            "--mem",
+            "256MiB",
+            "--workload",
+            "verify",
+            "--replicas",
+            "2",
+            "--peer-timeout",
+            "1",
+            "--log",
+            "debug",
+        ])
+        .unwrap();
+    wait_for_pages(&mut compute, 16384);
+    // The link goes down: node 2 is alive but nothing reaches it, nor does it answer.
+    netns.cut().unwrap();
+    let status = compute.wait(Duration::from_secs(180)).unwrap();
+    let log = std::fs::read_to_string(&compute.stderr).unwrap();
+    let summary = read_summary(&json_path).unwrap().expect("a summary");
+    assert!(
+        status.success() && summary.ok,
+        "{summary:#?}\n{}",
+        compute.log_tail()
+    );
+    assert_eq!(
+        summary.result.as_ref().unwrap().bad_pages,
+        0,
+        "{summary:#?}"
+    );
+    assert!(log.contains("node 2 is lost"), "{}", compute.log_tail());
+    // The fault that met the cut waited one --peer-timeout (the reply's), not one more of
+    // reconnecting: no fault took as long as two.
+    assert!(
+        summary.fault_max_us < 2e6,
+        "slowest fault {} us with --peer-timeout 1",
+        summary.fault_max_us
+    );
+    assert!(
+        c.memory[1].proc.try_wait().unwrap().is_none(),
+        "node 2 lives on"
+    );
+    netns.mend().unwrap();
 }

@@ -5,8 +5,10 @@
 //! addresses on stdout, which the harness waits for. Dropping a [`Proc`] kills it.
 //! A compute node's `--json` summary is read back as a [`RunSummary`] ([`read_summary`]).
 //! [`proxy`] is a TCP proxy to put between a compute node and a memory node; it cuts their
-//! connections in the middle of replies.
+//! connections in the middle of replies; [`netns`] puts a node behind a real link that a test
+//! cuts.
 
+pub mod netns;
 pub mod proxy;
 
 use std::fs::File;
@@ -222,11 +224,23 @@ impl Coordinator {
     /// Starts a coordinator on an ephemeral loopback port, with `args` added (such as
     /// `--cluster-key-file FILE`).
     pub fn start_with(bins: &Bins, dir: &Path, args: &[&std::ffi::OsStr]) -> anyhow::Result<Self> {
+        Self::start_on(bins, dir, "127.0.0.1:0", args)
+    }
+
+    /// Starts a coordinator listening on `listen` (`0.0.0.0:0`: every address, for nodes in
+    /// a [`netns::Netns`]), with `args` added; [`Coordinator::url`] is then
+    /// `http://0.0.0.0:PORT`, which nodes on this host reach.
+    pub fn start_on(
+        bins: &Bins,
+        dir: &Path,
+        listen: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
         let mut proc = Proc::spawn(
             "coordinator",
             dir,
             Command::new(&bins.coordinator)
-                .args(["--listen", "127.0.0.1:0"])
+                .args(["--listen", listen])
                 .args(args),
         )?;
         let line = proc.wait_for_line("listening on ", Duration::from_secs(20))?;
@@ -290,7 +304,45 @@ impl MemoryNode {
         advertise: Option<&str>,
         args: &[String],
     ) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(&bins.node);
+        Self::spawn(
+            Command::new(&bins.node),
+            dir,
+            coordinator,
+            id,
+            capacity,
+            listen,
+            advertise,
+            args,
+        )
+    }
+
+    /// Starts memory node `id` inside `netns`, listening on its address there and reaching
+    /// the coordinator at `coordinator` (an address of the host's end of the link).
+    pub fn start_in(
+        netns: &crate::netns::Netns,
+        bins: &Bins,
+        dir: &Path,
+        coordinator: &str,
+        id: u32,
+        capacity: &str,
+        args: &[String],
+    ) -> anyhow::Result<Self> {
+        let listen = format!("{}:0", netns.ns_ip);
+        let cmd = netns.command(&bins.node);
+        Self::spawn(cmd, dir, coordinator, id, capacity, &listen, None, args)
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "each is one flag of the node")]
+    fn spawn(
+        mut cmd: Command,
+        dir: &Path,
+        coordinator: &str,
+        id: u32,
+        capacity: &str,
+        listen: &str,
+        advertise: Option<&str>,
+        args: &[String],
+    ) -> anyhow::Result<Self> {
         cmd.args(args);
         cmd.args(["--role", "memory", "--listen", listen])
             .args(["--id", &id.to_string(), "--coordinator", coordinator])
@@ -370,6 +422,23 @@ impl Cluster {
             memory,
             runs: 0,
         })
+    }
+
+    /// A cluster of processes started by hand (a coordinator on another address, a memory
+    /// node in a [`netns::Netns`]).
+    pub fn from_parts(
+        bins: Bins,
+        dir: PathBuf,
+        coordinator: Coordinator,
+        memory: Vec<MemoryNode>,
+    ) -> Self {
+        Self {
+            dir,
+            bins,
+            coordinator,
+            memory,
+            runs: 0,
+        }
     }
 
     /// Stops the memory nodes, then the coordinator (SIGTERM, then a wait).

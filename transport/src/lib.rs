@@ -189,6 +189,20 @@ fn list(nodes: &[NodeId]) -> String {
 }
 
 impl TransportError {
+    /// Whether the peer was silent for a whole timeout: a read, a write or a connection
+    /// attempt timed out.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            TransportError::Io { source, .. } | TransportError::Connect { source, .. } => {
+                matches!(
+                    source.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                )
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the failure is the peer's (it died, cannot be reached, refused the page), so
     /// that another home of the page may answer; not a request this side got wrong.
     pub fn is_peers(&self) -> bool {
@@ -849,6 +863,17 @@ impl TransportManager {
         op: &mut dyn FnMut(&mut dyn PageSource) -> Result<T, TransportError>,
     ) -> Result<T, TransportError> {
         let policy = self.retry;
+        if self.replicas.is_some() && first.is_timeout() {
+            // Silent for a whole timeout already: with other homes to ask, it is dead now,
+            // not after another timeout of reconnecting (a cut link fails over within
+            // --peer-timeout).
+            return Err(TransportError::GaveUp {
+                node,
+                after: policy.give_up_after,
+                attempts: 0,
+                last: Box::new(first),
+            });
+        }
         let started = std::time::Instant::now();
         let mut delay = policy.first_backoff;
         let mut last = first;

@@ -22,6 +22,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     // The console's end-to-end test drives it in a real terminal.
     ("tmux", "tmux"),
+    // Tests cut a memory node's link in a network namespace (`ip netns`, veth).
+    ("iproute2", "ip"),
 ];
 
 fn have(cmd: &str) -> bool {
