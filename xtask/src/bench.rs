@@ -67,6 +67,13 @@ struct Case {
     tier: Option<Tier>,
 }
 
+impl Case {
+    /// Whether it runs on the cluster of two memory nodes (it sets `--replicas`).
+    fn replicated(&self) -> bool {
+        self.args.contains(&"--replicas")
+    }
+}
+
 /// A page cache case (`tier-*`): the VM, its budget and the access sequence it replays.
 #[derive(Clone, Copy)]
 struct Tier {
@@ -280,6 +287,62 @@ const CASES: &[Case] = &[
         replay: true,
         tier: None,
     },
+    // Two copies of every page (`--replicas`: on a cluster of two memory nodes of its own):
+    // a fetch still goes to one home, so reads should cost what they cost with one; each
+    // write-back goes to both, which the write-through-a-budget pair measures, both on the
+    // two-node cluster.
+    Case {
+        name: "remote-random-r2",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--replicas",
+            "2",
+        ],
+        remote: true,
+        tls: false,
+        replay: false,
+        tier: None,
+    },
+    Case {
+        name: "writeback-r1",
+        args: &[
+            "--workload",
+            "seq",
+            "--access",
+            "write",
+            "--no-ebpf",
+            "--local-memory",
+            "16MiB",
+            "--replicas",
+            "1",
+        ],
+        remote: true,
+        tls: false,
+        replay: false,
+        tier: None,
+    },
+    Case {
+        name: "writeback-r2",
+        args: &[
+            "--workload",
+            "seq",
+            "--access",
+            "write",
+            "--no-ebpf",
+            "--local-memory",
+            "16MiB",
+            "--replicas",
+            "2",
+        ],
+        remote: true,
+        tls: false,
+        replay: false,
+        tier: None,
+    },
     // `remote-random` with page traffic over TLS (its own cluster): TLS's cost is the
     // difference.
     Case {
@@ -441,8 +504,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let ca = pagemesh_tests::pki::Ca::new(&tls_dir, "bench-ca")?;
             let memory = ca.node(&tls_dir, "node1", None)?;
             let compute = ca.node(&tls_dir, "node0", None)?;
-            let c = Cluster::start_with(bins, tls_dir, &[1], "2GiB", &memory.args())?;
+            let c = Cluster::start_with(bins.clone(), tls_dir, &[1], "2GiB", &memory.args())?;
             Some((c, compute.args()))
+        }
+    };
+    // The replica cases' cluster: two memory nodes.
+    let mut replicated = match cases.iter().any(|c| c.replicated()) {
+        false => None,
+        true => {
+            let dir = dir.join("replicated");
+            std::fs::create_dir_all(&dir)?;
+            Some(Cluster::start(bins.clone(), dir, &[1, 2], "2GiB")?)
         }
     };
     // The other build's own coordinator and memory node: builds with different page
@@ -484,6 +556,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             if let Some((c, certs)) = tls.as_mut().filter(|_| cases[i].tls) {
                 // The baseline build may not speak TLS: this build only.
                 per_case[i].push(run_case(c, cases[i], &mem, pin.as_deref(), certs)?);
+                continue;
+            }
+            if let Some(c) = replicated.as_mut().filter(|_| cases[i].replicated()) {
+                // The baseline build may not know --replicas: this build only.
+                per_case[i].push(run_case(c, cases[i], &mem, pin.as_deref(), &[])?);
                 continue;
             }
             if cases[i].replay {
@@ -678,6 +755,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     cluster.stop()?;
+    if let Some(c) = replicated.as_mut() {
+        c.stop()?;
+    }
     if let Some((c, _)) = tls.as_mut() {
         c.stop()?;
     }
@@ -935,6 +1015,8 @@ const RATIOS: &[(&str, &str)] = &[
     ("remote-seq-2m", "remote-seq"),
     ("replay", "local-demand-zero"),
     ("replay", "remote-random"),
+    ("remote-random-r2", "remote-random"),
+    ("writeback-r2", "writeback-r1"),
 ];
 
 /// The median over runs of the probes' own kernel time per fault (the kernel's BPF
