@@ -6,10 +6,11 @@
 //! A compute node's `--json` summary is read back as a [`RunSummary`] ([`read_summary`]).
 //! [`proxy`] is a TCP proxy to put between a compute node and a memory node; it cuts their
 //! connections in the middle of replies; [`netns`] puts a node behind a real link that a test
-//! cuts.
+//! cuts; [`soak`] keeps a cluster under load for a while and watches its processes.
 
 pub mod netns;
 pub mod proxy;
+pub mod soak;
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};

@@ -8,8 +8,9 @@
 //! | `bench` | the fault-latency benchmark |
 //! | `test` | the whole suite (what CI runs), a short fuzz run included |
 //! | `fuzz` | every cargo-fuzz target of `fuzz/` for a bounded time |
+//! | `soak` | the cluster under load for N minutes, memory nodes restarting; RSS and fds watched |
 //!
-//! A module per command (`setup`, `ebpf`, `run`, `bench`, `fuzz`), `guest` for the Linux guest the
+//! A module per command (`setup`, `ebpf`, `run`, `bench`, `fuzz`, `soak`), `guest` for the Linux guest the
 //! tests boot, `summary` for a run's results, and `cmd` for running programs (cargo, apt-get)
 //! from the workspace root, which all of them use and which uses none of them.
 
@@ -21,6 +22,7 @@ mod guest;
 mod plot;
 mod run;
 mod setup;
+mod soak;
 mod summary;
 
 use clap::{Parser, Subcommand};
@@ -53,6 +55,10 @@ enum Command {
     /// Run every fuzz target (`fuzz/`, cargo-fuzz on nightly) for a bounded time from the
     /// corpus in the repository; fails if one crashes (docs/fuzzing.md).
     Fuzz(fuzz::FuzzArgs),
+    /// Keep a local cluster under load (guests writing through a page cache, two replicas)
+    /// for N minutes, restarting a memory node every few minutes; report every process's RSS
+    /// and open descriptors at warm-up and at the end. Fails if a run fails or a page is bad.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(clap::Args)]
@@ -79,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::bench(args),
         Command::Test(args) => test(args),
         Command::Fuzz(args) => fuzz::fuzz(&args).map(drop),
+        Command::Soak(args) => soak::soak(args),
     }
 }
 
