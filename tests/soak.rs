@@ -30,6 +30,11 @@ fn a_minute_of_load_with_memory_nodes_restarting_loses_nothing_and_leaks_no_desc
     // The coordinator and the memory nodes that lived from warm-up to the end.
     assert!(report.processes.iter().any(|p| p.name == "coordinator"));
     for p in &report.processes {
-        assert!(p.fd_growth() <= 2, "{} gained descriptors:\n{}", p.name, report.table());
+        assert!(
+            p.fd_growth() <= 2,
+            "{} gained descriptors:\n{}",
+            p.name,
+            report.table()
+        );
     }
 }

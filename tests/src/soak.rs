@@ -225,7 +225,9 @@ pub fn run(bins: Bins, dir: PathBuf, plan: &SoakPlan) -> anyhow::Result<SoakRepo
                 // again, empty, under its id.
                 let m = &mut c.memory[next_node];
                 let id = m.id;
-                m.proc.stop().with_context(|| format!("stopping memory node {id}"))?;
+                m.proc
+                    .stop()
+                    .with_context(|| format!("stopping memory node {id}"))?;
                 let fresh = MemoryNode::start(&bins, &dir, &c.coordinator.url, id, capacity)
                     .with_context(|| format!("restarting memory node {id}"))?;
                 lives[next_node] += 1;

@@ -27,7 +27,7 @@ const FLAT: f64 = 0.05;
 
 pub fn soak(args: SoakArgs) -> anyhow::Result<()> {
     crate::setup::setup()?;
-    if !(args.minutes > 0.0) || args.restart_every == 0 {
+    if args.minutes.is_nan() || args.minutes <= 0.0 || args.restart_every == 0 {
         bail!("--minutes and --restart-every must be positive");
     }
     let bins = build(false)?;
@@ -48,7 +48,10 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<()> {
         .map(|p| p.name.as_str())
         .collect();
     if grew.is_empty() {
-        println!("flat: every process within {:.0}% RSS and no descriptor more", FLAT * 100.0);
+        println!(
+            "flat: every process within {:.0}% RSS and no descriptor more",
+            FLAT * 100.0
+        );
     } else {
         println!("NOT flat: {}", grew.join(", "));
     }
