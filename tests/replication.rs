@@ -55,6 +55,12 @@ fn run_through_a_kill(
         "the failover is logged:\n{}",
         compute.log_tail()
     );
+    assert_eq!(
+        log.matches("node 2 is lost").count(),
+        1,
+        "said once, by the first connection set to find it"
+    );
+    assert_eq!(summary.lost_nodes, [2], "{summary:#?}");
     // The survivors serve on.
     for m in [0, 2] {
         assert!(c.memory[m].proc.try_wait().unwrap().is_none());
@@ -153,6 +159,7 @@ fn a_cut_link_to_a_memory_node_fails_over_within_the_peer_timeout() {
         "{summary:#?}"
     );
     assert!(log.contains("node 2 is lost"), "{}", compute.log_tail());
+    assert_eq!(summary.lost_nodes, [2], "{summary:#?}");
     // The fault that met the cut waited one --peer-timeout (the reply's), not one more of
     // reconnecting: no fault took as long as two.
     assert!(

@@ -139,6 +139,9 @@ pub struct PagerStats {
     pub install_latency: Histogram,
     /// Transfer time per peer (request sent to last byte received).
     pub peers: Vec<PeerStats>,
+    /// Memory nodes lost so far (with `--replicas`: their pages come from other copies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_nodes: Vec<NodeId>,
     /// Guest memory as a coarse map of heat and owners.
     pub heat: Heat,
     /// The page cache, when the VM runs under a local memory budget (`--local-memory`):

@@ -70,6 +70,10 @@ pub struct RunSummary {
     pub result: Option<GuestResult>,
     /// The checksum the built-in guest should have reported, when known in advance.
     pub expected_checksum: Option<u64>,
+    /// Memory nodes the compute node lost during the run (with `--replicas`, the guest ran
+    /// on their pages' other copies), in the order it lost them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_nodes: Vec<NodeId>,
     /// Pages each memory node held for the VM before the run.
     pub held_before: BTreeMap<NodeId, u64>,
     /// Pages each memory node held for the VM after the run (before it was released).
@@ -310,6 +314,7 @@ mod tests {
                 bad_pages: 0,
             }),
             expected_checksum: Some(0xdead_beef),
+            lost_nodes: Vec::new(),
             held_before: BTreeMap::from([(1, 8192), (2, 8192)]),
             held_after: BTreeMap::from([(1, 0), (2, 0)]),
             linux: None,

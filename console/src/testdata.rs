@@ -165,6 +165,7 @@ fn compute(remote: u64, uptime_s: f64, ebpf: Option<EbpfStats>) -> NodeStats {
             bytes_fetched: remote * 4096,
             fault_latency: fault_latency(touched * 100 / 6144),
             install_latency: install_latency(touched * 100 / 6144),
+            lost_nodes: Vec::new(),
             peers: vec![
                 PeerStats {
                     node_id: 1,

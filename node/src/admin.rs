@@ -46,6 +46,8 @@ pub struct LiveRun {
     pub running: Arc<AtomicBool>,
     /// The page cache's counters, when the VM runs under a local memory budget.
     pub cache: Option<Arc<CacheStats>>,
+    /// The memory nodes its connections have lost (with replicas).
+    pub lost: Option<Arc<pagemesh_transport::LostHomes>>,
 }
 
 /// What the endpoint reports on.
@@ -131,6 +133,7 @@ impl AdminState {
                 fault_latency: hists.fault,
                 install_latency: hists.install,
                 peers: hists.peers,
+                lost_nodes: run.lost.as_ref().map(|l| l.nodes()).unwrap_or_default(),
                 heat: cells.map_or_else(Heat::default, |n| heat(&run.directory, n)),
                 cache: run.cache.as_ref().map(|c| c.snapshot()),
                 prefetch: run.stats.prefetch_snapshot(),

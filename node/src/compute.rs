@@ -103,6 +103,7 @@ pub fn run_guest(
             pages_done,
             running: running.clone(),
             cache: pager.cache().cloned(),
+            lost: None,
         });
     });
     running.store(false, Ordering::Relaxed);

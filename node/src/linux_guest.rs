@@ -110,6 +110,7 @@ pub fn run_linux(
         mut control,
         writeback,
         prefetch,
+        lost,
     } = connect_vm_peers(id, settings, coordinator, &vm, handlers)?;
     load_vm(&mut control, &vm)?;
     let held_before = held(&mut control, &vm)?;
@@ -162,6 +163,7 @@ pub fn run_linux(
             pages_done: Arc::new(AtomicU64::new(0)),
             running: running.clone(),
             cache: pager.cache().cloned(),
+            lost: Some(lost.clone()),
         });
     });
     running.store(false, Ordering::Relaxed);
@@ -258,6 +260,7 @@ pub fn run_linux(
                 milestones_s: log.milestones(),
                 console_tail: log.tail(),
             }),
+            lost_nodes: lost.nodes(),
             held_before,
             held_after,
             ebpf: probes.as_ref().map(|p| p.summary()),

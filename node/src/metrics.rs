@@ -131,6 +131,7 @@ mod tests {
                 faults_remote: 5,
                 fault_latency: hist(),
                 install_latency: hist(),
+                lost_nodes: Vec::new(),
                 peers: vec![PeerStats {
                     node_id: 1,
                     pages: 5,

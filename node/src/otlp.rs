@@ -346,6 +346,7 @@ mod tests {
                 bytes_fetched: 5 * 4096,
                 fault_latency: h.clone(),
                 install_latency: h.clone(),
+                lost_nodes: Vec::new(),
                 peers: vec![PeerStats {
                     node_id: 1,
                     pages: 5,

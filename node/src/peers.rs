@@ -2,10 +2,11 @@
 //! owns them) and the control connections (load, held, release).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use pagemesh_api::{NodeId, Vm, error_chain};
 use pagemesh_transport::tcp::Credentials;
-use pagemesh_transport::{ControlPlane, PeerControl, TransportError, TransportManager};
+use pagemesh_transport::{ControlPlane, LostHomes, PeerControl, TransportError, TransportManager};
 
 use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
@@ -23,6 +24,8 @@ pub(crate) struct VmPeers {
     pub(crate) writeback: Option<TransportManager>,
     /// The prefetcher's, with `--prefetch` or `--replay-working-set`.
     pub(crate) prefetch: Option<TransportManager>,
+    /// The memory nodes all of them have lost (with replicas).
+    pub(crate) lost: Arc<LostHomes>,
 }
 
 /// Connects to every node holding pages of `vm`: once for the pager, once for control
@@ -49,11 +52,13 @@ pub(crate) fn connect_vm_peers(
         what: "--replicas",
         why: e.to_string(),
     })?;
-    // Every connection knows each page's homes, so that any of them fails over.
+    // Every connection knows each page's homes, so that any of them fails over, and they
+    // share what they have lost.
+    let lost = Arc::new(LostHomes::default());
     let manager = || {
         TransportManager::new(id, timeout)
             .with_credentials(credentials.clone())
-            .with_replicas(replicas.clone())
+            .with_replicas(replicas.clone(), lost.clone())
     };
     let mut transport = manager();
     let mut writeback = vm.local_memory_bytes.map(|_| manager());
@@ -88,6 +93,7 @@ pub(crate) fn connect_vm_peers(
         control,
         writeback,
         prefetch,
+        lost,
     })
 }
 

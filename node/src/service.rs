@@ -25,7 +25,7 @@ use pagemesh_vmm::VcpuError;
 use pagemesh_vmm::guest::Initial;
 use pagemesh_vmm::memory::RAM_BASE;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, LiveRun};
 use crate::compute::{RunOptions, run_guest};
 use crate::config::values::{AdminArg, BackingArg, ByteSize};
 use crate::config::{ConfigError, Settings};
@@ -37,7 +37,7 @@ use crate::lifecycle::{Backing, ComputeError};
 use crate::peers::{VmPeers, connect_vm_peers, held, load_vm, release_vm};
 use crate::probes::load_probes;
 use crate::signals::{StopSignals, block_stop_signals, wait_for_stop_signal};
-use crate::summary::{report, write_failure};
+use crate::summary::{MemoryNodes, report, write_failure};
 use crate::working_set::{self, VmIdentity};
 
 /// Runs the node as configured; returns whether the run was good (exit code 0).
@@ -263,6 +263,7 @@ fn run_compute(
         mut control,
         writeback,
         prefetch,
+        lost,
     } = connect_vm_peers(id, settings, coordinator, &vm, handlers)?;
 
     let directory = match &content {
@@ -330,7 +331,12 @@ fn run_compute(
             huge_pages: c.huge_pages,
         },
         Some(signals),
-        |live| *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(live),
+        |live| {
+            *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveRun {
+                lost: Some(lost.clone()),
+                ..live
+            });
+        },
     );
     let outcome = match outcome {
         Ok(o) => o,
@@ -354,8 +360,11 @@ fn run_compute(
         id,
         Some(&vm),
         &outcome,
-        &held_before,
-        &held_after,
+        &MemoryNodes {
+            held_before,
+            held_after,
+            lost: lost.nodes(),
+        },
         ebpf,
     )
 }
@@ -462,13 +471,5 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
         vcpus: settings.linux.vcpus,
     };
     let outcome = run_guest(&opts, backing, None, |_| {})?;
-    report(
-        settings,
-        id,
-        None,
-        &outcome,
-        &BTreeMap::new(),
-        &BTreeMap::new(),
-        None,
-    )
+    report(settings, id, None, &outcome, &MemoryNodes::default(), None)
 }

@@ -93,15 +93,30 @@ fn guest_result(w: &WorkloadResult) -> GuestResult {
 }
 
 /// Prints the run's summary, writes it when `--json` asks, and returns whether it was good.
+/// What the memory nodes of a run held and which were lost, for its summary.
+#[derive(Default)]
+pub(crate) struct MemoryNodes {
+    /// Pages each held for the VM before the run.
+    pub(crate) held_before: BTreeMap<NodeId, u64>,
+    /// And after it.
+    pub(crate) held_after: BTreeMap<NodeId, u64>,
+    /// Those the compute node lost (with replicas).
+    pub(crate) lost: Vec<NodeId>,
+}
+
 pub(crate) fn report(
     settings: &Settings,
     id: NodeId,
     vm: Option<&Vm>,
     o: &RunOutcome,
-    held_before: &BTreeMap<NodeId, u64>,
-    held_after: &BTreeMap<NodeId, u64>,
+    memory: &MemoryNodes,
     ebpf: Option<EbpfSummary>,
 ) -> Result<bool, NodeError> {
+    let MemoryNodes {
+        held_before,
+        held_after,
+        lost,
+    } = memory;
     let ok = o.ok();
     let w = &o.result;
     let s = &o.stats;
@@ -122,6 +137,13 @@ pub(crate) fn report(
     );
     if let Some(c) = &o.cache {
         print_cache(c);
+    }
+    if !lost.is_empty() {
+        let nodes: Vec<String> = lost.iter().map(NodeId::to_string).collect();
+        println!(
+            "  replicas: lost node {}; the guest ran on the other copies",
+            nodes.join(", ")
+        );
     }
     if let Some(p) = &s.prefetch {
         print_prefetch(p);
@@ -172,6 +194,7 @@ pub(crate) fn report(
             elapsed_s: o.elapsed.as_secs_f64(),
             result: Some(guest_result(w)),
             expected_checksum: o.expected_checksum,
+            lost_nodes: lost.clone(),
             held_before: held_before.clone(),
             held_after: held_after.clone(),
             linux: None,

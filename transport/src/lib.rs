@@ -179,6 +179,42 @@ pub enum TransportError {
     },
 }
 
+/// The homes lost for one VM, shared by all its connection sets (each fault handler's, the
+/// prefetcher's, the write-back thread's): one that finds a node lost spares the others
+/// its wait. A generation number changes with the list, so a manager rereads it only then:
+/// one atomic load per request.
+#[derive(Debug, Default)]
+pub struct LostHomes {
+    generation: std::sync::atomic::AtomicU64,
+    nodes: std::sync::Mutex<Vec<NodeId>>,
+}
+
+impl LostHomes {
+    /// The lost nodes, in the order they were lost.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<NodeId>> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Applies `change` to the list, and moves the generation on if it changed it.
+    fn change(&self, change: impl FnOnce(&mut Vec<NodeId>) -> bool) {
+        let mut nodes = self.lock();
+        if change(&mut nodes) {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}
+
 /// `nodes` as `1, 2, 3`.
 fn list(nodes: &[NodeId]) -> String {
     nodes
@@ -559,8 +595,10 @@ pub struct TransportManager {
     reconnects: u64,
     peers: Peers<dyn PageSource>,
     replicas: Option<pagemesh_api::Replicas>,
-    /// Homes that failed for good, in the order they did.
+    /// Homes that failed for good, in the order they did: this manager's copy of `shared`.
     lost: Vec<NodeId>,
+    /// The VM's lost homes, and the generation of it `lost` is a copy of.
+    shared: Option<(std::sync::Arc<LostHomes>, u64)>,
 }
 
 impl TransportManager {
@@ -575,15 +613,36 @@ impl TransportManager {
             peers: Peers::default(),
             replicas: None,
             lost: Vec::new(),
+            shared: None,
         }
     }
 
     /// This manager for a VM whose pages have the homes `replicas` gives them (see the
-    /// type's docs); with one copy, nothing changes.
+    /// type's docs), sharing its lost homes with the VM's other managers through `lost`;
+    /// with one copy, nothing changes.
     #[must_use]
-    pub fn with_replicas(mut self, replicas: pagemesh_api::Replicas) -> Self {
-        self.replicas = (replicas.copies() > 1).then_some(replicas);
+    pub fn with_replicas(
+        mut self,
+        replicas: pagemesh_api::Replicas,
+        lost: std::sync::Arc<LostHomes>,
+    ) -> Self {
+        if replicas.copies() > 1 {
+            self.replicas = Some(replicas);
+            self.shared = Some((lost, 0));
+        }
         self
+    }
+
+    /// Catches up with the homes the VM's other managers lost or found again.
+    #[inline]
+    fn sync_lost(&mut self) {
+        if let Some((shared, seen)) = &mut self.shared {
+            let now = shared.generation();
+            if now != *seen {
+                self.lost.clone_from(&shared.lock());
+                *seen = now;
+            }
+        }
     }
 
     /// The homes that failed for good, in the order they did.
@@ -707,6 +766,7 @@ impl TransportManager {
             return self.with_retries(remote_node, |p| p.write_back_runs(vm, runs));
         };
         let homes = replicas.homes(remote_node);
+        self.sync_lost();
         let mut last = None;
         let mut wrote = false;
         let mut tried = [false; pagemesh_api::MAX_REPLICAS as usize];
@@ -750,6 +810,7 @@ impl TransportManager {
         if self.replicas.is_none() {
             return self.with_retries(first, op);
         }
+        self.sync_lost();
         let tried_first = !self.lost.contains(&first);
         if tried_first {
             match self.with_retries(first, &mut op) {
@@ -808,6 +869,13 @@ impl TransportManager {
         if let Some(at) = self.lost.iter().position(|&n| n == node) {
             tracing::info!("node {node} answers again");
             self.lost.remove(at);
+            if let Some((shared, _)) = &self.shared {
+                shared.change(|nodes| {
+                    let before = nodes.len();
+                    nodes.retain(|&n| n != node);
+                    nodes.len() != before
+                });
+            }
         }
     }
 
@@ -815,11 +883,24 @@ impl TransportManager {
     #[cold]
     fn lose(&mut self, node: NodeId, e: &TransportError) {
         if !self.lost.contains(&node) {
-            tracing::warn!(
-                "node {node} is lost ({}); its pages come from their other homes",
-                pagemesh_api::error_chain(e)
-            );
             self.lost.push(node);
+            let mut first = true;
+            if let Some((shared, _)) = &self.shared {
+                shared.change(|nodes| {
+                    first = !nodes.contains(&node);
+                    if first {
+                        nodes.push(node);
+                    }
+                    first
+                });
+            }
+            // Said once per VM, by the first of its connection sets to find it.
+            if first {
+                tracing::warn!(
+                    "node {node} is lost ({}); its pages come from their other homes",
+                    pagemesh_api::error_chain(e)
+                );
+            }
         }
     }
 
@@ -828,6 +909,7 @@ impl TransportManager {
     /// what they lent died with them.
     pub fn acknowledge_all(&mut self) -> Result<(), TransportError> {
         let mut first = Ok(());
+        self.sync_lost();
         for node in self.peer_ids() {
             if self.lost.contains(&node) {
                 continue;
@@ -1020,7 +1102,8 @@ mod tests {
         let placement = pagemesh_api::Placement::interleave(vec![1, 2, 3], 1, 6).unwrap();
         let replicas = pagemesh_api::Replicas::new(&placement, 2).unwrap();
         let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let mut m = TransportManager::new(0, Duration::from_millis(30)).with_replicas(replicas);
+        let mut m = TransportManager::new(0, Duration::from_millis(30))
+            .with_replicas(replicas, Default::default());
         m.add_source(Box::new(Gone {
             node: 1,
             calls: calls.clone(),
@@ -1050,11 +1133,42 @@ mod tests {
     }
 
     #[test]
+    fn a_home_one_manager_lost_is_passed_over_by_the_others_of_its_vm() {
+        let placement = pagemesh_api::Placement::interleave(vec![1, 2], 1, 4).unwrap();
+        let replicas = pagemesh_api::Replicas::new(&placement, 2).unwrap();
+        let lost = std::sync::Arc::new(LostHomes::default());
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let manager = || {
+            let mut m = TransportManager::new(0, Duration::from_millis(30))
+                .with_replicas(replicas.clone(), lost.clone());
+            m.add_source(Box::new(Gone {
+                node: 1,
+                calls: calls.clone(),
+            }));
+            m.add_source(Box::new(local::LocalSource::with_pattern(2, 9, 4, 5)));
+            m
+        };
+        let (mut a, mut b) = (manager(), manager());
+        let mut page = vec![0u8; pagemesh_api::PAGE_SIZE];
+        a.read_page(9, 0, 1, &mut page).unwrap();
+        assert_eq!(lost.nodes(), [1]);
+        let before = calls.load(std::sync::atomic::Ordering::Relaxed);
+        b.read_page(9, 0, 1, &mut page).unwrap();
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::Relaxed),
+            before,
+            "b knew node 1 was lost without asking it"
+        );
+        assert_eq!(b.lost(), [1]);
+    }
+
+    #[test]
     fn with_replicas_a_page_whose_homes_all_fail_is_an_error_naming_them() {
         let placement = pagemesh_api::Placement::interleave(vec![1, 2], 1, 4).unwrap();
         let replicas = pagemesh_api::Replicas::new(&placement, 2).unwrap();
         let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let mut m = TransportManager::new(0, Duration::from_millis(20)).with_replicas(replicas);
+        let mut m = TransportManager::new(0, Duration::from_millis(20))
+            .with_replicas(replicas, Default::default());
         for node in [1, 2] {
             m.add_source(Box::new(Gone {
                 node,

@@ -334,6 +334,7 @@ mod tests {
                 faults_remote: 5,
                 fault_latency: h.clone(),
                 install_latency: h.clone(),
+                lost_nodes: Vec::new(),
                 peers: vec![PeerStats {
                     node_id: 1,
                     pages: 5,
