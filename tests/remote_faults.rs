@@ -49,6 +49,9 @@ fn guest_verifies_64mib_living_on_two_memory_nodes() {
         "{}",
         proc.log_tail()
     );
+    // And its VM is gone from the coordinator, its pages released.
+    let vms = pagemesh_tests::http_json(&format!("{}/vms", c.coordinator.url)).unwrap();
+    assert_eq!(vms, json!([]), "{vms:#}");
 }
 
 #[test]
@@ -78,6 +81,9 @@ fn each_page_is_fetched_once_and_freed_by_its_holder() {
     assert_eq!(s.faults.spurious, 0);
     assert_eq!(s.held_after.get(&1), Some(&(8192 - 2048)));
     assert_eq!(s.held_after.get(&2), Some(&(8192 - 2048)));
+    // --keep-vm keeps its definition too.
+    let vms = pagemesh_tests::http_json(&format!("{}/vms", c.coordinator.url)).unwrap();
+    assert_eq!(vms.as_array().map(Vec::len), Some(1), "{vms:#}");
 }
 
 #[test]

@@ -270,6 +270,25 @@ impl CoordinatorClient {
         read_json(url, response)
     }
 
+    /// `DELETE /vms/{id}`: the run is over and its pages released. A VM the coordinator does
+    /// not know is as good as deleted. Tried once, within two seconds, like
+    /// [`CoordinatorClient::deregister`].
+    pub fn delete_vm(&self, id: VmId) -> Result<(), CoordinatorError> {
+        let path = format!("/vms/{id}");
+        let url = format!("{}{path}", self.base);
+        let sent = self.send("DELETE", &path, 1, || {
+            self.authorize(self.agent.delete(&url))
+                .config()
+                .timeout_global(Some(Duration::from_secs(2)))
+                .build()
+                .call()
+        });
+        match sent {
+            Err(CoordinatorError::Refused { status: 404, .. }) => Ok(()),
+            sent => sent.map(drop),
+        }
+    }
+
     /// `GET /vms/{id}`.
     pub fn vm(&self, id: VmId) -> Result<Vm, CoordinatorError> {
         self.call::<(), _>("GET", &format!("/vms/{id}"), None)

@@ -195,7 +195,7 @@ pub fn run_linux(
     }
     let held_after = held(&mut control, &vm).unwrap_or_default();
     if !settings.compute.keep_vm {
-        crate::peers::release_vm(&mut control, &vm);
+        crate::peers::forget_vm(&mut control, coordinator, &vm);
     }
 
     let log = console.lock().unwrap_or_else(|p| p.into_inner());

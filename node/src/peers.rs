@@ -130,6 +130,20 @@ pub(crate) fn discover_and_connect_peers(
 
 /// Asks every node holding pages of `vm` to drop them; one that cannot is logged (the run's
 /// result stands either way).
+/// Releases `vm`'s pages on its memory nodes, then deletes its definition: a run's VM is
+/// not kept on the coordinator after the run (a soak of hundreds of runs would otherwise
+/// grow it by every VM). Best effort, with warnings.
+pub(crate) fn forget_vm(control: &mut ControlPlane, coordinator: &CoordinatorClient, vm: &Vm) {
+    release_vm(control, vm);
+    if let Err(e) = coordinator.delete_vm(vm.id) {
+        tracing::warn!(
+            "VM {} could not be deleted; the coordinator still lists it: {}",
+            vm.id,
+            error_chain(&e)
+        );
+    }
+}
+
 pub(crate) fn release_vm(control: &mut ControlPlane, vm: &Vm) {
     for n in vm.placement.nodes() {
         if let Err(e) = control.ask(n, |p| p.release(vm.id)) {

@@ -34,7 +34,7 @@ use crate::define::{content, placement_request, seed, workload};
 use crate::error::NodeError;
 use crate::lease::LeaseKeeper;
 use crate::lifecycle::{Backing, ComputeError};
-use crate::peers::{VmPeers, connect_vm_peers, held, load_vm, release_vm};
+use crate::peers::{VmPeers, connect_vm_peers, forget_vm, held, load_vm};
 use crate::probes::load_probes;
 use crate::signals::{StopSignals, block_stop_signals, wait_for_stop_signal};
 use crate::summary::{MemoryNodes, report, write_failure};
@@ -351,8 +351,12 @@ fn run_compute(
     } else {
         BTreeMap::new()
     };
-    if loaded && !c.keep_vm {
-        release_vm(&mut control, &vm);
+    if !c.keep_vm {
+        if loaded {
+            forget_vm(&mut control, coordinator, &vm);
+        } else if let Err(e) = coordinator.delete_vm(vm.id) {
+            tracing::warn!("VM {} could not be deleted: {}", vm.id, error_chain(&e));
+        }
     }
     let ebpf = probes.as_ref().map(|p| p.summary());
     report(
