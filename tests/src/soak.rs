@@ -9,8 +9,9 @@
 //! node and finishes on its pages' other copies; later VMs load onto the new process.
 //!
 //! Each process is sampled (`VmRSS` from `/proc/PID/status`, the entries of `/proc/PID/fd`)
-//! after its first guest run has finished (warm-up) and at the end; the report gives both and
-//! the growth. `cargo xtask soak --minutes N` runs it on the release build; the test suite
+//! at the end of the first guest run it took a whole part in (warm-up: a memory node
+//! restarted in the middle of a run waits for the next) and at the end; the report gives
+//! both and the growth. `cargo xtask soak --minutes N` runs it on the release build; the test suite
 //! runs it for a minute and a half (`tests/soak.rs`).
 
 use std::path::PathBuf;
@@ -146,20 +147,27 @@ struct Watched {
     name: String,
     pid: u32,
     first: Option<(u64, u64)>,
+    /// Started while a guest ran, so that it took no part in that run: its warm-up is the
+    /// end of the next one.
+    late: bool,
 }
 
 impl Watched {
-    fn new(name: String, proc: &Proc) -> Self {
+    fn new(name: String, proc: &Proc, late: bool) -> Self {
         Watched {
             name,
             pid: proc.pid(),
             first: None,
+            late,
         }
     }
 
-    /// Takes the warm-up sample if it has none yet.
+    /// At the end of a run: takes the warm-up sample if it has none yet and took part in
+    /// a whole run (loaded its VM, served it, released it).
     fn warm(&mut self) {
-        if self.first.is_none() {
+        if self.late {
+            self.late = false;
+        } else if self.first.is_none() {
             self.first = sample(self.pid).ok();
         }
     }
@@ -176,14 +184,23 @@ impl Watched {
     }
 }
 
+/// Whether the guest of `compute` has started (its VM defined, loaded and running).
+fn guest_runs(compute: &Proc) -> bool {
+    std::fs::read_to_string(&compute.stderr).is_ok_and(|log| log.contains("service: running "))
+}
+
 /// Runs the soak of `plan` with `bins`, its processes' output in `dir`.
 pub fn run(bins: Bins, dir: PathBuf, plan: &SoakPlan) -> anyhow::Result<SoakReport> {
     let ids = [1u32, 2, 3];
     let capacity = "1GiB";
     let mut c = Cluster::start(bins.clone(), dir.clone(), &ids, capacity)?;
-    let mut watched = vec![Watched::new("coordinator".into(), &c.coordinator.proc)];
+    let mut watched = vec![Watched::new(
+        "coordinator".into(),
+        &c.coordinator.proc,
+        false,
+    )];
     for m in &c.memory {
-        watched.push(Watched::new(format!("node{}", m.id), &m.proc));
+        watched.push(Watched::new(format!("node{}", m.id), &m.proc, false));
     }
     let args = [
         "--mem",
@@ -220,7 +237,10 @@ pub fn run(bins: Bins, dir: PathBuf, plan: &SoakPlan) -> anyhow::Result<SoakRepo
             if let Some(status) = compute.try_wait()? {
                 break status;
             }
-            if Instant::now() >= next_restart {
+            // Only once the guest runs: a memory node that goes while a VM is being
+            // defined and loaded fails that start (`memory node N could not load VM V`),
+            // which is not what the soak is after.
+            if Instant::now() >= next_restart && guest_runs(&compute) {
                 // The next memory node in turn: stopped (it leaves the cluster) and started
                 // again, empty, under its id.
                 let m = &mut c.memory[next_node];
@@ -234,6 +254,7 @@ pub fn run(bins: Bins, dir: PathBuf, plan: &SoakPlan) -> anyhow::Result<SoakRepo
                 watched.push(Watched::new(
                     format!("node{id} (life {})", lives[next_node]),
                     &fresh.proc,
+                    true,
                 ));
                 c.memory[next_node] = fresh;
                 report.restarts += 1;
