@@ -118,7 +118,7 @@ fn the_coordinator_keeps_to_its_schema_under_generated_requests() {
         coordinator.proc.log_tail()
     );
     // It did test: every operation of the document, and requests by the hundred.
-    assert!(report.contains("Tested: 13"), "{report}");
+    assert!(report.contains("Tested: 14"), "{report}");
     let generated: u64 = report
         .lines()
         .filter_map(|l| l.trim().split_once(" generated, "))

@@ -36,6 +36,15 @@ fn run_through_a_kill(
 ) -> pagemesh_api::summary::RunSummary {
     let bins = Bins::for_tests().unwrap();
     let mut c = Cluster::start(bins, test_dir(name), &[1, 2, 3], "1GiB").unwrap();
+    run_through_a_kill_on(&mut c, args, kill_at)
+}
+
+/// [`run_through_a_kill`] on the cluster `c`.
+fn run_through_a_kill_on(
+    c: &mut Cluster,
+    args: &[&str],
+    kill_at: u64,
+) -> pagemesh_api::summary::RunSummary {
     let common = ["--replicas", "2", "--peer-timeout", "1", "--log", "debug"];
     let (mut compute, json_path) = c.spawn_compute(&[args, &common].concat()).unwrap();
     wait_for_pages(&mut compute, kill_at);
@@ -85,12 +94,24 @@ fn a_guest_verifies_every_page_through_a_memory_nodes_death() {
 }
 
 #[test]
-fn a_guest_writing_through_a_budget_loses_no_write_when_a_memory_node_dies() {
+fn a_guest_writing_through_a_budget_loses_no_write_when_a_memory_node_dies_and_is_repaired() {
     // Random read-modify-writes on 64 MiB through a 16 MiB budget: dirty pages are written
     // back to both homes and fetched again, before and after node 2's death; the checksum
-    // of every value read is the run's test.
-    run_through_a_kill(
-        "replicas-rmw",
+    // of every value read is the run's test. The coordinator's leases are 2 s, so that it
+    // declares node 2 down, and retires it, while the guest runs.
+    let bins = Bins::for_tests().unwrap();
+    let dir = test_dir("replicas-rmw");
+    std::fs::create_dir_all(&dir).unwrap();
+    let coordinator =
+        Coordinator::start_with(&bins, &dir, &["--lease-secs".as_ref(), "2".as_ref()]).unwrap();
+    let url = coordinator.url.clone();
+    let memory = [1, 2, 3]
+        .map(|id| MemoryNode::start(&bins, &dir, &url, id, "1GiB").unwrap())
+        .into();
+    let mut c = Cluster::from_parts(bins, dir, coordinator, memory);
+    let pages = 16384u64;
+    let summary = run_through_a_kill_on(
+        &mut c,
         &[
             "--mem",
             "64MiB",
@@ -100,9 +121,45 @@ fn a_guest_writing_through_a_budget_loses_no_write_when_a_memory_node_dies() {
             "random",
             "--access",
             "rmw",
+            // The VM and its pages stay for the repair to be seen whole.
+            "--keep-vm",
         ],
         8192,
     );
+    // Repair: the survivors copy node 2's pages, each to the node after its other home,
+    // until every page has two copies again (under a budget nothing is claimed: the homes
+    // keep every page).
+    let vm_url = format!("{url}/vms/{}", summary.vm.expect("a VM"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let vm = loop {
+        let vm: pagemesh_api::Vm =
+            serde_json::from_str(&pagemesh_tests::http_get(&vm_url).unwrap()).unwrap();
+        if vm.repaired() {
+            break vm;
+        }
+        assert!(Instant::now() < deadline, "never repaired: {vm:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(vm.retired, [2], "{vm:#?}");
+    assert_eq!(vm.under_replicated(), Some(0), "{vm:#?}");
+    let copied: u64 = vm.repairs.iter().map(|r| r.copied).sum();
+    // Node 2 held 2/3 of the pages (10,923): a new copy of each, on node 1 or node 3, made
+    // by the repair or, for a page written back since node 2 was lost, by the write-back
+    // (it writes to the page's new home too).
+    assert!(copied > 0 && copied <= 10923, "{vm:#?}");
+    for m in [0, 2] {
+        let stats: serde_json::Value = serde_json::from_str(
+            &pagemesh_tests::http_get(&format!("{}/stats", c.memory[m].admin)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            stats["server"]["pages_held"], pages,
+            "node {} holds a copy of every page: {stats}",
+            c.memory[m].id
+        );
+    }
+    let log = std::fs::read_to_string(&c.coordinator.proc.stderr).unwrap();
+    assert!(log.contains("VM repaired"), "{log}");
 }
 
 #[test]

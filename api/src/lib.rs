@@ -330,6 +330,14 @@ pub struct Vm {
     #[serde(default = "one", skip_serializing_if = "is_one")]
     #[cfg_attr(feature = "openapi", schema(default = 1, minimum = 1, maximum = 4))]
     pub replicas: u32,
+    /// Memory nodes of the placement declared dead while the VM had copies on them, in the
+    /// order they died: their copies are made again on the next live nodes
+    /// ([`Replicas::homes_without`]); docs/replication.md, "Repair".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<NodeId>,
+    /// Each surviving memory node's progress in making those copies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repairs: Vec<RepairReport>,
 }
 
 impl Vm {
@@ -337,6 +345,62 @@ impl Vm {
     pub fn replicas(&self) -> Result<Replicas, ReplicaError> {
         Replicas::new(&self.placement, self.replicas)
     }
+
+    /// The memory nodes that are to hold copies: the placement's, less the retired ones.
+    pub fn survivors(&self) -> Vec<NodeId> {
+        let mut nodes = self.placement.nodes();
+        nodes.retain(|n| !self.retired.contains(n));
+        nodes
+    }
+
+    /// Pages that still have fewer copies than [`Vm::replicas`] as far as the survivors
+    /// have said: each survivor's pages still to copy, and a survivor that has not said yet
+    /// counts as unknown (`None`). `Some(0)` for a VM that lost nothing.
+    pub fn under_replicated(&self) -> Option<u64> {
+        if self.retired.is_empty() {
+            return Some(0);
+        }
+        self.survivors()
+            .iter()
+            .map(|&n| {
+                self.repairs
+                    .iter()
+                    .find(|r| r.node == n && r.retired == self.retired.len())
+                    .map(|r| r.needed - r.copied.min(r.needed))
+            })
+            .sum()
+    }
+
+    /// Whether every survivor has made its copies since the last node was retired.
+    pub fn repaired(&self) -> bool {
+        self.retired.is_empty()
+            || self.survivors().iter().all(|&n| {
+                self.repairs
+                    .iter()
+                    .any(|r| r.node == n && r.retired == self.retired.len() && r.done)
+            })
+    }
+}
+
+/// One memory node's progress in restoring a VM's copies (`PUT /vms/{id}/repair`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RepairReport {
+    /// The memory node making copies.
+    pub node: NodeId,
+    /// How many of the VM's nodes were retired when it started (its `retired` list's
+    /// length): a report for an older list is stale.
+    pub retired: usize,
+    /// Pages it is a new home of and did not hold.
+    pub needed: u64,
+    /// Of those, pages it holds now.
+    pub copied: u64,
+    /// Pages a survivor no longer held (a compute node claimed them: their only copy that
+    /// matters is in the guest).
+    #[serde(default)]
+    pub claimed: u64,
+    /// Whether it has gone through every page.
+    pub done: bool,
 }
 
 /// The body of every error answer.

@@ -398,6 +398,34 @@ impl Replicas {
         out
     }
 
+    /// The homes of a page whose copy 0 is on `first` once the nodes in `gone` are
+    /// replaced: the first [`Replicas::copies`] nodes from `first` on in the placement's
+    /// order (wrapping round) that are not gone; fewer if fewer are left. So a dead node's
+    /// copy moves to the next live node after the page's others, and the pages of live
+    /// nodes keep their homes.
+    pub fn homes_without(&self, first: NodeId, gone: &[NodeId]) -> Homes {
+        if gone.is_empty() {
+            return self.homes(first);
+        }
+        let Some(at) = self.nodes.iter().position(|&n| n == first) else {
+            return Homes::only(first);
+        };
+        let m = self.nodes.len();
+        let mut out = Homes::only(first);
+        out.len = 0;
+        for k in 0..m {
+            let n = self.nodes[(at + k) % m];
+            if out.len == self.copies as usize {
+                break;
+            }
+            if !gone.contains(&n) {
+                out.nodes[out.len] = n;
+                out.len += 1;
+            }
+        }
+        out
+    }
+
     /// The nodes whose pages `node` holds a copy of: itself (copy 0), then the one before
     /// it (copy 1), and so on.
     fn copied_from(&self, node: NodeId) -> impl Iterator<Item = NodeId> + '_ {
@@ -450,6 +478,19 @@ mod tests {
         );
         assert_eq!(Replicas::new(&p, 0), Err(ReplicaError::OutOfRange(0)));
         assert_eq!(&*Replicas::new(&p, 1).unwrap().homes(1), [1]);
+    }
+
+    #[test]
+    fn a_dead_nodes_copies_move_to_the_next_live_node() {
+        let p = Placement::interleave(vec![1, 2, 3], 1, 9).unwrap();
+        let r = Replicas::new(&p, 2).unwrap();
+        assert_eq!(&*r.homes_without(1, &[]), [1, 2]);
+        assert_eq!(&*r.homes_without(1, &[2]), [1, 3]);
+        assert_eq!(&*r.homes_without(2, &[2]), [3, 1]);
+        assert_eq!(&*r.homes_without(3, &[2]), [3, 1], "untouched");
+        assert_eq!(&*r.homes_without(1, &[2, 3]), [1], "fewer left than copies");
+        assert_eq!(r.homes_without(2, &[1, 2, 3]).len(), 0);
+        assert_eq!(&*r.homes_without(7, &[2]), [7], "not in the placement");
     }
 
     #[test]

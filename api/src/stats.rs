@@ -106,6 +106,13 @@ pub struct ServerStats {
     /// Auth, a proof made with another cluster key).
     #[serde(default)]
     pub auth_refusals: u64,
+    /// Pages of VMs that lost a memory node that this node is a new home of and has not
+    /// copied yet: its share of the pages under-replicated (docs/replication.md, "Repair").
+    #[serde(default)]
+    pub pages_to_repair: u64,
+    /// Pages this node has copied in repairs since it started.
+    #[serde(default)]
+    pub pages_repaired: u64,
 }
 
 /// The pager of one VM.

@@ -186,7 +186,7 @@ fn compute(remote: u64, uptime_s: f64, ebpf: Option<EbpfStats>) -> NodeStats {
     }
 }
 
-fn memory(id: NodeId, served: u64, uptime_s: f64) -> NodeStats {
+pub(crate) fn memory(id: NodeId, served: u64, uptime_s: f64) -> NodeStats {
     NodeStats {
         node_id: id,
         role: Some(Role::Memory),
@@ -201,6 +201,8 @@ fn memory(id: NodeId, served: u64, uptime_s: f64) -> NodeStats {
             connections: 1,
             open_connections: 1,
             auth_refusals: 0,
+            pages_to_repair: 0,
+            pages_repaired: 0,
         },
         pager: None,
         ebpf: None,

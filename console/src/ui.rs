@@ -169,6 +169,29 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_that_lost_a_memory_node_is_degraded_and_the_repair_shows() {
+        let mut app = testdata::app(W, H, None);
+        let mut stats = testdata::last_compute(None);
+        stats.pager.as_mut().unwrap().lost_nodes = vec![2];
+        let mut survivor = testdata::memory(1, 3000, 9.0);
+        survivor.server.pages_to_repair = 40;
+        for (node, stats) in [(0, stats), (1, survivor)] {
+            app.handle(Event::Update(Update::Stats {
+                at: Duration::from_millis(4200),
+                node,
+                result: Ok(Box::new(stats)),
+            }));
+        }
+        let out = cluster::text(&app);
+        assert!(
+            out.contains("degraded: lost memory node 2; running on the other copies"),
+            "{out}"
+        );
+        let row = out.lines().find(|l| l.starts_with("1 ")).expect("node 1");
+        assert!(row.contains("5192/131072 repairing 40"), "{out}");
+    }
+
+    #[test]
     fn heat_view() {
         let mut app = testdata::app(W, H, None);
         key(&mut app, KeyCode::Char('2'));

@@ -77,6 +77,7 @@ impl AppError {
                 | RegistryError::EndpointConflict { .. }
                 | RegistryError::NotAtAddress { .. }
                 | RegistryError::NodeDown { .. }
+                | RegistryError::NotASurvivor { .. }
                 | RegistryError::KeyOfDeletedVm { .. } => StatusCode::CONFLICT,
                 RegistryError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 RegistryError::VmIdsExhausted => StatusCode::SERVICE_UNAVAILABLE,
@@ -89,6 +90,7 @@ impl AppError {
                 | RegistryError::RelativeImage(_)
                 | RegistryError::Placement(_)
                 | RegistryError::Replicas(_)
+                | RegistryError::BadRepairReport { .. }
                 | RegistryError::BadIdempotencyKey(_) => StatusCode::BAD_REQUEST,
             },
             AppError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,

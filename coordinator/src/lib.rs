@@ -148,6 +148,7 @@ pub fn app(state: AppState) -> Router {
             "/vms/{vm_id}",
             get(routes::vms::get).delete(routes::vms::delete),
         )
+        .route("/vms/{vm_id}/repair", put(routes::vms::repair))
         .route_layer(axum::middleware::from_fn_with_state(
             guard,
             auth::require_token,
@@ -219,6 +220,9 @@ async fn watch_leases(state: AppState) {
                     "node is down: its lease ran out {} ms ago",
                     now - n.lease_expires_ms
                 );
+                if n.role.serves_memory() {
+                    retire(&state, n.node_id);
+                }
             }
         }
         match state.store.forget_down(now, after_ms) {
@@ -234,6 +238,38 @@ async fn watch_leases(state: AppState) {
             }
             Err(e) => tracing::warn!("cannot forget nodes that are down: {e}"),
         }
+    }
+}
+
+/// Memory node `node` is down: the VMs with copies on it retire it, and their surviving
+/// memory nodes (which read `GET /vms`) make its copies again. A node that comes back up
+/// stays retired for those VMs: its copies may be stale.
+fn retire(state: &AppState, node: pagemesh_api::NodeId) {
+    match state.store.retire(node) {
+        Ok(vms) => {
+            for vm in vms {
+                let survivors = vm.survivors();
+                if survivors.len() < vm.replicas as usize {
+                    tracing::warn!(
+                        vm = vm.id,
+                        node,
+                        ?survivors,
+                        "VM lost a memory node and has fewer left than its {} copies; the \
+                         survivors copy what they can",
+                        vm.replicas
+                    );
+                } else {
+                    tracing::warn!(
+                        vm = vm.id,
+                        node,
+                        ?survivors,
+                        "VM lost a memory node; repairing its {} copies on the survivors",
+                        vm.replicas
+                    );
+                }
+            }
+        }
+        Err(e) => tracing::warn!(node, "cannot retire a node that is down: {e}"),
     }
 }
 

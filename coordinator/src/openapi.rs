@@ -37,6 +37,7 @@ const BEARER: &str = "bearer";
         routes::vms::list,
         routes::vms::get,
         routes::vms::delete,
+        routes::vms::repair,
     )
 )]
 struct Doc;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use pagemesh_api::{
     Cluster, Content, CreateCluster, CreateVm, Endpoint, NodeId, NodeInfo, PAGE_SIZE, Placement,
-    PlacementError, PlacementRequest, RegisterEndpoint, ReplicaError, Replicas, Role,
+    PlacementError, PlacementRequest, RegisterEndpoint, RepairReport, ReplicaError, Replicas, Role,
     TransportKind, Vm, VmId,
 };
 
@@ -149,6 +149,22 @@ pub enum RegistryError {
         key: String,
         /// The VM it created.
         vm: VmId,
+    },
+    /// A repair report from a node that is not one of the VM's surviving memory nodes.
+    #[error("node {node} holds no copies of VM {vm}: only its surviving memory nodes repair it")]
+    NotASurvivor {
+        /// The VM.
+        vm: VmId,
+        /// The node that reported.
+        node: NodeId,
+    },
+    /// A repair report that cannot be right.
+    #[error("repair report for VM {vm} does not add up: {why}")]
+    BadRepairReport {
+        /// The VM.
+        vm: VmId,
+        /// What is wrong with it.
+        why: String,
     },
     /// An idempotency key whose VM has been deleted since.
     #[error("idempotency key {key:?} created VM {vm}, which has been deleted since")]
@@ -462,6 +478,8 @@ impl Registry {
             content: req.content,
             local_memory_bytes: req.local_memory_bytes,
             replicas: req.replicas,
+            retired: Vec::new(),
+            repairs: Vec::new(),
         };
         self.vms.insert(id, vm.clone());
         if let Some(key) = key {
@@ -617,6 +635,56 @@ impl Registry {
     /// Forgets VM `id`.
     pub(crate) fn delete_vm(&mut self, id: VmId) -> Result<Vm, RegistryError> {
         self.vms.remove(&id).ok_or(RegistryError::UnknownVm(id))
+    }
+
+    /// Node `node` is down: every VM with more than one copy of its pages and copies on it
+    /// retires it, so that the survivors make its copies again. Returns the VMs that did,
+    /// as they are now. A VM left with fewer memory nodes than copies retires it all the
+    /// same (its survivors make what copies they can).
+    pub(crate) fn retire(&mut self, node: NodeId) -> Vec<Vm> {
+        let mut changed = Vec::new();
+        for vm in self.vms.values_mut() {
+            if vm.replicas > 1
+                && !vm.retired.contains(&node)
+                && vm.placement.nodes().contains(&node)
+            {
+                vm.retired.push(node);
+                changed.push(vm.clone());
+            }
+        }
+        changed
+    }
+
+    /// Records memory node `report.node`'s repair progress for VM `id`.
+    pub(crate) fn report_repair(
+        &mut self,
+        id: VmId,
+        report: RepairReport,
+    ) -> Result<Vm, RegistryError> {
+        let vm = self.vms.get_mut(&id).ok_or(RegistryError::UnknownVm(id))?;
+        if !vm.survivors().contains(&report.node) {
+            return Err(RegistryError::NotASurvivor {
+                vm: id,
+                node: report.node,
+            });
+        }
+        if report.retired > vm.retired.len() || report.copied > report.needed {
+            return Err(RegistryError::BadRepairReport {
+                vm: id,
+                why: format!(
+                    "{} retired nodes reported, {} known; {} of {} pages copied",
+                    report.retired,
+                    vm.retired.len(),
+                    report.copied,
+                    report.needed
+                ),
+            });
+        }
+        match vm.repairs.iter_mut().find(|r| r.node == report.node) {
+            Some(r) => *r = report,
+            None => vm.repairs.push(report),
+        }
+        Ok(vm.clone())
     }
 }
 
@@ -1112,6 +1180,73 @@ mod tests {
         let forgotten = r.create_vm(small_vm(), Some("key-0"), 0).unwrap();
         assert!(forgotten.created);
         assert_eq!(forgotten.value.id, id + 1);
+    }
+
+    #[test]
+    fn a_dead_memory_node_is_retired_by_the_vms_with_copies_on_it_and_repair_is_reported() {
+        let mut r = Registry::default();
+        r.register(1, endpoint("h:1", Role::Compute, 0), at(0))
+            .unwrap();
+        for id in [2, 3, 4] {
+            r.register(
+                id,
+                endpoint(&format!("h:{id}"), Role::Memory, 1 << 20),
+                at(0),
+            )
+            .unwrap();
+        }
+        let two = r
+            .create_vm(
+                CreateVm {
+                    mem_bytes: 3 * 4096,
+                    replicas: 2,
+                    ..small_vm()
+                },
+                None,
+                0,
+            )
+            .unwrap()
+            .value;
+        let one = r.create_vm(small_vm(), None, 0).unwrap().value;
+        let retired = r.retire(3);
+        assert_eq!(retired.len(), 1, "one copy: nothing to repair: {retired:?}");
+        assert_eq!(retired[0].retired, [3]);
+        assert!(r.retire(3).is_empty(), "retired once");
+        assert!(r.vm(one.id).unwrap().retired.is_empty());
+        let vm = r.vm(two.id).unwrap();
+        assert_eq!(vm.survivors(), [2, 4]);
+        assert!(!vm.repaired());
+        assert_eq!(vm.under_replicated(), None, "nobody has said yet");
+        let report = |node, copied, done| RepairReport {
+            node,
+            retired: 1,
+            needed: 2,
+            copied,
+            claimed: 0,
+            done,
+        };
+        r.report_repair(two.id, report(2, 1, false)).unwrap();
+        let vm = r.report_repair(two.id, report(4, 0, false)).unwrap();
+        assert_eq!(vm.under_replicated(), Some(3));
+        r.report_repair(two.id, report(2, 2, true)).unwrap();
+        let vm = r.report_repair(two.id, report(4, 2, true)).unwrap();
+        assert!(vm.repaired());
+        assert_eq!(vm.under_replicated(), Some(0));
+        let err = r.report_repair(two.id, report(3, 2, true)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node 3 holds no copies of VM 1: only its surviving memory nodes repair it"
+        );
+        let err = r.report_repair(two.id, report(2, 3, true)).unwrap_err();
+        assert!(
+            matches!(err, RegistryError::BadRepairReport { .. }),
+            "{err}"
+        );
+        // The definition carries both, and one without them still reads.
+        let json = serde_json::to_value(r.vm(two.id).unwrap()).unwrap();
+        assert_eq!(json["retired"], serde_json::json!([3]));
+        assert_eq!(json["repairs"].as_array().unwrap().len(), 2);
+        assert!(serde_json::to_value(&one).unwrap().get("retired").is_none());
     }
 
     #[test]

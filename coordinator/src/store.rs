@@ -10,7 +10,7 @@ use std::io;
 use std::path::PathBuf;
 
 use pagemesh_api::{
-    Cluster, CreateCluster, CreateVm, NodeId, NodeInfo, RegisterEndpoint, Vm, VmId,
+    Cluster, CreateCluster, CreateVm, NodeId, NodeInfo, RegisterEndpoint, RepairReport, Vm, VmId,
 };
 
 pub use embedded::EmbeddedStore;
@@ -110,4 +110,11 @@ pub trait Store: Send + Sync {
 
     /// Forgets VM `id` and returns what it was. Its id is not given out again.
     fn delete_vm(&self, id: VmId) -> Result<Vm, StoreError>;
+
+    /// Node `node` is down: the VMs with copies on it retire it (their survivors make its
+    /// copies again); returns those VMs.
+    fn retire(&self, node: NodeId) -> Result<Vec<Vm>, StoreError>;
+
+    /// Records a memory node's progress in repairing VM `id`.
+    fn report_repair(&self, id: VmId, report: RepairReport) -> Result<Vm, StoreError>;
 }

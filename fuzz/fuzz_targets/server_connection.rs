@@ -28,6 +28,8 @@ fn vm(id: u32) -> Vm {
         content: Content::Pattern { seed: 7 },
         local_memory_bytes: None,
         replicas: 1,
+        retired: Vec::new(),
+        repairs: Vec::new(),
     }
 }
 

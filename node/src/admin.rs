@@ -63,6 +63,8 @@ pub struct AdminState {
     pub run: Mutex<Option<LiveRun>>,
     /// The eBPF probes, when loaded.
     pub ebpf: Mutex<Option<KernelProbes>>,
+    /// The repairs this node makes, as a memory node (docs/replication.md, "Repair").
+    pub repair: Arc<crate::repair::RepairFigures>,
 }
 
 /// The eBPF probes of the current run, as the endpoint reads them.
@@ -81,6 +83,7 @@ impl AdminState {
             role,
             started: Instant::now(),
             server,
+            repair: Arc::default(),
             run: Mutex::new(None),
             ebpf: Mutex::new(None),
         }
@@ -115,6 +118,8 @@ impl AdminState {
             connections: s.connections,
             open_connections: s.open_connections,
             auth_refusals: s.auth_refusals,
+            pages_to_repair: self.repair.pending(),
+            pages_repaired: self.repair.copied(),
         };
         let pager = lock(&self.run).as_ref().map(|run| {
             let (remote, local_zero, spurious, errors, bytes) = run.stats.counters();

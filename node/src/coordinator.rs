@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pagemesh_api::{
     ApiError, CreateVm, Endpoint, IDEMPOTENCY_KEY, NodeId, NodeInfo, RegisterEndpoint, RenewLease,
-    Vm, VmId,
+    RepairReport, Vm, VmId,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -293,6 +293,22 @@ impl CoordinatorClient {
     pub fn vm(&self, id: VmId) -> Result<Vm, CoordinatorError> {
         self.call::<(), _>("GET", &format!("/vms/{id}"), None)
     }
+
+    /// `GET /vms`.
+    pub fn vms(&self) -> Result<Vec<Vm>, CoordinatorError> {
+        self.call::<(), _>("GET", "/vms", None)
+    }
+
+    /// `PUT /vms/{id}/repair`: this memory node's progress in repairing VM `id`. Safe to
+    /// repeat (the last report stands).
+    pub fn report_repair(&self, id: VmId, report: &RepairReport) -> Result<Vm, CoordinatorError> {
+        let path = format!("/vms/{id}/repair");
+        let url = format!("{}{path}", self.base);
+        let response = self.send("PUT", &path, self.attempts, || {
+            self.authorize(self.agent.put(&url)).send_json(report)
+        })?;
+        read_json(url, response)
+    }
 }
 
 /// The body of a 2xx answer from `url` as a `T`.
@@ -401,6 +417,8 @@ mod tests {
             content: Content::Zero,
             local_memory_bytes: None,
             replicas: 1,
+            retired: Vec::new(),
+            repairs: Vec::new(),
         }
     }
 

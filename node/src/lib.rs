@@ -50,6 +50,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod peers;
 pub mod probes;
+pub mod repair;
 pub mod service;
 pub mod signals;
 pub mod summary;

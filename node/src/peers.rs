@@ -40,13 +40,7 @@ pub(crate) fn connect_vm_peers(
     handlers: usize,
 ) -> Result<VmPeers, NodeError> {
     let timeout = settings.compute.peer_timeout;
-    let mut credentials = Credentials::keyless(settings.cluster.as_deref().unwrap_or_default());
-    if let Some(keyring) = settings.keyring()? {
-        credentials = credentials.with_key(std::sync::Arc::new(keyring));
-    }
-    if let Some(tls) = settings.tls()? {
-        credentials = credentials.with_tls(tls.client);
-    }
+    let credentials = credentials(settings)?;
     let wanted = vm.placement.nodes();
     let replicas = vm.replicas().map_err(|e| ConfigError::Invalid {
         what: "--replicas",
@@ -95,6 +89,19 @@ pub(crate) fn connect_vm_peers(
         prefetch,
         lost,
     })
+}
+
+/// What this node shows its peers: its cluster, the cluster key and the TLS client
+/// certificate it was given.
+pub(crate) fn credentials(settings: &Settings) -> Result<Credentials, NodeError> {
+    let mut credentials = Credentials::keyless(settings.cluster.as_deref().unwrap_or_default());
+    if let Some(keyring) = settings.keyring()? {
+        credentials = credentials.with_key(std::sync::Arc::new(keyring));
+    }
+    if let Some(tls) = settings.tls()? {
+        credentials = credentials.with_tls(tls.client);
+    }
+    Ok(credentials)
 }
 
 /// Fetches every endpoint once from the coordinator and connects `transport` (page traffic),
@@ -232,6 +239,8 @@ mod tests {
             content: Content::Pattern { seed: 1 },
             local_memory_bytes: None,
             replicas: 1,
+            retired: Vec::new(),
+            repairs: Vec::new(),
         }
     }
 

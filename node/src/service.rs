@@ -36,6 +36,7 @@ use crate::lease::LeaseKeeper;
 use crate::lifecycle::{Backing, ComputeError};
 use crate::peers::{VmPeers, connect_vm_peers, forget_vm, held, load_vm};
 use crate::probes::load_probes;
+use crate::repair::Repairer;
 use crate::signals::{StopSignals, block_stop_signals, wait_for_stop_signal};
 use crate::summary::{MemoryNodes, report, write_failure};
 use crate::working_set::{self, VmIdentity};
@@ -158,6 +159,20 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     };
     let info = coordinator.register_with_coordinator(id, &registration)?;
     let lease = LeaseKeeper::start(&coordinator, &info, registration);
+    // A memory node makes again the copies of memory nodes that died (docs/replication.md).
+    let repairer = if role.serves_memory() {
+        Some(Repairer::start(
+            id,
+            &coordinator,
+            ctx.clone(),
+            admin_state.repair.clone(),
+            crate::peers::credentials(&settings)?,
+            settings.compute.peer_timeout,
+            Repairer::every(info.lease_ms),
+        ))
+    } else {
+        None
+    };
     tracing::info!(
         "registered node {id} ({role}) at {advertise} with {}",
         coordinator.url()
@@ -194,6 +209,7 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     };
     // The lease first (a renewal after leaving would register the node again), then
     // before the page server stops, so that no peer is sent to a closed port.
+    drop(repairer);
     drop(lease);
     leave(&coordinator, id, &advertise);
     shutdown.trigger();

@@ -1222,6 +1222,8 @@ mod tests {
             content: Content::Pattern { seed: SEED },
             local_memory_bytes: None,
             replicas: 1,
+            retired: Vec::new(),
+            repairs: Vec::new(),
         }
     }
 

@@ -607,6 +607,48 @@ impl PageStore {
         Ok(())
     }
 
+    /// Stores those pages of the run of `src.len() / 4096` pages of `vm` from `first` on
+    /// that are not held yet, and keeps the others: a repair's copy never replaces what a
+    /// compute node wrote back meanwhile. Returns how many it stored; all or nothing when
+    /// they do not fit.
+    pub fn put_absent(&self, vm: VmId, first: u64, src: &[u8]) -> Result<u64, StoreError> {
+        let count = run_len(src.len())?;
+        let mut guard = self.lock();
+        let Inner { slab, vms, .. } = &mut *guard;
+        let pages = held_run(vms, vm, first, count)?;
+        let new = (first..first + count)
+            .filter(|p| !pages.slots.contains_key(p))
+            .count() as u64;
+        if new > slab.available() {
+            return Err(StoreError::NoCapacity {
+                needed: new,
+                free: slab.available(),
+            });
+        }
+        for (page, chunk) in (first..).zip(src.chunks_exact(PAGE_SIZE)) {
+            if let Entry::Vacant(e) = pages.slots.entry(page) {
+                let slot = *e.insert(slab.alloc());
+                slab.page_mut(slot).copy_from_slice(chunk);
+            }
+        }
+        Ok(new)
+    }
+
+    /// Which of the pages `first..first + count` of `vm` are held, in `out` (cleared first).
+    pub fn holding(
+        &self,
+        vm: VmId,
+        first: u64,
+        count: u64,
+        out: &mut Vec<bool>,
+    ) -> Result<(), StoreError> {
+        let inner = self.lock();
+        let pages = inner.vms.get(&vm).ok_or(StoreError::UnknownVm(vm))?;
+        out.clear();
+        out.extend((first..first + count).map(|p| pages.slots.contains_key(&p)));
+        Ok(())
+    }
+
     /// Pages held for `vm`.
     pub fn held(&self, vm: VmId) -> Result<u64, StoreError> {
         self.lock()
@@ -722,6 +764,8 @@ mod tests {
             content,
             local_memory_bytes: None,
             replicas: 1,
+            retired: Vec::new(),
+            repairs: Vec::new(),
         }
     }
 
@@ -799,6 +843,39 @@ mod tests {
         assert!(matches!(
             store.put(1, u64::MAX, &page_of(9)),
             Err(StoreError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn a_repair_copy_fills_only_what_is_missing() {
+        let store = PageStore::new(4);
+        let v = vm(1, all_on(1, 16), Content::Zero);
+        store.load(&v, 1).unwrap();
+        // A write-back came first for page 3.
+        store.put(1, 3, &page_of(7)).unwrap();
+        let mut run = page_of(1);
+        run.extend(page_of(1));
+        run.extend(page_of(1));
+        assert_eq!(store.put_absent(1, 2, &run).unwrap(), 2);
+        let mut page = page_of(0);
+        store.read(1, 3, &mut page).unwrap();
+        assert_eq!(page, page_of(7), "the newer write-back stays");
+        store.read(1, 4, &mut page).unwrap();
+        assert_eq!(page, page_of(1));
+        let mut held = Vec::new();
+        store.holding(1, 1, 5, &mut held).unwrap();
+        assert_eq!(held, [false, true, true, true, false]);
+        // One slot left: two new pages do not fit, and nothing is stored.
+        let mut two = page_of(2);
+        two.extend(page_of(2));
+        assert!(matches!(
+            store.put_absent(1, 8, &two),
+            Err(StoreError::NoCapacity { needed: 2, free: 1 })
+        ));
+        assert_eq!(store.held(1).unwrap(), 3);
+        assert!(matches!(
+            store.holding(2, 0, 1, &mut held),
+            Err(StoreError::UnknownVm(2))
         ));
     }
 

@@ -215,6 +215,26 @@ impl LostHomes {
     }
 }
 
+/// The nodes a write-back tried, without allocating: room for two per copy (a home and
+/// its replacement); a node past that counts as tried.
+#[derive(Default)]
+struct Tried {
+    nodes: [NodeId; 2 * pagemesh_api::MAX_REPLICAS as usize],
+    len: usize,
+}
+
+impl Tried {
+    /// Whether `node` was not tried yet (it is now).
+    fn insert(&mut self, node: NodeId) -> bool {
+        if self.nodes[..self.len].contains(&node) || self.len == self.nodes.len() {
+            return false;
+        }
+        self.nodes[self.len] = node;
+        self.len += 1;
+        true
+    }
+}
+
 /// `nodes` as `1, 2, 3`.
 fn list(nodes: &[NodeId]) -> String {
     nodes
@@ -769,25 +789,48 @@ impl TransportManager {
         self.sync_lost();
         let mut last = None;
         let mut wrote = false;
-        let mut tried = [false; pagemesh_api::MAX_REPLICAS as usize];
-        // Every live home; only when none took it, the lost ones, as the last chance.
-        for last_chance in [false, true] {
-            for (i, &home) in homes.iter().enumerate() {
-                if wrote && last_chance || tried[i] || self.lost.contains(&home) != last_chance {
+        // Nodes tried, whatever came of it: each at most once (no allocation: a home and
+        // a replacement for each copy at most).
+        let mut tried = Tried::default();
+        // Every live home, and in place of each lost one the next live node, which takes
+        // the lost node's copies when the coordinator repairs the VM (docs/replication.md,
+        // "Repair"): written to from now on, so that its copy is never older than the
+        // survivors'. Again while a write loses a home, whose replacement is then new.
+        loop {
+            let lost_before = self.lost.len();
+            let now = self
+                .replicas
+                .as_ref()
+                .map_or(homes, |r| r.homes_without(remote_node, &self.lost));
+            for &home in now.iter() {
+                if !tried.insert(home) {
                     continue;
                 }
-                tried[i] = true;
                 match self.with_retries(home, |p| p.write_back_runs(vm, runs)) {
-                    Ok(()) => {
-                        wrote = true;
-                        self.found(home);
-                    }
+                    Ok(()) => wrote = true,
                     Err(e) if !e.is_peers() => return Err(e),
                     Err(e) => {
                         self.lose(home, &e);
                         last = Some(e);
                     }
                 }
+            }
+            if self.lost.len() == lost_before {
+                break;
+            }
+        }
+        // Only when no live node took it, the lost homes, as the last chance.
+        for &home in homes.iter() {
+            if wrote || !tried.insert(home) {
+                continue;
+            }
+            match self.with_retries(home, |p| p.write_back_runs(vm, runs)) {
+                Ok(()) => {
+                    wrote = true;
+                    self.found(home);
+                }
+                Err(e) if !e.is_peers() => return Err(e),
+                Err(e) => last = Some(e),
             }
         }
         match (wrote, last) {
@@ -1130,6 +1173,15 @@ mod tests {
         // Page 2's homes are 3 and 1: node 3 answers first, node 1 is not needed.
         m.read_page(9, 2, 3, &mut page).unwrap();
         assert_eq!(m.lost(), [1]);
+        // A write-back of page 3 (homes 1 and 2) goes to node 2 and, in node 1's place,
+        // to node 3, its home once the VM is repaired.
+        let newer = vec![0x5au8; pagemesh_api::PAGE_SIZE];
+        m.write_back_runs(9, 1, &[(3, &newer)]).unwrap();
+        for node in [2, 3] {
+            page.fill(0);
+            m.read_page(9, 3, node, &mut page).unwrap();
+            assert_eq!(page, newer, "node {node} has the written page");
+        }
     }
 
     #[test]

@@ -38,9 +38,16 @@ fn cells(node: &Node) -> [String; 10] {
     let rate = |r: Option<f64>| r.filter(|_| up).map_or_else(|| "-".into(), per_second);
     let held = stats.map_or_else(
         || "-".into(),
-        |s| match s.server.capacity_pages {
-            0 => s.server.pages_held.to_string(),
-            cap => format!("{}/{cap}", s.server.pages_held),
+        |s| {
+            let held = match s.server.capacity_pages {
+                0 => s.server.pages_held.to_string(),
+                cap => format!("{}/{cap}", s.server.pages_held),
+            };
+            // A memory node restoring the copies of one that died.
+            match s.server.pages_to_repair {
+                0 => held,
+                n => format!("{held} repairing {n}"),
+            }
         },
     );
     [
@@ -95,6 +102,13 @@ fn guests(app: &App) -> Vec<Vec<String>> {
                     bytes(p.bytes_fetched),
                 ),
             ];
+            if !p.lost_nodes.is_empty() {
+                let nodes: Vec<String> = p.lost_nodes.iter().map(|n| n.to_string()).collect();
+                lines.push(format!(
+                    "  degraded: lost memory node {}; running on the other copies",
+                    nodes.join(", ")
+                ));
+            }
             if let Some(c) = &p.cache {
                 lines.push(cache_line(node, c));
             }

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 
-use pagemesh_api::{CreateVm, IDEMPOTENCY_KEY, Vm, VmId};
+use pagemesh_api::{CreateVm, IDEMPOTENCY_KEY, RepairReport, Vm, VmId};
 
 use pagemesh_api::ApiError;
 
@@ -104,6 +104,44 @@ pub(crate) async fn delete(
     state.store.delete_vm(id)?;
     tracing::info!(vm = id, "deleted VM");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /vms/{vm_id}/repair`: a surviving memory node's progress in making again the copies
+/// a retired node held; 200 with the VM as it is now.
+#[utoipa::path(
+    put,
+    path = "/vms/{vm_id}/repair",
+    params(("vm_id" = u32, Path, description = "VM id", example = 1)),
+    request_body = RepairReport,
+    responses(
+        (status = 200, description = "Recorded", body = Vm),
+        (status = "default", description = "Any failure, with what to do where it helps", body = ApiError)
+    )
+)]
+pub(crate) async fn repair(
+    State(state): State<AppState>,
+    AppPath(id): AppPath<VmId>,
+    AppJson(report): AppJson<RepairReport>,
+) -> Result<AppJson<Vm>, AppError> {
+    let vm = state.store.report_repair(id, report)?;
+    if report.done {
+        tracing::info!(
+            vm = id,
+            node = report.node,
+            copied = report.copied,
+            claimed = report.claimed,
+            "memory node repaired its copies"
+        );
+        if vm.repaired() {
+            tracing::info!(
+                vm = id,
+                replicas = vm.replicas,
+                survivors = ?vm.survivors(),
+                "VM repaired: every page has its copies again"
+            );
+        }
+    }
+    Ok(AppJson(vm))
 }
 
 #[cfg(test)]

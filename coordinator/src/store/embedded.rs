@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use pagemesh_api::{
-    Cluster, CreateCluster, CreateVm, NodeId, NodeInfo, RegisterEndpoint, Vm, VmId,
+    Cluster, CreateCluster, CreateVm, NodeId, NodeInfo, RegisterEndpoint, RepairReport, Vm, VmId,
 };
 
 use super::{Store, StoreError};
@@ -151,6 +151,14 @@ impl Store for EmbeddedStore {
 
     fn delete_vm(&self, id: VmId) -> Result<Vm, StoreError> {
         self.update(|r| r.delete_vm(id))
+    }
+
+    fn retire(&self, node: NodeId) -> Result<Vec<Vm>, StoreError> {
+        self.update(|r| Ok(r.retire(node)))
+    }
+
+    fn report_repair(&self, id: VmId, report: RepairReport) -> Result<Vm, StoreError> {
+        self.update(|r| r.report_repair(id, report))
     }
 }
 

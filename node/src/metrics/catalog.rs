@@ -69,6 +69,22 @@ pub(crate) const WRITTEN_BACK: Metric = Metric {
     help: "Pages received from compute nodes (eviction).",
 };
 
+pub(crate) const PAGES_TO_REPAIR: Metric = Metric {
+    prom: "pagemesh_pages_under_replicated",
+    otlp: "pagemesh.pages.under_replicated",
+    unit: "{page}",
+    kind: Kind::Gauge,
+    help: "Pages of VMs that lost a memory node which this node is to hold a new copy of and has not copied yet.",
+};
+
+pub(crate) const PAGES_REPAIRED: Metric = Metric {
+    prom: "pagemesh_pages_repaired_total",
+    otlp: "pagemesh.pages.repaired",
+    unit: "{page}",
+    kind: Kind::Counter,
+    help: "Pages this node copied from a surviving home to restore a VM's replicas.",
+};
+
 pub(crate) const ERRORS: Metric = Metric {
     prom: "pagemesh_errors_total",
     otlp: "pagemesh.errors",
@@ -183,12 +199,14 @@ pub(crate) const PREFETCH_PAGES: Metric = Metric {
 
 /// Every metric.
 #[cfg(test)]
-pub(crate) const ALL: [&Metric; 19] = [
+pub(crate) const ALL: [&Metric; 21] = [
     &UPTIME,
     &PAGES_HELD,
     &CAPACITY,
     &PAGES_SERVED,
     &WRITTEN_BACK,
+    &PAGES_TO_REPAIR,
+    &PAGES_REPAIRED,
     &ERRORS,
     &FAULTS,
     &REMOTE_MISS_RATIO,

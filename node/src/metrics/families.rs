@@ -129,6 +129,14 @@ pub(crate) fn families(s: &NodeStats) -> Vec<Family> {
             vec![point(&[], Int(server.pages_written_back))],
         ),
         family(
+            &catalog::PAGES_TO_REPAIR,
+            vec![point(&[], Int(server.pages_to_repair))],
+        ),
+        family(
+            &catalog::PAGES_REPAIRED,
+            vec![point(&[], Int(server.pages_repaired))],
+        ),
+        family(
             &catalog::ERRORS,
             vec![
                 point(&[("kind", "bad_frame")], Int(server.bad_frames)),
@@ -319,6 +327,8 @@ mod tests {
                 "pagemesh_capacity_pages",
                 "pagemesh_pages_served_total",
                 "pagemesh_pages_written_back_total",
+                "pagemesh_pages_under_replicated",
+                "pagemesh_pages_repaired_total",
                 "pagemesh_errors_total",
             ]
         );
