@@ -94,11 +94,12 @@ fn a_guest_verifies_every_page_through_a_memory_nodes_death() {
 }
 
 #[test]
-fn a_guest_writing_through_a_budget_loses_no_write_when_a_memory_node_dies_and_is_repaired() {
-    // Random read-modify-writes on 64 MiB through a 16 MiB budget: dirty pages are written
-    // back to both homes and fetched again, before and after node 2's death; the checksum
-    // of every value read is the run's test. The coordinator's leases are 2 s, so that it
-    // declares node 2 down, and retires it, while the guest runs.
+fn a_guest_writing_through_a_budget_loses_no_write_through_a_death_a_repair_and_a_second_death() {
+    // Read-modify-writes over 64 MiB through a 16 MiB budget, half the accesses to a tenth
+    // of the pages: dirty pages are written back to both homes and fetched again. Node 2 is
+    // killed; with 2 s leases the coordinator retires it and the survivors repair while the
+    // guest runs; then node 1 is killed too, and the pages whose homes were 1 and 2 come
+    // from their repaired copies on node 3. The checksum of every value read is the test.
     let bins = Bins::for_tests().unwrap();
     let dir = test_dir("replicas-rmw");
     std::fs::create_dir_all(&dir).unwrap();
@@ -110,34 +111,52 @@ fn a_guest_writing_through_a_budget_loses_no_write_when_a_memory_node_dies_and_i
         .into();
     let mut c = Cluster::from_parts(bins, dir, coordinator, memory);
     let pages = 16384u64;
-    let summary = run_through_a_kill_on(
-        &mut c,
-        &[
+    let (mut compute, json_path) = c
+        .spawn_compute(&[
             "--mem",
             "64MiB",
             "--local-memory",
             "16MiB",
             "--workload",
-            "random",
+            "hotset:10:50",
+            // Six per page: about 20 s here, long enough for a lease to run out and the
+            // repair to end before the second kill.
+            "--accesses",
+            "98304",
             "--access",
             "rmw",
-            // The VM and its pages stay for the repair to be seen whole.
+            "--replicas",
+            "2",
+            "--peer-timeout",
+            "1",
+            "--log",
+            "debug",
+            // The VM stays defined for the repair to be read.
             "--keep-vm",
-        ],
-        8192,
-    );
+        ])
+        .unwrap();
+    wait_for_pages(&mut compute, 8192);
+    c.memory[1].proc.kill();
     // Repair: the survivors copy node 2's pages, each to the node after its other home,
     // until every page has two copies again (under a budget nothing is claimed: the homes
     // keep every page).
-    let vm_url = format!("{url}/vms/{}", summary.vm.expect("a VM"));
     let deadline = Instant::now() + Duration::from_secs(120);
     let vm = loop {
-        let vm: pagemesh_api::Vm =
-            serde_json::from_str(&pagemesh_tests::http_get(&vm_url).unwrap()).unwrap();
-        if vm.repaired() {
+        let vms: Vec<pagemesh_api::Vm> =
+            serde_json::from_str(&pagemesh_tests::http_get(&format!("{url}/vms")).unwrap())
+                .unwrap();
+        if let Some(vm) = vms
+            .into_iter()
+            .find(|vm| vm.repaired() && !vm.retired.is_empty())
+        {
             break vm;
         }
-        assert!(Instant::now() < deadline, "never repaired: {vm:#?}");
+        assert!(
+            compute.try_wait().unwrap().is_none(),
+            "the guest ended before the repair; make it longer:\n{}",
+            compute.log_tail()
+        );
+        assert!(Instant::now() < deadline, "never repaired");
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(vm.retired, [2], "{vm:#?}");
@@ -160,6 +179,27 @@ fn a_guest_writing_through_a_budget_loses_no_write_when_a_memory_node_dies_and_i
     }
     let log = std::fs::read_to_string(&c.coordinator.proc.stderr).unwrap();
     assert!(log.contains("VM repaired"), "{log}");
+
+    // The second death: node 3 alone holds every page now.
+    assert!(
+        compute.try_wait().unwrap().is_none(),
+        "the guest ended before the second kill; make it longer:\n{}",
+        compute.log_tail()
+    );
+    c.memory[0].proc.kill();
+    let status = compute.wait(Duration::from_secs(180)).unwrap();
+    let summary = read_summary(&json_path).unwrap().expect("a summary");
+    assert!(
+        status.success() && summary.ok,
+        "{summary:#?}\n{}",
+        compute.log_tail()
+    );
+    assert_eq!(
+        summary.result.as_ref().unwrap().bad_pages,
+        0,
+        "{summary:#?}"
+    );
+    assert_eq!(summary.lost_nodes, [2, 1], "{summary:#?}");
 }
 
 #[test]

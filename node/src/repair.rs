@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pagemesh_api::{NodeId, PAGE_SIZE, RepairReport, Replicas, Vm, VmId, error_chain};
-use pagemesh_protocol::{MAX_RUN_PAGES, Status};
+use pagemesh_protocol::MAX_RUN_PAGES;
 use pagemesh_server::{PageStore, ServerContext};
 use pagemesh_transport::tcp::Credentials;
 use pagemesh_transport::{Run, TransportError, TransportManager};
@@ -401,11 +401,5 @@ impl Worker {
 
 /// Whether `e` says the peer does not hold a page.
 fn not_held(e: &TransportError) -> bool {
-    matches!(
-        e,
-        TransportError::Remote {
-            status: Status::NotHeld,
-            ..
-        }
-    )
+    e.is_not_held()
 }

@@ -259,6 +259,17 @@ impl TransportError {
         }
     }
 
+    /// Whether the peer answered that it does not hold the page.
+    pub fn is_not_held(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Remote {
+                status: Status::NotHeld,
+                ..
+            }
+        )
+    }
+
     /// Whether the failure is the peer's (it died, cannot be reached, refused the page), so
     /// that another home of the page may answer; not a request this side got wrong.
     pub fn is_peers(&self) -> bool {
@@ -900,6 +911,27 @@ impl TransportManager {
                     }
                 }
             }
+            if last_chance {
+                break;
+            }
+            // Before the lost homes' last chance: the nodes that took their copies when the
+            // VM was repaired (written to since the loss, see `write_back_runs`). One that
+            // does not hold the page (not repaired yet) is not lost for it.
+            let now = self
+                .replicas
+                .as_ref()
+                .map_or(homes, |r| r.homes_without(first, &self.lost));
+            for &node in now.iter().filter(|n| !homes.contains(n)) {
+                match self.with_retries(node, &mut *op) {
+                    Ok(v) => return Ok(v),
+                    Err(e) if !e.is_peers() => return Err(e),
+                    Err(e) if e.is_not_held() => last = Some(e),
+                    Err(e) => {
+                        self.lose(node, &e);
+                        last = Some(e);
+                    }
+                }
+            }
         }
         Err(TransportError::NoHomeLeft {
             homes: list(&homes),
@@ -1182,6 +1214,30 @@ mod tests {
             m.read_page(9, 3, node, &mut page).unwrap();
             assert_eq!(page, newer, "node {node} has the written page");
         }
+    }
+
+    #[test]
+    fn when_both_homes_are_lost_the_node_that_took_their_copies_answers() {
+        let placement = pagemesh_api::Placement::interleave(vec![1, 2, 3], 1, 6).unwrap();
+        let replicas = pagemesh_api::Replicas::new(&placement, 2).unwrap();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut m = TransportManager::new(0, Duration::from_millis(30))
+            .with_replicas(replicas, Default::default());
+        for node in [1, 2] {
+            m.add_source(Box::new(Gone {
+                node,
+                calls: calls.clone(),
+            }));
+        }
+        m.add_source(Box::new(local::LocalSource::with_pattern(3, 9, 6, 5)));
+        let mut page = vec![0u8; pagemesh_api::PAGE_SIZE];
+        // Page 0's homes are 1 and 2, both gone: node 3, their replacement once the VM is
+        // repaired, answers.
+        m.read_page(9, 0, 1, &mut page).unwrap();
+        let mut want = vec![0u8; pagemesh_api::PAGE_SIZE];
+        pagemesh_api::pattern::fill_page(5, 0, &mut want);
+        assert_eq!(page, want);
+        assert_eq!(m.lost(), [1, 2]);
     }
 
     #[test]
