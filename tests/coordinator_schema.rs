@@ -3,8 +3,7 @@
 //! `/openapi.json` and sends it generated requests, valid and not, with the token and
 //! without. It checks that no answer is a server error (5xx), that every answer, errors
 //! included, is JSON of the documented schema with a documented status, that the bearer
-//! token is enforced, that unsupported methods are refused, and that a deleted resource is
-//! gone.
+//! token is enforced, and that unsupported methods are refused.
 //!
 //! The run is bounded (`--max-examples`); `PAGEMESH_SCHEMA_EXAMPLES` raises it for a longer
 //! run by hand.
@@ -20,10 +19,15 @@ use pagemesh_tests::{Bins, Coordinator, test_dir};
 /// `positive_data_acceptance` and `negative_data_rejection`, which hold the server to JSON
 /// Schema's idea of a valid body (`1.0` is an integer there, not to serde, and an `u64`
 /// above `i64::MAX` is out of range there, not here): those are the schema's precision, not
-/// the server's behaviour; and `object_level_authorization`, which needs two users.
+/// the server's behaviour; `object_level_authorization`, which needs two users; and
+/// `use_after_free`, which failed a CI run on right behaviour: its stateful phase deleted
+/// node 1 (`DELETE /nodes/1`, 204) and registered node 1 again 9 ms later
+/// (`POST /nodes/1/endpoint`, 201: a node id is the client's to reuse) before its `GET
+/// /nodes/1`, which then answered 200 with the new registration. That a deleted node or VM
+/// is gone is held by the coordinator's route tests (`routes::nodes`, `routes::vms`).
 const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
                       response_schema_conformance,response_headers_conformance,\
-                      unsupported_method,missing_required_header,use_after_free,\
+                      unsupported_method,missing_required_header,\
                       ensure_resource_availability,ignored_auth";
 
 /// The schemathesis command: `$PAGEMESH_SCHEMATHESIS` (`cargo xtask test` sets it), or the
