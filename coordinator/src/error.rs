@@ -102,6 +102,11 @@ impl AppError {
             AppError::Query(e) => e.status(),
             AppError::NoRoute { .. } => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            // The shared store is unreachable or busy: another coordinator, or a retry, may
+            // do better.
+            AppError::Store(StoreError::Etcd { .. } | StoreError::Contended { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AppError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -113,6 +118,9 @@ impl IntoResponse for AppError {
         let error = if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %pagemesh_api::error_chain(&self), "request failed");
             "internal error; the coordinator's log has the details".to_owned()
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(error = %pagemesh_api::error_chain(&self), "request failed");
+            self.to_string()
         } else {
             tracing::debug!(%status, error = %self, "request refused");
             self.to_string()

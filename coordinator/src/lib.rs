@@ -41,7 +41,7 @@ use pagemesh_auth::Keyring;
 pub use auth::AuthError;
 pub use error::AppError;
 pub use registry::{Lease, RegistryError, Stored};
-pub use store::{EmbeddedStore, Store, StoreError};
+pub use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 
 /// The largest request body the coordinator reads, in bytes; a larger one is answered 413.
 /// The largest real body (`POST /vms` with an explicit placement of many ranges) is a few KiB.

@@ -16,7 +16,7 @@ use tracing_subscriber::EnvFilter;
 
 use pagemesh_auth::Keyring;
 use pagemesh_coordinator::otlp::{self, OtlpConfig};
-use pagemesh_coordinator::{AppState, EmbeddedStore, Leases};
+use pagemesh_coordinator::{AppState, EmbeddedStore, EtcdStore, Leases, Store};
 
 /// The pagemesh coordinator: keeps the clusters, the node endpoints and the VMs, decides which
 /// memory node holds each page of a VM, and serves all of it as JSON over HTTP.
@@ -34,8 +34,23 @@ struct Cli {
     /// Keep the state in this JSON file, so that it survives a restart: loaded at start
     /// (created if missing), rewritten atomically after every change. Without it, the state
     /// lives in memory only.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "etcd_endpoints")]
     state: Option<PathBuf>,
+
+    /// Where the state lives: `embedded` (this process, with --state for a file), or `etcd`
+    /// (an etcd cluster, --etcd-endpoints, shared by every coordinator given the same one:
+    /// several coordinators then serve one cluster, and any of them can fail).
+    #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
+    store: StoreKind,
+
+    /// The etcd cluster's client URLs, comma-separated (`http://10.0.0.1:2379,…`); with
+    /// --store etcd.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+
+    /// The key prefix of this cluster's state in etcd (the registry is `PREFIX/registry`).
+    #[arg(long, value_name = "PREFIX", default_value = "/pagemesh")]
+    etcd_prefix: String,
 
     /// What to log on stderr: a level (error, warn, info, debug, trace) or tracing filter
     /// directives such as `info,pagemesh_coordinator=debug`.
@@ -76,6 +91,15 @@ struct Cli {
     /// had left (a crashed node does not stay listed forever).
     #[arg(long, value_name = "SECS", default_value_t = 600.0, value_parser = positive_secs)]
     forget_after_secs: f64,
+}
+
+/// Where the coordinator keeps its state.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum StoreKind {
+    /// In this process (and --state's file).
+    Embedded,
+    /// In an etcd cluster.
+    Etcd,
 }
 
 /// A positive number of seconds, at most a day.
@@ -125,20 +149,51 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ttl: Duration::from_secs_f64(cli.lease_secs),
         forget_after: Duration::from_secs_f64(cli.forget_after_secs),
     };
-    let store = match &cli.state {
-        Some(path) => EmbeddedStore::open(path)?,
-        None => EmbeddedStore::in_memory(),
-    };
-    tokio::runtime::Builder::new_multi_thread()
+    if cli.store == StoreKind::Etcd && cli.etcd_endpoints.is_empty() {
+        anyhow::bail!("--store etcd needs --etcd-endpoints URLS (the etcd cluster's client URLs)");
+    }
+    if cli.store == StoreKind::Embedded && !cli.etcd_endpoints.is_empty() {
+        anyhow::bail!("--etcd-endpoints is for --store etcd; add it, or drop --etcd-endpoints");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?
-        .block_on(serve(&cli.listen, store, keyring, otlp_config, leases))
+        .context("cannot start the async runtime")?;
+    match cli.store {
+        StoreKind::Embedded => {
+            let store = match &cli.state {
+                Some(path) => EmbeddedStore::open(path)?,
+                None => EmbeddedStore::in_memory(),
+            };
+            let where_ = store.path().map_or_else(
+                || "in memory (no --state)".to_owned(),
+                |p| format!("state file {}", p.display()),
+            );
+            runtime.block_on(serve(
+                &cli.listen,
+                store,
+                &where_,
+                keyring,
+                otlp_config,
+                leases,
+            ))
+        }
+        StoreKind::Etcd => runtime.block_on(async {
+            let store = EtcdStore::connect(&cli.etcd_endpoints, &cli.etcd_prefix).await?;
+            let where_ = format!(
+                "etcd at {} (key {})",
+                cli.etcd_endpoints.join(","),
+                store.key()
+            );
+            serve(&cli.listen, store, &where_, keyring, otlp_config, leases).await
+        }),
+    }
 }
 
 async fn serve(
     listen: &str,
-    store: EmbeddedStore,
+    store: impl Store + 'static,
+    where_: &str,
     keyring: Option<Keyring>,
     otlp_config: Option<OtlpConfig>,
     leases: Leases,
@@ -149,8 +204,7 @@ async fn serve(
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    let state_file = store.path().map(|p| p.display().to_string());
-    tracing::info!(%addr, state_file = state_file.as_deref().unwrap_or("none (in memory)"), "serving");
+    tracing::info!(%addr, state = where_, "serving");
     // Scripts and tests wait for this line, so it must not sit in a buffer.
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "pagemesh-coordinator listening on http://{addr}")

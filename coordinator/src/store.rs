@@ -5,6 +5,7 @@
 //! an etcd store will apply it in a transaction.
 
 mod embedded;
+mod etcd;
 
 use std::io;
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use pagemesh_api::{
 };
 
 pub use embedded::EmbeddedStore;
+pub use etcd::EtcdStore;
 
 use crate::registry::{Lease, RegistryError, Stored};
 
@@ -43,6 +45,34 @@ pub enum StoreError {
         /// What the parser found.
         #[source]
         source: serde_json::Error,
+    },
+    /// The etcd cluster did not answer a request, or refused it.
+    #[error("etcd at {endpoints}: {what}")]
+    Etcd {
+        /// The endpoints the store was given.
+        endpoints: String,
+        /// What the store was doing.
+        what: &'static str,
+        /// The client's error.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// The value under the registry's key in etcd is not coordinator state.
+    #[error(
+        "the value of etcd key {key} is not valid coordinator state; repair it or use another --etcd-prefix"
+    )]
+    CorruptEtcd {
+        /// The key.
+        key: String,
+        /// What the parser found.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Other coordinators changed the registry first, every time; nothing changed.
+    #[error("other coordinators changed the registry first {attempts} times in a row; try again")]
+    Contended {
+        /// Tries made.
+        attempts: u32,
     },
     /// The state file cannot be written; the change was not made.
     #[error("cannot write state file {}", path.display())]

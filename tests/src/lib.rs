@@ -8,6 +8,7 @@
 //! connections in the middle of replies; [`netns`] puts a node behind a real link that a test
 //! cuts; [`soak`] keeps a cluster under load for a while and watches its processes.
 
+pub mod etcd;
 pub mod netns;
 pub mod proxy;
 pub mod soak;
@@ -237,8 +238,20 @@ impl Coordinator {
         listen: &str,
         args: &[&std::ffi::OsStr],
     ) -> anyhow::Result<Self> {
+        Self::start_named("coordinator", bins, dir, listen, args)
+    }
+
+    /// [`Coordinator::start_on`] with its files named `name` (`coordinator2.log`): for a
+    /// second coordinator of one cluster.
+    pub fn start_named(
+        name: &str,
+        bins: &Bins,
+        dir: &Path,
+        listen: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
         let mut proc = Proc::spawn(
-            "coordinator",
+            name,
             dir,
             Command::new(&bins.coordinator)
                 .args(["--listen", listen])

@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tmux", "tmux"),
     // Tests cut a memory node's link in a network namespace (`ip netns`, veth).
     ("iproute2", "ip"),
+    // The coordinator's etcd store: `etcd-client` compiles etcd's protobuf definitions at
+    // build time, and the tests run a real three-member etcd cluster.
+    ("protobuf-compiler", "protoc"),
+    ("etcd-server", "etcd"),
 ];
 
 fn have(cmd: &str) -> bool {
