@@ -62,9 +62,11 @@ fn two_coordinators_on_etcd_serve_one_cluster_through_a_lost_member_and_a_lost_c
         Coordinator::start_named("coordinator-a", &bins, &dir, "127.0.0.1:0", &store).unwrap();
     let b = Coordinator::start_named("coordinator-b", &bins, &dir, "127.0.0.1:0", &store).unwrap();
 
-    // Memory nodes register (and renew their leases) through coordinator A; B lists them.
+    // Memory nodes are given both coordinators; they register (and renew their leases)
+    // through A, the first; B lists them.
+    let both = format!("{},{}", a.url, b.url);
     let memory = [1, 2]
-        .map(|id| MemoryNode::start(&bins, &dir, &a.url, id, "256MiB").unwrap())
+        .map(|id| MemoryNode::start(&bins, &dir, &both, id, "256MiB").unwrap())
         .into();
     wait_until(
         Duration::from_secs(10),
@@ -72,7 +74,7 @@ fn two_coordinators_on_etcd_serve_one_cluster_through_a_lost_member_and_a_lost_c
         || endpoints(&b.url) == [1, 2],
     );
     // A guest defined and placed through B, on the nodes A registered, runs well.
-    let b_url = b.url.clone();
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
     let mut c = Cluster::from_parts(bins.clone(), dir.clone(), b, memory);
     run_verify(&mut c, 2);
     let a_log = std::fs::read_to_string(&a.proc.stderr).unwrap();
@@ -82,28 +84,75 @@ fn two_coordinators_on_etcd_serve_one_cluster_through_a_lost_member_and_a_lost_c
     );
 
     // One of three etcd members dies: registration, leases and VM definitions go on.
-    etcd.members[0].signal(libc::SIGKILL);
     let mut etcd = etcd;
     etcd.members[0].kill();
     let _three = MemoryNode::start(&bins, &dir, &b_url, 3, "256MiB").unwrap();
     wait_until(Duration::from_secs(10), "A sees node 3", || {
-        endpoints(&a.url) == [1, 2, 3]
+        endpoints(&a_url) == [1, 2, 3]
     });
     run_verify(&mut c, 3);
-    // The leases still renew (through A, written to etcd, seen by B): after more than two
-    // lease lengths node 1 is up.
-    std::thread::sleep(Duration::from_secs(5));
-    let nodes: serde_json::Value =
-        serde_json::from_str(&http_get(&format!("{b_url}/nodes/1")).unwrap()).unwrap();
-    assert_eq!(nodes["up"], true, "{nodes}");
 
-    // Coordinator A dies: B serves on, with everything A recorded, and takes a new node.
+    // A guest runs with both coordinators given, through A; A dies in the middle.
+    c.coordinator.url = both.clone();
+    let (mut compute, json) = c
+        .spawn_compute(&["--mem", "256MiB", "--workload", "verify", "--log", "debug"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&compute.stderr)
+        .unwrap_or_default()
+        .contains("guest: 16384 pages done")
+    {
+        assert!(
+            compute.try_wait().unwrap().is_none(),
+            "{}",
+            compute.log_tail()
+        );
+        assert!(Instant::now() < deadline, "the guest never got going");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     a.proc.kill();
-    assert_eq!(endpoints(&b_url)[..2], [1, 2]);
-    let _four = MemoryNode::start(&bins, &dir, &b_url, 4, "256MiB").unwrap();
+    // The running guest is unaffected: it finishes, every page right.
+    let status = compute.wait(RUN_TIMEOUT).unwrap();
+    let s = pagemesh_tests::read_summary(&json)
+        .unwrap()
+        .expect("a summary");
+    assert!(status.success() && s.ok, "{s:#?}\n{}", compute.log_tail());
+    assert_eq!(s.result.as_ref().unwrap().bad_pages, 0, "{s:#?}");
+    // Its VM was deleted through B at the end.
+    let vms = http_get(&format!("{b_url}/vms")).unwrap();
+    assert_eq!(vms.trim(), "[]", "{}", compute.log_tail());
+    // The memory nodes renew through B now: two leases on, they are up.
+    std::thread::sleep(Duration::from_secs(5));
+    let node: serde_json::Value =
+        serde_json::from_str(&http_get(&format!("{b_url}/nodes/1")).unwrap()).unwrap();
+    assert_eq!(node["up"], true, "{node}");
+    let log = std::fs::read_to_string(&c.memory[0].proc.stderr).unwrap();
+    assert!(
+        log.contains(&format!("coordinator at {b_url} answers; using it")),
+        "{log}"
+    );
+    // A new node registers through B, and the console, given both, shows the cluster.
+    let _four = MemoryNode::start(&bins, &dir, &both, 4, "256MiB").unwrap();
     wait_until(Duration::from_secs(10), "node 4 listed", || {
         endpoints(&b_url).contains(&4)
     });
+    let console = bins.node.with_file_name("pagemesh-console");
+    let out = std::process::Command::new(&console)
+        .args(["--coordinator", &both, "--once"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for id in 1..=4 {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{id} "))),
+            "node {id} in the console:\n{text}"
+        );
+    }
     let log = std::fs::read_to_string(&c.coordinator.proc.stderr).unwrap();
     assert!(
         log.contains("etcd at "),

@@ -42,8 +42,9 @@ Examples:
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, after_long_help = KEYS)]
 struct Cli {
-    /// Coordinator URL, e.g. http://127.0.0.1:7070.
-    #[arg(long, value_name = "URL", env = "PAGEMESH_COORDINATOR")]
+    /// Coordinator URL, e.g. http://127.0.0.1:7070, or several comma-separated (coordinators
+    /// sharing an etcd store): each request goes to the first that answers.
+    #[arg(long, value_name = "URLS", env = "PAGEMESH_COORDINATOR")]
     coordinator: String,
 
     /// Print one plain-text snapshot of the Cluster view and exit (for scripts; no terminal

@@ -135,31 +135,53 @@ pub fn agent(timeout: Duration) -> Agent {
         .into()
 }
 
-/// `GET {coordinator}/nodes`, with the bearer `token` when given.
+/// `GET {coordinator}{path}` as JSON from the first of `coordinators` (one URL, or several
+/// comma-separated: coordinators sharing an etcd store) that answers; the last failure
+/// when none does. A coordinator that answers 503 (its store failed) is passed over too.
+fn from_any<T: serde::de::DeserializeOwned>(
+    agent: &Agent,
+    coordinators: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<T, PollError> {
+    let mut last = None;
+    for base in coordinators
+        .split(',')
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+    {
+        match get_json(agent, format!("{}{path}", base_url(base)), token) {
+            Err(e @ (PollError::Unreachable { .. } | PollError::Status { status: 503, .. })) => {
+                last = Some(e);
+            }
+            answer => return answer,
+        }
+    }
+    match last {
+        Some(e) => Err(e),
+        None => get_json(agent, format!("{coordinators}{path}"), token),
+    }
+}
+
+/// `GET {coordinator}/nodes`, with the bearer `token` when given, from the first of the
+/// comma-separated `coordinator` URLs that answers.
 pub fn fetch_nodes(
     agent: &Agent,
     coordinator: &str,
     token: Option<&str>,
 ) -> Result<Vec<NodeInfo>, PollError> {
-    get_json(
-        agent,
-        format!("{}/nodes", coordinator.trim_end_matches('/')),
-        token,
-    )
+    from_any(agent, coordinator, "/nodes", token)
 }
 
-/// `GET {coordinator}/nodes/{node}`, with the bearer `token` when given.
+/// `GET {coordinator}/nodes/{node}`, with the bearer `token` when given, from the first of
+/// the comma-separated `coordinator` URLs that answers.
 pub fn fetch_node(
     agent: &Agent,
     coordinator: &str,
     token: Option<&str>,
     node: NodeId,
 ) -> Result<NodeInfo, PollError> {
-    get_json(
-        agent,
-        format!("{}/nodes/{node}", coordinator.trim_end_matches('/')),
-        token,
-    )
+    from_any(agent, coordinator, &format!("/nodes/{node}"), token)
 }
 
 /// `GET http://{admin}/stats`; `admin` is `host:port` or a URL. `heat_cells` asks for the
@@ -533,6 +555,20 @@ mod tests {
     fn base_urls() {
         assert_eq!(base_url("127.0.0.1:9"), "http://127.0.0.1:9");
         assert_eq!(base_url("http://h:9/"), "http://h:9");
+    }
+
+    #[test]
+    fn of_several_coordinators_the_first_that_answers_serves() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (live, _) = serve_recording("200 OK", "[]".into());
+        let a = agent(Duration::from_secs(1));
+        let nodes = fetch_nodes(&a, &format!("{dead},{live}"), None).unwrap();
+        assert!(nodes.is_empty());
+        let err = fetch_nodes(&a, &format!("{dead}"), None).unwrap_err();
+        assert!(matches!(err, PollError::Unreachable { .. }), "{err}");
     }
 
     #[test]

@@ -86,13 +86,14 @@ pub struct Settings {
     #[arg(long, value_enum)]
     pub role: Option<RoleArg>,
 
-    /// Coordinator URL, http:// or https://; required, except by a compute node with --backing
-    /// uffd-local or demand-zero.
+    /// Coordinator URL, http:// or https://, or several comma-separated (coordinators sharing
+    /// an etcd store: each request goes to the one that last answered, then the others in
+    /// turn); required, except by a compute node with --backing uffd-local or demand-zero.
     #[arg(
         long,
-        value_name = "URL",
+        value_name = "URLS",
         env = "PAGEMESH_COORDINATOR",
-        value_parser = values::http_url
+        value_parser = values::http_urls
     )]
     pub coordinator: Option<String>,
 

@@ -19,6 +19,8 @@
 //! answers a key it has seen with the VM that key created) are.
 
 use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pagemesh_api::{
@@ -67,10 +69,14 @@ pub enum CoordinatorError {
     },
 }
 
-/// A client for one coordinator.
+/// A client for a cluster's coordinators: one URL, or several (coordinators sharing an
+/// etcd store) tried in turn, the one that last answered first.
 #[derive(Clone)]
 pub struct CoordinatorClient {
-    base: String,
+    bases: Arc<[String]>,
+    /// The index in `bases` of the coordinator that last answered (shared by clones: the
+    /// lease keeper's failover is the service's too).
+    current: Arc<AtomicUsize>,
     agent: ureq::Agent,
     attempts: u32,
     first_backoff: Duration,
@@ -79,8 +85,9 @@ pub struct CoordinatorClient {
 }
 
 impl CoordinatorClient {
-    /// A client for `url` (e.g. `http://127.0.0.1:7070`) that tries each request `attempts`
-    /// times, doubling a 200 ms pause between tries.
+    /// A client for `url` (e.g. `http://127.0.0.1:7070`, or several comma-separated) that
+    /// tries each request `attempts` times, doubling a 200 ms pause between tries; each try
+    /// goes to every coordinator in turn until one answers.
     pub fn new(url: &str, attempts: u32) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -88,7 +95,17 @@ impl CoordinatorClient {
             .build()
             .into();
         Self {
-            base: url.trim_end_matches('/').to_owned(),
+            bases: Some(
+                url.split(',')
+                    .map(|u| u.trim().trim_end_matches('/').to_owned())
+                    .filter(|u| !u.is_empty())
+                    .collect::<Vec<_>>(),
+            )
+            .filter(|b| !b.is_empty())
+            // Nothing but commas: the request fails naming it.
+            .unwrap_or_else(|| vec![url.to_owned()])
+            .into(),
+            current: Arc::default(),
             agent,
             attempts: attempts.max(1),
             first_backoff: Duration::from_millis(200),
@@ -122,9 +139,18 @@ impl CoordinatorClient {
         }
     }
 
-    /// The coordinator's URL.
+    /// The URL of the coordinator that last answered (the first one before any did).
     pub fn url(&self) -> &str {
-        &self.base
+        let at = self.current.load(Ordering::Relaxed);
+        self.bases
+            .get(at)
+            .or(self.bases.first())
+            .map_or("", String::as_str)
+    }
+
+    /// Every coordinator's URL, comma-separated.
+    fn urls(&self) -> String {
+        self.bases.join(",")
     }
 
     /// `method path` with `body` as JSON, retried while the coordinator cannot be reached;
@@ -135,45 +161,78 @@ impl CoordinatorClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, CoordinatorError> {
-        let url = format!("{}{}", self.base, path);
-        let response = self.send(method, path, self.attempts, || match (method, body) {
-            ("POST", Some(b)) => self.authorize(self.agent.post(&url)).send_json(b),
-            _ => self.authorize(self.agent.get(&url)).call(),
+        let response = self.send(method, path, self.attempts, |url| match (method, body) {
+            ("POST", Some(b)) => self.authorize(self.agent.post(url)).send_json(b),
+            _ => self.authorize(self.agent.get(url)).call(),
         })?;
-        read_json(url, response)
+        read_json(format!("{}{path}", self.url()), response)
     }
 
-    /// Sends what `request` sends, up to `attempts` times while the coordinator cannot be
-    /// reached, doubling a pause between tries; a non-2xx answer is an error. `request` must
-    /// be safe to repeat (see the module's documentation).
+    /// Sends what `request` sends to `{coordinator}{path}` (the URL it is given), up to
+    /// `attempts` rounds while no coordinator can be reached, doubling a pause between
+    /// rounds; each round tries every coordinator in turn from the one that last answered,
+    /// and passes over one that answers 503 (its store failed) while another is left. A
+    /// non-2xx answer is an error. `request` must be safe to repeat (see the module's
+    /// documentation).
     fn send(
         &self,
         method: &str,
         path: &str,
         attempts: u32,
-        request: impl Fn() -> Result<Response<Body>, ureq::Error>,
+        request: impl Fn(&str) -> Result<Response<Body>, ureq::Error>,
     ) -> Result<Response<Body>, CoordinatorError> {
         let mut pause = self.first_backoff;
         let mut attempt = 0;
-        let mut response = loop {
+        let n = self.bases.len().max(1);
+        let mut response = 'found: loop {
             attempt += 1;
-            match request() {
-                Ok(r) => break r,
-                Err(e) if attempt < attempts => {
-                    tracing::warn!(
-                        "coordinator at {} not reachable ({e}); retrying in {pause:?} ({attempt}/{attempts})",
-                        self.base,
-                    );
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_secs(5));
+            let first = self.current.load(Ordering::Relaxed);
+            let mut last = None;
+            let mut unavailable = None;
+            for k in 0..n {
+                let at = (first + k) % n;
+                let Some(base) = self.bases.get(at) else {
+                    break;
+                };
+                match request(&format!("{base}{path}")) {
+                    Ok(r) if r.status().as_u16() == 503 && k + 1 < n => {
+                        tracing::warn!(
+                            "coordinator at {base} cannot serve {method} {path} (HTTP 503); trying the next"
+                        );
+                        unavailable.get_or_insert(r);
+                    }
+                    Ok(r) => {
+                        if at != first {
+                            tracing::info!("coordinator at {base} answers; using it");
+                        }
+                        self.current.store(at, Ordering::Relaxed);
+                        break 'found r;
+                    }
+                    Err(e) => {
+                        if n > 1 {
+                            tracing::warn!("coordinator at {base} not reachable ({e})");
+                        }
+                        last = Some(e);
+                    }
                 }
-                Err(e) => {
-                    return Err(CoordinatorError::Unreachable {
-                        url: self.base.clone(),
-                        attempts: attempt,
-                        source: Box::new(e),
-                    });
-                }
+            }
+            if let Some(r) = unavailable {
+                break r;
+            }
+            let e = last.expect("every coordinator failed");
+            if attempt < attempts {
+                tracing::warn!(
+                    "coordinator at {} not reachable ({e}); retrying in {pause:?} ({attempt}/{attempts})",
+                    self.urls(),
+                );
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(5));
+            } else {
+                return Err(CoordinatorError::Unreachable {
+                    url: self.urls(),
+                    attempts: attempt,
+                    source: Box::new(e),
+                });
             }
         };
         let status = response.status().as_u16();
@@ -212,14 +271,13 @@ impl CoordinatorClient {
         address: &str,
     ) -> Result<NodeInfo, CoordinatorError> {
         let path = format!("/nodes/{node_id}/lease");
-        let url = format!("{}{path}", self.base);
         let body = RenewLease {
             address: address.to_owned(),
         };
-        let response = self.send("PUT", &path, self.attempts, || {
-            self.authorize(self.agent.put(&url)).send_json(&body)
+        let response = self.send("PUT", &path, self.attempts, |url| {
+            self.authorize(self.agent.put(url)).send_json(&body)
         })?;
-        read_json(url, response)
+        read_json(format!("{}{path}", self.url()), response)
     }
 
     /// `DELETE /nodes/{node_id}?address=...`: this node, whose page server is at `address`,
@@ -229,9 +287,8 @@ impl CoordinatorClient {
     /// that is gone.
     pub fn deregister(&self, node_id: NodeId, address: &str) -> Result<(), CoordinatorError> {
         let path = format!("/nodes/{node_id}");
-        let url = format!("{}{path}", self.base);
-        let sent = self.send("DELETE", &path, 1, || {
-            self.authorize(self.agent.delete(&url))
+        let sent = self.send("DELETE", &path, 1, |url| {
+            self.authorize(self.agent.delete(url))
                 .query("address", address)
                 .config()
                 .timeout_global(Some(Duration::from_secs(2)))
@@ -260,14 +317,13 @@ impl CoordinatorClient {
     /// `POST /vms`, with an idempotency key of its own that every retry repeats, so that a
     /// retry after a lost answer gets the VM the first try created rather than a second one.
     pub fn create_vm(&self, request: &CreateVm) -> Result<Vm, CoordinatorError> {
-        let url = format!("{}/vms", self.base);
         let key = idempotency_key();
-        let response = self.send("POST", "/vms", self.attempts, || {
-            self.authorize(self.agent.post(&url))
+        let response = self.send("POST", "/vms", self.attempts, |url| {
+            self.authorize(self.agent.post(url))
                 .header(IDEMPOTENCY_KEY, &key)
                 .send_json(request)
         })?;
-        read_json(url, response)
+        read_json(format!("{}/vms", self.url()), response)
     }
 
     /// `DELETE /vms/{id}`: the run is over and its pages released. A VM the coordinator does
@@ -275,9 +331,8 @@ impl CoordinatorClient {
     /// [`CoordinatorClient::deregister`].
     pub fn delete_vm(&self, id: VmId) -> Result<(), CoordinatorError> {
         let path = format!("/vms/{id}");
-        let url = format!("{}{path}", self.base);
-        let sent = self.send("DELETE", &path, 1, || {
-            self.authorize(self.agent.delete(&url))
+        let sent = self.send("DELETE", &path, 1, |url| {
+            self.authorize(self.agent.delete(url))
                 .config()
                 .timeout_global(Some(Duration::from_secs(2)))
                 .build()
@@ -303,11 +358,10 @@ impl CoordinatorClient {
     /// repeat (the last report stands).
     pub fn report_repair(&self, id: VmId, report: &RepairReport) -> Result<Vm, CoordinatorError> {
         let path = format!("/vms/{id}/repair");
-        let url = format!("{}{path}", self.base);
-        let response = self.send("PUT", &path, self.attempts, || {
-            self.authorize(self.agent.put(&url)).send_json(report)
+        let response = self.send("PUT", &path, self.attempts, |url| {
+            self.authorize(self.agent.put(url)).send_json(report)
         })?;
-        read_json(url, response)
+        read_json(format!("{}{path}", self.url()), response)
     }
 }
 
@@ -487,6 +541,37 @@ mod tests {
         );
         let lines: Vec<String> = seen.try_iter().map(|s| s.line).collect();
         assert_eq!(lines, ["DELETE /nodes/3?address=h%3A1 HTTP/1.1"; 3]);
+    }
+
+    #[test]
+    fn with_several_coordinators_a_dead_one_or_one_without_its_store_is_passed_over() {
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let created = serde_json::to_string(&vm()).unwrap();
+        let busy = r#"{"error":"etcd at http://e:2379: cannot write the registry"}"#.to_owned();
+        let (busy_url, _) = coordinator(vec![Some(("503 Service Unavailable", busy))]);
+        let (live, seen) = coordinator(vec![
+            Some(("201 Created", created.clone())),
+            Some(("201 Created", created)),
+        ]);
+        let several = client(&format!("http://{dead},{busy_url},{live}"));
+        assert_eq!(several.url(), format!("http://{dead}"));
+        assert_eq!(several.create_vm(&create_vm()).unwrap(), vm());
+        assert_eq!(several.url(), live, "the one that answered comes first now");
+        several.create_vm(&create_vm()).unwrap();
+        assert_eq!(seen.try_iter().count(), 2);
+        // None answers: the error names them all.
+        let err = client(&format!("http://{dead},http://{dead}"))
+            .deregister(3, "h:1")
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!(
+                "cannot reach the coordinator at http://{dead},http://{dead}"
+            )),
+            "{err}"
+        );
     }
 
     #[test]

@@ -415,6 +415,13 @@ pub fn http_url(s: &str) -> Result<String, ValueError> {
     }
 }
 
+/// `--coordinator`: one `http://` or `https://` URL, or several comma-separated
+/// (coordinators sharing an etcd store, tried in turn).
+pub fn http_urls(s: &str) -> Result<String, ValueError> {
+    let urls = s.split(',').map(http_url).collect::<Result<Vec<_>, _>>()?;
+    Ok(urls.join(","))
+}
+
 /// `--otlp-endpoint`: an `http://` or `https://` URL, or `off` (or `none`).
 pub fn otlp_endpoint(s: &str) -> Result<String, ValueError> {
     match s.trim() {
