@@ -27,11 +27,20 @@ fn a_minute_of_load_with_memory_nodes_restarting_loses_nothing_and_leaks_no_desc
         "a run went through a restart:\n{}",
         report.table()
     );
-    // The coordinator and the memory nodes that lived from warm-up to the end.
+    // The coordinator and the memory nodes that lived from warm-up to the end. The
+    // coordinator's descriptors include its HTTP clients' keep-alive connections: each of
+    // the three memory nodes holds up to two (its lease keeper's and its repairer's, each
+    // closed by ureq after 15 s idle), so their number at two instants differs by up to six
+    // without anything leaking; a leak would grow with the 20-odd runs.
     assert!(report.processes.iter().any(|p| p.name == "coordinator"));
     for p in &report.processes {
+        let allowed = if p.name == "coordinator" {
+            2 + 2 * 3
+        } else {
+            2
+        };
         assert!(
-            p.fd_growth() <= 2,
+            p.fd_growth() <= allowed,
             "{} gained descriptors:\n{}",
             p.name,
             report.table()
