@@ -637,6 +637,18 @@ impl Registry {
         self.vms.remove(&id).ok_or(RegistryError::UnknownVm(id))
     }
 
+    /// Whether [`Registry::retire`] of `node` would change a VM.
+    pub(crate) fn would_retire(&self, node: NodeId) -> bool {
+        self.vms.values().any(|vm| retires(vm, node))
+    }
+
+    /// Whether a node is down for at least `after_ms` at `now_ms`: what
+    /// [`Registry::forget_down`] would forget.
+    pub(crate) fn any_down_for(&self, now_ms: u64, after_ms: u64) -> bool {
+        self.nodes()
+            .any(|n| n.lease_expires_ms.saturating_add(after_ms) <= now_ms)
+    }
+
     /// Node `node` is down: every VM with more than one copy of its pages and copies on it
     /// retires it, so that the survivors make its copies again. Returns the VMs that did,
     /// as they are now. A VM left with fewer memory nodes than copies retires it all the
@@ -644,10 +656,7 @@ impl Registry {
     pub(crate) fn retire(&mut self, node: NodeId) -> Vec<Vm> {
         let mut changed = Vec::new();
         for vm in self.vms.values_mut() {
-            if vm.replicas > 1
-                && !vm.retired.contains(&node)
-                && vm.placement.nodes().contains(&node)
-            {
+            if retires(vm, node) {
                 vm.retired.push(node);
                 changed.push(vm.clone());
             }
@@ -686,6 +695,11 @@ impl Registry {
         }
         Ok(vm.clone())
     }
+}
+
+/// Whether `vm` has more than one copy of each page and copies on `node`, not retired yet.
+fn retires(vm: &Vm, node: NodeId) -> bool {
+    vm.replicas > 1 && !vm.retired.contains(&node) && vm.placement.nodes().contains(&node)
 }
 
 /// Cluster names appear in URL paths, so they are kept to characters that need no escaping.

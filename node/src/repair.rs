@@ -351,13 +351,13 @@ impl Worker {
         let mut runs = [Run::new(first, bytes)];
         match transport.read_runs(vm, source, &mut runs) {
             Ok(()) => return self.put(vm, first, runs[0].pages, report),
-            Err(e) if not_held(&e) => {}
+            Err(e) if e.is_not_held() => {}
             Err(e) => return Err(failed(e)),
         }
         for (page, dst) in (first..).zip(bytes.chunks_exact_mut(PAGE_SIZE)) {
             match transport.read_page(vm, page, source, dst) {
                 Ok(()) => self.put(vm, page, dst, report)?,
-                Err(e) if not_held(&e) => {
+                Err(e) if e.is_not_held() => {
                     report.needed -= 1;
                     report.claimed += 1;
                 }
@@ -397,9 +397,4 @@ impl Worker {
             );
         }
     }
-}
-
-/// Whether `e` says the peer does not hold a page.
-fn not_held(e: &TransportError) -> bool {
-    e.is_not_held()
 }

@@ -584,6 +584,25 @@ impl PageStore {
     /// pages already held. All or nothing: fails with [`StoreError::NoCapacity`] if the
     /// pages not held yet do not fit.
     pub fn put(&self, vm: VmId, first: u64, src: &[u8]) -> Result<(), StoreError> {
+        self.store_run(vm, first, src, true).map(drop)
+    }
+
+    /// Stores those pages of the run of `src.len() / 4096` pages of `vm` from `first` on
+    /// that are not held yet, and keeps the others: a repair's copy never replaces what a
+    /// compute node wrote back meanwhile. Returns how many it stored; all or nothing when
+    /// they do not fit.
+    pub fn put_absent(&self, vm: VmId, first: u64, src: &[u8]) -> Result<u64, StoreError> {
+        self.store_run(vm, first, src, false)
+    }
+
+    /// [`PageStore::put`] (`replace`) or [`PageStore::put_absent`]; the pages new here.
+    fn store_run(
+        &self,
+        vm: VmId,
+        first: u64,
+        src: &[u8],
+        replace: bool,
+    ) -> Result<u64, StoreError> {
         let count = run_len(src.len())?;
         let mut guard = self.lock();
         let Inner { slab, vms, .. } = &mut *guard;
@@ -599,37 +618,11 @@ impl PageStore {
         }
         for (page, chunk) in (first..).zip(src.chunks_exact(PAGE_SIZE)) {
             let slot = match pages.slots.entry(page) {
+                Entry::Occupied(_) if !replace => continue,
                 Entry::Occupied(e) => *e.get(),
                 Entry::Vacant(e) => *e.insert(slab.alloc()),
             };
             slab.page_mut(slot).copy_from_slice(chunk);
-        }
-        Ok(())
-    }
-
-    /// Stores those pages of the run of `src.len() / 4096` pages of `vm` from `first` on
-    /// that are not held yet, and keeps the others: a repair's copy never replaces what a
-    /// compute node wrote back meanwhile. Returns how many it stored; all or nothing when
-    /// they do not fit.
-    pub fn put_absent(&self, vm: VmId, first: u64, src: &[u8]) -> Result<u64, StoreError> {
-        let count = run_len(src.len())?;
-        let mut guard = self.lock();
-        let Inner { slab, vms, .. } = &mut *guard;
-        let pages = held_run(vms, vm, first, count)?;
-        let new = (first..first + count)
-            .filter(|p| !pages.slots.contains_key(p))
-            .count() as u64;
-        if new > slab.available() {
-            return Err(StoreError::NoCapacity {
-                needed: new,
-                free: slab.available(),
-            });
-        }
-        for (page, chunk) in (first..).zip(src.chunks_exact(PAGE_SIZE)) {
-            if let Entry::Vacant(e) = pages.slots.entry(page) {
-                let slot = *e.insert(slab.alloc());
-                slab.page_mut(slot).copy_from_slice(chunk);
-            }
         }
         Ok(new)
     }

@@ -110,11 +110,7 @@ impl Store for EmbeddedStore {
     }
 
     fn forget_down(&self, now_ms: u64, after_ms: u64) -> Result<Vec<NodeInfo>, StoreError> {
-        let down = self.read(|r| {
-            Ok(r.nodes()
-                .any(|n| n.lease_expires_ms.saturating_add(after_ms) <= now_ms))
-        })?;
-        if !down {
+        if !self.read(|r| Ok(r.any_down_for(now_ms, after_ms)))? {
             return Ok(Vec::new());
         }
         self.update(|r| Ok(r.forget_down(now_ms, after_ms)))

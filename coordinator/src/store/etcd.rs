@@ -317,11 +317,7 @@ impl Store for EtcdStore {
     }
 
     fn forget_down(&self, now_ms: u64, after_ms: u64) -> Result<Vec<NodeInfo>, StoreError> {
-        let down = self.read(|r| {
-            Ok(r.nodes()
-                .any(|n| n.lease_expires_ms.saturating_add(after_ms) <= now_ms))
-        })?;
-        if !down {
+        if !self.read(|r| Ok(r.any_down_for(now_ms, after_ms)))? {
             return Ok(Vec::new());
         }
         self.update(|r| Ok(r.forget_down(now_ms, after_ms)))
@@ -361,14 +357,8 @@ impl Store for EtcdStore {
     }
 
     fn retire(&self, node: NodeId) -> Result<Vec<Vm>, StoreError> {
-        let any = self.read(|r| {
-            Ok(r.vms().any(|vm| {
-                vm.replicas > 1
-                    && !vm.retired.contains(&node)
-                    && vm.placement.nodes().contains(&node)
-            }))
-        })?;
-        if !any {
+        // Read first: a lease watch on every coordinator asks this of every down node.
+        if !self.read(|r| Ok(r.would_retire(node)))? {
             return Ok(Vec::new());
         }
         self.update(|r| Ok(r.retire(node)))
