@@ -113,6 +113,12 @@ pub struct ServerStats {
     /// Pages this node has copied in repairs since it started.
     #[serde(default)]
     pub pages_repaired: u64,
+    /// Pages sent or received packed (`--compress`: compressed, or zero pages as a length).
+    #[serde(default)]
+    pub packed_pages: u64,
+    /// Bytes those packed pages took on the wire (against `packed_pages * 4096` plain).
+    #[serde(default)]
+    pub packed_bytes: u64,
 }
 
 /// The pager of one VM.

@@ -203,6 +203,8 @@ pub(crate) fn memory(id: NodeId, served: u64, uptime_s: f64) -> NodeStats {
             auth_refusals: 0,
             pages_to_repair: 0,
             pages_repaired: 0,
+            packed_pages: 0,
+            packed_bytes: 0,
         },
         pager: None,
         ebpf: None,

@@ -120,6 +120,8 @@ impl AdminState {
             auth_refusals: s.auth_refusals,
             pages_to_repair: self.repair.pending(),
             pages_repaired: self.repair.copied(),
+            packed_pages: s.packed_pages,
+            packed_bytes: s.packed_bytes,
         };
         let pager = lock(&self.run).as_ref().map(|run| {
             let (remote, local_zero, spurious, errors, bytes) = run.stats.counters();

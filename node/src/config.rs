@@ -28,8 +28,8 @@ use pagemesh_vmm::linux::MAX_LINUX_RAM;
 
 pub use self::file::FileError;
 use self::values::{
-    AccessArg, AdminArg, BackingArg, ByteRange, ByteSize, ContentArg, EvictionArg, PlacementArg,
-    RoleArg, WorkloadArg,
+    AccessArg, AdminArg, BackingArg, ByteRange, ByteSize, CompressArg, ContentArg, EvictionArg,
+    PlacementArg, RoleArg, WorkloadArg,
 };
 
 /// Errors reading the configuration, and settings that do not go together.
@@ -134,6 +134,14 @@ pub struct Settings {
     /// TLS, checking theirs (docs/security.md). The cluster key still applies inside.
     #[arg(long, value_name = "FILE", env = "PAGEMESH_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
+
+    /// Whether runs of pages travel packed: each page that shrinks compressed with LZ4, an
+    /// all-zero page as a flag with no bytes, the rest raw. `auto` packs where it measures
+    /// faster on the link (a slow link, compressible pages: it times packed against plain
+    /// requests every few thousand), `on` always, `off` never. Both ends must agree: a node
+    /// with `off` neither offers nor accepts it, and runs then travel plain.
+    #[arg(long, value_enum, default_value_t = CompressArg::Auto)]
+    pub compress: CompressArg,
 
     /// The private key of --tls-cert (PEM).
     #[arg(long, value_name = "FILE", env = "PAGEMESH_TLS_KEY")]
@@ -253,6 +261,13 @@ pub struct MemoryOptions {
     /// connections of clients that went away without closing them.
     #[arg(long, value_name = "SECS", default_value_t = pagemesh_server::DEFAULT_IDLE_TIMEOUT.as_secs())]
     pub idle_timeout: u64,
+
+    /// Most bytes a second this node copies when it repairs the copies a dead memory node
+    /// held (e.g. 64MiB). A paced repair leaves CPU and links to the guests' faults (an
+    /// unpaced one doubled their median latency on a 2-core host, docs/benchmarks.md), at
+    /// the price of a longer time with fewer copies [default: no limit].
+    #[arg(long, value_name = "SIZE", value_parser = values::repair_rate)]
+    pub repair_rate: Option<ByteSize>,
 }
 
 fn default_serve_spin_us() -> u64 {
@@ -685,6 +700,7 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:0");
         assert_eq!(s.admin, AdminArg::Listen("127.0.0.1:0".into()));
         assert_eq!(s.memory.capacity, ByteSize(1 << 30));
+        assert_eq!(s.memory.repair_rate, None);
         assert_eq!(
             Duration::from_micros(s.memory.serve_spin_us),
             pagemesh_server::DEFAULT_SERVER_SPIN
@@ -997,6 +1013,17 @@ mod tests {
         assert_eq!(section("--workload <WORKLOAD>"), Some(2));
         assert_eq!(section("--vcpus <N>"), Some(3));
         assert_eq!(section("--otlp-endpoint <URL|off>"), Some(4));
+    }
+
+    #[test]
+    fn a_repair_rate_is_a_size_a_second_of_a_page_at_least() {
+        let s = load(&["--role", "memory", "--repair-rate", "64MiB"]).unwrap();
+        assert_eq!(s.memory.repair_rate, Some(ByteSize::mib(64)));
+        let e = load_err(&["--role", "memory", "--repair-rate", "100"]);
+        assert!(
+            e.contains("--repair-rate must be at least 4KiB (a page a second), got 100 B"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub(crate) fn connect_vm_peers(
     let manager = || {
         TransportManager::new(id, timeout)
             .with_credentials(credentials.clone())
+            .with_compression(settings.compress.into())
             .with_replicas(replicas.clone(), lost.clone())
     };
     let mut transport = manager();

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use pagemesh_api::{NodeId, PAGE_SIZE, RepairReport, Replicas, Vm, VmId, error_chain};
 use pagemesh_protocol::MAX_RUN_PAGES;
 use pagemesh_server::{PageStore, ServerContext};
+use pagemesh_transport::compress::Compression;
 use pagemesh_transport::tcp::Credentials;
 use pagemesh_transport::{Run, TransportError, TransportManager};
 
@@ -55,6 +56,21 @@ impl RepairFigures {
     }
 }
 
+/// How a memory node repairs.
+#[derive(Clone, Debug)]
+pub struct RepairOptions {
+    /// What the node shows the survivors it reads from.
+    pub credentials: Credentials,
+    /// How long a survivor may take to answer.
+    pub timeout: Duration,
+    /// How often the VMs are looked at ([`Repairer::every`]).
+    pub every: Duration,
+    /// Most bytes a second copied (`--repair-rate`); `None`: as fast as it goes.
+    pub rate: Option<u64>,
+    /// Whether runs read from survivors travel packed (`--compress`).
+    pub compression: Compression,
+}
+
 /// The repairing thread; dropping it stops the thread (between two runs) and waits for it.
 pub struct Repairer {
     stop: Option<mpsc::Sender<()>>,
@@ -69,6 +85,9 @@ struct Worker {
     figures: Arc<RepairFigures>,
     credentials: Credentials,
     timeout: Duration,
+    /// Pages a second, at most.
+    rate: Option<f64>,
+    compression: Compression,
     /// `(vm, retired nodes)` repaired already.
     done: BTreeSet<(VmId, usize)>,
     /// VMs this node does not hold (said once).
@@ -90,10 +109,15 @@ impl Repairer {
         coordinator: &CoordinatorClient,
         server: Arc<ServerContext>,
         figures: Arc<RepairFigures>,
-        credentials: Credentials,
-        timeout: Duration,
-        every: Duration,
+        options: RepairOptions,
     ) -> Self {
+        let RepairOptions {
+            credentials,
+            timeout,
+            every,
+            rate,
+            compression,
+        } = options;
         let (stop, stopped) = mpsc::channel();
         let mut worker = Worker {
             me,
@@ -102,6 +126,8 @@ impl Repairer {
             figures,
             credentials,
             timeout,
+            rate: rate.map(|bytes| bytes as f64 / PAGE_SIZE as f64),
+            compression,
             done: BTreeSet::new(),
             absent: BTreeSet::new(),
             stopped,
@@ -220,8 +246,9 @@ impl Worker {
     fn repair(&mut self, vm: &Vm) -> Result<RepairReport, RepairError> {
         let replicas = vm.replicas().expect("the coordinator checked the replicas");
         let needed = self.needed(vm, &replicas)?;
-        let mut transport =
-            TransportManager::new(self.me, self.timeout).with_credentials(self.credentials.clone());
+        let mut transport = TransportManager::new(self.me, self.timeout)
+            .with_credentials(self.credentials.clone())
+            .with_compression(self.compression);
         let mut connected = Vec::new();
         if let Ok(endpoints) = self.coordinator.endpoints() {
             for ep in endpoints {
@@ -244,7 +271,8 @@ impl Worker {
         self.figures.pending.store(report.needed, Ordering::Relaxed);
         self.report(vm.id, &report);
         let mut buf = vec![0u8; RUN_PAGES as usize * PAGE_SIZE];
-        let mut reported = Instant::now();
+        let began = Instant::now();
+        let mut reported = began;
         let mut at = 0;
         while at < needed.len() {
             let page = needed[at];
@@ -263,6 +291,7 @@ impl Worker {
             let settled = report.copied + report.claimed - before;
             self.figures.pending.fetch_sub(settled, Ordering::Relaxed);
             at += len;
+            self.pace(began, report.copied + report.claimed)?;
             if reported.elapsed() >= REPORT_EVERY {
                 if self.stopped.try_recv().is_ok() {
                     return Err(RepairError::Stopped);
@@ -276,6 +305,21 @@ impl Worker {
         self.figures.pending.store(0, Ordering::Relaxed);
         let _ = transport.acknowledge_all();
         Ok(report)
+    }
+
+    /// With `--repair-rate`, waits until `settled` pages since `began` are within it; a stop
+    /// ends the wait.
+    fn pace(&self, began: Instant, settled: u64) -> Result<(), RepairError> {
+        let Some(wait) = self
+            .rate
+            .and_then(|rate| wait_for_rate(began.elapsed(), settled, rate))
+        else {
+            return Ok(());
+        };
+        match self.stopped.recv_timeout(wait) {
+            Err(RecvTimeoutError::Timeout) => Ok(()),
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => Err(RepairError::Stopped),
+        }
     }
 
     /// The pages of `vm` this node is a new home of and does not hold, in order.
@@ -396,5 +440,28 @@ impl Worker {
                 error_chain(&e)
             );
         }
+    }
+}
+
+/// How long to wait, `elapsed` into a repair that has settled `pages`, for it to be within
+/// `rate` pages a second; `None` when it is.
+fn wait_for_rate(elapsed: Duration, pages: u64, rate: f64) -> Option<Duration> {
+    Duration::from_secs_f64(pages as f64 / rate)
+        .checked_sub(elapsed)
+        .filter(|w| !w.is_zero())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paced_repair_waits_until_its_pages_are_within_the_rate() {
+        // 1,000 pages a second: 64 pages are due at 64 ms.
+        let ms = Duration::from_millis;
+        assert_eq!(wait_for_rate(ms(10), 64, 1000.0), Some(ms(54)));
+        assert_eq!(wait_for_rate(ms(64), 64, 1000.0), None);
+        assert_eq!(wait_for_rate(ms(500), 64, 1000.0), None);
+        assert_eq!(wait_for_rate(Duration::ZERO, 0, 1000.0), None);
     }
 }

@@ -27,7 +27,7 @@ use pagemesh_vmm::memory::RAM_BASE;
 
 use crate::admin::{self, AdminState, LiveRun};
 use crate::compute::{RunOptions, run_guest};
-use crate::config::values::{AdminArg, BackingArg, ByteSize};
+use crate::config::values::{AdminArg, BackingArg, ByteSize, CompressArg};
 use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::define::{content, placement_request, seed, workload};
@@ -36,7 +36,7 @@ use crate::lease::LeaseKeeper;
 use crate::lifecycle::{Backing, ComputeError};
 use crate::peers::{VmPeers, connect_vm_peers, forget_vm, held, load_vm};
 use crate::probes::load_probes;
-use crate::repair::Repairer;
+use crate::repair::{RepairOptions, Repairer};
 use crate::signals::{StopSignals, block_stop_signals, wait_for_stop_signal};
 use crate::summary::{MemoryNodes, report, write_failure};
 use crate::working_set::{self, VmIdentity};
@@ -110,7 +110,8 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         .with_cluster(settings.cluster.clone().unwrap_or_default())?
         .with_spin(spin)
         .with_max_connections(settings.memory.max_connections)
-        .with_idle_timeout(Some(Duration::from_secs(settings.memory.idle_timeout)));
+        .with_idle_timeout(Some(Duration::from_secs(settings.memory.idle_timeout)))
+        .with_packing(settings.compress != CompressArg::Off);
     match keyring {
         Some(keyring) => {
             tracing::info!(
@@ -166,9 +167,13 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
             &coordinator,
             ctx.clone(),
             admin_state.repair.clone(),
-            crate::peers::credentials(&settings)?,
-            settings.compute.peer_timeout,
-            Repairer::every(info.lease_ms),
+            RepairOptions {
+                credentials: crate::peers::credentials(&settings)?,
+                timeout: settings.compute.peer_timeout,
+                every: Repairer::every(info.lease_ms),
+                rate: settings.memory.repair_rate.map(|r| r.0),
+                compression: settings.compress.into(),
+            },
         ))
     } else {
         None

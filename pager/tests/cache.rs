@@ -172,9 +172,14 @@ fn run(
             });
         }
     });
-    let cache = pager.cache().unwrap().snapshot();
-    let stats = pager.stats().snapshot();
+    // Read the counters once the reclaimer has ended: a write-back counts its pages before
+    // it counts each one evicted or retained, so a snapshot taken while one is in flight can
+    // be a batch apart.
+    let cache = pager.cache().unwrap().clone();
+    let stats = pager.stats().clone();
     pager.stop().unwrap();
+    let cache = cache.snapshot();
+    let stats = stats.snapshot();
     assert!(!failed.load(Ordering::Acquire));
     assert_eq!(stats.errors, 0);
     assert!(cache.resident_max_pages <= budget, "{cache:?}");

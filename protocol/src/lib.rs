@@ -1,4 +1,4 @@
-//! The binary page protocol, version 4.
+//! The binary page protocol, version 5.
 //!
 //! A compute node's pager talks to each memory node over one TCP connection. Every frame,
 //! request or reply, is a 48-byte little-endian [`Header`] followed by `payload_len` bytes of
@@ -49,6 +49,8 @@
 
 use std::fmt;
 
+pub mod packed;
+
 use pagemesh_api::{PAGE_SIZE, VmId};
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -57,8 +59,17 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const MAGIC: [u8; 4] = *b"PGMS";
 /// The protocol version this module speaks. Version 1 had no checksum and no cluster name;
 /// version 2 had no acknowledgements (a Fetch freed its pages at once) and no session;
-/// version 3 had no nonces and no Auth (anyone could fetch).
-pub const VERSION: u8 = 4;
+/// version 3 had no nonces and no Auth (anyone could fetch); version 4 had no packed
+/// payloads (no compression).
+pub const VERSION: u8 = 5;
+/// The bit of the op byte that marks a run's payload as packed ([`packed`]): in a Fetch or
+/// Read request it asks for a packed reply (the server may still answer plain), in their
+/// OK reply and in a WriteBack request it says the payload is packed. Only on a connection
+/// whose Hello agreed to [`FEATURE_PACKED`].
+pub const PACKED: u8 = 0x80;
+/// A feature bit of the Hello's `vm` field: packed run payloads ([`PACKED`]). A client's
+/// Hello offers features, the server's OK reply says which of them it accepts.
+pub const FEATURE_PACKED: u32 = 1;
 /// Bytes in a [`Header`].
 pub const HEADER_LEN: usize = 48;
 /// Most pages one Fetch, Read or WriteBack may carry.
@@ -159,6 +170,8 @@ pub enum Op {
     /// ([`Status::WrongCluster`]). The session outlives the connection: a client that
     /// reconnects says Hello with the same session, and its loans and acknowledgements carry
     /// over. A connection says Hello once; a second one after the handshake is refused.
+    /// The request's `vm` is the features the client offers ([`FEATURE_PACKED`]), the
+    /// reply's those of them the server accepts.
     Hello = 1,
     /// Claim `count` pages from `page` on, in two phases: the reply carries them and the
     /// server *lends* them to the client's session (it still holds them, and lends them again
@@ -391,6 +404,26 @@ pub enum FrameError {
     /// A payload over [`MAX_RUN_BYTES`].
     #[error("payload of {0} bytes is over the 1 MiB limit")]
     TooLarge(u32),
+    /// The [`PACKED`] bit on an op that carries no run, or on a reply that carries no pages.
+    #[error("{0} frame marked packed; only runs of pages are")]
+    PackedOp(Op),
+    /// A packed payload whose length cannot be that of `count` packed pages: shorter than
+    /// its table of lengths, or not smaller than the plain pages.
+    #[error(
+        "packed {op} of {count} pages with a payload of {len} bytes; it must have at least \
+         {count} two-byte lengths and be smaller than the plain pages"
+    )]
+    BadPackedLength {
+        /// The op of the frame.
+        op: Op,
+        /// Pages of the run.
+        count: u32,
+        /// The payload length it carried.
+        len: u32,
+    },
+    /// A packed payload that does not unpack to its pages.
+    #[error("packed payload does not unpack")]
+    BadPacked(#[source] packed::PackedError),
 }
 
 impl FrameError {
@@ -407,6 +440,8 @@ impl FrameError {
                 | FrameError::ClusterTooLong(_)
                 | FrameError::ShortHello { .. }
                 | FrameError::TooLarge(_)
+                | FrameError::PackedOp(_)
+                | FrameError::BadPackedLength { .. }
         )
     }
 }
@@ -483,6 +518,37 @@ impl Header {
         AuthScheme::try_from(self.count())
     }
 
+    /// This Hello (request or reply) with `features` ([`FEATURE_PACKED`]) in its `vm`.
+    #[must_use]
+    pub fn with_features(mut self, features: u32) -> Self {
+        self.vm = U32::new(features);
+        self
+    }
+
+    /// The features a Hello offers (request) or accepts (reply).
+    pub fn features(&self) -> u32 {
+        self.vm()
+    }
+
+    /// This header with the [`PACKED`] bit set on its op.
+    #[must_use]
+    pub fn with_packed(mut self) -> Self {
+        self.op |= PACKED;
+        self
+    }
+
+    /// This header with the [`PACKED`] bit cleared (a reply sent plain after all).
+    #[must_use]
+    pub fn without_packed(mut self) -> Self {
+        self.op &= !PACKED;
+        self
+    }
+
+    /// Whether the op byte has the [`PACKED`] bit.
+    pub fn is_packed(&self) -> bool {
+        self.op & PACKED != 0
+    }
+
     /// This header with `page` replaced.
     #[must_use]
     pub fn with_page(mut self, page: u64) -> Self {
@@ -521,12 +587,12 @@ impl Header {
         self.version
     }
 
-    /// The op, if known.
+    /// The op, if known (whatever its [`PACKED`] bit).
     pub fn op(&self) -> Result<Op, FrameError> {
-        Op::try_from(self.op)
+        Op::try_from(self.op & !PACKED)
     }
 
-    /// The raw op byte.
+    /// The raw op byte, [`PACKED`] bit included.
     pub fn op_byte(&self) -> u8 {
         self.op
     }
@@ -619,8 +685,12 @@ impl Header {
                 }
                 let op = self.op()?;
                 match op {
+                    _ if self.is_packed() && !op.carries_run() => {
+                        return Err(FrameError::PackedOp(op));
+                    }
                     Op::Hello => return self.hello_request_len(),
                     Op::Fetch | Op::Read => (op, self.run_pages(op).map(|_| 0)?),
+                    Op::WriteBack if self.is_packed() => return self.packed_len(op),
                     Op::WriteBack => (op, self.run_pages(op)? * PAGE_BYTES),
                     Op::Auth => (op, PROOF_BYTES),
                     _ => (op, 0),
@@ -638,6 +708,8 @@ impl Header {
                 }
                 let op = self.op()?;
                 match op {
+                    Op::Fetch | Op::Read if self.is_packed() => return self.packed_len(op),
+                    _ if self.is_packed() => return Err(FrameError::PackedOp(op)),
                     Op::Hello => return self.hello_len(),
                     Op::Fetch | Op::Read => (op, self.run_pages(op)? * PAGE_BYTES),
                     Op::Auth => (op, PROOF_BYTES),
@@ -691,6 +763,18 @@ impl Header {
         }
         if len as usize > fixed + MAX_CLUSTER_LEN {
             return Err(FrameError::ClusterTooLong(len - fixed as u32));
+        }
+        Ok(self.frame_len())
+    }
+
+    /// The frame length of a packed run of `op`: its payload holds `count` lengths and is
+    /// smaller than the plain pages ([`packed`]).
+    fn packed_len(&self, op: Op) -> Result<usize, FrameError> {
+        let count = self.run_pages(op)?;
+        let len = self.payload_len();
+        let table = count * packed::LEN_BYTES as u32;
+        if len < table || len >= count * PAGE_BYTES {
+            return Err(FrameError::BadPackedLength { op, count, len });
         }
         Ok(self.frame_len())
     }
@@ -1220,7 +1304,7 @@ mod tests {
             .with_ack(0x0A0B_0C0D);
         let b = h.to_bytes();
         assert_eq!(&b[0..4], b"PGMS");
-        assert_eq!(b[4], 4);
+        assert_eq!(b[4], 5);
         assert_eq!(b[5], 4);
         assert_eq!(&b[6..8], &[0, 0]);
         assert_eq!(&b[8..16], &0x0102_0304_0506_0708u64.to_le_bytes());
@@ -1316,7 +1400,7 @@ mod tests {
         assert!(v1.unwrap_err().is_fatal());
         assert_eq!(
             v1.unwrap_err().to_string(),
-            "protocol version 1 is not supported; this node speaks version 4"
+            "protocol version 1 is not supported; this node speaks version 5"
         );
         // So is version 2, whose Fetch freed pages at once.
         assert_eq!(
@@ -1328,11 +1412,64 @@ mod tests {
             check(b"PGMS\x03", Direction::Request),
             Err(FrameError::BadVersion(3))
         );
+        // And version 4, which had no packed payloads.
         assert_eq!(
             check(b"PGMS\x04", Direction::Request),
+            Err(FrameError::BadVersion(4))
+        );
+        assert_eq!(
+            check(b"PGMS\x05", Direction::Request),
             Err(FrameError::Incomplete)
         );
         assert_eq!(check(b"", Direction::Response), Err(FrameError::Incomplete));
+    }
+
+    #[test]
+    fn packed_runs_carry_their_lengths_and_are_smaller_than_plain() {
+        let fetch = Header::request(Op::Fetch, 1, 7, 0, 4).with_packed();
+        assert_eq!(fetch.op(), Ok(Op::Fetch));
+        assert!(fetch.is_packed());
+        assert_eq!(fetch.validate(Direction::Request), Ok(HEADER_LEN));
+        let reply = |len| fetch.reply(Status::Ok).with_payload_len(len);
+        assert_eq!(reply(8).validate(Direction::Response), Ok(HEADER_LEN + 8));
+        assert_eq!(
+            reply(4 * 4096 - 1).validate(Direction::Response),
+            Ok(HEADER_LEN + 4 * 4096 - 1)
+        );
+        for len in [7, 4 * 4096] {
+            let e = reply(len).validate(Direction::Response).unwrap_err();
+            assert_eq!(
+                e,
+                FrameError::BadPackedLength {
+                    op: Op::Fetch,
+                    count: 4,
+                    len
+                }
+            );
+            assert!(e.is_fatal());
+        }
+        // Sent plain after all: the bit cleared, the plain length.
+        let plain = reply(4 * 4096).without_packed();
+        assert_eq!(
+            plain.validate(Direction::Response),
+            Ok(HEADER_LEN + 4 * 4096)
+        );
+        let wb = Header::request(Op::WriteBack, 2, 7, 0, 2)
+            .with_packed()
+            .with_payload_len(100);
+        assert_eq!(wb.validate(Direction::Request), Ok(HEADER_LEN + 100));
+        let held = Header::request(Op::Held, 3, 7, 0, 0).with_packed();
+        assert_eq!(
+            held.validate(Direction::Request),
+            Err(FrameError::PackedOp(Op::Held))
+        );
+        let hello = Header::request(Op::Hello, 4, 0, 1, 0).with_features(FEATURE_PACKED);
+        assert_eq!(hello.features(), FEATURE_PACKED);
+        assert_eq!(
+            hello.reply(Status::Ok).with_features(0).features(),
+            0,
+            "a server that accepts nothing says so"
+        );
     }
 
     #[test]

@@ -47,8 +47,9 @@ pub use images::{ImageDir, ImageRefusal};
 pub use store::{PageStore, Session, StoreError};
 
 use pagemesh_protocol::{
-    AuthScheme, Direction, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN, MAX_FRAME_LEN,
-    NONCE_LEN, Op, PROOF_LEN, SESSION_LEN, Status, encode_error,
+    AuthScheme, Direction, FEATURE_PACKED, FrameError, HEADER_LEN, Header, MAX_CLUSTER_LEN,
+    MAX_FRAME_LEN, MAX_RUN_BYTES, NONCE_LEN, Op, PROOF_LEN, SESSION_LEN, Status, encode_error,
+    packed,
 };
 
 const _: () =
@@ -112,6 +113,8 @@ pub struct ServerContext {
     max_connections: usize,
     idle_timeout: Option<Duration>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether a client may agree to packed payloads ([`FEATURE_PACKED`]).
+    packing: bool,
     counters: Counters,
 }
 
@@ -127,6 +130,8 @@ struct Counters {
     pages_claimed: AtomicU64,
     pages_written_back: AtomicU64,
     bad_frames: AtomicU64,
+    packed_pages: AtomicU64,
+    packed_bytes: AtomicU64,
     connections: AtomicU64,
     open_connections: AtomicU64,
     auth_refusals: AtomicU64,
@@ -150,6 +155,10 @@ pub struct ServerStats {
     pub pages_written_back: u64,
     /// Requests that broke the framing rules, including frames cut short.
     pub bad_frames: u64,
+    /// Pages sent or received packed (compressed, or zero pages as a length).
+    pub packed_pages: u64,
+    /// The packed payloads' bytes, for those pages (`packed_pages * 4096` plain).
+    pub packed_bytes: u64,
     /// Connections accepted since start.
     pub connections: u64,
     /// Connections open now.
@@ -178,6 +187,7 @@ impl ServerContext {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             tls: None,
+            packing: true,
             counters: Counters::default(),
         }
     }
@@ -225,6 +235,13 @@ impl ServerContext {
     /// CA). A plain-TCP client gets one plain error frame saying so, and is closed.
     pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
         self.tls = Some(config);
+        self
+    }
+
+    /// This context agreeing to packed payloads when a client offers them (the default), or
+    /// not (`--compress off`: every run travels plain).
+    pub fn with_packing(mut self, packing: bool) -> Self {
+        self.packing = packing;
         self
     }
 
@@ -279,6 +296,8 @@ impl ServerContext {
             open_connections: self.open_connections(),
             auth_refusals: self.auth_refusals(),
             connections_refused: self.counters.connections_refused.load(Ordering::Relaxed),
+            packed_pages: self.counters.packed_pages.load(Ordering::Relaxed),
+            packed_bytes: self.counters.packed_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -701,6 +720,7 @@ fn serve_connection<S: PageStream>(mut stream: S, peer: SocketAddr, ctx: &Server
         id: serial,
     };
     let mut stage = Stage::New;
+    let mut packing = None;
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let end = loop {
         let ready = matches!(stage, Stage::Ready);
@@ -712,7 +732,12 @@ fn serve_connection<S: PageStream>(mut stream: S, peer: SocketAddr, ctx: &Server
             }
             None => &mut small,
         };
-        if let Err(end) = serve_request(&mut stream, buf, peer, ctx, &mut session, &mut stage) {
+        let conn = Conn {
+            session: &mut session,
+            stage: &mut stage,
+            packing: &mut packing,
+        };
+        if let Err(end) = serve_request(&mut stream, buf, peer, ctx, conn) {
             break end;
         }
     };
@@ -742,15 +767,45 @@ fn serve_connection<S: PageStream>(mut stream: S, peer: SocketAddr, ctx: &Server
         .fetch_sub(1, Ordering::Relaxed);
 }
 
+/// What a connection knows of its client.
+struct Conn<'a> {
+    session: &'a mut Session,
+    stage: &'a mut Stage,
+    /// Set once the client's Hello agreed to packed payloads.
+    packing: &'a mut Option<Packing>,
+}
+
+/// The buffers a connection packs and unpacks runs with, allocated once, when its Hello
+/// agreed to packed payloads.
+struct Packing {
+    /// A run's plain pages.
+    plain: Box<[u8]>,
+    /// One page's trial compression.
+    scratch: Box<[u8]>,
+}
+
+impl Packing {
+    fn new() -> Self {
+        Packing {
+            plain: vec![0u8; MAX_RUN_BYTES].into_boxed_slice(),
+            scratch: vec![0u8; packed::SCRATCH_LEN].into_boxed_slice(),
+        }
+    }
+}
+
 /// Reads one request and answers it.
 fn serve_request<S: PageStream>(
     stream: &mut S,
     buf: &mut [u8],
     peer: SocketAddr,
     ctx: &ServerContext,
-    session: &mut Session,
-    stage: &mut Stage,
+    conn: Conn<'_>,
 ) -> Result<(), End> {
+    let Conn {
+        session,
+        stage,
+        packing,
+    } = conn;
     let mut head = [0u8; HEADER_LEN];
     let got = stream.spin_read(&mut head, ctx.spin);
     read_frame_part(stream, &mut head, got, true)?;
@@ -781,7 +836,12 @@ fn serve_request<S: PageStream>(
     if request.op() == Ok(Op::Auth) {
         return authenticate(stream, buf, peer, ctx, &request, session, stage);
     }
-    let reply_len = dispatch(ctx, &request, buf, peer, session, stage);
+    let conn = Conn {
+        session,
+        stage,
+        packing,
+    };
+    let reply_len = dispatch(ctx, &request, buf, peer, conn);
     stream.write_all(&buf[..reply_len]).map_err(End::Io)
 }
 
@@ -1024,6 +1084,8 @@ enum Refusal {
     NoAuthDue,
     #[error("the operating system gave no random numbers for the handshake")]
     NoRandom,
+    #[error("the packed pages do not unpack; nothing was stored")]
+    BadPacked(#[source] packed::PackedError),
     #[error("node {node} is in cluster '{ours}', not '{theirs}'")]
     WrongCluster {
         node: NodeId,
@@ -1046,13 +1108,26 @@ impl Refusal {
                 | StoreError::NoImageDir { .. } => Status::LoadFailed,
             },
             Refusal::Lookup { .. } | Refusal::WrongVm { .. } => Status::LoadFailed,
-            Refusal::ClusterNotUtf8 | Refusal::HelloAgain | Refusal::NoAuthDue => {
-                Status::BadRequest
-            }
+            Refusal::ClusterNotUtf8
+            | Refusal::HelloAgain
+            | Refusal::NoAuthDue
+            | Refusal::BadPacked(_) => Status::BadRequest,
             Refusal::NoRandom => Status::Unsupported,
             Refusal::WrongCluster { .. } => Status::WrongCluster,
         }
     }
+}
+
+/// Refuses a packed run on a connection whose Hello did not agree to packed payloads.
+fn refuse_packed(buf: &mut [u8], request: &Header, peer: SocketAddr) -> usize {
+    debug!(%peer, "packed run refused: not agreed in the Hello");
+    encode_error(
+        buf,
+        request.op_byte(),
+        request.request_id(),
+        Status::BadRequest,
+        format_args!("packed payloads were not agreed in this connection's Hello"),
+    )
 }
 
 /// Prints an error and its sources, `: `-separated (the client sees only this message).
@@ -1078,9 +1153,13 @@ fn dispatch(
     request: &Header,
     buf: &mut [u8],
     peer: SocketAddr,
-    session: &mut Session,
-    stage: &mut Stage,
+    conn: Conn<'_>,
 ) -> usize {
+    let Conn {
+        session,
+        stage,
+        packing,
+    } = conn;
     if request.ack() != 0 && request.op() != Ok(Op::Hello) {
         let freed = ctx.store.acknowledge(*session, request.ack());
         Counters::add(&ctx.counters.pages_claimed, freed);
@@ -1099,36 +1178,75 @@ fn dispatch(
             } else {
                 AuthScheme::None
             };
+            let accepted = match ctx.packing {
+                true => request.features() & FEATURE_PACKED,
+                false => 0,
+            };
+            if accepted & FEATURE_PACKED != 0 {
+                packing.get_or_insert_with(Packing::new);
+            }
             ok.with_auth_scheme(scheme)
                 .with_page(ctx.node_id.into())
                 .with_payload_len(len)
+                .with_features(accepted)
         }),
         Ok(Op::Auth) => Err(Refusal::NoAuthDue),
-        Ok(Op::Fetch) => ctx
-            .store
-            .lend(vm, page, &mut body[..run], *session, request.request_id())
-            .map(|()| {
+        Ok(op @ (Op::Fetch | Op::Read)) => {
+            let id = request.request_id();
+            let copy_out = |dst: &mut [u8]| match op {
+                Op::Fetch => ctx.store.lend(vm, page, dst, *session, id),
+                _ => ctx.store.read(vm, page, dst),
+            };
+            let sent = match (request.is_packed(), packing.as_mut()) {
+                (false, _) => copy_out(&mut body[..run]).map(|()| ok.with_payload_len(run_bytes)),
+                (true, Some(p)) => copy_out(&mut p.plain[..run]).map(|()| {
+                    match packed::pack(&p.plain[..run], &mut body[..run], &mut p.scratch) {
+                        Some(len) => {
+                            Counters::add(&ctx.counters.packed_pages, u64::from(request.count()));
+                            Counters::add(&ctx.counters.packed_bytes, len as u64);
+                            ok.with_payload_len(len as u32)
+                        }
+                        // It would not shrink: the pages as they are.
+                        None => {
+                            body[..run].copy_from_slice(&p.plain[..run]);
+                            ok.without_packed().with_payload_len(run_bytes)
+                        }
+                    }
+                }),
+                (true, None) => {
+                    return refuse_packed(buf, request, peer);
+                }
+            };
+            sent.inspect(|_| {
                 Counters::add(&ctx.counters.pages_served, u64::from(request.count()));
-                ok.with_payload_len(run_bytes)
             })
-            .map_err(Refusal::from),
+            .map_err(Refusal::from)
+        }
         Ok(Op::Ack) => Ok(ok),
-        Ok(Op::Read) => ctx
-            .store
-            .read(vm, page, &mut body[..run])
-            .map(|()| {
-                Counters::add(&ctx.counters.pages_served, u64::from(request.count()));
-                ok.with_payload_len(run_bytes)
-            })
-            .map_err(Refusal::from),
-        Ok(Op::WriteBack) => ctx
-            .store
-            .put(vm, page, &body[..run])
-            .map(|()| {
-                Counters::add(&ctx.counters.pages_written_back, u64::from(request.count()));
-                ok
-            })
-            .map_err(Refusal::from),
+        Ok(Op::WriteBack) => {
+            let pages: Result<&[u8], Refusal> = match (request.is_packed(), packing.as_mut()) {
+                (false, _) => Ok(&body[..run]),
+                (true, Some(p)) => {
+                    let len = request.payload_len() as usize;
+                    match packed::unpack(&body[..len], &mut p.plain[..run]) {
+                        Ok(()) => {
+                            Counters::add(&ctx.counters.packed_pages, u64::from(request.count()));
+                            Counters::add(&ctx.counters.packed_bytes, len as u64);
+                            Ok(&p.plain[..run])
+                        }
+                        Err(e) => Err(Refusal::BadPacked(e)),
+                    }
+                }
+                (true, None) => return refuse_packed(buf, request, peer),
+            };
+            pages
+                .and_then(|pages| ctx.store.put(vm, page, pages).map_err(Refusal::from))
+                .map(|()| {
+                    Counters::add(&ctx.counters.pages_written_back, u64::from(request.count()));
+                    // The reply carries no pages.
+                    ok.without_packed()
+                })
+        }
         Ok(Op::Load) => ctx.load(vm).map(|held| {
             debug!(%peer, vm, held, "loaded VM pages");
             ok.with_page(held)
@@ -1278,6 +1396,22 @@ mod tests {
 
         fn connect(&self, cluster: &str) -> Result<TcpPeer, TransportError> {
             TcpPeer::connect(CLIENT, cluster, ME, &self.addr, Duration::from_secs(5))
+        }
+
+        /// A client that packs every run (`--compress on`).
+        fn packing_peer(&self) -> TcpPeer {
+            let options = TcpOptions {
+                compression: pagemesh_transport::compress::Compression::On,
+                ..TcpOptions::default()
+            };
+            TcpPeer::connect_with(
+                CLIENT,
+                &Credentials::keyless(CLUSTER),
+                ME,
+                &self.addr,
+                options,
+            )
+            .unwrap()
         }
 
         fn stop(&mut self) {
@@ -1437,6 +1571,139 @@ mod tests {
         assert_eq!(peer.held(7).unwrap(), 31);
         assert_eq!(server.ctx.pages_written_back(), 3);
         assert_eq!(server.ctx.pages_served(), 4 + 3 + 3);
+    }
+
+    /// Pages of text (which LZ4 shrinks) and zero pages, alternating.
+    fn compressible(pages: usize) -> Vec<u8> {
+        (0..pages)
+            .flat_map(|i| match i % 2 {
+                0 => b"a page of text, packed "
+                    .iter()
+                    .cycle()
+                    .take(PAGE_SIZE)
+                    .map(|&b| b ^ i as u8)
+                    .collect::<Vec<_>>(),
+                _ => vec![0u8; PAGE_SIZE],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packed_runs_come_back_as_they_went_and_pattern_pages_travel_plain() {
+        let server = Running::start(100);
+        let mut peer = server.packing_peer();
+        assert!(peer.packs(), "the server agreed to packed runs");
+        peer.load(7).unwrap();
+        // Pattern pages do not shrink: asked packed, they come back plain, and right.
+        let mut run = vec![0u8; 4 * PAGE_SIZE];
+        peer.read(7, 2, &mut run).unwrap();
+        assert_pattern(2, &run);
+        assert_eq!(server.ctx.stats().packed_pages, 0);
+        // Text and zero pages are written back packed and read back packed.
+        let written = compressible(8);
+        peer.write_back(7, 10, &written).unwrap();
+        let mut back = vec![0xEEu8; 8 * PAGE_SIZE];
+        peer.read(7, 10, &mut back).unwrap();
+        assert_eq!(back, written);
+        let mut runs = [Run::new(10, &mut back[..4 * PAGE_SIZE])];
+        peer.fetch_runs(7, &mut runs).unwrap();
+        assert!(runs[0].filled);
+        assert_eq!(&back[..4 * PAGE_SIZE], &written[..4 * PAGE_SIZE]);
+        let stats = server.ctx.stats();
+        assert_eq!(stats.packed_pages, 8 + 8 + 4);
+        assert!(
+            stats.packed_bytes < 20 * PAGE_SIZE as u64 / 10,
+            "a tenth or less of the plain bytes: {stats:?}"
+        );
+        // A client that does not pack still gets plain pages from the same server.
+        let mut plain = server.peer();
+        assert!(!plain.packs());
+        let mut other = vec![0u8; 8 * PAGE_SIZE];
+        plain.read(7, 10, &mut other).unwrap();
+        assert_eq!(other, written);
+        assert_eq!(server.ctx.stats().packed_pages, 20);
+    }
+
+    #[test]
+    fn a_server_with_packing_off_agrees_to_none() {
+        let ctx = ServerContext::new(ME, PageStore::new(100), |_| Ok(vm7()))
+            .with_cluster(CLUSTER.to_owned())
+            .unwrap()
+            .with_packing(false);
+        let server = Running::serving(ctx);
+        let mut peer = server.packing_peer();
+        assert!(!peer.packs());
+        peer.load(7).unwrap();
+        let written = compressible(4);
+        peer.write_back(7, 10, &written).unwrap();
+        let mut back = vec![0u8; 4 * PAGE_SIZE];
+        peer.read(7, 10, &mut back).unwrap();
+        assert_eq!(back, written);
+        assert_eq!(server.ctx.stats().packed_pages, 0);
+    }
+
+    #[test]
+    fn packed_runs_not_agreed_or_not_unpacking_are_refused_and_store_nothing() {
+        let server = Running::start(100);
+        let mut peer = server.peer();
+        peer.load(7).unwrap();
+        let pages = compressible(2);
+        let mut packed = vec![0u8; pages.len()];
+        let mut scratch = vec![0u8; packed::SCRATCH_LEN];
+        let len = packed::pack(&pages, &mut packed, &mut scratch).unwrap();
+        let packed = &packed[..len];
+        let write = |id, payload: &[u8]| {
+            let h = Header::request(Op::WriteBack, id, 7, 0, 2)
+                .with_packed()
+                .with_payload_len(payload.len() as u32);
+            frame(h, payload)
+        };
+        // Without FEATURE_PACKED in the Hello: refused, and so is asking for a packed reply.
+        let frames = [
+            hello_frame(1, 5, b""),
+            write(2, packed),
+            frame(Header::request(Op::Read, 3, 7, 0, 1).with_packed(), &[]),
+        ];
+        let replies = replies_on_one_connection(&server.addr, &frames);
+        for (h, msg) in &replies[1..] {
+            let msg = std::str::from_utf8(msg).unwrap();
+            assert_eq!(h.status(), Ok(Status::BadRequest), "{msg}");
+            assert_eq!(
+                msg,
+                "packed payloads were not agreed in this connection's Hello"
+            );
+        }
+        // Agreed, but the first page's block garbled (its checksum made over the garbage):
+        // refused, nothing stored, the connection kept.
+        let hello = frame(
+            Header::request(Op::Hello, 1, 0, u64::from(CLIENT), 0)
+                .with_features(FEATURE_PACKED)
+                .with_payload_len((SESSION_LEN + NONCE_LEN) as u32),
+            &[0x22; SESSION_LEN + NONCE_LEN],
+        );
+        let mut garbled = packed.to_vec();
+        for b in &mut garbled[4..16] {
+            *b = 0xFF;
+        }
+        let frames = [
+            hello,
+            write(2, &garbled),
+            frame(Header::request(Op::Held, 3, 7, 0, 0), &[]),
+        ];
+        let replies = replies_on_one_connection(&server.addr, &frames);
+        assert_eq!(replies[0].0.features(), FEATURE_PACKED);
+        let (h, msg) = &replies[1];
+        let msg = std::str::from_utf8(msg).unwrap();
+        assert_eq!(h.status(), Ok(Status::BadRequest), "{msg}");
+        assert!(
+            msg.starts_with("the packed pages do not unpack; nothing was stored"),
+            "{msg}"
+        );
+        assert_eq!(replies[2].0.page(), 32, "nothing was stored");
+        assert_eq!(server.ctx.pages_written_back(), 0);
+        let mut back = vec![0u8; 2 * PAGE_SIZE];
+        peer.read(7, 0, &mut back).unwrap();
+        assert_pattern(0, &back);
     }
 
     #[test]

@@ -9,9 +9,10 @@
 //! node and finishes on its pages' other copies; later VMs load onto the new process.
 //!
 //! Each process is sampled (`VmRSS` from `/proc/PID/status`, the entries of `/proc/PID/fd`)
-//! at the end of the first guest run it took a whole part in (warm-up: a memory node
-//! restarted in the middle of a run waits for the next) and at the end; the report gives
-//! both and the growth. `cargo xtask soak --minutes N` runs it on the release build; the test suite
+//! at the end of every guest run it took a whole part in (a memory node restarted in the
+//! middle of a run waits for the next) and at the end. Its warm-up is the first quarter of
+//! those runs (at least one): the report gives the sample that ends it, the last, the
+//! growth between them and the peak, and the JSON every sample. `cargo xtask soak --minutes N` runs it on the release build; the test suite
 //! runs it for a minute and a half (`tests/soak.rs`).
 
 use std::path::PathBuf;
@@ -44,6 +45,21 @@ pub struct ProcessFigures {
     pub rss_kib: (u64, u64),
     /// Open file descriptors after warm-up and at the end.
     pub fds: (u64, u64),
+    /// The most resident memory of any sample, KiB.
+    pub peak_rss_kib: u64,
+    /// Every sample, in order: the end of each whole run, then the end of the soak.
+    pub samples: Vec<Sample>,
+}
+
+/// One sample of a process.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sample {
+    /// Seconds since the soak began.
+    pub at_s: f64,
+    /// `VmRSS`, KiB.
+    pub rss_kib: u64,
+    /// Open file descriptors.
+    pub fds: u64,
 }
 
 impl ProcessFigures {
@@ -95,6 +111,12 @@ impl SoakReport {
                 "rss_growth_pct": p.rss_growth() * 100.0,
                 "fds_start": p.fds.0,
                 "fds_end": p.fds.1,
+                "rss_kib_peak": p.peak_rss_kib,
+                "samples": p.samples.iter().map(|s| json!({
+                    "at_s": s.at_s,
+                    "rss_kib": s.rss_kib,
+                    "fds": s.fds,
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })
     }
@@ -110,13 +132,17 @@ impl SoakReport {
             self.runs_through_a_restart,
             self.elapsed.as_secs_f64()
         );
-        out.push_str("process            RSS KiB start    end  growth   fds start  end\n");
+        out.push_str(
+            "process           samples  RSS KiB warm    end   peak  growth   fds warm  end\n",
+        );
         for p in &self.processes {
             out.push_str(&format!(
-                "{:<18} {:>13} {:>6} {:>6.1}% {:>10} {:>4}\n",
+                "{:<18} {:>7} {:>12} {:>6} {:>6} {:>6.1}% {:>9} {:>4}\n",
                 p.name,
+                p.samples.len(),
                 p.rss_kib.0,
                 p.rss_kib.1,
+                p.peak_rss_kib,
                 p.rss_growth() * 100.0,
                 p.fds.0,
                 p.fds.1
@@ -142,12 +168,12 @@ pub fn sample(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((rss, fds))
 }
 
-/// A watched process: its name and its first (warm-up) sample.
+/// A watched process: its name and its samples.
 struct Watched {
     name: String,
     pid: u32,
-    first: Option<(u64, u64)>,
-    /// Started while a guest ran, so that it took no part in that run: its warm-up is the
+    samples: Vec<Sample>,
+    /// Started while a guest ran, so that it took no part in that run: its first sample is the
     /// end of the next one.
     late: bool,
 }
@@ -157,29 +183,41 @@ impl Watched {
         Watched {
             name,
             pid: proc.pid(),
-            first: None,
+            samples: Vec::new(),
             late,
         }
     }
 
-    /// At the end of a run: takes the warm-up sample if it has none yet and took part in
-    /// a whole run (loaded its VM, served it, released it).
-    fn warm(&mut self) {
+    /// At the end of a run: samples it if it took part in the whole run (loaded its VM,
+    /// served it, released it).
+    fn sample(&mut self, started: Instant) {
         if self.late {
             self.late = false;
-        } else if self.first.is_none() {
-            self.first = sample(self.pid).ok();
+        } else if let Ok((rss_kib, fds)) = sample(self.pid) {
+            self.samples.push(Sample {
+                at_s: started.elapsed().as_secs_f64(),
+                rss_kib,
+                fds,
+            });
         }
     }
 
-    /// Its figures, if it was sampled at warm-up and is still alive.
-    fn figures(&self) -> Option<ProcessFigures> {
-        let first = self.first?;
-        let last = sample(self.pid).ok()?;
+    /// Its figures, if it took part in a whole run and is still alive: the sample that
+    /// ends its warm-up (the first quarter of its samples) against one taken now.
+    fn figures(&mut self, started: Instant) -> Option<ProcessFigures> {
+        let warm = *self.samples.get(self.samples.len().saturating_sub(1) / 4)?;
+        let (rss_kib, fds) = sample(self.pid).ok()?;
+        self.samples.push(Sample {
+            at_s: started.elapsed().as_secs_f64(),
+            rss_kib,
+            fds,
+        });
         Some(ProcessFigures {
             name: self.name.clone(),
-            rss_kib: (first.0, last.0),
-            fds: (first.1, last.1),
+            rss_kib: (warm.rss_kib, rss_kib),
+            fds: (warm.fds, fds),
+            peak_rss_kib: self.samples.iter().map(|s| s.rss_kib).max().unwrap_or(0),
+            samples: self.samples.clone(),
         })
     }
 }
@@ -285,13 +323,16 @@ pub fn run(bins: Bins, dir: PathBuf, plan: &SoakPlan) -> anyhow::Result<SoakRepo
                     .unwrap_or_else(|| compute.log_tail())
             )),
         }
-        // Warm: every process alive now has served at least one whole run.
+        // Every process alive now has served the whole run (but one restarted during it).
         for w in &mut watched {
-            w.warm();
+            w.sample(started);
         }
     }
     report.elapsed = started.elapsed();
-    report.processes = watched.iter().filter_map(Watched::figures).collect();
+    report.processes = watched
+        .iter_mut()
+        .filter_map(|w| w.figures(started))
+        .collect();
     c.stop()?;
     Ok(report)
 }

@@ -17,6 +17,7 @@
 //! for the policy's `give_up_after` (`--peer-timeout`), with [`TransportError::GaveUp`]
 //! naming the node and carrying the last failure.
 
+pub mod compress;
 pub mod local;
 pub mod tcp;
 pub mod tls;
@@ -570,6 +571,7 @@ struct Dialer {
     local: NodeId,
     credentials: tcp::Credentials,
     timeout: std::time::Duration,
+    compression: compress::Compression,
 }
 
 impl Dialer {
@@ -578,6 +580,9 @@ impl Dialer {
             local,
             credentials: tcp::Credentials::default(),
             timeout,
+            // Control connections carry no runs; data connections say what they want
+            // (`TransportManager::with_compression`).
+            compression: compress::Compression::Off,
         }
     }
 
@@ -598,6 +603,7 @@ impl Dialer {
                 tcp::TcpOptions {
                     connect_timeout: self.timeout,
                     io_timeout: self.timeout,
+                    compression: self.compression,
                     ..tcp::TcpOptions::default()
                 },
             ),
@@ -692,6 +698,14 @@ impl TransportManager {
     #[must_use]
     pub fn with_credentials(mut self, credentials: tcp::Credentials) -> Self {
         self.dialer.credentials = credentials;
+        self
+    }
+
+    /// This manager's connections packing runs as `compression` says (`--compress`; the
+    /// default is off), where the peer agrees.
+    #[must_use]
+    pub fn with_compression(mut self, compression: compress::Compression) -> Self {
+        self.dialer.compression = compression;
         self
     }
 

@@ -38,17 +38,19 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 use pagemesh_auth::{Keyring, Nonce, Transcript};
 use pagemesh_protocol::{
-    self, AuthScheme, Direction, FrameError, HEADER_LEN, HELLO_REQUEST_FIXED, Header,
-    MAX_CLUSTER_LEN, MAX_MESSAGE_LEN, MAX_RUN_PAGES, NONCE_LEN, Op, PROOF_LEN, SESSION_LEN, Status,
+    self, AuthScheme, Direction, FEATURE_PACKED, FrameError, HEADER_LEN, HELLO_REQUEST_FIXED,
+    Header, MAX_CLUSTER_LEN, MAX_MESSAGE_LEN, MAX_RUN_BYTES, MAX_RUN_PAGES, NONCE_LEN, Op, PACKED,
+    PROOF_LEN, SESSION_LEN, Status, packed,
 };
 use zerocopy::IntoBytes;
 
 use super::{PageSource, PeerControl, Run, TransportError};
+use crate::compress::{Chooser, Compression};
 use crate::tls::Conn;
 
 /// Default read and write timeout of a connection.
@@ -111,6 +113,8 @@ pub struct TcpOptions {
     pub load_timeout: Duration,
     /// Time to wait for a reply awake (polling) before sleeping; zero never polls.
     pub spin: Duration,
+    /// Whether runs travel packed (`--compress`), where the server agrees [default: off].
+    pub compression: Compression,
 }
 
 impl Default for TcpOptions {
@@ -120,6 +124,8 @@ impl Default for TcpOptions {
             io_timeout: DEFAULT_IO_TIMEOUT,
             load_timeout: DEFAULT_LOAD_TIMEOUT,
             spin: DEFAULT_SPIN,
+            // A library default: the node's `--compress` says `auto` unless told otherwise.
+            compression: Compression::Off,
         }
     }
 }
@@ -178,6 +184,31 @@ pub struct TcpPeer {
     ack: u64,
     /// The highest `ack` the server is known to have received (a reply came back).
     acked: u64,
+    /// Set while the server has agreed to packed runs (its Hello reply said so).
+    packing: Option<Packing>,
+}
+
+/// What a connection that may pack runs keeps: the chooser, and buffers allocated once.
+#[derive(Debug)]
+struct Packing {
+    chooser: Chooser,
+    /// Where a packed reply's payload is read before it is unpacked.
+    incoming: Box<[u8]>,
+    /// A batch of write-backs' packed payloads.
+    outgoing: Vec<u8>,
+    /// One page's trial compression.
+    scratch: Box<[u8]>,
+}
+
+impl Packing {
+    fn new(mode: Compression) -> Self {
+        Packing {
+            chooser: Chooser::new(mode),
+            incoming: vec![0u8; MAX_RUN_BYTES].into_boxed_slice(),
+            outgoing: Vec::new(),
+            scratch: vec![0u8; packed::SCRATCH_LEN].into_boxed_slice(),
+        }
+    }
 }
 
 /// A session id no other `TcpPeer` of this or another process is likely to pick: std's
@@ -334,6 +365,7 @@ impl TcpPeer {
             session: new_session(),
             ack: 0,
             acked: 0,
+            packing: None,
         };
         match me.hello() {
             Ok(()) => Ok(me),
@@ -350,6 +382,12 @@ impl TcpPeer {
         // Whether the server saw the last acknowledgement is unknown: send it again.
         self.acked = 0;
         self.hello()
+    }
+
+    /// Whether the server agreed to packed runs, and this end packs them now (always with
+    /// `--compress on`, where it measured faster with `auto`).
+    pub fn packs(&self) -> bool {
+        self.packing.as_ref().is_some_and(|p| p.chooser.chosen())
     }
 
     /// Whether a Fetch has succeeded whose acknowledgement the server has not received yet
@@ -402,14 +440,32 @@ impl TcpPeer {
         hello[HELLO_REQUEST_FIXED..HELLO_REQUEST_FIXED + ours.len()]
             .copy_from_slice(ours.as_bytes());
         let mut theirs = [0u8; NONCE_LEN + MAX_CLUSTER_LEN];
+        // The Hello's `vm` carries the features offered.
+        let offer = match self.options.compression {
+            Compression::Off => 0,
+            Compression::On | Compression::Auto => FEATURE_PACKED,
+        };
         let reply = self.exchange(
             Op::Hello,
-            0,
+            offer,
             u64::from(self.local),
             0,
             &hello[..HELLO_REQUEST_FIXED + ours.len()],
             &mut theirs,
         )?;
+        if reply.features() & !offer != 0 {
+            return Err(TransportError::Unexpected {
+                node,
+                what: "the server accepted a feature this node did not offer",
+            });
+        }
+        match reply.features() & FEATURE_PACKED != 0 {
+            true => {
+                let mode = self.options.compression;
+                self.packing.get_or_insert_with(|| Packing::new(mode));
+            }
+            false => self.packing = None,
+        }
         if reply.page() != u64::from(node) {
             return Err(TransportError::Unexpected {
                 node,
@@ -479,6 +535,10 @@ impl TcpPeer {
         let request_id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let mut request = Header::request(op, request_id, vm, page, count);
+        let packed = matches!(op, Op::Fetch | Op::Read) && self.asks_packed();
+        if packed {
+            request = request.with_packed();
+        }
         if matches!(op, Op::Hello | Op::Auth) {
             // The handshake's payloads: at most HELLO_REQUEST_FIXED + MAX_CLUSTER_LEN bytes.
             // No acknowledgement before the handshake is done.
@@ -488,10 +548,28 @@ impl TcpPeer {
         }
         debug_assert_eq!(request.payload_len() as usize, out.len());
         let request = request.with_checksum(out);
+        let began = Instant::now();
         let result = self.round_trip(&request, out, into);
+        if result.is_ok() {
+            self.took(op, packed, into.len() / PAGE_SIZE, began);
+        }
         let fetched = (op == Op::Fetch && result.is_ok()).then_some(request_id);
         self.settle(request.ack(), fetched, result.as_ref().err());
         result
+    }
+
+    /// Whether the next Fetch or Read asks for a packed reply.
+    fn asks_packed(&self) -> bool {
+        self.packing.as_ref().is_some_and(|p| p.chooser.packed())
+    }
+
+    /// Books what a Fetch or Read of `pages` begun at `began` took, for `--compress auto`.
+    fn took(&mut self, op: Op, packed: bool, pages: usize, began: Instant) {
+        if let Some(p) = self.packing.as_mut()
+            && matches!(op, Op::Fetch | Op::Read)
+        {
+            p.chooser.took(packed, pages, began.elapsed());
+        }
     }
 
     /// Books what requests that carried the acknowledgement `ack_sent` came to: `fetched` is
@@ -559,10 +637,18 @@ impl TcpPeer {
         // (a server at its connection limit, or one that could not read the header).
         let about_connection =
             reply.op_byte() == 0 && reply.request_id() == 0 && reply.status() != Ok(Status::Ok);
-        if !about_connection && reply.op_byte() != request.op_byte() {
+        if !about_connection && reply.op_byte() & !PACKED != request.op_byte() & !PACKED {
             return Err(TransportError::Unexpected {
                 node,
                 what: "the reply is for another op",
+            });
+        }
+        // Only a Fetch or Read that asked for it may be answered packed (check() allows the
+        // bit on their replies only).
+        if reply.is_packed() && reply.status() == Ok(Status::Ok) && !request.is_packed() {
+            return Err(TransportError::Unexpected {
+                node,
+                what: "a packed reply to a request that did not ask for one",
             });
         }
         if !about_connection && reply.request_id() != request.request_id() {
@@ -574,6 +660,27 @@ impl TcpPeer {
         let len = reply.payload_len() as usize;
         let malformed = |source| TransportError::Malformed { node, source };
         match reply.status() {
+            Ok(Status::Ok) if reply.is_packed() => {
+                // check() bounded the payload below `count` plain pages; the request asked
+                // for `into.len()` of them.
+                let Some(incoming) = self.packing.as_mut().map(|p| &mut p.incoming) else {
+                    return Err(TransportError::Unexpected {
+                        node,
+                        what: "a packed reply on a connection that did not agree to them",
+                    });
+                };
+                if len >= into.len() || reply.count() as usize * PAGE_SIZE != into.len() {
+                    return Err(TransportError::Unexpected {
+                        node,
+                        what: "the reply carries a payload of the wrong size",
+                    });
+                }
+                let payload = &mut incoming[..len];
+                self.stream.read_exact(payload).map_err(io_error)?;
+                reply.verify_checksum(payload).map_err(malformed)?;
+                packed::unpack(payload, into).map_err(|e| malformed(FrameError::BadPacked(e)))?;
+                Ok(reply)
+            }
             Ok(Status::Ok) => {
                 // A Hello's cluster name may be shorter than `into`; pages fill it exactly.
                 let fits = if request.op() == Ok(Op::Hello) {
@@ -633,6 +740,10 @@ impl TcpPeer {
         debug_assert!(n <= MAX_BATCH);
         let first_id = self.next_id;
         let mut headers = [Header::request(op, 0, 0, 0, 0); MAX_BATCH];
+        // A Fetch or Read asks for packed replies as the chooser says; write-backs are
+        // packed while it has chosen to (below).
+        let ask_packed = op != Op::WriteBack && self.asks_packed();
+        let mut pages = 0;
         for (i, &first) in firsts.iter().enumerate() {
             let len = if op == Op::WriteBack {
                 out[i].len()
@@ -640,15 +751,68 @@ impl TcpPeer {
                 into[i].len()
             };
             let count = run_pages(len)?;
+            pages += count as usize;
             let payload: &[u8] = if op == Op::WriteBack { out[i] } else { &[] };
             headers[i] = Header::request(op, first_id + i as u64, vm, first, count)
                 .with_ack(self.ack)
                 .with_checksum(payload);
+            if ask_packed {
+                headers[i] = headers[i].with_packed();
+            }
         }
+        // Packed write-backs: each run that shrinks goes out packed, from a buffer the
+        // connection keeps (taken out of `self` while the batch is sent).
+        let mut outgoing = Vec::new();
+        let mut packed_out: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+        let out = if op == Op::WriteBack
+            && let Some(p) = self.packing.as_mut().filter(|p| p.chooser.chosen())
+        {
+            outgoing = std::mem::take(&mut p.outgoing);
+            let total: usize = out.iter().map(|o| o.len()).sum();
+            if outgoing.len() < total {
+                outgoing.resize(total, 0);
+            }
+            let mut spans = [(0usize, 0usize, false); MAX_BATCH];
+            let mut at = 0;
+            for (i, run) in out.iter().enumerate() {
+                let dst = &mut outgoing[at..at + run.len()];
+                let (len, packed) = match packed::pack(run, dst, &mut p.scratch) {
+                    Some(len) => (len, true),
+                    None => {
+                        dst.copy_from_slice(run);
+                        (run.len(), false)
+                    }
+                };
+                spans[i] = (at, len, packed);
+                at += len;
+            }
+            for (i, &(at, len, packed)) in spans[..n].iter().enumerate() {
+                let payload = &outgoing[at..at + len];
+                if packed {
+                    headers[i] = headers[i]
+                        .with_packed()
+                        .with_payload_len(len as u32)
+                        .with_checksum(payload);
+                }
+                packed_out[i] = payload;
+            }
+            &packed_out[..n]
+        } else {
+            out
+        };
         self.next_id = self.next_id.wrapping_add(n as u64);
         let ack_sent = self.ack;
-        match self.send_and_receive_batch(op, &headers[..n], out, into, filled) {
+        let began = Instant::now();
+        let result = self.send_and_receive_batch(op, &headers[..n], out, into, filled);
+        if let Some(p) = self.packing.as_mut()
+            && op == Op::WriteBack
+            && outgoing.capacity() > 0
+        {
+            p.outgoing = outgoing;
+        }
+        match result {
             Ok(fetched) => {
+                self.took(op, ask_packed, pages, began);
                 self.settle(ack_sent, fetched, None);
                 Ok(())
             }
@@ -891,9 +1055,8 @@ impl PageSource for TcpPeer {
     }
 
     fn write_back(&mut self, vm: VmId, page: u64, src: &[u8]) -> Result<(), TransportError> {
-        let count = run_pages(src.len())?;
-        self.exchange(Op::WriteBack, vm, page, count, src, &mut [])
-            .map(drop)
+        // A batch of one, which packs it where the connection packs.
+        self.write_back_runs(vm, &[(page, src)])
     }
 
     fn fetch_runs(&mut self, vm: VmId, runs: &mut [Run<'_>]) -> Result<(), TransportError> {
@@ -1142,6 +1305,48 @@ mod tests {
         };
         buf[HEADER_LEN + 1] ^= 0x10;
         let _ = s.write_all(&buf[..n]);
+    }
+
+    /// Answers a packed Read with a packed page whose LZ4 block is garbage (its checksum
+    /// computed over the garbage, so only the unpacking can tell).
+    fn garbled_packed_replies(h: &Header, s: &mut TcpStream) {
+        let mut buf = vec![0u8; MAX_FRAME_LEN];
+        assert!(h.is_packed(), "the client asks for packed replies");
+        let mut payload = 100u16.to_le_bytes().to_vec();
+        payload.extend([0xFFu8; 100]);
+        let reply = h.reply(Status::Ok).with_payload_len(payload.len() as u32);
+        let n = encode_frame(&reply, &payload, &mut buf).unwrap();
+        let _ = s.write_all(&buf[..n]);
+    }
+
+    #[test]
+    fn a_packed_reply_that_does_not_unpack_is_an_error_not_a_page() {
+        let (addr, server) = fake_server(2, "", garbled_packed_replies);
+        let options = TcpOptions {
+            compression: Compression::On,
+            ..TcpOptions::default()
+        };
+        let mut peer =
+            TcpPeer::connect_with(1, &Credentials::keyless(""), 2, &addr, options).unwrap();
+        assert!(peer.packs());
+        let mut page = vec![0u8; PAGE_SIZE];
+        let err = peer.read(5, 0, &mut page).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::Malformed {
+                    node: 2,
+                    source: FrameError::BadPacked(packed::PackedError::Corrupt { index: 0 })
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.is_transient(),
+            "another connection may do better: {err}"
+        );
+        drop(peer);
+        server.join().unwrap();
     }
 
     #[test]

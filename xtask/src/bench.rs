@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 
 use crate::run::{build, run_dir, write_json};
 
+mod repair;
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Short run: 16 MiB and 3 runs per case (for a smoke test, not for quoting).
@@ -65,12 +67,15 @@ struct Case {
     replay: bool,
     /// A page cache case: its own VM size and budget, and the reference policies beside it.
     tier: Option<Tier>,
+    /// Measured during a repair and without one, each round on a cluster of its own
+    /// ([`repair`]) whose memory nodes get these arguments.
+    repair: Option<&'static [&'static str]>,
 }
 
 impl Case {
     /// Whether it runs on the cluster of two memory nodes (it sets `--replicas`).
     fn replicated(&self) -> bool {
-        self.args.contains(&"--replicas")
+        self.args.contains(&"--replicas") && self.repair.is_none()
     }
 }
 
@@ -103,6 +108,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     Case {
         name: "uffd-local",
@@ -118,6 +124,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     Case {
         name: "remote-seq",
@@ -126,6 +133,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     Case {
         name: "remote-random",
@@ -134,6 +142,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     // The same with the eBPF probes attached: their overhead is the difference.
     Case {
@@ -143,6 +152,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     // Prefetch (--prefetch): a sequential and a stride-4 scan, held to the kernel's own
     // first touch of local memory, and random access, held to `remote-random` (prefetch
@@ -161,6 +171,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     Case {
         name: "remote-stride-prefetch",
@@ -176,6 +187,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     Case {
         name: "remote-random-prefetch",
@@ -191,6 +203,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     // Two vCPUs, each over half the pages, with a fault handler each and with one for both:
     // how much serving faults at once gives.
@@ -209,6 +222,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     Case {
         name: "remote-random-2vcpu-1handler",
@@ -227,6 +241,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     // Guest RAM in 2 MiB huge pages: a sequential scan takes one fault per 512 pages.
     Case {
@@ -243,6 +258,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     // A sequential stream interleaved with random demand faults (`mixed`), without and
     // with prefetch: the demand faults' p50 while prefetch streams run against without.
@@ -253,6 +269,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     Case {
         name: "remote-mixed-prefetch",
@@ -268,6 +285,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     // Record and replay: a random scan records its working set, the next run replays it
     // from the start (the seed makes it the same VM).
@@ -286,6 +304,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: true,
         tier: None,
+        repair: None,
     },
     // Two copies of every page (`--replicas`: on a cluster of two memory nodes of its own):
     // a fetch still goes to one home, so reads should cost what they cost with one; each
@@ -306,6 +325,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     Case {
         name: "writeback-r1",
@@ -324,6 +344,7 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
     },
     Case {
         name: "writeback-r2",
@@ -342,6 +363,49 @@ const CASES: &[Case] = &[
         tls: false,
         replay: false,
         tier: None,
+        repair: None,
+    },
+    // `remote-random-r2` while the memory nodes repair another VM's copies after a memory
+    // node's death, and without a repair, in one round on a cluster of its own: the
+    // demand-fault p50 during a repair against without.
+    Case {
+        name: "remote-random-r2-repair",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--replicas",
+            "2",
+            "--memory-nodes",
+            "1,2",
+        ],
+        remote: true,
+        tls: false,
+        replay: false,
+        tier: None,
+        repair: Some(&[]),
+    },
+    // The same with the repair paced (`--repair-rate` on the memory nodes).
+    Case {
+        name: "remote-random-r2-repair-paced",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--replicas",
+            "2",
+            "--memory-nodes",
+            "1,2",
+        ],
+        remote: true,
+        tls: false,
+        replay: false,
+        tier: None,
+        repair: Some(&["--repair-rate", "32MiB"]),
     },
     // `remote-random` with page traffic over TLS (its own cluster): TLS's cost is the
     // difference.
@@ -352,6 +416,7 @@ const CASES: &[Case] = &[
         tls: true,
         replay: false,
         tier: None,
+        repair: None,
     },
     // The page cache (--local-memory): a skewed read-modify-write through half and a quarter
     // of the VM, a hot set read through half, a sequential write through half; and the skewed
@@ -366,6 +431,7 @@ const CASES: &[Case] = &[
             budget_pct: None,
             workload: "zipf:0.99",
         }),
+        repair: None,
     },
     Case {
         name: "tier-zipf-50",
@@ -377,6 +443,7 @@ const CASES: &[Case] = &[
             budget_pct: Some(50),
             workload: "zipf:0.99",
         }),
+        repair: None,
     },
     Case {
         name: "tier-zipf-25",
@@ -388,6 +455,7 @@ const CASES: &[Case] = &[
             budget_pct: Some(25),
             workload: "zipf:0.99",
         }),
+        repair: None,
     },
     Case {
         name: "tier-hotset-50",
@@ -405,6 +473,7 @@ const CASES: &[Case] = &[
             budget_pct: Some(50),
             workload: "hotset:20:80",
         }),
+        repair: None,
     },
     Case {
         name: "tier-seq-50",
@@ -416,6 +485,7 @@ const CASES: &[Case] = &[
             budget_pct: Some(50),
             workload: "seq",
         }),
+        repair: None,
     },
 ];
 
@@ -545,6 +615,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut baseline_per_case: Vec<Vec<RunSummary>> = vec![Vec::new(); cases.len()];
     // The recording runs of the replay cases.
     let mut recordings: Vec<Vec<RunSummary>> = vec![Vec::new(); cases.len()];
+    // The repair cases' reference runs (no repair) and what each round's repair did.
+    let mut repair_refs: Vec<Vec<RunSummary>> = vec![Vec::new(); cases.len()];
+    let mut repairs: Vec<Vec<repair::RepairSeen>> = vec![Vec::new(); cases.len()];
     for round in 0..runs {
         eprintln!("xtask: bench round {}/{runs}", round + 1);
         // Every other round in reverse, so that no case always runs right after another.
@@ -553,6 +626,24 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             order.reverse();
         }
         for i in order {
+            if let Some(memory_args) = cases[i].repair {
+                // A cluster of its own each round; this build only.
+                let a = case_args(cases[i], &mem, pin.as_deref(), &[]);
+                let a: Vec<&str> = a.iter().map(String::as_str).collect();
+                let r = repair::round(
+                    &bins,
+                    &dir.join(format!("{}-round{}", cases[i].name, round + 1)),
+                    memory_args,
+                    &a,
+                    parse_mib(&mem)?,
+                    round % 2 == 1,
+                )
+                .with_context(|| format!("{} round {}", cases[i].name, round + 1))?;
+                per_case[i].push(r.during);
+                repair_refs[i].push(r.without);
+                repairs[i].push(r.repair);
+                continue;
+            }
             if let Some((c, certs)) = tls.as_mut().filter(|_| cases[i].tls) {
                 // The baseline build may not speak TLS: this build only.
                 per_case[i].push(run_case(c, cases[i], &mem, pin.as_deref(), certs)?);
@@ -736,16 +827,28 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let demand = paired_demand_p50(&cases, &per_case, "remote-mixed", "remote-mixed-prefetch");
     if let Some(o) = &demand {
-        let x = |v: &Value| 1.0 + v.as_f64().unwrap_or(0.0) / 100.0;
-        let ci = match o["ci95_pct"].as_array().map(Vec::as_slice) {
-            Some([lo, hi]) => format!(" (95% CI {:.3}..{:.3})", x(lo), x(hi)),
-            _ => String::new(),
-        };
-        println!(
-            "demand-fault p50 while prefetch streams run (remote-mixed-prefetch / remote-mixed): \
-             {:.3}x, median of {runs} paired runs{ci}",
-            x(&o["median_pct"])
+        let what = "demand-fault p50 while prefetch streams run (remote-mixed-prefetch / \
+                    remote-mixed)";
+        println!("{}", demand_line(what, runs, o));
+    }
+    let mut during_repair = serde_json::Map::new();
+    for (i, case) in cases.iter().enumerate().filter(|(_, c)| c.repair.is_some()) {
+        let repairs = &repairs[i];
+        let mut o = demand_p50_pairs(&per_case[i], &repair_refs[i]);
+        o["repairs"] = json!(repairs);
+        let what = format!(
+            "demand-fault p50 during a repair ({} / the same guest without one)",
+            case.name
         );
+        println!("{}", demand_line(&what, runs, &o));
+        let covered = repairs.iter().filter(|r| r.covered_the_run).count();
+        println!(
+            "  repairs: {:.0} pages each in {:.1} s (medians); {covered} of {} covered the whole run",
+            median(repairs.iter().map(|r| r.pages as f64).collect()),
+            median(repairs.iter().map(|r| r.seconds).collect()),
+            repairs.len()
+        );
+        during_repair.insert(case.name.to_owned(), o);
     }
     let mut ratios = serde_json::Map::new();
     for (new, old) in RATIOS {
@@ -774,6 +877,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "ebpf_cost": probe_cost,
         "stall_breakdown": breakdown,
         "demand_p50_with_streams": demand,
+        "demand_p50_during_repair": during_repair,
         "ratios": ratios,
         "baseline_bin": args.baseline_bin,
     });
@@ -812,24 +916,8 @@ fn run_case(
     pin: Option<&str>,
     extra: &[String],
 ) -> anyhow::Result<RunSummary> {
-    let tier_args = case.tier.map(|t| tier_args(t, tier_mem_mib(mem)));
-    let mem_arg;
-    let mut a: Vec<&str> = match &tier_args {
-        Some(_) => {
-            mem_arg = format!("{}MiB", tier_mem_mib(mem));
-            vec!["--mem", &mem_arg]
-        }
-        None => vec!["--mem", mem],
-    };
-    a.extend_from_slice(case.args);
-    a.extend(tier_args.iter().flatten().map(String::as_str));
-    a.extend(extra.iter().map(String::as_str));
-    if case.remote {
-        a.extend_from_slice(&["--placement", "interleave", "--content", "pattern"]);
-    }
-    if let Some(p) = pin {
-        a.extend_from_slice(&["--pin-cpu", p]);
-    }
+    let a = case_args(case, mem, pin, extra);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let (status, summary, proc) = cluster.run_compute(&a, Duration::from_secs(600))?;
     if !status.success() || !summary.ok {
         bail!(
@@ -839,6 +927,31 @@ fn run_case(
         );
     }
     Ok(summary)
+}
+
+/// The compute node's arguments for a run of `case`, with `extra` added.
+fn case_args(case: &Case, mem: &str, pin: Option<&str>, extra: &[String]) -> Vec<String> {
+    let mut a: Vec<String> = match case.tier {
+        Some(t) => {
+            let mut a = vec!["--mem".to_owned(), format!("{}MiB", tier_mem_mib(mem))];
+            a.extend(case.args.iter().map(|s| s.to_string()));
+            a.extend(tier_args(t, tier_mem_mib(mem)));
+            a
+        }
+        None => {
+            let mut a = vec!["--mem".to_owned(), mem.to_owned()];
+            a.extend(case.args.iter().map(|s| s.to_string()));
+            a
+        }
+    };
+    a.extend(extra.iter().cloned());
+    if case.remote {
+        a.extend(["--placement", "interleave", "--content", "pattern"].map(String::from));
+    }
+    if let Some(p) = pin {
+        a.extend(["--pin-cpu".to_owned(), p.to_owned()]);
+    }
+    a
 }
 
 /// `--mem` in MiB (`64MiB`, `1GiB`).
@@ -1209,15 +1322,35 @@ fn paired_demand_p50(
 ) -> Option<Value> {
     let find = |name: &str| cases.iter().position(|c| c.name == name);
     let (plain, streams) = (find(without)?, find(with)?);
+    Some(demand_p50_pairs(&per_case[streams], &per_case[plain]))
+}
+
+/// `remote_p50_us` of the runs `with` against the runs `without`, run i against run i.
+fn demand_p50_pairs(with: &[RunSummary], without: &[RunSummary]) -> Value {
     let p50 = |runs: &[RunSummary]| runs.iter().map(|s| s.remote_p50_us).collect::<Vec<_>>();
-    let pct = paired_pct(&p50(&per_case[streams]), &p50(&per_case[plain]));
-    Some(json!({
+    let pct = paired_pct(&p50(with), &p50(without));
+    json!({
         "median_pct": median(pct.clone()),
         "ci95_pct": median_ci95(&pct).map(|(lo, hi)| [lo, hi]),
         "per_pair_pct": pct,
-        "without_us": median(p50(&per_case[plain])),
-        "with_us": median(p50(&per_case[streams])),
-    }))
+        "without_us": median(p50(without)),
+        "with_us": median(p50(with)),
+    })
+}
+
+/// The line that reports a [`demand_p50_pairs`] as a ratio.
+fn demand_line(what: &str, runs: usize, o: &Value) -> String {
+    let x = |v: &Value| 1.0 + v.as_f64().unwrap_or(0.0) / 100.0;
+    let ci = match o["ci95_pct"].as_array().map(Vec::as_slice) {
+        Some([lo, hi]) => format!(" (95% CI {:.3}..{:.3})", x(lo), x(hi)),
+        _ => String::new(),
+    };
+    format!(
+        "{what}: {:.3}x ({:.1} against {:.1} µs), median of {runs} paired runs{ci}",
+        x(&o["median_pct"]),
+        o["with_us"].as_f64().unwrap_or(0.0),
+        o["without_us"].as_f64().unwrap_or(0.0),
+    )
 }
 
 /// µs/page of each run.

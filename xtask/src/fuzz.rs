@@ -21,6 +21,7 @@ pub const TARGETS: &[(&str, usize)] = &[
     ("server_connection", 9000),
     ("keyring", 512),
     ("api_json", 2048),
+    ("packed", 9000),
 ];
 
 /// The cargo-fuzz release `setup` installs.

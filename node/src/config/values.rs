@@ -52,6 +52,9 @@ pub enum ValueError {
     /// A capacity whose pages do not fit the page store's 32-bit count.
     #[error("capacity must be less than 16 TiB, got {0}")]
     Capacity(ByteSize),
+    /// A repair rate below a page a second.
+    #[error("--repair-rate must be at least 4KiB (a page a second), got {0}")]
+    RepairRate(ByteSize),
     /// Not `OFFSET:LEN`.
     #[error("'{0}' is not OFFSET:LEN (e.g. 0:64MiB, 8MiB:8MiB)")]
     NotARange(String),
@@ -171,6 +174,15 @@ pub fn capacity(s: &str) -> Result<ByteSize, ValueError> {
     let size: ByteSize = s.parse()?;
     if size.pages() > u64::from(u32::MAX) {
         return Err(ValueError::Capacity(size));
+    }
+    Ok(size)
+}
+
+/// `--repair-rate`: bytes a second, at least a page.
+pub fn repair_rate(s: &str) -> Result<ByteSize, ValueError> {
+    let size: ByteSize = s.parse()?;
+    if size.0 < PAGE {
+        return Err(ValueError::RepairRate(size));
     }
     Ok(size)
 }
@@ -375,6 +387,27 @@ pub enum ContentArg {
     Zero,
     /// The file given by --image.
     Image,
+}
+
+/// `--compress`: whether runs of pages travel packed.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressArg {
+    /// Packed where it measures faster.
+    Auto,
+    /// Always packed (where the peer agrees).
+    On,
+    /// Never packed.
+    Off,
+}
+
+impl From<CompressArg> for pagemesh_transport::compress::Compression {
+    fn from(c: CompressArg) -> Self {
+        match c {
+            CompressArg::Auto => Self::Auto,
+            CompressArg::On => Self::On,
+            CompressArg::Off => Self::Off,
+        }
+    }
 }
 
 /// `--admin`: where the admin endpoint listens, or nowhere.

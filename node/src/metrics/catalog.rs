@@ -85,6 +85,22 @@ pub(crate) const PAGES_REPAIRED: Metric = Metric {
     help: "Pages this node copied from a surviving home to restore a VM's replicas.",
 };
 
+pub(crate) const PACKED_PAGES: Metric = Metric {
+    prom: "pagemesh_packed_pages_total",
+    otlp: "pagemesh.packed.pages",
+    unit: "{page}",
+    kind: Kind::Counter,
+    help: "Pages this page server sent or received packed (--compress: LZ4, or a zero page as a length).",
+};
+
+pub(crate) const PACKED_BYTES: Metric = Metric {
+    prom: "pagemesh_packed_bytes_total",
+    otlp: "pagemesh.packed.bytes",
+    unit: "By",
+    kind: Kind::Counter,
+    help: "Bytes those packed pages took on the wire (4096 a page plain).",
+};
+
 pub(crate) const ERRORS: Metric = Metric {
     prom: "pagemesh_errors_total",
     otlp: "pagemesh.errors",
@@ -199,7 +215,7 @@ pub(crate) const PREFETCH_PAGES: Metric = Metric {
 
 /// Every metric.
 #[cfg(test)]
-pub(crate) const ALL: [&Metric; 21] = [
+pub(crate) const ALL: [&Metric; 23] = [
     &UPTIME,
     &PAGES_HELD,
     &CAPACITY,
@@ -207,6 +223,8 @@ pub(crate) const ALL: [&Metric; 21] = [
     &WRITTEN_BACK,
     &PAGES_TO_REPAIR,
     &PAGES_REPAIRED,
+    &PACKED_PAGES,
+    &PACKED_BYTES,
     &ERRORS,
     &FAULTS,
     &REMOTE_MISS_RATIO,

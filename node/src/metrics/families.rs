@@ -137,6 +137,14 @@ pub(crate) fn families(s: &NodeStats) -> Vec<Family> {
             vec![point(&[], Int(server.pages_repaired))],
         ),
         family(
+            &catalog::PACKED_PAGES,
+            vec![point(&[], Int(server.packed_pages))],
+        ),
+        family(
+            &catalog::PACKED_BYTES,
+            vec![point(&[], Int(server.packed_bytes))],
+        ),
+        family(
             &catalog::ERRORS,
             vec![
                 point(&[("kind", "bad_frame")], Int(server.bad_frames)),
@@ -329,6 +337,8 @@ mod tests {
                 "pagemesh_pages_written_back_total",
                 "pagemesh_pages_under_replicated",
                 "pagemesh_pages_repaired_total",
+                "pagemesh_packed_pages_total",
+                "pagemesh_packed_bytes_total",
                 "pagemesh_errors_total",
             ]
         );
