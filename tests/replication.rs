@@ -95,7 +95,7 @@ fn a_guest_verifies_every_page_through_a_memory_nodes_death() {
 
 #[test]
 fn a_guest_writing_through_a_budget_loses_no_write_through_a_death_a_repair_and_a_second_death() {
-    // Read-modify-writes over 64 MiB through a 16 MiB budget, half the accesses to a tenth
+    // Read-modify-writes over 256 MiB through a 64 MiB budget, half the accesses to a tenth
     // of the pages: dirty pages are written back to both homes and fetched again. Node 2 is
     // killed; with 2 s leases the coordinator retires it and the survivors repair while the
     // guest runs; then node 1 is killed too, and the pages whose homes were 1 and 2 come
@@ -110,19 +110,19 @@ fn a_guest_writing_through_a_budget_loses_no_write_through_a_death_a_repair_and_
         .map(|id| MemoryNode::start(&bins, &dir, &url, id, "1GiB").unwrap())
         .into();
     let mut c = Cluster::from_parts(bins, dir, coordinator, memory);
-    let pages = 16384u64;
+    let pages = 65536u64;
     let (mut compute, json_path) = c
         .spawn_compute(&[
             "--mem",
-            "64MiB",
+            "256MiB",
             "--local-memory",
-            "16MiB",
+            "64MiB",
             "--workload",
             "hotset:10:50",
-            // Six per page: about 20 s here, long enough for a lease to run out and the
-            // repair to end before the second kill.
+            // Six per page: long enough for a lease to run out and the repair to end before
+            // the second kill.
             "--accesses",
-            "98304",
+            "393216",
             "--access",
             "rmw",
             "--replicas",
@@ -135,7 +135,7 @@ fn a_guest_writing_through_a_budget_loses_no_write_through_a_death_a_repair_and_
             "--keep-vm",
         ])
         .unwrap();
-    wait_for_pages(&mut compute, 8192);
+    wait_for_pages(&mut compute, 32768);
     c.memory[1].proc.kill();
     // Repair: the survivors copy node 2's pages, each to the node after its other home,
     // until every page has two copies again (under a budget nothing is claimed: the homes
@@ -162,10 +162,10 @@ fn a_guest_writing_through_a_budget_loses_no_write_through_a_death_a_repair_and_
     assert_eq!(vm.retired, [2], "{vm:#?}");
     assert_eq!(vm.under_replicated(), Some(0), "{vm:#?}");
     let copied: u64 = vm.repairs.iter().map(|r| r.copied).sum();
-    // Node 2 held 2/3 of the pages (10,923): a new copy of each, on node 1 or node 3, made
+    // Node 2 held 2/3 of the pages (43,691): a new copy of each, on node 1 or node 3, made
     // by the repair or, for a page written back since node 2 was lost, by the write-back
     // (it writes to the page's new home too).
-    assert!(copied > 0 && copied <= 10923, "{vm:#?}");
+    assert!(copied > 0 && copied <= 43691, "{vm:#?}");
     for m in [0, 2] {
         let stats: serde_json::Value = serde_json::from_str(
             &pagemesh_tests::http_get(&format!("{}/stats", c.memory[m].admin)).unwrap(),

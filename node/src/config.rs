@@ -263,9 +263,9 @@ pub struct MemoryOptions {
     pub idle_timeout: u64,
 
     /// Most bytes a second this node copies when it repairs the copies a dead memory node
-    /// held (e.g. 64MiB). A paced repair leaves CPU and links to the guests' faults (an
-    /// unpaced one doubled their median latency on a 2-core host, docs/benchmarks.md), at
-    /// the price of a longer time with fewer copies [default: no limit].
+    /// held (e.g. 64MiB): for links a repair would otherwise fill, at the price of a longer
+    /// time with fewer copies (on a 2-core host the guests' fault latency during a repair
+    /// was not measurably better paced; docs/benchmarks.md) [default: no limit].
     #[arg(long, value_name = "SIZE", value_parser = values::repair_rate)]
     pub repair_rate: Option<ByteSize>,
 }

@@ -20,6 +20,8 @@ pub struct Netns {
     pub name: String,
     /// The host end of the veth pair.
     host_if: String,
+    /// The namespace's end.
+    peer_if: String,
     /// This namespace's address on the link, seen from the host: nodes in it listen here.
     pub ns_ip: String,
     /// The host's address on the link, seen from the namespace.
@@ -28,13 +30,24 @@ pub struct Netns {
 
 /// Runs `ip args`, failing with its stderr.
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
+    ip_program("ip", args)
+}
+
+/// Runs `tc args`.
+fn tc(args: &[String]) -> anyhow::Result<()> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ip_program("tc", &args)
+}
+
+/// Runs `program args` (an iproute2 tool), failing with its stderr.
+fn ip_program(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program)
         .args(args)
         .output()
-        .context("cannot run ip (iproute2)")?;
+        .with_context(|| format!("cannot run {program} (iproute2)"))?;
     if !out.status.success() {
         bail!(
-            "ip {} failed: {}",
+            "{program} {} failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -53,10 +66,11 @@ impl Netns {
         let ns = Netns {
             name: format!("pm-test-{id}"),
             host_if: format!("pmh{id}"),
+            peer_if: format!("pmn{id}"),
             ns_ip: format!("10.213.{subnet}.2"),
             host_ip: format!("10.213.{subnet}.1"),
         };
-        let peer_if = format!("pmn{id}");
+        let peer_if = ns.peer_if.clone();
         // A stale namespace of an earlier run with this name goes first.
         let _ = ip(&["netns", "del", &ns.name]);
         ip(&["netns", "add", &ns.name])?;
@@ -96,6 +110,30 @@ impl Netns {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).arg(program);
         cmd
+    }
+
+    /// Limits the link to `bits_per_s` each way, with a token bucket (`tc … tbf`: this
+    /// kernel has no netem) whose burst is two full frames or 20 µs at the rate, whichever
+    /// is more, so that every packet waits its turn on the wire: a 4 KiB page takes about
+    /// 33 µs at 1 Gbit/s however idle the link was before it.
+    pub fn rate_limit(&self, bits_per_s: u64) -> anyhow::Result<()> {
+        let burst = (bits_per_s / 8 / 50_000).max(2 * 1514).to_string();
+        let rate = format!("{bits_per_s}bit");
+        let tbf = |dev: &str| {
+            [
+                "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", &burst,
+                "latency", "50ms",
+            ]
+            .map(str::to_owned)
+        };
+        tc(&tbf(&self.host_if))?;
+        let mut inside = vec!["netns", "exec", &self.name, "tc"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        inside.extend(tbf(&self.peer_if));
+        let all: Vec<&str> = inside.iter().map(String::as_str).collect();
+        ip_program("ip", &all)
     }
 
     /// Cuts the link: packets to and from the namespace are dropped from now on.

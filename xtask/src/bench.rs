@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use crate::run::{build, run_dir, write_json};
 
+mod link;
 mod repair;
 
 #[derive(clap::Args)]
@@ -38,7 +39,8 @@ pub struct BenchArgs {
     /// Pin the vCPU and its fault handler to this CPU.
     #[arg(long, value_name = "CPU")]
     pin_cpu: Option<usize>,
-    /// Only the cases whose name contains this (several, comma-separated: any of them).
+    /// Only the cases whose name contains this (several, comma-separated: any of them;
+    /// `=NAME` for that case alone, e.g. `=remote-random`).
     #[arg(long)]
     only: Option<String>,
     /// Write the results as JSON to this file.
@@ -70,12 +72,37 @@ struct Case {
     /// Measured during a repair and without one, each round on a cluster of its own
     /// ([`repair`]) whose memory nodes get these arguments.
     repair: Option<&'static [&'static str]>,
+    /// On a cluster whose memory node is behind a link of this many bits a second
+    /// ([`link`]).
+    link: Option<u64>,
+    /// Over the Linux guest's boot image ([`link::IMAGE`]) rather than the test pattern.
+    image: bool,
 }
 
 impl Case {
     /// Whether it runs on the cluster of two memory nodes (it sets `--replicas`).
     fn replicated(&self) -> bool {
         self.args.contains(&"--replicas") && self.repair.is_none()
+    }
+
+    /// A case over a rate-limited link, `remote-random` with `--compress`.
+    const fn linked(
+        name: &'static str,
+        args: &'static [&'static str],
+        bits_per_s: u64,
+        image: bool,
+    ) -> Case {
+        Case {
+            name,
+            args,
+            remote: true,
+            tls: false,
+            replay: false,
+            tier: None,
+            repair: None,
+            link: Some(bits_per_s),
+            image,
+        }
     }
 }
 
@@ -87,6 +114,9 @@ struct Tier {
     /// The workload's order, which [`tier_trace`] replays for LRU, FIFO and MIN.
     workload: &'static str,
 }
+
+/// A gigabit a second.
+const GBIT: u64 = 1_000_000_000;
 
 /// Guest memory of the page cache cases (at least 256 MiB, as the issue asks).
 const TIER_MEM_MIB: u64 = 256;
@@ -109,6 +139,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "uffd-local",
@@ -125,6 +157,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "remote-seq",
@@ -134,6 +168,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "remote-random",
@@ -143,6 +179,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     // The same with the eBPF probes attached: their overhead is the difference.
     Case {
@@ -153,6 +191,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     // Prefetch (--prefetch): a sequential and a stride-4 scan, held to the kernel's own
     // first touch of local memory, and random access, held to `remote-random` (prefetch
@@ -172,6 +212,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "remote-stride-prefetch",
@@ -188,6 +230,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "remote-random-prefetch",
@@ -204,6 +248,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     // Two vCPUs, each over half the pages, with a fault handler each and with one for both:
     // how much serving faults at once gives.
@@ -223,6 +269,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "remote-random-2vcpu-1handler",
@@ -242,6 +290,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     // Guest RAM in 2 MiB huge pages: a sequential scan takes one fault per 512 pages.
     Case {
@@ -259,6 +309,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     // A sequential stream interleaved with random demand faults (`mixed`), without and
     // with prefetch: the demand faults' p50 while prefetch streams run against without.
@@ -270,6 +322,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "remote-mixed-prefetch",
@@ -286,6 +340,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     // Record and replay: a random scan records its working set, the next run replays it
     // from the start (the seed makes it the same VM).
@@ -305,6 +361,8 @@ const CASES: &[Case] = &[
         replay: true,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     // Two copies of every page (`--replicas`: on a cluster of two memory nodes of its own):
     // a fetch still goes to one home, so reads should cost what they cost with one; each
@@ -326,6 +384,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "writeback-r1",
@@ -345,6 +405,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "writeback-r2",
@@ -364,6 +426,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     // `remote-random-r2` while the memory nodes repair another VM's copies after a memory
     // node's death, and without a repair, in one round on a cluster of its own: the
@@ -386,6 +450,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: Some(&[]),
+        link: None,
+        image: false,
     },
     // The same with the repair paced (`--repair-rate` on the memory nodes).
     Case {
@@ -406,6 +472,101 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: Some(&["--repair-rate", "32MiB"]),
+        link: None,
+        image: false,
+    },
+    // Packed runs (`--compress`), over a link limited to 1 and 10 Gbit/s: the Linux boot
+    // image (zero pages, a compressed kernel, an initramfs) read at random plain, packed, and
+    // as `auto` chooses, and in order streamed ahead (`--prefetch`, where the wire is what
+    // a page waits for) plain and packed; the pattern (which does not shrink) plain and
+    // `auto`; and on loopback, `remote-random` (whose `--compress` is `auto`) against it with
+    // packing off.
+    Case::linked(
+        "remote-random-1g",
+        &["--workload", "random", "--no-ebpf", "--compress", "off"],
+        GBIT,
+        true,
+    ),
+    Case::linked(
+        "remote-random-1g-lz4",
+        &["--workload", "random", "--no-ebpf", "--compress", "on"],
+        GBIT,
+        true,
+    ),
+    Case::linked(
+        "remote-random-1g-auto",
+        &["--workload", "random", "--no-ebpf", "--compress", "auto"],
+        GBIT,
+        true,
+    ),
+    Case::linked(
+        "remote-seq-1g",
+        &[
+            "--workload",
+            "seq",
+            "--no-ebpf",
+            "--prefetch",
+            "--compress",
+            "off",
+        ],
+        GBIT,
+        true,
+    ),
+    Case::linked(
+        "remote-seq-1g-lz4",
+        &[
+            "--workload",
+            "seq",
+            "--no-ebpf",
+            "--prefetch",
+            "--compress",
+            "on",
+        ],
+        GBIT,
+        true,
+    ),
+    Case::linked(
+        "remote-random-1g-pattern",
+        &["--workload", "random", "--no-ebpf", "--compress", "off"],
+        GBIT,
+        false,
+    ),
+    Case::linked(
+        "remote-random-1g-pattern-auto",
+        &["--workload", "random", "--no-ebpf", "--compress", "auto"],
+        GBIT,
+        false,
+    ),
+    Case::linked(
+        "remote-random-10g",
+        &["--workload", "random", "--no-ebpf", "--compress", "off"],
+        10 * GBIT,
+        true,
+    ),
+    Case::linked(
+        "remote-random-10g-lz4",
+        &["--workload", "random", "--no-ebpf", "--compress", "on"],
+        10 * GBIT,
+        true,
+    ),
+    Case {
+        name: "remote-random-nocompress",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--compress",
+            "off",
+        ],
+        remote: true,
+        tls: false,
+        replay: false,
+        tier: None,
+        repair: None,
+        link: None,
+        image: false,
     },
     // `remote-random` with page traffic over TLS (its own cluster): TLS's cost is the
     // difference.
@@ -417,6 +578,8 @@ const CASES: &[Case] = &[
         replay: false,
         tier: None,
         repair: None,
+        link: None,
+        image: false,
     },
     // The page cache (--local-memory): a skewed read-modify-write through half and a quarter
     // of the VM, a hot set read through half, a sequential write through half; and the skewed
@@ -432,6 +595,8 @@ const CASES: &[Case] = &[
             workload: "zipf:0.99",
         }),
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "tier-zipf-50",
@@ -444,6 +609,8 @@ const CASES: &[Case] = &[
             workload: "zipf:0.99",
         }),
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "tier-zipf-25",
@@ -456,6 +623,8 @@ const CASES: &[Case] = &[
             workload: "zipf:0.99",
         }),
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "tier-hotset-50",
@@ -474,6 +643,8 @@ const CASES: &[Case] = &[
             workload: "hotset:20:80",
         }),
         repair: None,
+        link: None,
+        image: false,
     },
     Case {
         name: "tier-seq-50",
@@ -486,6 +657,8 @@ const CASES: &[Case] = &[
             workload: "seq",
         }),
         repair: None,
+        link: None,
+        image: false,
     },
 ];
 
@@ -547,9 +720,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let cases: Vec<&Case> = CASES
         .iter()
         .filter(|c| {
-            args.only
-                .as_deref()
-                .is_none_or(|o| o.split(',').any(|o| c.name.contains(o)))
+            args.only.as_deref().is_none_or(|o| {
+                o.split(',').any(|o| match o.strip_prefix('=') {
+                    Some(exact) => c.name == exact,
+                    None => c.name.contains(o),
+                })
+            })
         })
         .collect();
     // The huge-page cases' RAM, from the host's hugetlb pool while the bench runs.
@@ -587,6 +763,31 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             Some(Cluster::start(bins.clone(), dir, &[1, 2], "2GiB")?)
         }
     };
+    // The rate-limited cases' clusters, one per rate, each with the memory image.
+    let mut rates: Vec<u64> = cases.iter().filter_map(|c| c.link).collect();
+    rates.sort_unstable();
+    rates.dedup();
+    let image = match rates.is_empty() {
+        true => None,
+        false => Some(link::linux_boot_image(parse_mib(&mem)? << 20)?),
+    };
+    let mut links = Vec::new();
+    for &rate in &rates {
+        let (bytes, _) = image.as_ref().context("the image is built")?;
+        let d = dir.join(format!("link-{}m", rate / 1_000_000));
+        links.push((rate, link::start(&bins, &d, rate, bytes)?));
+    }
+    if let Some((_, m)) = &image {
+        eprintln!(
+            "xtask: memory image: {} pages, {} zero, {} compressible ({:.1}% of their bytes \
+             packed), {} that do not shrink",
+            m.pages,
+            m.zero,
+            m.compressible,
+            m.compressible_bytes as f64 * 100.0 / (m.compressible.max(1) * 4096) as f64,
+            m.raw
+        );
+    }
     // The other build's own coordinator and memory node: builds with different page
     // protocols cannot talk to each other.
     let mut baseline = match baseline_bins {
@@ -642,6 +843,25 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 per_case[i].push(r.during);
                 repair_refs[i].push(r.without);
                 repairs[i].push(r.repair);
+                continue;
+            }
+            if let Some(rate) = cases[i].link {
+                let Some((_, l)) = links.iter_mut().find(|(r, _)| *r == rate) else {
+                    bail!("no cluster for {}", cases[i].name);
+                };
+                // This build only; over the image, from the cluster's folder.
+                let image_arg = l.cluster.dir.join(link::IMAGE).display().to_string();
+                let extra = match cases[i].image {
+                    true => vec!["--image".to_owned(), image_arg],
+                    false => Vec::new(),
+                };
+                per_case[i].push(run_case(
+                    &mut l.cluster,
+                    cases[i],
+                    &mem,
+                    pin.as_deref(),
+                    &extra,
+                )?);
                 continue;
             }
             if let Some((c, certs)) = tls.as_mut().filter(|_| cases[i].tls) {
@@ -858,6 +1078,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     cluster.stop()?;
+    for (_, l) in &mut links {
+        l.cluster.stop()?;
+    }
     if let Some(c) = replicated.as_mut() {
         c.stop()?;
     }
@@ -878,6 +1101,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "stall_breakdown": breakdown,
         "demand_p50_with_streams": demand,
         "demand_p50_during_repair": during_repair,
+        "memory_image": image.as_ref().map(|(_, m)| m),
         "ratios": ratios,
         "baseline_bin": args.baseline_bin,
     });
@@ -946,7 +1170,11 @@ fn case_args(case: &Case, mem: &str, pin: Option<&str>, extra: &[String]) -> Vec
     };
     a.extend(extra.iter().cloned());
     if case.remote {
-        a.extend(["--placement", "interleave", "--content", "pattern"].map(String::from));
+        a.extend(["--placement", "interleave"].map(String::from));
+    }
+    // The image cases are given `--image` in `extra`.
+    if case.remote && !case.image {
+        a.extend(["--content", "pattern"].map(String::from));
     }
     if let Some(p) = pin {
         a.extend(["--pin-cpu".to_owned(), p.to_owned()]);
@@ -1130,6 +1358,12 @@ const RATIOS: &[(&str, &str)] = &[
     ("replay", "remote-random"),
     ("remote-random-r2", "remote-random"),
     ("writeback-r2", "writeback-r1"),
+    ("remote-random-1g-lz4", "remote-random-1g"),
+    ("remote-random-1g-auto", "remote-random-1g"),
+    ("remote-seq-1g-lz4", "remote-seq-1g"),
+    ("remote-random-1g-pattern-auto", "remote-random-1g-pattern"),
+    ("remote-random-10g-lz4", "remote-random-10g"),
+    ("remote-random", "remote-random-nocompress"),
 ];
 
 /// The median over runs of the probes' own kernel time per fault (the kernel's BPF
