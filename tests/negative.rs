@@ -202,3 +202,68 @@ fn bad_settings_are_explained() {
         assert!(!log.contains("panicked"), "{log}");
     }
 }
+
+#[test]
+fn without_rdma_auto_goes_over_tcp_saying_why_and_rdma_is_refused_at_start() {
+    // What this host has (none here, nor on CI: their kernels have no InfiniBand support);
+    // this build has no RDMA transport either way, so the outcome is the same.
+    let no_device = pagemesh_transport::rdma::devices().is_empty();
+    let mut c = cluster("transport");
+    let (status, s, proc) = c
+        .run_compute(
+            &[
+                "--mem",
+                "16MiB",
+                "--workload",
+                "verify",
+                "--transport",
+                "auto",
+            ],
+            Duration::from_secs(300),
+        )
+        .unwrap();
+    assert!(status.success() && s.ok, "{status}: {}", proc.log_tail());
+    assert_eq!(s.result.map(|r| r.bad_pages), Some(0));
+    let log = std::fs::read_to_string(&proc.stderr).unwrap();
+    assert_eq!(
+        log.matches(": page traffic goes over TCP").count(),
+        1,
+        "one warning saying why:\n{log}"
+    );
+    if no_device {
+        assert!(log.contains("this host has no RDMA device"), "{log}");
+    }
+    let bins = Bins::for_tests().unwrap();
+    let mut p = Proc::spawn(
+        "node-rdma",
+        &c.dir,
+        Command::new(&bins.node).args([
+            "--id",
+            "9",
+            "--role",
+            "memory",
+            "--coordinator",
+            &c.coordinator.url,
+            "--transport",
+            "rdma",
+        ]),
+    )
+    .unwrap();
+    let status = p.wait(Duration::from_secs(30)).unwrap();
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&p.stderr).unwrap();
+    assert!(log.contains("invalid --transport rdma: "), "{log}");
+    assert!(log.contains("use --transport tcp or auto"), "{log}");
+    if no_device {
+        assert!(log.contains("this host has no RDMA device"), "{log}");
+    }
+    // It never registered: the coordinator lists the memory nodes only.
+    let nodes = pagemesh_tests::http_json(&format!("{}/nodes", c.coordinator.url)).unwrap();
+    let ids: Vec<u64> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node_id"].as_u64())
+        .collect();
+    assert_eq!(ids, [1, 2], "{nodes:#}");
+}

@@ -29,7 +29,7 @@ use pagemesh_vmm::linux::MAX_LINUX_RAM;
 pub use self::file::FileError;
 use self::values::{
     AccessArg, AdminArg, BackingArg, ByteRange, ByteSize, CompressArg, ContentArg, EvictionArg,
-    PlacementArg, RoleArg, WorkloadArg,
+    PlacementArg, RoleArg, TransportArg, WorkloadArg,
 };
 
 /// Errors reading the configuration, and settings that do not go together.
@@ -134,6 +134,13 @@ pub struct Settings {
     /// TLS, checking theirs (docs/security.md). The cluster key still applies inside.
     #[arg(long, value_name = "FILE", env = "PAGEMESH_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
+
+    /// What page traffic travels over: `auto` uses RDMA where this host has an RDMA device
+    /// and the build has the RDMA transport, and TCP otherwise, saying why once; `tcp`;
+    /// `rdma` fails at start where RDMA cannot be had. The RDMA transport is not built yet
+    /// (docs/operations.md): today every node talks TCP.
+    #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
+    pub transport: TransportArg,
 
     /// Whether runs of pages travel packed: each page that shrinks compressed with LZ4, an
     /// all-zero page as a flag with no bytes, the rest raw. `auto` packs where it measures

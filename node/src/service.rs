@@ -71,6 +71,20 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         coordinator = coordinator.with_keyring(keyring);
     }
 
+    match settings
+        .transport
+        .resolve(&pagemesh_transport::rdma::devices())
+    {
+        Ok(None) => {}
+        Ok(Some(why)) => tracing::warn!("{why}"),
+        Err(why) => {
+            return Err(ConfigError::Invalid {
+                what: "--transport rdma",
+                why,
+            }
+            .into());
+        }
+    }
     let capacity = if role.serves_memory() {
         settings.memory.capacity
     } else {

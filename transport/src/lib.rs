@@ -19,6 +19,7 @@
 
 pub mod compress;
 pub mod local;
+pub mod rdma;
 pub mod tcp;
 pub mod tls;
 

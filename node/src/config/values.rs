@@ -410,6 +410,46 @@ impl From<CompressArg> for pagemesh_transport::compress::Compression {
     }
 }
 
+/// `--transport`: what page traffic travels over.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportArg {
+    /// RDMA where this host has a device and the build has the RDMA transport, else TCP
+    /// (with one warning saying why).
+    Auto,
+    /// TCP.
+    Tcp,
+    /// RDMA, or fail at start.
+    Rdma,
+}
+
+/// This build has no RDMA transport yet (the cargo feature `rdma` is to carry it).
+pub const RDMA_BUILT: bool = false;
+
+impl TransportArg {
+    /// Whether page traffic can go as asked on a host with RDMA `devices`: `Ok(None)`
+    /// over TCP as asked, `Ok(Some(why))` over TCP where `auto` could not use RDMA, `Err`
+    /// for `rdma` where it cannot be had.
+    pub fn resolve(self, devices: &[String]) -> Result<Option<String>, String> {
+        let why = match (devices, RDMA_BUILT) {
+            ([], _) => format!(
+                "this host has no RDMA device ({} is missing or empty: no RDMA driver, or no \
+                 soft-RoCE rdma_rxe link)",
+                pagemesh_transport::rdma::SYSFS_DIR
+            ),
+            (found, false) => format!(
+                "this build of pagemesh-node has no RDMA transport yet (RDMA device {} found)",
+                found.join(", ")
+            ),
+            (_, true) => return Ok(None),
+        };
+        match self {
+            TransportArg::Tcp => Ok(None),
+            TransportArg::Auto => Ok(Some(format!("{why}: page traffic goes over TCP"))),
+            TransportArg::Rdma => Err(format!("{why}; use --transport tcp or auto")),
+        }
+    }
+}
+
 /// `--admin`: where the admin endpoint listens, or nowhere.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdminArg {
@@ -494,6 +534,24 @@ mod tests {
 
     fn err<T: fmt::Debug>(r: Result<T, ValueError>) -> String {
         r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn transport_falls_back_to_tcp_with_a_reason_and_rdma_is_refused_without_it() {
+        let none: Vec<String> = Vec::new();
+        assert_eq!(TransportArg::Tcp.resolve(&none), Ok(None));
+        let auto = TransportArg::Auto.resolve(&none).unwrap().unwrap();
+        assert!(auto.starts_with("this host has no RDMA device"), "{auto}");
+        assert!(auto.ends_with(": page traffic goes over TCP"), "{auto}");
+        let rdma = TransportArg::Rdma.resolve(&none).unwrap_err();
+        assert!(rdma.ends_with("; use --transport tcp or auto"), "{rdma}");
+        let found = vec!["rxe0".to_owned()];
+        let rdma = TransportArg::Rdma.resolve(&found).unwrap_err();
+        assert!(
+            rdma.contains("no RDMA transport yet (RDMA device rxe0 found)"),
+            "{rdma}"
+        );
+        assert!(TransportArg::Auto.resolve(&found).unwrap().is_some());
     }
 
     #[test]
