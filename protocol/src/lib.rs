@@ -126,8 +126,8 @@ const PROOF_BYTES: u32 = PROOF_LEN as u32;
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 4 | `magic` = `b"PGMS"` |
-/// | 4 | 1 | `version` = 3 |
-/// | 5 | 1 | `op` ([`Op`]) |
+/// | 4 | 1 | `version` = 5 |
+/// | 5 | 1 | `op` ([`Op`]; bit 7 is [`PACKED`]) |
 /// | 6 | 2 | `status` ([`Status`], 0 in requests) |
 /// | 8 | 8 | `request_id` |
 /// | 16 | 4 | `vm` |

@@ -89,11 +89,13 @@ impl Chooser {
     }
 
     /// Books a request of `pages` pages that [`Chooser::packed`] said to pack (`packed`)
-    /// or not, and took `took` from sending it to its reply.
-    pub fn took(&mut self, packed: bool, pages: usize, took: Duration) {
+    /// or not, and took `took` from sending it to its reply. Returns the trial's medians
+    /// (packed, plain, ns a page) when it ended a trial that changed the choice.
+    pub fn took(&mut self, packed: bool, pages: usize, took: Duration) -> Option<(u32, u32)> {
         if self.mode != Compression::Auto {
-            return;
+            return None;
         }
+        let mut changed = None;
         if let Some(i) = self.trial_turn()
             && packed == (i % 2 == 0)
         {
@@ -104,10 +106,16 @@ impl Chooser {
                 false => self.plain[i / 2] = ns,
             }
             if i + 1 == 2 * TRIAL {
-                self.chosen = median(self.packed) as f64 <= WIN * median(self.plain) as f64;
+                let (p, u) = (median(self.packed), median(self.plain));
+                let chosen = p as f64 <= WIN * u as f64;
+                if chosen != self.chosen {
+                    changed = Some((p, u));
+                }
+                self.chosen = chosen;
             }
         }
         self.seen = (self.seen + 1) % EPOCH;
+        changed
     }
 
     /// The request's turn in the trial under way, if one is.
@@ -130,7 +138,7 @@ mod tests {
         for _ in 0..EPOCH {
             let p = c.packed();
             let ns = if p { packed_ns } else { plain_ns };
-            c.took(p, 1, Duration::from_nanos(ns));
+            let _ = c.took(p, 1, Duration::from_nanos(ns));
         }
     }
 
@@ -139,7 +147,7 @@ mod tests {
         let mut c = Chooser::new(Compression::Auto);
         // Trials alternate, packed first.
         assert!(c.packed());
-        c.took(true, 1, Duration::from_micros(10));
+        let _ = c.took(true, 1, Duration::from_micros(10));
         assert!(!c.packed());
         // A slow link: packed runs take half the time.
         let mut c = Chooser::new(Compression::Auto);
@@ -155,7 +163,7 @@ mod tests {
         assert!(c.chosen());
         let asked = (0..EPOCH).filter(|_| {
             let p = c.packed();
-            c.took(p, 1, Duration::from_micros(if p { 35 } else { 40 }));
+            let _ = c.took(p, 1, Duration::from_micros(if p { 35 } else { 40 }));
             p
         });
         // Half the trial, then (the choice standing) every request after it.
@@ -168,7 +176,7 @@ mod tests {
             let mut c = Chooser::new(mode);
             for _ in 0..3 * TRIAL {
                 assert_eq!(c.packed(), packed);
-                c.took(packed, 4, Duration::from_secs(1));
+                assert_eq!(c.took(packed, 4, Duration::from_secs(1)), None);
             }
             assert_eq!(c.chosen(), packed);
         }

@@ -567,8 +567,22 @@ impl TcpPeer {
     fn took(&mut self, op: Op, packed: bool, pages: usize, began: Instant) {
         if let Some(p) = self.packing.as_mut()
             && matches!(op, Op::Fetch | Op::Read)
+            && let Some((packed_ns, plain_ns)) = p.chooser.took(packed, pages, began.elapsed())
         {
-            p.chooser.took(packed, pages, began.elapsed());
+            // At most once a trial (every few thousand requests), off the common path.
+            tracing::debug!(
+                node = self.peer,
+                "runs to and from node {} now travel {} (--compress auto: packed {:.1} µs a \
+                 page against plain {:.1})",
+                self.peer,
+                if p.chooser.chosen() {
+                    "packed"
+                } else {
+                    "plain"
+                },
+                f64::from(packed_ns) / 1000.0,
+                f64::from(plain_ns) / 1000.0
+            );
         }
     }
 
