@@ -1625,6 +1625,36 @@ mod tests {
     }
 
     #[test]
+    fn an_auto_client_tries_packed_write_backs_and_every_page_lands_right() {
+        let server = Running::start(200);
+        let options = TcpOptions {
+            compression: pagemesh_transport::compress::Compression::Auto,
+            ..TcpOptions::default()
+        };
+        let mut peer = TcpPeer::connect_with(
+            CLIENT,
+            &Credentials::keyless(CLUSTER),
+            ME,
+            &server.addr,
+            options,
+        )
+        .unwrap();
+        peer.load(7).unwrap();
+        // A trial's write-backs alternate packed and plain, packed first.
+        let written = compressible(2);
+        for first in (0..40).step_by(2) {
+            peer.write_back(7, first, &written).unwrap();
+        }
+        let packed = server.ctx.stats().packed_pages;
+        assert!(packed > 0 && packed < 40, "about half packed: {packed}");
+        let mut back = vec![0u8; 2 * PAGE_SIZE];
+        for first in (0..40).step_by(2) {
+            peer.read(7, first, &mut back).unwrap();
+            assert_eq!(back, written, "pages {first}..");
+        }
+    }
+
+    #[test]
     fn a_server_with_packing_off_agrees_to_none() {
         let ctx = ServerContext::new(ME, PageStore::new(100), |_| Ok(vm7()))
             .with_cluster(CLUSTER.to_owned())

@@ -188,10 +188,12 @@ pub struct TcpPeer {
     packing: Option<Packing>,
 }
 
-/// What a connection that may pack runs keeps: the chooser, and buffers allocated once.
+/// What a connection that may pack runs keeps: a chooser for the runs it reads and one for
+/// those it writes back (timed apart: their costs differ), and buffers allocated once.
 #[derive(Debug)]
 struct Packing {
     chooser: Chooser,
+    writes: Chooser,
     /// Where a packed reply's payload is read before it is unpacked.
     incoming: Box<[u8]>,
     /// A batch of write-backs' packed payloads.
@@ -204,6 +206,7 @@ impl Packing {
     fn new(mode: Compression) -> Self {
         Packing {
             chooser: Chooser::new(mode),
+            writes: Chooser::new(mode),
             incoming: vec![0u8; MAX_RUN_BYTES].into_boxed_slice(),
             outgoing: Vec::new(),
             scratch: vec![0u8; packed::SCRATCH_LEN].into_boxed_slice(),
@@ -563,23 +566,25 @@ impl TcpPeer {
         self.packing.as_ref().is_some_and(|p| p.chooser.packed())
     }
 
-    /// Books what a Fetch or Read of `pages` begun at `began` took, for `--compress auto`.
+    /// Books what a request of `op` over `pages` begun at `began` took, for `--compress
+    /// auto`: reads (Fetch, Read) and write-backs each to their chooser.
     fn took(&mut self, op: Op, packed: bool, pages: usize, began: Instant) {
-        if let Some(p) = self.packing.as_mut()
-            && matches!(op, Op::Fetch | Op::Read)
-            && let Some((packed_ns, plain_ns)) = p.chooser.took(packed, pages, began.elapsed())
-        {
+        let Some(p) = self.packing.as_mut() else {
+            return;
+        };
+        let (chooser, what) = match op {
+            Op::Fetch | Op::Read => (&mut p.chooser, "read from"),
+            Op::WriteBack => (&mut p.writes, "written back to"),
+            _ => return,
+        };
+        if let Some((packed_ns, plain_ns)) = chooser.took(packed, pages, began.elapsed()) {
             // At most once a trial (every few thousand requests), off the common path.
             tracing::debug!(
                 node = self.peer,
-                "runs to and from node {} now travel {} (--compress auto: packed {:.1} µs a \
+                "runs {what} node {} now travel {} (--compress auto: packed {:.1} µs a \
                  page against plain {:.1})",
                 self.peer,
-                if p.chooser.chosen() {
-                    "packed"
-                } else {
-                    "plain"
-                },
+                if chooser.chosen() { "packed" } else { "plain" },
                 f64::from(packed_ns) / 1000.0,
                 f64::from(plain_ns) / 1000.0
             );
@@ -754,9 +759,11 @@ impl TcpPeer {
         debug_assert!(n <= MAX_BATCH);
         let first_id = self.next_id;
         let mut headers = [Header::request(op, 0, 0, 0, 0); MAX_BATCH];
-        // A Fetch or Read asks for packed replies as the chooser says; write-backs are
-        // packed while it has chosen to (below).
+        // A Fetch or Read asks for packed replies, and write-backs are packed (below), as
+        // their choosers say.
         let ask_packed = op != Op::WriteBack && self.asks_packed();
+        let pack_writes =
+            op == Op::WriteBack && self.packing.as_ref().is_some_and(|p| p.writes.packed());
         let mut pages = 0;
         for (i, &first) in firsts.iter().enumerate() {
             let len = if op == Op::WriteBack {
@@ -778,9 +785,7 @@ impl TcpPeer {
         // connection keeps (taken out of `self` while the batch is sent).
         let mut outgoing = Vec::new();
         let mut packed_out: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
-        let out = if op == Op::WriteBack
-            && let Some(p) = self.packing.as_mut().filter(|p| p.chooser.chosen())
-        {
+        let out = if pack_writes && let Some(p) = self.packing.as_mut() {
             outgoing = std::mem::take(&mut p.outgoing);
             let total: usize = out.iter().map(|o| o.len()).sum();
             if outgoing.len() < total {
@@ -826,7 +831,7 @@ impl TcpPeer {
         }
         match result {
             Ok(fetched) => {
-                self.took(op, ask_packed, pages, began);
+                self.took(op, ask_packed || pack_writes, pages, began);
                 self.settle(ack_sent, fetched, None);
                 Ok(())
             }
