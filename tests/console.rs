@@ -253,14 +253,8 @@ fn console_shows_a_live_cluster_and_restores_the_terminal() {
             && s.contains("node 0 left the cluster")
     });
     assert!(!screen.contains("node 0 is down"), "{screen}");
-    let nodes = pagemesh_tests::http_json(&format!("{}/nodes", c.coordinator.url))
-        .expect("the coordinator lists its nodes");
-    let ids: Vec<u64> = nodes
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter_map(|n| n["node_id"].as_u64())
-        .collect();
+    let (ids, nodes) =
+        pagemesh_tests::node_ids(&c.coordinator.url).expect("the coordinator lists its nodes");
     assert_eq!(ids, [1, 2], "{nodes:#}");
 
     // A resize is followed.

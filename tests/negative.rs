@@ -258,12 +258,6 @@ fn without_rdma_auto_goes_over_tcp_saying_why_and_rdma_is_refused_at_start() {
         assert!(log.contains("this host has no RDMA device"), "{log}");
     }
     // It never registered: the coordinator lists the memory nodes only.
-    let nodes = pagemesh_tests::http_json(&format!("{}/nodes", c.coordinator.url)).unwrap();
-    let ids: Vec<u64> = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n["node_id"].as_u64())
-        .collect();
+    let (ids, nodes) = pagemesh_tests::node_ids(&c.coordinator.url).unwrap();
     assert_eq!(ids, [1, 2], "{nodes:#}");
 }

@@ -36,13 +36,7 @@ fn guest_verifies_64mib_living_on_two_memory_nodes() {
     assert_eq!(s.held_after.get(&1), Some(&0));
     assert_eq!(s.held_after.get(&2), Some(&0));
     // Its run over, the compute node left the cluster: only the memory nodes are listed.
-    let nodes = pagemesh_tests::http_json(&format!("{}/nodes", c.coordinator.url)).unwrap();
-    let ids: Vec<u64> = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n["node_id"].as_u64())
-        .collect();
+    let (ids, nodes) = pagemesh_tests::node_ids(&c.coordinator.url).unwrap();
     assert_eq!(ids, [1, 2], "{nodes:#}");
     assert!(
         proc.log_tail().contains("node 0 left the cluster"),

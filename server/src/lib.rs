@@ -778,7 +778,7 @@ struct Conn<'a> {
 /// The buffers a connection packs and unpacks runs with, allocated once, when its Hello
 /// agreed to packed payloads.
 struct Packing {
-    /// A run's plain pages.
+    /// A reply's packed run before it goes over the pages, or a write-back's unpacked pages.
     plain: Box<[u8]>,
     /// One page's trial compression.
     scratch: Box<[u8]>,
@@ -1199,18 +1199,17 @@ fn dispatch(
             };
             let sent = match (request.is_packed(), packing.as_mut()) {
                 (false, _) => copy_out(&mut body[..run]).map(|()| ok.with_payload_len(run_bytes)),
-                (true, Some(p)) => copy_out(&mut p.plain[..run]).map(|()| {
-                    match packed::pack(&p.plain[..run], &mut body[..run], &mut p.scratch) {
+                (true, Some(p)) => copy_out(&mut body[..run]).map(|()| {
+                    // Packed aside, and over the pages only when it shrank.
+                    match packed::pack(&body[..run], &mut p.plain[..run], &mut p.scratch) {
                         Some(len) => {
+                            body[..len].copy_from_slice(&p.plain[..len]);
                             Counters::add(&ctx.counters.packed_pages, u64::from(request.count()));
                             Counters::add(&ctx.counters.packed_bytes, len as u64);
                             ok.with_payload_len(len as u32)
                         }
                         // It would not shrink: the pages as they are.
-                        None => {
-                            body[..run].copy_from_slice(&p.plain[..run]);
-                            ok.without_packed().with_payload_len(run_bytes)
-                        }
+                        None => ok.without_packed().with_payload_len(run_bytes),
                     }
                 }),
                 (true, None) => {
@@ -1305,6 +1304,7 @@ mod tests {
     use super::*;
     use pagemesh_api::pattern;
     use pagemesh_protocol::{self, MAX_MESSAGE_LEN};
+    use pagemesh_transport::compress::Compression;
     use pagemesh_transport::tcp::{Credentials, TcpOptions, TcpPeer};
     use pagemesh_transport::{PageSource, PeerControl, Run, TransportError};
 
@@ -1398,20 +1398,19 @@ mod tests {
             TcpPeer::connect(CLIENT, cluster, ME, &self.addr, Duration::from_secs(5))
         }
 
-        /// A client that packs every run (`--compress on`).
-        fn packing_peer(&self) -> TcpPeer {
+        /// A client with `--compress compression`.
+        fn compressing_peer(&self, compression: Compression) -> TcpPeer {
             let options = TcpOptions {
-                compression: pagemesh_transport::compress::Compression::On,
+                compression,
                 ..TcpOptions::default()
             };
-            TcpPeer::connect_with(
-                CLIENT,
-                &Credentials::keyless(CLUSTER),
-                ME,
-                &self.addr,
-                options,
-            )
-            .unwrap()
+            let credentials = Credentials::keyless(CLUSTER);
+            TcpPeer::connect_with(CLIENT, &credentials, ME, &self.addr, options).unwrap()
+        }
+
+        /// A client that packs every run (`--compress on`).
+        fn packing_peer(&self) -> TcpPeer {
+            self.compressing_peer(Compression::On)
         }
 
         fn stop(&mut self) {
@@ -1627,18 +1626,7 @@ mod tests {
     #[test]
     fn an_auto_client_tries_packed_write_backs_and_every_page_lands_right() {
         let server = Running::start(200);
-        let options = TcpOptions {
-            compression: pagemesh_transport::compress::Compression::Auto,
-            ..TcpOptions::default()
-        };
-        let mut peer = TcpPeer::connect_with(
-            CLIENT,
-            &Credentials::keyless(CLUSTER),
-            ME,
-            &server.addr,
-            options,
-        )
-        .unwrap();
+        let mut peer = server.compressing_peer(Compression::Auto);
         peer.load(7).unwrap();
         // A trial's write-backs alternate packed and plain, packed first.
         let written = compressible(2);

@@ -573,6 +573,19 @@ pub fn http_json(url: &str) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&http_get(url)?)?)
 }
 
+/// The node ids `GET /nodes` of the coordinator at `url` lists, in its order, with the
+/// listing itself (for a failure's message).
+pub fn node_ids(url: &str) -> anyhow::Result<(Vec<u64>, serde_json::Value)> {
+    let nodes = http_json(&format!("{url}/nodes"))?;
+    let ids = nodes
+        .as_array()
+        .context("GET /nodes is not a list")?
+        .iter()
+        .filter_map(|n| n["node_id"].as_u64())
+        .collect();
+    Ok((ids, nodes))
+}
+
 /// A loopback address whose port was free a moment ago, for a process that must be told its
 /// address before it starts (a memory node behind a [`proxy::CuttingProxy`]). The port is
 /// released on return, so another process could take it first; the kernel hands out ephemeral

@@ -551,9 +551,12 @@ impl TcpPeer {
         }
         debug_assert_eq!(request.payload_len() as usize, out.len());
         let request = request.with_checksum(out);
-        let began = Instant::now();
+        // The clock is read only where `--compress auto` may time the request.
+        let began = self.packing.is_some().then(Instant::now);
         let result = self.round_trip(&request, out, into);
-        if result.is_ok() {
+        if let Some(began) = began
+            && result.is_ok()
+        {
             self.took(op, packed, into.len() / PAGE_SIZE, began);
         }
         let fetched = (op == Op::Fetch && result.is_ok()).then_some(request_id);
@@ -791,29 +794,29 @@ impl TcpPeer {
             if outgoing.len() < total {
                 outgoing.resize(total, 0);
             }
-            let mut spans = [(0usize, 0usize, false); MAX_BATCH];
+            // Where each run's packed form is in `outgoing`; a run that does not shrink goes
+            // as it is.
+            let mut spans = [None; MAX_BATCH];
             let mut at = 0;
             for (i, run) in out.iter().enumerate() {
                 let dst = &mut outgoing[at..at + run.len()];
-                let (len, packed) = match packed::pack(run, dst, &mut p.scratch) {
-                    Some(len) => (len, true),
-                    None => {
-                        dst.copy_from_slice(run);
-                        (run.len(), false)
-                    }
-                };
-                spans[i] = (at, len, packed);
-                at += len;
-            }
-            for (i, &(at, len, packed)) in spans[..n].iter().enumerate() {
-                let payload = &outgoing[at..at + len];
-                if packed {
-                    headers[i] = headers[i]
-                        .with_packed()
-                        .with_payload_len(len as u32)
-                        .with_checksum(payload);
+                if let Some(len) = packed::pack(run, dst, &mut p.scratch) {
+                    spans[i] = Some((at, len));
+                    at += len;
                 }
-                packed_out[i] = payload;
+            }
+            for (i, span) in spans[..n].iter().enumerate() {
+                packed_out[i] = match *span {
+                    Some((at, len)) => {
+                        let payload = &outgoing[at..at + len];
+                        headers[i] = headers[i]
+                            .with_packed()
+                            .with_payload_len(len as u32)
+                            .with_checksum(payload);
+                        payload
+                    }
+                    None => out[i],
+                };
             }
             &packed_out[..n]
         } else {
@@ -821,7 +824,7 @@ impl TcpPeer {
         };
         self.next_id = self.next_id.wrapping_add(n as u64);
         let ack_sent = self.ack;
-        let began = Instant::now();
+        let began = self.packing.is_some().then(Instant::now);
         let result = self.send_and_receive_batch(op, &headers[..n], out, into, filled);
         if let Some(p) = self.packing.as_mut()
             && op == Op::WriteBack
@@ -831,7 +834,9 @@ impl TcpPeer {
         }
         match result {
             Ok(fetched) => {
-                self.took(op, ask_packed || pack_writes, pages, began);
+                if let Some(began) = began {
+                    self.took(op, ask_packed || pack_writes, pages, began);
+                }
                 self.settle(ack_sent, fetched, None);
                 Ok(())
             }

@@ -95,13 +95,9 @@ impl Case {
         Case {
             name,
             args,
-            remote: true,
-            tls: false,
-            replay: false,
-            tier: None,
-            repair: None,
             link: Some(bits_per_s),
             image,
+            ..REMOTE
         }
     }
 }
@@ -115,6 +111,20 @@ struct Tier {
     workload: &'static str,
 }
 
+/// The repair cases' measured guest: `remote-random` with two copies, on the two memory
+/// nodes that survive.
+const REPAIR_GUEST: &[&str] = &[
+    "--workload",
+    "random",
+    "--access",
+    "read",
+    "--no-ebpf",
+    "--replicas",
+    "2",
+    "--memory-nodes",
+    "1,2",
+];
+
 /// A gigabit a second.
 const GBIT: u64 = 1_000_000_000;
 
@@ -122,6 +132,20 @@ const GBIT: u64 = 1_000_000_000;
 const TIER_MEM_MIB: u64 = 256;
 /// Accesses per page of the skewed page cache cases.
 const TIER_ACCESSES_PER_PAGE: u64 = 4;
+
+/// What a case is unless it says otherwise: over the test pattern from the main cluster's
+/// memory node, this build only where the baseline may not follow.
+const REMOTE: Case = Case {
+    name: "",
+    args: &[],
+    remote: true,
+    tls: false,
+    replay: false,
+    tier: None,
+    repair: None,
+    link: None,
+    image: false,
+};
 
 const CASES: &[Case] = &[
     Case {
@@ -135,12 +159,7 @@ const CASES: &[Case] = &[
             "read",
         ],
         remote: false,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "uffd-local",
@@ -153,46 +172,23 @@ const CASES: &[Case] = &[
             "read",
         ],
         remote: false,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "remote-seq",
         args: &["--workload", "seq", "--access", "read", "--no-ebpf"],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "remote-random",
         args: &["--workload", "random", "--access", "read", "--no-ebpf"],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // The same with the eBPF probes attached: their overhead is the difference.
     Case {
         name: "remote-random-ebpf",
         args: &["--workload", "random", "--access", "read"],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // Prefetch (--prefetch): a sequential and a stride-4 scan, held to the kernel's own
     // first touch of local memory, and random access, held to `remote-random` (prefetch
@@ -207,13 +203,7 @@ const CASES: &[Case] = &[
             "--no-ebpf",
             "--prefetch",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "remote-stride-prefetch",
@@ -225,13 +215,7 @@ const CASES: &[Case] = &[
             "--no-ebpf",
             "--prefetch",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "remote-random-prefetch",
@@ -243,13 +227,7 @@ const CASES: &[Case] = &[
             "--no-ebpf",
             "--prefetch",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // Two vCPUs, each over half the pages, with a fault handler each and with one for both:
     // how much serving faults at once gives.
@@ -264,13 +242,7 @@ const CASES: &[Case] = &[
             "--vcpus",
             "2",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "remote-random-2vcpu-1handler",
@@ -285,13 +257,7 @@ const CASES: &[Case] = &[
             "--fault-handlers",
             "1",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // Guest RAM in 2 MiB huge pages: a sequential scan takes one fault per 512 pages.
     Case {
@@ -304,26 +270,14 @@ const CASES: &[Case] = &[
             "--no-ebpf",
             "--huge-pages",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // A sequential stream interleaved with random demand faults (`mixed`), without and
     // with prefetch: the demand faults' p50 while prefetch streams run against without.
     Case {
         name: "remote-mixed",
         args: &["--workload", "mixed", "--access", "read", "--no-ebpf"],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "remote-mixed-prefetch",
@@ -335,13 +289,7 @@ const CASES: &[Case] = &[
             "--no-ebpf",
             "--prefetch",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // Record and replay: a random scan records its working set, the next run replays it
     // from the start (the seed makes it the same VM).
@@ -356,13 +304,8 @@ const CASES: &[Case] = &[
             "--seed",
             "7",
         ],
-        remote: true,
-        tls: false,
         replay: true,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // Two copies of every page (`--replicas`: on a cluster of two memory nodes of its own):
     // a fetch still goes to one home, so reads should cost what they cost with one; each
@@ -379,13 +322,7 @@ const CASES: &[Case] = &[
             "--replicas",
             "2",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "writeback-r1",
@@ -400,13 +337,7 @@ const CASES: &[Case] = &[
             "--replicas",
             "1",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "writeback-r2",
@@ -421,59 +352,23 @@ const CASES: &[Case] = &[
             "--replicas",
             "2",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // `remote-random-r2` while the memory nodes repair another VM's copies after a memory
     // node's death, and without a repair, in one round on a cluster of its own: the
     // demand-fault p50 during a repair against without.
     Case {
         name: "remote-random-r2-repair",
-        args: &[
-            "--workload",
-            "random",
-            "--access",
-            "read",
-            "--no-ebpf",
-            "--replicas",
-            "2",
-            "--memory-nodes",
-            "1,2",
-        ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
+        args: REPAIR_GUEST,
         repair: Some(&[]),
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // The same with the repair paced (`--repair-rate` on the memory nodes).
     Case {
         name: "remote-random-r2-repair-paced",
-        args: &[
-            "--workload",
-            "random",
-            "--access",
-            "read",
-            "--no-ebpf",
-            "--replicas",
-            "2",
-            "--memory-nodes",
-            "1,2",
-        ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
+        args: REPAIR_GUEST,
         repair: Some(&["--repair-rate", "32MiB"]),
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // Packed runs (`--compress`), over a link limited to 1 and 10 Gbit/s: the Linux boot
     // image (zero pages, a compressed kernel, an initramfs) read at random plain, packed, and
@@ -560,26 +455,15 @@ const CASES: &[Case] = &[
             "--compress",
             "off",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // `remote-random` with page traffic over TLS (its own cluster): TLS's cost is the
     // difference.
     Case {
         name: "remote-random-tls",
         args: &["--workload", "random", "--access", "read", "--no-ebpf"],
-        remote: true,
         tls: true,
-        replay: false,
-        tier: None,
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     // The page cache (--local-memory): a skewed read-modify-write through half and a quarter
     // of the VM, a hot set read through half, a sequential write through half; and the skewed
@@ -587,44 +471,29 @@ const CASES: &[Case] = &[
     Case {
         name: "tier-zipf-unlimited",
         args: &["--workload", "zipf:0.99", "--access", "rmw", "--no-ebpf"],
-        remote: true,
-        tls: false,
-        replay: false,
         tier: Some(Tier {
             budget_pct: None,
             workload: "zipf:0.99",
         }),
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "tier-zipf-50",
         args: &["--workload", "zipf:0.99", "--access", "rmw", "--no-ebpf"],
-        remote: true,
-        tls: false,
-        replay: false,
         tier: Some(Tier {
             budget_pct: Some(50),
             workload: "zipf:0.99",
         }),
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "tier-zipf-25",
         args: &["--workload", "zipf:0.99", "--access", "rmw", "--no-ebpf"],
-        remote: true,
-        tls: false,
-        replay: false,
         tier: Some(Tier {
             budget_pct: Some(25),
             workload: "zipf:0.99",
         }),
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "tier-hotset-50",
@@ -635,30 +504,20 @@ const CASES: &[Case] = &[
             "read",
             "--no-ebpf",
         ],
-        remote: true,
-        tls: false,
-        replay: false,
         tier: Some(Tier {
             budget_pct: Some(50),
             workload: "hotset:20:80",
         }),
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
     Case {
         name: "tier-seq-50",
         args: &["--workload", "seq", "--access", "write", "--no-ebpf"],
-        remote: true,
-        tls: false,
-        replay: false,
         tier: Some(Tier {
             budget_pct: Some(50),
             workload: "seq",
         }),
-        repair: None,
-        link: None,
-        image: false,
+        ..REMOTE
     },
 ];
 

@@ -87,16 +87,15 @@ pub(super) fn linux_boot_image(mem_bytes: u64) -> anyhow::Result<(Vec<u8>, Image
     let mut makeup = ImageMakeup::default();
     let mut out = vec![0u8; PAGE_SIZE];
     let mut scratch = vec![0u8; pagemesh_protocol::packed::SCRATCH_LEN];
+    let len_bytes = pagemesh_protocol::packed::LEN_BYTES;
     for page in bytes.chunks_exact(PAGE_SIZE) {
         makeup.pages += 1;
-        if page.iter().all(|&b| b == 0) {
-            makeup.zero += 1;
-            continue;
-        }
+        // A zero page packs to its length alone.
         match pagemesh_protocol::packed::pack(page, &mut out, &mut scratch) {
+            Some(len) if len == len_bytes => makeup.zero += 1,
             Some(len) => {
                 makeup.compressible += 1;
-                makeup.compressible_bytes += (len - pagemesh_protocol::packed::LEN_BYTES) as u64;
+                makeup.compressible_bytes += (len - len_bytes) as u64;
             }
             None => makeup.raw += 1,
         }
