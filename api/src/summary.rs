@@ -59,6 +59,10 @@ pub struct RunSummary {
     /// fault), µs: its CDF (`cargo xtask bench --plot` draws it); empty without faults.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub fault_cdf_us: Vec<f64>,
+    /// CPU time the fault handler threads spent per fault they served, µs (user and system:
+    /// what serving a fault costs the node, polling included); 0 without faults.
+    #[serde(default)]
+    pub handler_cpu_us_per_fault: f64,
     /// Bytes fetched from memory nodes.
     pub bytes_fetched: u64,
     /// Guest wall time per page visited, µs (0 for a Linux guest, which visits no pages).
@@ -304,6 +308,7 @@ mod tests {
             remote_p50_us: 0.0,
             remote_p99_us: 0.0,
             fault_cdf_us: Vec::new(),
+            handler_cpu_us_per_fault: 0.0,
             bytes_fetched: 16384 * 4096,
             us_per_page: 60.5,
             elapsed_s: 0.991,

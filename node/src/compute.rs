@@ -13,7 +13,7 @@ use pagemesh_vmm::vcpu::Machine;
 use pagemesh_vmm::{GuestLayout, Workload};
 
 use crate::admin::LiveRun;
-use crate::lifecycle::{Backing, ComputeError, Launch, run_vm};
+use crate::lifecycle::{Backing, ComputeError, FaultSetup, Launch, run_vm};
 use crate::signals::StopSignals;
 
 /// What a run produced.
@@ -60,8 +60,8 @@ pub struct RunOptions {
     pub workload: Workload,
     /// What guest RAM holds before the run.
     pub initial: Initial,
-    /// Pin the vCPU and the fault handler to this CPU.
-    pub cpu: Option<usize>,
+    /// Where vCPU 0 and the fault handler run, and how the handler waits.
+    pub faults: FaultSetup,
     /// Map guest RAM in 2 MiB huge pages.
     pub huge_pages: bool,
     /// vCPUs, which share the workload's pages out between them.
@@ -90,7 +90,7 @@ pub fn run_guest(
     let launch = Launch {
         vm: opts.vm,
         backing,
-        cpu: opts.cpu,
+        faults: opts.faults,
         signals,
         idle: Duration::MAX,
     };

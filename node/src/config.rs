@@ -29,8 +29,11 @@ use pagemesh_vmm::linux::MAX_LINUX_RAM;
 pub use self::file::FileError;
 use self::values::{
     AccessArg, AdminArg, BackingArg, ByteRange, ByteSize, CompressArg, ContentArg, EvictionArg,
-    PlacementArg, RoleArg, TransportArg, WorkloadArg,
+    PinArg, PlacementArg, RoleArg, TransportArg, WorkloadArg,
 };
+
+/// The longest --fault-poll-us: 100 ms.
+pub const MAX_FAULT_POLL_US: u64 = 100_000;
 
 /// Errors reading the configuration, and settings that do not go together.
 #[derive(thiserror::Error, Debug)]
@@ -418,10 +421,34 @@ pub struct ComputeOptions {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=16))]
     pub fault_handlers: Option<u8>,
 
-    /// Pin vCPU 0 and the fault handler to this CPU (fastest here: a fault handler woken on
-    /// the vCPU's own CPU avoids a cross-CPU wake-up) [default: not pinned].
+    /// Where vCPU 0 and the fault handler run: `auto` pins both to the CPU the VM starts on
+    /// (a VM of one vCPU; one of more is left to the scheduler), a CPU number pins both to
+    /// that CPU, `none` leaves them to the scheduler. One CPU is fastest: a fault wakes the
+    /// handler, and the install the vCPU, on the CPU they already share, where a wake-up
+    /// across CPUs waits for an idle CPU to come out of halt (docs/benchmarks.md, "The
+    /// random-fault path").
+    #[arg(long, value_name = "auto|none|CPU", default_value = "auto")]
+    pub pin_cpu: PinArg,
+
+    /// Pin the fault handler to this CPU instead of vCPU 0's (e.g. a CPU of its own, with
+    /// --fault-poll-us) [default: vCPU 0's, see --pin-cpu].
     #[arg(long, value_name = "CPU")]
-    pub pin_cpu: Option<usize>,
+    pub handler_cpu: Option<usize>,
+
+    /// After each fault, the fault handler polls the userfaultfd for this long (non-blocking
+    /// reads) before it sleeps until the next: a fault that comes meanwhile needs no
+    /// wake-up of the handler, at the cost of a CPU kept busy for that long after each
+    /// fault (0: the handler sleeps right away). Pays only where the handler has a CPU of its
+    /// own (--handler-cpu).
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub fault_poll_us: u64,
+
+    /// Install a fetched page without waking the vCPU (`UFFDIO_COPY_MODE_DONTWAKE`) and
+    /// wake it (`UFFDIO_WAKE`) once the fault's bookkeeping is done, rather than in the
+    /// install itself: one system call more per fault, the vCPU woken by a handler that has
+    /// nothing left to do. Without --local-memory and --huge-pages only.
+    #[arg(long)]
+    pub wake_separately: bool,
 
     /// Write the run summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -575,6 +602,28 @@ impl Settings {
                 });
             }
         }
+        if c.wake_separately {
+            let with = [
+                (c.local_memory.is_some(), "--local-memory"),
+                (c.huge_pages, "--huge-pages"),
+            ];
+            if let Some((_, other)) = with.iter().find(|(on, _)| *on) {
+                return Err(ConfigError::Invalid {
+                    what: "--wake-separately",
+                    why: format!("a separate wake-up does not work with {other} yet"),
+                });
+            }
+        }
+        if c.fault_poll_us > MAX_FAULT_POLL_US {
+            return Err(ConfigError::Invalid {
+                what: "--fault-poll-us",
+                why: format!(
+                    "at most {MAX_FAULT_POLL_US} µs (a handler that never sleeps keeps a CPU \
+                     busy while the guest does anything else), got {}",
+                    c.fault_poll_us
+                ),
+            });
+        }
         if c.local_memory.is_some() && c.backing != BackingArg::Remote {
             return Err(ConfigError::Invalid {
                 what: "--local-memory",
@@ -720,6 +769,10 @@ mod tests {
         assert_eq!(s.compute.mem, None);
         assert_eq!(s.linux.vcpus, 1);
         assert!(!s.compute.hold && !s.replace);
+        assert_eq!(s.compute.pin_cpu, PinArg::Auto);
+        assert_eq!(s.compute.handler_cpu, None);
+        assert_eq!(s.compute.fault_poll_us, 0);
+        assert!(!s.compute.wake_separately);
     }
 
     #[test]
@@ -848,6 +901,24 @@ mod tests {
             (
                 &["--role", "compute", "--content", "image"],
                 "--image (for --content image) is required",
+            ),
+            (
+                &[
+                    "--workload",
+                    "seq",
+                    "--wake-separately",
+                    "--local-memory",
+                    "8MiB",
+                ],
+                "invalid --wake-separately: a separate wake-up does not work with --local-memory yet",
+            ),
+            (
+                &["--workload", "seq", "--fault-poll-us", "200000"],
+                "invalid --fault-poll-us: at most 100000 µs",
+            ),
+            (
+                &["--workload", "seq", "--pin-cpu", "first"],
+                "'first' is not a CPU; use auto, none or a CPU number",
             ),
         ] {
             let e = load_err(args);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use pagemesh_api::VmId;
 use pagemesh_pager::{
-    CacheConfig, CacheSnapshot, GuestRam, PageDirectory, Pager, PagerConfig, PagerError,
+    CacheConfig, CacheSnapshot, FaultPath, GuestRam, PageDirectory, Pager, PagerConfig, PagerError,
     PrefetchConfig, StatsSnapshot,
 };
 use pagemesh_transport::TransportManager;
@@ -22,6 +22,8 @@ use pagemesh_vmm::VcpuError;
 use pagemesh_vmm::run::install_kick_handler;
 use pagemesh_vmm::{GuestMachine, RunVcpu, Stop};
 
+use crate::config::ComputeOptions;
+use crate::config::values::PinArg;
 use crate::signals::{StopSignals, wait_stop_signal_for};
 
 /// Errors running a guest.
@@ -80,12 +82,54 @@ pub struct Launch<'a> {
     pub vm: VmId,
     /// How guest memory is served.
     pub backing: Backing,
-    /// Pin vCPU 0 and the fault handler to this CPU.
-    pub cpu: Option<usize>,
+    /// Where vCPU 0 and the fault handler run, and how the handler waits.
+    pub faults: FaultSetup,
     /// Stop signals to watch while the guest runs; `None` runs it to its end.
     pub signals: Option<&'a StopSignals>,
     /// How long nothing may happen before [`GuestMachine::on_idle`] runs.
     pub idle: Duration,
+}
+
+/// Where vCPU 0 and the fault handler run, and how the handler waits for faults
+/// (`--pin-cpu`, `--handler-cpu`, `--fault-poll-us`, `--wake-separately`).
+#[derive(Clone, Copy, Debug)]
+pub struct FaultSetup {
+    /// vCPU 0's CPU, and the handler's unless `handler_cpu` says otherwise.
+    pub pin: PinArg,
+    /// The handler's own CPU.
+    pub handler_cpu: Option<usize>,
+    /// How the handler waits and wakes.
+    pub path: FaultPath,
+}
+
+impl FaultSetup {
+    /// The compute node's settings.
+    pub fn of(c: &ComputeOptions) -> Self {
+        FaultSetup {
+            pin: c.pin_cpu,
+            handler_cpu: c.handler_cpu,
+            path: FaultPath {
+                poll: Duration::from_micros(c.fault_poll_us),
+                wake_separately: c.wake_separately,
+            },
+        }
+    }
+
+    /// Leaves both to the scheduler, the handler blocking (a run without settings).
+    pub fn unpinned() -> Self {
+        FaultSetup {
+            pin: PinArg::None,
+            handler_cpu: None,
+            path: FaultPath::default(),
+        }
+    }
+}
+
+/// The CPU this thread runs on now.
+fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes nothing and returns a CPU number or -1.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).ok()
 }
 
 /// How a run ended.
@@ -126,6 +170,19 @@ pub fn run_vm<M: GuestMachine>(
         return Err(VcpuError::Taken.into());
     }
     let machine: &M = machine;
+    let vcpu_cpu = launch
+        .faults
+        .pin
+        .resolve(u8::try_from(vcpus.len()).unwrap_or(u8::MAX), current_cpu);
+    let handler_cpu = launch.faults.handler_cpu.or(vcpu_cpu);
+    if vcpu_cpu.is_some() || handler_cpu.is_some() {
+        let at = |c: Option<usize>| c.map_or("any CPU".to_owned(), |c| format!("CPU {c}"));
+        tracing::info!(
+            "vCPU 0 on {}, its fault handler on {}",
+            at(vcpu_cpu),
+            at(handler_cpu)
+        );
+    }
     let stop = Arc::new(Stop::new());
     let (base, len) = machine.ram();
     // SAFETY: the machine owns the mapping and keeps it in place while it lives; the pager
@@ -152,7 +209,8 @@ pub fn run_vm<M: GuestMachine>(
                 directory,
                 transport,
                 more_handlers,
-                cpu: launch.cpu,
+                cpu: handler_cpu,
+                fault_path: launch.faults.path,
                 trace: crate::probes::fault_trace(),
                 on_failure,
                 cache,
@@ -175,7 +233,7 @@ pub fn run_vm<M: GuestMachine>(
         for mut vcpu in vcpus {
             let id = vcpu.id();
             let (stop, events) = (&*stop, events.clone());
-            let pin = launch.cpu.filter(|_| id == 0);
+            let pin = vcpu_cpu.filter(|_| id == 0);
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn_scoped(s, move || {

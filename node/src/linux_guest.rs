@@ -27,7 +27,7 @@ use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::define::placement_request;
 use crate::error::NodeError;
-use crate::lifecycle::{Backing, ComputeError, Launch, run_vm};
+use crate::lifecycle::{Backing, ComputeError, FaultSetup, Launch, run_vm};
 use crate::peers::{VmPeers, connect_vm_peers, held, load_vm};
 use crate::signals::StopSignals;
 use crate::working_set::VmIdentity;
@@ -149,7 +149,7 @@ pub fn run_linux(
             record_working_set: settings.compute.record_working_set.is_some(),
             huge_pages: settings.compute.huge_pages,
         },
-        cpu: settings.compute.pin_cpu,
+        faults: FaultSetup::of(&settings.compute),
         signals: Some(signals),
         // Every 10 s without news, log where the guest is.
         idle: Duration::from_secs(10),
@@ -248,6 +248,7 @@ pub fn run_linux(
             fault_max_us: stats.fault_max_us,
             remote_p50_us: stats.remote_p50_us,
             remote_p99_us: stats.remote_p99_us,
+            handler_cpu_us_per_fault: crate::summary::handler_cpu_us_per_fault(&stats),
             bytes_fetched: stats.bytes_fetched,
             elapsed_s: elapsed.as_secs_f64(),
             linux: Some(LinuxRun {

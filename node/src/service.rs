@@ -33,7 +33,7 @@ use crate::coordinator::CoordinatorClient;
 use crate::define::{content, placement_request, seed, workload};
 use crate::error::NodeError;
 use crate::lease::LeaseKeeper;
-use crate::lifecycle::{Backing, ComputeError};
+use crate::lifecycle::{Backing, ComputeError, FaultSetup};
 use crate::peers::{VmPeers, connect_vm_peers, forget_vm, held, load_vm};
 use crate::probes::load_probes;
 use crate::repair::{RepairOptions, Repairer};
@@ -343,7 +343,7 @@ fn run_compute(
         mem_bytes: mem,
         workload,
         initial,
-        cpu: c.pin_cpu,
+        faults: FaultSetup::of(c),
         huge_pages: c.huge_pages,
         vcpus: settings.linux.vcpus,
     };
@@ -505,7 +505,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
         mem_bytes: mem,
         workload,
         initial,
-        cpu: c.pin_cpu,
+        faults: FaultSetup::of(c),
         huge_pages: c.huge_pages,
         vcpus: settings.linux.vcpus,
     };

@@ -45,6 +45,15 @@ pub(crate) fn faults(s: &StatsSnapshot) -> FaultCounts {
     }
 }
 
+/// The fault handlers' CPU time per fault they served, µs.
+pub(crate) fn handler_cpu_us_per_fault(s: &StatsSnapshot) -> f64 {
+    let served = s.remote + s.local_zero + s.spurious + s.staging_hits + s.write_protect;
+    match served {
+        0 => 0.0,
+        n => s.handler_cpu_ns as f64 / 1000.0 / n as f64,
+    }
+}
+
 /// The page cache's lines of a run summary.
 pub(crate) fn print_cache(c: &CacheSummary) {
     println!(
@@ -132,8 +141,13 @@ pub(crate) fn report(
         s.remote, s.local_zero, s.spurious, s.remote_miss_ratio
     );
     println!(
-        "  fault latency: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
-        s.fault_p50_us, s.fault_p90_us, s.fault_p99_us, s.fault_max_us
+        "  fault latency: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, max {:.1} µs; fault \
+         handlers' CPU {:.1} µs per fault",
+        s.fault_p50_us,
+        s.fault_p90_us,
+        s.fault_p99_us,
+        s.fault_max_us,
+        handler_cpu_us_per_fault(s)
     );
     if let Some(c) = &o.cache {
         print_cache(c);
@@ -189,6 +203,7 @@ pub(crate) fn report(
             remote_p50_us: s.remote_p50_us,
             remote_p99_us: s.remote_p99_us,
             fault_cdf_us: s.fault_cdf_us.clone(),
+            handler_cpu_us_per_fault: handler_cpu_us_per_fault(s),
             bytes_fetched: s.bytes_fetched,
             us_per_page: o.us_per_page(),
             elapsed_s: o.elapsed.as_secs_f64(),

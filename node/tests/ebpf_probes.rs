@@ -53,7 +53,7 @@ fn opts(workload: &str, access: &str, first: u64, pages: u64) -> RunOptions {
         mem_bytes: PAGES * 4096,
         workload: Workload::parse(workload, access, first, pages, PAGES).unwrap(),
         initial: Initial::Pattern(11),
-        cpu: None,
+        faults: pagemesh_node::lifecycle::FaultSetup::unpinned(),
         huge_pages: false,
         vcpus: 1,
     }

@@ -36,7 +36,7 @@ fn opts(workload: &str, access: &str, initial: Initial) -> RunOptions {
         mem_bytes: PAGES * 4096,
         workload: Workload::parse(workload, access, 0, PAGES, PAGES).unwrap(),
         initial,
-        cpu: None,
+        faults: pagemesh_node::lifecycle::FaultSetup::unpinned(),
         huge_pages: false,
         vcpus: 1,
     }

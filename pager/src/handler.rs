@@ -59,6 +59,8 @@ pub(crate) struct Handler {
     pub(crate) served: u64,
     /// Guest RAM is in 2 MiB huge pages: a fault installs the whole huge page.
     pub(crate) huge: bool,
+    /// How it waits for faults and wakes the guest.
+    pub(crate) fault_path: crate::FaultPath,
 }
 
 /// Pages in a 2 MiB huge page.
@@ -198,6 +200,9 @@ struct Served {
     installed: io::Result<Installed>,
     transfer: Option<(NodeId, Duration)>,
     install_start: u64,
+    /// Installed without waking the guest ([`crate::FaultPath::wake_separately`]): the
+    /// handler wakes it after the fault's bookkeeping.
+    wake: bool,
 }
 
 impl Handler {
@@ -219,7 +224,12 @@ impl Handler {
                 }
                 return Ok(());
             }
-            let fault = match self.uffd.read_fault() {
+            let next = match self.fault_path.poll.is_zero() {
+                true => self.uffd.read_fault(),
+                // Spins from the end of the last fault: polling stops when faults do.
+                false => self.uffd.poll_fault(Instant::now() + self.fault_path.poll),
+            };
+            let fault = match next {
                 Ok(Some(f)) => f,
                 Ok(None) => continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -276,6 +286,12 @@ impl Handler {
                     return Err(PagerError::Install { page, source: e });
                 }
             }
+            if served.wake {
+                // Installed without waking: the guest goes on now that nothing is left.
+                self.uffd
+                    .wake(addr, PAGE_SIZE as u64)
+                    .map_err(|source| PagerError::Install { page, source })?;
+            }
         }
     }
 
@@ -294,6 +310,7 @@ impl Handler {
             installed: Ok(Installed::AlreadyPresent),
             transfer: None,
             install_start: start,
+            wake: false,
         };
         let entry = loop {
             let entry = self.directory.entry(page).map_err(PagerError::Directory)?;
@@ -325,9 +342,17 @@ impl Handler {
                 }
                 served.install_start = crate::trace::monotonic_ns();
                 served.transfer = Some((node, since(start, served.install_start)));
+                let (src, len) = (buf.as_ptr(), PAGE_SIZE as u64);
                 // SAFETY: `buf` is one readable page; `addr` is a page-aligned address
                 // inside the registered range (it came from a fault on it).
-                served.installed = unsafe { self.uffd.copy(addr, buf.as_ptr(), PAGE_SIZE as u64) };
+                served.installed = unsafe {
+                    match self.fault_path.wake_separately {
+                        false => self.uffd.copy(addr, src, len),
+                        true => self.uffd.copy_without_waking(addr, src, len),
+                    }
+                };
+                served.wake = self.fault_path.wake_separately
+                    && matches!(served.installed, Ok(Installed::Done));
                 served.kind = FaultKind::Remote;
             }
             PageOwner::Zero => {
@@ -373,6 +398,7 @@ impl Handler {
             installed: Ok(Installed::AlreadyPresent),
             transfer: None,
             install_start: start,
+            wake: false,
         };
         let e = self.directory.entry(first).map_err(PagerError::Directory)?;
         let src = match (e.state, e.home) {
@@ -494,6 +520,7 @@ impl Handler {
             installed: Ok(Installed::AlreadyPresent),
             transfer: None,
             install_start: start,
+            wake: false,
         };
         let write = fault.is_write();
         loop {

@@ -35,6 +35,7 @@ pub mod uffd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 
@@ -120,7 +121,7 @@ pub enum PagerError {
         /// The budget.
         budget: u64,
         /// How long the fault waited.
-        waited: std::time::Duration,
+        waited: Duration,
         /// The reclaimer's last failure.
         why: String,
     },
@@ -173,6 +174,8 @@ pub struct PagerConfig<'ram> {
     pub more_handlers: Vec<TransportManager>,
     /// Pin the (first) handler thread to this CPU (same CPU as the vCPU is fastest here).
     pub cpu: Option<usize>,
+    /// How the handlers wait for faults and wake the guest.
+    pub fault_path: FaultPath,
     /// What the handler tells outside tracers about each fault.
     pub trace: FaultTrace,
     /// Called from a handler thread that stops on an error (e.g. to kick the vCPUs).
@@ -189,6 +192,20 @@ pub struct PagerConfig<'ram> {
     /// [`PageDirectory::coarse`], an entry per huge page. Neither a budget nor prefetch
     /// work in 2 MiB pages yet, and are refused with them.
     pub huge_pages: bool,
+}
+
+/// How the fault handlers wait for a fault and wake the guest after it. The default is
+/// what measured fastest here (docs/benchmarks.md, "The random-fault path"): a blocking
+/// read, and the install's own wake-up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultPath {
+    /// After each fault, poll the userfaultfd for this long (non-blocking reads) before
+    /// sleeping until the next; zero sleeps right away.
+    pub poll: Duration,
+    /// Install a fetched page without waking (`UFFDIO_COPY_MODE_DONTWAKE`) and wake the
+    /// guest with `UFFDIO_WAKE` once the fault's bookkeeping is done. Without a budget and
+    /// in 4 KiB pages only: elsewhere the install wakes, as by default.
+    pub wake_separately: bool,
 }
 
 /// What the prefetch thread does.
@@ -282,6 +299,13 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
         uffd.register_missing_and_wp(ram.base as u64, ram.len as u64)?;
     } else {
         uffd.register_missing(ram.base as u64, ram.len as u64)?;
+    }
+    if !config.fault_path.poll.is_zero() {
+        uffd.set_nonblocking().map_err(PagerError::Read)?;
+        tracing::info!(
+            "fault handlers poll the userfaultfd for {:?} after each fault",
+            config.fault_path.poll
+        );
     }
     let stats = Arc::new(PagerStats::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -398,6 +422,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
             record: record.clone().map(handler::Record::new),
             served: 0,
             huge: config.huge_pages,
+            fault_path: config.fault_path,
         };
         let (cpu, on_failure, record_to) = (
             config.cpu.filter(|_| i == 0),
@@ -413,6 +438,7 @@ pub fn start_pager(config: PagerConfig<'_>) -> Result<Pager<'_>, PagerError> {
                 pin_to_cpu(cpu);
             }
             let result = handler.run();
+            handler.stats.add_handler_cpu(stats::thread_cpu());
             if handlers > 1 {
                 tracing::info!("fault handler {i} served {} faults", handler.served);
             }
@@ -533,7 +559,7 @@ fn stop_handlers(
     for thread in threads.drain(..) {
         while !thread.is_finished() {
             kick::kick(&thread);
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(1));
         }
         let result = thread
             .join()

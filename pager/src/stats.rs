@@ -25,6 +25,8 @@ pub struct PagerStats {
     bytes_fetched: AtomicU64,
     errors: AtomicU64,
     in_flight: AtomicU64,
+    /// CPU time of the fault handler threads that have ended, ns.
+    handler_cpu_ns: AtomicU64,
     /// What the prefetcher did, when it runs.
     pub prefetch: PrefetchStats,
     /// One lock for every histogram: the handler takes it once per fault.
@@ -141,6 +143,27 @@ pub struct StatsSnapshot {
     /// Fault latency at the quantiles 0, 1/[`CDF_STEPS`], ..., 1 (the last the slowest
     /// fault), µs: the distribution's CDF; empty without faults.
     pub fault_cdf_us: Vec<f64>,
+    /// CPU time the fault handler threads spent, ns: counted as each ends, so zero while
+    /// they run (what polling costs, [`crate::FaultPath::poll`]).
+    pub handler_cpu_ns: u64,
+}
+
+/// The calling thread's CPU time so far (user and system), ns.
+pub(crate) fn thread_cpu() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid, exclusively borrowed one.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl PagerStats {
+    /// Adds an ended handler thread's CPU time.
+    pub(crate) fn add_handler_cpu(&self, ns: u64) {
+        self.handler_cpu_ns.fetch_add(ns, Ordering::Relaxed);
+    }
 }
 
 /// Steps of [`StatsSnapshot::fault_cdf_us`] (one point more than steps).
@@ -164,6 +187,7 @@ impl Default for PagerStats {
             bytes_fetched: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            handler_cpu_ns: AtomicU64::new(0),
             prefetch: PrefetchStats::default(),
             hists: Mutex::new(Hists {
                 all: histogram(),
@@ -402,6 +426,7 @@ impl PagerStats {
             },
             remote_p50_us: us(&remote, 0.5),
             remote_p99_us: us(&remote, 0.99),
+            handler_cpu_ns: self.handler_cpu_ns.load(Ordering::Relaxed),
             prefetch: self.prefetch_snapshot(),
             fault_cdf_us: if all.is_empty() {
                 Vec::new()

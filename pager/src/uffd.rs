@@ -15,12 +15,14 @@
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::Instant;
 
 const UFFDIO: u64 = 0xAA;
 const UFFD_API: u64 = 0xAA;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
 const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 /// Set in a page-fault event's flags when the access was a write.
@@ -269,6 +271,47 @@ impl Uffd {
         }
     }
 
+    /// Makes [`Uffd::read_fault`] return `ErrorKind::WouldBlock` rather than wait when no
+    /// event is queued (for [`Uffd::poll_fault`]). The flag is the open file's: it holds for
+    /// every reader of this descriptor.
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: F_GETFL and F_SETFL on a valid open descriptor take and return ints.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The next page fault on a descriptor made non-blocking ([`Uffd::set_nonblocking`]):
+    /// reads without waiting until `spin_until` (a bounded busy poll, no wake-up needed for
+    /// an event that arrives meanwhile), then sleeps in `poll` until one is queued. Returns
+    /// as [`Uffd::read_fault`] does, `ErrorKind::Interrupted` included.
+    pub fn poll_fault(&self, spin_until: Instant) -> io::Result<Option<Fault>> {
+        loop {
+            match self.read_fault() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+            if Instant::now() < spin_until {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; -1 waits until the descriptor is readable or a
+            // signal (the stop kick) interrupts.
+            if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+
     /// Blocks until a page fault arrives. Returns `Ok(None)` for events that are not page
     /// faults and `Err` with `ErrorKind::Interrupted` when a signal interrupted the wait.
     pub fn read_fault(&self) -> io::Result<Option<Fault>> {
@@ -325,6 +368,21 @@ impl Uffd {
     ) -> io::Result<Installed> {
         // SAFETY: the caller's guarantees are this function's.
         unsafe { self.copy_mode(dst, src, len, UFFDIO_COPY_MODE_WP) }
+    }
+
+    /// Like [`Uffd::copy`], but wakes nobody (`UFFDIO_COPY_MODE_DONTWAKE`): the caller
+    /// wakes the faulting threads with [`Uffd::wake`] when it is ready to.
+    ///
+    /// # Safety
+    /// As for [`Uffd::copy`].
+    pub unsafe fn copy_without_waking(
+        &self,
+        dst: u64,
+        src: *const u8,
+        len: u64,
+    ) -> io::Result<Installed> {
+        // SAFETY: the caller's guarantees are this function's.
+        unsafe { self.copy_mode(dst, src, len, UFFDIO_COPY_MODE_DONTWAKE) }
     }
 
     /// # Safety
@@ -414,6 +472,8 @@ fn ioctl<T>(fd: BorrowedFd<'_>, request: u64, arg: &mut T) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// A real userfaultfd over a real anonymous mapping: a thread touching it blocks until
@@ -455,6 +515,53 @@ mod tests {
             uffd.zeropage(addr, 4096).unwrap(),
             Installed::AlreadyPresent
         );
+        // SAFETY: unmapping the mapping created above; nothing references it any more.
+        unsafe { libc::munmap(base, len) };
+    }
+
+    /// A polled descriptor hands over a fault that comes while it spins and one that comes
+    /// after it went to sleep in `poll`; a page copied without waking leaves its reader
+    /// asleep until the wake.
+    #[test]
+    fn poll_fault_spins_then_sleeps_and_a_dontwake_copy_waits_for_the_wake() {
+        let len = 2 * 4096;
+        // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let uffd = Uffd::new().unwrap();
+        uffd.register_missing(base as u64, len as u64).unwrap();
+        uffd.set_nonblocking().unwrap();
+        let err = uffd.read_fault().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        let touch = |addr: u64| {
+            std::thread::spawn(move || {
+                // SAFETY: inside the live mapping; blocks until the page is installed.
+                unsafe { std::ptr::read_volatile(addr as *const u64) }
+            })
+        };
+        let page = [0x33u8; 4096];
+        for (i, spin) in [(0u64, Duration::from_secs(5)), (1, Duration::ZERO)] {
+            let addr = base as u64 + i * 4096;
+            let reader = touch(addr);
+            let fault = uffd.poll_fault(Instant::now() + spin).unwrap().unwrap();
+            assert_eq!(fault.address & !4095, addr);
+            // SAFETY: `page` is 4096 readable bytes; `addr` is a registered, aligned page.
+            let r = unsafe { uffd.copy_without_waking(addr, page.as_ptr(), 4096) }.unwrap();
+            assert_eq!(r, Installed::Done);
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!reader.is_finished(), "the reader ran before the wake");
+            uffd.wake(addr, 4096).unwrap();
+            assert_eq!(reader.join().unwrap(), 0x3333_3333_3333_3333);
+        }
         // SAFETY: unmapping the mapping created above; nothing references it any more.
         unsafe { libc::munmap(base, len) };
     }

@@ -190,6 +190,91 @@ const CASES: &[Case] = &[
         args: &["--workload", "random", "--access", "read"],
         ..REMOTE
     },
+    // The random-fault path, each way with the probes (the parts of its stalls) and held to
+    // `remote-random-ebpf`, whose vCPU and handler share a CPU (`--pin-cpu auto`, the
+    // default): both left to the scheduler; the handler on the other CPU, sleeping and
+    // polling; the vCPU woken after the fault's bookkeeping; two handlers for one vCPU.
+    // `uffd-local-unpinned` is `uffd-local` left to the scheduler.
+    Case {
+        name: "uffd-local-unpinned",
+        args: &[
+            "--backing",
+            "uffd-local",
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--pin-cpu",
+            "none",
+        ],
+        remote: false,
+        ..REMOTE
+    },
+    Case {
+        name: "remote-random-unpinned",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--pin-cpu",
+            "none",
+        ],
+        ..REMOTE
+    },
+    Case {
+        name: "remote-random-handler-other",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--pin-cpu",
+            "0",
+            "--handler-cpu",
+            "1",
+        ],
+        ..REMOTE
+    },
+    Case {
+        name: "remote-random-poll",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--pin-cpu",
+            "0",
+            "--handler-cpu",
+            "1",
+            "--fault-poll-us",
+            "100",
+        ],
+        ..REMOTE
+    },
+    Case {
+        name: "remote-random-wake-separately",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--wake-separately",
+        ],
+        ..REMOTE
+    },
+    Case {
+        name: "remote-random-2handlers",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--fault-handlers",
+            "2",
+        ],
+        ..REMOTE
+    },
     // Prefetch (--prefetch): a sequential and a stride-4 scan, held to the kernel's own
     // first touch of local memory, and random access, held to `remote-random` (prefetch
     // must never hurt).
@@ -811,6 +896,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "us_per_page_each_run": per_run.iter().map(|s| s.us_per_page).collect::<Vec<_>>(),
             "ebpf_last_run": per_run.last().and_then(|s| s.ebpf),
             "ebpf_cost_ns_per_fault": ebpf_cost(per_run),
+            "stall_breakdown": stall_breakdown(per_run),
+            "stall_p50_us": ebpf_median(per_run, |e| e.stall_p50_us),
+            "stall_p99_us": ebpf_median(per_run, |e| e.stall_p99_us),
+            "handler_cpu_us_per_fault": get(|s| s.handler_cpu_us_per_fault),
             "vs_baseline": vs_baseline.as_ref().map(|(_, c)| c),
             "remote_p50_us": get(|s| s.remote_p50_us),
             "prefetch": prefetch_medians(per_run),
@@ -820,6 +909,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "{:<18} {:>8} {:>5} {:>10.2} {:>9.1} {:>9.1} {:>9.1}",
             case.name, pages, runs, us_per_page, p50, p90, p99
         );
+        print_fault_path(&row);
         if let Some(p) = row["prefetch"].as_object()
             && !case.replay
         {
@@ -1035,7 +1125,8 @@ fn case_args(case: &Case, mem: &str, pin: Option<&str>, extra: &[String]) -> Vec
     if case.remote && !case.image {
         a.extend(["--content", "pattern"].map(String::from));
     }
-    if let Some(p) = pin {
+    // A case that places its threads itself keeps its placement.
+    if let Some(p) = pin.filter(|_| !case.args.contains(&"--pin-cpu")) {
         a.extend(["--pin-cpu".to_owned(), p.to_owned()]);
     }
     a
@@ -1204,6 +1295,14 @@ fn ebpf_overhead(cases: &[&Case], per_case: &[Vec<RunSummary>]) -> Option<Value>
 
 /// The µs/page ratios the bench reports, `(case, against)`: the issues' targets.
 const RATIOS: &[(&str, &str)] = &[
+    ("remote-random", "local-demand-zero"),
+    ("uffd-local", "local-demand-zero"),
+    ("uffd-local-unpinned", "uffd-local"),
+    ("remote-random-unpinned", "remote-random-ebpf"),
+    ("remote-random-handler-other", "remote-random-ebpf"),
+    ("remote-random-poll", "remote-random-ebpf"),
+    ("remote-random-wake-separately", "remote-random-ebpf"),
+    ("remote-random-2handlers", "remote-random-ebpf"),
     ("remote-seq-prefetch", "local-demand-zero"),
     ("remote-stride-prefetch", "local-demand-zero"),
     ("remote-seq-prefetch", "remote-seq"),
@@ -1224,6 +1323,46 @@ const RATIOS: &[(&str, &str)] = &[
     ("remote-random-10g-lz4", "remote-random-10g"),
     ("remote-random", "remote-random-nocompress"),
 ];
+
+/// The median over runs of one of the probes' figures; `None` for a case without probes.
+fn ebpf_median(
+    runs: &[RunSummary],
+    f: fn(&pagemesh_api::summary::EbpfSummary) -> f64,
+) -> Option<f64> {
+    let v: Vec<f64> = runs
+        .iter()
+        .filter_map(|s| s.ebpf.as_ref())
+        .filter(|e| e.faults > 0)
+        .map(f)
+        .collect();
+    (!v.is_empty()).then(|| median(v))
+}
+
+/// A case's fault path under its table row: what the fault handlers' CPU cost per fault,
+/// and with the probes, the median parts of a stall and its p99 against its p50.
+fn print_fault_path(row: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let cpu = f(&row["handler_cpu_us_per_fault"]);
+    let mut line = match cpu > 0.0 {
+        true => format!("handler CPU {cpu:.1} µs/fault"),
+        false => String::new(),
+    };
+    if let Some(b) = row["stall_breakdown"].as_object() {
+        let (p50, p99) = (f(&row["stall_p50_us"]), f(&row["stall_p99_us"]));
+        line.push_str(&format!(
+            "; stall parts (p50 µs) delivery {:.1} fetch {:.1} install {:.1} resume {:.1}; \
+             stall p50 {p50:.1} p99 {p99:.1} ({:.2}×)",
+            f(&b["delivery_p50_us"]),
+            f(&b["fetch_p50_us"]),
+            f(&b["install_p50_us"]),
+            f(&b["resume_p50_us"]),
+            if p50 > 0.0 { p99 / p50 } else { 0.0 },
+        ));
+    }
+    if !line.is_empty() {
+        println!("{:<18} {}", "", line.trim_start_matches("; "));
+    }
+}
 
 /// The median over runs of the probes' own kernel time per fault (the kernel's BPF
 /// statistics), ns; `None` for a case without probes.

@@ -55,6 +55,9 @@ pub enum ValueError {
     /// A repair rate below a page a second.
     #[error("--repair-rate must be at least 4KiB (a page a second), got {0}")]
     RepairRate(ByteSize),
+    /// Not `auto`, `none` or a CPU number.
+    #[error("'{0}' is not a CPU; use auto, none or a CPU number (e.g. 0)")]
+    NotACpu(String),
     /// Not `OFFSET:LEN`.
     #[error("'{0}' is not OFFSET:LEN (e.g. 0:64MiB, 8MiB:8MiB)")]
     NotARange(String),
@@ -450,6 +453,44 @@ impl TransportArg {
     }
 }
 
+/// `--pin-cpu`: where vCPU 0 and the fault handler run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinArg {
+    /// Both on the CPU the VM starts on, for a VM of one vCPU; a VM of more is not pinned.
+    Auto,
+    /// Wherever the scheduler puts them.
+    None,
+    /// Both on this CPU.
+    Cpu(usize),
+}
+
+impl PinArg {
+    /// The CPU to pin vCPU 0 to, for a VM of `vcpus` vCPUs, asking `current` (the CPU
+    /// this thread runs on) for `auto`.
+    pub fn resolve(self, vcpus: u8, current: impl FnOnce() -> Option<usize>) -> Option<usize> {
+        match self {
+            PinArg::Auto if vcpus == 1 => current(),
+            PinArg::Auto | PinArg::None => None,
+            PinArg::Cpu(c) => Some(c),
+        }
+    }
+}
+
+impl FromStr for PinArg {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "auto" => Ok(PinArg::Auto),
+            "none" | "off" => Ok(PinArg::None),
+            n => n
+                .parse()
+                .map(PinArg::Cpu)
+                .map_err(|_| ValueError::NotACpu(n.to_owned())),
+        }
+    }
+}
+
 /// `--admin`: where the admin endpoint listens, or nowhere.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdminArg {
@@ -534,6 +575,20 @@ mod tests {
 
     fn err<T: fmt::Debug>(r: Result<T, ValueError>) -> String {
         r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn pin_is_auto_none_or_a_cpu_and_auto_pins_one_vcpu_only() {
+        assert_eq!("auto".parse::<PinArg>().unwrap(), PinArg::Auto);
+        assert_eq!(" none".parse::<PinArg>().unwrap(), PinArg::None);
+        assert_eq!("off".parse::<PinArg>().unwrap(), PinArg::None);
+        assert_eq!("3".parse::<PinArg>().unwrap(), PinArg::Cpu(3));
+        assert!(err("first".parse::<PinArg>()).contains("use auto, none or a CPU number"));
+        assert_eq!(PinArg::Auto.resolve(1, || Some(1)), Some(1));
+        assert_eq!(PinArg::Auto.resolve(2, || Some(1)), None);
+        assert_eq!(PinArg::Auto.resolve(1, || None), None);
+        assert_eq!(PinArg::None.resolve(1, || Some(1)), None);
+        assert_eq!(PinArg::Cpu(0).resolve(4, || Some(1)), Some(0));
     }
 
     #[test]
