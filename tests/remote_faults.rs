@@ -381,3 +381,59 @@ fn two_vcpus_fault_at_once_on_two_handlers_and_every_page_is_right() {
         proc.log_tail()
     );
 }
+
+/// Every way of waiting for faults and waking the guest serves every page right: the
+/// default (vCPU 0 and its handler pinned to one CPU), both left to the scheduler, the
+/// handler on the other CPU polling the userfaultfd, and the wake-up after the bookkeeping;
+/// each run says what its handlers' CPU cost per fault.
+#[test]
+fn every_fault_path_serves_every_page_right() {
+    let mut c = cluster("fault-paths");
+    for (extra, says) in [
+        (&[][..], Some("its fault handler on CPU")),
+        (&["--pin-cpu", "none"][..], None),
+        (
+            &[
+                "--pin-cpu",
+                "0",
+                "--handler-cpu",
+                "1",
+                "--fault-poll-us",
+                "50",
+            ][..],
+            Some("fault handlers poll the userfaultfd for 50µs after each fault"),
+        ),
+        (&["--wake-separately"][..], None),
+    ] {
+        let mut args = vec!["--mem", "16MiB", "--workload", "verify"];
+        args.extend_from_slice(extra);
+        let (status, s, proc) = c.run_compute(&args, RUN_TIMEOUT).unwrap();
+        let log = proc.log_tail();
+        assert!(status.success(), "{extra:?}: {status}: {log}");
+        assert!(s.ok, "{extra:?}: {s:#?}");
+        let result = s.result.expect("the guest's result");
+        assert_eq!(
+            (result.pages_done, result.bad_pages),
+            (4096, 0),
+            "{extra:?}"
+        );
+        assert_eq!(s.faults.remote, 4096, "{extra:?}: {s:#?}");
+        assert!(s.handler_cpu_us_per_fault > 0.0, "{extra:?}: {s:#?}");
+        if let Some(says) = says {
+            assert!(log.contains(says), "{extra:?}: no '{says}' in:\n{log}");
+        }
+        if extra.is_empty() {
+            // Auto: one CPU for both, the one the VM started on.
+            let line = log
+                .lines()
+                .find(|l| l.contains("vCPU 0 on CPU"))
+                .expect("the pinning is logged");
+            let cpus: Vec<&str> = line.split(" on CPU ").skip(1).collect();
+            assert_eq!(cpus.len(), 2, "{line}");
+            assert_eq!(cpus[0].split(',').next(), Some(cpus[1].trim()), "{line}");
+        }
+        if extra.first() == Some(&"--pin-cpu") && extra.get(1) == Some(&"none") {
+            assert!(!log.contains("vCPU 0 on CPU"), "{log}");
+        }
+    }
+}
