@@ -35,6 +35,7 @@
 
 pub mod pattern;
 pub mod placement;
+pub mod rdma;
 pub mod stats;
 pub mod summary;
 pub mod trace;
@@ -155,6 +156,10 @@ pub struct RegisterEndpoint {
     /// `host:port` of the node's admin HTTP endpoint (`/stats`, `/metrics`), if it has one.
     #[serde(default)]
     pub admin: Option<String>,
+    /// The node's RDMA queue pair and readable memory, for a node whose page traffic may go
+    /// over RDMA (checked: [`rdma::RdmaEndpoint::check`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<rdma::RdmaEndpoint>,
 }
 
 /// `GET /endpoints` element: how to reach one node's page server.
@@ -167,6 +172,9 @@ pub struct Endpoint {
     pub transport: TransportKind,
     /// `host:port` of the page server.
     pub address: String,
+    /// Its RDMA queue pair and readable memory, when it registered them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<rdma::RdmaEndpoint>,
 }
 
 /// `GET /nodes` element.

@@ -30,6 +30,7 @@ fn info(id: NodeId, role: Role) -> NodeInfo {
             node_id: id,
             transport: TransportKind::Tcp,
             address: format!("127.0.0.1:{}", 9000 + id),
+            rdma: None,
         },
         registered_at_ms: 1_700_000_000_000,
         admin: Some(format!("127.0.0.1:{}", 9100 + id)),

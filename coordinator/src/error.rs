@@ -83,6 +83,7 @@ impl AppError {
                 RegistryError::VmIdsExhausted => StatusCode::SERVICE_UNAVAILABLE,
                 RegistryError::BadClusterName(_)
                 | RegistryError::BadAddress { .. }
+                | RegistryError::BadRdma(_)
                 | RegistryError::NotMemoryNode { .. }
                 | RegistryError::OtherCluster { .. }
                 | RegistryError::NotComputeNode { .. }

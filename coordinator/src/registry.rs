@@ -44,6 +44,9 @@ pub enum RegistryError {
         /// Its planned memory.
         memory_mb: u64,
     },
+    /// An RDMA endpoint a peer could not use.
+    #[error("bad RDMA endpoint: {0}")]
+    BadRdma(#[from] pagemesh_api::rdma::RdmaEndpointError),
     /// An endpoint address that is not `host:port`.
     #[error("address {address:?} is not host:port: {reason}")]
     BadAddress {
@@ -276,6 +279,9 @@ impl Registry {
     ) -> Result<Stored<NodeInfo>, RegistryError> {
         let now_ms = lease.now_ms;
         check_address(&req.address)?;
+        if let Some(r) = &req.rdma {
+            r.check()?;
+        }
         if let Some(admin) = &req.admin {
             check_address(admin)?;
         }
@@ -318,6 +324,7 @@ impl Registry {
                 node_id: id,
                 transport: req.transport,
                 address: req.address,
+                rdma: req.rdma,
             },
             registered_at_ms: now_ms,
             admin: req.admin,
@@ -920,6 +927,7 @@ mod tests {
             capacity_bytes,
             cluster: None,
             replace: false,
+            rdma: None,
         }
     }
 

@@ -171,6 +171,8 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         cluster: settings.cluster.clone(),
         replace: settings.replace,
         admin: admin_addr.clone(),
+        // No RDMA transport is built yet (--transport resolved to TCP above).
+        rdma: None,
     };
     let info = coordinator.register_with_coordinator(id, &registration)?;
     let lease = LeaseKeeper::start(&coordinator, &info, registration);

@@ -1,12 +1,20 @@
-//! RDMA: what this host has of it.
+//! RDMA: what this host has of it, and the parts of the RDMA data path.
 //!
-//! The RDMA data path (one-sided RDMA READ of page runs through `ibverbs`, behind the cargo
-//! feature `rdma`) is not built yet; what is here is what `--transport` needs to decide
-//! between RDMA and TCP: the RDMA devices the kernel lists in [`SYSFS_DIR`]. This
-//! development host has none (its kernel has no InfiniBand support, so no soft-RoCE
-//! either).
+//! - [`devices`]: the RDMA devices the kernel lists in [`SYSFS_DIR`], what `--transport`
+//!   decides between RDMA and TCP on. This development host has none (its kernel has no
+//!   InfiniBand support, so no soft-RoCE either).
+//! - [`plan`]: where a memory node's page slots are in the memory it registered, and the
+//!   one-sided RDMA READs that bring a run of pages in (no device needed; tested here).
+//! - `verbs` (cargo feature `rdma`, linking the system's libibverbs): a small wrapper over
+//!   the raw verbs of `ibverbs-sys` that registers memory, connects a reliable queue pair
+//!   and posts those reads. It builds and lints here; nothing has run it on RDMA hardware,
+//!   and the node does not use it yet (docs/rdma.md says what is missing).
 
 use std::path::Path;
+
+pub mod plan;
+#[cfg(feature = "rdma")]
+pub mod verbs;
 
 /// Where the kernel lists RDMA devices (InfiniBand, RoCE, iWARP and soft-RoCE alike).
 pub const SYSFS_DIR: &str = "/sys/class/infiniband";

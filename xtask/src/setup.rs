@@ -14,20 +14,31 @@ use crate::ebpf;
 /// coordinator, pinned so that a new release cannot change what the suite checks.
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
 
-/// Debian packages and the command each provides (checked before installing).
-const PACKAGES: &[(&str, &str)] = &[
+/// Debian packages and the command each provides (checked before installing; a library
+/// without a command is checked by its name with dpkg: `None`).
+const PACKAGES: &[(&str, Option<&str>)] = &[
     // `as` and `objcopy` assemble the built-in test guest (vmm/build.rs).
-    ("binutils", "objcopy"),
+    ("binutils", Some("objcopy")),
     // The end-to-end tests scrape a live node with a real Prometheus server.
-    ("prometheus", "prometheus"),
+    ("prometheus", Some("prometheus")),
     // The console's end-to-end test drives it in a real terminal.
-    ("tmux", "tmux"),
+    ("tmux", Some("tmux")),
     // Tests cut a memory node's link in a network namespace (`ip netns`, veth).
-    ("iproute2", "ip"),
+    ("iproute2", Some("ip")),
     // The coordinator's etcd store: `etcd-client` compiles etcd's protobuf definitions at
     // build time, and the tests run a real three-member etcd cluster.
-    ("protobuf-compiler", "protoc"),
-    ("etcd-server", "etcd"),
+    ("protobuf-compiler", Some("protoc")),
+    ("etcd-server", Some("etcd")),
+    // The RDMA transport's build (`--features rdma`, which CI lints): `ibverbs-sys` builds
+    // rdma-core's headers with cmake (which wants pkg-config and libnl), generates its
+    // bindings with bindgen (libclang), and links the system's libibverbs.
+    ("libibverbs-dev", None),
+    ("cmake", Some("cmake")),
+    ("pkg-config", Some("pkg-config")),
+    ("libnl-3-dev", None),
+    ("libnl-route-3-dev", None),
+    ("libclang-dev", None),
+    ("python3", Some("python3")),
 ];
 
 fn have(cmd: &str) -> bool {
@@ -37,11 +48,19 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Whether dpkg has `package` installed.
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| o.stdout.ends_with(b"install ok installed"))
+}
+
 /// Installs missing packages; checks the devices pagemesh needs.
 pub fn setup() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(_, cmd)| !have(cmd))
+        .filter(|(pkg, cmd)| !cmd.map_or_else(|| installed(pkg), have))
         .map(|(pkg, _)| *pkg)
         .collect();
     if !missing.is_empty() {

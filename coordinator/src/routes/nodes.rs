@@ -197,6 +197,7 @@ mod tests {
                 node_id: 1,
                 transport: TransportKind::Tcp,
                 address: "127.0.0.1:7001".into(),
+                rdma: None,
             }
         );
         assert!(first.registered_at_ms > 0);
@@ -309,6 +310,46 @@ mod tests {
         register(&app, 2, "memory", 0).await;
         let (status, _) = call(&app, "GET", "/nodes/2", None).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    /// A node's RDMA endpoint is kept and listed as registered, GID in hex; one a peer
+    /// could not use is refused saying why.
+    #[tokio::test]
+    async fn an_rdma_endpoint_is_listed_as_registered_and_a_bad_one_refused() {
+        let app = test_app();
+        let rdma = json!({
+            "gid": "fe800000000000000202c9fffe000001", "lid": 3, "qpn": 17, "psn": 4660,
+            "regions": [{"addr": 140_737_488_355_328u64, "len": 1_048_576, "rkey": 99}]
+        });
+        let body = json!({"transport": "rdma", "address": "127.0.0.1:7001", "role": "memory",
+                          "rdma": rdma});
+        let (status, _) = call(&app, "POST", "/nodes/1/endpoint", Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (status, reply) = call(&app, "GET", "/endpoints", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let listed: serde_json::Value = parse(&reply);
+        assert_eq!(listed[0]["rdma"], rdma, "{listed:#}");
+        for (field, value, says) in [
+            (
+                "qpn",
+                json!(1 << 24),
+                "bad RDMA endpoint: RDMA qpn 0x1000000 does not fit 24 bits",
+            ),
+            (
+                "regions",
+                json!([{"addr": 4096, "len": 100, "rkey": 1}]),
+                "bad RDMA endpoint: RDMA region 0 (100 bytes at 0x1000) is not whole, \
+                 page-aligned pages",
+            ),
+        ] {
+            let mut bad = rdma.clone();
+            bad[field] = value;
+            let body = json!({"transport": "rdma", "address": "127.0.0.1:7002",
+                              "role": "memory", "rdma": bad});
+            let (status, reply) = call(&app, "POST", "/nodes/2/endpoint", Some(body)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{field}");
+            assert_eq!(api_error(&reply), says);
+        }
     }
 
     #[tokio::test]

@@ -206,6 +206,7 @@ mod tests {
             capacity_bytes: 1 << 20,
             cluster: None,
             replace: false,
+            rdma: None,
         }
     }
 

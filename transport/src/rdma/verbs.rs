@@ -1,0 +1,496 @@
+//! A small wrapper over the raw verbs (`ibverbs-sys`, the bindings of the `ibverbs` crate)
+//! for one-sided page reads: open a device, register memory a peer may read, connect a
+//! reliable-connected queue pair to a peer's [`RdmaEndpoint`], post the READs
+//! [`super::plan::plan_reads`] planned and poll for their completion.
+//!
+//! Why raw bindings and not `ibverbs`' safe types: its released 0.9 has no RDMA READ, keeps
+//! a region's local key and a queue pair's handle private, and registers only memory it
+//! allocates itself, where a memory node must register its page store and a compute node
+//! its fetch buffers. Each unsafe call below says what it relies on; the types own their
+//! verbs objects and release them in reverse order of creation through lifetimes (a region
+//! or queue pair cannot outlive its protection domain, nor that its device).
+//!
+//! Built with the cargo feature `rdma`; it links the system's libibverbs. Nothing here has
+//! run on RDMA hardware: this project's hosts have none (docs/rdma.md).
+
+use std::ffi::CStr;
+use std::io;
+use std::marker::PhantomData;
+use std::ptr;
+use std::time::{Duration, Instant};
+
+use ibverbs_sys as ffi;
+use pagemesh_api::rdma::{RdmaEndpoint, RdmaRegion};
+
+use super::plan::{MAX_READS, ReadOp};
+
+/// The port every queue pair uses (the first; multi-port devices are not handled yet).
+const PORT: u8 = 1;
+
+/// Errors of the verbs.
+#[derive(thiserror::Error, Debug)]
+pub enum VerbsError {
+    /// libibverbs lists no device (or the kernel has no RDMA support).
+    #[error("no RDMA device: {0}")]
+    NoDevice(String),
+    /// A verbs call failed.
+    #[error("{call} failed")]
+    Call {
+        /// The verb.
+        call: &'static str,
+        /// Its error.
+        #[source]
+        source: io::Error,
+    },
+    /// A READ completed with an error status.
+    #[error("RDMA READ {wr_id} completed with status {status} (vendor error {vendor})")]
+    Completion {
+        /// The work request.
+        wr_id: u64,
+        /// `ibv_wc_status`.
+        status: u32,
+        /// The device's own code.
+        vendor: u32,
+    },
+    /// No completion came in time.
+    #[error("RDMA READ {wr_id} did not complete within {0:?}", .timeout)]
+    Timeout {
+        /// The work request.
+        wr_id: u64,
+        /// How long it was given.
+        timeout: Duration,
+    },
+}
+
+fn call_failed(call: &'static str) -> VerbsError {
+    VerbsError::Call {
+        call,
+        source: io::Error::last_os_error(),
+    }
+}
+
+fn check(call: &'static str, errno: i32) -> Result<(), VerbsError> {
+    match errno {
+        0 => Ok(()),
+        e => Err(VerbsError::Call {
+            call,
+            source: io::Error::from_raw_os_error(e),
+        }),
+    }
+}
+
+/// An open RDMA device and what its first port says about itself.
+pub struct Device {
+    ctx: *mut ffi::ibv_context,
+    port: ffi::ibv_port_attr,
+    gid: [u8; 16],
+}
+
+// SAFETY: a verbs context may be used from any thread (libibverbs serialises what needs it);
+// `Device` hands out no interior pointers.
+unsafe impl Send for Device {}
+// SAFETY: as above: the verbs called through a shared `Device` are thread-safe.
+unsafe impl Sync for Device {}
+
+impl Device {
+    /// Opens the device called `name`, or the first one.
+    pub fn open(name: Option<&str>) -> Result<Device, VerbsError> {
+        let mut n = 0i32;
+        // SAFETY: writes the count to `n`; returns a list to free with
+        // ibv_free_device_list, or null.
+        let list = unsafe { ffi::ibv_get_device_list(&mut n) };
+        if list.is_null() {
+            return Err(VerbsError::NoDevice(io::Error::last_os_error().to_string()));
+        }
+        let mut chosen: *mut ffi::ibv_device = ptr::null_mut();
+        let mut names = Vec::new();
+        for i in 0..n.max(0) as usize {
+            // SAFETY: the list holds `n` valid device pointers.
+            let dev = unsafe { *list.add(i) };
+            // SAFETY: a device of the list has a NUL-terminated name while the list lives.
+            let dev_name = unsafe { CStr::from_ptr(ffi::ibv_get_device_name(dev)) }
+                .to_string_lossy()
+                .into_owned();
+            if chosen.is_null() && name.is_none_or(|want| want == dev_name) {
+                chosen = dev;
+            }
+            names.push(dev_name);
+        }
+        let ctx = match chosen.is_null() {
+            true => ptr::null_mut(),
+            // SAFETY: `chosen` is a device of the live list; the context it opens stays valid
+            // after the list is freed.
+            false => unsafe { ffi::ibv_open_device(chosen) },
+        };
+        // SAFETY: the list came from ibv_get_device_list and is freed once.
+        unsafe { ffi::ibv_free_device_list(list) };
+        if chosen.is_null() {
+            let why = match (name, names.is_empty()) {
+                (_, true) => "libibverbs lists none".to_owned(),
+                (Some(want), false) => format!("no {want} among {}", names.join(", ")),
+                (None, false) => unreachable!("the first device is chosen"),
+            };
+            return Err(VerbsError::NoDevice(why));
+        }
+        if ctx.is_null() {
+            return Err(call_failed("ibv_open_device"));
+        }
+        let mut port = ffi::ibv_port_attr::default();
+        // SAFETY: `ctx` is open; the port attributes are written to `port`, whose type the
+        // binding's compat struct shares its layout with.
+        let rc = unsafe {
+            ffi::ibv_query_port(ctx, PORT, &mut port as *mut ffi::ibv_port_attr as *mut _)
+        };
+        let mut gid = ffi::ibv_gid::default();
+        // SAFETY: as above; GID index 0 of the port is written to `gid`.
+        let gid_rc = unsafe { ffi::ibv_query_gid(ctx, PORT, 0, &mut gid) };
+        let device = Device {
+            ctx,
+            port,
+            // SAFETY: every bit pattern of the union is a valid byte array.
+            gid: unsafe { gid.raw },
+        };
+        check("ibv_query_port", rc)?;
+        check("ibv_query_gid", gid_rc)?;
+        Ok(device)
+    }
+
+    /// A protection domain for regions and queue pairs that work together.
+    pub fn protection_domain(&self) -> Result<ProtectionDomain<'_>, VerbsError> {
+        // SAFETY: `self.ctx` is an open context.
+        let pd = unsafe { ffi::ibv_alloc_pd(self.ctx) };
+        if pd.is_null() {
+            return Err(call_failed("ibv_alloc_pd"));
+        }
+        Ok(ProtectionDomain { pd, device: self })
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // SAFETY: opened in `open`, closed once; everything made from it borrowed it and is
+        // gone.
+        unsafe { ffi::ibv_close_device(self.ctx) };
+    }
+}
+
+/// A protection domain of a [`Device`].
+pub struct ProtectionDomain<'d> {
+    pd: *mut ffi::ibv_pd,
+    device: &'d Device,
+}
+
+impl ProtectionDomain<'_> {
+    /// Registers `len` bytes at `addr`: readable by peers (`remote_read`: a memory node's
+    /// page store) or written by this node's READs (a compute node's fetch buffer).
+    ///
+    /// # Safety
+    /// `addr..addr + len` must stay mapped (and, with `remote_read`, hold nothing a peer
+    /// must not read) for as long as the region lives.
+    pub unsafe fn register(
+        &self,
+        addr: *mut u8,
+        len: usize,
+        remote_read: bool,
+    ) -> Result<Region<'_>, VerbsError> {
+        let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
+        if remote_read {
+            access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
+        }
+        // SAFETY: `self.pd` is live; the caller keeps the memory mapped while registered.
+        let mr = unsafe { ffi::ibv_reg_mr(self.pd, addr.cast(), len, access.0 as i32) };
+        if mr.is_null() {
+            return Err(call_failed("ibv_reg_mr"));
+        }
+        Ok(Region {
+            mr,
+            _pd: PhantomData,
+        })
+    }
+
+    /// A completion queue and a reliable-connected queue pair that reads (at most
+    /// [`MAX_READS`] reads outstanding), not connected yet.
+    pub fn reader(&self) -> Result<Reader<'_>, VerbsError> {
+        let depth = MAX_READS as i32;
+        // SAFETY: the context is open; no completion channel, no context pointer.
+        let cq = unsafe {
+            ffi::ibv_create_cq(self.device.ctx, depth, ptr::null_mut(), ptr::null_mut(), 0)
+        };
+        if cq.is_null() {
+            return Err(call_failed("ibv_create_cq"));
+        }
+        let mut init = ffi::ibv_qp_init_attr {
+            qp_context: ptr::null_mut(),
+            send_cq: cq,
+            recv_cq: cq,
+            srq: ptr::null_mut(),
+            cap: ffi::ibv_qp_cap {
+                max_send_wr: MAX_READS as u32,
+                max_recv_wr: 1,
+                max_send_sge: 1,
+                max_recv_sge: 1,
+                max_inline_data: 0,
+            },
+            qp_type: ffi::ibv_qp_type::IBV_QPT_RC,
+            sq_sig_all: 0,
+        };
+        // SAFETY: the PD and the CQ are live; `init` is a valid init attribute.
+        let qp = unsafe { ffi::ibv_create_qp(self.pd, &mut init) };
+        if qp.is_null() {
+            let e = call_failed("ibv_create_qp");
+            // SAFETY: created above, used by nothing.
+            unsafe { ffi::ibv_destroy_cq(cq) };
+            return Err(e);
+        }
+        Ok(Reader {
+            qp,
+            cq,
+            device: self.device,
+            _pd: PhantomData,
+        })
+    }
+}
+
+impl Drop for ProtectionDomain<'_> {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `protection_domain`, freed once; its regions and queue
+        // pairs borrowed it and are gone.
+        unsafe { ffi::ibv_dealloc_pd(self.pd) };
+    }
+}
+
+/// Registered memory.
+pub struct Region<'p> {
+    mr: *mut ffi::ibv_mr,
+    _pd: PhantomData<&'p ()>,
+}
+
+impl Region<'_> {
+    /// What a peer needs to read it (its address, length and remote key).
+    pub fn remote(&self) -> RdmaRegion {
+        // SAFETY: `self.mr` is a live registration.
+        let mr = unsafe { &*self.mr };
+        RdmaRegion {
+            addr: mr.addr as u64,
+            len: mr.length as u64,
+            rkey: mr.rkey,
+        }
+    }
+
+    /// The local key, for READs into it.
+    pub fn lkey(&self) -> u32 {
+        // SAFETY: `self.mr` is a live registration.
+        unsafe { (*self.mr).lkey }
+    }
+}
+
+impl Drop for Region<'_> {
+    fn drop(&mut self) {
+        // SAFETY: registered in `register`, deregistered once.
+        unsafe { ffi::ibv_dereg_mr(self.mr) };
+    }
+}
+
+/// A reliable-connected queue pair that reads from one peer, with its completion queue.
+pub struct Reader<'p> {
+    qp: *mut ffi::ibv_qp,
+    cq: *mut ffi::ibv_cq,
+    device: &'p Device,
+    _pd: PhantomData<&'p ()>,
+}
+
+impl Reader<'_> {
+    /// What the peer needs to connect to this queue pair (no regions: a reader exposes
+    /// none), its first packet sequence number `psn`.
+    pub fn endpoint(&self, psn: u32) -> RdmaEndpoint {
+        RdmaEndpoint {
+            gid: self.device.gid,
+            lid: self.device.port.lid,
+            // SAFETY: `self.qp` is a live queue pair.
+            qpn: unsafe { (*self.qp).qp_num },
+            psn,
+            regions: Vec::new(),
+        }
+    }
+
+    /// Connects to `peer` (INIT, ready to receive, ready to send), sending from `psn`.
+    pub fn connect(&mut self, peer: &RdmaEndpoint, psn: u32) -> Result<(), VerbsError> {
+        use ffi::ibv_qp_attr_mask as m;
+        let mut attr = ffi::ibv_qp_attr {
+            qp_state: ffi::ibv_qp_state::IBV_QPS_INIT,
+            pkey_index: 0,
+            port_num: PORT,
+            qp_access_flags: ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0,
+            ..Default::default()
+        };
+        let mask = m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS;
+        self.modify(&mut attr, mask, "ibv_modify_qp (INIT)")?;
+
+        let mut attr = ffi::ibv_qp_attr {
+            qp_state: ffi::ibv_qp_state::IBV_QPS_RTR,
+            path_mtu: self.device.port.active_mtu,
+            dest_qp_num: peer.qpn,
+            rq_psn: peer.psn,
+            max_dest_rd_atomic: 1,
+            min_rnr_timer: 12,
+            ah_attr: ffi::ibv_ah_attr {
+                dlid: peer.lid,
+                port_num: PORT,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        if peer.gid != [0; 16] {
+            // Routed by GID (RoCE, or InfiniBand across subnets).
+            attr.ah_attr.is_global = 1;
+            attr.ah_attr.grh.dgid = ffi::ibv_gid { raw: peer.gid };
+            attr.ah_attr.grh.hop_limit = 0xff;
+            attr.ah_attr.grh.sgid_index = 0;
+        }
+        let mask = m::IBV_QP_STATE
+            | m::IBV_QP_AV
+            | m::IBV_QP_PATH_MTU
+            | m::IBV_QP_DEST_QPN
+            | m::IBV_QP_RQ_PSN
+            | m::IBV_QP_MAX_DEST_RD_ATOMIC
+            | m::IBV_QP_MIN_RNR_TIMER;
+        self.modify(&mut attr, mask, "ibv_modify_qp (RTR)")?;
+
+        let mut attr = ffi::ibv_qp_attr {
+            qp_state: ffi::ibv_qp_state::IBV_QPS_RTS,
+            sq_psn: psn,
+            timeout: 14,
+            retry_cnt: 7,
+            rnr_retry: 7,
+            max_rd_atomic: 1,
+            ..Default::default()
+        };
+        let mask = m::IBV_QP_STATE
+            | m::IBV_QP_SQ_PSN
+            | m::IBV_QP_TIMEOUT
+            | m::IBV_QP_RETRY_CNT
+            | m::IBV_QP_RNR_RETRY
+            | m::IBV_QP_MAX_QP_RD_ATOMIC;
+        self.modify(&mut attr, mask, "ibv_modify_qp (RTS)")
+    }
+
+    fn modify(
+        &mut self,
+        attr: &mut ffi::ibv_qp_attr,
+        mask: ffi::ibv_qp_attr_mask,
+        call: &'static str,
+    ) -> Result<(), VerbsError> {
+        // SAFETY: `self.qp` is live; `attr` is a valid attribute for the fields in `mask`.
+        check(call, unsafe {
+            ffi::ibv_modify_qp(self.qp, attr, mask.0 as i32)
+        })
+    }
+
+    /// Reads `reads` (planned over the peer's regions) into `local`, whose start is the run's
+    /// buffer, and waits up to `timeout` for the last one: the reads go as one chain of work
+    /// requests, only the last signalled (a queue pair completes its requests in order).
+    ///
+    /// # Safety
+    /// Every read's `local_offset + len` must lie inside `local`, which must stay untouched
+    /// by anyone else until this returns; the queue pair must be connected to the peer the
+    /// reads were planned for.
+    pub unsafe fn read(
+        &mut self,
+        reads: &[ReadOp],
+        local: &Region<'_>,
+        wr_id: u64,
+        timeout: Duration,
+    ) -> Result<(), VerbsError> {
+        let Some(last) = reads.len().checked_sub(1) else {
+            return Ok(());
+        };
+        let base = local.remote().addr;
+        let mut sges = [ffi::ibv_sge::default(); MAX_READS];
+        let mut wrs: [ffi::ibv_send_wr; MAX_READS] = [Default::default(); MAX_READS];
+        for (i, r) in reads.iter().enumerate().take(MAX_READS) {
+            sges[i] = ffi::ibv_sge {
+                addr: base + r.local_offset as u64,
+                length: r.len,
+                lkey: local.lkey(),
+            };
+        }
+        let wr_base = wrs.as_mut_ptr();
+        let sge_base = sges.as_mut_ptr();
+        for (i, r) in reads.iter().enumerate().take(MAX_READS) {
+            let wr = &mut wrs[i];
+            wr.wr_id = wr_id;
+            // SAFETY: `i < MAX_READS`, inside `sges`, which outlives the post.
+            wr.sg_list = unsafe { sge_base.add(i) };
+            wr.num_sge = 1;
+            wr.opcode = ffi::ibv_wr_opcode::IBV_WR_RDMA_READ;
+            wr.send_flags = match i == last {
+                true => ffi::ibv_send_flags::IBV_SEND_SIGNALED.0,
+                false => 0,
+            };
+            wr.wr.rdma.remote_addr = r.remote_addr;
+            wr.wr.rdma.rkey = r.rkey;
+            wr.next = match i == last {
+                true => ptr::null_mut(),
+                // SAFETY: `i + 1 <= last < MAX_READS`, inside `wrs`.
+                false => unsafe { wr_base.add(i + 1) },
+            };
+        }
+        let mut bad = ptr::null_mut();
+        // SAFETY: `self.qp` is live and its context's ops table is libibverbs' own; the chain
+        // points into `wrs` and `sges`, which live until this returns, after the completion.
+        let errno = unsafe {
+            let ops = &mut (*(*self.qp).context).ops;
+            let post = ops.post_send.expect("libibverbs fills in post_send");
+            post(self.qp, wr_base, &mut bad)
+        };
+        check("ibv_post_send", errno)?;
+        self.wait(wr_id, timeout)
+    }
+
+    /// Polls the completion queue until `wr_id` completes or `timeout` passes.
+    fn wait(&mut self, wr_id: u64, timeout: Duration) -> Result<(), VerbsError> {
+        let start = Instant::now();
+        let mut wc = [ffi::ibv_wc::default(); 4];
+        loop {
+            // SAFETY: `self.cq` is live; at most `wc.len()` completions are written to `wc`.
+            let n = unsafe {
+                let ops = &mut (*(*self.cq).context).ops;
+                let poll = ops.poll_cq.expect("libibverbs fills in poll_cq");
+                poll(self.cq, wc.len() as i32, wc.as_mut_ptr())
+            };
+            if n < 0 {
+                return Err(VerbsError::Call {
+                    call: "ibv_poll_cq",
+                    source: io::Error::other("polling the completion queue failed"),
+                });
+            }
+            for c in &wc[..n as usize] {
+                if let Some((status, vendor)) = c.error() {
+                    return Err(VerbsError::Completion {
+                        wr_id: c.wr_id(),
+                        status,
+                        vendor,
+                    });
+                }
+                if c.wr_id() == wr_id {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() >= timeout {
+                return Err(VerbsError::Timeout { wr_id, timeout });
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created in `reader`, destroyed once, the queue pair before its completion
+        // queue.
+        unsafe {
+            ffi::ibv_destroy_qp(self.qp);
+            ffi::ibv_destroy_cq(self.cq);
+        }
+    }
+}
