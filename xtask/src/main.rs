@@ -118,6 +118,20 @@ fn test(args: TestArgs) -> anyhow::Result<()> {
             ("PAGEMESH_SCHEMATHESIS", setup::schemathesis().as_os_str()),
         ],
     )?;
+    // The RDMA verbs wrapper against the real libibverbs (on a host without a device: the
+    // error that says so).
+    cmd::cargo(
+        &root,
+        &[
+            "test",
+            "-p",
+            "pagemesh-transport",
+            "--features",
+            "rdma",
+            "--lib",
+            "rdma",
+        ],
+    )?;
     if args.fuzz_seconds > 0 {
         fuzz::fuzz(&fuzz::FuzzArgs {
             seconds: args.fuzz_seconds,

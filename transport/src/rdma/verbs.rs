@@ -494,3 +494,34 @@ impl Drop for Reader<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against the real libibverbs: on a host without an RDMA device (this project's), opening
+    /// one is a clear error, not a crash; on a host with one, the device opens and a reader's
+    /// endpoint is one a peer can use.
+    #[test]
+    fn opening_a_device_says_why_there_is_none_or_gives_a_usable_endpoint() {
+        match Device::open(None) {
+            Err(VerbsError::NoDevice(why)) => {
+                assert!(
+                    crate::rdma::devices().is_empty(),
+                    "libibverbs lists no device ({why}) where the kernel lists some"
+                );
+            }
+            Err(e) => panic!("opening the first RDMA device failed: {e}"),
+            Ok(device) => {
+                let pd = device.protection_domain().unwrap();
+                let reader = pd.reader().unwrap();
+                let endpoint = reader.endpoint(0x1234);
+                assert_eq!(endpoint.check(), Ok(()));
+            }
+        }
+        let e = Device::open(Some("no-such-device"))
+            .err()
+            .expect("no such device");
+        assert!(matches!(e, VerbsError::NoDevice(_)), "{e}");
+    }
+}
