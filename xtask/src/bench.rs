@@ -864,14 +864,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         .zip(&baseline_per_case)
         .zip(&recordings)
     {
-        if let Some(t) = case.tier {
-            tiers.push(tier_row(case, t, per_run, &mem));
-            continue;
-        }
         let vs_baseline = (!baseline_runs.is_empty()).then(|| {
             let change = paired_change(&us_per_page(per_run), &us_per_page(baseline_runs));
             (case.name, change)
         });
+        if let Some(t) = case.tier {
+            let mut row = tier_row(case, t, per_run, &mem);
+            row["vs_baseline"] = json!(vs_baseline.as_ref().map(|(_, c)| c));
+            tiers.push(row);
+            changes.extend(vs_baseline);
+            continue;
+        }
         let get = |f: fn(&RunSummary) -> f64| median(per_run.iter().map(f).collect());
         let (us_per_page, p50, p90, p99) = (
             get(|s| s.us_per_page),
