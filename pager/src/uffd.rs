@@ -479,11 +479,8 @@ mod tests {
 
     use super::*;
 
-    /// A real userfaultfd over a real anonymous mapping: a thread touching it blocks until
-    /// we copy the page in.
-    #[test]
-    fn copy_resolves_a_fault_and_eexist_is_reported() {
-        let len = 4 * 4096;
+    /// A fresh anonymous mapping of `len` bytes (the tests unmap it at their end).
+    fn anonymous(len: usize) -> *mut libc::c_void {
         // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
         let base = unsafe {
             libc::mmap(
@@ -496,6 +493,15 @@ mod tests {
             )
         };
         assert_ne!(base, libc::MAP_FAILED);
+        base
+    }
+
+    /// A real userfaultfd over a real anonymous mapping: a thread touching it blocks until
+    /// we copy the page in.
+    #[test]
+    fn copy_resolves_a_fault_and_eexist_is_reported() {
+        let len = 4 * 4096;
+        let base = anonymous(len);
         let uffd = Uffd::new().unwrap();
         uffd.register_missing(base as u64, len as u64).unwrap();
         let addr = base as u64 + 4096;
@@ -528,18 +534,7 @@ mod tests {
     #[test]
     fn poll_fault_spins_then_sleeps_and_a_dontwake_copy_waits_for_the_wake() {
         let len = 2 * 4096;
-        // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
+        let base = anonymous(len);
         let uffd = Uffd::new().unwrap();
         uffd.register_missing(base as u64, len as u64).unwrap();
         uffd.set_nonblocking().unwrap();
@@ -574,18 +569,7 @@ mod tests {
     #[test]
     fn poll_fault_sleeps_once_its_spin_is_over() {
         let len = 4096;
-        // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
+        let base = anonymous(len);
         let uffd = std::sync::Arc::new(Uffd::new().unwrap());
         uffd.register_missing(base as u64, len as u64).unwrap();
         uffd.set_nonblocking().unwrap();
