@@ -62,7 +62,10 @@ pub enum StoreError {
         page: u64,
     },
     /// Not enough free slots.
-    #[error("no room for {needed} more pages; {free} of this node's pages are free")]
+    #[error(
+        "no room for {needed} more {}; {free} of this node's pages are free",
+        if *needed == 1 { "page" } else { "pages" }
+    )]
     NoCapacity {
         /// Pages the operation needs.
         needed: u64,
@@ -747,6 +750,17 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn no_room_for_one_page_says_page() {
+        let one = StoreError::NoCapacity { needed: 1, free: 0 };
+        assert_eq!(
+            one.to_string(),
+            "no room for 1 more page; 0 of this node's pages are free"
+        );
+        let nine = StoreError::NoCapacity { needed: 9, free: 2 };
+        assert!(nine.to_string().starts_with("no room for 9 more pages;"));
+    }
 
     fn vm(id: VmId, placement: Placement, content: Content) -> Vm {
         Vm {
