@@ -198,11 +198,26 @@ pub enum Op {
     /// reply asked for it ([`AuthScheme::ClusterKey`]); a wrong proof is refused with
     /// [`Status::Unauthenticated`] and the connection closed.
     Auth = 9,
+    /// Where `count` pages from `page` on are in the server's page store: the reply's payload
+    /// is a little-endian `u32` slot per page ([`SLOT_BYTES`] each), [`NO_SLOT`] for a page
+    /// it does not hold. What a reader needs to address a page in the regions the server
+    /// registered for RDMA (`pagemesh_transport::rdma::plan`); `count` is 1 to
+    /// [`MAX_SLOTS`]. A slot stays the page's while the server holds it.
+    Slots = 10,
 }
+
+/// Bytes per slot in an [`Op::Slots`] reply.
+pub const SLOT_BYTES: u32 = 4;
+
+/// The slot of a page the server does not hold, in an [`Op::Slots`] reply.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// The most pages one [`Op::Slots`] request asks about (its reply fills a run's payload).
+pub const MAX_SLOTS: u32 = MAX_RUN_BYTES as u32 / SLOT_BYTES;
 
 impl Op {
     /// Every op, in code order.
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 10] = [
         Op::Hello,
         Op::Fetch,
         Op::Read,
@@ -212,6 +227,7 @@ impl Op {
         Op::Release,
         Op::Ack,
         Op::Auth,
+        Op::Slots,
     ];
 
     /// Whether the op names a run of pages with `page` and `count`.
@@ -231,6 +247,7 @@ impl Op {
             Op::Release => "Release",
             Op::Ack => "Ack",
             Op::Auth => "Auth",
+            Op::Slots => "Slots",
         }
     }
 }
@@ -362,6 +379,9 @@ pub enum FrameError {
         /// The count it carried.
         count: u32,
     },
+    /// A Slots request or reply for no pages or more than [`MAX_SLOTS`].
+    #[error("Slots of {0} pages; it asks about 1 to 262144 pages")]
+    BadSlotCount(u32),
     /// A payload length the op and status do not allow.
     #[error("{op} frame with a payload of {len} bytes; it must have {expected}")]
     BadLength {
@@ -693,6 +713,7 @@ impl Header {
                     Op::WriteBack if self.is_packed() => return self.packed_len(op),
                     Op::WriteBack => (op, self.run_pages(op)? * PAGE_BYTES),
                     Op::Auth => (op, PROOF_BYTES),
+                    Op::Slots => (op, self.slot_count().map(|_| 0)?),
                     _ => (op, 0),
                 }
             }
@@ -713,6 +734,7 @@ impl Header {
                     Op::Hello => return self.hello_len(),
                     Op::Fetch | Op::Read => (op, self.run_pages(op)? * PAGE_BYTES),
                     Op::Auth => (op, PROOF_BYTES),
+                    Op::Slots => (op, self.slot_count()? * SLOT_BYTES),
                     _ => (op, 0),
                 }
             }
@@ -780,6 +802,15 @@ impl Header {
     }
 
     /// `count`, if it is a valid run length for `op`.
+    fn slot_count(&self) -> Result<u32, FrameError> {
+        let count = self.count();
+        if (1..=MAX_SLOTS).contains(&count) {
+            Ok(count)
+        } else {
+            Err(FrameError::BadSlotCount(count))
+        }
+    }
+
     fn run_pages(&self, op: Op) -> Result<u32, FrameError> {
         let count = self.count();
         if (1..=MAX_RUN_PAGES).contains(&count) {
@@ -996,7 +1027,11 @@ mod tests {
             cluster(),
         )
             .prop_map(|(op, id, vm, page, count, seed, cluster)| {
-                let count = if op.carries_run() { count } else { 0 };
+                let count = if op.carries_run() || op == Op::Slots {
+                    count
+                } else {
+                    0
+                };
                 let mut h = Header::request(op, id, vm, page, count).with_ack(seed);
                 let mut hello = seed.to_le_bytes().to_vec();
                 hello.extend_from_slice(&noise(seed, NONCE_LEN));
@@ -1038,6 +1073,9 @@ mod tests {
                     payload.extend_from_slice(&cluster);
                 }
                 Op::Auth => payload = noise(seed, PROOF_LEN),
+                Op::Slots => {
+                    payload = noise(seed, req.header.count() as usize * SLOT_BYTES as usize);
+                }
                 _ => h = h.with_page(page),
             }
             let h = h.with_payload_len(payload.len() as u32);
@@ -1473,14 +1511,44 @@ mod tests {
     }
 
     #[test]
+    fn slots_ask_about_1_to_max_slots_pages_and_answer_4_bytes_each() {
+        let ask = |count| Header::request(Op::Slots, 1, 7, 0, count).to_bytes();
+        assert_eq!(check(&ask(1), Direction::Request), Ok(HEADER_LEN));
+        assert_eq!(check(&ask(MAX_SLOTS), Direction::Request), Ok(HEADER_LEN));
+        for bad in [0, MAX_SLOTS + 1] {
+            assert_eq!(
+                check(&ask(bad), Direction::Request),
+                Err(FrameError::BadSlotCount(bad))
+            );
+        }
+        let req = Header::request(Op::Slots, 1, 7, 0, 3);
+        let reply = req
+            .reply(Status::Ok)
+            .with_payload_len(12)
+            .with_checksum(&[0; 12]);
+        let mut frame = reply.to_bytes().to_vec();
+        frame.extend_from_slice(&[0; 12]);
+        assert_eq!(check(&frame, Direction::Response), Ok(HEADER_LEN + 12));
+        let short = req.reply(Status::Ok).with_payload_len(8).to_bytes();
+        assert_eq!(
+            check(&short, Direction::Response),
+            Err(FrameError::BadLength {
+                op: Op::Slots,
+                len: 8,
+                expected: 12
+            })
+        );
+    }
+
+    #[test]
     fn unknown_ops_and_statuses() {
         let mut b = Header::request(Op::Held, 1, 1, 0, 0).to_bytes();
         b[5] = 0;
         assert_eq!(check(&b, Direction::Request), Err(FrameError::UnknownOp(0)));
-        b[5] = 10;
+        b[5] = 11;
         assert_eq!(
             check(&b, Direction::Request),
-            Err(FrameError::UnknownOp(10))
+            Err(FrameError::UnknownOp(11))
         );
         // An error reply may echo an op the server does not know.
         let mut msg = [0u8; HEADER_LEN + 8];

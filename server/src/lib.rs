@@ -1250,6 +1250,13 @@ fn dispatch(
             debug!(%peer, vm, held, "loaded VM pages");
             ok.with_page(held)
         }),
+        Ok(Op::Slots) => {
+            let len = request.count() * pagemesh_protocol::SLOT_BYTES;
+            ctx.store
+                .slots(vm, page, &mut body[..len as usize])
+                .map(|()| ok.with_payload_len(len))
+                .map_err(Refusal::from)
+        }
         Ok(Op::Held) => ctx
             .store
             .held(vm)
@@ -1474,6 +1481,40 @@ mod tests {
         assert_eq!(server.ctx.pages_claimed(), 4);
         assert_eq!(server.ctx.pages_served(), 4);
         assert_eq!(server.ctx.store.total_held(), 0);
+    }
+
+    /// Slots name where held pages are (distinct, inside the store), pages not held have
+    /// none, a claimed page loses its slot and a written-back one gets one again.
+    #[test]
+    fn slots_say_where_held_pages_are_and_follow_claims_and_write_backs() {
+        use pagemesh_protocol::NO_SLOT;
+        let server = Running::start(100);
+        let mut peer = server.peer();
+        assert_eq!(peer.load(7).unwrap(), 32);
+        let slots = peer.slots(7, 0, 64).unwrap();
+        assert_eq!(slots.len(), 64);
+        let held: std::collections::BTreeSet<u32> = slots[..32].iter().copied().collect();
+        assert_eq!(held.len(), 32, "distinct slots: {slots:?}");
+        assert!(held.iter().all(|&s| s < 100), "{slots:?}");
+        assert!(slots[32..].iter().all(|&s| s == NO_SLOT), "{slots:?}");
+        // Claimed (fetched and acknowledged): no slot any more.
+        let mut run = vec![0u8; 4 * PAGE_SIZE];
+        peer.fetch(7, 10, &mut run).unwrap();
+        assert_eq!(peer.held(7).unwrap(), 28);
+        let after = peer.slots(7, 8, 8).unwrap();
+        assert_eq!(after[..2], slots[8..10]);
+        assert_eq!(after[2..6], [NO_SLOT; 4]);
+        assert_eq!(after[6..], slots[14..16]);
+        // Written back: held again, in a slot no other page has.
+        peer.write_back(7, 11, &run[..PAGE_SIZE]).unwrap();
+        let back = peer.slots(7, 11, 1).unwrap()[0];
+        assert_ne!(back, NO_SLOT);
+        let now = peer.slots(7, 0, 32).unwrap();
+        assert_eq!(now.iter().filter(|&&s| s == back).count(), 1, "{now:?}");
+        // A VM the store does not know is an error, not a list of no slots.
+        let (status, message) = remote_status(peer.slots(9, 0, 1).map(drop));
+        assert_eq!(status, Status::UnknownVm, "{message}");
+        assert!(message.contains("VM 9"), "{message}");
     }
 
     #[test]

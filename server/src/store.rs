@@ -654,6 +654,23 @@ impl PageStore {
             .ok_or(StoreError::UnknownVm(vm))
     }
 
+    /// Where `out.len() / 4` pages of `vm` from `first` on are in the slab: a little-endian
+    /// slot per page, [`pagemesh_protocol::NO_SLOT`] for a page not held (the page
+    /// protocol's Slots reply). A slot is a page's while the store holds it: a fetch that
+    /// claims it, a release or a write-back into a page not held changes it.
+    pub fn slots(&self, vm: VmId, first: u64, out: &mut [u8]) -> Result<(), StoreError> {
+        let inner = self.lock();
+        let pages = inner.vms.get(&vm).ok_or(StoreError::UnknownVm(vm))?;
+        for (i, slot) in out.chunks_exact_mut(4).enumerate() {
+            let at = first
+                .checked_add(i as u64)
+                .and_then(|p| pages.slots.get(&p));
+            let s = at.copied().unwrap_or(pagemesh_protocol::NO_SLOT);
+            slot.copy_from_slice(&s.to_le_bytes());
+        }
+        Ok(())
+    }
+
     /// Drops every page of `vm` and forgets the VM; returns how many pages were dropped.
     pub fn release(&self, vm: VmId) -> Result<u64, StoreError> {
         let mut inner = self.lock();

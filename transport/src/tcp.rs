@@ -1126,6 +1126,28 @@ impl PageSource for TcpPeer {
 }
 
 impl TcpPeer {
+    /// Where `count` pages of `vm` from `first` on are in the peer's page store: a slot per
+    /// page, [`pagemesh_protocol::NO_SLOT`] for a page it does not hold ([`Op::Slots`]; what
+    /// an RDMA reader addresses pages by, `crate::rdma::plan`). Asks in requests of at most
+    /// [`pagemesh_protocol::MAX_SLOTS`] pages. Not on the fault path: it allocates.
+    pub fn slots(&mut self, vm: VmId, first: u64, count: u64) -> Result<Vec<u32>, TransportError> {
+        let mut slots = Vec::with_capacity(count.min(1 << 24) as usize);
+        let mut bytes = Vec::new();
+        let mut done = 0u64;
+        while done < count {
+            let n = (count - done).min(u64::from(pagemesh_protocol::MAX_SLOTS)) as u32;
+            bytes.resize(n as usize * pagemesh_protocol::SLOT_BYTES as usize, 0);
+            self.exchange(Op::Slots, vm, first + done, n, &[], &mut bytes)?;
+            slots.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            done += u64::from(n);
+        }
+        Ok(slots)
+    }
+
     /// Fetches or reads `runs` in batches of [`MAX_BATCH`], marking the runs filled; the
     /// first refusal is returned once every batch is done, any other failure at once.
     fn runs(&mut self, op: Op, vm: VmId, runs: &mut [Run<'_>]) -> Result<(), TransportError> {
