@@ -437,3 +437,41 @@ fn every_fault_path_serves_every_page_right() {
         }
     }
 }
+
+/// `--dump-ram` writes the guest's whole RAM when it stops: the pages it touched and, fetched
+/// for the dump through the still-running pager, the ones it never did; every page is the
+/// memory node's pattern.
+#[test]
+fn the_dumped_ram_is_every_page_of_the_guest_touched_or_not() {
+    let mut c = cluster("dump-ram");
+    let file = c.dir.join("ram.img");
+    let path = file.display().to_string();
+    let args = [
+        "--mem",
+        "16MiB",
+        "--workload",
+        "verify",
+        "--range",
+        "0:8MiB",
+        "--seed",
+        "5",
+        "--dump-ram",
+        &path,
+    ];
+    let (status, s, proc) = c.run_compute(&args, RUN_TIMEOUT).unwrap();
+    let log = proc.log_tail();
+    assert!(status.success(), "{status}: {log}");
+    assert!(s.ok, "{s:#?}");
+    assert!(log.contains("guest RAM written to"), "{log}");
+    let ram = std::fs::read(&file).unwrap();
+    assert_eq!(ram.len(), 16 << 20);
+    for (page, bytes) in ram.chunks_exact(4096).enumerate() {
+        assert_eq!(
+            pagemesh_api::pattern::first_mismatch(5, page as u64, bytes),
+            None,
+            "page {page} of the dump"
+        );
+    }
+    // The guest touched half; the dump brought in the other half.
+    assert_eq!(s.faults.remote, 4096, "{s:#?}");
+}

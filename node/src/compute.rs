@@ -66,6 +66,8 @@ pub struct RunOptions {
     pub huge_pages: bool,
     /// vCPUs, which share the workload's pages out between them.
     pub vcpus: u8,
+    /// Write guest RAM to this file when the guest stops (`--dump-ram`).
+    pub dump_ram: Option<std::path::PathBuf>,
 }
 
 /// Creates the VM and runs the workload to its end through the [`run_vm`] lifecycle, or
@@ -93,6 +95,7 @@ pub fn run_guest(
         faults: opts.faults,
         signals,
         idle: Duration::MAX,
+        dump_ram: opts.dump_ram.as_deref(),
     };
     let ended = run_vm(&mut machine, launch, |pager| {
         observe(LiveRun {

@@ -450,6 +450,13 @@ pub struct ComputeOptions {
     #[arg(long)]
     pub wake_separately: bool,
 
+    /// When the guest stops (its end, or a stop signal), write its whole RAM to this file
+    /// before the pager stops: pages still on memory nodes are fetched for it, so the file
+    /// is the guest's memory as it was (a RAM image for `--image`; its fetches count in
+    /// the run's faults).
+    #[arg(long, value_name = "FILE")]
+    pub dump_ram: Option<PathBuf>,
+
     /// Write the run summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -8,6 +8,7 @@
 //! it), and one channel tells the waiting thread what happened. The pager borrows guest RAM
 //! through [`GuestRam`], so it cannot outlive the machine that maps it.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -88,6 +89,8 @@ pub struct Launch<'a> {
     pub signals: Option<&'a StopSignals>,
     /// How long nothing may happen before [`GuestMachine::on_idle`] runs.
     pub idle: Duration,
+    /// Write guest RAM here when the guest has stopped, before the pager does.
+    pub dump_ram: Option<&'a Path>,
 }
 
 /// Where vCPU 0 and the fault handler run, and how the handler waits for faults
@@ -122,6 +125,27 @@ impl FaultSetup {
             handler_cpu: None,
             path: FaultPath::default(),
         }
+    }
+}
+
+/// Writes guest RAM to `path` through the still-running pager (`--dump-ram`); a failure is
+/// logged, the run goes on to its end.
+fn dump_ram(pager: &Pager<'_>, path: &Path) {
+    let started = Instant::now();
+    let written = std::fs::File::create(path).and_then(|f| {
+        let mut out = std::io::BufWriter::new(f);
+        let n = pager.write_ram(&mut out)?;
+        std::io::Write::flush(&mut out)?;
+        Ok(n)
+    });
+    match written {
+        Ok(n) => tracing::info!(
+            "guest RAM written to {} ({} MiB in {:.1} s)",
+            path.display(),
+            n >> 20,
+            started.elapsed().as_secs_f64()
+        ),
+        Err(e) => tracing::error!("cannot write guest RAM to {}: {e}", path.display()),
     }
 }
 
@@ -324,6 +348,9 @@ pub fn run_vm<M: GuestMachine>(
 
     let (stats, cache, pager_failure, working_set) = match pager {
         Some(p) => {
+            if let Some(path) = launch.dump_ram {
+                dump_ram(&p, path);
+            }
             // Stop first: the guest is woken by the install, before the handler has counted
             // the last fault. A handler that failed returns its error here.
             let counters = p.stats().clone();

@@ -153,6 +153,7 @@ pub fn run_linux(
         signals: Some(signals),
         // Every 10 s without news, log where the guest is.
         idle: Duration::from_secs(10),
+        dump_ram: settings.compute.dump_ram.as_deref(),
     };
     let ended = run_vm(&mut machine, launch, |pager| {
         *admin.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveRun {

@@ -348,6 +348,7 @@ fn run_compute(
         faults: FaultSetup::of(c),
         huge_pages: c.huge_pages,
         vcpus: settings.linux.vcpus,
+        dump_ram: c.dump_ram.clone(),
     };
     let probes = load_probes(
         settings,
@@ -510,6 +511,7 @@ fn run_local(id: NodeId, settings: &Settings, backing: BackingArg) -> Result<boo
         faults: FaultSetup::of(c),
         huge_pages: c.huge_pages,
         vcpus: settings.linux.vcpus,
+        dump_ram: c.dump_ram.clone(),
     };
     let outcome = run_guest(&opts, backing, None, |_| {})?;
     report(settings, id, None, &outcome, &MemoryNodes::default(), None)

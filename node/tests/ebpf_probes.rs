@@ -54,6 +54,7 @@ fn opts(workload: &str, access: &str, first: u64, pages: u64) -> RunOptions {
         workload: Workload::parse(workload, access, first, pages, PAGES).unwrap(),
         initial: Initial::Pattern(11),
         faults: pagemesh_node::lifecycle::FaultSetup::unpinned(),
+        dump_ram: None,
         huge_pages: false,
         vcpus: 1,
     }

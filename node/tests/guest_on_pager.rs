@@ -37,6 +37,7 @@ fn opts(workload: &str, access: &str, initial: Initial) -> RunOptions {
         workload: Workload::parse(workload, access, 0, PAGES, PAGES).unwrap(),
         initial,
         faults: pagemesh_node::lifecycle::FaultSetup::unpinned(),
+        dump_ram: None,
         huge_pages: false,
         vcpus: 1,
     }

@@ -523,6 +523,37 @@ impl Pager<'_> {
         self.recording.then(|| Recording(self.recorded.clone()))
     }
 
+    /// Writes the whole of guest RAM to `to`, in order, and returns the bytes written: the
+    /// pages that are here as they are, every other page brought in the way a guest's fault
+    /// on it would be (fetched, zero-filled), by the handlers, which count those faults as
+    /// theirs. For a stopped guest (a RAM image of where it got to): whatever runs on the
+    /// guest's memory meanwhile may change it under the copy. Refused once a handler has
+    /// ended, since a page nobody serves would wait forever.
+    pub fn write_ram(&self, to: &mut dyn std::io::Write) -> std::io::Result<u64> {
+        if self.threads.iter().any(|t| t.is_finished()) {
+            return Err(std::io::Error::other(
+                "a fault handler has stopped: pages not here cannot be brought in",
+            ));
+        }
+        const CHUNK: usize = 1 << 20;
+        let mut buf = vec![0u8; CHUNK];
+        let mut done = 0;
+        while done < self._ram.len {
+            let n = CHUNK.min(self._ram.len - done);
+            // SAFETY: `done + n <= len`, inside the mapping `GuestRam::new`'s caller keeps in
+            // place for 'ram, which this pager borrows. Reading a missing page blocks until a
+            // handler installs it; the kernel writes a page only while it is missing, before
+            // the read of it returns, and the caller has stopped the guest, so nothing else
+            // writes it during the copy. `buf` is a separate allocation of at least `n` bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self._ram.base.add(done), buf.as_mut_ptr(), n);
+            }
+            to.write_all(&buf[..n])?;
+            done += n;
+        }
+        Ok(done as u64)
+    }
+
     /// Stops the handler thread and returns how it ended.
     pub fn stop(mut self) -> Result<(), PagerError> {
         self.shutdown()
