@@ -52,6 +52,11 @@ pub struct BenchArgs {
     /// and report this build's paired change against it.
     #[arg(long, value_name = "DIR")]
     baseline_bin: Option<PathBuf>,
+    /// Run the memory image cases over the Linux guest's boot image (its kernel and
+    /// initramfs as loaded, zero pages elsewhere) rather than its RAM once booted to
+    /// `Memory:`, which takes minutes to make the first time.
+    #[arg(long)]
+    boot_image: bool,
     /// Draw the cases into this SVG file: each case's fault-latency CDF (the pager's,
     /// median over runs at each percentile) beside its µs/page (page cache cases left out).
     #[arg(long, value_name = "FILE")]
@@ -75,7 +80,7 @@ struct Case {
     /// On a cluster whose memory node is behind a link of this many bits a second
     /// ([`link`]).
     link: Option<u64>,
-    /// Over the Linux guest's boot image ([`link::IMAGE`]) rather than the test pattern.
+    /// Over the Linux guest's memory image ([`link::IMAGE`]) rather than the test pattern.
     image: bool,
 }
 
@@ -713,7 +718,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     rates.dedup();
     let image = match rates.is_empty() {
         true => None,
-        false => Some(link::linux_boot_image(parse_mib(&mem)? << 20)?),
+        false if args.boot_image => Some(link::linux_boot_image(parse_mib(&mem)? << 20)?),
+        false => Some(link::linux_ram_image(&bins, &dir, parse_mib(&mem)? << 20)?),
     };
     let mut links = Vec::new();
     for &rate in &rates {

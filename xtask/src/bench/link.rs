@@ -4,9 +4,11 @@
 //!
 //! They run over two kinds of page: the test pattern, which does not compress (a
 //! multiplicative hash of the page and word: to LZ4 it is random bytes), and a real memory
-//! image, the Linux guest's boot image (its kernel, initramfs and boot parameters laid out in
-//! its RAM as `--kernel` loads them, zero pages elsewhere), written into each cluster's
-//! folder as [`IMAGE`].
+//! image, written into each cluster's folder as [`IMAGE`]: the Linux guest's RAM once its
+//! console has printed `Memory:` ([`linux_ram_image`]: the kernel booted on a cluster of its
+//! own with `--dump-ram`, kept in `.pagemesh/guest` for later benches), or with
+//! `--boot-image` its boot image (its kernel, initramfs and boot parameters laid out in its
+//! RAM as `--kernel` loads them, zero pages elsewhere; [`linux_boot_image`]).
 
 use std::path::Path;
 
@@ -18,7 +20,11 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
 /// The memory image's file name in a cluster's folder.
-pub(super) const IMAGE: &str = "linux-boot.img";
+pub(super) const IMAGE: &str = "linux-memory.img";
+
+/// The console line the RAM image is taken at: as far as the kernel boots on hosts without
+/// hardware virtualization (docs/linux-guest.md).
+const RAM_IMAGE_AT: &str = "Memory:";
 
 /// A cluster whose memory node sits behind a link of `bits_per_s`.
 pub(super) struct LinkCluster {
@@ -84,6 +90,110 @@ pub(super) fn linux_boot_image(mem_bytes: u64) -> anyhow::Result<(Vec<u8>, Image
     mem.read_slice(&mut bytes, GuestAddress(0))
         .context("cannot read the boot image")?;
     bytes.truncate(mem_bytes as usize);
+    let makeup = makeup(&bytes);
+    Ok((bytes, makeup))
+}
+
+/// The Linux guest's RAM of `mem_bytes` (at least 64 MiB) once its console has printed
+/// [`RAM_IMAGE_AT`], and its makeup: booted once on a cluster of its own in `dir` and
+/// dumped (`--dump-ram`), then kept in the guest folder for the next bench (a few minutes
+/// here: the kernel's code is emulated).
+pub(super) fn linux_ram_image(
+    bins: &Bins,
+    dir: &Path,
+    mem_bytes: u64,
+) -> anyhow::Result<(Vec<u8>, ImageMakeup)> {
+    let guest = crate::guest::ensure()?;
+    let mem = mem_bytes.max(64 << 20);
+    let kept = guest
+        .kernel
+        .with_file_name(format!("linux-ram-{}MiB.img", mem >> 20));
+    if !kept.exists() {
+        boot_and_dump(bins, dir, &guest, mem, &kept)?;
+    }
+    let mut bytes =
+        std::fs::read(&kept).with_context(|| format!("cannot read {}", kept.display()))?;
+    anyhow::ensure!(
+        bytes.len() as u64 == mem,
+        "{} has {} bytes, not {mem}: delete it and bench again",
+        kept.display(),
+        bytes.len()
+    );
+    bytes.truncate(mem_bytes as usize);
+    let makeup = makeup(&bytes);
+    Ok((bytes, makeup))
+}
+
+/// Boots the Linux guest with `mem` bytes on a cluster in `dir`, stops it at
+/// [`RAM_IMAGE_AT`] and has the node write its RAM to `to`.
+fn boot_and_dump(
+    bins: &Bins,
+    dir: &Path,
+    guest: &crate::guest::Guest,
+    mem: u64,
+    to: &Path,
+) -> anyhow::Result<()> {
+    let dir = dir.join("linux-ram");
+    std::fs::create_dir_all(&dir)?;
+    let mut cluster = Cluster::start(bins.clone(), dir.clone(), &[1], "2GiB")?;
+    let part = to.with_extension("part");
+    let (mem_arg, kernel, initrd, out) = (
+        format!("{}MiB", mem >> 20),
+        guest.kernel.display().to_string(),
+        guest.initrd.display().to_string(),
+        part.display().to_string(),
+    );
+    eprintln!(
+        "xtask: booting the Linux guest ({mem_arg}) to '{RAM_IMAGE_AT}' for its RAM image (once; \
+         a few minutes here, the kernel's code is emulated)"
+    );
+    let (mut node, _) = cluster.spawn_compute(&[
+        "--mem",
+        &mem_arg,
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--console",
+        "--no-ebpf",
+        "--dump-ram",
+        &out,
+    ])?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1800);
+    loop {
+        if node.output().lines().any(|l| l.contains(RAM_IMAGE_AT)) {
+            break;
+        }
+        if let Some(status) = node.try_wait()? {
+            anyhow::bail!(
+                "the Linux guest ended ({status}) before '{RAM_IMAGE_AT}'; logs in {}",
+                dir.display()
+            );
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the Linux guest did not reach '{RAM_IMAGE_AT}' in 30 minutes; logs in {}",
+            dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    // Stopped, the node writes the RAM before its pager stops.
+    node.signal(libc::SIGTERM);
+    node.wait(std::time::Duration::from_secs(300))?;
+    cluster.stop()?;
+    let written = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    anyhow::ensure!(
+        written == mem,
+        "the node wrote {written} bytes of RAM, not {mem}; logs in {}",
+        dir.display()
+    );
+    std::fs::rename(&part, to)?;
+    eprintln!("xtask: Linux RAM image kept in {}", to.display());
+    Ok(())
+}
+
+/// What `bytes` hold, page by page, as packing sees them.
+fn makeup(bytes: &[u8]) -> ImageMakeup {
     let mut makeup = ImageMakeup::default();
     let mut out = vec![0u8; PAGE_SIZE];
     let mut scratch = vec![0u8; pagemesh_protocol::packed::SCRATCH_LEN];
@@ -100,5 +210,5 @@ pub(super) fn linux_boot_image(mem_bytes: u64) -> anyhow::Result<(Vec<u8>, Image
             None => makeup.raw += 1,
         }
     }
-    Ok((bytes, makeup))
+    makeup
 }
