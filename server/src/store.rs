@@ -671,6 +671,21 @@ impl PageStore {
         Ok(())
     }
 
+    /// The slab's memory, chunk by chunk in slot order: the regions a memory node registers
+    /// for RDMA (`pagemesh_api::rdma::RdmaRegion`, with their keys), in which slot *s* is
+    /// page *s mod 256* of chunk *s / 256*. Chunks are allocated as slots are first used,
+    /// and all dropped when the store empties: a node registering them must keep its
+    /// registration to what is listed now.
+    pub fn regions(&self) -> Vec<(u64, u64)> {
+        let inner = self.lock();
+        inner
+            .slab
+            .chunks
+            .iter()
+            .map(|c| (c.as_ptr() as u64, size_of_val(&**c) as u64))
+            .collect()
+    }
+
     /// Drops every page of `vm` and forgets the VM; returns how many pages were dropped.
     pub fn release(&self, vm: VmId) -> Result<u64, StoreError> {
         let mut inner = self.lock();
@@ -767,6 +782,51 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// A page's slot, located in the regions the store lists, is where its bytes are: what
+    /// an RDMA reader would read is the page a Read returns.
+    #[test]
+    fn slots_located_in_the_listed_regions_hold_their_pages() {
+        use pagemesh_api::rdma::{RdmaEndpoint, RdmaRegion};
+        use pagemesh_transport::rdma::plan::SlotLayout;
+        let store = PageStore::new(1024);
+        store
+            .load(&vm(3, all_on(1, 600), Content::Zero), 1)
+            .unwrap();
+        // 600 pages over three chunks, each page its number in every byte's low bits.
+        let pages: Vec<u8> = (0..600u32)
+            .flat_map(|p| std::iter::repeat_n((p % 251) as u8, PAGE_SIZE))
+            .collect();
+        for (i, run) in pages.chunks(64 * PAGE_SIZE).enumerate() {
+            store.put(3, i as u64 * 64, run).unwrap();
+        }
+        let regions: Vec<RdmaRegion> = store
+            .regions()
+            .into_iter()
+            .map(|(addr, len)| RdmaRegion { addr, len, rkey: 1 })
+            .collect();
+        assert_eq!(regions.len(), 3);
+        let endpoint = RdmaEndpoint {
+            gid: [0; 16],
+            lid: 1,
+            qpn: 1,
+            psn: 1,
+            regions,
+        };
+        let layout = SlotLayout::new(&endpoint).unwrap();
+        let mut slots = vec![0u8; 600 * 4];
+        store.slots(3, 0, &mut slots).unwrap();
+        for (page, slot) in slots.chunks_exact(4).enumerate() {
+            let slot = u32::from_le_bytes(slot.try_into().unwrap());
+            let at = layout.locate(slot).expect("a listed slot");
+            // SAFETY: `at.addr` is inside a chunk the store holds (listed just above, and
+            // nothing is released while this test runs): one page is readable there.
+            let bytes = unsafe { std::slice::from_raw_parts(at.addr as *const u8, PAGE_SIZE) };
+            let mut read = vec![0u8; PAGE_SIZE];
+            store.read(3, page as u64, &mut read).unwrap();
+            assert_eq!(bytes, &read[..], "page {page} in slot {slot}");
+        }
+    }
 
     #[test]
     fn no_room_for_one_page_says_page() {

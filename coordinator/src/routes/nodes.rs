@@ -338,8 +338,7 @@ mod tests {
             (
                 "regions",
                 json!([{"addr": 4096, "len": 100, "rkey": 1}]),
-                "bad RDMA endpoint: RDMA region 0 (100 bytes at 0x1000) is not whole, \
-                 page-aligned pages",
+                "bad RDMA endpoint: RDMA region 0 (100 bytes at 0x1000) is not whole pages",
             ),
         ] {
             let mut bad = rdma.clone();
