@@ -227,7 +227,9 @@ impl Handler {
             let next = match self.fault_path.poll.is_zero() {
                 true => self.uffd.read_fault(),
                 // Spins from the end of the last fault: polling stops when faults do.
-                false => self.uffd.poll_fault(Instant::now() + self.fault_path.poll),
+                false => self
+                    .uffd
+                    .poll_fault(Instant::now() + self.fault_path.poll, &self.stop),
             };
             let fault = match next {
                 Ok(Some(f)) => f,

@@ -290,12 +290,21 @@ impl Uffd {
     /// meanwhile needs no wake-up of this thread), then sleeps in `poll` until one is
     /// queued. Between reads it yields, so a thread ready on this CPU (a memory node's
     /// server on a small host) runs first; a plain busy loop measured the same here.
-    /// Returns as [`Uffd::read_fault`] does, `ErrorKind::Interrupted` included.
-    pub fn poll_fault(&self, spin_until: Instant) -> io::Result<Option<Fault>> {
+    /// Returns as [`Uffd::read_fault`] does, `ErrorKind::Interrupted` included, which it also
+    /// returns when `stop` is set during the spin (a kick between two reads lands in no
+    /// system call).
+    pub fn poll_fault(
+        &self,
+        spin_until: Instant,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> io::Result<Option<Fault>> {
         loop {
             match self.read_fault() {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 r => return r,
+            }
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(io::ErrorKind::Interrupted.into());
             }
             if Instant::now() < spin_until {
                 // SAFETY: sched_yield has no preconditions.
@@ -475,6 +484,7 @@ fn ioctl<T>(fd: BorrowedFd<'_>, request: u64, arg: &mut T) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
     use super::*;
@@ -550,7 +560,10 @@ mod tests {
         for (i, spin) in [(0u64, Duration::from_secs(5)), (1, Duration::ZERO)] {
             let addr = base as u64 + i * 4096;
             let reader = touch(addr);
-            let fault = uffd.poll_fault(Instant::now() + spin).unwrap().unwrap();
+            let fault = uffd
+                .poll_fault(Instant::now() + spin, &AtomicBool::new(false))
+                .unwrap()
+                .unwrap();
             assert_eq!(fault.address & !4095, addr);
             // SAFETY: `page` is 4096 readable bytes; `addr` is a registered, aligned page.
             let r = unsafe { uffd.copy_without_waking(addr, page.as_ptr(), 4096) }.unwrap();
@@ -562,6 +575,18 @@ mod tests {
         }
         // SAFETY: unmapping the mapping created above; nothing references it any more.
         unsafe { libc::munmap(base, len) };
+    }
+
+    /// A stop during the spin ends it at once, as a kick ends the sleep.
+    #[test]
+    fn a_stop_ends_the_spin() {
+        let uffd = Uffd::new().unwrap();
+        uffd.set_nonblocking().unwrap();
+        let stop = AtomicBool::new(true);
+        let started = Instant::now();
+        let r = uffd.poll_fault(started + Duration::from_secs(10), &stop);
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::Interrupted);
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     /// Polling stops when faults do: a reader that spins for 20 ms and then meets no fault
@@ -578,7 +603,8 @@ mod tests {
             std::thread::spawn(move || {
                 let cpu = crate::stats::thread_cpu();
                 let started = Instant::now();
-                let fault = uffd.poll_fault(started + Duration::from_millis(20));
+                let fault =
+                    uffd.poll_fault(started + Duration::from_millis(20), &AtomicBool::new(false));
                 (fault, started.elapsed(), crate::stats::thread_cpu() - cpu)
             })
         };
