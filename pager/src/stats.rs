@@ -150,13 +150,7 @@ pub struct StatsSnapshot {
 
 /// The calling thread's CPU time so far (user and system), ns.
 pub(crate) fn thread_cpu() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec to a valid, exclusively borrowed one.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    crate::trace::clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 impl PagerStats {

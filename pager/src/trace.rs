@@ -29,12 +29,17 @@ pub struct FaultTrace {
 /// handler takes and one taken in a probe can be subtracted. Read through the vDSO (no
 /// syscall).
 pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// `clock` (a `clock_gettime` clock id) in nanoseconds.
+pub(crate) fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec to a valid, exclusively borrowed one.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    // Both fields are non-negative for CLOCK_MONOTONIC.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    // Both fields are non-negative for the monotonic and CPU-time clocks.
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
