@@ -6,6 +6,16 @@
 //! memory node registers its page store as regions of whole pages, in slot order: slot *s*
 //! is in the first region whose slots reach past it ([`RdmaEndpoint::check`] holds the rules
 //! a reader relies on).
+//!
+//! # Slot tags
+//!
+//! Right after a region's `len` bytes lie its slots' *tags*, [`TAG_BYTES`] each, in slot
+//! order, under the same key: the tag of a slot holding page *p* of VM *v* is
+//! [`slot_tag`]`(v, p)`, and a free slot's is 0. A memory node writes a slot's page before
+//! its tag and clears the tag before the slot is reused; a reader reads a run's pages and
+//! then their tags on one queue pair, whose READs are carried out in order, and uses the
+//! pages only if every tag is the one it expected. A slot map that went stale (a page
+//! claimed, released or moved since the reader asked) is then an error, never a wrong page.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -14,6 +24,24 @@ const PAGE: u64 = crate::PAGE_SIZE as u64;
 
 /// Queue pair numbers and packet sequence numbers are 24-bit.
 pub const MAX_24BIT: u32 = (1 << 24) - 1;
+
+/// Bytes of one slot's tag, little-endian.
+pub const TAG_BYTES: u64 = 8;
+
+/// Bits of a tag that hold the page (the VM id has the 24 above them; a VM id above 2^24
+/// shares its tags with another VM's, which only makes the check weaker for those two).
+const TAG_PAGE_BITS: u32 = 40;
+
+/// The tag of the slot that holds `page` of `vm` (see the module docs); never 0, so a free
+/// slot never passes for a page's.
+pub fn slot_tag(vm: crate::VmId, page: u64) -> u64 {
+    (u64::from(vm) << TAG_PAGE_BITS) | ((page + 1) & ((1 << TAG_PAGE_BITS) - 1))
+}
+
+/// Bytes of the tags that follow a region of `len` bytes.
+pub fn tags_len(len: u64) -> u64 {
+    len / PAGE * TAG_BYTES
+}
 
 /// One node's RDMA queue pair and the memory a peer may read.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -34,7 +62,8 @@ pub struct RdmaEndpoint {
     pub regions: Vec<RdmaRegion>,
 }
 
-/// A registered memory region a peer may read: `len` bytes at `addr` under `rkey`.
+/// A registered memory region a peer may read: `len` bytes of page slots at `addr` under
+/// `rkey`, followed by their tags ([`tags_len`]`(len)` bytes; see the module docs).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RdmaRegion {
@@ -68,7 +97,7 @@ pub enum RdmaEndpointError {
         /// Its length.
         len: u64,
     },
-    /// A region that wraps past the end of the address space.
+    /// A region (with its tags) that wraps past the end of the address space.
     #[error("RDMA region {index} ({len} bytes at {addr:#x}) wraps past the end of memory")]
     Wraps {
         /// Its place in the list.
@@ -98,7 +127,7 @@ impl RdmaEndpoint {
             if len == 0 || !len.is_multiple_of(PAGE) {
                 return Err(RdmaEndpointError::NotPages { index, addr, len });
             }
-            if addr.checked_add(len).is_none() {
+            if addr.checked_add(len + tags_len(len)).is_none() {
                 return Err(RdmaEndpointError::Wraps { index, addr, len });
             }
             slots += len / PAGE;
@@ -207,9 +236,26 @@ mod tests {
             e.check(),
             Err(RdmaEndpointError::Wraps { index: 0, .. })
         ));
+        // Its pages end before the end of memory, its tags would not.
+        let mut e = endpoint();
+        e.regions[0].addr = u64::MAX - 8192;
+        e.regions[0].len = 8192;
+        assert!(matches!(
+            e.check(),
+            Err(RdmaEndpointError::Wraps { index: 0, .. })
+        ));
         // A node with no regions (a compute node) is fine.
         let mut e = endpoint();
         e.regions.clear();
         assert_eq!(e.check(), Ok(()));
+    }
+
+    #[test]
+    fn tags_name_the_vm_and_page_and_are_never_those_of_a_free_slot() {
+        assert_ne!(slot_tag(0, 0), 0);
+        assert_ne!(slot_tag(1, 5), slot_tag(2, 5));
+        assert_ne!(slot_tag(1, 5), slot_tag(1, 6));
+        assert_eq!(slot_tag(3, 9), (3 << 40) | 10);
+        assert_eq!(tags_len(256 * PAGE), 256 * TAG_BYTES);
     }
 }

@@ -32,6 +32,7 @@ use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{Ordering, fence};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use pagemesh_api::pattern;
@@ -44,6 +45,9 @@ type Page = [u8; PAGE_SIZE];
 
 /// Page slots per slab chunk (1 MiB).
 const CHUNK_PAGES: usize = 256;
+/// Bytes of a chunk: its slots, then one page whose start holds their tags
+/// (`pagemesh_api::rdma::slot_tag`, for one-sided readers to check what they read).
+pub const CHUNK_BYTES: usize = (CHUNK_PAGES + 1) * PAGE_SIZE;
 /// Pages filled outside the lock before they are copied in, when loading.
 const LOAD_BATCH_PAGES: usize = 256;
 
@@ -170,7 +174,11 @@ struct VmPages {
 #[derive(Debug)]
 struct Slab {
     capacity: u32,
+    /// `CHUNK_PAGES` slots and a page of their tags each.
     chunks: Vec<Box<[Page]>>,
+    /// Every chunk was allocated at start and stays until the store is dropped (memory
+    /// registered for RDMA must stay where it is).
+    up_front: bool,
     /// Slots that were used and are free again.
     free: Vec<u32>,
     /// Slots `0..high_water` have been handed out at least once.
@@ -195,17 +203,45 @@ impl Slab {
         }
         let slot = self.high_water;
         debug_assert!(slot < self.capacity, "slab allocation past capacity");
-        if (slot as usize).is_multiple_of(CHUNK_PAGES) {
-            self.chunks
-                .push(vec![[0u8; PAGE_SIZE]; CHUNK_PAGES].into_boxed_slice());
+        if slot as usize / CHUNK_PAGES >= self.chunks.len() {
+            self.chunks.push(new_chunk());
         }
         self.high_water += 1;
         slot
     }
 
+    /// Records that `slot` holds `page` of `vm` now that its bytes are in: its tag.
+    fn bind(&mut self, slot: u32, vm: VmId, page: u64) {
+        // The page's bytes are written before its tag, for a one-sided reader that reads
+        // them in that order on another machine (x86 keeps stores in order; the fence keeps
+        // the compiler, and weaker CPUs, from moving them).
+        fence(Ordering::SeqCst);
+        *self.tag_mut(slot) = pagemesh_api::rdma::slot_tag(vm, page).to_le_bytes();
+    }
+
     fn release(&mut self, slot: u32) {
+        // Untagged before anything can write into the slot again.
+        *self.tag_mut(slot) = [0; 8];
+        fence(Ordering::SeqCst);
         self.used -= 1;
         self.free.push(slot);
+    }
+
+    fn tag_mut(&mut self, slot: u32) -> &mut [u8; 8] {
+        let slot = slot as usize;
+        let tags = &mut self.chunks[slot / CHUNK_PAGES][CHUNK_PAGES];
+        let at = slot % CHUNK_PAGES * 8;
+        (&mut tags[at..at + 8])
+            .try_into()
+            .expect("a tag is 8 bytes")
+    }
+
+    #[cfg(test)]
+    fn tag(&self, slot: u32) -> u64 {
+        let slot = slot as usize;
+        let tags = &self.chunks[slot / CHUNK_PAGES][CHUNK_PAGES];
+        let at = slot % CHUNK_PAGES * 8;
+        u64::from_le_bytes(tags[at..at + 8].try_into().expect("8 bytes"))
     }
 
     fn page(&self, slot: u32) -> &Page {
@@ -218,9 +254,10 @@ impl Slab {
         &mut self.chunks[slot / CHUNK_PAGES][slot % CHUNK_PAGES]
     }
 
-    /// Gives the chunks back to the allocator once nothing is held or promised.
+    /// Gives the chunks back to the allocator once nothing is held or promised (unless
+    /// they were allocated up front).
     fn shrink_if_empty(&mut self) {
-        if self.used == 0 && self.reserved == 0 {
+        if self.used == 0 && self.reserved == 0 && !self.up_front {
             self.chunks = Vec::new();
             self.free = Vec::new();
             self.high_water = 0;
@@ -301,6 +338,7 @@ impl PageStore {
                 slab: Slab {
                     capacity: capacity_pages,
                     chunks: Vec::new(),
+                    up_front: false,
                     free: Vec::new(),
                     high_water: 0,
                     used: 0,
@@ -311,6 +349,24 @@ impl PageStore {
             }),
             images: None,
         }
+    }
+
+    /// This store with every chunk its capacity needs allocated now and kept until it is
+    /// dropped: memory that stays where it is, for registering with an RDMA device
+    /// ([`PageStore::regions`]). Costs `capacity` pages (and 1/256 more for tags) of address
+    /// space at once; the kernel backs them as they are touched, or all at once when a
+    /// device registers (pins) them.
+    pub fn with_memory_up_front(self) -> Self {
+        {
+            let mut inner = self.lock();
+            let slab = &mut inner.slab;
+            let chunks = (slab.capacity as usize).div_ceil(CHUNK_PAGES);
+            while slab.chunks.len() < chunks {
+                slab.chunks.push(new_chunk());
+            }
+            slab.up_front = true;
+        }
+        self
     }
 
     /// Loads `Content::Image` from beneath `images` only (`--image-dir`); without it the
@@ -486,6 +542,7 @@ impl PageStore {
                 slab.reserved -= 1;
                 let slot = slab.alloc();
                 slab.page_mut(slot).copy_from_slice(src);
+                slab.bind(slot, vm, page);
                 staged.slots.insert(page, slot);
             }
         }
@@ -525,14 +582,31 @@ impl PageStore {
         let Inner { slab, vms, loans } = &mut *guard;
         let pages = held_run(vms, vm, first, count)?;
         copy_out(slab, pages, vm, first, dst)?;
-        // Grows only while a session has more loans outstanding than ever before: in the
-        // steady state (acknowledged on the next request) this reuses its room.
-        loans.entry(session).or_default().push_back(Loan {
-            request_id,
-            vm,
-            first,
-            count,
-        });
+        record_loan(loans, session, request_id, vm, first, count);
+        Ok(())
+    }
+
+    /// Lends the run of `count` pages of `vm` from `first` on to `session` under
+    /// `request_id` without copying them out, like [`PageStore::lend`]: the claim of a
+    /// client that read the pages itself (one-sided RDMA). Fails like [`PageStore::read`].
+    pub fn claim(
+        &self,
+        vm: VmId,
+        first: u64,
+        count: u64,
+        session: Session,
+        request_id: u64,
+    ) -> Result<(), StoreError> {
+        if count == 0 {
+            return Err(StoreError::BadRunLength(0));
+        }
+        let mut guard = self.lock();
+        let Inner { vms, loans, .. } = &mut *guard;
+        let pages = held_run(vms, vm, first, count)?;
+        if let Some(page) = (first..first + count).find(|p| !pages.slots.contains_key(p)) {
+            return Err(StoreError::NotHeld { vm, page });
+        }
+        record_loan(loans, session, request_id, vm, first, count);
         Ok(())
     }
 
@@ -626,6 +700,7 @@ impl PageStore {
                 Entry::Vacant(e) => *e.insert(slab.alloc()),
             };
             slab.page_mut(slot).copy_from_slice(chunk);
+            slab.bind(slot, vm, page);
         }
         Ok(new)
     }
@@ -672,17 +747,19 @@ impl PageStore {
     }
 
     /// The slab's memory, chunk by chunk in slot order: the regions a memory node registers
-    /// for RDMA (`pagemesh_api::rdma::RdmaRegion`, with their keys), in which slot *s* is
-    /// page *s mod 256* of chunk *s / 256*. Chunks are allocated as slots are first used,
-    /// and all dropped when the store empties: a node registering them must keep its
-    /// registration to what is listed now.
+    /// for RDMA, `(address, bytes of slots)` each, in which slot *s* is page *s mod 256* of
+    /// chunk *s / 256*. Each chunk's slot tags follow its slots
+    /// (`pagemesh_api::rdma::slot_tag`), so a registration covers [`CHUNK_BYTES`] from the
+    /// address. Without [`PageStore::with_memory_up_front`], chunks are allocated as slots
+    /// are first used and all dropped when the store empties: a node registering them must
+    /// keep its registration to what is listed now.
     pub fn regions(&self) -> Vec<(u64, u64)> {
         let inner = self.lock();
         inner
             .slab
             .chunks
             .iter()
-            .map(|c| (c.as_ptr() as u64, size_of_val(&**c) as u64))
+            .map(|c| (c.as_ptr() as u64, (CHUNK_PAGES * PAGE_SIZE) as u64))
             .collect()
     }
 
@@ -695,6 +772,30 @@ impl PageStore {
         inner.slab.shrink_if_empty();
         Ok(dropped)
     }
+}
+
+/// A zeroed chunk: its slots and its page of tags (zero: every slot free).
+fn new_chunk() -> Box<[Page]> {
+    vec![[0u8; PAGE_SIZE]; CHUNK_PAGES + 1].into_boxed_slice()
+}
+
+/// Records the loan of a run to `session`.
+fn record_loan(
+    loans: &mut HashMap<Session, VecDeque<Loan>>,
+    session: Session,
+    request_id: u64,
+    vm: VmId,
+    first: u64,
+    count: u64,
+) {
+    // Grows only while a session has more loans outstanding than ever before: in the
+    // steady state (acknowledged on the next request) this reuses its room.
+    loans.entry(session).or_default().push_back(Loan {
+        request_id,
+        vm,
+        first,
+        count,
+    });
 }
 
 /// Pages in a run of `len` bytes.
@@ -825,7 +926,93 @@ mod tests {
             let mut read = vec![0u8; PAGE_SIZE];
             store.read(3, page as u64, &mut read).unwrap();
             assert_eq!(bytes, &read[..], "page {page} in slot {slot}");
+            // SAFETY: as above; the tag lies in the same chunk, after its slots.
+            let tag = unsafe { std::ptr::read_unaligned(at.tag_addr as *const u64) };
+            assert_eq!(
+                tag,
+                pagemesh_api::rdma::slot_tag(3, page as u64),
+                "slot {slot}"
+            );
         }
+    }
+
+    /// A slot's tag names the page it holds from the moment its bytes are in until it is
+    /// freed (claimed, taken or released), and a freed slot's tag is 0.
+    #[test]
+    fn tags_follow_the_pages_in_their_slots() {
+        use pagemesh_api::rdma::slot_tag;
+        let store = PageStore::new(600);
+        store
+            .load(&vm(4, all_on(1, 300), Content::Pattern { seed: 1 }), 1)
+            .unwrap();
+        let slot_of = |page: u64| {
+            let mut b = [0u8; 4];
+            store.slots(4, page, &mut b).unwrap();
+            u32::from_le_bytes(b)
+        };
+        let tag = |slot: u32| store.lock().slab.tag(slot);
+        let s10 = slot_of(10);
+        assert_eq!(tag(s10), slot_tag(4, 10));
+        assert_eq!(tag(slot_of(299)), slot_tag(4, 299));
+        // Claimed and acknowledged: the slot is free and says so.
+        let session = Session { client: 1, id: 1 };
+        store.claim(4, 10, 2, session, 5).unwrap();
+        assert_eq!(tag(s10), slot_tag(4, 10), "a lent page is still held");
+        assert_eq!(store.acknowledge(session, 5), 2);
+        assert_eq!(tag(s10), 0);
+        // Written back into a page not held: a slot again, tagged for it.
+        store.put(4, 11, &page_of(9)).unwrap();
+        assert_eq!(tag(slot_of(11)), slot_tag(4, 11));
+        let mut taken = page_of(0);
+        let s12 = slot_of(12);
+        store.take(4, 12, &mut taken).unwrap();
+        assert_eq!(tag(s12), 0);
+        let s0 = slot_of(0);
+        store.release(4).unwrap();
+        assert_eq!(
+            store.lock().slab.chunks.len(),
+            0,
+            "an empty store gives its memory back"
+        );
+        // With memory up front, chunks stay where they are, tags cleared.
+        let store = PageStore::new(600).with_memory_up_front();
+        let before = store.regions();
+        assert_eq!(before.len(), 3);
+        store
+            .load(&vm(4, all_on(1, 300), Content::Pattern { seed: 1 }), 1)
+            .unwrap();
+        assert_eq!(store.regions(), before);
+        store.release(4).unwrap();
+        assert_eq!(store.regions(), before);
+        assert_eq!(store.lock().slab.tag(s0), 0);
+    }
+
+    /// A claim lends without copying, all or nothing, like a Fetch's loan.
+    #[test]
+    fn a_claim_lends_held_pages_and_refuses_a_run_with_one_not_held() {
+        let store = PageStore::new(100);
+        store
+            .load(&vm(2, all_on(1, 8), Content::Pattern { seed: 3 }), 1)
+            .unwrap();
+        let session = Session { client: 7, id: 1 };
+        store.take(2, 5, &mut page_of(0)).unwrap();
+        assert!(matches!(
+            store.claim(2, 4, 3, session, 1),
+            Err(StoreError::NotHeld { vm: 2, page: 5 })
+        ));
+        assert_eq!(store.lent(), 0);
+        assert!(matches!(
+            store.claim(2, 6, 4, session, 1),
+            Err(StoreError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            store.claim(9, 0, 1, session, 1),
+            Err(StoreError::UnknownVm(9))
+        ));
+        store.claim(2, 0, 4, session, 2).unwrap();
+        assert_eq!((store.lent(), store.held(2).unwrap()), (4, 7));
+        assert_eq!(store.acknowledge(session, 2), 4);
+        assert_eq!(store.held(2).unwrap(), 3);
     }
 
     #[test]

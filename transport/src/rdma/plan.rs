@@ -4,11 +4,15 @@
 //! region read together. Both work without an RDMA device, so they are tested here; the
 //! reads are posted by [`super::verbs`] (feature `rdma`).
 //!
+//! Each read of pages comes with the read of their tags ([`ReadOp::tags`]), which the
+//! memory node keeps after each region (`pagemesh_api::rdma` says how): a reader checks
+//! them before it uses a page.
+//!
 //! Planning allocates nothing: the layout is built once per peer, the reads go into an
 //! array the caller owns ([`MAX_READS`] long, a run's most).
 
 use pagemesh_api::PAGE_SIZE;
-use pagemesh_api::rdma::{RdmaEndpoint, RdmaEndpointError, RdmaRegion};
+use pagemesh_api::rdma::{RdmaEndpoint, RdmaEndpointError, RdmaRegion, TAG_BYTES};
 
 /// Bytes of a page.
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -36,6 +40,8 @@ pub struct RemotePage {
     pub rkey: u32,
     /// Slots from this one to the end of its region, this one included.
     pub left_in_region: u64,
+    /// Address of the slot's tag (after the region's slots).
+    pub tag_addr: u64,
 }
 
 impl SlotLayout {
@@ -75,6 +81,7 @@ impl SlotLayout {
             addr: region.addr + within * PAGE,
             rkey: region.rkey,
             left_in_region: pages - within,
+            tag_addr: region.addr + region.len + within * TAG_BYTES,
         })
     }
 }
@@ -89,8 +96,27 @@ pub struct ReadOp {
     pub remote_addr: u64,
     /// The key of the region they are in.
     pub rkey: u32,
-    /// How many bytes, whole pages.
+    /// How many bytes, whole pages (a tag read: [`TAG_BYTES`] a page).
     pub len: u32,
+    /// Where the tag of the first page read is in the memory node (the tags of the others
+    /// follow it).
+    pub tag_addr: u64,
+}
+
+impl ReadOp {
+    /// The read of the tags of this read's pages into a tag buffer at `tags_offset` of the
+    /// local buffer: page *i* of the run's tag lands at `tags_offset + 8i`.
+    pub fn tags(&self, tags_offset: usize) -> ReadOp {
+        let first = self.local_offset / PAGE_SIZE;
+        let pages = self.len / PAGE_SIZE as u32;
+        ReadOp {
+            local_offset: tags_offset + first * TAG_BYTES as usize,
+            remote_addr: self.tag_addr,
+            rkey: self.rkey,
+            len: pages * TAG_BYTES as u32,
+            tag_addr: 0,
+        }
+    }
 }
 
 /// Why a run cannot be read.
@@ -152,6 +178,7 @@ pub fn plan_reads<'a>(
             remote_addr: at.addr,
             rkey: at.rkey,
             len: PAGE_SIZE as u32,
+            tag_addr: at.tag_addr,
         };
         open = Some((op, at.left_in_region - 1));
     }
@@ -195,7 +222,8 @@ mod tests {
             RemotePage {
                 addr: 0x10_0000_0000,
                 rkey: 7,
-                left_in_region: 256
+                left_in_region: 256,
+                tag_addr: 0x10_0000_0000 + 256 * PAGE,
             }
         );
         assert_eq!(at(255).addr, 0x10_0000_0000 + 255 * PAGE);
@@ -205,10 +233,12 @@ mod tests {
             RemotePage {
                 addr: 0x20_0000_0000,
                 rkey: 8,
-                left_in_region: 256
+                left_in_region: 256,
+                tag_addr: 0x20_0000_0000 + 256 * PAGE,
             }
         );
         assert_eq!(at(511).addr, 0x20_0000_0000 + 255 * PAGE);
+        assert_eq!(at(511).tag_addr, 0x20_0000_0000 + 256 * PAGE + 255 * 8);
         assert_eq!(l.locate(512), None);
     }
 
@@ -238,12 +268,27 @@ mod tests {
         // 254..=257 crosses from the first region to the second; 300 after a gap; 299
         // before 300 in the run but after it in memory.
         let reads = plan_reads(&l, &[254, 255, 256, 257, 300, 299], &mut out).unwrap();
-        let op = |local_pages: usize, addr: u64, rkey, pages: u32| ReadOp {
-            local_offset: local_pages * PAGE_SIZE,
-            remote_addr: addr,
-            rkey,
-            len: pages * PAGE_SIZE as u32,
+        let op = |local_pages: usize, addr: u64, rkey, pages: u32| {
+            let base = addr & !0xf_ffff_ffff;
+            ReadOp {
+                local_offset: local_pages * PAGE_SIZE,
+                remote_addr: addr,
+                rkey,
+                len: pages * PAGE_SIZE as u32,
+                tag_addr: base + 256 * PAGE + (addr - base) / PAGE * 8,
+            }
         };
+        // The second read's tags: pages 2 and 3 of the run, slots 0 and 1 of region 2.
+        assert_eq!(
+            reads[1].tags(1 << 20),
+            ReadOp {
+                local_offset: (1 << 20) + 16,
+                remote_addr: 0x20_0000_0000 + 256 * PAGE,
+                rkey: 8,
+                len: 16,
+                tag_addr: 0,
+            }
+        );
         assert_eq!(
             reads,
             [
@@ -294,7 +339,9 @@ mod tests {
                     let at = l.locate(slots[first + k]).unwrap();
                     prop_assert_eq!(at.addr, r.remote_addr + (k * PAGE_SIZE) as u64);
                     prop_assert_eq!(at.rkey, r.rkey);
+                    prop_assert_eq!(at.tag_addr, r.tags(0).remote_addr + (k * 8) as u64);
                 }
+                prop_assert_eq!(r.tags(0).local_offset, first * 8);
                 next += r.len as usize;
             }
             prop_assert_eq!(next, slots.len() * PAGE_SIZE);
