@@ -204,6 +204,67 @@ pub enum Op {
     /// registered for RDMA (`pagemesh_transport::rdma::plan`); `count` is 1 to
     /// [`MAX_SLOTS`]. A slot stays the page's while the server holds it.
     Slots = 10,
+    /// Claim `count` pages from `page` on without receiving them, in two phases like
+    /// [`Op::Fetch`] (lent, then freed by a later `ack` at or above this request's id); the
+    /// reply has no payload. What a client sends for pages it read itself with one-sided
+    /// RDMA READ. A page of the run not held is [`Status::NotHeld`], and nothing is lent.
+    Claim = 11,
+    /// Connect a queue pair for one-sided reads: the payload is the client's [`QueuePair`]
+    /// ([`QUEUE_PAIR_LEN`] bytes), the OK reply's the one the server made for it and
+    /// connected to it. The server keeps it as long as the connection: one per client
+    /// connection. A server without RDMA answers [`Status::Unsupported`] saying why.
+    RdmaConnect = 12,
+}
+
+/// One end of an RDMA reliable connection, as [`Op::RdmaConnect`] carries it: the port's
+/// GID, its LID, the queue pair number and the first packet sequence number (both 24-bit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueuePair {
+    /// The port's GID.
+    pub gid: [u8; 16],
+    /// The port's LID (0 on RoCE).
+    pub lid: u16,
+    /// Queue pair number.
+    pub qpn: u32,
+    /// First packet sequence number.
+    pub psn: u32,
+}
+
+/// Bytes of a [`QueuePair`] on the wire: the GID, then the LID, QPN and PSN little-endian.
+pub const QUEUE_PAIR_LEN: usize = 16 + 2 + 4 + 4;
+
+impl QueuePair {
+    /// Its wire form.
+    pub fn to_bytes(&self) -> [u8; QUEUE_PAIR_LEN] {
+        let mut b = [0u8; QUEUE_PAIR_LEN];
+        b[..16].copy_from_slice(&self.gid);
+        b[16..18].copy_from_slice(&self.lid.to_le_bytes());
+        b[18..22].copy_from_slice(&self.qpn.to_le_bytes());
+        b[22..].copy_from_slice(&self.psn.to_le_bytes());
+        b
+    }
+
+    /// Read from its wire form; numbers past 24 bits are refused.
+    pub fn from_bytes(b: &[u8]) -> Result<QueuePair, FrameError> {
+        let b: &[u8; QUEUE_PAIR_LEN] = b.try_into().map_err(|_| FrameError::BadLength {
+            op: Op::RdmaConnect,
+            len: b.len() as u32,
+            expected: QUEUE_PAIR_LEN as u32,
+        })?;
+        let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let qp = QueuePair {
+            gid: b[..16].try_into().expect("16 bytes"),
+            lid: u16::from_le_bytes([b[16], b[17]]),
+            qpn: word(18),
+            psn: word(22),
+        };
+        for value in [qp.qpn, qp.psn] {
+            if value >= 1 << 24 {
+                return Err(FrameError::BadQueuePair(value));
+            }
+        }
+        Ok(qp)
+    }
 }
 
 /// Bytes per slot in an [`Op::Slots`] reply.
@@ -217,7 +278,7 @@ pub const MAX_SLOTS: u32 = MAX_RUN_BYTES as u32 / SLOT_BYTES;
 
 impl Op {
     /// Every op, in code order.
-    pub const ALL: [Op; 10] = [
+    pub const ALL: [Op; 12] = [
         Op::Hello,
         Op::Fetch,
         Op::Read,
@@ -228,10 +289,17 @@ impl Op {
         Op::Ack,
         Op::Auth,
         Op::Slots,
+        Op::Claim,
+        Op::RdmaConnect,
     ];
 
     /// Whether the op names a run of pages with `page` and `count`.
     pub fn carries_run(self) -> bool {
+        matches!(self, Op::Fetch | Op::Read | Op::WriteBack | Op::Claim)
+    }
+
+    /// Whether the op's run may be packed ([`PACKED`]).
+    pub fn packs(self) -> bool {
         matches!(self, Op::Fetch | Op::Read | Op::WriteBack)
     }
 
@@ -248,6 +316,8 @@ impl Op {
             Op::Ack => "Ack",
             Op::Auth => "Auth",
             Op::Slots => "Slots",
+            Op::Claim => "Claim",
+            Op::RdmaConnect => "RdmaConnect",
         }
     }
 }
@@ -444,6 +514,9 @@ pub enum FrameError {
     /// A packed payload that does not unpack to its pages.
     #[error("packed payload does not unpack")]
     BadPacked(#[source] packed::PackedError),
+    /// An RdmaConnect queue pair whose QPN or PSN does not fit 24 bits.
+    #[error("RdmaConnect queue pair number or sequence number {0:#x} does not fit 24 bits")]
+    BadQueuePair(u32),
 }
 
 impl FrameError {
@@ -705,7 +778,7 @@ impl Header {
                 }
                 let op = self.op()?;
                 match op {
-                    _ if self.is_packed() && !op.carries_run() => {
+                    _ if self.is_packed() && !op.packs() => {
                         return Err(FrameError::PackedOp(op));
                     }
                     Op::Hello => return self.hello_request_len(),
@@ -714,6 +787,8 @@ impl Header {
                     Op::WriteBack => (op, self.run_pages(op)? * PAGE_BYTES),
                     Op::Auth => (op, PROOF_BYTES),
                     Op::Slots => (op, self.slot_count().map(|_| 0)?),
+                    Op::Claim => (op, self.run_pages(op).map(|_| 0)?),
+                    Op::RdmaConnect => (op, QUEUE_PAIR_LEN as u32),
                     _ => (op, 0),
                 }
             }
@@ -735,6 +810,7 @@ impl Header {
                     Op::Fetch | Op::Read => (op, self.run_pages(op)? * PAGE_BYTES),
                     Op::Auth => (op, PROOF_BYTES),
                     Op::Slots => (op, self.slot_count()? * SLOT_BYTES),
+                    Op::RdmaConnect => (op, QUEUE_PAIR_LEN as u32),
                     _ => (op, 0),
                 }
             }
@@ -1042,6 +1118,9 @@ mod tests {
                 if op == Op::Auth {
                     h = h.with_payload_len(PROOF_BYTES);
                 }
+                if op == Op::RdmaConnect {
+                    h = h.with_payload_len(QUEUE_PAIR_LEN as u32);
+                }
                 let payload = match op {
                     Op::Hello => hello,
                     _ => noise(seed, h.payload_len() as usize),
@@ -1076,6 +1155,7 @@ mod tests {
                 Op::Slots => {
                     payload = noise(seed, req.header.count() as usize * SLOT_BYTES as usize);
                 }
+                Op::RdmaConnect => payload = noise(seed, QUEUE_PAIR_LEN),
                 _ => h = h.with_page(page),
             }
             let h = h.with_payload_len(payload.len() as u32);
@@ -1541,14 +1621,68 @@ mod tests {
     }
 
     #[test]
+    fn queue_pairs_round_trip_and_numbers_past_24_bits_are_refused() {
+        let qp = QueuePair {
+            gid: [0xfe, 0x80, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+            lid: 0x1234,
+            qpn: 0xab_cdef,
+            psn: 0x12_3456,
+        };
+        let b = qp.to_bytes();
+        assert_eq!(b.len(), QUEUE_PAIR_LEN);
+        assert_eq!(QueuePair::from_bytes(&b), Ok(qp));
+        let mut bad = b;
+        bad[21] = 1;
+        assert_eq!(
+            QueuePair::from_bytes(&bad).unwrap_err().to_string(),
+            "RdmaConnect queue pair number or sequence number 0x1abcdef does not fit 24 bits"
+        );
+        assert!(matches!(
+            QueuePair::from_bytes(&b[..25]),
+            Err(FrameError::BadLength {
+                op: Op::RdmaConnect,
+                len: 25,
+                expected: 26
+            })
+        ));
+        // A Claim names a run and carries nothing; an RdmaConnect carries one queue pair.
+        let claim = Header::request(Op::Claim, 1, 7, 10, 3).to_bytes();
+        assert_eq!(check(&claim, Direction::Request), Ok(HEADER_LEN));
+        let none = Header::request(Op::Claim, 1, 7, 10, 0).to_bytes();
+        assert_eq!(
+            check(&none, Direction::Request),
+            Err(FrameError::BadCount {
+                op: Op::Claim,
+                count: 0
+            })
+        );
+        let packed = Header::request(Op::Claim, 1, 7, 10, 3)
+            .with_packed()
+            .to_bytes();
+        assert_eq!(
+            check(&packed, Direction::Request),
+            Err(FrameError::PackedOp(Op::Claim))
+        );
+        let bare = Header::request(Op::RdmaConnect, 1, 0, 0, 0).to_bytes();
+        assert!(matches!(
+            check(&bare, Direction::Request),
+            Err(FrameError::BadLength {
+                op: Op::RdmaConnect,
+                len: 0,
+                expected: 26
+            })
+        ));
+    }
+
+    #[test]
     fn unknown_ops_and_statuses() {
         let mut b = Header::request(Op::Held, 1, 1, 0, 0).to_bytes();
         b[5] = 0;
         assert_eq!(check(&b, Direction::Request), Err(FrameError::UnknownOp(0)));
-        b[5] = 11;
+        b[5] = 13;
         assert_eq!(
             check(&b, Direction::Request),
-            Err(FrameError::UnknownOp(11))
+            Err(FrameError::UnknownOp(13))
         );
         // An error reply may echo an op the server does not know.
         let mut msg = [0u8; HEADER_LEN + 8];

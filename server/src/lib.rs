@@ -115,7 +115,22 @@ pub struct ServerContext {
     tls: Option<Arc<rustls::ServerConfig>>,
     /// Whether a client may agree to packed payloads ([`FEATURE_PACKED`]).
     packing: bool,
+    /// Connects queue pairs for one-sided reads of `store`; `None`: no RDMA here.
+    rdma: Option<Box<dyn RdmaService>>,
     counters: Counters,
+}
+
+/// What serves one-sided RDMA reads of this node's page store: the node's RDMA device, with
+/// the store's memory registered on it (`pagemesh-node`, feature `rdma`). The page server
+/// knows no verbs: it hands an [`Op::RdmaConnect`]'s queue pair here and keeps what comes
+/// back for as long as the connection.
+pub trait RdmaService: Send + Sync {
+    /// A queue pair made for the client whose end is `client` and connected to it: its
+    /// own end, and what keeps it alive. Fails with why it cannot (shown to the client).
+    fn connect(
+        &self,
+        client: &pagemesh_protocol::QueuePair,
+    ) -> Result<(pagemesh_protocol::QueuePair, Box<dyn Send>), String>;
 }
 
 /// Default of [`ServerContext::with_spin`]: covers the gap between two faults of a guest that
@@ -188,8 +203,16 @@ impl ServerContext {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             tls: None,
             packing: true,
+            rdma: None,
             counters: Counters::default(),
         }
+    }
+
+    /// This context answering [`Op::RdmaConnect`] through `rdma` (without it, the op is
+    /// refused as unsupported).
+    pub fn with_rdma(mut self, rdma: Box<dyn RdmaService>) -> Self {
+        self.rdma = Some(rdma);
+        self
     }
 
     /// This context with connection threads that poll for `spin` after each answer before
@@ -721,6 +744,7 @@ fn serve_connection<S: PageStream>(mut stream: S, peer: SocketAddr, ctx: &Server
     };
     let mut stage = Stage::New;
     let mut packing = None;
+    let mut queue_pair = None;
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let end = loop {
         let ready = matches!(stage, Stage::Ready);
@@ -736,6 +760,7 @@ fn serve_connection<S: PageStream>(mut stream: S, peer: SocketAddr, ctx: &Server
             session: &mut session,
             stage: &mut stage,
             packing: &mut packing,
+            queue_pair: &mut queue_pair,
         };
         if let Err(end) = serve_request(&mut stream, buf, peer, ctx, conn) {
             break end;
@@ -773,6 +798,8 @@ struct Conn<'a> {
     stage: &'a mut Stage,
     /// Set once the client's Hello agreed to packed payloads.
     packing: &'a mut Option<Packing>,
+    /// The queue pair an RdmaConnect made for this connection, kept while it lasts.
+    queue_pair: &'a mut Option<Box<dyn Send>>,
 }
 
 /// The buffers a connection packs and unpacks runs with, allocated once, when its Hello
@@ -805,6 +832,7 @@ fn serve_request<S: PageStream>(
         session,
         stage,
         packing,
+        queue_pair,
     } = conn;
     let mut head = [0u8; HEADER_LEN];
     let got = stream.spin_read(&mut head, ctx.spin);
@@ -840,6 +868,7 @@ fn serve_request<S: PageStream>(
         session,
         stage,
         packing,
+        queue_pair,
     };
     let reply_len = dispatch(ctx, &request, buf, peer, conn);
     stream.write_all(&buf[..reply_len]).map_err(End::Io)
@@ -1092,6 +1121,13 @@ enum Refusal {
         ours: String,
         theirs: String,
     },
+    #[error(
+        "this memory node serves no RDMA (it runs with --transport tcp, has no RDMA device, \
+         or was built without the rdma feature): fetch over TCP"
+    )]
+    NoRdma,
+    #[error("cannot connect a queue pair: {0}")]
+    Rdma(String),
 }
 
 impl Refusal {
@@ -1112,7 +1148,7 @@ impl Refusal {
             | Refusal::HelloAgain
             | Refusal::NoAuthDue
             | Refusal::BadPacked(_) => Status::BadRequest,
-            Refusal::NoRandom => Status::Unsupported,
+            Refusal::NoRandom | Refusal::NoRdma | Refusal::Rdma(_) => Status::Unsupported,
             Refusal::WrongCluster { .. } => Status::WrongCluster,
         }
     }
@@ -1159,6 +1195,7 @@ fn dispatch(
         session,
         stage,
         packing,
+        queue_pair,
     } = conn;
     if request.ack() != 0 && request.op() != Ok(Op::Hello) {
         let freed = ctx.store.acknowledge(*session, request.ack());
@@ -1222,6 +1259,43 @@ fn dispatch(
             .map_err(Refusal::from)
         }
         Ok(Op::Ack) => Ok(ok),
+        Ok(Op::Claim) => ctx
+            .store
+            .claim(
+                vm,
+                page,
+                u64::from(request.count()),
+                *session,
+                request.request_id(),
+            )
+            .map(|()| ok)
+            .map_err(Refusal::from),
+        Ok(Op::RdmaConnect) => {
+            let serve = |rdma: &dyn RdmaService| {
+                let client = pagemesh_protocol::QueuePair::from_bytes(
+                    &body[..pagemesh_protocol::QUEUE_PAIR_LEN],
+                )
+                .map_err(|e| e.to_string())?;
+                let (ours, keep) = rdma.connect(&client)?;
+                info!(
+                    %peer,
+                    qpn = ours.qpn,
+                    client_qpn = client.qpn,
+                    "connected a queue pair for one-sided reads"
+                );
+                Ok::<_, String>((ours, keep))
+            };
+            match ctx.rdma.as_deref().map(serve) {
+                None => Err(Refusal::NoRdma),
+                Some(Err(why)) => Err(Refusal::Rdma(why)),
+                Some(Ok((ours, keep))) => {
+                    // A second RdmaConnect replaces the first queue pair.
+                    *queue_pair = Some(keep);
+                    body[..pagemesh_protocol::QUEUE_PAIR_LEN].copy_from_slice(&ours.to_bytes());
+                    Ok(ok.with_payload_len(pagemesh_protocol::QUEUE_PAIR_LEN as u32))
+                }
+            }
+        }
         Ok(Op::WriteBack) => {
             let pages: Result<&[u8], Refusal> = match (request.is_packed(), packing.as_mut()) {
                 (false, _) => Ok(&body[..run]),
@@ -1314,6 +1388,8 @@ mod tests {
     use pagemesh_transport::compress::Compression;
     use pagemesh_transport::tcp::{Credentials, TcpOptions, TcpPeer};
     use pagemesh_transport::{PageSource, PeerControl, Run, TransportError};
+
+    mod one_sided;
 
     const ME: NodeId = 2;
     const CLIENT: NodeId = 1;

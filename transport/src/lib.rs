@@ -573,6 +573,11 @@ struct Dialer {
     credentials: tcp::Credentials,
     timeout: std::time::Duration,
     compression: compress::Compression,
+    /// This node's RDMA queue pairs and slot maps, when its page traffic may use RDMA.
+    rdma: Option<(
+        std::sync::Arc<dyn rdma::source::Readers>,
+        rdma::source::SlotMaps,
+    )>,
 }
 
 impl Dialer {
@@ -584,12 +589,58 @@ impl Dialer {
             // Control connections carry no runs; data connections say what they want
             // (`TransportManager::with_compression`).
             compression: compress::Compression::Off,
+            rdma: None,
+        }
+    }
+
+    /// A page source for `peer_id` at `endpoint`: over RDMA where this node and the peer
+    /// both have it (the TCP connection carrying the rest), over TCP otherwise, with a
+    /// warning saying why when this node has RDMA and the peer's could not be used.
+    fn dial_source(
+        &self,
+        peer_id: NodeId,
+        endpoint: &pagemesh_api::Endpoint,
+    ) -> Result<Box<dyn PageSource>, TransportError> {
+        let tcp = self.dial(peer_id, endpoint)?;
+        let Some((readers, maps)) = &self.rdma else {
+            return Ok(Box::new(tcp));
+        };
+        let Some(remote) = &endpoint.rdma else {
+            tracing::warn!(
+                node = peer_id,
+                "node {peer_id} registered no RDMA endpoint: its pages come over TCP"
+            );
+            return Ok(Box::new(tcp));
+        };
+        let reader = match readers.reader() {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::warn!(
+                    node = peer_id,
+                    "no RDMA queue pair for node {peer_id} ({why}): its pages come over TCP"
+                );
+                return Ok(Box::new(tcp));
+            }
+        };
+        match rdma::source::RdmaSource::connect(tcp, reader, remote, maps.clone(), self.timeout) {
+            Ok(source) => {
+                tracing::debug!(node = peer_id, "pages of node {peer_id} come over RDMA");
+                Ok(Box::new(source))
+            }
+            Err(refused) => {
+                let (tcp, why) = *refused;
+                tracing::warn!(
+                    node = peer_id,
+                    "RDMA with node {peer_id} failed ({why}): its pages come over TCP"
+                );
+                Ok(Box::new(tcp))
+            }
         }
     }
 
     /// Connects to `peer_id` at `endpoint` as this node, with every timeout of the
-    /// connection `timeout` (but Load's). RDMA endpoints are refused until the RDMA transport
-    /// exists.
+    /// connection `timeout` (but Load's). An endpoint of transport `rdma` is refused: even a
+    /// node that reads over RDMA registers the TCP address its claims and control go to.
     fn dial(
         &self,
         peer_id: NodeId,
@@ -610,7 +661,7 @@ impl Dialer {
             ),
             pagemesh_api::TransportKind::Rdma => Err(TransportError::Unsupported {
                 node: peer_id,
-                what: "RDMA endpoints (this build has only the TCP transport)",
+                what: "RDMA-only endpoints (a node reading over RDMA registers transport tcp, with an rdma field)",
             }),
         }
     }
@@ -710,8 +761,10 @@ impl TransportManager {
         self
     }
 
-    /// Connects to `peer_id` at `endpoint` (TCP; RDMA endpoints are refused until the RDMA
-    /// transport exists) for page traffic and keeps the connection, replacing an older one.
+    /// Connects to `peer_id` at `endpoint` for page traffic and keeps the connection,
+    /// replacing an older one: TCP, and with [`TransportManager::with_rdma`] one-sided RDMA
+    /// reads where the peer registered an RDMA endpoint. An endpoint whose transport is
+    /// `rdma` (no TCP address at all) is refused.
     /// A peer of another cluster is refused ([`TransportError::WrongCluster`], or [`TransportError::Remote`]
     /// when the peer refuses first).
     pub fn connect_peer(
@@ -719,9 +772,23 @@ impl TransportManager {
         peer_id: NodeId,
         endpoint: &pagemesh_api::Endpoint,
     ) -> Result<(), TransportError> {
-        let source = self.dialer.dial(peer_id, endpoint)?;
-        self.peers.insert(peer_id, Box::new(source));
+        let source = self.dialer.dial_source(peer_id, endpoint)?;
+        self.peers.insert(peer_id, source);
         Ok(())
+    }
+
+    /// This manager reading pages with one-sided RDMA from every peer that registered an
+    /// RDMA endpoint, through queue pairs from `readers`, sharing `maps` with the node's
+    /// other managers ([`rdma::source::RdmaSource`]); peers without one are reached over
+    /// TCP, with a warning.
+    #[must_use]
+    pub fn with_rdma(
+        mut self,
+        readers: std::sync::Arc<dyn rdma::source::Readers>,
+        maps: rdma::source::SlotMaps,
+    ) -> Self {
+        self.dialer.rdma = Some((readers, maps));
+        self
     }
 
     /// Adds an already-built source (tests, the local-copy benchmark).

@@ -5,6 +5,9 @@
 //!   InfiniBand support, so no soft-RoCE either).
 //! - [`plan`]: where a memory node's page slots are in the memory it registered, and the
 //!   one-sided RDMA READs that bring a run of pages in (no device needed; tested here).
+//! - [`source`]: the page source that reads with RDMA and claims, writes back and
+//!   controls over TCP, over any [`source::OneSided`] queue pair (tested here with memory
+//!   of the same process standing in for the peer's).
 //! - `verbs` (cargo feature `rdma`, linking the system's libibverbs): a small wrapper over
 //!   the raw verbs of `ibverbs-sys` that registers memory, connects a reliable queue pair
 //!   and posts those reads. It builds and lints here; nothing has run it on RDMA hardware,
@@ -13,6 +16,7 @@
 use std::path::Path;
 
 pub mod plan;
+pub mod source;
 #[cfg(feature = "rdma")]
 pub mod verbs;
 

@@ -549,6 +549,9 @@ impl TcpPeer {
         } else {
             request = request.with_ack(self.ack);
         }
+        if op == Op::RdmaConnect {
+            request = request.with_payload_len(out.len() as u32);
+        }
         debug_assert_eq!(request.payload_len() as usize, out.len());
         let request = request.with_checksum(out);
         // The clock is read only where `--compress auto` may time the request.
@@ -559,7 +562,7 @@ impl TcpPeer {
         {
             self.took(op, packed, into.len() / PAGE_SIZE, began);
         }
-        let fetched = (op == Op::Fetch && result.is_ok()).then_some(request_id);
+        let fetched = (matches!(op, Op::Fetch | Op::Claim) && result.is_ok()).then_some(request_id);
         self.settle(request.ack(), fetched, result.as_ref().err());
         result
     }
@@ -875,7 +878,7 @@ impl TcpPeer {
         let mut last_ok = None;
         let mut refused = None;
         for (i, h) in headers.iter().enumerate() {
-            let into: &mut [u8] = if op == Op::WriteBack {
+            let into: &mut [u8] = if matches!(op, Op::WriteBack | Op::Claim) {
                 &mut []
             } else {
                 &mut *into[i]
@@ -883,7 +886,7 @@ impl TcpPeer {
             match self.receive(h, into) {
                 Ok(_) => {
                     filled[i] = true;
-                    if op == Op::Fetch {
+                    if matches!(op, Op::Fetch | Op::Claim) {
                         last_ok = Some(h.request_id());
                     }
                 }
@@ -1126,6 +1129,64 @@ impl PageSource for TcpPeer {
 }
 
 impl TcpPeer {
+    /// Claims the runs `(first page, pages)` of `vm` without receiving them ([`Op::Claim`]:
+    /// pages this node read itself, with one-sided RDMA), in two phases like a fetch: they
+    /// are acknowledged by the next request. Sends up to [`MAX_BATCH`] requests in one write
+    /// and then reads their replies. A refusal of one run does not stop the others; the
+    /// first is returned at the end.
+    pub fn claim_runs(&mut self, vm: VmId, runs: &[(u64, u32)]) -> Result<(), TransportError> {
+        let mut first_refusal = Ok(());
+        for chunk in runs.chunks(MAX_BATCH) {
+            if let Some(poison) = &self.poison {
+                return Err(poison.to_error(self.peer));
+            }
+            let n = chunk.len();
+            let first_id = self.next_id;
+            let mut headers = [Header::request(Op::Claim, 0, 0, 0, 0); MAX_BATCH];
+            for (i, &(first, count)) in chunk.iter().enumerate() {
+                if !(1..=pagemesh_protocol::MAX_RUN_PAGES).contains(&count) {
+                    return Err(TransportError::InvalidPageSize(count as usize * PAGE_SIZE));
+                }
+                headers[i] = Header::request(Op::Claim, first_id + i as u64, vm, first, count)
+                    .with_ack(self.ack)
+                    .with_checksum(&[]);
+            }
+            self.next_id = self.next_id.wrapping_add(n as u64);
+            let ack_sent = self.ack;
+            let mut filled = [false; MAX_BATCH];
+            match self.send_and_receive_batch(Op::Claim, &headers[..n], &[], &mut [], &mut filled) {
+                Ok(claimed) => self.settle(ack_sent, claimed, None),
+                Err((claimed, e)) => {
+                    self.settle(ack_sent, claimed, Some(&e));
+                    match e {
+                        TransportError::Remote { .. } => {
+                            first_refusal = first_refusal.and(Err(e));
+                        }
+                        e => return Err(e),
+                    }
+                }
+            }
+        }
+        first_refusal
+    }
+
+    /// Connects a queue pair for one-sided reads ([`Op::RdmaConnect`]): sends this node's
+    /// end and returns the one the peer made for it, which lives as long as this connection.
+    /// A peer without RDMA refuses ([`TransportError::Remote`], `Unsupported`).
+    pub fn rdma_connect(
+        &mut self,
+        ours: &pagemesh_protocol::QueuePair,
+    ) -> Result<pagemesh_protocol::QueuePair, TransportError> {
+        let mut theirs = [0u8; pagemesh_protocol::QUEUE_PAIR_LEN];
+        self.exchange(Op::RdmaConnect, 0, 0, 0, &ours.to_bytes(), &mut theirs)?;
+        pagemesh_protocol::QueuePair::from_bytes(&theirs).map_err(|source| {
+            TransportError::Malformed {
+                node: self.peer,
+                source,
+            }
+        })
+    }
+
     /// Where `count` pages of `vm` from `first` on are in the peer's page store: a slot per
     /// page, [`pagemesh_protocol::NO_SLOT`] for a page it does not hold ([`Op::Slots`]; what
     /// an RDMA reader addresses pages by, `crate::rdma::plan`). Asks in requests of at most
