@@ -140,8 +140,10 @@ pub struct Settings {
 
     /// What page traffic travels over: `auto` uses RDMA where this host has an RDMA device
     /// and the build has the RDMA transport, and TCP otherwise, saying why once; `tcp`;
-    /// `rdma` fails at start where RDMA cannot be had. The RDMA transport is not built yet
-    /// (docs/operations.md): today every node talks TCP.
+    /// `rdma` fails at start where RDMA cannot be had. A build without `--features rdma`
+    /// has no RDMA transport. With RDMA, a memory node registers its page store with the
+    /// device and a compute node reads pages with one-sided RDMA READ; claims, write-backs
+    /// and control stay on TCP, and a peer without RDMA is reached over TCP (docs/rdma.md).
     #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
     pub transport: TransportArg,
 

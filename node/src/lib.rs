@@ -28,6 +28,7 @@
 //! | [`define`] | the VM a compute node defines: size, content, placement, workload |
 //! | [`peers`] | a compute node's connections to its VM's memory nodes |
 //! | [`probes`] | loading the eBPF probes for a guest |
+//! | [`rdma`] | the RDMA device: a memory node's registered store, a compute node's readers |
 //! | [`signals`] | the stop signals the main thread waits for |
 //! | [`summary`] | a run's summary, printed and as JSON |
 //! | [`working_set`] | a recorded working set: the file `--record-working-set` writes and `--replay-working-set` reads |
@@ -50,6 +51,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod peers;
 pub mod probes;
+pub mod rdma;
 pub mod repair;
 pub mod service;
 pub mod signals;

@@ -49,11 +49,18 @@ pub(crate) fn connect_vm_peers(
     // Every connection knows each page's homes, so that any of them fails over, and they
     // share what they have lost.
     let lost = Arc::new(LostHomes::default());
+    // With RDMA, every page connection reads through a queue pair of its own, and they
+    // share their slot maps.
+    let rdma = crate::rdma::compute_rdma();
     let manager = || {
-        TransportManager::new(id, timeout)
+        let m = TransportManager::new(id, timeout)
             .with_credentials(credentials.clone())
             .with_compression(settings.compress.into())
-            .with_replicas(replicas.clone(), lost.clone())
+            .with_replicas(replicas.clone(), lost.clone());
+        match &rdma {
+            Some((readers, maps)) => m.with_rdma(readers.clone(), maps.clone()),
+            None => m,
+        }
     };
     let mut transport = manager();
     let mut writeback = vm.local_memory_bytes.map(|_| manager());

@@ -27,7 +27,9 @@ use pagemesh_vmm::memory::RAM_BASE;
 
 use crate::admin::{self, AdminState, LiveRun};
 use crate::compute::{RunOptions, run_guest};
-use crate::config::values::{AdminArg, BackingArg, ByteSize, CompressArg};
+use crate::config::values::{
+    AdminArg, BackingArg, ByteSize, CompressArg, RDMA_BUILT, TransportChoice,
+};
 use crate::config::{ConfigError, Settings};
 use crate::coordinator::CoordinatorClient;
 use crate::define::{content, placement_request, seed, workload};
@@ -36,6 +38,7 @@ use crate::lease::LeaseKeeper;
 use crate::lifecycle::{Backing, ComputeError, FaultSetup};
 use crate::peers::{VmPeers, connect_vm_peers, forget_vm, held, load_vm};
 use crate::probes::load_probes;
+use crate::rdma::NodeRdma;
 use crate::repair::{RepairOptions, Repairer};
 use crate::signals::{StopSignals, block_stop_signals, wait_for_stop_signal};
 use crate::summary::{MemoryNodes, report, write_failure};
@@ -71,20 +74,33 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         coordinator = coordinator.with_keyring(keyring);
     }
 
-    match settings
+    let refused = |why| ConfigError::Invalid {
+        what: "--transport rdma",
+        why,
+    };
+    let choice = settings
         .transport
-        .resolve(&pagemesh_transport::rdma::devices())
-    {
-        Ok(None) => {}
-        Ok(Some(why)) => tracing::warn!("{why}"),
-        Err(why) => {
-            return Err(ConfigError::Invalid {
-                what: "--transport rdma",
-                why,
-            }
-            .into());
+        .resolve(&pagemesh_transport::rdma::devices(), RDMA_BUILT)
+        .map_err(refused)?;
+    // The device opens here, before anything registers: a node asked for RDMA that cannot
+    // have it fails at start.
+    let rdma = match choice {
+        TransportChoice::Tcp => None,
+        TransportChoice::TcpInstead(why) => {
+            tracing::warn!("{why}");
+            None
         }
-    }
+        TransportChoice::Rdma => match NodeRdma::open() {
+            Ok(rdma) => Some(rdma),
+            Err(why) => match settings.transport.unavailable(why).map_err(refused)? {
+                TransportChoice::TcpInstead(why) => {
+                    tracing::warn!("{why}");
+                    None
+                }
+                _ => None,
+            },
+        },
+    };
     let capacity = if role.serves_memory() {
         settings.memory.capacity
     } else {
@@ -106,6 +122,11 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
 
     let lookup_client = coordinator.clone();
     let mut store = PageStore::new(capacity_pages);
+    // Memory a device reads must stay where it is: the whole store is allocated now.
+    let rdma_store = rdma.is_some() && role.serves_memory();
+    if rdma_store {
+        store = store.with_memory_up_front();
+    }
     match &settings.image_dir {
         Some(dir) if role.serves_memory() => {
             let images = ImageDir::open(dir).map_err(|e| NodeError::ImageDir(dir.clone(), e))?;
@@ -116,9 +137,21 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         None if role.serves_memory() => tracing::info!("loads no VM images (no --image-dir)"),
         None => {}
     }
-    let ctx = ServerContext::new(id, store, move |vm| {
+    let rdma_endpoint = match &rdma {
+        Some(rdma) if rdma_store => Some(rdma.register_store(&store).map_err(refused)?),
+        _ => None,
+    };
+    let mut ctx = ServerContext::new(id, store, move |vm| {
         lookup_client.vm(vm).map_err(Into::into)
     });
+    if let Some(rdma) = &rdma {
+        if rdma_store {
+            ctx = ctx.with_rdma(rdma.service());
+        }
+        if role.computes() {
+            crate::rdma::read_through(rdma);
+        }
+    }
     let spin = Duration::from_micros(settings.memory.serve_spin_us);
     let mut ctx = ctx
         .with_cluster(settings.cluster.clone().unwrap_or_default())?
@@ -171,8 +204,9 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         cluster: settings.cluster.clone(),
         replace: settings.replace,
         admin: admin_addr.clone(),
-        // No RDMA transport is built yet (--transport resolved to TCP above).
-        rdma: None,
+        // The page store's registered regions, with RDMA (the TCP address above stays the
+        // one claims, write-backs and control go to).
+        rdma: rdma_endpoint,
     };
     let info = coordinator.register_with_coordinator(id, &registration)?;
     let lease = LeaseKeeper::start(&coordinator, &info, registration);

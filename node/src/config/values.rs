@@ -425,29 +425,52 @@ pub enum TransportArg {
     Rdma,
 }
 
-/// This build has no RDMA transport yet (the cargo feature `rdma` is to carry it).
-pub const RDMA_BUILT: bool = false;
+/// Whether this build has the RDMA transport (the cargo feature `rdma`).
+pub const RDMA_BUILT: bool = cfg!(feature = "rdma");
+
+/// What `--transport` comes to on a host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// TCP, as asked.
+    Tcp,
+    /// TCP, because `auto` could not have RDMA: why, for the one warning.
+    TcpInstead(String),
+    /// Try RDMA (the device may still fail to open: [`TransportArg::unavailable`]).
+    Rdma,
+}
 
 impl TransportArg {
-    /// Whether page traffic can go as asked on a host with RDMA `devices`: `Ok(None)`
-    /// over TCP as asked, `Ok(Some(why))` over TCP where `auto` could not use RDMA, `Err`
-    /// for `rdma` where it cannot be had.
-    pub fn resolve(self, devices: &[String]) -> Result<Option<String>, String> {
-        let why = match (devices, RDMA_BUILT) {
+    /// Whether page traffic can go as asked on a host with RDMA `devices` by a build
+    /// with the RDMA transport or not (`built`, [`RDMA_BUILT`]); `Err` for `rdma` where it
+    /// cannot be had.
+    pub fn resolve(self, devices: &[String], built: bool) -> Result<TransportChoice, String> {
+        if self == TransportArg::Tcp {
+            return Ok(TransportChoice::Tcp);
+        }
+        let why = match (devices, built) {
             ([], _) => format!(
                 "this host has no RDMA device ({} is missing or empty: no RDMA driver, or no \
                  soft-RoCE rdma_rxe link)",
                 pagemesh_transport::rdma::SYSFS_DIR
             ),
             (found, false) => format!(
-                "this build of pagemesh-node has no RDMA transport yet (RDMA device {} found)",
+                "this build of pagemesh-node has no RDMA transport (RDMA device {} found; \
+                 build it with --features rdma)",
                 found.join(", ")
             ),
-            (_, true) => return Ok(None),
+            (_, true) => return Ok(TransportChoice::Rdma),
         };
+        self.unavailable(why)
+    }
+
+    /// What to do when RDMA cannot be had, for `why`: TCP with a warning for `auto`, an
+    /// error for `rdma`.
+    pub fn unavailable(self, why: String) -> Result<TransportChoice, String> {
         match self {
-            TransportArg::Tcp => Ok(None),
-            TransportArg::Auto => Ok(Some(format!("{why}: page traffic goes over TCP"))),
+            TransportArg::Tcp => Ok(TransportChoice::Tcp),
+            TransportArg::Auto => Ok(TransportChoice::TcpInstead(format!(
+                "{why}: page traffic goes over TCP"
+            ))),
             TransportArg::Rdma => Err(format!("{why}; use --transport tcp or auto")),
         }
     }
@@ -593,20 +616,39 @@ mod tests {
 
     #[test]
     fn transport_falls_back_to_tcp_with_a_reason_and_rdma_is_refused_without_it() {
+        use TransportChoice::*;
         let none: Vec<String> = Vec::new();
-        assert_eq!(TransportArg::Tcp.resolve(&none), Ok(None));
-        let auto = TransportArg::Auto.resolve(&none).unwrap().unwrap();
-        assert!(auto.starts_with("this host has no RDMA device"), "{auto}");
-        assert!(auto.ends_with(": page traffic goes over TCP"), "{auto}");
-        let rdma = TransportArg::Rdma.resolve(&none).unwrap_err();
-        assert!(rdma.ends_with("; use --transport tcp or auto"), "{rdma}");
+        for built in [false, true] {
+            assert_eq!(TransportArg::Tcp.resolve(&none, built), Ok(Tcp));
+            let Ok(TcpInstead(auto)) = TransportArg::Auto.resolve(&none, built) else {
+                panic!("auto without a device")
+            };
+            assert!(auto.starts_with("this host has no RDMA device"), "{auto}");
+            assert!(auto.ends_with(": page traffic goes over TCP"), "{auto}");
+            let rdma = TransportArg::Rdma.resolve(&none, built).unwrap_err();
+            assert!(rdma.ends_with("; use --transport tcp or auto"), "{rdma}");
+        }
         let found = vec!["rxe0".to_owned()];
-        let rdma = TransportArg::Rdma.resolve(&found).unwrap_err();
+        let rdma = TransportArg::Rdma.resolve(&found, false).unwrap_err();
         assert!(
-            rdma.contains("no RDMA transport yet (RDMA device rxe0 found)"),
+            rdma.contains(
+                "no RDMA transport (RDMA device rxe0 found; build it with --features rdma)"
+            ),
             "{rdma}"
         );
-        assert!(TransportArg::Auto.resolve(&found).unwrap().is_some());
+        assert!(matches!(
+            TransportArg::Auto.resolve(&found, false),
+            Ok(TcpInstead(_))
+        ));
+        assert_eq!(TransportArg::Auto.resolve(&found, true), Ok(Rdma));
+        assert_eq!(TransportArg::Rdma.resolve(&found, true), Ok(Rdma));
+        assert_eq!(TransportArg::Tcp.resolve(&found, true), Ok(Tcp));
+        // The device found but not opened.
+        let why = "cannot open rxe0".to_owned();
+        assert!(
+            matches!(TransportArg::Auto.unavailable(why.clone()), Ok(TcpInstead(w)) if w.starts_with(&why))
+        );
+        assert!(TransportArg::Rdma.unavailable(why).is_err());
     }
 
     #[test]

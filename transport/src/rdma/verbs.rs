@@ -20,12 +20,21 @@ use std::ptr;
 use std::time::{Duration, Instant};
 
 use ibverbs_sys as ffi;
+use pagemesh_api::error_chain;
 use pagemesh_api::rdma::{RdmaEndpoint, RdmaRegion};
 
 use super::plan::{MAX_READS, ReadOp};
+use super::source::{BUFFER_LEN, OneSided, Readers};
 
 /// The port every queue pair uses (the first; multi-port devices are not handled yet).
 const PORT: u8 = 1;
+
+/// The most work requests one post carries: a run's page READs and their tag READs.
+pub const MAX_OPS: usize = 2 * MAX_READS;
+
+/// The most RDMA READs a queue pair keeps outstanding (and serves at once), when the
+/// device allows as many.
+const RD_ATOMIC: u8 = 16;
 
 /// Errors of the verbs.
 #[derive(thiserror::Error, Debug)]
@@ -52,6 +61,9 @@ pub enum VerbsError {
         /// The device's own code.
         vendor: u32,
     },
+    /// More READs than one post carries ([`MAX_OPS`]).
+    #[error("{0} READs in one post; at most {MAX_OPS}")]
+    TooManyReads(usize),
     /// No completion came in time.
     #[error("RDMA READ {wr_id} did not complete within {0:?}", .timeout)]
     Timeout {
@@ -84,6 +96,10 @@ pub struct Device {
     ctx: *mut ffi::ibv_context,
     port: ffi::ibv_port_attr,
     gid: [u8; 16],
+    /// READs a queue pair may have outstanding, and serve, at once: [`RD_ATOMIC`] or the
+    /// device's limit.
+    rd_atomic: u8,
+    name: String,
 }
 
 // SAFETY: a verbs context may be used from any thread (libibverbs serialises what needs it);
@@ -103,6 +119,7 @@ impl Device {
             return Err(VerbsError::NoDevice(io::Error::last_os_error().to_string()));
         }
         let mut chosen: *mut ffi::ibv_device = ptr::null_mut();
+        let mut chosen_name = String::new();
         let mut names = Vec::new();
         for i in 0..n.max(0) as usize {
             // SAFETY: the list holds `n` valid device pointers.
@@ -113,6 +130,7 @@ impl Device {
                 .into_owned();
             if chosen.is_null() && name.is_none_or(|want| want == dev_name) {
                 chosen = dev;
+                chosen_name.clone_from(&dev_name);
             }
             names.push(dev_name);
         }
@@ -144,15 +162,28 @@ impl Device {
         let mut gid = ffi::ibv_gid::default();
         // SAFETY: as above; GID index 0 of the port is written to `gid`.
         let gid_rc = unsafe { ffi::ibv_query_gid(ctx, PORT, 0, &mut gid) };
+        // SAFETY: a plain C struct of numbers and arrays: all zeros is a valid value.
+        let mut attr: ffi::ibv_device_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: `ctx` is open; the device's attributes are written to `attr`.
+        let attr_rc = unsafe { ffi::ibv_query_device(ctx, &mut attr) };
+        let limit = attr.max_qp_rd_atom.min(attr.max_qp_init_rd_atom);
         let device = Device {
             ctx,
             port,
             // SAFETY: every bit pattern of the union is a valid byte array.
             gid: unsafe { gid.raw },
+            rd_atomic: u8::try_from(limit.clamp(1, i32::from(RD_ATOMIC))).unwrap_or(1),
+            name: chosen_name,
         };
         check("ibv_query_port", rc)?;
         check("ibv_query_gid", gid_rc)?;
+        check("ibv_query_device", attr_rc)?;
         Ok(device)
+    }
+
+    /// The device's name (as `ibv_devices` lists it).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// A protection domain for regions and queue pairs that work together.
@@ -179,6 +210,12 @@ pub struct ProtectionDomain<'d> {
     pd: *mut ffi::ibv_pd,
     device: &'d Device,
 }
+
+// SAFETY: registering memory and creating queue pairs in a protection domain are
+// thread-safe verbs; the handle is only passed to them.
+unsafe impl Send for ProtectionDomain<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for ProtectionDomain<'_> {}
 
 impl ProtectionDomain<'_> {
     /// Registers `len` bytes at `addr`: readable by peers (`remote_read`: a memory node's
@@ -208,10 +245,20 @@ impl ProtectionDomain<'_> {
         })
     }
 
-    /// A completion queue and a reliable-connected queue pair that reads (at most
-    /// [`MAX_READS`] reads outstanding), not connected yet.
+    /// A completion queue and a reliable-connected queue pair that reads (a post of at
+    /// most [`MAX_OPS`] READs), not connected yet.
     pub fn reader(&self) -> Result<Reader<'_>, VerbsError> {
-        let depth = MAX_READS as i32;
+        self.queue_pair(false)
+    }
+
+    /// A queue pair that serves a peer's READs of this domain's regions readable by peers
+    /// (a memory node's end), not connected yet.
+    pub fn responder(&self) -> Result<Reader<'_>, VerbsError> {
+        self.queue_pair(true)
+    }
+
+    fn queue_pair(&self, serves_reads: bool) -> Result<Reader<'_>, VerbsError> {
+        let depth = MAX_OPS as i32;
         // SAFETY: the context is open; no completion channel, no context pointer.
         let cq = unsafe {
             ffi::ibv_create_cq(self.device.ctx, depth, ptr::null_mut(), ptr::null_mut(), 0)
@@ -225,7 +272,7 @@ impl ProtectionDomain<'_> {
             recv_cq: cq,
             srq: ptr::null_mut(),
             cap: ffi::ibv_qp_cap {
-                max_send_wr: MAX_READS as u32,
+                max_send_wr: MAX_OPS as u32,
                 max_recv_wr: 1,
                 max_send_sge: 1,
                 max_recv_sge: 1,
@@ -246,6 +293,8 @@ impl ProtectionDomain<'_> {
             qp,
             cq,
             device: self.device,
+            serves_reads,
+            connected: false,
             _pd: PhantomData,
         })
     }
@@ -291,13 +340,21 @@ impl Drop for Region<'_> {
     }
 }
 
-/// A reliable-connected queue pair that reads from one peer, with its completion queue.
+/// A reliable-connected queue pair that reads from one peer (or, made by
+/// [`ProtectionDomain::responder`], serves one peer's reads), with its completion queue.
 pub struct Reader<'p> {
     qp: *mut ffi::ibv_qp,
     cq: *mut ffi::ibv_cq,
     device: &'p Device,
+    serves_reads: bool,
+    /// Moved past RESET: connecting again resets it first.
+    connected: bool,
     _pd: PhantomData<&'p ()>,
 }
+
+// SAFETY: a queue pair and its completion queue may be used from any thread (the verbs
+// are thread-safe); `Reader` is used by one thread at a time (`&mut self`).
+unsafe impl Send for Reader<'_> {}
 
 impl Reader<'_> {
     /// What the peer needs to connect to this queue pair (no regions: a reader exposes
@@ -313,25 +370,39 @@ impl Reader<'_> {
         }
     }
 
-    /// Connects to `peer` (INIT, ready to receive, ready to send), sending from `psn`.
+    /// Connects to `peer` (INIT, ready to receive, ready to send), sending from `psn`; a
+    /// queue pair connected before is reset first.
     pub fn connect(&mut self, peer: &RdmaEndpoint, psn: u32) -> Result<(), VerbsError> {
         use ffi::ibv_qp_attr_mask as m;
+        if self.connected {
+            let mut attr = ffi::ibv_qp_attr {
+                qp_state: ffi::ibv_qp_state::IBV_QPS_RESET,
+                ..Default::default()
+            };
+            self.modify(&mut attr, m::IBV_QP_STATE, "ibv_modify_qp (RESET)")?;
+            self.connected = false;
+        }
+        let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
+        if self.serves_reads {
+            access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
+        }
         let mut attr = ffi::ibv_qp_attr {
             qp_state: ffi::ibv_qp_state::IBV_QPS_INIT,
             pkey_index: 0,
             port_num: PORT,
-            qp_access_flags: ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0,
+            qp_access_flags: access.0,
             ..Default::default()
         };
         let mask = m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS;
         self.modify(&mut attr, mask, "ibv_modify_qp (INIT)")?;
+        self.connected = true;
 
         let mut attr = ffi::ibv_qp_attr {
             qp_state: ffi::ibv_qp_state::IBV_QPS_RTR,
             path_mtu: self.device.port.active_mtu,
             dest_qp_num: peer.qpn,
             rq_psn: peer.psn,
-            max_dest_rd_atomic: 1,
+            max_dest_rd_atomic: self.device.rd_atomic,
             min_rnr_timer: 12,
             ah_attr: ffi::ibv_ah_attr {
                 dlid: peer.lid,
@@ -362,7 +433,7 @@ impl Reader<'_> {
             timeout: 14,
             retry_cnt: 7,
             rnr_retry: 7,
-            max_rd_atomic: 1,
+            max_rd_atomic: self.device.rd_atomic,
             ..Default::default()
         };
         let mask = m::IBV_QP_STATE
@@ -401,13 +472,16 @@ impl Reader<'_> {
         wr_id: u64,
         timeout: Duration,
     ) -> Result<(), VerbsError> {
+        if reads.len() > MAX_OPS {
+            return Err(VerbsError::TooManyReads(reads.len()));
+        }
         let Some(last) = reads.len().checked_sub(1) else {
             return Ok(());
         };
         let base = local.remote().addr;
-        let mut sges = [ffi::ibv_sge::default(); MAX_READS];
-        let mut wrs: [ffi::ibv_send_wr; MAX_READS] = [Default::default(); MAX_READS];
-        for (i, r) in reads.iter().enumerate().take(MAX_READS) {
+        let mut sges = [ffi::ibv_sge::default(); MAX_OPS];
+        let mut wrs: [ffi::ibv_send_wr; MAX_OPS] = [Default::default(); MAX_OPS];
+        for (i, r) in reads.iter().enumerate().take(MAX_OPS) {
             sges[i] = ffi::ibv_sge {
                 addr: base + r.local_offset as u64,
                 length: r.len,
@@ -416,10 +490,10 @@ impl Reader<'_> {
         }
         let wr_base = wrs.as_mut_ptr();
         let sge_base = sges.as_mut_ptr();
-        for (i, r) in reads.iter().enumerate().take(MAX_READS) {
+        for (i, r) in reads.iter().enumerate().take(MAX_OPS) {
             let wr = &mut wrs[i];
             wr.wr_id = wr_id;
-            // SAFETY: `i < MAX_READS`, inside `sges`, which outlives the post.
+            // SAFETY: `i < MAX_OPS`, inside `sges`, which outlives the post.
             wr.sg_list = unsafe { sge_base.add(i) };
             wr.num_sge = 1;
             wr.opcode = ffi::ibv_wr_opcode::IBV_WR_RDMA_READ;
@@ -431,7 +505,7 @@ impl Reader<'_> {
             wr.wr.rdma.rkey = r.rkey;
             wr.next = match i == last {
                 true => ptr::null_mut(),
-                // SAFETY: `i + 1 <= last < MAX_READS`, inside `wrs`.
+                // SAFETY: `i + 1 <= last < MAX_OPS`, inside `wrs`.
                 false => unsafe { wr_base.add(i + 1) },
             };
         }
@@ -492,6 +566,117 @@ impl Drop for Reader<'_> {
             ffi::ibv_destroy_qp(self.qp);
             ffi::ibv_destroy_cq(self.cq);
         }
+    }
+}
+
+/// A queue pair end that reads into a registered buffer of its own: what the RDMA page
+/// source reads through ([`OneSided`]).
+pub struct VerbsReader {
+    // Dropped in this order: the queue pair, the registration, then the memory.
+    reader: Reader<'static>,
+    region: Region<'static>,
+    memory: Box<[u8]>,
+    psn: u32,
+    next_wr: u64,
+}
+
+// SAFETY: `Region` is a registration handle, used only through `&self` for its keys; the
+// queue pair is `Send`; the memory is owned.
+unsafe impl Send for VerbsReader {}
+
+impl OneSided for VerbsReader {
+    fn end(&self) -> pagemesh_protocol::QueuePair {
+        queue_pair_of(&self.reader.endpoint(self.psn))
+    }
+
+    fn connect(&mut self, peer: &pagemesh_protocol::QueuePair) -> Result<(), String> {
+        let peer = endpoint_of(peer);
+        self.reader
+            .connect(&peer, self.psn)
+            .map_err(|e| error_chain(&e))
+    }
+
+    fn read(&mut self, reads: &[ReadOp], timeout: Duration) -> Result<(), String> {
+        if let Some(r) = reads
+            .iter()
+            .find(|r| r.local_offset + r.len as usize > BUFFER_LEN)
+        {
+            return Err(format!(
+                "a READ of {} bytes at {} overruns the buffer",
+                r.len, r.local_offset
+            ));
+        }
+        self.next_wr = self.next_wr.wrapping_add(1);
+        // SAFETY: every read lies inside `memory` (checked above), which `region` registers
+        // and nothing else touches while this runs (`&mut self`); the queue pair was
+        // connected (by `connect`) to the memory node whose regions the reads were planned
+        // over.
+        unsafe {
+            self.reader
+                .read(reads, &self.region, self.next_wr, timeout)
+                .map_err(|e| error_chain(&e))
+        }
+    }
+
+    fn buffer(&self) -> &[u8] {
+        &self.memory
+    }
+}
+
+/// Makes [`VerbsReader`]s in one protection domain, for every peer connection of a node.
+pub struct VerbsReaders {
+    pd: &'static ProtectionDomain<'static>,
+}
+
+impl VerbsReaders {
+    /// Readers in `pd` (a node's, kept for the life of the process).
+    pub fn new(pd: &'static ProtectionDomain<'static>) -> Self {
+        VerbsReaders { pd }
+    }
+}
+
+impl Readers for VerbsReaders {
+    fn reader(&self) -> Result<Box<dyn OneSided>, String> {
+        let reader = self.pd.reader().map_err(|e| error_chain(&e))?;
+        let mut memory = vec![0u8; BUFFER_LEN].into_boxed_slice();
+        // SAFETY: `memory` is moved into the reader below with the region, and dropped
+        // after it (field order); a heap block does not move when its box does. Peers
+        // cannot read it (local write only).
+        let region = unsafe { self.pd.register(memory.as_mut_ptr(), memory.len(), false) }
+            .map_err(|e| error_chain(&e))?;
+        // A first sequence number that differs from one queue pair to the next.
+        let psn = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.subsec_nanos())
+            & pagemesh_api::rdma::MAX_24BIT;
+        Ok(Box::new(VerbsReader {
+            reader,
+            region,
+            memory,
+            psn,
+            next_wr: 0,
+        }))
+    }
+}
+
+/// The queue pair part of an endpoint.
+pub fn queue_pair_of(e: &RdmaEndpoint) -> pagemesh_protocol::QueuePair {
+    pagemesh_protocol::QueuePair {
+        gid: e.gid,
+        lid: e.lid,
+        qpn: e.qpn,
+        psn: e.psn,
+    }
+}
+
+/// An endpoint of a queue pair alone (no regions).
+pub fn endpoint_of(qp: &pagemesh_protocol::QueuePair) -> RdmaEndpoint {
+    RdmaEndpoint {
+        gid: qp.gid,
+        lid: qp.lid,
+        qpn: qp.qpn,
+        psn: qp.psn,
+        regions: Vec::new(),
     }
 }
 

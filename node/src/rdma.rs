@@ -1,0 +1,175 @@
+//! This node's RDMA device, when `--transport` comes to RDMA (a build with the cargo
+//! feature `rdma`, a host with a device): opened once at start and kept for the life of
+//! the process.
+//!
+//! - A memory node allocates its page store up front, registers every chunk readable by
+//!   peers ([`NodeRdma::register_store`]), puts the regions in its endpoint registration,
+//!   and makes a queue pair for each compute node's connection that asks (RdmaConnect,
+//!   [`NodeRdma::service`]).
+//! - A compute node reads pages through queue pairs of its own, one per connection to a
+//!   memory node ([`NodeRdma::readers`], [`compute_rdma`]).
+//!
+//! Without the feature, [`NodeRdma`] has no value and nothing here runs: `--transport`
+//! never comes to RDMA (`RDMA_BUILT` is false).
+
+use std::sync::{Arc, OnceLock};
+
+use pagemesh_transport::rdma::source::{Readers, SlotMaps};
+
+/// What a compute node's page connections read through, once the device is open.
+static COMPUTE: OnceLock<(Arc<dyn Readers>, SlotMaps)> = OnceLock::new();
+
+/// The queue pairs and the slot maps a compute node's page connections use, if this node
+/// reads over RDMA.
+pub(crate) fn compute_rdma() -> Option<(Arc<dyn Readers>, SlotMaps)> {
+    COMPUTE.get().cloned()
+}
+
+/// Makes this node's page connections read over RDMA through `rdma`'s device.
+pub(crate) fn read_through(rdma: &NodeRdma) {
+    let _ = COMPUTE.set((rdma.readers(), SlotMaps::default()));
+}
+
+#[cfg(feature = "rdma")]
+mod device {
+    use std::sync::{Arc, Mutex};
+
+    use pagemesh_api::rdma::{RdmaEndpoint, RdmaRegion};
+    use pagemesh_protocol::QueuePair;
+    use pagemesh_server::RdmaService;
+    use pagemesh_server::store::{CHUNK_BYTES, PageStore};
+    use pagemesh_transport::rdma::source::Readers;
+    use pagemesh_transport::rdma::verbs::{
+        Device, ProtectionDomain, Region, VerbsReaders, endpoint_of, queue_pair_of,
+    };
+
+    /// The open device and its protection domain.
+    pub(crate) struct NodeRdma {
+        pd: &'static ProtectionDomain<'static>,
+        name: String,
+        /// The page store's registrations, kept while the node runs.
+        registered: Mutex<Vec<Region<'static>>>,
+    }
+
+    impl NodeRdma {
+        /// Opens the first RDMA device and a protection domain, for the life of the process
+        /// (leaked on purpose: regions and queue pairs borrow them until the node exits,
+        /// and the kernel releases them then).
+        pub(crate) fn open() -> Result<NodeRdma, String> {
+            let device = Device::open(None).map_err(|e| pagemesh_api::error_chain(&e))?;
+            let name = device.name().to_owned();
+            let device: &'static Device = Box::leak(Box::new(device));
+            let pd = device
+                .protection_domain()
+                .map_err(|e| pagemesh_api::error_chain(&e))?;
+            let pd: &'static ProtectionDomain<'static> = Box::leak(Box::new(pd));
+            tracing::info!("RDMA device {name} open: page traffic may use one-sided reads");
+            Ok(NodeRdma {
+                pd,
+                name,
+                registered: Mutex::new(Vec::new()),
+            })
+        }
+
+        /// Registers `store`'s chunks (allocated up front:
+        /// [`PageStore::with_memory_up_front`]) readable by peers, and returns the endpoint
+        /// to register with the coordinator: the port's GID and LID and the regions in slot
+        /// order. Its queue pair number is 0: every compute node's connection gets one of
+        /// its own (RdmaConnect).
+        pub(crate) fn register_store(&self, store: &PageStore) -> Result<RdmaEndpoint, String> {
+            let mut regions = Vec::new();
+            let mut registered = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+            for (addr, len) in store.regions() {
+                // SAFETY: the chunk (its slots and tags, CHUNK_BYTES) is allocated up front
+                // and never freed or moved while the store lives, which is as long as the
+                // node; it holds guest pages that only authenticated peers learn the key of.
+                let region = unsafe { self.pd.register(addr as *mut u8, CHUNK_BYTES, true) }
+                    .map_err(|e| {
+                        format!(
+                            "cannot register the page store with RDMA device {}: {}",
+                            self.name,
+                            pagemesh_api::error_chain(&e)
+                        )
+                    })?;
+                let rkey = region.remote().rkey;
+                regions.push(RdmaRegion { addr, len, rkey });
+                registered.push(region);
+            }
+            let mut endpoint = self
+                .pd
+                .responder()
+                .map(|qp| qp.endpoint(0))
+                .map_err(|e| pagemesh_api::error_chain(&e))?;
+            endpoint.qpn = 0;
+            endpoint.regions = regions;
+            tracing::info!(
+                "registered the page store with RDMA device {} ({} regions of 1 MiB)",
+                self.name,
+                endpoint.regions.len()
+            );
+            Ok(endpoint)
+        }
+
+        /// What answers RdmaConnect: a responder queue pair per connection.
+        pub(crate) fn service(&self) -> Box<dyn RdmaService> {
+            Box::new(Responders { pd: self.pd })
+        }
+
+        /// What a compute node's connections read through.
+        pub(crate) fn readers(&self) -> Arc<dyn Readers> {
+            Arc::new(VerbsReaders::new(self.pd))
+        }
+    }
+
+    struct Responders {
+        pd: &'static ProtectionDomain<'static>,
+    }
+
+    impl RdmaService for Responders {
+        fn connect(&self, client: &QueuePair) -> Result<(QueuePair, Box<dyn Send>), String> {
+            let mut qp = self
+                .pd
+                .responder()
+                .map_err(|e| pagemesh_api::error_chain(&e))?;
+            let psn = client.psn ^ 0x5a_5a5a;
+            qp.connect(&endpoint_of(client), psn)
+                .map_err(|e| pagemesh_api::error_chain(&e))?;
+            Ok((queue_pair_of(&qp.endpoint(psn)), Box::new(qp)))
+        }
+    }
+}
+
+#[cfg(feature = "rdma")]
+pub(crate) use device::NodeRdma;
+
+/// No RDMA device can be open in a build without the feature: this type has no value.
+#[cfg(not(feature = "rdma"))]
+pub(crate) enum NodeRdma {}
+
+#[cfg(not(feature = "rdma"))]
+use {
+    pagemesh_api::rdma::RdmaEndpoint, pagemesh_server::RdmaService,
+    pagemesh_server::store::PageStore,
+};
+
+#[cfg(not(feature = "rdma"))]
+impl NodeRdma {
+    pub(crate) fn open() -> Result<NodeRdma, String> {
+        Err(
+            "this build of pagemesh-node has no RDMA transport (build it with --features rdma)"
+                .into(),
+        )
+    }
+
+    pub(crate) fn register_store(&self, _: &PageStore) -> Result<RdmaEndpoint, String> {
+        match *self {}
+    }
+
+    pub(crate) fn service(&self) -> Box<dyn RdmaService> {
+        match *self {}
+    }
+
+    pub(crate) fn readers(&self) -> Arc<dyn Readers> {
+        match *self {}
+    }
+}
