@@ -93,11 +93,32 @@ pub struct RunSummary {
     /// What prefetch did, for a run with `--prefetch`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<crate::stats::PrefetchStats>,
+    /// How remote pages came, for a compute node that reads over RDMA (`--transport`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<RdmaSummary>,
     /// Whether the guest saw exactly the memory it should have (and the run did not fail).
     pub ok: bool,
     /// Why the run stopped, for a run that failed before its guest finished.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// How a compute node that reads over RDMA got its remote pages.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct RdmaSummary {
+    /// Whether the reads were emulated (`--transport rdma-emulated`: no device).
+    pub emulated: bool,
+    /// Pages read with one-sided RDMA READ (fetched or read), their tags checked.
+    pub rdma_pages: u64,
+    /// Pages an RDMA connection fetched or read over its TCP side instead: not mapped, a
+    /// stale slot, or after its queue pair failed. (Pages of memory nodes reached over TCP
+    /// alone, having no RDMA, are in neither count.)
+    pub tcp_pages: u64,
+    /// Runs whose slot tags did not match the slot map (then fetched over TCP).
+    pub stale_runs: u64,
+    /// Pages claimed with Claim requests (fetched by RDMA, freed on their home).
+    pub claimed_pages: u64,
 }
 
 /// What the page cache did in a run under a local memory budget.
@@ -338,6 +359,7 @@ mod tests {
             error: None,
             cache: None,
             prefetch: None,
+            rdma: None,
         }
     }
 

@@ -229,6 +229,9 @@ pub fn run_linux(
     if let Some(p) = &stats.prefetch {
         crate::summary::print_prefetch(p);
     }
+    if let Some(r) = crate::rdma::summary() {
+        crate::summary::print_rdma(&r);
+    }
     println!(
         "  console: {} lines; instructions emulated by the VMM: {fixups}",
         log.count
@@ -268,6 +271,7 @@ pub fn run_linux(
             ebpf: probes.as_ref().map(|p| p.summary()),
             cache: ended.cache,
             prefetch: stats.prefetch,
+            rdma: crate::rdma::summary(),
             ok,
             // A Linux guest reports no pages or checksum, and its errors are returned below.
             ..RunSummary::default()

@@ -9,11 +9,18 @@
 //! - A compute node reads pages through queue pairs of its own, one per connection to a
 //!   memory node ([`NodeRdma::readers`], [`compute_rdma`]).
 //!
-//! Without the feature, [`NodeRdma`] has no value and nothing here runs: `--transport`
-//! never comes to RDMA (`RDMA_BUILT` is false).
+//! Without the feature no device opens (`RDMA_BUILT` is false). Any build has the hidden
+//! `--transport rdma-emulated`: the same data path, with one-sided reads of the memory
+//! node's process on this host standing in for the device
+//! (`pagemesh_transport::rdma::emulated`), for tests.
 
 use std::sync::{Arc, OnceLock};
 
+use pagemesh_api::rdma::{RdmaEndpoint, RdmaRegion};
+use pagemesh_protocol::QueuePair;
+use pagemesh_server::RdmaService;
+use pagemesh_server::store::PageStore;
+use pagemesh_transport::rdma::emulated::{EMULATED_GID, ProcessReaders, responder_end};
 use pagemesh_transport::rdma::source::{Readers, SlotMaps};
 
 /// What a compute node's page connections read through, once the device is open.
@@ -25,9 +32,27 @@ pub(crate) fn compute_rdma() -> Option<(Arc<dyn Readers>, SlotMaps)> {
     COMPUTE.get().cloned()
 }
 
+/// Whether the compute side's reads are emulated.
+static EMULATED: OnceLock<bool> = OnceLock::new();
+
 /// Makes this node's page connections read over RDMA through `rdma`'s device.
 pub(crate) fn read_through(rdma: &NodeRdma) {
     let _ = COMPUTE.set((rdma.readers(), SlotMaps::default()));
+    let _ = EMULATED.set(matches!(rdma, NodeRdma::Emulated));
+}
+
+/// How this node's remote pages came so far, if it reads over RDMA.
+pub(crate) fn summary() -> Option<pagemesh_api::summary::RdmaSummary> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (_, maps) = COMPUTE.get()?;
+    let s = maps.stats();
+    Some(pagemesh_api::summary::RdmaSummary {
+        emulated: EMULATED.get().copied().unwrap_or(false),
+        rdma_pages: s.rdma_pages.load(Relaxed),
+        tcp_pages: s.tcp_pages.load(Relaxed),
+        stale_runs: s.stale_runs.load(Relaxed),
+        claimed_pages: s.claimed_pages.load(Relaxed),
+    })
 }
 
 #[cfg(feature = "rdma")]
@@ -44,18 +69,18 @@ mod device {
     };
 
     /// The open device and its protection domain.
-    pub(crate) struct NodeRdma {
+    pub(crate) struct DeviceRdma {
         pd: &'static ProtectionDomain<'static>,
         name: String,
         /// The page store's registrations, kept while the node runs.
         registered: Mutex<Vec<Region<'static>>>,
     }
 
-    impl NodeRdma {
+    impl DeviceRdma {
         /// Opens the first RDMA device and a protection domain, for the life of the process
         /// (leaked on purpose: regions and queue pairs borrow them until the node exits,
         /// and the kernel releases them then).
-        pub(crate) fn open() -> Result<NodeRdma, String> {
+        pub(crate) fn open() -> Result<DeviceRdma, String> {
             let device = Device::open(None).map_err(|e| pagemesh_api::error_chain(&e))?;
             let name = device.name().to_owned();
             let device: &'static Device = Box::leak(Box::new(device));
@@ -64,7 +89,7 @@ mod device {
                 .map_err(|e| pagemesh_api::error_chain(&e))?;
             let pd: &'static ProtectionDomain<'static> = Box::leak(Box::new(pd));
             tracing::info!("RDMA device {name} open: page traffic may use one-sided reads");
-            Ok(NodeRdma {
+            Ok(DeviceRdma {
                 pd,
                 name,
                 registered: Mutex::new(Vec::new()),
@@ -139,37 +164,81 @@ mod device {
     }
 }
 
-#[cfg(feature = "rdma")]
-pub(crate) use device::NodeRdma;
+/// This node's RDMA: a device, or the emulation.
+pub(crate) enum NodeRdma {
+    /// An RDMA device (a build with the feature).
+    #[cfg(feature = "rdma")]
+    Device(device::DeviceRdma),
+    /// One-sided reads of another process (`--transport rdma-emulated`).
+    Emulated,
+}
 
-/// No RDMA device can be open in a build without the feature: this type has no value.
-#[cfg(not(feature = "rdma"))]
-pub(crate) enum NodeRdma {}
-
-#[cfg(not(feature = "rdma"))]
-use {
-    pagemesh_api::rdma::RdmaEndpoint, pagemesh_server::RdmaService,
-    pagemesh_server::store::PageStore,
-};
-
-#[cfg(not(feature = "rdma"))]
 impl NodeRdma {
+    /// Opens the first RDMA device.
     pub(crate) fn open() -> Result<NodeRdma, String> {
+        #[cfg(feature = "rdma")]
+        return device::DeviceRdma::open().map(NodeRdma::Device);
+        #[cfg(not(feature = "rdma"))]
         Err(
             "this build of pagemesh-node has no RDMA transport (build it with --features rdma)"
                 .into(),
         )
     }
 
-    pub(crate) fn register_store(&self, _: &PageStore) -> Result<RdmaEndpoint, String> {
-        match *self {}
+    /// Makes `store` readable by peers and returns the endpoint to register (see
+    /// `DeviceRdma::register_store`; emulated: the store's chunks with no keys, and the
+    /// GID that says so).
+    pub(crate) fn register_store(&self, store: &PageStore) -> Result<RdmaEndpoint, String> {
+        match self {
+            #[cfg(feature = "rdma")]
+            NodeRdma::Device(d) => d.register_store(store),
+            NodeRdma::Emulated => {
+                let regions = store
+                    .regions()
+                    .into_iter()
+                    .map(|(addr, len)| RdmaRegion { addr, len, rkey: 0 })
+                    .collect::<Vec<_>>();
+                tracing::warn!(
+                    "RDMA EMULATED (--transport rdma-emulated): compute nodes on this host \
+                     read this node's page store ({} regions of 1 MiB) through the kernel; \
+                     for tests only",
+                    regions.len()
+                );
+                Ok(RdmaEndpoint {
+                    gid: EMULATED_GID,
+                    lid: 0,
+                    qpn: 0,
+                    psn: 0,
+                    regions,
+                })
+            }
+        }
     }
 
+    /// What answers RdmaConnect.
     pub(crate) fn service(&self) -> Box<dyn RdmaService> {
-        match *self {}
+        match self {
+            #[cfg(feature = "rdma")]
+            NodeRdma::Device(d) => d.service(),
+            NodeRdma::Emulated => Box::new(EmulatedResponder),
+        }
     }
 
+    /// What a compute node's connections read through.
     pub(crate) fn readers(&self) -> Arc<dyn Readers> {
-        match *self {}
+        match self {
+            #[cfg(feature = "rdma")]
+            NodeRdma::Device(d) => d.readers(),
+            NodeRdma::Emulated => Arc::new(ProcessReaders),
+        }
+    }
+}
+
+/// The memory node's end of an emulated queue pair: its process.
+struct EmulatedResponder;
+
+impl RdmaService for EmulatedResponder {
+    fn connect(&self, _client: &QueuePair) -> Result<(QueuePair, Box<dyn Send>), String> {
+        Ok((responder_end(), Box::new(())))
     }
 }

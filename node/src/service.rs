@@ -90,6 +90,7 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
             tracing::warn!("{why}");
             None
         }
+        TransportChoice::Emulated => Some(NodeRdma::Emulated),
         TransportChoice::Rdma => match NodeRdma::open() {
             Ok(rdma) => Some(rdma),
             Err(why) => match settings.transport.unavailable(why).map_err(refused)? {

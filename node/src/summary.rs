@@ -77,6 +77,18 @@ pub(crate) fn print_cache(c: &CacheSummary) {
     }
 }
 
+/// The RDMA line of a run summary.
+pub(crate) fn print_rdma(r: &pagemesh_api::summary::RdmaSummary) {
+    println!(
+        "  rdma{}: {} pages by one-sided READ, {} over TCP, {} stale runs, {} pages claimed",
+        if r.emulated { " (emulated)" } else { "" },
+        r.rdma_pages,
+        r.tcp_pages,
+        r.stale_runs,
+        r.claimed_pages
+    );
+}
+
 /// The prefetch line of a run summary.
 pub(crate) fn print_prefetch(p: &pagemesh_api::stats::PrefetchStats) {
     println!(
@@ -162,6 +174,9 @@ pub(crate) fn report(
     if let Some(p) = &s.prefetch {
         print_prefetch(p);
     }
+    if let Some(r) = crate::rdma::summary() {
+        print_rdma(&r);
+    }
     if let Some(e) = &ebpf {
         println!(
             "  eBPF: {} vCPU stalls, p50 {:.1} µs, p99 {:.1} µs; the probes' own kernel time \
@@ -216,6 +231,7 @@ pub(crate) fn report(
             ebpf,
             cache: o.cache,
             prefetch: s.prefetch,
+            rdma: crate::rdma::summary(),
             ok,
             error: None,
         },

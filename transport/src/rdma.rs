@@ -8,6 +8,8 @@
 //! - [`source`]: the page source that reads with RDMA and claims, writes back and
 //!   controls over TCP, over any [`source::OneSided`] queue pair (tested here with memory
 //!   of the same process standing in for the peer's).
+//! - [`emulated`]: one-sided reads of another process's memory on the same host, standing
+//!   in for a device to test the data path end to end (`--transport rdma-emulated`).
 //! - `verbs` (cargo feature `rdma`, linking the system's libibverbs): a small wrapper over
 //!   the raw verbs of `ibverbs-sys` that registers memory, connects a reliable queue pair
 //!   and posts those reads. It builds and lints here; nothing has run it on RDMA hardware,
@@ -15,6 +17,7 @@
 
 use std::path::Path;
 
+pub mod emulated;
 pub mod plan;
 pub mod source;
 #[cfg(feature = "rdma")]

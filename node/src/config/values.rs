@@ -423,6 +423,10 @@ pub enum TransportArg {
     Tcp,
     /// RDMA, or fail at start.
     Rdma,
+    /// One-sided reads of a memory node's process on this host, standing in for RDMA where
+    /// there is no device: for testing the RDMA data path (docs/rdma.md), never for use.
+    #[value(hide = true)]
+    RdmaEmulated,
 }
 
 /// Whether this build has the RDMA transport (the cargo feature `rdma`).
@@ -437,6 +441,8 @@ pub enum TransportChoice {
     TcpInstead(String),
     /// Try RDMA (the device may still fail to open: [`TransportArg::unavailable`]).
     Rdma,
+    /// RDMA's data path over emulated one-sided reads (`rdma-emulated`).
+    Emulated,
 }
 
 impl TransportArg {
@@ -444,8 +450,10 @@ impl TransportArg {
     /// with the RDMA transport or not (`built`, [`RDMA_BUILT`]); `Err` for `rdma` where it
     /// cannot be had.
     pub fn resolve(self, devices: &[String], built: bool) -> Result<TransportChoice, String> {
-        if self == TransportArg::Tcp {
-            return Ok(TransportChoice::Tcp);
+        match self {
+            TransportArg::Tcp => return Ok(TransportChoice::Tcp),
+            TransportArg::RdmaEmulated => return Ok(TransportChoice::Emulated),
+            TransportArg::Auto | TransportArg::Rdma => {}
         }
         let why = match (devices, built) {
             ([], _) => format!(
@@ -467,7 +475,7 @@ impl TransportArg {
     /// error for `rdma`.
     pub fn unavailable(self, why: String) -> Result<TransportChoice, String> {
         match self {
-            TransportArg::Tcp => Ok(TransportChoice::Tcp),
+            TransportArg::Tcp | TransportArg::RdmaEmulated => Ok(TransportChoice::Tcp),
             TransportArg::Auto => Ok(TransportChoice::TcpInstead(format!(
                 "{why}: page traffic goes over TCP"
             ))),
@@ -643,6 +651,10 @@ mod tests {
         assert_eq!(TransportArg::Auto.resolve(&found, true), Ok(Rdma));
         assert_eq!(TransportArg::Rdma.resolve(&found, true), Ok(Rdma));
         assert_eq!(TransportArg::Tcp.resolve(&found, true), Ok(Tcp));
+        assert_eq!(
+            TransportArg::RdmaEmulated.resolve(&none, false),
+            Ok(Emulated)
+        );
         // The device found but not opened.
         let why = "cannot open rxe0".to_owned();
         assert!(

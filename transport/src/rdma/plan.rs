@@ -20,6 +20,9 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// The most reads one run needs: one per page.
 pub const MAX_READS: usize = pagemesh_protocol::MAX_RUN_PAGES as usize;
 
+/// The most READs one post carries: a run's page READs and their tag READs.
+pub const MAX_OPS: usize = 2 * MAX_READS;
+
 /// A memory node's slots in its registered regions: slot 0 at the first region's start,
 /// each region's pages in order, then the next region's.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -30,7 +30,7 @@ use pagemesh_api::rdma::{RdmaEndpoint, TAG_BYTES, slot_tag};
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 use pagemesh_protocol::{MAX_RUN_BYTES, MAX_RUN_PAGES, NO_SLOT, QueuePair};
 
-use super::plan::{MAX_READS, ReadOp, SlotLayout, plan_reads};
+use super::plan::{MAX_OPS, MAX_READS, ReadOp, SlotLayout, plan_reads};
 use crate::tcp::TcpPeer;
 use crate::{PageSource, TransportError};
 
@@ -74,9 +74,12 @@ pub trait Readers: Send + Sync {
 type Window = Arc<[AtomicU32]>;
 
 /// The slot maps of this node's RDMA sources, shared between them: one per peer, VM and
-/// window.
+/// window; and what those sources did, counted together.
 #[derive(Clone, Default)]
-pub struct SlotMaps(Arc<Mutex<Maps>>);
+pub struct SlotMaps {
+    maps: Arc<Mutex<Maps>>,
+    stats: Arc<RdmaStats>,
+}
 
 /// Windows by peer, VM and window number.
 type Maps = HashMap<(NodeId, VmId, u64), Window>;
@@ -100,11 +103,16 @@ impl SlotMaps {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What the sources sharing these maps did, together.
+    pub fn stats(&self) -> &RdmaStats {
+        &self.stats
     }
 }
 
-/// What an [`RdmaSource`] did, for logs and tests.
+/// What RDMA sources did ([`SlotMaps::stats`]), for the run summary and tests.
 #[derive(Debug, Default)]
 pub struct RdmaStats {
     /// Pages read with RDMA READ and used.
@@ -129,7 +137,7 @@ pub struct RdmaSource {
     timeout: Duration,
     /// Why RDMA stopped working, if it did: everything goes over TCP until a reconnection.
     broken: Option<String>,
-    ops: Box<[ReadOp; 2 * MAX_READS]>,
+    ops: Box<[ReadOp; MAX_OPS]>,
     planned: Box<[ReadOp; MAX_READS]>,
     run_slots: Box<[u32; MAX_READS]>,
     claims: [(u64, u32); MAX_PENDING_CLAIMS],
@@ -163,6 +171,7 @@ impl RdmaSource {
         if let Err(why) = connect_queue_pair(&mut tcp, &mut *reader) {
             return Err(Box::new((tcp, why)));
         }
+        let maps_stats = Arc::clone(&maps.stats);
         Ok(RdmaSource {
             tcp,
             reader,
@@ -171,17 +180,17 @@ impl RdmaSource {
             windows: HashMap::new(),
             timeout,
             broken: None,
-            ops: Box::new([ReadOp::default(); 2 * MAX_READS]),
+            ops: Box::new([ReadOp::default(); MAX_OPS]),
             planned: Box::new([ReadOp::default(); MAX_READS]),
             run_slots: Box::new([NO_SLOT; MAX_READS]),
             claims: [(0, 0); MAX_PENDING_CLAIMS],
             pending: 0,
             claims_vm: 0,
-            stats: Arc::default(),
+            stats: Arc::clone(&maps_stats),
         })
     }
 
-    /// What this source did so far.
+    /// What this source, and every other sharing its slot maps, did so far.
     pub fn stats(&self) -> Arc<RdmaStats> {
         Arc::clone(&self.stats)
     }

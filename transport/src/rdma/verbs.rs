@@ -23,14 +23,12 @@ use ibverbs_sys as ffi;
 use pagemesh_api::error_chain;
 use pagemesh_api::rdma::{RdmaEndpoint, RdmaRegion};
 
-use super::plan::{MAX_READS, ReadOp};
+pub use super::plan::MAX_OPS;
+use super::plan::ReadOp;
 use super::source::{BUFFER_LEN, OneSided, Readers};
 
 /// The port every queue pair uses (the first; multi-port devices are not handled yet).
 const PORT: u8 = 1;
-
-/// The most work requests one post carries: a run's page READs and their tag READs.
-pub const MAX_OPS: usize = 2 * MAX_READS;
 
 /// The most RDMA READs a queue pair keeps outstanding (and serves at once), when the
 /// device allows as many.
@@ -590,6 +588,9 @@ impl OneSided for VerbsReader {
     }
 
     fn connect(&mut self, peer: &pagemesh_protocol::QueuePair) -> Result<(), String> {
+        if peer.gid == super::emulated::EMULATED_GID {
+            return Err("the memory node only emulates RDMA (--transport rdma-emulated)".into());
+        }
         let peer = endpoint_of(peer);
         self.reader
             .connect(&peer, self.psn)
