@@ -82,6 +82,9 @@ struct Case {
     link: Option<u64>,
     /// Over the Linux guest's memory image ([`link::IMAGE`]) rather than the test pattern.
     image: bool,
+    /// On a cluster whose memory node serves one-sided reads (`--transport rdma-emulated`:
+    /// no device here, so the reads are emulated, docs/rdma.md).
+    rdma: bool,
 }
 
 impl Case {
@@ -150,6 +153,7 @@ const REMOTE: Case = Case {
     repair: None,
     link: None,
     image: false,
+    rdma: false,
 };
 
 const CASES: &[Case] = &[
@@ -278,6 +282,37 @@ const CASES: &[Case] = &[
             "--fault-handlers",
             "2",
         ],
+        ..REMOTE
+    },
+    // RDMA's data path with its one-sided reads emulated (this host has no device): held to
+    // `remote-random` and `remote-seq`, what pages cost when the memory node takes no part
+    // in a fetch.
+    Case {
+        name: "remote-random-rdma-emulated",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--transport",
+            "rdma-emulated",
+        ],
+        rdma: true,
+        ..REMOTE
+    },
+    Case {
+        name: "remote-seq-rdma-emulated",
+        args: &[
+            "--workload",
+            "seq",
+            "--access",
+            "read",
+            "--no-ebpf",
+            "--transport",
+            "rdma-emulated",
+        ],
+        rdma: true,
         ..REMOTE
     },
     // Prefetch (--prefetch): a sequential and a stride-4 scan, held to the kernel's own
@@ -712,6 +747,16 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             Some(Cluster::start(bins.clone(), dir, &[1, 2], "2GiB")?)
         }
     };
+    // The RDMA cases' cluster: a memory node serving emulated one-sided reads.
+    let mut rdma = match cases.iter().any(|c| c.rdma) {
+        false => None,
+        true => {
+            let dir = dir.join("rdma");
+            std::fs::create_dir_all(&dir)?;
+            let args = ["--transport".to_owned(), "rdma-emulated".to_owned()];
+            Some(Cluster::start_with(bins.clone(), dir, &[1], "2GiB", &args)?)
+        }
+    };
     // The rate-limited cases' clusters, one per rate, each with the memory image.
     let mut rates: Vec<u64> = cases.iter().filter_map(|c| c.link).collect();
     rates.sort_unstable();
@@ -817,6 +862,15 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             if let Some((c, certs)) = tls.as_mut().filter(|_| cases[i].tls) {
                 // The baseline build may not speak TLS: this build only.
                 per_case[i].push(run_case(c, cases[i], &mem, pin.as_deref(), certs)?);
+                continue;
+            }
+            if let Some(c) = rdma.as_mut().filter(|_| cases[i].rdma) {
+                // The baseline build may have no RDMA path: this build only.
+                let s = run_case(c, cases[i], &mem, pin.as_deref(), &[])?;
+                if s.rdma.is_none_or(|r| r.rdma_pages == 0) {
+                    bail!("{} read no page one-sided: {:?}", cases[i].name, s.rdma);
+                }
+                per_case[i].push(s);
                 continue;
             }
             if let Some(c) = replicated.as_mut().filter(|_| cases[i].replicated()) {
@@ -1312,6 +1366,9 @@ const RATIOS: &[(&str, &str)] = &[
     ("remote-random-poll", "remote-random-ebpf"),
     ("remote-random-wake-separately", "remote-random-ebpf"),
     ("remote-random-2handlers", "remote-random-ebpf"),
+    ("remote-random-rdma-emulated", "remote-random"),
+    ("remote-random-rdma-emulated", "local-demand-zero"),
+    ("remote-seq-rdma-emulated", "remote-seq"),
     ("remote-seq-prefetch", "local-demand-zero"),
     ("remote-stride-prefetch", "local-demand-zero"),
     ("remote-seq-prefetch", "remote-seq"),
