@@ -13,7 +13,8 @@
 //! order, under the same key: the tag of a slot holding page *p* of VM *v* is
 //! [`slot_tag`]`(v, p)`, and a free slot's is 0. A memory node writes a slot's page before
 //! its tag and clears the tag before the slot is reused; a reader reads a run's pages and
-//! then their tags on one queue pair, whose READs are carried out in order, and uses the
+//! then their tags on one queue pair, the first tag READ fenced (it starts once the page
+//! READs are done: InfiniBand does not order READs otherwise), and uses the
 //! pages only if every tag is the one it expected. A slot map that went stale (a page
 //! claimed, released or moved since the reader asked) is then an error, never a wrong page.
 

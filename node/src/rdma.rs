@@ -103,11 +103,16 @@ mod device {
         /// its own (RdmaConnect).
         pub(crate) fn register_store(&self, store: &PageStore) -> Result<RdmaEndpoint, String> {
             let mut regions = Vec::new();
-            let mut registered = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+            // Kept only once all are registered: a failure part-way deregisters them (the
+            // caller then drops the store).
+            let mut done = Vec::new();
             for (addr, len) in store.regions() {
                 // SAFETY: the chunk (its slots and tags, CHUNK_BYTES) is allocated up front
-                // and never freed or moved while the store lives, which is as long as the
-                // node; it holds guest pages that only authenticated peers learn the key of.
+                // and never freed or moved while the store lives; the node never drops a
+                // registered store (its server context is kept to the end of the process),
+                // and a failure here deregisters before the caller drops it. Its key is
+                // published in the node's registration: what keeps strangers out is that a
+                // queue pair connects only through an authenticated RdmaConnect.
                 let region = unsafe { self.pd.register(addr as *mut u8, CHUNK_BYTES, true) }
                     .map_err(|e| {
                         format!(
@@ -118,7 +123,7 @@ mod device {
                     })?;
                 let rkey = region.remote().rkey;
                 regions.push(RdmaRegion { addr, len, rkey });
-                registered.push(region);
+                done.push(region);
             }
             let mut endpoint = self
                 .pd
@@ -127,6 +132,10 @@ mod device {
                 .map_err(|e| pagemesh_api::error_chain(&e))?;
             endpoint.qpn = 0;
             endpoint.regions = regions;
+            self.registered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(done);
             tracing::info!(
                 "registered the page store with RDMA device {} ({} regions of 1 MiB)",
                 self.name,

@@ -123,11 +123,25 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
 
     let lookup_client = coordinator.clone();
     let mut store = PageStore::new(capacity_pages);
-    // Memory a device reads must stay where it is: the whole store is allocated now.
-    let rdma_store = rdma.is_some() && role.serves_memory();
-    if rdma_store {
+    // Memory a device reads must stay where it is: the whole store is allocated now, and
+    // registered with the device.
+    let mut rdma_endpoint = None;
+    if let Some(rdma) = rdma.as_ref().filter(|_| role.serves_memory()) {
         store = store.with_memory_up_front();
+        match rdma.register_store(&store) {
+            Ok(endpoint) => rdma_endpoint = Some(endpoint),
+            Err(why) => {
+                // `auto` serves over TCP (from memory taken as pages come); `rdma` stops.
+                if let TransportChoice::TcpInstead(why) =
+                    settings.transport.unavailable(why).map_err(refused)?
+                {
+                    tracing::warn!("{why}");
+                }
+                store = PageStore::new(capacity_pages);
+            }
+        }
     }
+    let rdma_store = rdma_endpoint.is_some();
     match &settings.image_dir {
         Some(dir) if role.serves_memory() => {
             let images = ImageDir::open(dir).map_err(|e| NodeError::ImageDir(dir.clone(), e))?;
@@ -138,10 +152,6 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         None if role.serves_memory() => tracing::info!("loads no VM images (no --image-dir)"),
         None => {}
     }
-    let rdma_endpoint = match &rdma {
-        Some(rdma) if rdma_store => Some(rdma.register_store(&store).map_err(refused)?),
-        _ => None,
-    };
     let mut ctx = ServerContext::new(id, store, move |vm| {
         lookup_client.vm(vm).map_err(Into::into)
     });
@@ -182,6 +192,11 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         None => tracing::info!("page traffic is not encrypted (no --tls-cert)"),
     }
     let ctx = Arc::new(ctx);
+    if rdma_store {
+        // The registered store must outlive its registration, which lasts until the
+        // process exits (the device is never closed): the context is never dropped.
+        std::mem::forget(Arc::clone(&ctx));
+    }
     let shutdown = ShutdownSignal::new();
     let server_thread = pagemesh_server::serve(listener, ctx.clone(), shutdown.clone())?;
 

@@ -52,8 +52,8 @@ struct LoopbackNic {
     regions: Vec<(u64, u64)>,
     buffer: Box<[u8]>,
     connected_to: Option<QueuePair>,
-    /// Makes the next read fail as a broken queue pair would.
-    fail_next: bool,
+    /// Makes the next reads fail as a broken queue pair would.
+    failures: u32,
 }
 
 impl OneSided for LoopbackNic {
@@ -71,14 +71,15 @@ impl OneSided for LoopbackNic {
         Ok(())
     }
 
-    fn read(&mut self, reads: &[ReadOp], _timeout: Duration) -> Result<(), String> {
+    fn read(&mut self, pages: &[ReadOp], tags: &[ReadOp], _: Duration) -> Result<(), String> {
         if self.connected_to.is_none() {
             return Err("the queue pair is not connected".into());
         }
-        if std::mem::take(&mut self.fail_next) {
+        if self.failures > 0 {
+            self.failures -= 1;
             return Err("completion status 12 (transport retry counter exceeded)".into());
         }
-        for r in reads {
+        for r in pages.iter().chain(tags) {
             let len = u64::from(r.len);
             let inside = self
                 .regions
@@ -117,6 +118,11 @@ struct Setup {
 
 /// A server for VM 7 whose store has its memory up front and "registered" with `RKEY`.
 fn setup() -> Setup {
+    setup_with(None)
+}
+
+/// [`setup`], the server closing connections idle for `idle`.
+fn setup_with(idle: Option<Duration>) -> Setup {
     let alive = Arc::new(AtomicUsize::new(0));
     let clients = Arc::new(Mutex::new(Vec::new()));
     let store = PageStore::new(512).with_memory_up_front();
@@ -139,6 +145,10 @@ fn setup() -> Setup {
         alive: Arc::clone(&alive),
         clients: Arc::clone(&clients),
     }));
+    let ctx = match idle {
+        Some(idle) => ctx.with_idle_timeout(Some(idle)),
+        None => ctx,
+    };
     let server = Running::serving(ctx);
     let endpoint = RdmaEndpoint {
         gid: [0xfe; 16],
@@ -164,7 +174,7 @@ fn nic(endpoint: &RdmaEndpoint) -> Box<LoopbackNic> {
             .collect(),
         buffer: vec![0u8; BUFFER_LEN].into_boxed_slice(),
         connected_to: None,
-        fail_next: false,
+        failures: 0,
     })
 }
 
@@ -290,14 +300,47 @@ fn a_stale_slot_is_caught_by_its_tag_and_write_backs_map_their_slots() {
     );
 }
 
-/// A queue pair that breaks sends everything over TCP, and a reconnection brings RDMA back;
-/// a memory node without RDMA refuses RdmaConnect saying why, and the dialer's fallback
-/// then is plain TCP.
+/// A READ that fails once is tried again on a queue pair connected anew, and works.
 #[test]
 fn a_broken_queue_pair_falls_back_to_tcp_until_a_reconnection() {
     let s = setup();
     let mut nic = nic(&s.endpoint);
-    nic.fail_next = true;
+    nic.failures = 1;
+    let mut source = RdmaSource::connect(
+        s.server.peer(),
+        nic,
+        &s.endpoint,
+        SlotMaps::default(),
+        Duration::from_secs(5),
+    )
+    .map_err(|refused| refused.1)
+    .unwrap();
+    let mut control = s.server.peer();
+    control.load(7).unwrap();
+    let mut one = vec![0u8; PAGE_SIZE];
+    let stats = source.stats();
+    // One failed READ: tried again at once on a queue pair connected anew.
+    source.fetch(7, 2, &mut one).unwrap();
+    assert_pattern(2, &one);
+    assert_eq!(source.broken(), None);
+    assert_eq!((stat(&stats.rdma_pages), stat(&stats.tcp_pages)), (1, 0));
+    assert_eq!(s.clients.lock().unwrap().len(), 2, "RdmaConnect again");
+    source.acknowledge().unwrap();
+    assert_eq!(
+        s.alive.load(Ordering::SeqCst),
+        1,
+        "the server replaced its queue pair"
+    );
+}
+
+/// A queue pair that fails twice sends everything over TCP, and a reconnection brings RDMA
+/// back; a memory node without RDMA refuses RdmaConnect saying why, and the dialer's
+/// fallback then is plain TCP.
+#[test]
+fn a_queue_pair_that_keeps_failing_falls_back_to_tcp_until_a_reconnection() {
+    let s = setup();
+    let mut nic = nic(&s.endpoint);
+    nic.failures = 2;
     let mut source = RdmaSource::connect(
         s.server.peer(),
         nic,
@@ -328,8 +371,8 @@ fn a_broken_queue_pair_falls_back_to_tcp_until_a_reconnection() {
     assert_eq!(stat(&stats.rdma_pages), 1);
     assert_eq!(
         s.clients.lock().unwrap().len(),
-        2,
-        "a queue pair per connection"
+        3,
+        "a queue pair per connection, and one for the retry"
     );
 
     // A server without RDMA.
@@ -355,4 +398,43 @@ fn a_broken_queue_pair_falls_back_to_tcp_until_a_reconnection() {
         }
         Ok(_) => panic!("RDMA with a node that has none"),
     }
+}
+
+/// Claims that cannot be sent (the server closed the idle connection) stay queued, 16 of
+/// them, and go first after the reconnection, before the next one-sided fetch adds its
+/// own: nothing overflows, every fetched page is freed.
+#[test]
+fn claims_survive_a_lost_connection_and_go_before_the_next() {
+    let idle = Duration::from_millis(300);
+    let s = setup_with(Some(idle));
+    let maps = SlotMaps::default();
+    let mut source = rdma_source(&s, &maps);
+    let mut control = s.server.peer();
+    assert_eq!(control.load(7).unwrap(), 32);
+    let mut one = vec![0u8; PAGE_SIZE];
+    // Every other page: no run merges with the one before. 15 runs wait.
+    for page in (0..30).step_by(2) {
+        source.fetch(7, page, &mut one).unwrap();
+        assert_pattern(page, &one);
+    }
+    assert_eq!(control.held(7).unwrap(), 32, "15 runs wait");
+    std::thread::sleep(idle * 3);
+    // The 16th is read, but the claims cannot go: an error, the 16 runs still queued.
+    assert!(source.fetch(7, 30, &mut one).is_err());
+    // (The control connection was idle too.)
+    let mut control = s.server.peer();
+    assert_eq!(control.held(7).unwrap(), 32);
+    assert_eq!(stat(&source.stats().claimed_pages), 0);
+    source.reconnect().unwrap();
+    // Still mapped: one-sided, and the full queue goes before its claim is queued.
+    source.fetch(7, 1, &mut one).unwrap();
+    assert_pattern(1, &one);
+    assert_eq!(stat(&source.stats().claimed_pages), 16);
+    source.acknowledge().unwrap();
+    assert_eq!(
+        control.held(7).unwrap(),
+        32 - 17,
+        "every page fetched is claimed"
+    );
+    assert_eq!(stat(&source.stats().rdma_pages), 17);
 }

@@ -89,25 +89,30 @@ impl OneSided for ProcessReader {
         Ok(())
     }
 
-    fn read(&mut self, reads: &[ReadOp], _timeout: Duration) -> Result<(), String> {
+    fn read(&mut self, pages: &[ReadOp], tags: &[ReadOp], _: Duration) -> Result<(), String> {
         let pid = self.pid.ok_or("the queue pair is not connected")?;
-        if reads.len() > MAX_OPS {
-            return Err(format!(
-                "{} READs in one post; at most {MAX_OPS}",
-                reads.len()
-            ));
+        let n = pages.len() + tags.len();
+        if n > MAX_OPS {
+            return Err(format!("{n} READs in one post; at most {MAX_OPS}"));
         }
+        // One pointer into the buffer for every entry (the kernel copies the iovecs in
+        // order, so the tags are read after the pages).
+        let base: *mut u8 = self.buffer.as_mut_ptr();
         let mut total = 0;
-        for (i, r) in reads.iter().enumerate() {
+        for (i, r) in pages.iter().chain(tags).enumerate() {
             let len = r.len as usize;
-            let Some(local) = self.buffer.get_mut(r.local_offset..r.local_offset + len) else {
+            if r.local_offset
+                .checked_add(len)
+                .is_none_or(|end| end > BUFFER_LEN)
+            {
                 return Err(format!(
                     "a READ of {len} bytes at {} overruns the buffer",
                     r.local_offset
                 ));
-            };
+            }
             self.local[i] = libc::iovec {
-                iov_base: local.as_mut_ptr().cast(),
+                // SAFETY: `local_offset + len <= BUFFER_LEN` (checked above): inside the buffer.
+                iov_base: unsafe { base.add(r.local_offset) }.cast(),
                 iov_len: len,
             };
             self.remote[i] = libc::iovec {
@@ -116,7 +121,7 @@ impl OneSided for ProcessReader {
             };
             total += len;
         }
-        let n = reads.len() as libc::c_ulong;
+        let n = n as libc::c_ulong;
         // SAFETY: the local iovecs point into `self.buffer`, inside it (checked above), and
         // nothing else touches it during the call; the remote ones name the peer's memory,
         // which the kernel checks (a bad address is EFAULT, not a fault here). The iovec
@@ -160,7 +165,7 @@ mod tests {
     #[test]
     fn reads_land_in_the_buffer_and_bad_addresses_are_errors() {
         let mut reader = ProcessReader::new();
-        assert!(reader.read(&[], Duration::ZERO).is_err());
+        assert!(reader.read(&[], &[], Duration::ZERO).is_err());
         assert!(
             reader.connect(&QueuePair::default()).is_err(),
             "a real device's end"
@@ -177,16 +182,19 @@ mod tests {
         let base = source.as_ptr() as u64;
         reader
             .read(
-                &[op(4096, base + 4096, 4096), op(0, base, 16)],
+                &[op(4096, base + 4096, 4096)],
+                &[op(0, base, 16)],
                 Duration::ZERO,
             )
             .unwrap();
         assert_eq!(&reader.buffer()[4096..8192], &source[4096..]);
         assert_eq!(&reader.buffer()[..16], &source[..16]);
-        let e = reader.read(&[op(0, 8, 4096)], Duration::ZERO).unwrap_err();
+        let e = reader
+            .read(&[op(0, 8, 4096)], &[], Duration::ZERO)
+            .unwrap_err();
         assert!(e.contains("Bad address"), "{e}");
         let e = reader
-            .read(&[op(BUFFER_LEN - 8, base, 16)], Duration::ZERO)
+            .read(&[], &[op(BUFFER_LEN - 8, base, 16)], Duration::ZERO)
             .unwrap_err();
         assert!(e.contains("overruns the buffer"), "{e}");
     }

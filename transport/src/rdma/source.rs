@@ -30,7 +30,7 @@ use pagemesh_api::rdma::{RdmaEndpoint, TAG_BYTES, slot_tag};
 use pagemesh_api::{NodeId, PAGE_SIZE, VmId};
 use pagemesh_protocol::{MAX_RUN_BYTES, MAX_RUN_PAGES, NO_SLOT, QueuePair};
 
-use super::plan::{MAX_OPS, MAX_READS, ReadOp, SlotLayout, plan_reads};
+use super::plan::{MAX_READS, ReadOp, SlotLayout, plan_reads};
 use crate::tcp::TcpPeer;
 use crate::{PageSource, TransportError};
 
@@ -56,9 +56,10 @@ pub trait OneSided: Send {
     /// Connects (again, after a reset, if it was) to the peer's end `peer`.
     fn connect(&mut self, peer: &QueuePair) -> Result<(), String>;
 
-    /// Posts `reads` (their `local_offset`s inside the buffer) and waits up to `timeout`
-    /// for them all.
-    fn read(&mut self, reads: &[ReadOp], timeout: Duration) -> Result<(), String>;
+    /// Posts the READs of `pages` and then of their `tags` (their `local_offset`s inside
+    /// the buffer), the tag READs starting only once the page READs are done, and waits up
+    /// to `timeout` for them all.
+    fn read(&mut self, pages: &[ReadOp], tags: &[ReadOp], timeout: Duration) -> Result<(), String>;
 
     /// The local buffer the reads land in.
     fn buffer(&self) -> &[u8];
@@ -137,7 +138,7 @@ pub struct RdmaSource {
     timeout: Duration,
     /// Why RDMA stopped working, if it did: everything goes over TCP until a reconnection.
     broken: Option<String>,
-    ops: Box<[ReadOp; MAX_OPS]>,
+    tags: Box<[ReadOp; MAX_READS]>,
     planned: Box<[ReadOp; MAX_READS]>,
     run_slots: Box<[u32; MAX_READS]>,
     claims: [(u64, u32); MAX_PENDING_CLAIMS],
@@ -180,7 +181,7 @@ impl RdmaSource {
             windows: HashMap::new(),
             timeout,
             broken: None,
-            ops: Box::new([ReadOp::default(); MAX_OPS]),
+            tags: Box::new([ReadOp::default(); MAX_READS]),
             planned: Box::new([ReadOp::default(); MAX_READS]),
             run_slots: Box::new([NO_SLOT; MAX_READS]),
             claims: [(0, 0); MAX_PENDING_CLAIMS],
@@ -235,18 +236,29 @@ impl RdmaSource {
             return Ok(false);
         };
         let n = data.len();
-        self.ops[..n].copy_from_slice(data);
         for i in 0..n {
-            self.ops[n + i] = self.planned[i].tags(TAGS_OFFSET);
+            self.tags[i] = self.planned[i].tags(TAGS_OFFSET);
         }
-        if let Err(why) = self.reader.read(&self.ops[..2 * n], self.timeout) {
-            tracing::warn!(
-                node = self.tcp.peer(),
-                "RDMA READ from node {} failed ({why}): its pages come over TCP from now on",
-                self.tcp.peer()
-            );
-            self.broken = Some(why);
-            return Ok(false);
+        let read = self
+            .reader
+            .read(&self.planned[..n], &self.tags[..n], self.timeout);
+        if let Err(why) = read {
+            // Once more on a queue pair made anew over the TCP connection (the memory node's
+            // end dies with a connection it closed), then TCP until a reconnection.
+            let again = connect_queue_pair(&mut self.tcp, &mut *self.reader).and_then(|()| {
+                self.reader
+                    .read(&self.planned[..n], &self.tags[..n], self.timeout)
+            });
+            if let Err(again) = again {
+                tracing::warn!(
+                    node = self.tcp.peer(),
+                    "RDMA READ from node {} failed ({why}; again on a new queue pair: \
+                     {again}): its pages come over TCP until the connection is made anew",
+                    self.tcp.peer()
+                );
+                self.broken = Some(why);
+                return Ok(false);
+            }
         }
         let buf = self.reader.buffer();
         let tags = &buf[TAGS_OFFSET..TAGS_OFFSET + count * TAG_BYTES as usize];
@@ -277,14 +289,23 @@ impl RdmaSource {
         Ok(w)
     }
 
-    /// Marks pages as not known to be held (claimed, or found stale).
+    /// Marks pages as not known to be held (claimed, or found stale), in the windows this
+    /// source has used (no lock: this is on the fault path; another source's stale entry
+    /// fails its tag check).
     fn forget(&mut self, vm: VmId, first: u64, count: u64) {
-        self.set_slots(vm, first, count, |_| NO_SLOT);
+        self.set_slots(vm, first, count, false, |_| NO_SLOT);
     }
 
     /// Sets the mapped slots of `count` pages of `vm` from `first` to `slot(i)`, in
-    /// windows that are mapped.
-    fn set_slots(&mut self, vm: VmId, first: u64, count: u64, slot: impl Fn(usize) -> u32) {
+    /// windows this source used or, with `shared`, any source of the node mapped.
+    fn set_slots(
+        &mut self,
+        vm: VmId,
+        first: u64,
+        count: u64,
+        shared: bool,
+        slot: impl Fn(usize) -> u32,
+    ) {
         let peer = self.tcp.peer();
         let mut window: Option<(u64, Option<Window>)> = None;
         for i in 0..count {
@@ -293,7 +314,8 @@ impl RdmaSource {
             if window.as_ref().is_none_or(|(at, _)| *at != index) {
                 let w = match self.windows.get(&(vm, index)) {
                     Some(w) => Some(Arc::clone(w)),
-                    None => self.maps.mapped(peer, vm, index),
+                    None if shared => self.maps.mapped(peer, vm, index),
+                    None => None,
                 };
                 window = Some((index, w));
             }
@@ -306,7 +328,8 @@ impl RdmaSource {
     /// Queues the claim of a run read with RDMA; sends the queue when it is full or was
     /// for another VM.
     fn claim(&mut self, vm: VmId, first: u64, count: u32) -> Result<(), TransportError> {
-        if self.pending > 0 && self.claims_vm != vm {
+        // A queue still full (its sending failed) or of another VM goes first.
+        if self.pending == MAX_PENDING_CLAIMS || (self.pending > 0 && self.claims_vm != vm) {
             self.send_claims()?;
         }
         self.claims_vm = vm;
@@ -350,11 +373,32 @@ impl RdmaSource {
         Ok(())
     }
 
-    /// Maps the slots the memory node gave the pages of runs just written back.
-    fn refresh(&mut self, vm: VmId, first: u64, count: u64) -> Result<(), TransportError> {
-        let slots = self.tcp.slots(vm, first, count)?;
-        self.set_slots(vm, first, count, |i| slots[i]);
-        Ok(())
+    /// Maps the slots the memory node gave the pages of `runs`, just written back, with
+    /// one Slots request over their span (or one per run, for runs far apart). If it fails
+    /// the pages are forgotten instead: they come over TCP until mapped again.
+    fn refresh(&mut self, vm: VmId, runs: &[(u64, &[u8])]) {
+        let end = |&(first, pages): &(u64, &[u8])| first + (pages.len() / PAGE_SIZE) as u64;
+        let (Some(lo), Some(hi)) = (runs.iter().map(|r| r.0).min(), runs.iter().map(end).max())
+        else {
+            return;
+        };
+        let spans: Vec<(u64, u64)> = match hi - lo <= u64::from(pagemesh_protocol::MAX_SLOTS) {
+            true => vec![(lo, hi - lo)],
+            false => runs.iter().map(|r| (r.0, end(r) - r.0)).collect(),
+        };
+        for (first, count) in spans {
+            match self.tcp.slots(vm, first, count) {
+                Ok(slots) => self.set_slots(vm, first, count, true, |i| slots[i]),
+                Err(e) => {
+                    tracing::debug!(
+                        node = self.tcp.peer(),
+                        vm,
+                        "cannot map the slots of pages written back ({e}): they come over TCP"
+                    );
+                    self.set_slots(vm, first, count, true, |_| NO_SLOT);
+                }
+            }
+        }
     }
 }
 
@@ -406,8 +450,8 @@ impl PageSource for RdmaSource {
         let written = self.tcp.write_back_runs(vm, runs);
         // Where the pages now are, for this node's readers (refused runs too: some may
         // have been stored). Not on the fault path.
-        for &(first, pages) in runs {
-            self.refresh(vm, first, (pages.len() / PAGE_SIZE) as u64)?;
+        if !matches!(&written, Err(e) if !matches!(e, TransportError::Remote { .. })) {
+            self.refresh(vm, runs);
         }
         written
     }

@@ -293,6 +293,8 @@ impl ProtectionDomain<'_> {
             device: self.device,
             serves_reads,
             connected: false,
+            wrs: Box::new([Default::default(); MAX_OPS]),
+            sges: Box::new([ffi::ibv_sge::default(); MAX_OPS]),
             _pd: PhantomData,
         })
     }
@@ -347,6 +349,10 @@ pub struct Reader<'p> {
     serves_reads: bool,
     /// Moved past RESET: connecting again resets it first.
     connected: bool,
+    /// A post's work requests and their scatter entries, filled per post (no per-read
+    /// zeroing of 72 KiB on the stack).
+    wrs: Box<[ffi::ibv_send_wr; MAX_OPS]>,
+    sges: Box<[ffi::ibv_sge; MAX_OPS]>,
     _pd: PhantomData<&'p ()>,
 }
 
@@ -455,50 +461,57 @@ impl Reader<'_> {
         })
     }
 
-    /// Reads `reads` (planned over the peer's regions) into `local`, whose start is the run's
-    /// buffer, and waits up to `timeout` for the last one: the reads go as one chain of work
-    /// requests, only the last signalled (a queue pair completes its requests in order).
+    /// Reads `pages` and then `tags` (planned over the peer's regions) into `local`, whose
+    /// start is the run's buffer, and waits up to `timeout` for the last one: the reads go
+    /// as one chain of work requests, only the last signalled (a queue pair completes its
+    /// requests in order), the first tag READ fenced so that it starts only once every page
+    /// READ before it is done (InfiniBand does not order READs otherwise).
     ///
     /// # Safety
     /// Every read's `local_offset + len` must lie inside `local`, which must stay untouched
-    /// by anyone else until this returns; the queue pair must be connected to the peer the
-    /// reads were planned for.
+    /// by anyone else until this returns and, if it fails, until the queue pair is reset
+    /// (connected again: a READ may still land after a timeout); the queue pair must be
+    /// connected to the peer the reads were planned for.
     pub unsafe fn read(
         &mut self,
-        reads: &[ReadOp],
+        pages: &[ReadOp],
+        tags: &[ReadOp],
         local: &Region<'_>,
         wr_id: u64,
         timeout: Duration,
     ) -> Result<(), VerbsError> {
-        if reads.len() > MAX_OPS {
-            return Err(VerbsError::TooManyReads(reads.len()));
+        let n = pages.len() + tags.len();
+        if n > MAX_OPS {
+            return Err(VerbsError::TooManyReads(n));
         }
-        let Some(last) = reads.len().checked_sub(1) else {
+        let Some(last) = n.checked_sub(1) else {
             return Ok(());
         };
         let base = local.remote().addr;
-        let mut sges = [ffi::ibv_sge::default(); MAX_OPS];
-        let mut wrs: [ffi::ibv_send_wr; MAX_OPS] = [Default::default(); MAX_OPS];
-        for (i, r) in reads.iter().enumerate().take(MAX_OPS) {
-            sges[i] = ffi::ibv_sge {
+        let lkey = local.lkey();
+        let wr_base = self.wrs.as_mut_ptr();
+        let sge_base = self.sges.as_mut_ptr();
+        for (i, r) in pages.iter().chain(tags).enumerate() {
+            self.sges[i] = ffi::ibv_sge {
                 addr: base + r.local_offset as u64,
                 length: r.len,
-                lkey: local.lkey(),
+                lkey,
             };
-        }
-        let wr_base = wrs.as_mut_ptr();
-        let sge_base = sges.as_mut_ptr();
-        for (i, r) in reads.iter().enumerate().take(MAX_OPS) {
-            let wr = &mut wrs[i];
+            let wr = &mut self.wrs[i];
             wr.wr_id = wr_id;
-            // SAFETY: `i < MAX_OPS`, inside `sges`, which outlives the post.
+            // SAFETY: `i < n <= MAX_OPS`, inside `sges`, a heap array the queue pair owns,
+            // which outlives the post.
             wr.sg_list = unsafe { sge_base.add(i) };
             wr.num_sge = 1;
             wr.opcode = ffi::ibv_wr_opcode::IBV_WR_RDMA_READ;
-            wr.send_flags = match i == last {
-                true => ffi::ibv_send_flags::IBV_SEND_SIGNALED.0,
-                false => 0,
-            };
+            let mut flags = 0;
+            if i == last {
+                flags |= ffi::ibv_send_flags::IBV_SEND_SIGNALED.0;
+            }
+            if i == pages.len() {
+                flags |= ffi::ibv_send_flags::IBV_SEND_FENCE.0;
+            }
+            wr.send_flags = flags;
             wr.wr.rdma.remote_addr = r.remote_addr;
             wr.wr.rdma.rkey = r.rkey;
             wr.next = match i == last {
@@ -509,7 +522,7 @@ impl Reader<'_> {
         }
         let mut bad = ptr::null_mut();
         // SAFETY: `self.qp` is live and its context's ops table is libibverbs' own; the chain
-        // points into `wrs` and `sges`, which live until this returns, after the completion.
+        // of `n` requests points into `wrs` and `sges`, which outlive the post.
         let errno = unsafe {
             let ops = &mut (*(*self.qp).context).ops;
             let post = ops.post_send.expect("libibverbs fills in post_send");
@@ -537,16 +550,19 @@ impl Reader<'_> {
                 });
             }
             for c in &wc[..n as usize] {
+                // Completions of earlier posts (flushed after an error, or come after their
+                // timeout) are drained and ignored: every request of a post carries its id.
+                if c.wr_id() != wr_id {
+                    continue;
+                }
                 if let Some((status, vendor)) = c.error() {
                     return Err(VerbsError::Completion {
-                        wr_id: c.wr_id(),
+                        wr_id,
                         status,
                         vendor,
                     });
                 }
-                if c.wr_id() == wr_id {
-                    return Ok(());
-                }
+                return Ok(());
             }
             if start.elapsed() >= timeout {
                 return Err(VerbsError::Timeout { wr_id, timeout });
@@ -576,6 +592,8 @@ pub struct VerbsReader {
     memory: Box<[u8]>,
     psn: u32,
     next_wr: u64,
+    /// A READ failed: the device may still write `memory` until the queue pair is reset.
+    failed: bool,
 }
 
 // SAFETY: `Region` is a registration handle, used only through `&self` for its keys; the
@@ -594,14 +612,20 @@ impl OneSided for VerbsReader {
         let peer = endpoint_of(peer);
         self.reader
             .connect(&peer, self.psn)
-            .map_err(|e| error_chain(&e))
+            .map_err(|e| error_chain(&e))?;
+        self.failed = false;
+        Ok(())
     }
 
-    fn read(&mut self, reads: &[ReadOp], timeout: Duration) -> Result<(), String> {
-        if let Some(r) = reads
+    fn read(&mut self, pages: &[ReadOp], tags: &[ReadOp], timeout: Duration) -> Result<(), String> {
+        if self.failed {
+            return Err("a READ failed on this queue pair; it reads again once reconnected".into());
+        }
+        let overrun = pages
             .iter()
-            .find(|r| r.local_offset + r.len as usize > BUFFER_LEN)
-        {
+            .chain(tags)
+            .find(|r| r.local_offset + r.len as usize > BUFFER_LEN);
+        if let Some(r) = overrun {
             return Err(format!(
                 "a READ of {} bytes at {} overruns the buffer",
                 r.len, r.local_offset
@@ -609,14 +633,16 @@ impl OneSided for VerbsReader {
         }
         self.next_wr = self.next_wr.wrapping_add(1);
         // SAFETY: every read lies inside `memory` (checked above), which `region` registers
-        // and nothing else touches while this runs (`&mut self`); the queue pair was
-        // connected (by `connect`) to the memory node whose regions the reads were planned
-        // over.
-        unsafe {
+        // and nothing else touches while this runs (`&mut self`) nor, after a failure,
+        // until `connect` resets the queue pair (`failed`); the queue pair was connected (by
+        // `connect`) to the memory node whose regions the reads were planned over.
+        let read = unsafe {
             self.reader
-                .read(reads, &self.region, self.next_wr, timeout)
+                .read(pages, tags, &self.region, self.next_wr, timeout)
                 .map_err(|e| error_chain(&e))
-        }
+        };
+        self.failed = read.is_err();
+        read
     }
 
     fn buffer(&self) -> &[u8] {
@@ -656,6 +682,7 @@ impl Readers for VerbsReaders {
             memory,
             psn,
             next_wr: 0,
+            failed: false,
         }))
     }
 }
