@@ -59,10 +59,11 @@ pub(crate) fn summary() -> Option<pagemesh_api::summary::RdmaSummary> {
 mod device {
     use std::sync::{Arc, Mutex};
 
+    use pagemesh_api::rdma::tags_len;
     use pagemesh_api::rdma::{RdmaEndpoint, RdmaRegion};
     use pagemesh_protocol::QueuePair;
     use pagemesh_server::RdmaService;
-    use pagemesh_server::store::{CHUNK_BYTES, PageStore};
+    use pagemesh_server::store::PageStore;
     use pagemesh_transport::rdma::source::Readers;
     use pagemesh_transport::rdma::verbs::{
         Device, ProtectionDomain, Region, VerbsReaders, endpoint_of, queue_pair_of,
@@ -96,7 +97,7 @@ mod device {
             })
         }
 
-        /// Registers `store`'s chunks (allocated up front:
+        /// Registers `store`'s memory (allocated up front, one region:
         /// [`PageStore::with_memory_up_front`]) readable by peers, and returns the endpoint
         /// to register with the coordinator: the port's GID and LID and the regions in slot
         /// order. Its queue pair number is 0: every compute node's connection gets one of
@@ -107,14 +108,15 @@ mod device {
             // caller then drops the store).
             let mut done = Vec::new();
             for (addr, len) in store.regions() {
-                // SAFETY: the chunk (its slots and tags, CHUNK_BYTES) is allocated up front
+                let bytes = (len + tags_len(len)) as usize;
+                // SAFETY: the region (its slots and then their tags) is allocated up front
                 // and never freed or moved while the store lives; the node never drops a
                 // registered store (its server context is kept to the end of the process),
                 // and a failure here deregisters before the caller drops it. Its key is
                 // published in the node's registration: what keeps strangers out is that a
                 // queue pair connects only through an authenticated RdmaConnect.
-                let region = unsafe { self.pd.register(addr as *mut u8, CHUNK_BYTES, true) }
-                    .map_err(|e| {
+                let region =
+                    unsafe { self.pd.register(addr as *mut u8, bytes, true) }.map_err(|e| {
                         format!(
                             "cannot register the page store with RDMA device {}: {}",
                             self.name,
@@ -137,8 +139,9 @@ mod device {
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(done);
             tracing::info!(
-                "registered the page store with RDMA device {} ({} regions of 1 MiB)",
+                "registered the page store with RDMA device {} ({} MiB in {} region)",
                 self.name,
+                endpoint.regions.iter().map(|r| r.len).sum::<u64>() >> 20,
                 endpoint.regions.len()
             );
             Ok(endpoint)
@@ -195,7 +198,7 @@ impl NodeRdma {
     }
 
     /// Makes `store` readable by peers and returns the endpoint to register (see
-    /// `DeviceRdma::register_store`; emulated: the store's chunks with no keys, and the
+    /// `DeviceRdma::register_store`; emulated: the store's memory with no keys, and the
     /// GID that says so).
     pub(crate) fn register_store(&self, store: &PageStore) -> Result<RdmaEndpoint, String> {
         match self {
@@ -209,9 +212,8 @@ impl NodeRdma {
                     .collect::<Vec<_>>();
                 tracing::warn!(
                     "RDMA EMULATED (--transport rdma-emulated): compute nodes on this host \
-                     read this node's page store ({} regions of 1 MiB) through the kernel; \
-                     for tests only",
-                    regions.len()
+                     read this node's page store ({} MiB) through the kernel; for tests only",
+                    regions.iter().map(|r| r.len).sum::<u64>() >> 20
                 );
                 Ok(RdmaEndpoint {
                     gid: EMULATED_GID,

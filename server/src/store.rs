@@ -45,9 +45,9 @@ type Page = [u8; PAGE_SIZE];
 
 /// Page slots per slab chunk (1 MiB).
 const CHUNK_PAGES: usize = 256;
-/// Bytes of a chunk: its slots, then one page whose start holds their tags
-/// (`pagemesh_api::rdma::slot_tag`, for one-sided readers to check what they read).
-pub const CHUNK_BYTES: usize = (CHUNK_PAGES + 1) * PAGE_SIZE;
+/// Bytes of one slot's tag (`pagemesh_api::rdma::slot_tag`, for one-sided readers to
+/// check what they read).
+const TAG: usize = pagemesh_api::rdma::TAG_BYTES as usize;
 /// Pages filled outside the lock before they are copied in, when loading.
 const LOAD_BATCH_PAGES: usize = 256;
 
@@ -174,10 +174,13 @@ struct VmPages {
 #[derive(Debug)]
 struct Slab {
     capacity: u32,
-    /// `CHUNK_PAGES` slots and a page of their tags each.
+    /// `CHUNK_PAGES` slots and a page of their tags each (memory taken as it is needed).
     chunks: Vec<Box<[Page]>>,
-    /// Every chunk was allocated at start and stays until the store is dropped (memory
-    /// registered for RDMA must stay where it is).
+    /// Or, with memory up front: every slot, then the pages of their tags, one
+    /// allocation made at start and kept until the store is dropped (memory registered for
+    /// RDMA must stay where it is; one region, however large the store).
+    whole: Option<Box<[Page]>>,
+    /// `whole` is in use.
     up_front: bool,
     /// Slots that were used and are free again.
     free: Vec<u32>,
@@ -203,7 +206,7 @@ impl Slab {
         }
         let slot = self.high_water;
         debug_assert!(slot < self.capacity, "slab allocation past capacity");
-        if slot as usize / CHUNK_PAGES >= self.chunks.len() {
+        if self.whole.is_none() && slot as usize / CHUNK_PAGES >= self.chunks.len() {
             self.chunks.push(new_chunk());
         }
         self.high_water += 1;
@@ -227,31 +230,58 @@ impl Slab {
         self.free.push(slot);
     }
 
-    fn tag_mut(&mut self, slot: u32) -> &mut [u8; 8] {
+    /// Where `slot`'s tag is: the page that holds it and the offset in that page.
+    fn tag_at(&self, slot: u32) -> (usize, usize, usize) {
         let slot = slot as usize;
-        let tags = &mut self.chunks[slot / CHUNK_PAGES][CHUNK_PAGES];
-        let at = slot % CHUNK_PAGES * 8;
-        (&mut tags[at..at + 8])
+        match &self.whole {
+            // After every slot, the tags in slot order.
+            Some(_) => {
+                let byte = slot * TAG;
+                (
+                    0,
+                    self.capacity as usize + byte / PAGE_SIZE,
+                    byte % PAGE_SIZE,
+                )
+            }
+            None => (slot / CHUNK_PAGES, CHUNK_PAGES, slot % CHUNK_PAGES * TAG),
+        }
+    }
+
+    fn tag_mut(&mut self, slot: u32) -> &mut [u8; 8] {
+        let (chunk, page, at) = self.tag_at(slot);
+        let tags = match &mut self.whole {
+            Some(w) => &mut w[page],
+            None => &mut self.chunks[chunk][page],
+        };
+        (&mut tags[at..at + TAG])
             .try_into()
             .expect("a tag is 8 bytes")
     }
 
     #[cfg(test)]
     fn tag(&self, slot: u32) -> u64 {
-        let slot = slot as usize;
-        let tags = &self.chunks[slot / CHUNK_PAGES][CHUNK_PAGES];
-        let at = slot % CHUNK_PAGES * 8;
-        u64::from_le_bytes(tags[at..at + 8].try_into().expect("8 bytes"))
+        let (chunk, page, at) = self.tag_at(slot);
+        let tags = match &self.whole {
+            Some(w) => &w[page],
+            None => &self.chunks[chunk][page],
+        };
+        u64::from_le_bytes(tags[at..at + TAG].try_into().expect("8 bytes"))
     }
 
     fn page(&self, slot: u32) -> &Page {
         let slot = slot as usize;
-        &self.chunks[slot / CHUNK_PAGES][slot % CHUNK_PAGES]
+        match &self.whole {
+            Some(w) => &w[slot],
+            None => &self.chunks[slot / CHUNK_PAGES][slot % CHUNK_PAGES],
+        }
     }
 
     fn page_mut(&mut self, slot: u32) -> &mut Page {
         let slot = slot as usize;
-        &mut self.chunks[slot / CHUNK_PAGES][slot % CHUNK_PAGES]
+        match &mut self.whole {
+            Some(w) => &mut w[slot],
+            None => &mut self.chunks[slot / CHUNK_PAGES][slot % CHUNK_PAGES],
+        }
     }
 
     /// Gives the chunks back to the allocator once nothing is held or promised (unless
@@ -338,6 +368,7 @@ impl PageStore {
                 slab: Slab {
                     capacity: capacity_pages,
                     chunks: Vec::new(),
+                    whole: None,
                     up_front: false,
                     free: Vec::new(),
                     high_water: 0,
@@ -351,19 +382,19 @@ impl PageStore {
         }
     }
 
-    /// This store with every chunk its capacity needs allocated now and kept until it is
-    /// dropped: memory that stays where it is, for registering with an RDMA device
-    /// ([`PageStore::regions`]). Costs `capacity` pages (and 1/256 more for tags) of address
-    /// space at once; the kernel backs them as they are touched, or all at once when a
-    /// device registers (pins) them.
+    /// This store with all the memory its capacity needs allocated now, in one piece, and
+    /// kept until it is dropped: memory that stays where it is, for registering with an
+    /// RDMA device as one region ([`PageStore::regions`]). Costs `capacity` pages (and
+    /// 1/512 more for tags) of address space at once; the kernel backs them as they are
+    /// touched, or all at once when a device registers (pins) them. Call it on a new store.
     pub fn with_memory_up_front(self) -> Self {
         {
             let mut inner = self.lock();
             let slab = &mut inner.slab;
-            let chunks = (slab.capacity as usize).div_ceil(CHUNK_PAGES);
-            while slab.chunks.len() < chunks {
-                slab.chunks.push(new_chunk());
-            }
+            debug_assert!(slab.chunks.is_empty(), "memory up front on a store in use");
+            let slots = slab.capacity as usize;
+            let tag_pages = (slots * TAG).div_ceil(PAGE_SIZE);
+            slab.whole = Some(vec![[0u8; PAGE_SIZE]; slots + tag_pages].into_boxed_slice());
             slab.up_front = true;
         }
         self
@@ -746,21 +777,29 @@ impl PageStore {
         Ok(())
     }
 
-    /// The slab's memory, chunk by chunk in slot order: the regions a memory node registers
-    /// for RDMA, `(address, bytes of slots)` each, in which slot *s* is page *s mod 256* of
-    /// chunk *s / 256*. Each chunk's slot tags follow its slots
-    /// (`pagemesh_api::rdma::slot_tag`), so a registration covers [`CHUNK_BYTES`] from the
-    /// address. Without [`PageStore::with_memory_up_front`], chunks are allocated as slots
-    /// are first used and all dropped when the store empties: a node registering them must
-    /// keep its registration to what is listed now.
+    /// The slab's memory in slot order: the regions a memory node registers for RDMA,
+    /// `(address, bytes of slots)` each, slot after slot. Each region's slot tags
+    /// (`pagemesh_api::rdma::slot_tag`) follow its slots, so a registration covers
+    /// `pagemesh_api::rdma::tags_len(len)` more bytes. With
+    /// [`PageStore::with_memory_up_front`] that is one region of every slot (none for a
+    /// store of no capacity); otherwise one per 1 MiB chunk (slot *s* is page *s mod 256*
+    /// of chunk *s / 256*), allocated as slots are first used and all dropped when the
+    /// store empties: a node registering them must keep to what is listed now.
     pub fn regions(&self) -> Vec<(u64, u64)> {
         let inner = self.lock();
-        inner
-            .slab
-            .chunks
-            .iter()
-            .map(|c| (c.as_ptr() as u64, (CHUNK_PAGES * PAGE_SIZE) as u64))
-            .collect()
+        let slab = &inner.slab;
+        match &slab.whole {
+            Some(_) if slab.capacity == 0 => Vec::new(),
+            Some(w) => vec![(
+                w.as_ptr() as u64,
+                u64::from(slab.capacity) * PAGE_SIZE as u64,
+            )],
+            None => slab
+                .chunks
+                .iter()
+                .map(|c| (c.as_ptr() as u64, (CHUNK_PAGES * PAGE_SIZE) as u64))
+                .collect(),
+        }
     }
 
     /// Drops every page of `vm` and forgets the VM; returns how many pages were dropped.
@@ -888,13 +927,24 @@ mod tests {
     /// an RDMA reader would read is the page a Read returns.
     #[test]
     fn slots_located_in_the_listed_regions_hold_their_pages() {
+        for up_front in [false, true] {
+            let store = match up_front {
+                false => PageStore::new(1024),
+                true => PageStore::new(1000).with_memory_up_front(),
+            };
+            slots_are_where_the_regions_say(&store, if up_front { 1 } else { 3 });
+        }
+    }
+
+    /// The check of the test above on `store`, which lists `expected` regions.
+    fn slots_are_where_the_regions_say(store: &PageStore, expected: usize) {
         use pagemesh_api::rdma::{RdmaEndpoint, RdmaRegion};
         use pagemesh_transport::rdma::plan::SlotLayout;
-        let store = PageStore::new(1024);
         store
             .load(&vm(3, all_on(1, 600), Content::Zero), 1)
             .unwrap();
-        // 600 pages over three chunks, each page its number in every byte's low bits.
+        // 600 pages (over three chunks, or in one piece), each page its number in every
+        // byte's low bits.
         let pages: Vec<u8> = (0..600u32)
             .flat_map(|p| std::iter::repeat_n((p % 251) as u8, PAGE_SIZE))
             .collect();
@@ -906,7 +956,7 @@ mod tests {
             .into_iter()
             .map(|(addr, len)| RdmaRegion { addr, len, rkey: 1 })
             .collect();
-        assert_eq!(regions.len(), 3);
+        assert_eq!(regions.len(), expected);
         let endpoint = RdmaEndpoint {
             gid: [0; 16],
             lid: 1,
@@ -974,10 +1024,11 @@ mod tests {
             0,
             "an empty store gives its memory back"
         );
-        // With memory up front, chunks stay where they are, tags cleared.
+        // With memory up front, one region that stays where it is, tags cleared.
         let store = PageStore::new(600).with_memory_up_front();
         let before = store.regions();
-        assert_eq!(before.len(), 3);
+        assert_eq!(before.len(), 1);
+        assert_eq!(before[0].1, 600 * PAGE_SIZE as u64);
         store
             .load(&vm(4, all_on(1, 300), Content::Pattern { seed: 1 }), 1)
             .unwrap();

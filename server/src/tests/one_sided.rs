@@ -1,6 +1,6 @@
 //! The RDMA page source against a real page server and its real page store, with the
 //! memory of this process standing in for the memory node's as a NIC would see it: the
-//! READs of [`LoopbackNic`] copy from the store's registered chunks, and refuse, as a
+//! READs of [`LoopbackNic`] copy from the store's registered memory, and refuse, as a
 //! device does, what lies outside a region or names another key. No RDMA device is needed
 //! (this project's hosts have none); what is tested is everything above the verbs: the
 //! queue pair exchange, slot maps, read plans, tag checks, claims, fallback to TCP.
@@ -14,7 +14,6 @@ use pagemesh_transport::rdma::plan::ReadOp;
 use pagemesh_transport::rdma::source::{BUFFER_LEN, OneSided, RdmaSource, SlotMaps};
 
 use super::*;
-use crate::store::CHUNK_BYTES;
 
 const RKEY: u32 = 0x77;
 
@@ -170,7 +169,7 @@ fn nic(endpoint: &RdmaEndpoint) -> Box<LoopbackNic> {
         regions: endpoint
             .regions
             .iter()
-            .map(|r| (r.addr, CHUNK_BYTES as u64))
+            .map(|r| (r.addr, r.len + pagemesh_api::rdma::tags_len(r.len)))
             .collect(),
         buffer: vec![0u8; BUFFER_LEN].into_boxed_slice(),
         connected_to: None,
