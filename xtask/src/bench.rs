@@ -301,6 +301,20 @@ const CASES: &[Case] = &[
         rdma: true,
         ..REMOTE
     },
+    // The same with the probes: where its stalls' time goes.
+    Case {
+        name: "remote-random-rdma-emulated-ebpf",
+        args: &[
+            "--workload",
+            "random",
+            "--access",
+            "read",
+            "--transport",
+            "rdma-emulated",
+        ],
+        rdma: true,
+        ..REMOTE
+    },
     Case {
         name: "remote-seq-rdma-emulated",
         args: &[
@@ -1367,6 +1381,7 @@ const RATIOS: &[(&str, &str)] = &[
     ("remote-random-wake-separately", "remote-random-ebpf"),
     ("remote-random-2handlers", "remote-random-ebpf"),
     ("remote-random-rdma-emulated", "remote-random"),
+    ("remote-random-rdma-emulated-ebpf", "remote-random-ebpf"),
     ("remote-random-rdma-emulated", "local-demand-zero"),
     ("remote-seq-rdma-emulated", "remote-seq"),
     ("remote-seq-prefetch", "local-demand-zero"),
