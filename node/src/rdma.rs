@@ -2,8 +2,8 @@
 //! feature `rdma`, a host with a device): opened once at start and kept for the life of
 //! the process.
 //!
-//! - A memory node allocates its page store up front, registers every chunk readable by
-//!   peers ([`NodeRdma::register_store`]), puts the regions in its endpoint registration,
+//! - A memory node allocates its page store up front, registers it readable by peers as
+//!   one region ([`NodeRdma::register_store`]), puts it in its endpoint registration,
 //!   and makes a queue pair for each compute node's connection that asks (RdmaConnect,
 //!   [`NodeRdma::service`]).
 //! - A compute node reads pages through queue pairs of its own, one per connection to a
@@ -23,31 +23,29 @@ use pagemesh_server::store::PageStore;
 use pagemesh_transport::rdma::emulated::{EMULATED_GID, ProcessReaders, responder_end};
 use pagemesh_transport::rdma::source::{Readers, SlotMaps};
 
-/// What a compute node's page connections read through, once the device is open.
-static COMPUTE: OnceLock<(Arc<dyn Readers>, SlotMaps)> = OnceLock::new();
+/// What a compute node's page connections read through, once the device is open: its
+/// queue pairs, the slot maps they share, and whether the reads are emulated.
+static COMPUTE: OnceLock<(Arc<dyn Readers>, SlotMaps, bool)> = OnceLock::new();
 
 /// The queue pairs and the slot maps a compute node's page connections use, if this node
 /// reads over RDMA.
 pub(crate) fn compute_rdma() -> Option<(Arc<dyn Readers>, SlotMaps)> {
-    COMPUTE.get().cloned()
+    COMPUTE.get().map(|(r, m, _)| (Arc::clone(r), m.clone()))
 }
-
-/// Whether the compute side's reads are emulated.
-static EMULATED: OnceLock<bool> = OnceLock::new();
 
 /// Makes this node's page connections read over RDMA through `rdma`'s device.
 pub(crate) fn read_through(rdma: &NodeRdma) {
-    let _ = COMPUTE.set((rdma.readers(), SlotMaps::default()));
-    let _ = EMULATED.set(matches!(rdma, NodeRdma::Emulated));
+    let emulated = matches!(rdma, NodeRdma::Emulated);
+    let _ = COMPUTE.set((rdma.readers(), SlotMaps::default(), emulated));
 }
 
 /// How this node's remote pages came so far, if it reads over RDMA.
 pub(crate) fn summary() -> Option<pagemesh_api::summary::RdmaSummary> {
     use std::sync::atomic::Ordering::Relaxed;
-    let (_, maps) = COMPUTE.get()?;
+    let (_, maps, emulated) = COMPUTE.get()?;
     let s = maps.stats();
     Some(pagemesh_api::summary::RdmaSummary {
-        emulated: EMULATED.get().copied().unwrap_or(false),
+        emulated: *emulated,
         rdma_pages: s.rdma_pages.load(Relaxed),
         tcp_pages: s.tcp_pages.load(Relaxed),
         stale_runs: s.stale_runs.load(Relaxed),
@@ -71,6 +69,7 @@ mod device {
 
     /// The open device and its protection domain.
     pub(crate) struct DeviceRdma {
+        device: &'static Device,
         pd: &'static ProtectionDomain<'static>,
         name: String,
         /// The page store's registrations, kept while the node runs.
@@ -91,6 +90,7 @@ mod device {
             let pd: &'static ProtectionDomain<'static> = Box::leak(Box::new(pd));
             tracing::info!("RDMA device {name} open: page traffic may use one-sided reads");
             Ok(DeviceRdma {
+                device,
                 pd,
                 name,
                 registered: Mutex::new(Vec::new()),
@@ -127,13 +127,14 @@ mod device {
                 regions.push(RdmaRegion { addr, len, rkey });
                 done.push(region);
             }
-            let mut endpoint = self
-                .pd
-                .responder()
-                .map(|qp| qp.endpoint(0))
-                .map_err(|e| pagemesh_api::error_chain(&e))?;
-            endpoint.qpn = 0;
-            endpoint.regions = regions;
+            let (gid, lid) = self.device.address();
+            let endpoint = RdmaEndpoint {
+                gid,
+                lid,
+                qpn: 0,
+                psn: 0,
+                regions,
+            };
             self.registered
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

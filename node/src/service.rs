@@ -78,6 +78,13 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         what: "--transport rdma",
         why,
     };
+    // Without RDMA where it was to be had: `auto` goes on over TCP with one warning saying
+    // why, `rdma` stops.
+    let without_rdma = |choice: TransportChoice| {
+        if let TransportChoice::TcpInstead(why) = choice {
+            tracing::warn!("{why}");
+        }
+    };
     let choice = settings
         .transport
         .resolve(&pagemesh_transport::rdma::devices(), RDMA_BUILT)
@@ -85,22 +92,18 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
     // The device opens here, before anything registers: a node asked for RDMA that cannot
     // have it fails at start.
     let rdma = match choice {
-        TransportChoice::Tcp => None,
-        TransportChoice::TcpInstead(why) => {
-            tracing::warn!("{why}");
-            None
-        }
         TransportChoice::Emulated => Some(NodeRdma::Emulated),
         TransportChoice::Rdma => match NodeRdma::open() {
             Ok(rdma) => Some(rdma),
-            Err(why) => match settings.transport.unavailable(why).map_err(refused)? {
-                TransportChoice::TcpInstead(why) => {
-                    tracing::warn!("{why}");
-                    None
-                }
-                _ => None,
-            },
+            Err(why) => {
+                without_rdma(settings.transport.unavailable(why).map_err(refused)?);
+                None
+            }
         },
+        tcp => {
+            without_rdma(tcp);
+            None
+        }
     };
     let capacity = if role.serves_memory() {
         settings.memory.capacity
@@ -131,12 +134,8 @@ pub fn run(settings: Settings) -> Result<bool, NodeError> {
         match rdma.register_store(&store) {
             Ok(endpoint) => rdma_endpoint = Some(endpoint),
             Err(why) => {
-                // `auto` serves over TCP (from memory taken as pages come); `rdma` stops.
-                if let TransportChoice::TcpInstead(why) =
-                    settings.transport.unavailable(why).map_err(refused)?
-                {
-                    tracing::warn!("{why}");
-                }
+                // Served over TCP, from memory taken as pages come.
+                without_rdma(settings.transport.unavailable(why).map_err(refused)?);
                 store = PageStore::new(capacity_pages);
             }
         }

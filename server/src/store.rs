@@ -180,8 +180,6 @@ struct Slab {
     /// allocation made at start and kept until the store is dropped (memory registered for
     /// RDMA must stay where it is; one region, however large the store).
     whole: Option<Box<[Page]>>,
-    /// `whole` is in use.
-    up_front: bool,
     /// Slots that were used and are free again.
     free: Vec<u32>,
     /// Slots `0..high_water` have been handed out at least once.
@@ -287,7 +285,7 @@ impl Slab {
     /// Gives the chunks back to the allocator once nothing is held or promised (unless
     /// they were allocated up front).
     fn shrink_if_empty(&mut self) {
-        if self.used == 0 && self.reserved == 0 && !self.up_front {
+        if self.used == 0 && self.reserved == 0 && self.whole.is_none() {
             self.chunks = Vec::new();
             self.free = Vec::new();
             self.high_water = 0;
@@ -369,7 +367,6 @@ impl PageStore {
                     capacity: capacity_pages,
                     chunks: Vec::new(),
                     whole: None,
-                    up_front: false,
                     free: Vec::new(),
                     high_water: 0,
                     used: 0,
@@ -395,7 +392,6 @@ impl PageStore {
             let slots = slab.capacity as usize;
             let tag_pages = (slots * TAG).div_ceil(PAGE_SIZE);
             slab.whole = Some(vec![[0u8; PAGE_SIZE]; slots + tag_pages].into_boxed_slice());
-            slab.up_front = true;
         }
         self
     }

@@ -1036,7 +1036,7 @@ fn dial(peer: NodeId, addr: &str, options: &TcpOptions) -> Result<TcpStream, Tra
 }
 
 /// Pages in a run of `len` bytes, if `len` is a valid run length.
-fn run_pages(len: usize) -> Result<u32, TransportError> {
+pub(crate) fn run_pages(len: usize) -> Result<u32, TransportError> {
     if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
         return Err(TransportError::InvalidPageSize(len));
     }

@@ -178,9 +178,14 @@ fn nic(endpoint: &RdmaEndpoint) -> Box<LoopbackNic> {
 }
 
 fn rdma_source(s: &Setup, maps: &SlotMaps) -> RdmaSource {
+    rdma_source_through(s, maps, nic(&s.endpoint))
+}
+
+/// A source of `s`'s server reading through `nic`.
+fn rdma_source_through(s: &Setup, maps: &SlotMaps, nic: Box<LoopbackNic>) -> RdmaSource {
     RdmaSource::connect(
         s.server.peer(),
-        nic(&s.endpoint),
+        nic,
         &s.endpoint,
         maps.clone(),
         Duration::from_secs(5),
@@ -305,15 +310,7 @@ fn a_broken_queue_pair_falls_back_to_tcp_until_a_reconnection() {
     let s = setup();
     let mut nic = nic(&s.endpoint);
     nic.failures = 1;
-    let mut source = RdmaSource::connect(
-        s.server.peer(),
-        nic,
-        &s.endpoint,
-        SlotMaps::default(),
-        Duration::from_secs(5),
-    )
-    .map_err(|refused| refused.1)
-    .unwrap();
+    let mut source = rdma_source_through(&s, &SlotMaps::default(), nic);
     let mut control = s.server.peer();
     control.load(7).unwrap();
     let mut one = vec![0u8; PAGE_SIZE];
@@ -340,15 +337,7 @@ fn a_queue_pair_that_keeps_failing_falls_back_to_tcp_until_a_reconnection() {
     let s = setup();
     let mut nic = nic(&s.endpoint);
     nic.failures = 2;
-    let mut source = RdmaSource::connect(
-        s.server.peer(),
-        nic,
-        &s.endpoint,
-        SlotMaps::default(),
-        Duration::from_secs(5),
-    )
-    .map_err(|refused| refused.1)
-    .unwrap();
+    let mut source = rdma_source_through(&s, &SlotMaps::default(), nic);
     let mut control = s.server.peer();
     control.load(7).unwrap();
     let mut one = vec![0u8; PAGE_SIZE];

@@ -144,7 +144,6 @@ pub struct RdmaSource {
     claims: [(u64, u32); MAX_PENDING_CLAIMS],
     pending: usize,
     claims_vm: VmId,
-    stats: Arc<RdmaStats>,
 }
 
 impl RdmaSource {
@@ -172,7 +171,6 @@ impl RdmaSource {
         if let Err(why) = connect_queue_pair(&mut tcp, &mut *reader) {
             return Err(Box::new((tcp, why)));
         }
-        let maps_stats = Arc::clone(&maps.stats);
         Ok(RdmaSource {
             tcp,
             reader,
@@ -187,13 +185,12 @@ impl RdmaSource {
             claims: [(0, 0); MAX_PENDING_CLAIMS],
             pending: 0,
             claims_vm: 0,
-            stats: Arc::clone(&maps_stats),
         })
     }
 
     /// What this source, and every other sharing its slot maps, did so far.
     pub fn stats(&self) -> Arc<RdmaStats> {
-        Arc::clone(&self.stats)
+        Arc::clone(&self.maps.stats)
     }
 
     /// Why RDMA is not used any more, if it is not.
@@ -212,10 +209,7 @@ impl RdmaSource {
         if self.broken.is_some() {
             return Ok(false);
         }
-        let count = dst.len() / PAGE_SIZE;
-        if count == 0 || count > MAX_READS || !dst.len().is_multiple_of(PAGE_SIZE) {
-            return Err(TransportError::InvalidPageSize(dst.len()));
-        }
+        let count = crate::tcp::run_pages(dst.len())? as usize;
         // The run's slots, from its window(s).
         let mut window: Option<(u64, Window)> = None;
         for i in 0..count {
@@ -268,12 +262,13 @@ impl RdmaSource {
                 u64::from_le_bytes(tag.try_into().expect("8 bytes")) == slot_tag(vm, page)
             });
         if !fresh {
-            self.stats.stale_runs.fetch_add(1, Ordering::Relaxed);
+            self.maps.stats.stale_runs.fetch_add(1, Ordering::Relaxed);
             self.forget(vm, first, count as u64);
             return Ok(false);
         }
         dst.copy_from_slice(&buf[..dst.len()]);
-        self.stats
+        self.maps
+            .stats
             .rdma_pages
             .fetch_add(count as u64, Ordering::Relaxed);
         Ok(true)
@@ -368,7 +363,10 @@ impl RdmaSource {
             Err(e) => return Err(e),
         }
         let pages: u64 = self.claims[..n].iter().map(|&(_, c)| u64::from(c)).sum();
-        self.stats.claimed_pages.fetch_add(pages, Ordering::Relaxed);
+        self.maps
+            .stats
+            .claimed_pages
+            .fetch_add(pages, Ordering::Relaxed);
         self.pending = 0;
         Ok(())
     }
@@ -418,16 +416,23 @@ impl PageSource for RdmaSource {
     }
 
     fn fetch(&mut self, vm: VmId, page: u64, dst: &mut [u8]) -> Result<(), TransportError> {
-        if self.read_one_sided(vm, page, dst)? {
-            let count = (dst.len() / PAGE_SIZE) as u64;
-            self.forget(vm, page, count);
-            return self.claim(vm, page, count as u32);
+        let one_sided = self.read_one_sided(vm, page, dst)?;
+        if !one_sided {
+            self.tcp.fetch(vm, page, dst)?;
         }
-        self.tcp.fetch(vm, page, dst)?;
+        // Claimed (or about to be): its slots are no longer its.
         let count = (dst.len() / PAGE_SIZE) as u64;
-        self.stats.tcp_pages.fetch_add(count, Ordering::Relaxed);
         self.forget(vm, page, count);
-        Ok(())
+        match one_sided {
+            true => self.claim(vm, page, count as u32),
+            false => {
+                self.maps
+                    .stats
+                    .tcp_pages
+                    .fetch_add(count, Ordering::Relaxed);
+                Ok(())
+            }
+        }
     }
 
     fn read(&mut self, vm: VmId, page: u64, dst: &mut [u8]) -> Result<(), TransportError> {
@@ -436,7 +441,10 @@ impl PageSource for RdmaSource {
         }
         self.tcp.read(vm, page, dst)?;
         let count = (dst.len() / PAGE_SIZE) as u64;
-        self.stats.tcp_pages.fetch_add(count, Ordering::Relaxed);
+        self.maps
+            .stats
+            .tcp_pages
+            .fetch_add(count, Ordering::Relaxed);
         Ok(())
     }
 

@@ -184,6 +184,11 @@ impl Device {
         &self.name
     }
 
+    /// Port 1's GID and LID: where peers reach this device.
+    pub fn address(&self) -> ([u8; 16], u16) {
+        (self.gid, self.port.lid)
+    }
+
     /// A protection domain for regions and queue pairs that work together.
     pub fn protection_domain(&self) -> Result<ProtectionDomain<'_>, VerbsError> {
         // SAFETY: `self.ctx` is an open context.
@@ -364,9 +369,10 @@ impl Reader<'_> {
     /// What the peer needs to connect to this queue pair (no regions: a reader exposes
     /// none), its first packet sequence number `psn`.
     pub fn endpoint(&self, psn: u32) -> RdmaEndpoint {
+        let (gid, lid) = self.device.address();
         RdmaEndpoint {
-            gid: self.device.gid,
-            lid: self.device.port.lid,
+            gid,
+            lid,
             // SAFETY: `self.qp` is a live queue pair.
             qpn: unsafe { (*self.qp).qp_num },
             psn,
